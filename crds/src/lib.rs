@@ -1,0 +1,253 @@
+//! Weft's CRD types: the SMI resources Weft reconciles, with their schemas.
+//!
+//! The group/version of each type follows the SMI spec exactly; the `status`
+//! subresource is Weft's own (SMI defines none) and carries conditions.
+
+use std::collections::BTreeMap;
+
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Errors of this crate (CRD YAML generation and manifest parsing).
+#[derive(Debug, thiserror::Error)]
+pub enum CrdError {
+    /// A CRD could not be rendered as YAML.
+    #[error("rendering CRD {name} as YAML: {source}")]
+    Render {
+        /// The CRD's name.
+        name: String,
+        /// The serializer's error.
+        source: serde_yaml_ng::Error,
+    },
+}
+
+/// One status condition, shaped like `metav1.Condition`.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Condition type, e.g. `Accepted`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: String,
+    /// Machine-readable reason in CamelCase.
+    pub reason: String,
+    /// Human-readable explanation.
+    #[serde(default)]
+    pub message: String,
+    /// The generation the condition was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// RFC 3339 time of the last status change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+}
+
+/// Status Weft reports on every SMI object it validates.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub struct SmiStatus {
+    /// Conditions; `Accepted` says whether Weft applies the object.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+}
+
+/// TrafficSplit: weight a root service's traffic over backend services.
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "split.smi-spec.io",
+    version = "v1alpha4",
+    kind = "TrafficSplit",
+    namespaced,
+    status = "SmiStatus",
+    shortname = "ts",
+    printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.service"}"#
+)]
+pub struct TrafficSplitSpec {
+    /// The root service clients address (name or FQDN).
+    pub service: String,
+    /// Services that receive the root service's traffic, by weight.
+    #[schemars(length(min = 1))]
+    pub backends: Vec<TrafficSplitBackend>,
+    /// HTTPRouteGroups restricting the split to matching requests.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<TypedLocalRef>,
+}
+
+/// One backend of a TrafficSplit.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub struct TrafficSplitBackend {
+    /// Backend service name in the split's namespace.
+    pub service: String,
+    /// Relative weight (a whole number, 0 allowed).
+    #[schemars(range(min = 0))]
+    pub weight: i64,
+}
+
+/// A reference to an object of a given kind in the same namespace.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub struct TypedLocalRef {
+    /// Kind of the referenced object, e.g. `HTTPRouteGroup`.
+    pub kind: String,
+    /// Name of the referenced object.
+    pub name: String,
+    /// API group of the referenced object, if given.
+    #[serde(default, rename = "apiGroup", skip_serializing_if = "Option::is_none")]
+    pub api_group: Option<String>,
+}
+
+/// TrafficTarget: which source identities may reach a destination identity.
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "access.smi-spec.io",
+    version = "v1alpha3",
+    kind = "TrafficTarget",
+    namespaced,
+    status = "SmiStatus",
+    shortname = "tt"
+)]
+pub struct TrafficTargetSpec {
+    /// The destination identity.
+    pub destination: IdentityBinding,
+    /// The source identities that are granted access.
+    #[serde(default)]
+    pub sources: Vec<IdentityBinding>,
+    /// Route rules limiting what the sources may do; none means everything.
+    #[serde(default)]
+    pub rules: Vec<TrafficTargetRule>,
+}
+
+/// An identity (a ServiceAccount) in a TrafficTarget.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub struct IdentityBinding {
+    /// Must be `ServiceAccount`.
+    pub kind: String,
+    /// ServiceAccount name.
+    pub name: String,
+    /// ServiceAccount namespace; defaults to the TrafficTarget's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Destination port (optional).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub port: Option<i32>,
+}
+
+/// A rule of a TrafficTarget: a route group and the matches used from it.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub struct TrafficTargetRule {
+    /// `HTTPRouteGroup` or `TCPRoute`.
+    pub kind: String,
+    /// Name of the route object.
+    pub name: String,
+    /// Names of HTTPRouteGroup matches; empty means all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub matches: Vec<String>,
+}
+
+/// HTTPRouteGroup: named HTTP request matches.
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "specs.smi-spec.io",
+    version = "v1alpha4",
+    kind = "HTTPRouteGroup",
+    namespaced,
+    status = "SmiStatus",
+    shortname = "htr"
+)]
+pub struct HTTPRouteGroupSpec {
+    /// The named matches of this group.
+    #[serde(default)]
+    pub matches: Vec<HttpMatch>,
+}
+
+/// One HTTP match: path regex, methods and header regexes, all ANDed.
+#[derive(Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HttpMatch {
+    /// Name of the match, referenced from TrafficTarget rules.
+    pub name: String,
+    /// Regex anchored at the start of the path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_regex: Option<String>,
+    /// HTTP methods; `*` matches any.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub methods: Vec<String>,
+    /// Header name to value regex.
+    #[serde(
+        default,
+        skip_serializing_if = "BTreeMap::is_empty",
+        deserialize_with = "header_filters"
+    )]
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Accepts the v1alpha4 map form and the older list-of-maps form of headers.
+fn header_filters<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Form {
+        Map(BTreeMap<String, String>),
+        List(Vec<BTreeMap<String, String>>),
+    }
+    Ok(match Option::<Form>::deserialize(d)? {
+        None => BTreeMap::new(),
+        Some(Form::Map(m)) => m,
+        Some(Form::List(l)) => l.into_iter().flatten().collect(),
+    })
+}
+
+/// TCPRoute: L4 traffic on a list of ports.
+#[derive(CustomResource, Clone, Debug, Deserialize, Serialize, JsonSchema, PartialEq)]
+#[kube(
+    group = "specs.smi-spec.io",
+    version = "v1alpha4",
+    kind = "TCPRoute",
+    namespaced,
+    status = "SmiStatus"
+)]
+pub struct TCPRouteSpec {
+    /// The ports matched; none means every port of the service.
+    #[serde(default)]
+    pub matches: TcpMatch,
+}
+
+/// Ports of a TCPRoute.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub struct TcpMatch {
+    /// Port numbers; empty means all.
+    #[serde(default)]
+    pub ports: Vec<i32>,
+}
+
+/// Every CRD Weft installs, as `(file stem, CRD)`.
+pub fn all_crds() -> Vec<(
+    &'static str,
+    k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+)> {
+    use kube::CustomResourceExt;
+    vec![
+        ("trafficsplits.split.smi-spec.io", TrafficSplit::crd()),
+        ("traffictargets.access.smi-spec.io", TrafficTarget::crd()),
+        ("httproutegroups.specs.smi-spec.io", HTTPRouteGroup::crd()),
+        ("tcproutes.specs.smi-spec.io", TCPRoute::crd()),
+    ]
+}
+
+/// Renders every CRD as `(file name, YAML text)`, as `crdgen` writes them.
+pub fn render_crds() -> Result<Vec<(String, String)>, CrdError> {
+    all_crds()
+        .into_iter()
+        .map(|(name, crd)| {
+            let body = serde_yaml_ng::to_string(&crd).map_err(|source| CrdError::Render {
+                name: name.to_string(),
+                source,
+            })?;
+            Ok((
+                format!("{name}.yaml"),
+                format!(
+                    "# Generated by `cargo run -p weft-crds --bin crdgen`; do not edit.\n{body}"
+                ),
+            ))
+        })
+        .collect()
+}

@@ -1,0 +1,277 @@
+//! The state of one ADS stream (state of the world), with no I/O.
+//!
+//! The stream task feeds it requests and snapshots; it answers with the responses
+//! to send, in make-before-break order, and remembers per type what was sent,
+//! what was ACKed and the last NACK.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use bytes::Bytes;
+use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+
+use crate::XdsError;
+use crate::resource::{Resource, type_url};
+use crate::snapshot::{Snapshot, set_version};
+
+/// A response ready to go on the wire; resource bytes are shared, not copied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct AdsResponse {
+    /// `version_info` of the response.
+    pub version_info: String,
+    /// Type URL of every resource in it.
+    pub type_url: String,
+    /// Nonce the proxy echoes back in its ACK or NACK.
+    pub nonce: String,
+    /// Encoded `resources` entries.
+    pub resources: Vec<Bytes>,
+    /// Names of the resources (for logs and status).
+    pub names: Vec<String>,
+}
+
+/// What a request meant for its type.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum RequestEvent {
+    /// First request for a type on this stream.
+    Subscribe,
+    /// The proxy accepted the response with this version.
+    Ack {
+        /// The accepted version.
+        version: String,
+    },
+    /// The proxy rejected a response; it keeps its last good config.
+    Nack(Nack),
+    /// Same nonce as the last response, with other resource names.
+    SubscriptionChanged,
+    /// A response to an older nonce: superseded, ignored.
+    Stale,
+}
+
+/// A rejected response.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Nack {
+    /// Version the proxy rejected.
+    pub version: String,
+    /// Nonce of the rejected response.
+    pub nonce: String,
+    /// Envoy's error message.
+    pub message: String,
+}
+
+#[derive(Clone, Debug, Default)]
+struct Sent {
+    version: String,
+    nonce: String,
+    resources: BTreeMap<String, Resource>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct TypeState {
+    names: BTreeSet<String>,
+    wildcard: bool,
+    /// A request is waiting for a response even if content is unchanged.
+    must_respond: bool,
+    sent: Option<Sent>,
+    acked_version: Option<String>,
+    nack: Option<Nack>,
+}
+
+/// Sync state of one type on one stream, for `proxy-status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TypeSync {
+    /// Short type name (`CDS`, ...).
+    pub type_name: &'static str,
+    /// Version of the last response sent.
+    pub sent_version: Option<String>,
+    /// Version the proxy last ACKed.
+    pub acked_version: Option<String>,
+    /// Number of resources in the last response.
+    pub sent_resources: usize,
+    /// The last NACK (cleared by the next ACK).
+    pub last_nack: Option<Nack>,
+}
+
+/// The ADS state machine of one stream.
+#[derive(Debug, Default)]
+pub struct AdsConnection {
+    node_id: Option<String>,
+    types: BTreeMap<String, TypeState>,
+    nonce_seq: u64,
+}
+
+impl AdsConnection {
+    /// A connection that has seen no request yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Node id from the first request that carried one.
+    pub fn node_id(&self) -> Option<&str> {
+        self.node_id.as_deref()
+    }
+
+    /// Applies one request from the proxy.
+    pub fn on_request(&mut self, req: &DiscoveryRequest) -> Result<RequestEvent, XdsError> {
+        if req.type_url.is_empty() {
+            return Err(XdsError::MissingTypeUrl);
+        }
+        if self.node_id.is_none() {
+            match req.node.as_ref().map(|n| n.id.as_str()) {
+                Some(id) if !id.is_empty() => self.node_id = Some(id.to_string()),
+                _ => return Err(XdsError::MissingNode),
+            }
+        }
+        let is_new = !self.types.contains_key(&req.type_url);
+        let state = self.types.entry(req.type_url.clone()).or_default();
+        let last_nonce = state.sent.as_ref().map(|s| s.nonce.as_str());
+        if !req.response_nonce.is_empty() && Some(req.response_nonce.as_str()) != last_nonce {
+            return Ok(RequestEvent::Stale);
+        }
+        let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
+        let wildcard =
+            type_url::is_wildcard_type(&req.type_url) && (names.is_empty() || names.contains("*"));
+        let names_changed = names != state.names || wildcard != state.wildcard;
+        state.names = names;
+        state.wildcard = wildcard;
+
+        if req.response_nonce.is_empty() {
+            // A new subscription, or a reconnect after a control-plane restart: always answer.
+            state.must_respond = true;
+            return Ok(RequestEvent::Subscribe);
+        }
+        if let Some(status) = &req.error_detail {
+            let nack = Nack {
+                version: state
+                    .sent
+                    .as_ref()
+                    .map(|s| s.version.clone())
+                    .unwrap_or_default(),
+                nonce: req.response_nonce.clone(),
+                message: status.message.clone(),
+            };
+            state.nack = Some(nack.clone());
+            // Only a subscription change earns a response; the rejected content is not re-sent.
+            state.must_respond = names_changed;
+            return Ok(RequestEvent::Nack(nack));
+        }
+        state.acked_version = Some(req.version_info.clone());
+        state.nack = None;
+        if names_changed && !is_new {
+            state.must_respond = true;
+            return Ok(RequestEvent::SubscriptionChanged);
+        }
+        Ok(RequestEvent::Ack {
+            version: req.version_info.clone(),
+        })
+    }
+
+    /// Responses that bring the proxy to `snapshot`, in make-before-break order:
+    /// additions in CDS, EDS, SDS, LDS, RDS order first, then the removals.
+    pub fn next_responses(&mut self, snapshot: &Snapshot) -> Vec<AdsResponse> {
+        let mut ordered: Vec<String> = type_url::PUSH_ORDER
+            .iter()
+            .map(|t| t.to_string())
+            .filter(|t| self.types.contains_key(t))
+            .collect();
+        ordered.extend(
+            self.types
+                .keys()
+                .filter(|t| !type_url::PUSH_ORDER.contains(&t.as_str()))
+                .cloned(),
+        );
+
+        let mut out = Vec::new();
+        let mut removals = Vec::new();
+        for type_url in ordered {
+            let Some(state) = self.types.get(&type_url) else {
+                continue;
+            };
+            let desired =
+                desired_resources(state, snapshot.resources(&type_url).map(|r| r.items()));
+            let version = set_version(desired.values());
+            let unchanged =
+                state.sent.as_ref().map(|s| s.version.as_str()) == Some(version.as_str());
+            if unchanged && !state.must_respond {
+                continue;
+            }
+            let removed: Vec<&Resource> = state
+                .sent
+                .iter()
+                .flat_map(|s| s.resources.values())
+                .filter(|r| !desired.contains_key(r.name()))
+                .collect();
+            if removed.is_empty() {
+                out.push(self.respond(&type_url, desired));
+                continue;
+            }
+            // Keep removed resources until everything that referenced them has moved on.
+            let mut union = desired.clone();
+            union.extend(
+                removed
+                    .into_iter()
+                    .map(|r| (r.name().to_string(), r.clone())),
+            );
+            let union_version = set_version(union.values());
+            let sent_version = state.sent.as_ref().map(|s| s.version.clone());
+            if sent_version.as_deref() != Some(union_version.as_str()) {
+                out.push(self.respond(&type_url, union));
+            }
+            removals.push((type_url, desired));
+        }
+        for (type_url, desired) in removals {
+            out.push(self.respond(&type_url, desired));
+        }
+        out
+    }
+
+    fn respond(&mut self, type_url: &str, resources: BTreeMap<String, Resource>) -> AdsResponse {
+        self.nonce_seq += 1;
+        let nonce = self.nonce_seq.to_string();
+        let version_info = set_version(resources.values());
+        let response = AdsResponse {
+            version_info: version_info.clone(),
+            type_url: type_url.to_string(),
+            nonce: nonce.clone(),
+            resources: resources.values().map(|r| r.entry().clone()).collect(),
+            names: resources.keys().cloned().collect(),
+        };
+        let state = self.types.entry(type_url.to_string()).or_default();
+        state.must_respond = false;
+        state.sent = Some(Sent {
+            version: version_info,
+            nonce,
+            resources,
+        });
+        response
+    }
+
+    /// Per-type sync state, in push order.
+    pub fn sync_state(&self) -> Vec<TypeSync> {
+        self.types
+            .iter()
+            .map(|(t, s)| TypeSync {
+                type_name: type_url::short_name(t),
+                sent_version: s.sent.as_ref().map(|x| x.version.clone()),
+                acked_version: s.acked_version.clone(),
+                sent_resources: s.sent.as_ref().map_or(0, |x| x.resources.len()),
+                last_nack: s.nack.clone(),
+            })
+            .collect()
+    }
+}
+
+fn desired_resources(
+    state: &TypeState,
+    available: Option<&BTreeMap<String, Resource>>,
+) -> BTreeMap<String, Resource> {
+    let Some(available) = available else {
+        return BTreeMap::new();
+    };
+    if state.wildcard {
+        return available.clone();
+    }
+    state
+        .names
+        .iter()
+        .filter_map(|n| available.get(n).map(|r| (n.clone(), r.clone())))
+        .collect()
+}

@@ -1,0 +1,299 @@
+//! Drives the ADS state machine with request/ACK/NACK messages, as Envoy sends them.
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use prost::Message;
+use weft_xds::{
+    AdsConnection, AdsResponse, RequestEvent, Resource, Snapshot, encode_response, type_url,
+};
+
+fn cluster(name: &str, timeout_ms: i64) -> Resource {
+    let c = Cluster {
+        name: name.to_string(),
+        connect_timeout: Some(envoy_types::pb::google::protobuf::Duration {
+            seconds: 0,
+            nanos: (timeout_ms * 1_000_000) as i32,
+        }),
+        ..Default::default()
+    };
+    Resource::encode(type_url::CLUSTER, name, &c)
+}
+
+fn route(name: &str) -> Resource {
+    let r = RouteConfiguration {
+        name: name.to_string(),
+        ..Default::default()
+    };
+    Resource::encode(type_url::ROUTE, name, &r)
+}
+
+fn request(type_url: &str, names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
+    DiscoveryRequest {
+        node: Some(Node {
+            id: "default/client".into(),
+            ..Default::default()
+        }),
+        type_url: type_url.into(),
+        resource_names: names.iter().map(|s| s.to_string()).collect(),
+        version_info: version.into(),
+        response_nonce: nonce.into(),
+        ..Default::default()
+    }
+}
+
+fn nack(type_url: &str, version: &str, nonce: &str, msg: &str) -> DiscoveryRequest {
+    DiscoveryRequest {
+        error_detail: Some(RpcStatus {
+            code: 3,
+            message: msg.into(),
+            details: vec![],
+        }),
+        ..request(type_url, &[], version, nonce)
+    }
+}
+
+fn decode(r: &AdsResponse) -> DiscoveryResponse {
+    let mut buf = Vec::new();
+    encode_response(r, &mut buf);
+    DiscoveryResponse::decode(buf.as_slice()).expect("response decodes")
+}
+
+fn snapshot(clusters: &[Resource], routes: &[Resource]) -> Snapshot {
+    Snapshot::new()
+        .with(type_url::CLUSTER, clusters.iter().cloned())
+        .with(type_url::ROUTE, routes.iter().cloned())
+}
+
+#[test]
+fn initial_request_gets_full_state_and_encodes_as_discovery_response() {
+    let mut conn = AdsConnection::new();
+    let ev = conn
+        .on_request(&request(type_url::CLUSTER, &[], "", ""))
+        .unwrap();
+    assert_eq!(ev, RequestEvent::Subscribe);
+    assert_eq!(conn.node_id(), Some("default/client"));
+    let out = conn.next_responses(&snapshot(&[cluster("a", 100), cluster("b", 100)], &[]));
+    assert_eq!(out.len(), 1);
+    let resp = decode(&out[0]);
+    assert_eq!(resp.type_url, type_url::CLUSTER);
+    assert_eq!(resp.nonce, out[0].nonce);
+    assert_eq!(resp.version_info, out[0].version_info);
+    let names: Vec<String> = resp
+        .resources
+        .iter()
+        .map(|any| Cluster::decode(any.value.as_slice()).unwrap().name)
+        .collect();
+    assert_eq!(names, vec!["a", "b"]);
+}
+
+#[test]
+fn ack_with_unchanged_snapshot_sends_nothing() {
+    let mut conn = AdsConnection::new();
+    let snap = snapshot(&[cluster("a", 100)], &[]);
+    conn.on_request(&request(type_url::CLUSTER, &[], "", ""))
+        .unwrap();
+    let first = conn.next_responses(&snap).remove(0);
+    let ev = conn
+        .on_request(&request(
+            type_url::CLUSTER,
+            &[],
+            &first.version_info,
+            &first.nonce,
+        ))
+        .unwrap();
+    assert_eq!(
+        ev,
+        RequestEvent::Ack {
+            version: first.version_info.clone()
+        }
+    );
+    assert!(conn.next_responses(&snap).is_empty());
+    // An equal snapshot built anew (same bytes) is no change either.
+    assert!(
+        conn.next_responses(&snapshot(&[cluster("a", 100)], &[]))
+            .is_empty()
+    );
+    let sync = conn.sync_state();
+    assert_eq!(
+        sync[0].acked_version.as_deref(),
+        Some(first.version_info.as_str())
+    );
+}
+
+#[test]
+fn nack_is_remembered_and_not_resent_until_the_next_change() {
+    let mut conn = AdsConnection::new();
+    conn.on_request(&request(type_url::CLUSTER, &[], "", ""))
+        .unwrap();
+    let good = conn
+        .next_responses(&snapshot(&[cluster("a", 100)], &[]))
+        .remove(0);
+    conn.on_request(&request(
+        type_url::CLUSTER,
+        &[],
+        &good.version_info,
+        &good.nonce,
+    ))
+    .unwrap();
+
+    let bad_snap = snapshot(&[cluster("a", 999)], &[]);
+    let bad = conn.next_responses(&bad_snap).remove(0);
+    let ev = conn
+        .on_request(&nack(
+            type_url::CLUSTER,
+            &good.version_info,
+            &bad.nonce,
+            "bad cluster",
+        ))
+        .unwrap();
+    match ev {
+        RequestEvent::Nack(n) => {
+            assert_eq!(n.message, "bad cluster");
+            assert_eq!(n.version, bad.version_info);
+        }
+        other => panic!("expected NACK, got {other:?}"),
+    }
+    // Same snapshot again: no loop.
+    assert!(conn.next_responses(&bad_snap).is_empty());
+    assert!(conn.next_responses(&bad_snap).is_empty());
+    assert_eq!(
+        conn.sync_state()[0]
+            .last_nack
+            .as_ref()
+            .map(|n| n.message.as_str()),
+        Some("bad cluster")
+    );
+    // The next change goes out.
+    let fixed = conn.next_responses(&snapshot(&[cluster("a", 200)], &[]));
+    assert_eq!(fixed.len(), 1);
+    conn.on_request(&request(
+        type_url::CLUSTER,
+        &[],
+        &fixed[0].version_info,
+        &fixed[0].nonce,
+    ))
+    .unwrap();
+    assert!(conn.sync_state()[0].last_nack.is_none());
+}
+
+#[test]
+fn stale_nonce_is_ignored() {
+    let mut conn = AdsConnection::new();
+    conn.on_request(&request(type_url::CLUSTER, &[], "", ""))
+        .unwrap();
+    let first = conn
+        .next_responses(&snapshot(&[cluster("a", 100)], &[]))
+        .remove(0);
+    let second = conn
+        .next_responses(&snapshot(&[cluster("a", 200)], &[]))
+        .remove(0);
+    assert_ne!(first.nonce, second.nonce);
+    let ev = conn
+        .on_request(&nack(type_url::CLUSTER, "", &first.nonce, "old"))
+        .unwrap();
+    assert_eq!(ev, RequestEvent::Stale);
+    assert!(conn.sync_state()[0].last_nack.is_none());
+}
+
+#[test]
+fn non_wildcard_types_send_only_subscribed_names_and_answer_subscription_changes() {
+    let mut conn = AdsConnection::new();
+    let snap = snapshot(&[], &[route("r1"), route("r2")]);
+    conn.on_request(&request(type_url::ROUTE, &["r1"], "", ""))
+        .unwrap();
+    let first = conn.next_responses(&snap).remove(0);
+    assert_eq!(first.names, vec!["r1"]);
+    let ev = conn
+        .on_request(&request(
+            type_url::ROUTE,
+            &["r1", "r2"],
+            &first.version_info,
+            &first.nonce,
+        ))
+        .unwrap();
+    assert_eq!(ev, RequestEvent::SubscriptionChanged);
+    let second = conn.next_responses(&snap).remove(0);
+    assert_eq!(second.names, vec!["r1", "r2"]);
+}
+
+#[test]
+fn updates_go_out_clusters_first_and_removals_last() {
+    let mut conn = AdsConnection::new();
+    conn.on_request(&request(type_url::ROUTE, &["r"], "", ""))
+        .unwrap();
+    conn.on_request(&request(type_url::CLUSTER, &[], "", ""))
+        .unwrap();
+    let first = conn.next_responses(&snapshot(&[cluster("old", 100)], &[route("r")]));
+    let order: Vec<&str> = first
+        .iter()
+        .map(|r| type_url::short_name(&r.type_url))
+        .collect();
+    assert_eq!(order, vec!["CDS", "RDS"]);
+
+    // "old" is replaced by "new" and the route changes to point at "new".
+    let r2 = Resource::encode(
+        type_url::ROUTE,
+        "r",
+        &RouteConfiguration {
+            name: "r".into(),
+            validate_clusters: Some(envoy_types::pb::google::protobuf::BoolValue { value: true }),
+            ..Default::default()
+        },
+    );
+    let out = conn.next_responses(&snapshot(&[cluster("new", 100)], &[r2]));
+    let seq: Vec<(String, Vec<String>)> = out
+        .iter()
+        .map(|r| {
+            (
+                type_url::short_name(&r.type_url).to_string(),
+                r.names.clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        seq,
+        vec![
+            (
+                "CDS".to_string(),
+                vec!["new".to_string(), "old".to_string()]
+            ),
+            ("RDS".to_string(), vec!["r".to_string()]),
+            ("CDS".to_string(), vec!["new".to_string()]),
+        ]
+    );
+}
+
+#[test]
+fn reconnect_after_restart_is_answered_even_when_versions_match() {
+    let snap = snapshot(&[cluster("a", 100)], &[]);
+    let mut before = AdsConnection::new();
+    before
+        .on_request(&request(type_url::CLUSTER, &[], "", ""))
+        .unwrap();
+    let version = before.next_responses(&snap).remove(0).version_info;
+
+    let mut after = AdsConnection::new();
+    after
+        .on_request(&request(type_url::CLUSTER, &[], &version, ""))
+        .unwrap();
+    let out = after.next_responses(&snap);
+    assert_eq!(out.len(), 1);
+    assert_eq!(
+        out[0].version_info, version,
+        "same content keeps the same version across restarts"
+    );
+}
+
+#[test]
+fn requests_without_node_or_type_are_errors() {
+    let mut conn = AdsConnection::new();
+    let mut r = request(type_url::CLUSTER, &[], "", "");
+    r.node = None;
+    assert!(conn.on_request(&r).is_err());
+    let mut r = request("", &[], "", "");
+    r.type_url.clear();
+    assert!(conn.on_request(&r).is_err());
+}
