@@ -59,6 +59,7 @@ pub struct SmiStatus {
     version = "v1alpha4",
     kind = "TrafficSplit",
     namespaced,
+    derive = "PartialEq",
     status = "SmiStatus",
     shortname = "ts",
     printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.service"}"#
@@ -103,6 +104,7 @@ pub struct TypedLocalRef {
     version = "v1alpha3",
     kind = "TrafficTarget",
     namespaced,
+    derive = "PartialEq",
     status = "SmiStatus",
     shortname = "tt"
 )]
@@ -151,6 +153,7 @@ pub struct TrafficTargetRule {
     version = "v1alpha4",
     kind = "HTTPRouteGroup",
     namespaced,
+    derive = "PartialEq",
     status = "SmiStatus",
     shortname = "htr"
 )]
@@ -203,6 +206,7 @@ fn header_filters<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, St
     version = "v1alpha4",
     kind = "TCPRoute",
     namespaced,
+    derive = "PartialEq",
     status = "SmiStatus"
 )]
 pub struct TCPRouteSpec {

@@ -1,5 +1,7 @@
 //! The committed CRD YAML matches crdgen, and the SMI spec examples deserialize.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
 use std::path::Path;
 
 use weft_crds::{HTTPRouteGroup, TCPRoute, TrafficSplit, TrafficTarget};

@@ -1,1 +1,14 @@
-//! placeholder
+//! Weft's control plane: sources, index, translate and the local-mode runtime.
+
+pub mod admin;
+pub mod bootstrap;
+pub mod cli;
+pub mod error;
+pub mod index;
+pub mod iptables;
+pub mod local;
+pub mod publish;
+pub mod source;
+pub mod translate;
+
+pub use error::WeftError;

@@ -1,1 +1,5 @@
-fn main() {}
+//! The `weft` binary.
+
+fn main() -> std::process::ExitCode {
+    weft::cli::main()
+}

@@ -83,10 +83,10 @@ impl StreamSupervisor {
                     None => {}
                 },
                 Some(done) = running.next(), if !running.is_empty() => {
-                    if let Err(e) = done {
-                        if e.is_panic() {
-                            return Err(XdsError::StreamTaskPanicked(e.to_string()));
-                        }
+                    if let Err(e) = done
+                        && e.is_panic()
+                    {
+                        return Err(XdsError::StreamTaskPanicked(e.to_string()));
                     }
                 }
             }

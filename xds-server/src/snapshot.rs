@@ -136,3 +136,16 @@ impl SnapshotCache {
         self.sender(node).subscribe()
     }
 }
+
+impl Snapshot {
+    /// Adds every resource of `other` (replacing same-named ones).
+    pub fn extend(&mut self, other: Snapshot) {
+        for (type_url, typed) in other.types {
+            self.types
+                .entry(type_url)
+                .or_default()
+                .items
+                .extend(typed.items);
+        }
+    }
+}

@@ -1,5 +1,7 @@
 //! Drives the ADS state machine with request/ACK/NACK messages, as Envoy sends them.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;

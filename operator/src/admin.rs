@@ -1,0 +1,243 @@
+//! The admin endpoint: readiness, invalid objects, and per-proxy sync state as JSON.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Incoming;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use weft_xds::{SyncRegistry, TypeSync};
+
+use crate::error::WeftError;
+use crate::index::Problem;
+use crate::source::ManifestError;
+
+/// What `/status` reports: the state of the inputs.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MeshStatus {
+    /// Objects in the index.
+    pub objects: usize,
+    /// Proxies with a snapshot.
+    pub proxies: usize,
+    /// Objects rejected or applied with a caveat.
+    pub problems: Vec<ProblemReport>,
+    /// Manifest files rejected (their last good objects keep serving).
+    pub manifest_errors: Vec<ManifestError>,
+}
+
+/// One problem, flattened for output.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProblemReport {
+    /// `Kind namespace/name`.
+    pub object: String,
+    /// `Rejected` or `Warning`.
+    pub state: String,
+    /// Why.
+    pub reason: String,
+}
+
+impl From<&Problem> for ProblemReport {
+    fn from(p: &Problem) -> Self {
+        Self {
+            object: p.object.to_string(),
+            state: if p.rejected { "Rejected" } else { "Warning" }.to_string(),
+            reason: p.reason.clone(),
+        }
+    }
+}
+
+/// What `/proxy-status` reports for one connected proxy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProxyStatus {
+    /// Node id (`namespace/pod`).
+    pub node: String,
+    /// Peer address of the ADS stream.
+    pub peer: String,
+    /// Per type sync state.
+    pub types: Vec<TypeStatus>,
+}
+
+/// Sync state of one xDS type of one proxy.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TypeStatus {
+    /// `CDS`, `EDS`, `LDS`, `RDS`, `SDS`.
+    #[serde(rename = "type")]
+    pub type_name: String,
+    /// `SYNCED`, `STALE` (sent, not yet ACKed), `NACKED` or `NOT SENT`.
+    pub state: String,
+    /// Version last sent.
+    pub sent: Option<String>,
+    /// Version last ACKed.
+    pub acked: Option<String>,
+    /// Resources in the last response.
+    pub resources: usize,
+    /// Envoy's message for the last NACK.
+    pub nack: Option<String>,
+}
+
+impl From<&TypeSync> for TypeStatus {
+    fn from(t: &TypeSync) -> Self {
+        let state = match (&t.last_nack, &t.sent_version, &t.acked_version) {
+            (Some(_), _, _) => "NACKED",
+            (None, None, _) => "NOT SENT",
+            (None, Some(s), Some(a)) if s == a => "SYNCED",
+            _ => "STALE",
+        };
+        Self {
+            type_name: t.type_name.to_string(),
+            state: state.to_string(),
+            sent: t.sent_version.clone(),
+            acked: t.acked_version.clone(),
+            resources: t.sent_resources,
+            nack: t.last_nack.as_ref().map(|n| n.message.clone()),
+        }
+    }
+}
+
+/// What the admin endpoint reads.
+#[derive(Clone, Debug)]
+pub struct AdminState {
+    /// Latest input status.
+    pub status: watch::Receiver<MeshStatus>,
+    /// ADS stream sync state.
+    pub registry: Arc<SyncRegistry>,
+}
+
+impl AdminState {
+    fn proxy_status(&self) -> Vec<ProxyStatus> {
+        self.registry
+            .list()
+            .iter()
+            .map(|s| ProxyStatus {
+                node: s.node_id.clone().unwrap_or_default(),
+                peer: s.peer.map(|p| p.to_string()).unwrap_or_default(),
+                types: s.types.iter().map(TypeStatus::from).collect(),
+            })
+            .collect()
+    }
+}
+
+fn json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
+    match serde_json::to_vec_pretty(value) {
+        Ok(body) => Response::builder()
+            .header("content-type", "application/json")
+            .body(Full::new(Bytes::from(body)))
+            .unwrap_or_default(),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
+fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
+    *response.status_mut() = status;
+    response
+}
+
+fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET {
+        return text(StatusCode::METHOD_NOT_ALLOWED, "only GET");
+    }
+    match req.uri().path() {
+        "/ready" => text(StatusCode::OK, "ready"),
+        "/status" => json(&*state.status.borrow()),
+        "/proxy-status" => json(&state.proxy_status()),
+        _ => text(
+            StatusCode::NOT_FOUND,
+            "endpoints: /ready /status /proxy-status",
+        ),
+    }
+}
+
+/// Serves the admin endpoint on `listener` until an error; connections are supervised.
+pub async fn serve(listener: TcpListener, state: AdminState) -> Result<(), WeftError> {
+    let mut connections = JoinSet::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _) = match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "admin accept failed");
+                        continue;
+                    }
+                };
+                let state = state.clone();
+                connections.spawn(async move {
+                    let service = hyper::service::service_fn(move |req| {
+                        let response = route(&state, &req);
+                        async move { Ok::<_, Infallible>(response) }
+                    });
+                    if let Err(e) = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await
+                    {
+                        tracing::debug!(error = %e, "admin connection ended");
+                    }
+                });
+            }
+            Some(done) = connections.join_next(), if !connections.is_empty() => {
+                if let Err(e) = done
+                    && e.is_panic()
+                {
+                    return Err(WeftError::TaskEnded { task: "admin connection", reason: e.to_string() });
+                }
+            }
+        }
+    }
+}
+
+/// GETs `path` from the admin endpoint at `addr` and decodes the JSON body.
+pub async fn fetch<T: for<'de> Deserialize<'de>>(addr: &str, path: &str) -> Result<T, WeftError> {
+    let err = |reason: String| WeftError::Admin {
+        addr: addr.to_string(),
+        reason,
+    };
+    let sock: SocketAddr = addr
+        .parse()
+        .map_err(|e| err(format!("not HOST:PORT: {e}")))?;
+    let stream = tokio::net::TcpStream::connect(sock)
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .map_err(|e| err(e.to_string()))?;
+    let request = Request::get(path)
+        .header("host", addr)
+        .body(http_body_util::Empty::<Bytes>::new())
+        .map_err(|e| err(e.to_string()))?;
+    let exchange = async {
+        let response = sender
+            .send_request(request)
+            .await
+            .map_err(|e| err(e.to_string()))?;
+        let status = response.status();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| err(e.to_string()))?
+            .to_bytes();
+        Ok::<_, WeftError>((status, body))
+    };
+    tokio::pin!(exchange);
+    // The connection must be driven while the body is read; it may finish first.
+    let (status, body) = tokio::select! {
+        biased;
+        done = &mut exchange => done?,
+        closed = conn => {
+            closed.map_err(|e| err(e.to_string()))?;
+            exchange.await?
+        }
+    };
+    if !status.is_success() {
+        return Err(err(format!("{path}: HTTP {status}")));
+    }
+    serde_json::from_slice(&body).map_err(|e| err(format!("{path}: {e}")))
+}

@@ -1,0 +1,153 @@
+//! The Envoy bootstrap of a sidecar: who it is and where its ADS server is.
+
+use std::net::IpAddr;
+
+use serde_json::json;
+
+use crate::error::WeftError;
+
+/// Name of the static cluster that reaches the control plane.
+pub const XDS_CLUSTER: &str = "weft-xds";
+
+/// What a sidecar's bootstrap is made from.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BootstrapOptions {
+    /// Pod namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub pod: String,
+    /// Control plane host (IP or DNS name).
+    pub xds_host: String,
+    /// Control plane port.
+    pub xds_port: u16,
+    /// Envoy admin port on 127.0.0.1.
+    pub admin_port: u16,
+}
+
+impl BootstrapOptions {
+    /// Options for `NAMESPACE/NAME` and `HOST:PORT`.
+    pub fn parse(pod: &str, xds: &str, admin_port: u16) -> Result<Self, WeftError> {
+        let (namespace, name) = pod
+            .split_once('/')
+            .filter(|(ns, name)| !ns.is_empty() && !name.is_empty())
+            .ok_or_else(|| {
+                WeftError::Usage(format!("--pod must be NAMESPACE/NAME, got {pod:?}"))
+            })?;
+        let (host, port) = xds
+            .rsplit_once(':')
+            .and_then(|(h, p)| {
+                Some((
+                    h.trim_start_matches('[').trim_end_matches(']'),
+                    p.parse::<u16>().ok()?,
+                ))
+            })
+            .filter(|(h, _)| !h.is_empty())
+            .ok_or_else(|| WeftError::Usage(format!("--xds must be HOST:PORT, got {xds:?}")))?;
+        Ok(Self {
+            namespace: namespace.to_string(),
+            pod: name.to_string(),
+            xds_host: host.to_string(),
+            xds_port: port,
+            admin_port,
+        })
+    }
+
+    /// The node id the control plane knows this sidecar by.
+    pub fn node_id(&self) -> String {
+        format!("{}/{}", self.namespace, self.pod)
+    }
+}
+
+/// Renders the bootstrap as YAML.
+pub fn render_bootstrap(opts: &BootstrapOptions) -> Result<String, WeftError> {
+    let ads = json!({ "ads": {}, "resource_api_version": "V3" });
+    // An IP needs no resolver; a name is resolved (and re-resolved) by Envoy.
+    let discovery = if opts.xds_host.parse::<IpAddr>().is_ok() {
+        "STATIC"
+    } else {
+        "STRICT_DNS"
+    };
+    let bootstrap = json!({
+        "node": {
+            "id": opts.node_id(),
+            "cluster": format!("{}.{}", opts.pod, opts.namespace),
+            "metadata": {
+                "NAMESPACE": opts.namespace,
+                "POD_NAME": opts.pod,
+                "WEFT_VERSION": env!("CARGO_PKG_VERSION"),
+            },
+        },
+        "admin": {
+            "address": { "socket_address": { "address": "127.0.0.1", "port_value": opts.admin_port } },
+        },
+        "dynamic_resources": {
+            "ads_config": {
+                "api_type": "GRPC",
+                "transport_api_version": "V3",
+                "set_node_on_first_message_only": true,
+                "grpc_services": [ { "envoy_grpc": { "cluster_name": XDS_CLUSTER } } ],
+            },
+            "cds_config": ads,
+            "lds_config": ads,
+        },
+        "static_resources": {
+            "clusters": [ {
+                "name": XDS_CLUSTER,
+                "type": discovery,
+                "connect_timeout": "1s",
+                "typed_extension_protocol_options": {
+                    "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                        "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                        "explicit_http_config": {
+                            "http2_protocol_options": {
+                                "connection_keepalive": { "interval": "30s", "timeout": "5s" },
+                            },
+                        },
+                    },
+                },
+                "load_assignment": {
+                    "cluster_name": XDS_CLUSTER,
+                    "endpoints": [ { "lb_endpoints": [ { "endpoint": { "address": { "socket_address": {
+                        "address": opts.xds_host, "port_value": opts.xds_port,
+                    } } } } ] } ],
+                },
+            } ],
+        },
+    });
+    serde_yaml_ng::to_string(&bootstrap).map_err(|e| WeftError::Manifest {
+        reason: format!("rendering bootstrap: {e}"),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bootstrap_names_the_pod_and_the_control_plane() {
+        let opts = BootstrapOptions::parse("shop/web-1", "198.18.0.1:15010", 15000).unwrap();
+        let yaml = render_bootstrap(&opts).unwrap();
+        let v: serde_json::Value = serde_yaml_ng::from_str(&yaml).unwrap();
+        assert_eq!(v["node"]["id"], "shop/web-1");
+        assert_eq!(v["node"]["metadata"]["NAMESPACE"], "shop");
+        assert_eq!(
+            v["admin"]["address"]["socket_address"]["address"],
+            "127.0.0.1"
+        );
+        let cluster = &v["static_resources"]["clusters"][0];
+        assert_eq!(cluster["type"], "STATIC");
+        let sa = &cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+            ["socket_address"];
+        assert_eq!(sa["address"], "198.18.0.1");
+        assert_eq!(sa["port_value"], 15010);
+    }
+
+    #[test]
+    fn hostnames_are_resolved_and_bad_arguments_rejected() {
+        let opts = BootstrapOptions::parse("a/b", "weft.weft-system.svc:15010", 15000).unwrap();
+        assert!(render_bootstrap(&opts).unwrap().contains("STRICT_DNS"));
+        assert!(BootstrapOptions::parse("nonamespace", "h:1", 15000).is_err());
+        assert!(BootstrapOptions::parse("a/b", "noport", 15000).is_err());
+        assert!(BootstrapOptions::parse("a/b", "h:99999", 15000).is_err());
+    }
+}

@@ -1,0 +1,224 @@
+//! The `weft` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::admin::{self, MeshStatus, ProxyStatus};
+use crate::bootstrap::{BootstrapOptions, render_bootstrap};
+use crate::error::WeftError;
+use crate::iptables::{self, RedirectPlan};
+use crate::local::{self, LocalOptions};
+
+const DEFAULT_ADMIN: &str = "127.0.0.1:15090";
+
+/// Weft: a service mesh control plane for Envoy.
+#[derive(Debug, Parser)]
+#[command(name = "weft", version)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the control plane in local mode against a directory of manifests.
+    Up {
+        /// Directory of Kubernetes YAML manifests (watched for changes).
+        dir: PathBuf,
+        /// Address of the ADS (xDS) server.
+        #[arg(long, default_value = "127.0.0.1:15010")]
+        xds_addr: SocketAddr,
+        /// Address of the admin endpoint (/ready, /status, /proxy-status).
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin_addr: SocketAddr,
+    },
+    /// Print the Envoy bootstrap of a pod's sidecar.
+    Bootstrap {
+        /// The pod, as NAMESPACE/NAME.
+        #[arg(long)]
+        pod: String,
+        /// The control plane's xDS address, HOST:PORT.
+        #[arg(long)]
+        xds: String,
+        /// Envoy admin port (bound to 127.0.0.1).
+        #[arg(long, default_value_t = 15000)]
+        admin_port: u16,
+        /// Write to this file instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Install (or with --remove, take out) the sidecar traffic redirect in this network namespace.
+    InitIptables {
+        /// UID the proxy runs as; its traffic is not redirected.
+        #[arg(long, default_value_t = 1337)]
+        proxy_uid: u32,
+        /// Port of the outbound capture listener.
+        #[arg(long, default_value_t = 15001)]
+        outbound_port: u16,
+        /// Port of the inbound capture listener.
+        #[arg(long, default_value_t = 15006)]
+        inbound_port: u16,
+        /// Inbound ports not redirected (comma separated).
+        #[arg(long, value_delimiter = ',')]
+        exclude_inbound_ports: Vec<u16>,
+        /// Outbound destination CIDRs not redirected (comma separated).
+        #[arg(long, value_delimiter = ',')]
+        exclude_outbound_cidrs: Vec<String>,
+        /// Outbound destination ports not redirected (comma separated).
+        #[arg(long, value_delimiter = ',')]
+        exclude_outbound_ports: Vec<u16>,
+        /// Remove the redirect instead.
+        #[arg(long)]
+        remove: bool,
+        /// The iptables program (its `-restore` sibling is used too).
+        #[arg(long, default_value = "iptables")]
+        iptables: String,
+    },
+    /// Show the objects local mode rejected and the manifest files it could not read.
+    Status {
+        /// Admin endpoint of `weft up`.
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin_addr: String,
+    },
+    /// Show what each connected proxy was sent and has acknowledged.
+    ProxyStatus {
+        /// Admin endpoint of `weft up`.
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin_addr: String,
+    },
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+fn print_status(status: &MeshStatus) {
+    println!("objects: {}  proxies: {}", status.objects, status.proxies);
+    if status.problems.is_empty() && status.manifest_errors.is_empty() {
+        println!("no invalid objects");
+    }
+    for p in &status.problems {
+        println!("{:<8} {:<40} {}", p.state, p.object, p.reason);
+    }
+    for e in &status.manifest_errors {
+        println!("{:<8} {:<40} {}", "Invalid", e.file.display(), e.reason);
+    }
+}
+
+fn print_proxy_status(proxies: &[ProxyStatus]) {
+    println!(
+        "{:<32} {:<22} {:<5} {:<9} {:>5} NACK",
+        "PROXY", "PEER", "TYPE", "STATE", "COUNT"
+    );
+    for p in proxies {
+        for t in &p.types {
+            println!(
+                "{:<32} {:<22} {:<5} {:<9} {:>5} {}",
+                p.node,
+                p.peer,
+                t.type_name,
+                t.state,
+                t.resources,
+                t.nack.as_deref().unwrap_or("")
+            );
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), WeftError> {
+    match cli.command {
+        Command::Up {
+            dir,
+            xds_addr,
+            admin_addr,
+        } => {
+            local::run(LocalOptions {
+                dir,
+                xds_addr,
+                admin_addr,
+            })
+            .await
+        }
+        Command::Bootstrap {
+            pod,
+            xds,
+            admin_port,
+            output,
+        } => {
+            let yaml = render_bootstrap(&BootstrapOptions::parse(&pod, &xds, admin_port)?)?;
+            match output {
+                Some(path) => std::fs::write(&path, yaml).map_err(|e| WeftError::io(path, e)),
+                None => {
+                    print!("{yaml}");
+                    Ok(())
+                }
+            }
+        }
+        Command::InitIptables {
+            proxy_uid,
+            outbound_port,
+            inbound_port,
+            exclude_inbound_ports,
+            exclude_outbound_cidrs,
+            exclude_outbound_ports,
+            remove,
+            iptables: program,
+        } => {
+            if remove {
+                return iptables::remove(&program);
+            }
+            iptables::install(
+                &RedirectPlan {
+                    proxy_uid,
+                    outbound_port,
+                    inbound_port,
+                    exclude_inbound_ports,
+                    exclude_outbound_cidrs,
+                    exclude_outbound_ports,
+                },
+                &program,
+            )
+        }
+        Command::Status { admin_addr } => {
+            print_status(&admin::fetch(&admin_addr, "/status").await?);
+            Ok(())
+        }
+        Command::ProxyStatus { admin_addr } => {
+            print_proxy_status(
+                &admin::fetch::<Vec<ProxyStatus>>(&admin_addr, "/proxy-status").await?,
+            );
+            Ok(())
+        }
+    }
+}
+
+/// Parses arguments, runs the command, and maps the result to an exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weft: starting the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("weft: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,152 @@
+//! The validated mesh model: what translate reads. Free of Kubernetes types.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::Serialize;
+
+use super::ObjectRef;
+
+/// Namespace and name of a Service.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServiceKey {
+    /// Namespace.
+    pub namespace: String,
+    /// Name.
+    pub name: String,
+}
+
+impl ServiceKey {
+    /// A key from parts.
+    pub fn new(namespace: &str, name: &str) -> Self {
+        Self {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
+    }
+
+    /// `name.namespace.svc.cluster.local`.
+    pub fn fqdn(&self) -> String {
+        format!("{}.{}.svc.cluster.local", self.name, self.namespace)
+    }
+}
+
+impl fmt::Display for ServiceKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.namespace, self.name)
+    }
+}
+
+/// How the mesh treats a port's traffic.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum AppProtocol {
+    /// HTTP/1.1 (and HTTP/2 with prior knowledge): L7 routing, splits by request.
+    Http,
+    /// Opaque TCP: splits by connection.
+    Tcp,
+}
+
+/// One port of a service, with its ready endpoints.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ServicePortModel {
+    /// Port name (may be empty).
+    pub name: String,
+    /// Service port.
+    pub port: u16,
+    /// Protocol treatment.
+    pub protocol: AppProtocol,
+    /// Ready endpoints (pod IP and target port), sorted.
+    pub endpoints: Vec<SocketAddr>,
+}
+
+/// One weighted backend of a split, on a given port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SplitBackend {
+    /// The backend service.
+    pub service: ServiceKey,
+    /// Relative weight.
+    pub weight: u32,
+}
+
+/// A TrafficSplit resolved against services: backends per root port.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct SplitModel {
+    /// The TrafficSplit this came from.
+    pub source: ObjectRef,
+    /// Backends per root service port; a port with no usable backend is absent.
+    pub backends_by_port: BTreeMap<u16, Vec<SplitBackend>>,
+}
+
+/// A service of the mesh.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MeshService {
+    /// Namespace and name.
+    pub key: ServiceKey,
+    /// The virtual IP, when the service has one.
+    pub cluster_ip: Option<IpAddr>,
+    /// Ports, sorted by number.
+    pub ports: Vec<ServicePortModel>,
+    /// The TrafficSplit rooted at this service, if any.
+    pub split: Option<SplitModel>,
+}
+
+impl MeshService {
+    /// The port with this number.
+    pub fn port(&self, port: u16) -> Option<&ServicePortModel> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+}
+
+/// A port a workload serves, as reached through its inbound listener.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct WorkloadPort {
+    /// The container port.
+    pub port: u16,
+    /// Protocol treatment.
+    pub protocol: AppProtocol,
+}
+
+/// A pod that may run a sidecar.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    /// Namespace.
+    pub namespace: String,
+    /// Pod name.
+    pub name: String,
+    /// Pod IP, once assigned.
+    pub ip: Option<IpAddr>,
+    /// The service account the pod runs as.
+    pub service_account: String,
+    /// Ports other meshed workloads reach through services, sorted.
+    pub inbound_ports: Vec<WorkloadPort>,
+}
+
+impl Workload {
+    /// The node id its sidecar announces: `namespace/name`.
+    pub fn node_id(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}
+
+/// An object Weft does not apply (or applies only in part), and why.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct Problem {
+    /// The object concerned.
+    pub object: ObjectRef,
+    /// Whether the object is ignored (`true`) or applied with a caveat (`false`).
+    pub rejected: bool,
+    /// What is wrong, for a person.
+    pub reason: String,
+}
+
+/// Everything translate needs, validated.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MeshModel {
+    /// Services by namespace/name.
+    pub services: BTreeMap<ServiceKey, MeshService>,
+    /// Workloads by node id (`namespace/name`).
+    pub workloads: BTreeMap<String, Workload>,
+    /// Invalid or partly applied objects, sorted.
+    pub problems: Vec<Problem>,
+}

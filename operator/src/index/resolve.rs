@@ -1,0 +1,424 @@
+//! Resolves input objects into a [`MeshModel`]; invalid objects become [`Problem`]s
+//! and never affect valid ones.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, SocketAddr};
+
+use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use weft_crds::TrafficSplit;
+
+use super::model::{
+    AppProtocol, MeshModel, MeshService, Problem, ServiceKey, ServicePortModel, SplitBackend,
+    SplitModel, Workload, WorkloadPort,
+};
+use super::{Kind, MeshObject, ObjectRef};
+
+const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+#[derive(Default)]
+struct Inputs<'a> {
+    services: Vec<&'a Service>,
+    pods: Vec<&'a Pod>,
+    slices: Vec<&'a EndpointSlice>,
+    splits: Vec<&'a TrafficSplit>,
+}
+
+fn ns(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
+    meta.namespace.as_deref().unwrap_or("default")
+}
+
+fn name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
+    meta.name.as_deref().unwrap_or_default()
+}
+
+/// Builds the model from every object in the index.
+pub(super) fn resolve<'a>(objects: impl Iterator<Item = &'a MeshObject>) -> MeshModel {
+    let mut inputs = Inputs::default();
+    for o in objects {
+        match o {
+            MeshObject::Service(s) => inputs.services.push(s),
+            MeshObject::Pod(p) => inputs.pods.push(p),
+            MeshObject::EndpointSlice(e) => inputs.slices.push(e),
+            MeshObject::TrafficSplit(t) => inputs.splits.push(t),
+            // Used by authorization (a later stage); indexed so they are ready.
+            MeshObject::TrafficTarget(_)
+            | MeshObject::HTTPRouteGroup(_)
+            | MeshObject::TCPRoute(_) => {}
+        }
+    }
+    let mut model = MeshModel::default();
+    for svc in &inputs.services {
+        if let Some(service) = resolve_service(svc, &inputs, &mut model.problems) {
+            model.services.insert(service.key.clone(), service);
+        }
+    }
+    for pod in &inputs.pods {
+        let workload = resolve_workload(pod, &inputs);
+        model.workloads.insert(workload.node_id(), workload);
+    }
+    resolve_splits(&inputs.splits, &mut model);
+    model.problems.sort();
+    model
+}
+
+fn protocol_of(port: &ServicePort) -> AppProtocol {
+    let named_tcp = |s: &str| s == "tcp" || s.starts_with("tcp-");
+    match (port.app_protocol.as_deref(), port.name.as_deref()) {
+        (Some(p), _) if named_tcp(&p.to_ascii_lowercase()) => AppProtocol::Tcp,
+        (Some(_), _) => AppProtocol::Http,
+        (None, Some(n)) if named_tcp(&n.to_ascii_lowercase()) => AppProtocol::Tcp,
+        _ => AppProtocol::Http,
+    }
+}
+
+fn to_port(n: i32) -> Option<u16> {
+    u16::try_from(n).ok().filter(|p| *p != 0)
+}
+
+fn is_ready(pod: &Pod) -> bool {
+    if pod.metadata.deletion_timestamp.is_some() {
+        return false;
+    }
+    let Some(status) = &pod.status else {
+        return false;
+    };
+    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+        return false;
+    }
+    // Manifests written by hand often give only podIP: no Ready condition means ready.
+    status
+        .conditions
+        .iter()
+        .flatten()
+        .find(|c| c.type_ == "Ready")
+        .is_none_or(|c| c.status == "True")
+}
+
+fn pod_ip(pod: &Pod) -> Option<IpAddr> {
+    pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()
+}
+
+fn selects(svc: &Service, pod: &Pod) -> bool {
+    if ns(&svc.metadata) != ns(&pod.metadata) {
+        return false;
+    }
+    let Some(selector) = svc.spec.as_ref().and_then(|s| s.selector.as_ref()) else {
+        return false;
+    };
+    let labels = pod.metadata.labels.as_ref();
+    !selector.is_empty()
+        && selector
+            .iter()
+            .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+}
+
+/// The container port a service port reaches on one pod.
+fn target_port(port: &ServicePort, pod: &Pod) -> Option<u16> {
+    match &port.target_port {
+        None => to_port(port.port),
+        Some(IntOrString::Int(n)) => to_port(*n),
+        Some(IntOrString::String(named)) => pod
+            .spec
+            .iter()
+            .flat_map(|s| &s.containers)
+            .flat_map(|c| c.ports.iter().flatten())
+            .find(|p| p.name.as_deref() == Some(named.as_str()))
+            .and_then(|p| to_port(p.container_port)),
+    }
+}
+
+fn is_tcp_family(port: &ServicePort) -> bool {
+    port.protocol.as_deref().is_none_or(|p| p == "TCP")
+}
+
+fn resolve_service(
+    svc: &Service,
+    inputs: &Inputs<'_>,
+    problems: &mut Vec<Problem>,
+) -> Option<MeshService> {
+    let key = ServiceKey::new(ns(&svc.metadata), name(&svc.metadata));
+    let object = ObjectRef::new(Kind::Service, &key.namespace, &key.name);
+    if key.name.is_empty() {
+        return None;
+    }
+    let spec = svc.spec.as_ref();
+    let cluster_ip = match spec.and_then(|s| s.cluster_ip.as_deref()) {
+        None | Some("") | Some("None") => None,
+        Some(ip) => match ip.parse::<IpAddr>() {
+            Ok(ip) => Some(ip),
+            Err(_) => {
+                problems.push(Problem {
+                    object,
+                    rejected: true,
+                    reason: format!("spec.clusterIP {ip:?} is not an IP address"),
+                });
+                return None;
+            }
+        },
+    };
+    let slices: Vec<&EndpointSlice> = inputs
+        .slices
+        .iter()
+        .copied()
+        .filter(|s| {
+            ns(&s.metadata) == key.namespace
+                && s.metadata
+                    .labels
+                    .as_ref()
+                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
+                    == Some(&key.name)
+        })
+        .collect();
+    let selected: Vec<&Pod> = inputs
+        .pods
+        .iter()
+        .copied()
+        .filter(|p| is_ready(p) && selects(svc, p))
+        .collect();
+
+    let mut ports = Vec::new();
+    for port in spec.iter().flat_map(|s| s.ports.iter().flatten()) {
+        let Some(number) = to_port(port.port) else {
+            continue;
+        };
+        if !is_tcp_family(port) {
+            continue;
+        }
+        let endpoints = if slices.is_empty() {
+            endpoints_from_pods(port, &selected)
+        } else {
+            endpoints_from_slices(port, &slices)
+        };
+        ports.push(ServicePortModel {
+            name: port.name.clone().unwrap_or_default(),
+            port: number,
+            protocol: protocol_of(port),
+            endpoints,
+        });
+    }
+    ports.sort_by_key(|p| p.port);
+    ports.dedup_by_key(|p| p.port);
+    Some(MeshService {
+        key,
+        cluster_ip,
+        ports,
+        split: None,
+    })
+}
+
+fn endpoints_from_pods(port: &ServicePort, pods: &[&Pod]) -> Vec<SocketAddr> {
+    let set: BTreeSet<SocketAddr> = pods
+        .iter()
+        .filter_map(|p| Some(SocketAddr::new(pod_ip(p)?, target_port(port, p)?)))
+        .collect();
+    set.into_iter().collect()
+}
+
+fn endpoints_from_slices(port: &ServicePort, slices: &[&EndpointSlice]) -> Vec<SocketAddr> {
+    let mut set = BTreeSet::new();
+    for slice in slices {
+        let Some(slice_port) = slice
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref().unwrap_or("") == port.name.as_deref().unwrap_or(""))
+            .and_then(|p| p.port.and_then(to_port))
+        else {
+            continue;
+        };
+        for ep in slice.endpoints.iter().flatten() {
+            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
+            if !ready {
+                continue;
+            }
+            set.extend(
+                ep.addresses
+                    .iter()
+                    .filter_map(|a| a.parse::<IpAddr>().ok())
+                    .map(|ip| SocketAddr::new(ip, slice_port)),
+            );
+        }
+    }
+    set.into_iter().collect()
+}
+
+fn resolve_workload(pod: &Pod, inputs: &Inputs<'_>) -> Workload {
+    let mut inbound = BTreeMap::new();
+    for svc in inputs.services.iter().filter(|s| selects(s, pod)) {
+        for port in svc.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
+            if !is_tcp_family(port) {
+                continue;
+            }
+            if let Some(target) = target_port(port, pod) {
+                // HTTP wins when two services disagree: HTTP handling also carries TCP-safe HTTP.
+                let protocol = protocol_of(port);
+                inbound
+                    .entry(target)
+                    .and_modify(|p: &mut AppProtocol| *p = (*p).min(protocol))
+                    .or_insert(protocol);
+            }
+        }
+    }
+    Workload {
+        namespace: ns(&pod.metadata).to_string(),
+        name: name(&pod.metadata).to_string(),
+        ip: pod_ip(pod),
+        service_account: pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.service_account_name.clone())
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".to_string()),
+        inbound_ports: inbound
+            .into_iter()
+            .map(|(port, protocol)| WorkloadPort { port, protocol })
+            .collect(),
+    }
+}
+
+/// `website`, `website.ns`, `website.ns.svc` or `website.ns.svc.cluster.local` → key.
+fn service_ref(split_ns: &str, reference: &str) -> Result<ServiceKey, String> {
+    let mut parts = reference.split('.');
+    let name = parts.next().unwrap_or_default();
+    let namespace = parts.next().unwrap_or(split_ns);
+    if name.is_empty() {
+        return Err("spec.service is empty".to_string());
+    }
+    if namespace != split_ns {
+        return Err(format!(
+            "service {reference:?} is in namespace {namespace:?}; a TrafficSplit only splits services of its own namespace ({split_ns:?})"
+        ));
+    }
+    Ok(ServiceKey::new(split_ns, name))
+}
+
+fn resolve_splits(splits: &[&TrafficSplit], model: &mut MeshModel) {
+    let mut splits: Vec<&TrafficSplit> = splits.to_vec();
+    // Oldest first (then by name), so the winner of a conflict is stable.
+    splits.sort_by(|a, b| {
+        (
+            a.metadata.creation_timestamp.as_ref().map(|t| t.0),
+            ns(&a.metadata),
+            name(&a.metadata),
+        )
+            .cmp(&(
+                b.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                ns(&b.metadata),
+                name(&b.metadata),
+            ))
+    });
+    let roots: BTreeSet<ServiceKey> = splits
+        .iter()
+        .filter_map(|s| service_ref(ns(&s.metadata), &s.spec.service).ok())
+        .collect();
+    for split in splits {
+        let object = ObjectRef::new(
+            Kind::TrafficSplit,
+            ns(&split.metadata),
+            name(&split.metadata),
+        );
+        match resolve_split(split, &object, &roots, model) {
+            Ok((root, resolved, warnings)) => {
+                model
+                    .problems
+                    .extend(warnings.into_iter().map(|reason| Problem {
+                        object: object.clone(),
+                        rejected: false,
+                        reason,
+                    }));
+                if let Some(service) = model.services.get_mut(&root) {
+                    service.split = Some(resolved);
+                }
+            }
+            Err(reason) => model.problems.push(Problem {
+                object,
+                rejected: true,
+                reason,
+            }),
+        }
+    }
+}
+
+type ResolvedSplit = (ServiceKey, SplitModel, Vec<String>);
+
+fn resolve_split(
+    split: &TrafficSplit,
+    object: &ObjectRef,
+    roots: &BTreeSet<ServiceKey>,
+    model: &MeshModel,
+) -> Result<ResolvedSplit, String> {
+    let split_ns = ns(&split.metadata);
+    let root_key = service_ref(split_ns, &split.spec.service)?;
+    if !split.spec.matches.is_empty() {
+        return Err("spec.matches (HTTPRouteGroup-based splits) is not supported yet".to_string());
+    }
+    let root = model
+        .services
+        .get(&root_key)
+        .ok_or_else(|| format!("root service {root_key} does not exist"))?;
+    if let Some(other) = &root.split {
+        return Err(format!(
+            "service {root_key} is already split by {}; only one TrafficSplit per root service applies",
+            other.source
+        ));
+    }
+    let mut warnings = Vec::new();
+    let mut backends = Vec::new();
+    for b in &split.spec.backends {
+        let key = service_ref(split_ns, &b.service)?;
+        if key == root_key {
+            return Err(format!(
+                "backend {key} is the root service itself; a split cannot reference its root"
+            ));
+        }
+        if roots.contains(&key) {
+            return Err(format!(
+                "backend {key} is itself the root of a TrafficSplit; splits are not hierarchical"
+            ));
+        }
+        let weight = u32::try_from(b.weight)
+            .map_err(|_| format!("backend {key} has invalid weight {}", b.weight))?;
+        match model.services.get(&key) {
+            Some(svc) => backends.push((svc, weight)),
+            None if weight == 0 => {}
+            None => warnings.push(format!(
+                "backend service {key} does not exist; it receives no traffic"
+            )),
+        }
+    }
+    let mut by_port = BTreeMap::new();
+    for port in &root.ports {
+        let mut list = Vec::new();
+        for (svc, weight) in &backends {
+            if svc.port(port.port).is_none() {
+                warnings.push(format!(
+                    "backend {} has no port {}; it receives no traffic for {}:{}",
+                    svc.key, port.port, root_key.name, port.port
+                ));
+                continue;
+            }
+            list.push(SplitBackend {
+                service: svc.key.clone(),
+                weight: *weight,
+            });
+        }
+        if list.iter().any(|b| b.weight > 0) {
+            by_port.insert(port.port, list);
+        }
+    }
+    if by_port.is_empty() {
+        return Err(format!(
+            "no backend with a positive weight serves any port of {root_key}; traffic keeps going to {root_key}"
+        ));
+    }
+    Ok((
+        root_key,
+        SplitModel {
+            source: object.clone(),
+            backends_by_port: by_port,
+        },
+        warnings,
+    ))
+}

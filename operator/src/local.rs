@@ -1,0 +1,192 @@
+//! Local mode (`weft up DIR`): the whole control plane against a manifest directory.
+
+use std::collections::BTreeSet;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_stream::wrappers::TcpListenerStream;
+use weft_xds::{AdsService, SnapshotCache};
+
+use crate::admin::{self, AdminState, MeshStatus, ProblemReport};
+use crate::error::WeftError;
+use crate::index::{Index, Problem};
+use crate::publish::MeshPublisher;
+use crate::source::{DirWatch, ManifestDir};
+
+/// Settings of `weft up`.
+#[derive(Clone, Debug)]
+pub struct LocalOptions {
+    /// The manifest directory.
+    pub dir: PathBuf,
+    /// Where the ADS server listens.
+    pub xds_addr: SocketAddr,
+    /// Where the admin endpoint listens.
+    pub admin_addr: SocketAddr,
+}
+
+/// The index and everything derived from it, updated on every manifest change.
+struct LocalMesh {
+    manifests: ManifestDir,
+    index: Index,
+    publisher: MeshPublisher,
+    status: watch::Sender<MeshStatus>,
+    reported: BTreeSet<Problem>,
+}
+
+impl LocalMesh {
+    /// Rescans the directory and republishes; a failing directory keeps the last state.
+    fn reload(&mut self) {
+        if let Err(e) = self.manifests.rescan() {
+            tracing::error!(error = %e, "cannot read the manifest directory; keeping the last state");
+            return;
+        }
+        self.index.reset(self.manifests.objects());
+        let model = self.index.model();
+        let current: BTreeSet<Problem> = model.problems.iter().cloned().collect();
+        for p in current.difference(&self.reported) {
+            if p.rejected {
+                tracing::warn!(object = %p.object, reason = %p.reason, "invalid object rejected; everything else keeps working");
+            } else {
+                tracing::warn!(object = %p.object, reason = %p.reason, "object applied with a warning");
+            }
+        }
+        for p in self.reported.difference(&current) {
+            tracing::info!(object = %p.object, "problem resolved: {}", p.reason);
+        }
+        self.reported = current;
+        let stats = self.publisher.publish(&model);
+        if stats.changed == 0 {
+            tracing::debug!(
+                objects = self.index.len(),
+                "manifests changed; no proxy config changed"
+            );
+        } else {
+            tracing::info!(
+                objects = self.index.len(),
+                proxies = stats.proxies,
+                changed = stats.changed,
+                "mesh model published"
+            );
+        }
+        self.status.send_replace(MeshStatus {
+            objects: self.index.len(),
+            proxies: stats.proxies,
+            problems: model.problems.iter().map(ProblemReport::from).collect(),
+            manifest_errors: self.manifests.errors(),
+        });
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, WeftError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| WeftError::Bind { addr, source })
+}
+
+type TaskResult = (&'static str, Result<(), WeftError>);
+
+fn supervised(
+    tasks: &mut JoinSet<TaskResult>,
+    name: &'static str,
+    task: impl Future<Output = Result<(), WeftError>> + Send + 'static,
+) {
+    tasks.spawn(async move { (name, task.await) });
+}
+
+/// Runs local mode until SIGINT/SIGTERM (Ok) or until any task fails (Err).
+pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
+    // Watch before the first read so no change between the two is missed.
+    let mut dir_watch = DirWatch::new(&opts.dir)?;
+    let cache = SnapshotCache::new();
+    let (status_tx, status_rx) = watch::channel(MeshStatus::default());
+    let mut mesh = LocalMesh {
+        manifests: ManifestDir::new(&opts.dir),
+        index: Index::new(),
+        publisher: MeshPublisher::new(cache.clone()),
+        status: status_tx,
+        reported: BTreeSet::new(),
+    };
+    // The first full read completes before any proxy is served: never push an empty mesh.
+    mesh.manifests.rescan()?;
+    mesh.reload();
+
+    let (ads, streams) = AdsService::new(cache);
+    let admin_state = AdminState {
+        status: status_rx,
+        registry: ads.registry(),
+    };
+    let xds_listener = bind(opts.xds_addr).await?;
+    let admin_listener = bind(opts.admin_addr).await?;
+    tracing::info!(
+        dir = %opts.dir.display(),
+        xds = %opts.xds_addr,
+        admin = %opts.admin_addr,
+        "weft up: control plane running"
+    );
+
+    let mut tasks = JoinSet::new();
+    supervised(&mut tasks, "xds-server", async move {
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(ads)
+            .serve_with_incoming(TcpListenerStream::new(xds_listener))
+            .await?;
+        Err(WeftError::TaskEnded {
+            task: "xds-server",
+            reason: "server stopped".to_string(),
+        })
+    });
+    supervised(&mut tasks, "xds-streams", async move {
+        streams.run().await?;
+        Err(WeftError::TaskEnded {
+            task: "xds-streams",
+            reason: "stream supervisor stopped".to_string(),
+        })
+    });
+    supervised(
+        &mut tasks,
+        "admin",
+        admin::serve(admin_listener, admin_state),
+    );
+    supervised(&mut tasks, "manifest-reload", async move {
+        while dir_watch.changed().await.is_some() {
+            mesh.reload();
+        }
+        Err(WeftError::TaskEnded {
+            task: "manifest-reload",
+            reason: "file watch stopped".to_string(),
+        })
+    });
+
+    tokio::select! {
+        ended = tasks.join_next() => {
+            let err = match ended {
+                Some(Ok((name, Ok(())))) => WeftError::TaskEnded { task: name, reason: "returned".to_string() },
+                Some(Ok((_, Err(e)))) => e,
+                Some(Err(e)) => WeftError::TaskEnded { task: "unknown", reason: e.to_string() },
+                None => WeftError::TaskEnded { task: "all", reason: "no task left".to_string() },
+            };
+            tracing::error!(error = %err, "a control plane task failed; exiting");
+            Err(err)
+        }
+        signal = shutdown_signal() => {
+            signal?;
+            tracing::info!("shutting down");
+            Ok(())
+        }
+    }
+}
+
+async fn shutdown_signal() -> Result<(), WeftError> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| WeftError::io("SIGTERM handler", e))?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r.map_err(|e| WeftError::io("SIGINT handler", e)),
+        _ = term.recv() => Ok(()),
+    }
+}

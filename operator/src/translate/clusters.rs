@@ -1,0 +1,112 @@
+//! Clusters (CDS) and their endpoints (EDS).
+
+use std::net::{IpAddr, Ipv4Addr};
+
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::endpoint::v3::{
+    ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
+};
+
+use super::envoy::{address_of, ads_config_source, millis, socket_address};
+use super::{ProxyResources, outbound_cluster_name};
+use crate::index::{MeshModel, Workload};
+
+/// Cluster for outbound traffic to destinations the mesh does not know.
+pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
+/// Cluster for inbound traffic to ports no service exposes.
+pub const INBOUND_PASSTHROUGH_CLUSTER: &str = "InboundPassthroughCluster";
+
+const CONNECT_TIMEOUT_MS: u64 = 1_000;
+
+/// Name of the cluster that reaches the local app on `port`.
+pub fn inbound_cluster_name(port: u16) -> String {
+    format!("inbound|{port}")
+}
+
+fn base_cluster(name: String, kind: cluster::DiscoveryType) -> Cluster {
+    Cluster {
+        name,
+        cluster_discovery_type: Some(cluster::ClusterDiscoveryType::Type(kind as i32)),
+        connect_timeout: Some(millis(CONNECT_TIMEOUT_MS)),
+        ..Default::default()
+    }
+}
+
+fn original_dst_cluster(name: &str) -> Cluster {
+    Cluster {
+        lb_policy: cluster::LbPolicy::ClusterProvided as i32,
+        ..base_cluster(name.to_string(), cluster::DiscoveryType::OriginalDst)
+    }
+}
+
+fn load_assignment(
+    cluster_name: &str,
+    endpoints: impl IntoIterator<Item = std::net::SocketAddr>,
+) -> ClusterLoadAssignment {
+    let lb_endpoints: Vec<LbEndpoint> = endpoints
+        .into_iter()
+        .map(|addr| LbEndpoint {
+            host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                address: Some(address_of(addr)),
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+        .collect();
+    ClusterLoadAssignment {
+        cluster_name: cluster_name.to_string(),
+        endpoints: if lb_endpoints.is_empty() {
+            Vec::new()
+        } else {
+            vec![LocalityLbEndpoints {
+                lb_endpoints,
+                ..Default::default()
+            }]
+        },
+        ..Default::default()
+    }
+}
+
+/// One EDS cluster (and its load assignment) per service port, plus the passthrough.
+pub fn translate_outbound_clusters(model: &MeshModel, out: &mut ProxyResources) {
+    out.clusters.push(original_dst_cluster(PASSTHROUGH_CLUSTER));
+    for service in model.services.values() {
+        for port in &service.ports {
+            let name = outbound_cluster_name(&service.key, port.port);
+            out.clusters.push(Cluster {
+                eds_cluster_config: Some(cluster::EdsClusterConfig {
+                    eds_config: Some(ads_config_source()),
+                    service_name: String::new(),
+                }),
+                lb_policy: cluster::LbPolicy::RoundRobin as i32,
+                ..base_cluster(name.clone(), cluster::DiscoveryType::Eds)
+            });
+            out.endpoints
+                .push(load_assignment(&name, port.endpoints.iter().copied()));
+        }
+    }
+}
+
+/// One static cluster per local app port, reached over loopback.
+pub fn translate_inbound_clusters(proxy: &Workload, out: &mut ProxyResources) {
+    out.clusters
+        .push(original_dst_cluster(INBOUND_PASSTHROUGH_CLUSTER));
+    for port in &proxy.inbound_ports {
+        let name = inbound_cluster_name(port.port);
+        let mut assignment = load_assignment(&name, []);
+        assignment.endpoints = vec![LocalityLbEndpoints {
+            lb_endpoints: vec![LbEndpoint {
+                host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
+                    address: Some(socket_address(IpAddr::V4(Ipv4Addr::LOCALHOST), port.port)),
+                    ..Default::default()
+                })),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }];
+        out.clusters.push(Cluster {
+            load_assignment: Some(assignment),
+            ..base_cluster(name, cluster::DiscoveryType::Static)
+        });
+    }
+}

@@ -1,0 +1,114 @@
+//! Pure translation: (mesh model, one proxy) → that proxy's Envoy resources.
+//!
+//! Deterministic: the model is ordered (BTreeMap, sorted vectors), so an
+//! unchanged model gives byte-identical resources and therefore no push.
+
+mod clusters;
+mod envoy;
+mod listeners;
+mod routes;
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+use envoy_types::pb::envoy::config::listener::v3::Listener;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use weft_xds::{Resource, Snapshot, type_url};
+
+use crate::index::{MeshModel, ServiceKey, Workload};
+
+/// Port of the listener that captures outbound traffic (iptables sends it here).
+pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
+/// Port of the listener that captures inbound traffic.
+pub const INBOUND_CAPTURE_PORT: u16 = 15006;
+
+/// The Envoy resources of one proxy.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ProxyResources {
+    /// CDS.
+    pub clusters: Vec<Cluster>,
+    /// EDS.
+    pub endpoints: Vec<ClusterLoadAssignment>,
+    /// LDS.
+    pub listeners: Vec<Listener>,
+    /// RDS.
+    pub routes: Vec<RouteConfiguration>,
+}
+
+impl ProxyResources {
+    fn sorted(mut self) -> Self {
+        self.clusters.sort_by(|a, b| a.name.cmp(&b.name));
+        self.endpoints
+            .sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
+        self.listeners.sort_by(|a, b| a.name.cmp(&b.name));
+        self.routes.sort_by(|a, b| a.name.cmp(&b.name));
+        self
+    }
+
+    /// Encodes every resource into an xDS snapshot.
+    pub fn to_snapshot(&self) -> Snapshot {
+        Snapshot::new()
+            .with(
+                type_url::CLUSTER,
+                self.clusters
+                    .iter()
+                    .map(|c| Resource::encode(type_url::CLUSTER, &c.name, c)),
+            )
+            .with(
+                type_url::ENDPOINT,
+                self.endpoints
+                    .iter()
+                    .map(|e| Resource::encode(type_url::ENDPOINT, &e.cluster_name, e)),
+            )
+            .with(
+                type_url::LISTENER,
+                self.listeners
+                    .iter()
+                    .map(|l| Resource::encode(type_url::LISTENER, &l.name, l)),
+            )
+            .with(
+                type_url::ROUTE,
+                self.routes
+                    .iter()
+                    .map(|r| Resource::encode(type_url::ROUTE, &r.name, r)),
+            )
+    }
+}
+
+/// Name of the outbound cluster of one service port.
+pub fn outbound_cluster_name(service: &ServiceKey, port: u16) -> String {
+    format!("outbound|{port}||{}", service.fqdn())
+}
+
+/// Name of the outbound route configuration of one service port.
+pub fn outbound_route_name(service: &ServiceKey, port: u16) -> String {
+    format!("{}:{port}", service.fqdn())
+}
+
+/// Resources every proxy gets alike: outbound clusters, endpoints, listeners, routes.
+/// Translated (and encoded) once per model change, then shared by all proxies.
+pub fn translate_shared(model: &MeshModel) -> ProxyResources {
+    let mut out = ProxyResources::default();
+    clusters::translate_outbound_clusters(model, &mut out);
+    listeners::translate_outbound_listeners(model, &mut out);
+    routes::translate_outbound_routes(model, &mut out);
+    out.sorted()
+}
+
+/// Resources specific to one proxy: its inbound listener and local app clusters.
+pub fn translate_workload(proxy: &Workload) -> ProxyResources {
+    let mut out = ProxyResources::default();
+    clusters::translate_inbound_clusters(proxy, &mut out);
+    listeners::translate_inbound_listener(proxy, &mut out);
+    out.sorted()
+}
+
+/// Translates the model into every resource of `proxy`'s sidecar.
+pub fn translate_proxy(model: &MeshModel, proxy: &Workload) -> ProxyResources {
+    let mut out = translate_shared(model);
+    let own = translate_workload(proxy);
+    out.clusters.extend(own.clusters);
+    out.endpoints.extend(own.endpoints);
+    out.listeners.extend(own.listeners);
+    out.routes.extend(own.routes);
+    out.sorted()
+}

@@ -1,0 +1,129 @@
+//! Route configurations (RDS): virtual hosts per service port, TrafficSplit weights.
+
+use envoy_types::pb::envoy::config::route::v3::{
+    RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
+    route, route_action, route_match, weighted_cluster,
+};
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy;
+
+use super::envoy::u32_value;
+use super::{ProxyResources, outbound_cluster_name, outbound_route_name};
+use crate::index::{AppProtocol, MeshModel, MeshService, SplitBackend};
+
+/// Retried by default: failures where the request certainly did not reach the app.
+const DEFAULT_RETRY_ON: &str = "connect-failure,refused-stream,reset-before-request";
+const DEFAULT_RETRIES: u32 = 2;
+
+/// Backends with a positive weight for one port of a split root, if it is split.
+fn weighted_backends(service: &MeshService, port: u16) -> Option<Vec<&SplitBackend>> {
+    let backends = service.split.as_ref()?.backends_by_port.get(&port)?;
+    Some(backends.iter().filter(|b| b.weight > 0).collect())
+}
+
+/// Where the TCP traffic of one service port goes: its own cluster or the split's.
+pub fn tcp_destination(service: &MeshService, port: u16) -> tcp_proxy::ClusterSpecifier {
+    match weighted_backends(service, port) {
+        Some(backends) if backends.len() > 1 => {
+            tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
+                clusters: backends
+                    .iter()
+                    .map(|b| tcp_proxy::weighted_cluster::ClusterWeight {
+                        name: outbound_cluster_name(&b.service, port),
+                        weight: b.weight,
+                        ..Default::default()
+                    })
+                    .collect(),
+            })
+        }
+        Some(backends) if backends.len() == 1 => {
+            tcp_proxy::ClusterSpecifier::Cluster(outbound_cluster_name(&backends[0].service, port))
+        }
+        _ => tcp_proxy::ClusterSpecifier::Cluster(outbound_cluster_name(&service.key, port)),
+    }
+}
+
+fn http_destination(service: &MeshService, port: u16) -> route_action::ClusterSpecifier {
+    match weighted_backends(service, port) {
+        Some(backends) if backends.len() > 1 => {
+            route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
+                clusters: backends
+                    .iter()
+                    .map(|b| weighted_cluster::ClusterWeight {
+                        name: outbound_cluster_name(&b.service, port),
+                        weight: Some(u32_value(b.weight)),
+                        ..Default::default()
+                    })
+                    .collect(),
+                ..Default::default()
+            })
+        }
+        Some(backends) if backends.len() == 1 => route_action::ClusterSpecifier::Cluster(
+            outbound_cluster_name(&backends[0].service, port),
+        ),
+        _ => route_action::ClusterSpecifier::Cluster(outbound_cluster_name(&service.key, port)),
+    }
+}
+
+/// The names a client may use for a service port, as virtual host domains.
+fn domains(service: &MeshService, port: u16) -> Vec<String> {
+    let key = &service.key;
+    let mut hosts = vec![
+        key.name.clone(),
+        format!("{}.{}", key.name, key.namespace),
+        format!("{}.{}.svc", key.name, key.namespace),
+        key.fqdn(),
+    ];
+    if let Some(ip) = service.cluster_ip {
+        hosts.push(match ip {
+            std::net::IpAddr::V4(v4) => v4.to_string(),
+            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
+        });
+    }
+    let with_port: Vec<String> = hosts.iter().map(|h| format!("{h}:{port}")).collect();
+    hosts.extend(with_port);
+    hosts
+}
+
+/// One route configuration per HTTP service port with a ClusterIP.
+pub fn translate_outbound_routes(model: &MeshModel, out: &mut ProxyResources) {
+    for service in model.services.values() {
+        if service.cluster_ip.is_none() {
+            continue;
+        }
+        for port in service
+            .ports
+            .iter()
+            .filter(|p| p.protocol == AppProtocol::Http)
+        {
+            let name = outbound_route_name(&service.key, port.port);
+            out.routes.push(RouteConfiguration {
+                name: name.clone(),
+                virtual_hosts: vec![VirtualHost {
+                    name,
+                    domains: domains(service, port.port),
+                    routes: vec![Route {
+                        name: "default".to_string(),
+                        r#match: Some(RouteMatch {
+                            path_specifier: Some(route_match::PathSpecifier::Prefix(
+                                "/".to_string(),
+                            )),
+                            ..Default::default()
+                        }),
+                        action: Some(route::Action::Route(RouteAction {
+                            cluster_specifier: Some(http_destination(service, port.port)),
+                            retry_policy: Some(RetryPolicy {
+                                retry_on: DEFAULT_RETRY_ON.to_string(),
+                                num_retries: Some(u32_value(DEFAULT_RETRIES)),
+                                ..Default::default()
+                            }),
+                            ..Default::default()
+                        })),
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            });
+        }
+    }
+}
