@@ -1,1 +1,879 @@
-//! placeholder
+//! End-to-end harness: pods are network namespaces on a bridge, each with the test
+//! app and (optionally) a real Envoy sidecar behind `weft init-iptables`; the control
+//! plane is a real `weft up` over a manifest directory.
+//!
+//! Addresses come from 198.18.0.0/15 only: pods from 198.18.<id>.0/24, ClusterIPs from
+//! 198.19.<id>.0/24. Pods get an on-link route for ClusterIPs and no default route, so
+//! nothing leaves the bridge. Everything created is removed on drop, also after a panic.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// UID the sidecar runs as; `weft init-iptables` exempts its traffic.
+pub const PROXY_UID: u32 = 1337;
+/// Port every test app listens on.
+pub const APP_PORT: u16 = 8080;
+const XDS_PORT: u16 = 15010;
+const ADMIN_PORT: u16 = 15090;
+
+/// Errors of the harness.
+#[derive(Debug, thiserror::Error)]
+pub enum HarnessError {
+    /// The harness needs root for network namespaces and iptables.
+    #[error("the end-to-end harness must run as root (it creates network namespaces); uid is {0}")]
+    NotRoot(String),
+    /// A binary the harness runs is missing.
+    #[error("{what} not found: {hint}")]
+    Missing {
+        /// Which binary.
+        what: &'static str,
+        /// How to get it.
+        hint: String,
+    },
+    /// A command failed.
+    #[error("`{command}` failed: {reason}")]
+    Command {
+        /// The command line.
+        command: String,
+        /// Status and stderr.
+        reason: String,
+    },
+    /// Something did not become ready in time.
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+    /// File I/O failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// Output could not be decoded.
+    #[error("decoding {what}: {reason}")]
+    Decode {
+        /// What was decoded.
+        what: String,
+        /// Why it failed.
+        reason: String,
+    },
+}
+
+type Result<T> = std::result::Result<T, HarnessError>;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> HarnessError + '_ {
+    move |source| HarnessError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// One request of a load run: when it started and who answered (or why it failed).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RequestResult {
+    /// Start time, Unix milliseconds.
+    pub start_ms: u64,
+    /// The pod that answered.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pod: Option<String>,
+    /// The failure, if the request failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Everything a load run saw, in start order.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoadReport {
+    /// Per request outcome.
+    pub results: Vec<RequestResult>,
+}
+
+impl LoadReport {
+    /// A report from `(start, Ok(pod) | Err(error))` pairs.
+    pub fn from_results(results: Vec<(u64, std::result::Result<String, String>)>) -> Self {
+        Self {
+            results: results
+                .into_iter()
+                .map(|(start_ms, r)| match r {
+                    Ok(pod) => RequestResult {
+                        start_ms,
+                        pod: Some(pod),
+                        error: None,
+                    },
+                    Err(e) => RequestResult {
+                        start_ms,
+                        pod: None,
+                        error: Some(e),
+                    },
+                })
+                .collect(),
+        }
+    }
+
+    /// Answers per pod.
+    pub fn by_pod(&self) -> BTreeMap<String, usize> {
+        let mut counts = BTreeMap::new();
+        for pod in self.results.iter().filter_map(|r| r.pod.clone()) {
+            *counts.entry(pod).or_insert(0) += 1;
+        }
+        counts
+    }
+
+    /// Answers from pods whose name starts with `prefix`.
+    pub fn answered_by(&self, prefix: &str) -> usize {
+        self.results
+            .iter()
+            .filter(|r| r.pod.as_deref().is_some_and(|p| p.starts_with(prefix)))
+            .count()
+    }
+
+    /// Failed requests.
+    pub fn failures(&self) -> Vec<&RequestResult> {
+        self.results.iter().filter(|r| r.error.is_some()).collect()
+    }
+
+    /// The requests that started at or after `ms` (Unix milliseconds).
+    pub fn started_after(&self, ms: u64) -> LoadReport {
+        LoadReport {
+            results: self
+                .results
+                .iter()
+                .filter(|r| r.start_ms >= ms)
+                .cloned()
+                .collect(),
+        }
+    }
+}
+
+/// Unix time in milliseconds.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn render(command: &Command) -> String {
+    let mut s = command.get_program().to_string_lossy().to_string();
+    for a in command.get_args() {
+        s.push(' ');
+        s.push_str(&a.to_string_lossy());
+    }
+    s
+}
+
+fn output(mut command: Command) -> Result<Output> {
+    let line = render(&command);
+    command.output().map_err(|e| HarnessError::Command {
+        command: line,
+        reason: e.to_string(),
+    })
+}
+
+fn check(command: Command) -> Result<Output> {
+    let line = render(&command);
+    let out = output(command)?;
+    if out.status.success() {
+        Ok(out)
+    } else {
+        Err(HarnessError::Command {
+            command: line,
+            reason: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        })
+    }
+}
+
+fn cmd(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Command {
+    let mut c = Command::new(program);
+    c.args(args);
+    c
+}
+
+/// Finds a binary built by this workspace next to the running executable.
+fn workspace_binary(name: &str) -> Result<PathBuf> {
+    if let Ok(p) = std::env::var(format!(
+        "WEFT_BIN_{}",
+        name.to_uppercase().replace('-', "_")
+    )) {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().map_err(io(Path::new("current_exe")))?;
+    // target/debug/<bin> or target/debug/deps/<test>.
+    for dir in exe.ancestors().skip(1).take(2) {
+        let candidate = dir.join(name);
+        if candidate.is_file() {
+            return Ok(candidate);
+        }
+    }
+    Err(HarnessError::Missing {
+        what: "workspace binary",
+        hint: format!("{name} is not built; run `cargo build --workspace --bins` first"),
+    })
+}
+
+/// The Envoy binary: `WEFT_ENVOY`, else `envoy` on PATH.
+pub fn envoy_binary() -> Result<PathBuf> {
+    if let Ok(p) = std::env::var("WEFT_ENVOY") {
+        let p = PathBuf::from(p);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|d| d.join("envoy"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| HarnessError::Missing {
+            what: "envoy",
+            hint: "set WEFT_ENVOY or run `make setup` (installs Envoy 1.40 into tools/)"
+                .to_string(),
+        })
+}
+
+#[derive(Debug)]
+struct PodNet {
+    netns: String,
+    ip: Ipv4Addr,
+    labels: Vec<(String, String)>,
+    service_account: String,
+}
+
+#[derive(Debug)]
+struct ServiceDef {
+    cluster_ip: Ipv4Addr,
+    selector: Vec<(String, String)>,
+    port: u16,
+}
+
+/// A running mesh on one bridge. Dropping it removes everything it created.
+#[derive(Debug)]
+pub struct Harness {
+    id: u8,
+    work: PathBuf,
+    weft: PathBuf,
+    app: PathBuf,
+    envoy: PathBuf,
+    pods: BTreeMap<String, PodNet>,
+    services: BTreeMap<String, ServiceDef>,
+    processes: Vec<(String, Child)>,
+    control_plane: Option<Child>,
+    forward_rule: bool,
+}
+
+impl Harness {
+    /// A harness with its own bridge and subnet. `id` must be unique among harnesses
+    /// running at the same time (1..=250).
+    pub fn new(id: u8, name: &str) -> Result<Self> {
+        let uid = output(cmd("id", &["-u"]))?;
+        let uid = String::from_utf8_lossy(&uid.stdout).trim().to_string();
+        if uid != "0" {
+            return Err(HarnessError::NotRoot(uid));
+        }
+        let work = std::env::temp_dir().join(format!("weft-e2e-{id}-{name}"));
+        let mut harness = Self {
+            id,
+            weft: workspace_binary("weft")?,
+            app: workspace_binary("weft-e2e-app")?,
+            envoy: envoy_binary()?,
+            work,
+            pods: BTreeMap::new(),
+            services: BTreeMap::new(),
+            processes: Vec::new(),
+            control_plane: None,
+            forward_rule: false,
+        };
+        harness.remove_leftovers();
+        let _ = fs::remove_dir_all(&harness.work);
+        fs::create_dir_all(harness.manifests()).map_err(io(&harness.work))?;
+        // Envoy runs as the proxy UID and must read its bootstrap from here.
+        set_mode(&harness.work, 0o755)?;
+        set_mode(&harness.manifests(), 0o755)?;
+        let bridge = harness.bridge();
+        check(cmd("ip", &["link", "add", &bridge, "type", "bridge"]))?;
+        check(cmd(
+            "ip",
+            &[
+                "addr",
+                "add",
+                &format!("{}/24", harness.gateway()),
+                "dev",
+                &bridge,
+            ],
+        ))?;
+        check(cmd("ip", &["link", "set", &bridge, "up"]))?;
+        // Bridged frames may pass the host's FORWARD chain (br_netfilter); allow ours.
+        check(cmd(
+            "iptables",
+            &[
+                "-w", "-I", "FORWARD", "-i", &bridge, "-o", &bridge, "-j", "ACCEPT",
+            ],
+        ))?;
+        harness.forward_rule = true;
+        Ok(harness)
+    }
+
+    fn bridge(&self) -> String {
+        format!("wftbr{}", self.id)
+    }
+
+    fn gateway(&self) -> Ipv4Addr {
+        Ipv4Addr::new(198, 18, self.id, 1)
+    }
+
+    /// The manifest directory `weft up` watches.
+    pub fn manifests(&self) -> PathBuf {
+        self.work.join("manifests")
+    }
+
+    /// The control plane's admin address.
+    pub fn admin_addr(&self) -> String {
+        format!("{}:{ADMIN_PORT}", self.gateway())
+    }
+
+    fn xds_addr(&self) -> String {
+        format!("{}:{XDS_PORT}", self.gateway())
+    }
+
+    fn netns(&self, pod: &str) -> String {
+        format!("wft{}-{pod}", self.id)
+    }
+
+    fn remove_leftovers(&self) {
+        let prefix = format!("wft{}-", self.id);
+        if let Ok(out) = output(cmd("ip", &["netns", "list"])) {
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let name = line.split_whitespace().next().unwrap_or_default();
+                if name.starts_with(&prefix) {
+                    let _ = output(cmd("ip", &["netns", "del", name]));
+                    let _ = fs::remove_dir_all(Path::new("/etc/netns").join(name));
+                }
+            }
+        }
+        let _ = output(cmd("ip", &["link", "del", &self.bridge()]));
+        let bridge = self.bridge();
+        while output(cmd(
+            "iptables",
+            &[
+                "-w", "-D", "FORWARD", "-i", &bridge, "-o", &bridge, "-j", "ACCEPT",
+            ],
+        ))
+        .is_ok_and(|o| o.status.success())
+        {}
+    }
+
+    /// Adds a pod (a network namespace with the test app on port 8080).
+    pub fn add_pod(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        service_account: &str,
+    ) -> Result<Ipv4Addr> {
+        let index = u8::try_from(self.pods.len() + 2).map_err(|_| HarnessError::Command {
+            command: "add_pod".into(),
+            reason: "too many pods".into(),
+        })?;
+        let ip = Ipv4Addr::new(198, 18, self.id, index);
+        let netns = self.netns(name);
+        let host_if = format!("wv{}p{index}", self.id);
+        let pod_if = format!("wc{}p{index}", self.id);
+        check(cmd("ip", &["netns", "add", &netns]))?;
+        self.pods.insert(
+            name.to_string(),
+            PodNet {
+                netns: netns.clone(),
+                ip,
+                labels: labels
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                service_account: service_account.to_string(),
+            },
+        );
+        check(cmd(
+            "ip",
+            &[
+                "link", "add", &host_if, "type", "veth", "peer", "name", &pod_if,
+            ],
+        ))?;
+        check(cmd(
+            "ip",
+            &["link", "set", &host_if, "master", &self.bridge(), "up"],
+        ))?;
+        check(cmd("ip", &["link", "set", &pod_if, "netns", &netns]))?;
+        let in_pod = |args: &[&str]| {
+            let mut all = vec!["netns", "exec", &netns, "ip"];
+            all.extend_from_slice(args);
+            check(cmd("ip", &all))
+        };
+        in_pod(&["link", "set", &pod_if, "name", "eth0"])?;
+        in_pod(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        in_pod(&["link", "set", "eth0", "up"])?;
+        in_pod(&["link", "set", "lo", "up"])?;
+        // ClusterIPs are on-link: routable (so the nat OUTPUT chain sees the connect)
+        // yet never forwarded anywhere if a packet escapes the redirect.
+        in_pod(&[
+            "route",
+            "add",
+            &format!("198.19.{}.0/24", self.id),
+            "dev",
+            "eth0",
+        ])?;
+        self.write_hosts()?;
+        let log = self.work.join(format!("{name}-app.log"));
+        let app = self.app.to_string_lossy().to_string();
+        self.spawn_in(
+            name,
+            "app",
+            &[
+                &app,
+                "serve",
+                "--name",
+                name,
+                "--port",
+                &APP_PORT.to_string(),
+            ],
+            &log,
+        )?;
+        Ok(ip)
+    }
+
+    /// Adds a Service selecting pods by labels, on port 8080, with the next ClusterIP.
+    pub fn add_service(&mut self, name: &str, selector: &[(&str, &str)]) -> Result<Ipv4Addr> {
+        let index = u8::try_from(self.services.len() + 10).unwrap_or(u8::MAX);
+        let cluster_ip = Ipv4Addr::new(198, 19, self.id, index);
+        self.services.insert(
+            name.to_string(),
+            ServiceDef {
+                cluster_ip,
+                selector: selector
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                port: APP_PORT,
+            },
+        );
+        self.write_hosts()?;
+        Ok(cluster_ip)
+    }
+
+    /// `/etc/netns/<pod>/hosts`: what `ip netns exec` shows the pod as /etc/hosts.
+    fn write_hosts(&self) -> Result<()> {
+        for (name, pod) in &self.pods {
+            let dir = Path::new("/etc/netns").join(&pod.netns);
+            fs::create_dir_all(&dir).map_err(io(&dir))?;
+            let mut hosts = format!("127.0.0.1 localhost\n{} {name}\n", pod.ip);
+            for (svc, def) in &self.services {
+                hosts.push_str(&format!(
+                    "{} {svc} {svc}.default {svc}.default.svc {svc}.default.svc.cluster.local\n",
+                    def.cluster_ip
+                ));
+            }
+            let path = dir.join("hosts");
+            fs::write(&path, hosts).map_err(io(&path))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the Services and Pods (what an API server would hold) as `cluster.yaml`.
+    pub fn write_cluster_manifest(&self) -> Result<()> {
+        let mut docs = Vec::new();
+        for (name, svc) in &self.services {
+            let selector: String = svc
+                .selector
+                .iter()
+                .map(|(k, v)| format!("    {k}: {v}\n"))
+                .collect();
+            docs.push(format!(
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {}\n  selector:\n{selector}  ports:\n  - name: http\n    port: {}\n    targetPort: {APP_PORT}\n",
+                svc.cluster_ip, svc.port
+            ));
+        }
+        for (name, pod) in &self.pods {
+            let labels: String = pod
+                .labels
+                .iter()
+                .map(|(k, v)| format!("    {k}: {v}\n"))
+                .collect();
+            docs.push(format!(
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n{labels}spec:\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: weft-e2e-app\n    ports:\n    - containerPort: {APP_PORT}\nstatus:\n  phase: Running\n  podIP: {}\n",
+                pod.service_account, pod.ip
+            ));
+        }
+        self.write_manifest("cluster.yaml", &docs.join("---\n"))
+    }
+
+    /// Writes a manifest file atomically (write + rename), as an editor would.
+    pub fn write_manifest(&self, file: &str, text: &str) -> Result<()> {
+        let tmp = self.manifests().join(format!(".{file}.tmp"));
+        let path = self.manifests().join(file);
+        fs::write(&tmp, text).map_err(io(&tmp))?;
+        fs::rename(&tmp, &path).map_err(io(&path))
+    }
+
+    /// Removes a manifest file.
+    pub fn remove_manifest(&self, file: &str) -> Result<()> {
+        let path = self.manifests().join(file);
+        fs::remove_file(&path).map_err(io(&path))
+    }
+
+    fn spawn_in(&mut self, pod: &str, what: &str, argv: &[&str], log: &Path) -> Result<()> {
+        let netns = self.netns(pod);
+        let file = fs::File::create(log).map_err(io(log))?;
+        let err = file.try_clone().map_err(io(log))?;
+        let mut c = cmd("ip", &["netns", "exec", &netns]);
+        c.args(argv).stdin(Stdio::null()).stdout(file).stderr(err);
+        let line = render(&c);
+        let child = c.spawn().map_err(|e| HarnessError::Command {
+            command: line,
+            reason: e.to_string(),
+        })?;
+        self.processes.push((format!("{pod}/{what}"), child));
+        Ok(())
+    }
+
+    /// Starts `weft up` on the manifest directory and waits until it serves.
+    pub fn start_control_plane(&mut self) -> Result<()> {
+        let log = self.work.join("weft.log");
+        let file = fs::File::create(&log).map_err(io(&log))?;
+        let err = file.try_clone().map_err(io(&log))?;
+        let mut c = Command::new(&self.weft);
+        c.arg("up")
+            .arg(self.manifests())
+            .args([
+                "--xds-addr",
+                &self.xds_addr(),
+                "--admin-addr",
+                &self.admin_addr(),
+            ])
+            .stdin(Stdio::null())
+            .stdout(file)
+            .stderr(err);
+        let line = render(&c);
+        self.control_plane = Some(c.spawn().map_err(|e| HarnessError::Command {
+            command: line,
+            reason: e.to_string(),
+        })?);
+        let admin = self.admin_addr();
+        let weft = self.weft.clone();
+        wait_for(
+            Duration::from_secs(20),
+            "weft up to serve its admin endpoint",
+            || {
+                output(cmd(&weft, &["status", "--admin-addr", &admin]))
+                    .is_ok_and(|o| o.status.success())
+            },
+        )
+    }
+
+    /// Bootstraps, redirects and starts a real Envoy sidecar in `pod`; waits until it is LIVE.
+    pub fn start_sidecar(&mut self, pod: &str) -> Result<()> {
+        let bootstrap = self.work.join(format!("{pod}-envoy.yaml"));
+        let mut c = Command::new(&self.weft);
+        c.args([
+            "bootstrap",
+            "--pod",
+            &format!("default/{pod}"),
+            "--xds",
+            &self.xds_addr(),
+            "-o",
+        ])
+        .arg(&bootstrap);
+        check(c)?;
+        set_mode(&bootstrap, 0o644)?;
+        let netns = self.netns(pod);
+        let mut c = cmd("ip", &["netns", "exec", &netns]);
+        c.arg(&self.weft)
+            .args(["init-iptables", "--proxy-uid", &PROXY_UID.to_string()]);
+        check(c)?;
+        let uid = PROXY_UID.to_string();
+        let envoy = self.envoy.to_string_lossy().to_string();
+        let boot = bootstrap.to_string_lossy().to_string();
+        let log = self.work.join(format!("{pod}-envoy.log"));
+        self.spawn_in(
+            pod,
+            "envoy",
+            &[
+                "setpriv",
+                "--reuid",
+                &uid,
+                "--regid",
+                &uid,
+                "--clear-groups",
+                &envoy,
+                "-c",
+                &boot,
+                "--use-dynamic-base-id",
+                "--log-level",
+                "warn",
+                "--drain-time-s",
+                "2",
+            ],
+            &log,
+        )?;
+        let (app, netns) = (self.app.clone(), self.netns(pod));
+        wait_for(
+            Duration::from_secs(30),
+            &format!("the sidecar of {pod} to be LIVE"),
+            || {
+                let mut c = cmd("ip", &["netns", "exec", &netns]);
+                c.arg(&app).args(["get", "http://127.0.0.1:15000/ready"]);
+                output(c).is_ok_and(|o| o.status.success())
+            },
+        )
+    }
+
+    /// Runs a command inside a pod's network namespace.
+    pub fn exec_in(&self, pod: &str, argv: &[&str]) -> Result<Output> {
+        let netns = self.netns(pod);
+        let mut c = cmd("ip", &["netns", "exec", &netns]);
+        c.args(argv);
+        output(c)
+    }
+
+    fn load_command(&self, pod: &str, url: &str, limit: &[&str]) -> Command {
+        let netns = self.netns(pod);
+        let mut c = cmd("ip", &["netns", "exec", &netns]);
+        c.arg(&self.app).args(["load", "--url", url]).args(limit);
+        c
+    }
+
+    /// Sends `count` requests from `pod` to `url` and reports who answered.
+    pub fn load(
+        &self,
+        pod: &str,
+        url: &str,
+        count: usize,
+        concurrency: usize,
+    ) -> Result<LoadReport> {
+        let c = self.load_command(
+            pod,
+            url,
+            &[
+                "--count",
+                &count.to_string(),
+                "--concurrency",
+                &concurrency.to_string(),
+            ],
+        );
+        parse_report(check(c)?)
+    }
+
+    /// Starts a load of `duration` in the background (collect it with [`RunningLoad::finish`]).
+    pub fn start_load(
+        &self,
+        pod: &str,
+        url: &str,
+        duration: Duration,
+        concurrency: usize,
+    ) -> Result<RunningLoad> {
+        let mut c = self.load_command(
+            pod,
+            url,
+            &[
+                "--duration-ms",
+                &duration.as_millis().to_string(),
+                "--concurrency",
+                &concurrency.to_string(),
+                "--interval-ms",
+                "2",
+            ],
+        );
+        c.stdout(Stdio::piped()).stderr(Stdio::piped());
+        let line = render(&c);
+        let child = c.spawn().map_err(|e| HarnessError::Command {
+            command: line,
+            reason: e.to_string(),
+        })?;
+        Ok(RunningLoad { child: Some(child) })
+    }
+
+    /// `weft proxy-status --json` against this harness's control plane.
+    pub fn proxy_status(&self) -> Result<serde_json::Value> {
+        let out = check(cmd(
+            &self.weft,
+            &["proxy-status", "--json", "--admin-addr", &self.admin_addr()],
+        ))?;
+        serde_json::from_slice(&out.stdout).map_err(|e| HarnessError::Decode {
+            what: "proxy-status".into(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// `weft status --json` against this harness's control plane.
+    pub fn status(&self) -> Result<serde_json::Value> {
+        let out = check(cmd(
+            &self.weft,
+            &["status", "--json", "--admin-addr", &self.admin_addr()],
+        ))?;
+        serde_json::from_slice(&out.stdout).map_err(|e| HarnessError::Decode {
+            what: "status".into(),
+            reason: e.to_string(),
+        })
+    }
+
+    /// The version of `type_name` (`RDS`, ...) that `pod`'s proxy last ACKed.
+    pub fn acked_version(&self, pod: &str, type_name: &str) -> Result<Option<String>> {
+        let status = self.proxy_status()?;
+        let node = format!("default/{pod}");
+        Ok(status
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|p| p["node"] == node.as_str())
+            .flat_map(|p| p["types"].as_array().cloned().unwrap_or_default())
+            .find(|t| t["type"] == type_name && t["state"] == "SYNCED")
+            .and_then(|t| t["acked"].as_str().map(str::to_string)))
+    }
+
+    /// Waits until `pod`'s proxy has ACKed a `type_name` version other than `old`.
+    pub fn wait_for_new_ack(
+        &self,
+        pod: &str,
+        type_name: &str,
+        old: Option<&str>,
+    ) -> Result<String> {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(v) = self.acked_version(pod, type_name)?
+                && Some(v.as_str()) != old
+            {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                return Err(HarnessError::Timeout(
+                    Duration::from_secs(20),
+                    format!("{pod} to ACK a new {type_name} version"),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Log files of this harness (control plane, apps, sidecars).
+    pub fn logs(&self) -> Vec<PathBuf> {
+        let mut logs: Vec<PathBuf> = fs::read_dir(&self.work)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.extension().is_some_and(|e| e == "log"))
+            .collect();
+        logs.sort();
+        logs
+    }
+}
+
+/// A load running in the background.
+#[derive(Debug)]
+pub struct RunningLoad {
+    child: Option<Child>,
+}
+
+impl RunningLoad {
+    /// Waits for the load to end and returns its report.
+    pub fn finish(mut self) -> Result<LoadReport> {
+        let child = self.child.take().ok_or_else(|| HarnessError::Decode {
+            what: "load".into(),
+            reason: "already finished".into(),
+        })?;
+        let out = child
+            .wait_with_output()
+            .map_err(|e| HarnessError::Command {
+                command: "load".into(),
+                reason: e.to_string(),
+            })?;
+        if !out.status.success() {
+            return Err(HarnessError::Command {
+                command: "load".into(),
+                reason: format!("{}: {}", out.status, String::from_utf8_lossy(&out.stderr)),
+            });
+        }
+        parse_report(out)
+    }
+}
+
+impl Drop for RunningLoad {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn parse_report(out: Output) -> Result<LoadReport> {
+    serde_json::from_slice(&out.stdout).map_err(|e| HarnessError::Decode {
+        what: "load report".into(),
+        reason: format!("{e}: {}", String::from_utf8_lossy(&out.stdout)),
+    })
+}
+
+fn set_mode(path: &Path, mode: u32) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode)).map_err(io(path))
+}
+
+fn wait_for(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while !ready() {
+        if Instant::now() > deadline {
+            return Err(HarnessError::Timeout(timeout, what.to_string()));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        for (_, child) in &mut self.processes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if let Some(mut cp) = self.control_plane.take() {
+            let _ = cp.kill();
+            let _ = cp.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!(
+                "--- weft-e2e: test failed; logs kept in {} ---",
+                self.work.display()
+            );
+            for log in self.logs() {
+                let text = fs::read_to_string(&log).unwrap_or_default();
+                let tail: Vec<&str> = text.lines().rev().take(25).collect();
+                eprintln!("==> {} (last {} lines)", log.display(), tail.len());
+                for line in tail.iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        } else {
+            let _ = fs::remove_dir_all(&self.work);
+        }
+        for pod in self.pods.values() {
+            let _ = output(cmd("ip", &["netns", "del", &pod.netns]));
+            let _ = fs::remove_dir_all(Path::new("/etc/netns").join(&pod.netns));
+        }
+        let _ = output(cmd("ip", &["link", "del", &self.bridge()]));
+        if self.forward_rule {
+            let bridge = self.bridge();
+            let _ = output(cmd(
+                "iptables",
+                &[
+                    "-w", "-D", "FORWARD", "-i", &bridge, "-o", &bridge, "-j", "ACCEPT",
+                ],
+            ));
+        }
+    }
+}

@@ -82,12 +82,18 @@ enum Command {
         /// Admin endpoint of `weft up`.
         #[arg(long, default_value = DEFAULT_ADMIN)]
         admin_addr: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
     /// Show what each connected proxy was sent and has acknowledged.
     ProxyStatus {
         /// Admin endpoint of `weft up`.
         #[arg(long, default_value = DEFAULT_ADMIN)]
         admin_addr: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -131,6 +137,12 @@ fn print_proxy_status(proxies: &[ProxyStatus]) {
             );
         }
     }
+}
+
+fn print_json<T: serde::Serialize>(value: &T) -> Result<(), WeftError> {
+    let text = serde_json::to_string_pretty(value).map_err(|e| WeftError::Usage(e.to_string()))?;
+    println!("{text}");
+    Ok(())
 }
 
 async fn run(cli: Cli) -> Result<(), WeftError> {
@@ -187,15 +199,23 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
                 &program,
             )
         }
-        Command::Status { admin_addr } => {
-            print_status(&admin::fetch(&admin_addr, "/status").await?);
-            Ok(())
+        Command::Status { admin_addr, json } => {
+            let status: MeshStatus = admin::fetch(&admin_addr, "/status").await?;
+            if json {
+                print_json(&status)
+            } else {
+                print_status(&status);
+                Ok(())
+            }
         }
-        Command::ProxyStatus { admin_addr } => {
-            print_proxy_status(
-                &admin::fetch::<Vec<ProxyStatus>>(&admin_addr, "/proxy-status").await?,
-            );
-            Ok(())
+        Command::ProxyStatus { admin_addr, json } => {
+            let proxies: Vec<ProxyStatus> = admin::fetch(&admin_addr, "/proxy-status").await?;
+            if json {
+                print_json(&proxies)
+            } else {
+                print_proxy_status(&proxies);
+                Ok(())
+            }
         }
     }
 }

@@ -139,14 +139,21 @@ pub fn install(plan: &RedirectPlan, iptables: &str) -> Result<(), WeftError> {
     Ok(())
 }
 
+fn chain_exists(iptables: &str, chain: &str) -> Result<bool, WeftError> {
+    run(iptables, &["-w", "-t", "nat", "-S", chain], None)
+}
+
 /// Removes the redirect from the current network namespace. Idempotent.
 pub fn remove(iptables: &str) -> Result<(), WeftError> {
+    // Deleting a jump to a chain that does not exist is an error (status 2), not "absent".
     for (builtin, chain) in JUMPS {
-        while run(
-            iptables,
-            &["-w", "-t", "nat", "-D", builtin, "-p", "tcp", "-j", chain],
-            None,
-        )? {}
+        if chain_exists(iptables, chain)? {
+            while run(
+                iptables,
+                &["-w", "-t", "nat", "-D", builtin, "-p", "tcp", "-j", chain],
+                None,
+            )? {}
+        }
     }
     for chain in [
         CHAIN_INBOUND,
@@ -154,8 +161,10 @@ pub fn remove(iptables: &str) -> Result<(), WeftError> {
         CHAIN_IN_REDIRECT,
         CHAIN_REDIRECT,
     ] {
-        run(iptables, &["-w", "-t", "nat", "-F", chain], None)?;
-        run(iptables, &["-w", "-t", "nat", "-X", chain], None)?;
+        if chain_exists(iptables, chain)? {
+            run(iptables, &["-w", "-t", "nat", "-F", chain], None)?;
+            run(iptables, &["-w", "-t", "nat", "-X", chain], None)?;
+        }
     }
     Ok(())
 }

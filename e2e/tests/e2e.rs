@@ -1,0 +1,291 @@
+//! End-to-end scenarios: real `weft up`, real Envoy sidecars, real iptables, real HTTP,
+//! in network-namespace pods. Needs root; fails (never skips) without it.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step should fail the test loudly
+
+use std::time::Duration;
+
+use weft_e2e::{Harness, now_ms};
+
+const BACKEND_URL: &str = "http://backend:8080/";
+
+fn split(v1: u32, v2: u32) -> String {
+    format!(
+        "apiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata:\n  name: backend-rollout\n  namespace: default\nspec:\n  service: backend\n  backends:\n  - service: backend-v1\n    weight: {v1}\n  - service: backend-v2\n    weight: {v2}\n"
+    )
+}
+
+/// client → backend (root), backend-v1 and backend-v2, each version one pod, all meshed.
+fn split_mesh(id: u8, name: &str, v1: u32, v2: u32) -> Harness {
+    let mut h = Harness::new(id, name).expect("harness");
+    h.add_pod("client", &[("app", "client")], "client").unwrap();
+    h.add_pod(
+        "backend-v1-0",
+        &[("app", "backend"), ("version", "v1")],
+        "backend",
+    )
+    .unwrap();
+    h.add_pod(
+        "backend-v2-0",
+        &[("app", "backend"), ("version", "v2")],
+        "backend",
+    )
+    .unwrap();
+    h.add_service("backend", &[("app", "backend")]).unwrap();
+    h.add_service("backend-v1", &[("app", "backend"), ("version", "v1")])
+        .unwrap();
+    h.add_service("backend-v2", &[("app", "backend"), ("version", "v2")])
+        .unwrap();
+    h.write_cluster_manifest().unwrap();
+    h.write_manifest("split.yaml", &split(v1, v2)).unwrap();
+    h.start_control_plane().unwrap();
+    for pod in ["client", "backend-v1-0", "backend-v2-0"] {
+        h.start_sidecar(pod).unwrap();
+    }
+    h
+}
+
+#[test]
+fn split_80_20_lands_within_five_points() {
+    let h = split_mesh(1, "split-80-20", 80, 20);
+    let report = h.load("client", BACKEND_URL, 1000, 8).unwrap();
+    assert!(
+        report.failures().is_empty(),
+        "failed requests: {:?}",
+        report.failures()
+    );
+    assert_eq!(report.results.len(), 1000);
+    let v1 = report.answered_by("backend-v1") as f64 / 10.0;
+    let v2 = report.answered_by("backend-v2") as f64 / 10.0;
+    eprintln!(
+        "80/20 split: v1 {v1:.1}%, v2 {v2:.1}% ({:?})",
+        report.by_pod()
+    );
+    assert!((75.0..=85.0).contains(&v1), "v1 got {v1}%, expected 80 ± 5");
+    assert!((15.0..=25.0).contains(&v2), "v2 got {v2}%, expected 20 ± 5");
+}
+
+#[test]
+fn changing_the_split_file_moves_all_traffic_without_a_failed_request() {
+    let h = split_mesh(2, "split-change", 80, 20);
+    let before = h.acked_version("client", "RDS").unwrap();
+    assert!(
+        before.is_some(),
+        "client proxy has routes before the change"
+    );
+    let load = h
+        .start_load("client", BACKEND_URL, Duration::from_secs(8), 4)
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    h.write_manifest("split.yaml", &split(0, 100)).unwrap();
+    h.wait_for_new_ack("client", "RDS", before.as_deref())
+        .unwrap();
+    let applied_ms = now_ms();
+    let report = load.finish().unwrap();
+
+    assert!(
+        report.failures().is_empty(),
+        "failed requests during the change: {:?}",
+        report.failures()
+    );
+    let earlier = report
+        .results
+        .iter()
+        .filter(|r| r.start_ms < applied_ms)
+        .count();
+    let later = report.started_after(applied_ms);
+    eprintln!(
+        "split change: {} requests, {earlier} before the new routes were ACKed, {} after: {:?}",
+        report.results.len(),
+        later.results.len(),
+        later.by_pod()
+    );
+    assert!(
+        report.answered_by("backend-v1") > 0,
+        "v1 served before the change"
+    );
+    assert!(
+        later.results.len() >= 100,
+        "enough requests after the change to judge it"
+    );
+    assert_eq!(
+        later.answered_by("backend-v2"),
+        later.results.len(),
+        "after the change only v2 answers"
+    );
+}
+
+#[test]
+fn a_service_without_split_balances_over_its_pods() {
+    let mut h = Harness::new(3, "no-split").expect("harness");
+    h.add_pod("client", &[("app", "client")], "client").unwrap();
+    for i in 0..3 {
+        h.add_pod(&format!("backend-{i}"), &[("app", "backend")], "backend")
+            .unwrap();
+    }
+    h.add_service("backend", &[("app", "backend")]).unwrap();
+    h.write_cluster_manifest().unwrap();
+    h.start_control_plane().unwrap();
+    for pod in ["client", "backend-0", "backend-1", "backend-2"] {
+        h.start_sidecar(pod).unwrap();
+    }
+    let report = h.load("client", BACKEND_URL, 300, 4).unwrap();
+    assert!(
+        report.failures().is_empty(),
+        "failed requests: {:?}",
+        report.failures()
+    );
+    let counts = report.by_pod();
+    eprintln!("no split: {counts:?}");
+    assert_eq!(counts.len(), 3, "every pod answers: {counts:?}");
+    for (pod, n) in &counts {
+        assert!(*n >= 60, "{pod} got only {n} of 300 requests");
+    }
+}
+
+#[test]
+fn invalid_input_is_reported_and_valid_objects_keep_serving() {
+    let h = split_mesh(4, "invalid-input", 100, 0);
+    let before = h.acked_version("client", "RDS").unwrap();
+    // A file that does not parse, and a split whose root service does not exist.
+    h.write_manifest(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: [\n",
+    )
+    .unwrap();
+    h.write_manifest(
+        "orphan-split.yaml",
+        "apiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata:\n  name: orphan\nspec:\n  service: nowhere\n  backends:\n  - service: backend-v2\n    weight: 1\n",
+    )
+    .unwrap();
+    // Editing the good split file into garbage keeps its last good version.
+    h.write_manifest("split.yaml", "spec: {service: backend, backends: [")
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let status = h.status().unwrap();
+        let errors = status["manifest_errors"].as_array().map_or(0, Vec::len);
+        let problems = status["problems"].as_array().map_or(0, Vec::len);
+        if errors == 2 && problems == 1 {
+            break status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "status never showed the bad input: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let problem = &status["problems"][0];
+    assert_eq!(problem["object"], "TrafficSplit default/orphan");
+    assert_eq!(problem["state"], "Rejected");
+    assert!(
+        problem["reason"].as_str().unwrap().contains("nowhere"),
+        "{problem}"
+    );
+    let files: Vec<&str> = status["manifest_errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["file"].as_str().unwrap())
+        .collect();
+    assert!(
+        files.iter().any(|f| f.ends_with("broken.yaml")),
+        "{files:?}"
+    );
+    assert!(files.iter().any(|f| f.ends_with("split.yaml")), "{files:?}");
+
+    assert_eq!(
+        h.acked_version("client", "RDS").unwrap(),
+        before,
+        "routes unchanged"
+    );
+    let report = h.load("client", BACKEND_URL, 100, 4).unwrap();
+    assert!(report.failures().is_empty(), "{:?}", report.failures());
+    assert_eq!(
+        report.answered_by("backend-v1"),
+        100,
+        "the last good split (100/0) still applies"
+    );
+}
+
+#[test]
+fn init_iptables_is_idempotent_and_removable() {
+    let mut h = Harness::new(5, "iptables").expect("harness");
+    h.add_pod("pod", &[("app", "pod")], "default").unwrap();
+    let weft = weft_path();
+    let save = |h: &Harness| {
+        let out = h.exec_in("pod", &["iptables-save", "-t", "nat"]).unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.starts_with(':'))
+            .map(str::to_string)
+            .collect::<Vec<_>>()
+    };
+    let install = |h: &Harness| {
+        let out = h
+            .exec_in(
+                "pod",
+                &[
+                    &weft,
+                    "init-iptables",
+                    "--exclude-inbound-ports",
+                    "22",
+                    "--exclude-outbound-cidrs",
+                    "198.18.0.0/32",
+                ],
+            )
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    install(&h);
+    let once = save(&h);
+    assert!(
+        once.iter()
+            .any(|l| l.contains("--uid-owner 1337") && l.contains("RETURN")),
+        "{once:#?}"
+    );
+    assert!(
+        once.iter().any(|l| l.contains("REDIRECT --to-ports 15001")),
+        "{once:#?}"
+    );
+    assert!(
+        once.iter().any(|l| l.contains("REDIRECT --to-ports 15006")),
+        "{once:#?}"
+    );
+    assert!(
+        once.iter()
+            .any(|l| l == "-A PREROUTING -p tcp -j WEFT_INBOUND"),
+        "{once:#?}"
+    );
+    install(&h);
+    assert_eq!(save(&h), once, "a second install changes nothing");
+    let out = h
+        .exec_in("pod", &[&weft, "init-iptables", "--remove"])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let removed = save(&h);
+    assert!(removed.iter().all(|l| !l.contains("WEFT")), "{removed:#?}");
+    let out = h
+        .exec_in("pod", &[&weft, "init-iptables", "--remove"])
+        .unwrap();
+    assert!(out.status.success(), "removing twice is fine");
+}
+
+fn weft_path() -> String {
+    let exe = std::env::current_exe().unwrap();
+    exe.parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("weft")
+        .to_string_lossy()
+        .to_string()
+}
