@@ -19,7 +19,10 @@ fn split(v1: u32, v2: u32) -> String {
 fn row(label: &str, report: &LoadReport) {
     let total = report.results.len().max(1) as f64;
     let pct = |n: usize| 100.0 * n as f64 / total;
-    let (v1, v2) = (report.answered_by("backend-v1"), report.answered_by("backend-v2"));
+    let (v1, v2) = (
+        report.answered_by("backend-v1"),
+        report.answered_by("backend-v2"),
+    );
     let failed = report.failures().len();
     println!(
         "| {label:<34} | {:>8} | {v1:>6} ({:>5.1}%) | {v2:>6} ({:>5.1}%) | {failed:>6} |",
@@ -30,11 +33,21 @@ fn row(label: &str, report: &LoadReport) {
 }
 
 fn run() -> Result<bool, HarnessError> {
-    println!("Starting 3 pods (client, backend-v1-0, backend-v2-0) as network namespaces with Envoy sidecars...");
+    println!(
+        "Starting 3 pods (client, backend-v1-0, backend-v2-0) as network namespaces with Envoy sidecars..."
+    );
     let mut h = Harness::new(DEMO_ID, "demo")?;
     h.add_pod("client", &[("app", "client")], "client")?;
-    h.add_pod("backend-v1-0", &[("app", "backend"), ("version", "v1")], "backend")?;
-    h.add_pod("backend-v2-0", &[("app", "backend"), ("version", "v2")], "backend")?;
+    h.add_pod(
+        "backend-v1-0",
+        &[("app", "backend"), ("version", "v1")],
+        "backend",
+    )?;
+    h.add_pod(
+        "backend-v2-0",
+        &[("app", "backend"), ("version", "v2")],
+        "backend",
+    )?;
     h.add_service("backend", &[("app", "backend")])?;
     h.add_service("backend-v1", &[("app", "backend"), ("version", "v1")])?;
     h.add_service("backend-v2", &[("app", "backend"), ("version", "v2")])?;
@@ -44,13 +57,19 @@ fn run() -> Result<bool, HarnessError> {
     for pod in ["client", "backend-v1-0", "backend-v2-0"] {
         h.start_sidecar(pod)?;
     }
-    println!("Control plane: weft up {} (admin {})", h.manifests().display(), h.admin_addr());
+    println!(
+        "Control plane: weft up {} (admin {})",
+        h.manifests().display(),
+        h.admin_addr()
+    );
     println!();
     println!("split.yaml:\n{}", split(80, 20));
 
     let before = h.load("client", URL, 1000, 8)?;
     let routes = h.acked_version("client", "RDS")?;
-    println!("Editing split.yaml to backend-v1: 0, backend-v2: 100 while the client keeps calling...");
+    println!(
+        "Editing split.yaml to backend-v1: 0, backend-v2: 100 while the client keeps calling..."
+    );
     let running = h.start_load("client", URL, Duration::from_secs(6), 4)?;
     std::thread::sleep(Duration::from_secs(2));
     h.write_manifest("split.yaml", &split(0, 100))?;
@@ -61,8 +80,14 @@ fn run() -> Result<bool, HarnessError> {
     let after = h.load("client", URL, 1000, 8)?;
 
     println!();
-    println!("| {:<34} | {:>8} | {:>15} | {:>15} | {:>6} |", "phase", "requests", "backend-v1", "backend-v2", "failed");
-    println!("|{:-<36}|{:-<10}|{:-<17}|{:-<17}|{:-<8}|", "", "", "", "", "");
+    println!(
+        "| {:<34} | {:>8} | {:>15} | {:>15} | {:>6} |",
+        "phase", "requests", "backend-v1", "backend-v2", "failed"
+    );
+    println!(
+        "|{:-<36}|{:-<10}|{:-<17}|{:-<17}|{:-<8}|",
+        "", "", "", "", ""
+    );
     row("split 80/20", &before);
     row("during the edit (whole run)", &during);
     row("  started after the new routes", &after_change);
@@ -73,7 +98,11 @@ fn run() -> Result<bool, HarnessError> {
     let moved = after_change.answered_by("backend-v2") == after_change.results.len();
     println!(
         "{}: {failed} failed requests; after the change {} of {} requests reached backend-v2.",
-        if failed == 0 && moved { "OK" } else { "PROBLEM" },
+        if failed == 0 && moved {
+            "OK"
+        } else {
+            "PROBLEM"
+        },
         after_change.answered_by("backend-v2"),
         after_change.results.len()
     );

@@ -296,30 +296,27 @@ fn service_ref(split_ns: &str, reference: &str) -> Result<ServiceKey, String> {
 
 fn resolve_splits(splits: &[&TrafficSplit], model: &mut MeshModel) {
     let mut splits: Vec<&TrafficSplit> = splits.to_vec();
-    // Oldest first (then by name), so the winner of a conflict is stable.
-    splits.sort_by(|a, b| {
+    // Oldest first (then by name), so the winner of a conflict is stable; an object
+    // without a creation time (a hand-written manifest) counts as the newest.
+    splits.sort_by_key(|s| {
+        let created = s.metadata.creation_timestamp.as_ref().map(|t| t.0);
         (
-            a.metadata.creation_timestamp.as_ref().map(|t| t.0),
-            ns(&a.metadata),
-            name(&a.metadata),
+            created.is_none(),
+            created,
+            ns(&s.metadata).to_string(),
+            name(&s.metadata).to_string(),
         )
-            .cmp(&(
-                b.metadata.creation_timestamp.as_ref().map(|t| t.0),
-                ns(&b.metadata),
-                name(&b.metadata),
-            ))
     });
-    let roots: BTreeSet<ServiceKey> = splits
-        .iter()
-        .filter_map(|s| service_ref(ns(&s.metadata), &s.spec.service).ok())
-        .collect();
+    // Only accepted splits constrain later ones, so a newer invalid split never
+    // takes out an older valid one.
+    let mut accepted = AcceptedSplits::default();
     for split in splits {
         let object = ObjectRef::new(
             Kind::TrafficSplit,
             ns(&split.metadata),
             name(&split.metadata),
         );
-        match resolve_split(split, &object, &roots, model) {
+        match resolve_split(split, &object, &accepted, model) {
             Ok((root, resolved, warnings)) => {
                 model
                     .problems
@@ -328,6 +325,12 @@ fn resolve_splits(splits: &[&TrafficSplit], model: &mut MeshModel) {
                         rejected: false,
                         reason,
                     }));
+                accepted.roots.insert(root.clone(), object.clone());
+                for backend in resolved.backends_by_port.values().flatten() {
+                    accepted
+                        .backends
+                        .insert(backend.service.clone(), object.clone());
+                }
                 if let Some(service) = model.services.get_mut(&root) {
                     service.split = Some(resolved);
                 }
@@ -341,12 +344,19 @@ fn resolve_splits(splits: &[&TrafficSplit], model: &mut MeshModel) {
     }
 }
 
+/// Roots and backends of the splits accepted so far, with the split that claims them.
+#[derive(Default)]
+struct AcceptedSplits {
+    roots: BTreeMap<ServiceKey, ObjectRef>,
+    backends: BTreeMap<ServiceKey, ObjectRef>,
+}
+
 type ResolvedSplit = (ServiceKey, SplitModel, Vec<String>);
 
 fn resolve_split(
     split: &TrafficSplit,
     object: &ObjectRef,
-    roots: &BTreeSet<ServiceKey>,
+    accepted: &AcceptedSplits,
     model: &MeshModel,
 ) -> Result<ResolvedSplit, String> {
     let split_ns = ns(&split.metadata);
@@ -358,10 +368,14 @@ fn resolve_split(
         .services
         .get(&root_key)
         .ok_or_else(|| format!("root service {root_key} does not exist"))?;
-    if let Some(other) = &root.split {
+    if let Some(other) = accepted.roots.get(&root_key) {
         return Err(format!(
-            "service {root_key} is already split by {}; only one TrafficSplit per root service applies",
-            other.source
+            "service {root_key} is already split by {other}; only one TrafficSplit per root service applies"
+        ));
+    }
+    if let Some(other) = accepted.backends.get(&root_key) {
+        return Err(format!(
+            "root service {root_key} is a backend of {other}; splits are not hierarchical"
         ));
     }
     let mut warnings = Vec::new();
@@ -373,9 +387,9 @@ fn resolve_split(
                 "backend {key} is the root service itself; a split cannot reference its root"
             ));
         }
-        if roots.contains(&key) {
+        if let Some(other) = accepted.roots.get(&key) {
             return Err(format!(
-                "backend {key} is itself the root of a TrafficSplit; splits are not hierarchical"
+                "backend {key} is the root of {other}; splits are not hierarchical"
             ));
         }
         let weight = u32::try_from(b.weight)

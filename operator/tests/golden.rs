@@ -1,0 +1,187 @@
+//! Golden files for translate: `testdata/translate/in/*.yaml` (manifests) →
+//! `testdata/translate/out/*.yaml` (every Envoy resource, as Envoy's own JSON
+//! mapping in YAML, plus the problems found). Regenerate only with
+//! `WEFT_UPDATE_GOLDEN=1 cargo test -p weft --test golden`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test setup fails loudly
+
+use std::path::{Path, PathBuf};
+
+use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
+use serde_json::{Value, json};
+use weft::index::Index;
+use weft::source::parse_manifests;
+use weft::translate::{ProxyResources, translate_shared, translate_workload};
+use weft_xds::type_url;
+
+/// The descriptor set that envoy-types generates its code from (not exported by the crate).
+fn envoy_descriptors() -> DescriptorPool {
+    let rustc = std::process::Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .expect("rustc -vV runs");
+    let host = String::from_utf8_lossy(&rustc.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: ").map(str::to_string))
+        .expect("rustc names its host");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    // Filtering to the host platform lets this run offline.
+    let out = std::process::Command::new(cargo)
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--offline",
+            "--filter-platform",
+            &host,
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("cargo metadata runs");
+    assert!(
+        out.status.success(),
+        "cargo metadata: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let meta: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let manifest = meta["packages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "envoy-types")
+        .and_then(|p| p["manifest_path"].as_str())
+        .expect("envoy-types in the dependency graph");
+    let bin = Path::new(manifest)
+        .parent()
+        .unwrap()
+        .join("src/generated/types.bin");
+    DescriptorPool::decode(
+        std::fs::read(&bin)
+            .expect("envoy-types descriptor set")
+            .as_slice(),
+    )
+    .unwrap()
+}
+
+fn render(pool: &DescriptorPool, resources: &ProxyResources) -> Value {
+    let snapshot = resources.to_snapshot();
+    let options = SerializeOptions::new().use_proto_field_name(true);
+    let mut out = serde_json::Map::new();
+    for (key, type_url) in [
+        ("clusters", type_url::CLUSTER),
+        ("endpoints", type_url::ENDPOINT),
+        ("listeners", type_url::LISTENER),
+        ("routes", type_url::ROUTE),
+    ] {
+        let items: Vec<Value> = snapshot
+            .resources(type_url)
+            .map(|t| t.items().values().collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|r| {
+                let any = r.to_any().expect("resource decodes");
+                let name = any.type_url.rsplit('/').next().unwrap();
+                let desc = pool
+                    .get_message_by_name(name)
+                    .expect("type in descriptor set");
+                let msg =
+                    DynamicMessage::decode(desc, any.value.as_slice()).expect("valid protobuf");
+                msg.serialize_with_options(serde_json::value::Serializer, &options)
+                    .expect("serializes")
+            })
+            .collect();
+        if !items.is_empty() {
+            out.insert(key.to_string(), Value::Array(items));
+        }
+    }
+    Value::Object(out)
+}
+
+fn cases() -> Vec<PathBuf> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata/translate/in");
+    let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml"))
+        .collect();
+    cases.sort();
+    cases
+}
+
+#[test]
+fn translate_matches_golden_files() {
+    let pool = envoy_descriptors();
+    let update = std::env::var_os("WEFT_UPDATE_GOLDEN").is_some();
+    let mut failed = Vec::new();
+    let all = cases();
+    assert!(all.len() >= 3, "golden cases present");
+    for input in all {
+        let mut index = Index::new();
+        index.reset(parse_manifests(&std::fs::read_to_string(&input).unwrap()).unwrap());
+        let model = index.model();
+        let workloads: serde_json::Map<String, Value> = model
+            .workloads
+            .iter()
+            .map(|(node, w)| (node.clone(), render(&pool, &translate_workload(w))))
+            .collect();
+        let problems: Vec<Value> = model
+            .problems
+            .iter()
+            .map(|p| json!({ "object": p.object.to_string(), "rejected": p.rejected, "reason": p.reason }))
+            .collect();
+        let doc = json!({
+            "problems": problems,
+            "shared": render(&pool, &translate_shared(&model)),
+            "workloads": workloads,
+        });
+        let text = format!(
+            "# Generated from in/{}; regenerate with WEFT_UPDATE_GOLDEN=1 cargo test -p weft --test golden\n{}",
+            input.file_name().unwrap().to_string_lossy(),
+            serde_yaml_ng::to_string(&doc).unwrap()
+        );
+        let golden = input
+            .parent()
+            .unwrap()
+            .parent()
+            .unwrap()
+            .join("out")
+            .join(input.file_name().unwrap());
+        if update {
+            std::fs::write(&golden, &text).unwrap();
+            continue;
+        }
+        let expected = std::fs::read_to_string(&golden).unwrap_or_default();
+        if expected != text {
+            let diff = expected
+                .lines()
+                .zip(text.lines())
+                .enumerate()
+                .find(|(_, (a, b))| a != b)
+                .map(|(i, (a, b))| format!("line {}: golden `{a}`, now `{b}`", i + 1))
+                .unwrap_or_else(|| "lengths differ".to_string());
+            failed.push(format!("{}: {diff}", golden.display()));
+        }
+    }
+    assert!(
+        failed.is_empty(),
+        "translation differs from golden files (if intended: WEFT_UPDATE_GOLDEN=1 cargo test -p weft --test golden):\n{}",
+        failed.join("\n")
+    );
+}
+
+#[test]
+fn unchanged_input_gives_byte_identical_resources() {
+    for input in cases() {
+        let text = std::fs::read_to_string(&input).unwrap();
+        let model = |t: &str| {
+            let mut index = Index::new();
+            index.reset(parse_manifests(t).unwrap());
+            index.model()
+        };
+        let (a, b) = (model(&text), model(&text));
+        assert_eq!(
+            translate_shared(&a).to_snapshot(),
+            translate_shared(&b).to_snapshot()
+        );
+    }
+}
