@@ -5,13 +5,14 @@
 //! what was ACKed and the last NACK.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
 use crate::XdsError;
 use crate::resource::{Resource, type_url};
-use crate::snapshot::{Snapshot, set_version};
+use crate::snapshot::{ResourceMap, Snapshot, TypedResources, set_version};
 
 /// A response ready to go on the wire; resource bytes are shared, not copied.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -22,10 +23,20 @@ pub struct AdsResponse {
     pub type_url: String,
     /// Nonce the proxy echoes back in its ACK or NACK.
     pub nonce: String,
-    /// Encoded `resources` entries.
-    pub resources: Vec<Bytes>,
-    /// Names of the resources (for logs and status).
-    pub names: Vec<String>,
+    /// The resources, by name (often the very map the snapshot holds).
+    pub resources: ResourceMap,
+}
+
+impl AdsResponse {
+    /// Names of the resources, in order.
+    pub fn names(&self) -> Vec<String> {
+        self.resources.keys().cloned().collect()
+    }
+
+    /// The encoded `resources` entries, in order.
+    pub fn entries(&self) -> impl Iterator<Item = &Bytes> {
+        self.resources.values().map(Resource::entry)
+    }
 }
 
 /// What a request meant for its type.
@@ -61,7 +72,7 @@ pub struct Nack {
 struct Sent {
     version: String,
     nonce: String,
-    resources: BTreeMap<String, Resource>,
+    resources: ResourceMap,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -185,9 +196,7 @@ impl AdsConnection {
             let Some(state) = self.types.get(&type_url) else {
                 continue;
             };
-            let desired =
-                desired_resources(state, snapshot.resources(&type_url).map(|r| r.items()));
-            let version = set_version(desired.values());
+            let (desired, version) = desired_resources(state, snapshot.resources(&type_url));
             let unchanged =
                 state.sent.as_ref().map(|s| s.version.as_str()) == Some(version.as_str());
             if unchanged && !state.must_respond {
@@ -200,11 +209,11 @@ impl AdsConnection {
                 .filter(|r| !desired.contains_key(r.name()))
                 .collect();
             if removed.is_empty() {
-                out.push(self.respond(&type_url, desired));
+                out.push(self.respond(&type_url, desired, version));
                 continue;
             }
             // Keep removed resources until everything that referenced them has moved on.
-            let mut union = desired.clone();
+            let mut union = BTreeMap::clone(&desired);
             union.extend(
                 removed
                     .into_iter()
@@ -213,26 +222,29 @@ impl AdsConnection {
             let union_version = set_version(union.values());
             let sent_version = state.sent.as_ref().map(|s| s.version.clone());
             if sent_version.as_deref() != Some(union_version.as_str()) {
-                out.push(self.respond(&type_url, union));
+                out.push(self.respond(&type_url, Arc::new(union), union_version));
             }
-            removals.push((type_url, desired));
+            removals.push((type_url, desired, version));
         }
-        for (type_url, desired) in removals {
-            out.push(self.respond(&type_url, desired));
+        for (type_url, desired, version) in removals {
+            out.push(self.respond(&type_url, desired, version));
         }
         out
     }
 
-    fn respond(&mut self, type_url: &str, resources: BTreeMap<String, Resource>) -> AdsResponse {
+    fn respond(
+        &mut self,
+        type_url: &str,
+        resources: ResourceMap,
+        version_info: String,
+    ) -> AdsResponse {
         self.nonce_seq += 1;
         let nonce = self.nonce_seq.to_string();
-        let version_info = set_version(resources.values());
         let response = AdsResponse {
             version_info: version_info.clone(),
             type_url: type_url.to_string(),
             nonce: nonce.clone(),
-            resources: resources.values().map(|r| r.entry().clone()).collect(),
-            names: resources.keys().cloned().collect(),
+            resources: resources.clone(),
         };
         let state = self.types.entry(type_url.to_string()).or_default();
         state.must_respond = false;
@@ -259,19 +271,25 @@ impl AdsConnection {
     }
 }
 
+/// What a subscription wants from what is available, and that set's version.
+/// Shares the snapshot's map when the subscription covers all of it (the usual case).
 fn desired_resources(
     state: &TypeState,
-    available: Option<&BTreeMap<String, Resource>>,
-) -> BTreeMap<String, Resource> {
+    available: Option<&TypedResources>,
+) -> (ResourceMap, String) {
     let Some(available) = available else {
-        return BTreeMap::new();
+        let empty = ResourceMap::default();
+        let version = set_version(empty.values());
+        return (empty, version);
     };
-    if state.wildcard {
-        return available.clone();
+    if state.wildcard || available.items().keys().all(|n| state.names.contains(n)) {
+        return (available.items().clone(), available.version().to_string());
     }
-    state
+    let subset: BTreeMap<String, Resource> = state
         .names
         .iter()
-        .filter_map(|n| available.get(n).map(|r| (n.clone(), r.clone())))
-        .collect()
+        .filter_map(|n| available.items().get(n).map(|r| (n.clone(), r.clone())))
+        .collect();
+    let version = set_version(subset.values());
+    (Arc::new(subset), version)
 }

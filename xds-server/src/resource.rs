@@ -1,5 +1,7 @@
 //! Resources encoded once: the bytes of one `DiscoveryResponse.resources` entry.
 
+use std::sync::Arc;
+
 use bytes::{Bytes, BytesMut};
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
@@ -41,13 +43,23 @@ pub mod type_url {
 /// Field number of `resources` in `DiscoveryResponse`.
 const RESOURCES_FIELD: u32 = 2;
 
-/// One named xDS resource, encoded once and shared (cheaply cloned) between streams.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Resource {
+/// One named xDS resource, encoded once and shared between streams; a clone is a
+/// reference count increment.
+#[derive(Clone, Debug, Eq)]
+pub struct Resource(Arc<ResourceInner>);
+
+#[derive(Debug, PartialEq, Eq)]
+struct ResourceInner {
     name: String,
     version: String,
     /// Tag + length + `Any` bytes, ready to be spliced into a `DiscoveryResponse`.
     entry: Bytes,
+}
+
+impl PartialEq for Resource {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+    }
 }
 
 impl Resource {
@@ -63,31 +75,31 @@ impl Resource {
         encode_varint(any_len as u64, &mut buf);
         any.encode_raw(&mut buf);
         let entry = buf.freeze();
-        Self {
+        Self(Arc::new(ResourceInner {
             name: name.into(),
             version: format!("{:016x}", fnv1a(&entry)),
             entry,
-        }
+        }))
     }
 
     /// The resource's name.
     pub fn name(&self) -> &str {
-        &self.name
+        &self.0.name
     }
 
     /// Content hash; equal bytes give equal versions.
     pub fn version(&self) -> &str {
-        &self.version
+        &self.0.version
     }
 
     /// The encoded `resources` entry of a `DiscoveryResponse`.
     pub fn entry(&self) -> &Bytes {
-        &self.entry
+        &self.0.entry
     }
 
     /// Decodes the resource back into its `Any` (for tests and debugging output).
     pub fn to_any(&self) -> Option<envoy_types::pb::google::protobuf::Any> {
-        let mut body = self.entry.clone();
+        let mut body = self.0.entry.clone();
         let _key = prost::encoding::decode_key(&mut body).ok()?;
         let _len = prost::encoding::decode_varint(&mut body).ok()?;
         envoy_types::pb::google::protobuf::Any::decode(body).ok()

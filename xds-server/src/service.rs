@@ -274,7 +274,7 @@ pub fn encode_response(response: &AdsResponse, dst: &mut impl BufMut) {
         encode_varint(value.len() as u64, dst);
         dst.put_slice(value.as_bytes());
     }
-    for entry in &response.resources {
+    for entry in response.entries() {
         dst.put_slice(entry);
     }
 }

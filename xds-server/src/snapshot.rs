@@ -7,16 +7,43 @@ use tokio::sync::watch;
 
 use crate::resource::{Resource, fnv1a};
 
-/// The resources of one type in a snapshot, by name.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+/// Resources by name, shared between snapshots and streams.
+pub type ResourceMap = Arc<BTreeMap<String, Resource>>;
+
+/// The resources of one type in a snapshot, by name, with the version of the set.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TypedResources {
-    items: BTreeMap<String, Resource>,
+    items: ResourceMap,
+    version: String,
+}
+
+impl Default for TypedResources {
+    fn default() -> Self {
+        Self::new(ResourceMap::default())
+    }
 }
 
 impl TypedResources {
+    fn new(items: ResourceMap) -> Self {
+        let version = set_version(items.values());
+        Self { items, version }
+    }
+
+    /// Adds (or replaces) resources and recomputes the set's version.
+    fn extend(&mut self, resources: impl IntoIterator<Item = Resource>) {
+        let mut items = BTreeMap::clone(&self.items);
+        items.extend(resources.into_iter().map(|r| (r.name().to_string(), r)));
+        *self = Self::new(Arc::new(items));
+    }
+
     /// Resources by name.
-    pub fn items(&self) -> &BTreeMap<String, Resource> {
+    pub fn items(&self) -> &ResourceMap {
         &self.items
+    }
+
+    /// Version of the whole set (computed once, when the snapshot is built).
+    pub fn version(&self) -> &str {
+        &self.version
     }
 }
 
@@ -34,20 +61,20 @@ impl Snapshot {
 
     /// Adds (or replaces) a resource under `type_url`.
     pub fn insert(&mut self, type_url: &str, resource: Resource) {
-        self.types
-            .entry(type_url.to_string())
-            .or_default()
-            .items
-            .insert(resource.name().to_string(), resource);
+        self.extend_type(type_url, [resource]);
     }
 
     /// Builder form of [`Snapshot::insert`] for many resources.
     pub fn with(mut self, type_url: &str, resources: impl IntoIterator<Item = Resource>) -> Self {
-        let entry = self.types.entry(type_url.to_string()).or_default();
-        for r in resources {
-            entry.items.insert(r.name().to_string(), r);
-        }
+        self.extend_type(type_url, resources);
         self
+    }
+
+    fn extend_type(&mut self, type_url: &str, resources: impl IntoIterator<Item = Resource>) {
+        self.types
+            .entry(type_url.to_string())
+            .or_default()
+            .extend(resources);
     }
 
     /// Resources of one type (empty when the type has none).
@@ -141,11 +168,14 @@ impl Snapshot {
     /// Adds every resource of `other` (replacing same-named ones).
     pub fn extend(&mut self, other: Snapshot) {
         for (type_url, typed) in other.types {
-            self.types
-                .entry(type_url)
-                .or_default()
-                .items
-                .extend(typed.items);
+            match self.types.entry(type_url) {
+                std::collections::btree_map::Entry::Occupied(mut mine) => {
+                    mine.get_mut().extend(typed.items.values().cloned());
+                }
+                std::collections::btree_map::Entry::Vacant(slot) => {
+                    slot.insert(typed);
+                }
+            }
         }
     }
 }

@@ -207,7 +207,7 @@ fn non_wildcard_types_send_only_subscribed_names_and_answer_subscription_changes
     conn.on_request(&request(type_url::ROUTE, &["r1"], "", ""))
         .unwrap();
     let first = conn.next_responses(&snap).remove(0);
-    assert_eq!(first.names, vec!["r1"]);
+    assert_eq!(first.names(), vec!["r1"]);
     let ev = conn
         .on_request(&request(
             type_url::ROUTE,
@@ -218,7 +218,7 @@ fn non_wildcard_types_send_only_subscribed_names_and_answer_subscription_changes
         .unwrap();
     assert_eq!(ev, RequestEvent::SubscriptionChanged);
     let second = conn.next_responses(&snap).remove(0);
-    assert_eq!(second.names, vec!["r1", "r2"]);
+    assert_eq!(second.names(), vec!["r1", "r2"]);
 }
 
 #[test]
@@ -248,12 +248,7 @@ fn updates_go_out_clusters_first_and_removals_last() {
     let out = conn.next_responses(&snapshot(&[cluster("new", 100)], &[r2]));
     let seq: Vec<(String, Vec<String>)> = out
         .iter()
-        .map(|r| {
-            (
-                type_url::short_name(&r.type_url).to_string(),
-                r.names.clone(),
-            )
-        })
+        .map(|r| (type_url::short_name(&r.type_url).to_string(), r.names()))
         .collect();
     assert_eq!(
         seq,
