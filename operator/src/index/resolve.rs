@@ -6,6 +6,7 @@ use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use weft_crds::TrafficSplit;
 
@@ -25,12 +26,26 @@ struct Inputs<'a> {
     splits: Vec<&'a TrafficSplit>,
 }
 
-fn ns(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
+fn ns(meta: &ObjectMeta) -> &str {
     meta.namespace.as_deref().unwrap_or("default")
 }
 
-fn name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> &str {
+fn name(meta: &ObjectMeta) -> &str {
     meta.name.as_deref().unwrap_or_default()
+}
+
+/// Sort key: oldest first, then namespace/name, so the winner of a conflict is stable.
+/// An object without a creation time (a hand-written manifest) counts as the newest.
+fn creation_order(
+    meta: &ObjectMeta,
+) -> (bool, Option<k8s_openapi::jiff::Timestamp>, String, String) {
+    let created = meta.creation_timestamp.as_ref().map(|t| t.0);
+    (
+        created.is_none(),
+        created,
+        ns(meta).to_string(),
+        name(meta).to_string(),
+    )
 }
 
 /// Builds the model from every object in the index.
@@ -49,10 +64,30 @@ pub(super) fn resolve<'a>(objects: impl Iterator<Item = &'a MeshObject>) -> Mesh
         }
     }
     let mut model = MeshModel::default();
-    for svc in &inputs.services {
-        if let Some(service) = resolve_service(svc, &inputs, &mut model.problems) {
-            model.services.insert(service.key.clone(), service);
+    // Oldest first, so when two services claim one ClusterIP the newer one is rejected.
+    let mut services = inputs.services.clone();
+    services.sort_by_key(|s| creation_order(&s.metadata));
+    let mut ip_owners: BTreeMap<IpAddr, ServiceKey> = BTreeMap::new();
+    for svc in services {
+        let Some(service) = resolve_service(svc, &inputs, &mut model.problems) else {
+            continue;
+        };
+        if let Some(ip) = service.cluster_ip {
+            if let Some(owner) = ip_owners.get(&ip) {
+                model.problems.push(Problem {
+                    object: ObjectRef::new(
+                        Kind::Service,
+                        &service.key.namespace,
+                        &service.key.name,
+                    ),
+                    rejected: true,
+                    reason: format!("clusterIP {ip} is already used by Service {owner}"),
+                });
+                continue;
+            }
+            ip_owners.insert(ip, service.key.clone());
         }
+        model.services.insert(service.key.clone(), service);
     }
     for pod in &inputs.pods {
         let workload = resolve_workload(pod, &inputs);
@@ -296,17 +331,7 @@ fn service_ref(split_ns: &str, reference: &str) -> Result<ServiceKey, String> {
 
 fn resolve_splits(splits: &[&TrafficSplit], model: &mut MeshModel) {
     let mut splits: Vec<&TrafficSplit> = splits.to_vec();
-    // Oldest first (then by name), so the winner of a conflict is stable; an object
-    // without a creation time (a hand-written manifest) counts as the newest.
-    splits.sort_by_key(|s| {
-        let created = s.metadata.creation_timestamp.as_ref().map(|t| t.0);
-        (
-            created.is_none(),
-            created,
-            ns(&s.metadata).to_string(),
-            name(&s.metadata).to_string(),
-        )
-    });
+    splits.sort_by_key(|s| creation_order(&s.metadata));
     // Only accepted splits constrain later ones, so a newer invalid split never
     // takes out an older valid one.
     let mut accepted = AcceptedSplits::default();

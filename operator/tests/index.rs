@@ -1,0 +1,174 @@
+//! The index, manifest parsing and the manifest directory, without any network.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test setup fails loudly
+
+use weft::index::{AppProtocol, Index, Kind, ObjectRef};
+use weft::source::{ManifestDir, parse_manifests};
+
+fn service(name: &str, ip: &str, port_name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec:\n  clusterIP: {ip}\n  selector: {{app: {name}}}\n  ports: [{{name: {port_name}, port: 80}}]\n"
+    )
+}
+
+fn pod(name: &str, app: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: {app}}}}}\nspec: {{containers: [{{name: c, image: i}}]}}\nstatus: {{podIP: {ip}}}\n"
+    )
+}
+
+fn index_of(text: &str) -> Index {
+    let mut index = Index::new();
+    index.reset(parse_manifests(text).unwrap());
+    index
+}
+
+#[test]
+fn apply_delete_and_reset_report_whether_anything_changed() {
+    let objects = parse_manifests(&service("web", "198.19.0.1", "http")).unwrap();
+    let mut index = Index::new();
+    assert!(index.apply(objects[0].clone()));
+    assert!(
+        !index.apply(objects[0].clone()),
+        "identical object is no change"
+    );
+    assert!(!index.reset(objects.clone()), "same set is no change");
+    let key = ObjectRef::new(Kind::Service, "default", "web");
+    assert!(index.delete(&key));
+    assert!(!index.delete(&key));
+    assert!(index.is_empty());
+}
+
+#[test]
+fn selector_matched_ready_pods_become_endpoints() {
+    let text = [
+        service("web", "198.19.0.1", "http"),
+        pod("web-0", "web", "198.18.0.2"),
+        pod("other", "db", "198.18.0.3"),
+    ]
+    .join("---\n");
+    let model = index_of(&text).model();
+    let web = &model.services.values().next().unwrap().ports[0];
+    assert_eq!(web.endpoints, vec!["198.18.0.2:80".parse().unwrap()]);
+    assert_eq!(web.protocol, AppProtocol::Http);
+    let workload = &model.workloads["default/web-0"];
+    assert_eq!(workload.service_account, "default");
+    assert_eq!(
+        workload.inbound_ports.len(),
+        1,
+        "web-0 serves port 80 for web"
+    );
+    assert!(model.workloads["default/other"].inbound_ports.is_empty());
+}
+
+#[test]
+fn tcp_named_ports_are_proxied_as_tcp() {
+    let model = index_of(&service("db", "198.19.0.1", "tcp-postgres")).model();
+    assert_eq!(
+        model.services.values().next().unwrap().ports[0].protocol,
+        AppProtocol::Tcp
+    );
+}
+
+#[test]
+fn a_second_service_on_the_same_cluster_ip_is_rejected() {
+    let text = [
+        service("a", "198.19.0.1", "http"),
+        service("b", "198.19.0.1", "http"),
+    ]
+    .join("---\n");
+    let model = index_of(&text).model();
+    assert_eq!(model.services.len(), 1);
+    assert_eq!(model.problems.len(), 1);
+    assert_eq!(model.problems[0].object.to_string(), "Service default/b");
+    assert!(
+        model.problems[0]
+            .reason
+            .contains("already used by Service default/a")
+    );
+}
+
+#[test]
+fn manifest_errors_name_the_document_and_the_reason() {
+    let bad_version = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n---\napiVersion: split.smi-spec.io/v1alpha2\nkind: TrafficSplit\nmetadata: {name: s}\nspec: {service: a, backends: []}\n";
+    let err = parse_manifests(bad_version).unwrap_err().to_string();
+    assert!(
+        err.contains("document 2") && err.contains("v1alpha2"),
+        "{err}"
+    );
+    let no_name = "apiVersion: v1\nkind: Pod\nmetadata: {}\n";
+    assert!(
+        parse_manifests(no_name)
+            .unwrap_err()
+            .to_string()
+            .contains("metadata.name")
+    );
+    let wrong_type = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\nspec: {ports: 7}\n";
+    assert!(
+        parse_manifests(wrong_type)
+            .unwrap_err()
+            .to_string()
+            .contains("invalid Service")
+    );
+}
+
+#[test]
+fn lists_expand_and_unknown_kinds_are_skipped() {
+    let text = format!(
+        "apiVersion: v1\nkind: List\nitems:\n- {}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: d}}\n",
+        serde_json_line(&service("web", "198.19.0.1", "http"))
+    );
+    let objects = parse_manifests(&text).unwrap();
+    assert_eq!(objects.len(), 1);
+    assert_eq!(objects[0].object_ref().to_string(), "Service default/web");
+}
+
+fn serde_json_line(yaml: &str) -> String {
+    let value: serde_json::Value = serde_yaml_ng::from_str(yaml).unwrap();
+    serde_json::to_string(&value).unwrap()
+}
+
+#[test]
+fn a_broken_file_keeps_its_last_good_objects_and_a_deleted_file_drops_them() {
+    let dir = std::env::temp_dir().join(format!("weft-manifest-dir-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("a.yaml"), service("a", "198.19.0.1", "http")).unwrap();
+    std::fs::write(dir.join("b.yaml"), service("b", "198.19.0.2", "http")).unwrap();
+    std::fs::write(dir.join(".hidden.yaml"), "not: [valid").unwrap();
+    std::fs::write(dir.join("notes.txt"), "ignored").unwrap();
+    let mut manifests = ManifestDir::new(&dir);
+    manifests.rescan().unwrap();
+    assert_eq!(manifests.objects().len(), 2);
+    assert!(
+        manifests.errors().is_empty(),
+        "hidden and non-YAML files are ignored"
+    );
+
+    std::fs::write(dir.join("a.yaml"), "kind: Service\nmetadata: [").unwrap();
+    manifests.rescan().unwrap();
+    let names: Vec<String> = manifests
+        .objects()
+        .iter()
+        .map(|o| o.object_ref().name)
+        .collect();
+    assert_eq!(names, vec!["a", "b"], "a keeps its last good version");
+    let errors = manifests.errors();
+    assert_eq!(errors.len(), 1);
+    assert!(errors[0].file.ends_with("a.yaml"));
+
+    std::fs::remove_file(dir.join("b.yaml")).unwrap();
+    manifests.rescan().unwrap();
+    let names: Vec<String> = manifests
+        .objects()
+        .iter()
+        .map(|o| o.object_ref().name)
+        .collect();
+    assert_eq!(names, vec!["a"]);
+
+    std::fs::write(dir.join("a.yaml"), service("a2", "198.19.0.3", "http")).unwrap();
+    manifests.rescan().unwrap();
+    assert!(manifests.errors().is_empty(), "fixed file clears its error");
+    assert_eq!(manifests.objects()[0].object_ref().name, "a2");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
