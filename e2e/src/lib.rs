@@ -247,6 +247,8 @@ struct PodNet {
     ip: Ipv4Addr,
     labels: Vec<(String, String)>,
     service_account: String,
+    /// Left out of `cluster.yaml`: the control plane does not know this pod.
+    unlisted: bool,
 }
 
 #[derive(Debug)]
@@ -398,6 +400,7 @@ impl Harness {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
                 service_account: service_account.to_string(),
+                unlisted: false,
             },
         );
         check(cmd(
@@ -485,6 +488,13 @@ impl Harness {
         Ok(())
     }
 
+    /// Keeps a pod out of `cluster.yaml`, as if the control plane had never heard of it.
+    pub fn unlist_pod(&mut self, pod: &str) {
+        if let Some(p) = self.pods.get_mut(pod) {
+            p.unlisted = true;
+        }
+    }
+
     /// Writes the Services and Pods (what an API server would hold) as `cluster.yaml`.
     pub fn write_cluster_manifest(&self) -> Result<()> {
         let mut docs = Vec::new();
@@ -499,7 +509,7 @@ impl Harness {
                 svc.cluster_ip, svc.port
             ));
         }
-        for (name, pod) in &self.pods {
+        for (name, pod) in self.pods.iter().filter(|(_, p)| !p.unlisted) {
             let labels: String = pod
                 .labels
                 .iter()

@@ -116,17 +116,26 @@ fn changing_the_split_file_moves_all_traffic_without_a_failed_request() {
 }
 
 #[test]
-fn a_service_without_split_balances_over_its_pods() {
+fn a_service_without_split_balances_over_its_pods_and_unknown_destinations_pass_through() {
     let mut h = Harness::new(3, "no-split").expect("harness");
     h.add_pod("client", &[("app", "client")], "client").unwrap();
     for i in 0..3 {
         h.add_pod(&format!("backend-{i}"), &[("app", "backend")], "backend")
             .unwrap();
     }
+    // Outside the mesh: no service, no sidecar, not in the manifests.
+    let outside = h
+        .add_pod("outside", &[("app", "outside")], "default")
+        .unwrap();
+    h.unlist_pod("outside");
+    // A sidecar the control plane has no Pod object for.
+    h.add_pod("stranger", &[("app", "stranger")], "default")
+        .unwrap();
+    h.unlist_pod("stranger");
     h.add_service("backend", &[("app", "backend")]).unwrap();
     h.write_cluster_manifest().unwrap();
     h.start_control_plane().unwrap();
-    for pod in ["client", "backend-0", "backend-1", "backend-2"] {
+    for pod in ["client", "backend-0", "backend-1", "backend-2", "stranger"] {
         h.start_sidecar(pod).unwrap();
     }
     let report = h.load("client", BACKEND_URL, 300, 4).unwrap();
@@ -141,6 +150,22 @@ fn a_service_without_split_balances_over_its_pods() {
     for (pod, n) in &counts {
         assert!(*n >= 60, "{pod} got only {n} of 300 requests");
     }
+
+    // An address the mesh does not know goes through the sidecar untouched.
+    let direct = h
+        .load("client", &format!("http://{outside}:8080/"), 20, 2)
+        .unwrap();
+    assert!(direct.failures().is_empty(), "{:?}", direct.failures());
+    assert_eq!(direct.answered_by("outside"), 20);
+
+    // The stranger's sidecar got the outbound config anyway.
+    let from_stranger = h.load("stranger", BACKEND_URL, 30, 2).unwrap();
+    assert!(
+        from_stranger.failures().is_empty(),
+        "{:?}",
+        from_stranger.failures()
+    );
+    assert_eq!(from_stranger.answered_by("backend-"), 30);
 }
 
 #[test]

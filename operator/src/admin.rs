@@ -78,6 +78,8 @@ pub struct TypeStatus {
     pub acked: Option<String>,
     /// Resources in the last response.
     pub resources: usize,
+    /// Responses sent for this type on this stream.
+    pub responses: u64,
     /// Envoy's message for the last NACK.
     pub nack: Option<String>,
 }
@@ -96,6 +98,7 @@ impl From<&TypeSync> for TypeStatus {
             sent: t.sent_version.clone(),
             acked: t.acked_version.clone(),
             resources: t.sent_resources,
+            responses: t.responses,
             nack: t.last_nack.as_ref().map(|n| n.message.clone()),
         }
     }

@@ -127,12 +127,13 @@ fn print_proxy_status(proxies: &[ProxyStatus]) {
     for p in proxies {
         for t in &p.types {
             println!(
-                "{:<32} {:<22} {:<5} {:<9} {:>5} {}",
+                "{:<32} {:<22} {:<5} {:<9} {:>9} {:>6} {}",
                 p.node,
                 p.peer,
                 t.type_name,
                 t.state,
                 t.resources,
+                t.responses,
                 t.nack.as_deref().unwrap_or("")
             );
         }

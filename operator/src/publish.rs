@@ -36,6 +36,8 @@ impl MeshPublisher {
     /// Publishes `model`: shared resources are encoded once and their bytes shared.
     pub fn publish(&mut self, model: &MeshModel) -> PublishStats {
         let shared = translate_shared(model).to_snapshot();
+        // A sidecar whose pod is not (yet) known still gets the outbound config.
+        self.cache.set_fallback(shared.clone());
         let mut stats = PublishStats::default();
         let mut nodes = BTreeSet::new();
         for (node, workload) in &model.workloads {

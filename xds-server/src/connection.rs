@@ -82,6 +82,7 @@ struct TypeState {
     /// A request is waiting for a response even if content is unchanged.
     must_respond: bool,
     sent: Option<Sent>,
+    responses: u64,
     acked_version: Option<String>,
     nack: Option<Nack>,
 }
@@ -97,6 +98,8 @@ pub struct TypeSync {
     pub acked_version: Option<String>,
     /// Number of resources in the last response.
     pub sent_resources: usize,
+    /// Responses sent for this type on this stream (a NACK loop would show here).
+    pub responses: u64,
     /// The last NACK (cleared by the next ACK).
     pub last_nack: Option<Nack>,
 }
@@ -146,7 +149,7 @@ impl AdsConnection {
 
         if req.response_nonce.is_empty() {
             // A new subscription, or a reconnect after a control-plane restart: always answer.
-            state.must_respond = true;
+            state.must_respond = names_changed;
             return Ok(RequestEvent::Subscribe);
         }
         if let Some(status) = &req.error_detail {
@@ -167,7 +170,7 @@ impl AdsConnection {
         state.acked_version = Some(req.version_info.clone());
         state.nack = None;
         if names_changed && !is_new {
-            state.must_respond = true;
+            state.must_respond = names_changed;
             return Ok(RequestEvent::SubscriptionChanged);
         }
         Ok(RequestEvent::Ack {
@@ -248,6 +251,7 @@ impl AdsConnection {
         };
         let state = self.types.entry(type_url.to_string()).or_default();
         state.must_respond = false;
+        state.responses += 1;
         state.sent = Some(Sent {
             version: version_info,
             nonce,
@@ -265,6 +269,7 @@ impl AdsConnection {
                 sent_version: s.sent.as_ref().map(|x| x.version.clone()),
                 acked_version: s.acked_version.clone(),
                 sent_resources: s.sent.as_ref().map_or(0, |x| x.resources.len()),
+                responses: s.responses,
                 last_nack: s.nack.clone(),
             })
             .collect()

@@ -11,7 +11,9 @@ pub mod snapshot;
 pub use connection::{AdsConnection, AdsResponse, Nack, RequestEvent, TypeSync};
 pub use resource::{Resource, type_url};
 pub use service::{AdsService, StreamSupervisor, StreamSync, SyncRegistry, encode_response};
-pub use snapshot::{ResourceMap, Snapshot, SnapshotCache, TypedResources};
+pub use snapshot::{
+    NodeWatch, ResourceMap, Snapshot, SnapshotCache, SnapshotSource, TypedResources,
+};
 
 /// Errors of the xDS server.
 #[derive(Debug, thiserror::Error)]

@@ -22,7 +22,7 @@ use tonic::{Status, server::NamedService};
 use crate::XdsError;
 use crate::connection::{AdsConnection, AdsResponse, RequestEvent, TypeSync};
 use crate::resource::type_url;
-use crate::snapshot::SnapshotCache;
+use crate::snapshot::{NodeWatch, SnapshotCache, SnapshotSource};
 
 /// gRPC path of the SotW ADS method.
 const SOTW_PATH: &str =
@@ -156,7 +156,8 @@ async fn run_stream<S>(
     S: Stream<Item = Result<DiscoveryRequest, Status>> + Unpin,
 {
     let mut conn = AdsConnection::new();
-    let mut snapshots = None;
+    let mut snapshots: Option<NodeWatch> = None;
+    let mut source = None;
     loop {
         tokio::select! {
             req = requests.next() => match req {
@@ -184,23 +185,37 @@ async fn run_stream<S>(
             },
             changed = async {
                 match snapshots.as_mut() {
-                    Some(rx) => tokio::sync::watch::Receiver::changed(rx).await,
+                    Some(w) => w.changed().await,
                     None => std::future::pending().await,
                 }
             } => {
                 if changed.is_err() {
-                    // The node was removed from the cache; follow its next incarnation.
-                    snapshots = conn.node_id().map(|n| cache.watch(n));
+                    return;
                 }
             }
         }
         if snapshots.is_none() {
             snapshots = conn.node_id().map(|n| cache.watch(n));
         }
-        let current = snapshots
-            .as_mut()
-            .and_then(|rx| rx.borrow_and_update().clone());
-        if let Some(snapshot) = current {
+        if let Some((snapshot, now)) = snapshots.as_mut().and_then(NodeWatch::current) {
+            if source != Some(now) {
+                let node = conn.node_id().unwrap_or_default();
+                match now {
+                    SnapshotSource::Own => tracing::info!(
+                        stream = id,
+                        node,
+                        ?peer,
+                        "serving the proxy its workload's config"
+                    ),
+                    SnapshotSource::Fallback => tracing::warn!(
+                        stream = id,
+                        node,
+                        ?peer,
+                        "proxy is not a known workload; serving outbound config only"
+                    ),
+                }
+                source = Some(now);
+            }
             for response in conn.next_responses(&snapshot) {
                 tracing::debug!(
                     stream = id,

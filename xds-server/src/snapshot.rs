@@ -105,13 +105,36 @@ pub fn set_version<'a>(resources: impl IntoIterator<Item = &'a Resource>) -> Str
     format!("{:016x}", fnv1a(text.as_bytes()))
 }
 
+type SnapshotSender = watch::Sender<Option<Arc<Snapshot>>>;
+
 /// Holds the latest snapshot of every node and wakes the streams of a node on change.
 ///
-/// A node with no snapshot yet gets `None`: its streams wait rather than receive an
-/// empty mesh.
-#[derive(Debug, Default)]
+/// A node with no snapshot of its own gets the fallback snapshot (what any proxy may
+/// have, e.g. outbound config for a sidecar whose pod is not known yet); until a
+/// fallback is set too, its streams wait rather than receive an empty mesh.
+#[derive(Debug)]
 pub struct SnapshotCache {
-    nodes: Mutex<HashMap<String, watch::Sender<Option<Arc<Snapshot>>>>>,
+    nodes: Mutex<HashMap<String, SnapshotSender>>,
+    fallback: SnapshotSender,
+}
+
+impl Default for SnapshotCache {
+    fn default() -> Self {
+        Self {
+            nodes: Mutex::default(),
+            fallback: watch::channel(None).0,
+        }
+    }
+}
+
+fn publish(sender: &SnapshotSender, snapshot: Snapshot) -> bool {
+    sender.send_if_modified(|current| {
+        if current.as_deref() == Some(&snapshot) {
+            return false;
+        }
+        *current = Some(Arc::new(snapshot));
+        true
+    })
 }
 
 impl SnapshotCache {
@@ -120,7 +143,7 @@ impl SnapshotCache {
         Arc::new(Self::default())
     }
 
-    fn sender(&self, node: &str) -> watch::Sender<Option<Arc<Snapshot>>> {
+    fn sender(&self, node: &str) -> SnapshotSender {
         let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
         nodes
             .entry(node.to_string())
@@ -130,37 +153,83 @@ impl SnapshotCache {
 
     /// Publishes a node's snapshot; returns false (and wakes nobody) when it is unchanged.
     pub fn set(&self, node: &str, snapshot: Snapshot) -> bool {
-        self.sender(node).send_if_modified(|current| {
-            if current.as_deref() == Some(&snapshot) {
-                return false;
-            }
-            *current = Some(Arc::new(snapshot));
-            true
-        })
+        publish(&self.sender(node), snapshot)
     }
 
-    /// Forgets a node (its open streams keep their last snapshot).
+    /// Publishes the snapshot for nodes without one of their own.
+    pub fn set_fallback(&self, snapshot: Snapshot) -> bool {
+        publish(&self.fallback, snapshot)
+    }
+
+    /// Forgets a node's own snapshot; its open streams move to the fallback.
     pub fn remove(&self, node: &str) {
         let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
-        nodes.remove(node);
+        if let Some(sender) = nodes.get(node) {
+            sender.send_replace(None);
+            if sender.receiver_count() == 0 {
+                nodes.remove(node);
+            }
+        }
     }
 
-    /// Node ids with a snapshot.
+    /// Node ids with a snapshot of their own.
     pub fn nodes(&self) -> Vec<String> {
         let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut ids: Vec<String> = nodes.keys().cloned().collect();
+        let mut ids: Vec<String> = nodes
+            .iter()
+            .filter(|(_, s)| s.borrow().is_some())
+            .map(|(id, _)| id.clone())
+            .collect();
         ids.sort();
         ids
     }
 
-    /// The current snapshot of a node, if any.
+    /// The node's own snapshot, if any.
     pub fn get(&self, node: &str) -> Option<Arc<Snapshot>> {
         self.sender(node).borrow().clone()
     }
 
-    /// Subscribes to a node's snapshots.
-    pub fn watch(&self, node: &str) -> watch::Receiver<Option<Arc<Snapshot>>> {
-        self.sender(node).subscribe()
+    /// Subscribes to what a node should have.
+    pub fn watch(&self, node: &str) -> NodeWatch {
+        NodeWatch {
+            own: self.sender(node).subscribe(),
+            fallback: self.fallback.subscribe(),
+        }
+    }
+}
+
+/// What one node should have: its own snapshot, else the fallback.
+#[derive(Debug)]
+pub struct NodeWatch {
+    own: watch::Receiver<Option<Arc<Snapshot>>>,
+    fallback: watch::Receiver<Option<Arc<Snapshot>>>,
+}
+
+/// Which snapshot a node is being served.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SnapshotSource {
+    /// Its own.
+    Own,
+    /// The fallback (the node is not known).
+    Fallback,
+}
+
+impl NodeWatch {
+    /// Waits until either snapshot changes; errs only if the cache is gone.
+    pub async fn changed(&mut self) -> Result<(), watch::error::RecvError> {
+        tokio::select! {
+            r = self.own.changed() => r,
+            r = self.fallback.changed() => r,
+        }
+    }
+
+    /// The snapshot to serve now, marking both as seen.
+    pub fn current(&mut self) -> Option<(Arc<Snapshot>, SnapshotSource)> {
+        let fallback = self.fallback.borrow_and_update().clone();
+        match self.own.borrow_and_update().clone() {
+            Some(own) => Some((own, SnapshotSource::Own)),
+            None => fallback.map(|f| (f, SnapshotSource::Fallback)),
+        }
     }
 }
 
