@@ -60,6 +60,7 @@ pub struct SmiStatus {
     kind = "TrafficSplit",
     namespaced,
     derive = "PartialEq",
+    validation = Rule::new("self.spec.backends.all(b, b.service != self.spec.service)").message("a backend cannot be the root service itself"),
     status = "SmiStatus",
     shortname = "ts",
     printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.service"}"#
@@ -105,6 +106,7 @@ pub struct TypedLocalRef {
     kind = "TrafficTarget",
     namespaced,
     derive = "PartialEq",
+    validation = Rule::new("self.spec.destination.kind == 'ServiceAccount' && self.spec.sources.all(s, s.kind == 'ServiceAccount')").message("sources and destination must be ServiceAccounts"),
     status = "SmiStatus",
     shortname = "tt"
 )]

@@ -117,3 +117,23 @@ fn traffic_access_examples_deserialize() {
     assert_eq!(targets[0].spec.rules[0].matches, vec!["metrics"]);
     assert_eq!(targets[1].spec.rules[0].kind, "TCPRoute");
 }
+
+#[test]
+fn crds_carry_cel_rules_the_api_server_enforces() {
+    let crds = weft_crds::render_crds().unwrap();
+    let split = &crds
+        .iter()
+        .find(|(f, _)| f.starts_with("trafficsplits"))
+        .unwrap()
+        .1;
+    assert!(
+        split.contains("self.spec.backends.all(b, b.service != self.spec.service)"),
+        "{split}"
+    );
+    let target = &crds
+        .iter()
+        .find(|(f, _)| f.starts_with("traffictargets"))
+        .unwrap()
+        .1;
+    assert!(target.contains("s.kind == 'ServiceAccount'"), "{target}");
+}
