@@ -270,6 +270,7 @@ pub struct Harness {
     services: BTreeMap<String, ServiceDef>,
     processes: Vec<(String, Child)>,
     control_plane: Option<Child>,
+    control_plane_args: Vec<String>,
     forward_rule: bool,
 }
 
@@ -293,6 +294,7 @@ impl Harness {
             services: BTreeMap::new(),
             processes: Vec::new(),
             control_plane: None,
+            control_plane_args: Vec::new(),
             forward_rule: false,
         };
         harness.remove_leftovers();
@@ -552,10 +554,25 @@ impl Harness {
         Ok(())
     }
 
+    /// The control plane's state directory (its CA lives here).
+    pub fn state_dir(&self) -> PathBuf {
+        self.work.join("state")
+    }
+
     /// Starts `weft up` on the manifest directory and waits until it serves.
     pub fn start_control_plane(&mut self) -> Result<()> {
+        self.start_control_plane_with(&[])
+    }
+
+    /// Like [`Harness::start_control_plane`], with extra `weft up` flags.
+    pub fn start_control_plane_with(&mut self, extra: &[&str]) -> Result<()> {
+        self.control_plane_args = extra.iter().map(|s| s.to_string()).collect();
         let log = self.work.join("weft.log");
-        let file = fs::File::create(&log).map_err(io(&log))?;
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .map_err(io(&log))?;
         let err = file.try_clone().map_err(io(&log))?;
         let mut c = Command::new(&self.weft);
         c.arg("up")
@@ -566,6 +583,9 @@ impl Harness {
                 "--admin-addr",
                 &self.admin_addr(),
             ])
+            .arg("--state-dir")
+            .arg(self.state_dir())
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(file)
             .stderr(err);
@@ -586,14 +606,37 @@ impl Harness {
         )
     }
 
+    /// Stops `weft up` (SIGTERM, as an operator would) and waits for it to exit.
+    pub fn stop_control_plane(&mut self) -> Result<()> {
+        if let Some(mut cp) = self.control_plane.take() {
+            let pid = cp.id().to_string();
+            let _ = output(cmd("kill", &["-TERM", &pid]));
+            cp.wait().map_err(io(Path::new("weft up")))?;
+        }
+        Ok(())
+    }
+
+    /// Stops and starts `weft up` again with the same flags and state directory.
+    pub fn restart_control_plane(&mut self) -> Result<()> {
+        self.stop_control_plane()?;
+        let args = self.control_plane_args.clone();
+        let extra: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.start_control_plane_with(&extra)
+    }
+
     /// Bootstraps, redirects and starts a real Envoy sidecar in `pod`; waits until it is LIVE.
     pub fn start_sidecar(&mut self, pod: &str) -> Result<()> {
+        self.start_sidecar_as(pod, pod)
+    }
+
+    /// Like [`Harness::start_sidecar`], but the sidecar claims to be `claimed_pod`.
+    pub fn start_sidecar_as(&mut self, pod: &str, claimed_pod: &str) -> Result<()> {
         let bootstrap = self.work.join(format!("{pod}-envoy.yaml"));
         let mut c = Command::new(&self.weft);
         c.args([
             "bootstrap",
             "--pod",
-            &format!("default/{pod}"),
+            &format!("default/{claimed_pod}"),
             "--xds",
             &self.xds_addr(),
             "-o",
@@ -641,6 +684,51 @@ impl Harness {
                 output(c).is_ok_and(|o| o.status.success())
             },
         )
+    }
+
+    /// GETs a path from the Envoy admin endpoint of `pod`'s sidecar.
+    pub fn envoy_admin(&self, pod: &str, path: &str) -> Result<String> {
+        let app = self.app.to_string_lossy().to_string();
+        let url = format!("http://127.0.0.1:15000{path}");
+        let out = self.exec_in(pod, &[&app, "get", &url])?;
+        if !out.status.success() {
+            return Err(HarnessError::Command {
+                command: format!("{pod}: GET {url}"),
+                reason: String::from_utf8_lossy(&out.stderr).to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    }
+
+    /// A counter or gauge of `pod`'s sidecar (`/stats`), 0 when absent.
+    pub fn envoy_stat(&self, pod: &str, name: &str) -> Result<u64> {
+        let stats = self.envoy_admin(pod, "/stats")?;
+        Ok(stats
+            .lines()
+            .filter_map(|l| l.split_once(": "))
+            .find(|(k, _)| *k == name)
+            .and_then(|(_, v)| v.trim().parse().ok())
+            .unwrap_or(0))
+    }
+
+    /// One GET from `pod`: Ok((answering pod, echoed peer identity)) or Err(stderr).
+    pub fn get(
+        &self,
+        pod: &str,
+        url: &str,
+    ) -> Result<std::result::Result<(String, Option<String>), String>> {
+        let app = self.app.to_string_lossy().to_string();
+        let out = self.exec_in(pod, &[&app, "get", url])?;
+        if !out.status.success() {
+            return Ok(Err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+        }
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        let mut lines = text.lines();
+        let body = lines.next().unwrap_or_default().to_string();
+        let peer = lines
+            .find_map(|l| l.strip_prefix("peer: "))
+            .map(str::to_string);
+        Ok(Ok((body, peer)))
     }
 
     /// Runs a command inside a pod's network namespace.

@@ -9,8 +9,10 @@ use clap::{Parser, Subcommand};
 use crate::admin::{self, MeshStatus, ProxyStatus};
 use crate::bootstrap::{BootstrapOptions, render_bootstrap};
 use crate::error::WeftError;
+use crate::identity::CaSource;
 use crate::iptables::{self, RedirectPlan};
 use crate::local::{self, LocalOptions};
+use crate::translate::{MeshConfig, MtlsMode};
 
 const DEFAULT_ADMIN: &str = "127.0.0.1:15090";
 
@@ -34,6 +36,8 @@ enum Command {
         /// Address of the admin endpoint (/ready, /status, /proxy-status).
         #[arg(long, default_value = DEFAULT_ADMIN)]
         admin_addr: SocketAddr,
+        #[command(flatten)]
+        identity: IdentityArgs,
     },
     /// Print the Envoy bootstrap of a pod's sidecar.
     Bootstrap {
@@ -97,6 +101,77 @@ enum Command {
     },
 }
 
+/// Workload identity and mTLS settings of `weft up`.
+#[derive(Debug, clap::Args)]
+struct IdentityArgs {
+    /// Directory for the CA created on first start (key file mode 0600); reused on restart.
+    /// Default: $XDG_STATE_HOME/weft, else ~/.local/state/weft.
+    #[arg(long)]
+    state_dir: Option<PathBuf>,
+    /// Use this CA certificate (root or intermediate, PEM) instead of creating one.
+    #[arg(long, requires = "ca_key")]
+    ca_cert: Option<PathBuf>,
+    /// Private key (PEM) of --ca-cert.
+    #[arg(long, requires = "ca_cert")]
+    ca_key: Option<PathBuf>,
+    /// Certificates from --ca-cert's issuer up to the root (PEM), for an intermediate.
+    #[arg(long, requires = "ca_cert")]
+    ca_chain: Option<PathBuf>,
+    /// More roots proxies trust besides the CA's own (PEM), e.g. the old root during a rotation.
+    #[arg(long)]
+    extra_trust_bundle: Option<PathBuf>,
+    /// SPIFFE trust domain.
+    #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
+    trust_domain: String,
+    /// Inbound mTLS mode of meshed workloads.
+    #[arg(long, value_enum, default_value_t = MtlsArg::Strict)]
+    mtls: MtlsArg,
+    /// Lifetime of workload certificates (renewed at half of it), e.g. 24h, 20s.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    svid_ttl: std::time::Duration,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum MtlsArg {
+    /// Only mutual TLS.
+    Strict,
+    /// Mutual TLS and plaintext.
+    Permissive,
+}
+
+impl IdentityArgs {
+    fn ca_source(&self) -> Result<CaSource, WeftError> {
+        if let (Some(cert), Some(key)) = (&self.ca_cert, &self.ca_key) {
+            return Ok(CaSource::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+                chain: self.ca_chain.clone(),
+            });
+        }
+        let dir = match &self.state_dir {
+            Some(dir) => dir.clone(),
+            None => std::env::var_os("XDG_STATE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+                .ok_or_else(|| {
+                    WeftError::Usage("no --state-dir and no HOME to put the CA under".to_string())
+                })?
+                .join("weft"),
+        };
+        Ok(CaSource::StateDir(dir))
+    }
+
+    fn mesh_config(&self) -> MeshConfig {
+        MeshConfig {
+            trust_domain: self.trust_domain.clone(),
+            mtls: match self.mtls {
+                MtlsArg::Strict => MtlsMode::Strict,
+                MtlsArg::Permissive => MtlsMode::Permissive,
+            },
+        }
+    }
+}
+
 fn init_tracing() {
     let filter = tracing_subscriber::EnvFilter::try_from_env("WEFT_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -152,11 +227,21 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
             dir,
             xds_addr,
             admin_addr,
+            identity,
         } => {
+            if identity.svid_ttl < std::time::Duration::from_secs(2) {
+                return Err(WeftError::Usage(
+                    "--svid-ttl must be at least 2s".to_string(),
+                ));
+            }
             local::run(LocalOptions {
                 dir,
                 xds_addr,
                 admin_addr,
+                ca: identity.ca_source()?,
+                extra_trust_bundle: identity.extra_trust_bundle.clone(),
+                mesh: identity.mesh_config(),
+                svid_ttl: identity.svid_ttl,
             })
             .await
         }

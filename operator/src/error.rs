@@ -56,6 +56,9 @@ pub enum WeftError {
     /// An argument is invalid.
     #[error("{0}")]
     Usage(String),
+    /// Creating or loading the CA, or issuing a certificate, failed.
+    #[error("identity: {0}")]
+    Identity(String),
     /// A supervised task ended although it should run forever.
     #[error("task {task} ended unexpectedly: {reason}")]
     TaskEnded {
@@ -79,6 +82,7 @@ impl WeftError {
             Self::Command { .. } => "command",
             Self::Admin { .. } => "admin",
             Self::Usage(_) => "usage",
+            Self::Identity(_) => "identity",
             Self::TaskEnded { .. } => "task_ended",
         }
     }

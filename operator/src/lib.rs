@@ -4,6 +4,7 @@ pub mod admin;
 pub mod bootstrap;
 pub mod cli;
 pub mod error;
+pub mod identity;
 pub mod index;
 pub mod iptables;
 pub mod local;

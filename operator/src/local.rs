@@ -4,7 +4,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
@@ -14,9 +14,11 @@ use weft_xds::{AdsService, SnapshotCache};
 
 use crate::admin::{self, AdminState, MeshStatus, ProblemReport};
 use crate::error::WeftError;
-use crate::index::{Index, Problem};
-use crate::publish::MeshPublisher;
+use crate::identity::{CaSource, CertificateAuthority};
+use crate::index::{Index, MeshModel, Problem};
+use crate::publish::{MeshIdentity, MeshPublisher};
 use crate::source::{DirWatch, ManifestDir};
+use crate::translate::MeshConfig;
 
 /// Settings of `weft up`.
 #[derive(Clone, Debug)]
@@ -27,12 +29,21 @@ pub struct LocalOptions {
     pub xds_addr: SocketAddr,
     /// Where the admin endpoint listens.
     pub admin_addr: SocketAddr,
+    /// Where the CA comes from.
+    pub ca: CaSource,
+    /// Extra roots to trust besides the CA's own (root rotation).
+    pub extra_trust_bundle: Option<PathBuf>,
+    /// Trust domain and mTLS mode.
+    pub mesh: MeshConfig,
+    /// Lifetime of workload certificates.
+    pub svid_ttl: Duration,
 }
 
 /// The index and everything derived from it, updated on every manifest change.
 struct LocalMesh {
     manifests: ManifestDir,
     index: Index,
+    model: MeshModel,
     publisher: MeshPublisher,
     status: watch::Sender<MeshStatus>,
     reported: BTreeSet<Problem>,
@@ -46,7 +57,13 @@ impl LocalMesh {
             return;
         }
         self.index.reset(self.manifests.objects());
-        let model = self.index.model();
+        self.model = self.index.model();
+        self.report_problems();
+        self.publish();
+    }
+
+    fn report_problems(&mut self) {
+        let model = &self.model;
         let current: BTreeSet<Problem> = model.problems.iter().cloned().collect();
         for p in current.difference(&self.reported) {
             if p.rejected {
@@ -59,26 +76,50 @@ impl LocalMesh {
             tracing::info!(object = %p.object, "problem resolved: {}", p.reason);
         }
         self.reported = current;
-        let stats = self.publisher.publish(&model);
+    }
+
+    /// Publishes the current model (renewing certificates that are due).
+    fn publish(&mut self) {
+        let stats = match self.publisher.publish(&self.model, SystemTime::now()) {
+            Ok(stats) => stats,
+            Err(e) => {
+                tracing::error!(error = %e, "publishing failed; proxies keep their last config");
+                return;
+            }
+        };
         if stats.changed == 0 {
-            tracing::debug!(
-                objects = self.index.len(),
-                "manifests changed; no proxy config changed"
-            );
+            tracing::debug!(objects = self.index.len(), "no proxy config changed");
         } else {
             tracing::info!(
                 objects = self.index.len(),
                 proxies = stats.proxies,
                 changed = stats.changed,
+                certificates_issued = stats.issued,
                 "mesh model published"
             );
         }
-        self.status.send_replace(MeshStatus {
-            objects: self.index.len(),
-            proxies: stats.proxies,
-            problems: model.problems.iter().map(ProblemReport::from).collect(),
-            manifest_errors: self.manifests.errors(),
+        self.status.send_modify(|status| {
+            status.objects = self.index.len();
+            status.proxies = stats.proxies;
+            status.problems = self
+                .model
+                .problems
+                .iter()
+                .map(ProblemReport::from)
+                .collect();
+            status.manifest_errors = self.manifests.errors();
         });
+    }
+}
+
+/// Sleeps until `at` (wall clock); forever when there is nothing to wait for.
+async fn sleep_until(at: Option<SystemTime>) {
+    match at {
+        Some(at) => {
+            let wait = at.duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::time::sleep(wait).await;
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -104,10 +145,14 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
     let mut dir_watch = DirWatch::new(&opts.dir)?;
     let cache = SnapshotCache::new();
     let (status_tx, status_rx) = watch::channel(MeshStatus::default());
+    let ca = CertificateAuthority::load(&opts.ca, opts.extra_trust_bundle.as_deref())?;
+    tracing::info!(trust_domain = %opts.mesh.trust_domain, mtls = ?opts.mesh.mtls, "workload identity enabled");
+    let identity = MeshIdentity::new(ca, &opts.mesh, opts.svid_ttl);
     let mut mesh = LocalMesh {
         manifests: ManifestDir::new(&opts.dir),
         index: Index::new(),
-        publisher: MeshPublisher::new(cache.clone()),
+        model: MeshModel::default(),
+        publisher: MeshPublisher::new(cache.clone(), opts.mesh.clone(), Some(identity)),
         status: status_tx,
         reported: BTreeSet::new(),
     };
@@ -153,12 +198,18 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
         "admin",
         admin::serve(admin_listener, admin_state),
     );
-    supervised(&mut tasks, "manifest-reload", async move {
-        while dir_watch.changed().await.is_some() {
-            mesh.reload();
+    supervised(&mut tasks, "mesh-updates", async move {
+        loop {
+            tokio::select! {
+                changed = dir_watch.changed() => match changed {
+                    Some(()) => mesh.reload(),
+                    None => break,
+                },
+                () = sleep_until(mesh.publisher.next_renewal()) => mesh.publish(),
+            }
         }
         Err(WeftError::TaskEnded {
-            task: "manifest-reload",
+            task: "mesh-updates",
             reason: "file watch stopped".to_string(),
         })
     });

@@ -9,9 +9,10 @@ use std::path::{Path, PathBuf};
 
 use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 use serde_json::{Value, json};
-use weft::index::Index;
+use weft::identity::{Svid, WorkloadSecrets, spiffe_id};
+use weft::index::{Index, Workload};
 use weft::source::parse_manifests;
-use weft::translate::{ProxyResources, translate_shared, translate_workload};
+use weft::translate::{MeshConfig, MtlsMode, ProxyResources, translate_shared, translate_workload};
 use weft_xds::type_url;
 
 /// The descriptor set that envoy-types generates its code from (not exported by the crate).
@@ -72,6 +73,7 @@ fn render(pool: &DescriptorPool, resources: &ProxyResources) -> Value {
         ("endpoints", type_url::ENDPOINT),
         ("listeners", type_url::LISTENER),
         ("routes", type_url::ROUTE),
+        ("secrets", type_url::SECRET),
     ] {
         let items: Vec<Value> = snapshot
             .resources(type_url)
@@ -97,6 +99,35 @@ fn render(pool: &DescriptorPool, resources: &ProxyResources) -> Value {
     Value::Object(out)
 }
 
+/// Stand-in secrets: real keys are random, golden files must not be.
+fn fake_secrets(config: &MeshConfig, w: &Workload) -> WorkloadSecrets {
+    let id = spiffe_id(&config.trust_domain, &w.namespace, &w.service_account);
+    WorkloadSecrets {
+        svid: Svid {
+            cert_chain_pem: format!("<certificate of {id}>"),
+            key_pem: format!("<key of {id}>"),
+            spiffe_id: id,
+            serial: "01".into(),
+            not_before: std::time::SystemTime::UNIX_EPOCH,
+            not_after: std::time::SystemTime::UNIX_EPOCH,
+        },
+        trust_bundle_pem: "<trust bundle>".into(),
+    }
+}
+
+/// `# weft-golden: mtls=permissive` on the first line switches the mode.
+fn config_for(text: &str) -> MeshConfig {
+    let mut config = MeshConfig::default();
+    if text
+        .lines()
+        .next()
+        .is_some_and(|l| l.contains("mtls=permissive"))
+    {
+        config.mtls = MtlsMode::Permissive;
+    }
+    config
+}
+
 fn cases() -> Vec<PathBuf> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata/translate/in");
     let mut cases: Vec<PathBuf> = std::fs::read_dir(&dir)
@@ -116,13 +147,21 @@ fn translate_matches_golden_files() {
     let all = cases();
     assert!(all.len() >= 3, "golden cases present");
     for input in all {
+        let text = std::fs::read_to_string(&input).unwrap();
+        let config = config_for(&text);
         let mut index = Index::new();
-        index.reset(parse_manifests(&std::fs::read_to_string(&input).unwrap()).unwrap());
+        index.reset(parse_manifests(&text).unwrap());
         let model = index.model();
         let workloads: serde_json::Map<String, Value> = model
             .workloads
             .iter()
-            .map(|(node, w)| (node.clone(), render(&pool, &translate_workload(w))))
+            .map(|(node, w)| {
+                let secrets = w.meshed.then(|| fake_secrets(&config, w));
+                (
+                    node.clone(),
+                    render(&pool, &translate_workload(w, &config, secrets.as_ref())),
+                )
+            })
             .collect();
         let problems: Vec<Value> = model
             .problems
@@ -131,7 +170,7 @@ fn translate_matches_golden_files() {
             .collect();
         let doc = json!({
             "problems": problems,
-            "shared": render(&pool, &translate_shared(&model)),
+            "shared": render(&pool, &translate_shared(&model, &config, true)),
             "workloads": workloads,
         });
         let text = format!(
@@ -179,9 +218,10 @@ fn unchanged_input_gives_byte_identical_resources() {
             index.model()
         };
         let (a, b) = (model(&text), model(&text));
+        let config = MeshConfig::default();
         assert_eq!(
-            translate_shared(&a).to_snapshot(),
-            translate_shared(&b).to_snapshot()
+            translate_shared(&a, &config, true).to_snapshot(),
+            translate_shared(&b, &config, true).to_snapshot()
         );
     }
 }

@@ -34,7 +34,8 @@ enum Command {
         #[arg(long, default_value_t = 8080)]
         port: u16,
     },
-    /// GET a URL once; exit 0 on a 2xx answer.
+    /// GET a URL once; exit 0 on a 2xx answer. Prints the body, then the echoed
+    /// peer identity (if any) on a line `peer: ...`.
     Get { url: String },
     /// Send requests; print a JSON LoadReport.
     Load {
@@ -67,9 +68,13 @@ async fn serve(name: String, port: u16) -> Result<(), AppError> {
                 let (stream, _) = accepted?;
                 let body = body.clone();
                 connections.spawn(async move {
-                    let service = hyper::service::service_fn(move |_req: Request<hyper::body::Incoming>| {
-                        let body = body.clone();
-                        async move { Ok::<_, Infallible>(Response::new(Full::new(body))) }
+                    let service = hyper::service::service_fn(move |req: Request<hyper::body::Incoming>| {
+                        let mut response = Response::new(Full::new(body.clone()));
+                        // Tests read the caller's identity, as the sidecar forwarded it, from here.
+                        if let Some(xfcc) = req.headers().get("x-forwarded-client-cert") {
+                            response.headers_mut().insert(PEER_ECHO_HEADER, xfcc.clone());
+                        }
+                        async move { Ok::<_, Infallible>(response) }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
@@ -95,8 +100,19 @@ fn client() -> HttpClient {
         .build(connector)
 }
 
+/// Response header carrying the `x-forwarded-client-cert` the app received.
+const PEER_ECHO_HEADER: &str = "x-weft-peer-echo";
+
 /// One GET: Ok(body) on 2xx, Err(description) otherwise.
 async fn get_once(client: &HttpClient, url: &hyper::Uri) -> Result<String, String> {
+    get_with_peer(client, url).await.map(|(body, _)| body)
+}
+
+/// One GET: Ok((body, echoed peer identity)) on 2xx, Err(description) otherwise.
+async fn get_with_peer(
+    client: &HttpClient,
+    url: &hyper::Uri,
+) -> Result<(String, Option<String>), String> {
     let request = Request::get(url.clone())
         .body(Empty::new())
         .map_err(|e| e.to_string())?;
@@ -105,6 +121,11 @@ async fn get_once(client: &HttpClient, url: &hyper::Uri) -> Result<String, Strin
         .map_err(|_| "timeout".to_string())?
         .map_err(|e| format!("request: {e}"))?;
     let status = response.status();
+    let peer = response
+        .headers()
+        .get(PEER_ECHO_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
     let body = response
         .into_body()
         .collect()
@@ -113,7 +134,7 @@ async fn get_once(client: &HttpClient, url: &hyper::Uri) -> Result<String, Strin
         .to_bytes();
     let text = String::from_utf8_lossy(&body).trim().to_string();
     if status.is_success() {
-        Ok(text)
+        Ok((text, peer))
     } else {
         Err(format!("HTTP {status}: {text}"))
     }
@@ -170,9 +191,12 @@ async fn run(args: Args) -> Result<bool, AppError> {
         Command::Serve { name, port } => serve(name, port).await.map(|()| true),
         Command::Get { url } => {
             let url: hyper::Uri = url.parse()?;
-            match get_once(&client(), &url).await {
-                Ok(body) => {
+            match get_with_peer(&client(), &url).await {
+                Ok((body, peer)) => {
                     println!("{body}");
+                    if let Some(peer) = peer {
+                        println!("peer: {peer}");
+                    }
                     Ok(true)
                 }
                 Err(e) => {

@@ -89,6 +89,10 @@ pub struct MeshService {
     pub ports: Vec<ServicePortModel>,
     /// The TrafficSplit rooted at this service, if any.
     pub split: Option<SplitModel>,
+    /// Whether every endpoint is a meshed pod (so clients must use mTLS to reach it).
+    pub meshed: bool,
+    /// Service accounts (namespace, name) of the pods behind it, sorted.
+    pub service_accounts: Vec<(String, String)>,
 }
 
 impl MeshService {
@@ -118,6 +122,8 @@ pub struct Workload {
     pub ip: Option<IpAddr>,
     /// The service account the pod runs as.
     pub service_account: String,
+    /// Whether the pod runs a sidecar (not opted out with `weft.dev/inject: disabled`).
+    pub meshed: bool,
     /// Ports other meshed workloads reach through services, sorted.
     pub inbound_ports: Vec<WorkloadPort>,
 }

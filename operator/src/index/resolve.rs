@@ -17,6 +17,8 @@ use super::model::{
 use super::{Kind, MeshObject, ObjectRef};
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+/// Label or annotation that opts a pod out of the mesh when set to `disabled`.
+const INJECT_KEY: &str = "weft.dev/inject";
 
 #[derive(Default)]
 struct Inputs<'a> {
@@ -131,6 +133,23 @@ fn is_ready(pod: &Pod) -> bool {
         .is_none_or(|c| c.status == "True")
 }
 
+fn is_meshed(pod: &Pod) -> bool {
+    let opted_out = |m: &Option<BTreeMap<String, String>>| {
+        m.as_ref()
+            .and_then(|m| m.get(INJECT_KEY))
+            .is_some_and(|v| v == "disabled")
+    };
+    !opted_out(&pod.metadata.labels) && !opted_out(&pod.metadata.annotations)
+}
+
+fn pod_service_account(pod: &Pod) -> String {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.clone())
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".to_string())
+}
+
 fn pod_ip(pod: &Pod) -> Option<IpAddr> {
     pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()
 }
@@ -235,11 +254,31 @@ fn resolve_service(
     }
     ports.sort_by_key(|p| p.port);
     ports.dedup_by_key(|p| p.port);
+    // Who answers: the pods behind the endpoints, found by address.
+    let mut meshed = true;
+    let mut service_accounts = BTreeSet::new();
+    for ip in ports
+        .iter()
+        .flat_map(|p| p.endpoints.iter().map(|e| e.ip()))
+    {
+        match inputs
+            .pods
+            .iter()
+            .find(|p| pod_ip(p) == Some(ip) && ns(&p.metadata) == key.namespace)
+        {
+            Some(pod) if is_meshed(pod) => {
+                service_accounts.insert((key.namespace.clone(), pod_service_account(pod)));
+            }
+            _ => meshed = false,
+        }
+    }
     Some(MeshService {
         key,
         cluster_ip,
         ports,
         split: None,
+        meshed,
+        service_accounts: service_accounts.into_iter().collect(),
     })
 }
 
@@ -300,12 +339,8 @@ fn resolve_workload(pod: &Pod, inputs: &Inputs<'_>) -> Workload {
         namespace: ns(&pod.metadata).to_string(),
         name: name(&pod.metadata).to_string(),
         ip: pod_ip(pod),
-        service_account: pod
-            .spec
-            .as_ref()
-            .and_then(|s| s.service_account_name.clone())
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "default".to_string()),
+        service_account: pod_service_account(pod),
+        meshed: is_meshed(pod),
         inbound_ports: inbound
             .into_iter()
             .map(|(port, protocol)| WorkloadPort { port, protocol })

@@ -8,6 +8,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 
 use super::envoy::{address_of, ads_config_source, millis, socket_address};
+use super::tls::{MeshConfig, upstream_transport_socket};
 use super::{ProxyResources, outbound_cluster_name};
 use crate::index::{MeshModel, Workload};
 
@@ -68,7 +69,13 @@ fn load_assignment(
 }
 
 /// One EDS cluster (and its load assignment) per service port, plus the passthrough.
-pub fn translate_outbound_clusters(model: &MeshModel, out: &mut ProxyResources) {
+/// Clusters of meshed services originate mTLS when the proxy has an identity.
+pub fn translate_outbound_clusters(
+    model: &MeshModel,
+    config: &MeshConfig,
+    client_tls: bool,
+    out: &mut ProxyResources,
+) {
     out.clusters.push(original_dst_cluster(PASSTHROUGH_CLUSTER));
     for service in model.services.values() {
         for port in &service.ports {
@@ -79,6 +86,8 @@ pub fn translate_outbound_clusters(model: &MeshModel, out: &mut ProxyResources) 
                     service_name: String::new(),
                 }),
                 lb_policy: cluster::LbPolicy::RoundRobin as i32,
+                transport_socket: (client_tls && service.meshed)
+                    .then(|| upstream_transport_socket(config, service)),
                 ..base_cluster(name.clone(), cluster::DiscoveryType::Eds)
             });
             out.endpoints

@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr};
 
 use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
 use envoy_types::pb::envoy::config::listener::v3::{
-    FilterChain, FilterChainMatch, Listener, ListenerFilter, listener_filter,
+    Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, listener_filter,
 };
 use envoy_types::pb::envoy::config::route::v3::{
     Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
@@ -12,6 +12,7 @@ use envoy_types::pb::envoy::config::route::v3::{
 };
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
+use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
 };
@@ -22,8 +23,9 @@ use super::envoy::{
     ads_config_source, any, bool_value, network_filter, socket_address, tcp_proxy_filter, u32_value,
 };
 use super::routes::tcp_destination;
+use super::tls::{MeshConfig, MtlsMode, downstream_transport_socket};
 use super::{INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, ProxyResources, outbound_route_name};
-use crate::index::{AppProtocol, MeshModel, Workload};
+use crate::index::{AppProtocol, MeshModel, Workload, WorkloadPort};
 
 /// Name of the listener that captures outbound connections.
 pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
@@ -58,7 +60,7 @@ fn http_connection_manager(
     }
 }
 
-fn hcm_filter(hcm: &HttpConnectionManager) -> envoy_types::pb::envoy::config::listener::v3::Filter {
+fn hcm_filter(hcm: &HttpConnectionManager) -> Filter {
     network_filter("envoy.filters.network.http_connection_manager", hcm)
 }
 
@@ -124,13 +126,14 @@ pub fn translate_outbound_listeners(model: &MeshModel, out: &mut ProxyResources)
     }
 }
 
-/// `virtualInbound` on 15006: one filter chain per served port, to the app on loopback.
-pub fn translate_inbound_listener(proxy: &Workload, out: &mut ProxyResources) {
-    let mut chains = Vec::new();
-    for port in &proxy.inbound_ports {
-        let cluster = inbound_cluster_name(port.port);
-        let filter = match port.protocol {
-            AppProtocol::Http => hcm_filter(&http_connection_manager(
+/// The filter that hands one inbound port's traffic to the app. Over mTLS the peer's
+/// SPIFFE ID reaches the app in `x-forwarded-client-cert`; a plaintext client's copy of
+/// that header is always removed, so it cannot claim an identity.
+fn inbound_filter(port: &WorkloadPort, mtls: bool) -> Filter {
+    let cluster = inbound_cluster_name(port.port);
+    match port.protocol {
+        AppProtocol::Http => {
+            let mut hcm = http_connection_manager(
                 &format!("inbound_{}", port.port),
                 http_connection_manager::RouteSpecifier::RouteConfig(RouteConfiguration {
                     name: cluster.clone(),
@@ -146,7 +149,7 @@ pub fn translate_inbound_listener(proxy: &Workload, out: &mut ProxyResources) {
                             }),
                             action: Some(route::Action::Route(RouteAction {
                                 cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
-                                    cluster.clone(),
+                                    cluster,
                                 )),
                                 ..Default::default()
                             })),
@@ -156,19 +159,70 @@ pub fn translate_inbound_listener(proxy: &Workload, out: &mut ProxyResources) {
                     }],
                     ..Default::default()
                 }),
-            )),
-            AppProtocol::Tcp => tcp_proxy_filter(
-                &format!("inbound_{}", port.port),
-                tcp_proxy::ClusterSpecifier::Cluster(cluster.clone()),
-            ),
-        };
-        chains.push(FilterChain {
-            name: cluster,
+            );
+            if mtls {
+                hcm.forward_client_cert_details =
+                    http_connection_manager::ForwardClientCertDetails::SanitizeSet as i32;
+                hcm.set_current_client_cert_details =
+                    Some(http_connection_manager::SetCurrentClientCertDetails {
+                        uri: true,
+                        ..Default::default()
+                    });
+            }
+            hcm_filter(&hcm)
+        }
+        AppProtocol::Tcp => tcp_proxy_filter(
+            &format!("inbound_{}", port.port),
+            tcp_proxy::ClusterSpecifier::Cluster(cluster),
+        ),
+    }
+}
+
+/// `virtualInbound` on 15006: per served port, a chain to the app on loopback.
+///
+/// With an identity: STRICT has one mTLS chain per port (plaintext fails the handshake);
+/// PERMISSIVE has an mTLS chain and a plaintext chain per port, told apart by TLS
+/// inspection. Ports no service exposes pass through (mTLS-terminated in STRICT).
+pub fn translate_inbound_listener(
+    proxy: &Workload,
+    config: &MeshConfig,
+    has_identity: bool,
+    out: &mut ProxyResources,
+) {
+    let strict = has_identity && config.mtls == MtlsMode::Strict;
+    let permissive = has_identity && config.mtls == MtlsMode::Permissive;
+    let mut chains = Vec::new();
+    for port in &proxy.inbound_ports {
+        let name = inbound_cluster_name(port.port);
+        let chain = |transport_protocol: &str, mtls: bool| FilterChain {
+            name: if transport_protocol.is_empty() {
+                name.clone()
+            } else {
+                format!("{name}|{transport_protocol}")
+            },
             filter_chain_match: Some(FilterChainMatch {
                 destination_port: Some(u32_value(u32::from(port.port))),
+                transport_protocol: transport_protocol.to_string(),
                 ..Default::default()
             }),
-            filters: vec![filter],
+            filters: vec![inbound_filter(port, mtls)],
+            transport_socket: mtls.then(|| downstream_transport_socket(config)),
+            ..Default::default()
+        };
+        if permissive {
+            chains.push(chain("tls", true));
+            chains.push(chain("raw_buffer", false));
+        } else {
+            chains.push(chain("", strict));
+        }
+    }
+    let mut listener_filters = vec![original_dst_filter()];
+    if permissive {
+        listener_filters.push(ListenerFilter {
+            name: "envoy.filters.listener.tls_inspector".to_string(),
+            config_type: Some(listener_filter::ConfigType::TypedConfig(any(
+                &TlsInspector::default(),
+            ))),
             ..Default::default()
         });
     }
@@ -180,8 +234,10 @@ pub fn translate_inbound_listener(proxy: &Workload, out: &mut ProxyResources) {
                 INBOUND_PASSTHROUGH_CLUSTER,
                 tcp_proxy::ClusterSpecifier::Cluster(INBOUND_PASSTHROUGH_CLUSTER.to_string()),
             )],
+            transport_socket: strict.then(|| downstream_transport_socket(config)),
             ..Default::default()
         }),
+        listener_filters,
         ..capture_listener(
             VIRTUAL_INBOUND,
             INBOUND_CAPTURE_PORT,

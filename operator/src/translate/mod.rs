@@ -7,13 +7,18 @@ mod clusters;
 mod envoy;
 mod listeners;
 mod routes;
+mod tls;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use weft_xds::{Resource, Snapshot, type_url};
 
+pub use tls::{IDENTITY_SECRET, MeshConfig, MtlsMode, TRUST_BUNDLE_SECRET};
+
+use crate::identity::WorkloadSecrets;
 use crate::index::{MeshModel, ServiceKey, Workload};
 
 /// Port of the listener that captures outbound traffic (iptables sends it here).
@@ -32,6 +37,8 @@ pub struct ProxyResources {
     pub listeners: Vec<Listener>,
     /// RDS.
     pub routes: Vec<RouteConfiguration>,
+    /// SDS.
+    pub secrets: Vec<Secret>,
 }
 
 impl ProxyResources {
@@ -41,6 +48,7 @@ impl ProxyResources {
             .sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
         self.listeners.sort_by(|a, b| a.name.cmp(&b.name));
         self.routes.sort_by(|a, b| a.name.cmp(&b.name));
+        self.secrets.sort_by(|a, b| a.name.cmp(&b.name));
         self
     }
 
@@ -71,6 +79,12 @@ impl ProxyResources {
                     .iter()
                     .map(|r| Resource::encode(type_url::ROUTE, &r.name, r)),
             )
+            .with(
+                type_url::SECRET,
+                self.secrets
+                    .iter()
+                    .map(|s| Resource::encode(type_url::SECRET, &s.name, s)),
+            )
     }
 }
 
@@ -86,29 +100,47 @@ pub fn outbound_route_name(service: &ServiceKey, port: u16) -> String {
 
 /// Resources every proxy gets alike: outbound clusters, endpoints, listeners, routes.
 /// Translated (and encoded) once per model change, then shared by all proxies.
-pub fn translate_shared(model: &MeshModel) -> ProxyResources {
+/// `client_tls` says whether the proxies have an identity to originate mTLS with.
+pub fn translate_shared(
+    model: &MeshModel,
+    config: &MeshConfig,
+    client_tls: bool,
+) -> ProxyResources {
     let mut out = ProxyResources::default();
-    clusters::translate_outbound_clusters(model, &mut out);
+    clusters::translate_outbound_clusters(model, config, client_tls, &mut out);
     listeners::translate_outbound_listeners(model, &mut out);
     routes::translate_outbound_routes(model, &mut out);
     out.sorted()
 }
 
-/// Resources specific to one proxy: its inbound listener and local app clusters.
-pub fn translate_workload(proxy: &Workload) -> ProxyResources {
+/// Resources specific to one proxy: its inbound listener, local app clusters and secrets.
+pub fn translate_workload(
+    proxy: &Workload,
+    config: &MeshConfig,
+    secrets: Option<&WorkloadSecrets>,
+) -> ProxyResources {
     let mut out = ProxyResources::default();
     clusters::translate_inbound_clusters(proxy, &mut out);
-    listeners::translate_inbound_listener(proxy, &mut out);
+    listeners::translate_inbound_listener(proxy, config, secrets.is_some(), &mut out);
+    if let Some(secrets) = secrets {
+        out.secrets = tls::translate_secrets(secrets);
+    }
     out.sorted()
 }
 
 /// Translates the model into every resource of `proxy`'s sidecar.
-pub fn translate_proxy(model: &MeshModel, proxy: &Workload) -> ProxyResources {
-    let mut out = translate_shared(model);
-    let own = translate_workload(proxy);
+pub fn translate_proxy(
+    model: &MeshModel,
+    config: &MeshConfig,
+    proxy: &Workload,
+    secrets: Option<&WorkloadSecrets>,
+) -> ProxyResources {
+    let mut out = translate_shared(model, config, secrets.is_some());
+    let own = translate_workload(proxy, config, secrets);
     out.clusters.extend(own.clusters);
     out.endpoints.extend(own.endpoints);
     out.listeners.extend(own.listeners);
     out.routes.extend(own.routes);
+    out.secrets.extend(own.secrets);
     out.sorted()
 }

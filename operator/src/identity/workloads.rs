@@ -1,0 +1,99 @@
+//! The certificate of every workload: issued on first sight, renewed at half-life.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime};
+
+use super::{CertificateAuthority, Svid, renewal_time, spiffe_id};
+use crate::error::WeftError;
+use crate::index::MeshModel;
+
+/// What one proxy receives over SDS.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkloadSecrets {
+    /// Its certificate and key.
+    pub svid: Svid,
+    /// The roots it trusts.
+    pub trust_bundle_pem: String,
+}
+
+#[derive(Debug)]
+struct Issued {
+    svid: Svid,
+    renew_at: SystemTime,
+}
+
+/// Certificates of the mesh's workloads, keyed by node id.
+#[derive(Debug)]
+pub struct WorkloadCertificates {
+    trust_domain: String,
+    ttl: Duration,
+    issued: BTreeMap<String, Issued>,
+}
+
+/// Jitter in 0.0..1.0 derived from the serial, so renewals of a batch spread out.
+fn jitter(serial: &str) -> f64 {
+    let h = weft_xds::resource::fnv1a(serial.as_bytes());
+    (h % 10_000) as f64 / 10_000.0
+}
+
+impl WorkloadCertificates {
+    /// An empty store issuing `ttl`-long certificates in `trust_domain`.
+    pub fn new(trust_domain: &str, ttl: Duration) -> Self {
+        Self {
+            trust_domain: trust_domain.to_string(),
+            ttl,
+            issued: BTreeMap::new(),
+        }
+    }
+
+    /// The trust domain of every SPIFFE ID issued.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// Issues for new meshed workloads (or ones whose service account changed), renews
+    /// those due at `now`, forgets workloads that are gone. Returns how many were issued.
+    pub fn refresh(
+        &mut self,
+        ca: &CertificateAuthority,
+        model: &MeshModel,
+        now: SystemTime,
+    ) -> Result<usize, WeftError> {
+        self.issued
+            .retain(|node, _| model.workloads.get(node).is_some_and(|w| w.meshed));
+        let mut count = 0;
+        for (node, workload) in model.workloads.iter().filter(|(_, w)| w.meshed) {
+            let id = spiffe_id(
+                &self.trust_domain,
+                &workload.namespace,
+                &workload.service_account,
+            );
+            let due = match self.issued.get(node) {
+                None => true,
+                Some(i) => i.svid.spiffe_id != id || i.renew_at <= now,
+            };
+            if !due {
+                continue;
+            }
+            let svid = ca.issue(&id, self.ttl, now)?;
+            let renew_at = renewal_time(svid.not_before, svid.not_after, jitter(&svid.serial));
+            tracing::debug!(node = %node, spiffe_id = %id, serial = %svid.serial, "issued workload certificate");
+            self.issued.insert(node.clone(), Issued { svid, renew_at });
+            count += 1;
+        }
+        Ok(count)
+    }
+
+    /// The secrets of one node, if it has a certificate.
+    pub fn secrets(&self, node: &str, ca: &CertificateAuthority) -> Option<WorkloadSecrets> {
+        self.issued.get(node).map(|i| WorkloadSecrets {
+            svid: i.svid.clone(),
+            trust_bundle_pem: ca.trust_bundle_pem().to_string(),
+        })
+    }
+
+    /// The earliest renewal due.
+    pub fn next_renewal(&self) -> Option<SystemTime> {
+        self.issued.values().map(|i| i.renew_at).min()
+    }
+}
