@@ -30,6 +30,9 @@ pub struct MeshStatus {
     pub problems: Vec<ProblemReport>,
     /// Manifest files rejected (their last good objects keep serving).
     pub manifest_errors: Vec<ManifestError>,
+    /// ADS streams refused their pod's config and secrets (peer address mismatch).
+    #[serde(default)]
+    pub identity_check_failures: u64,
 }
 
 /// One problem, flattened for output.
@@ -62,6 +65,9 @@ pub struct ProxyStatus {
     pub peer: String,
     /// Per type sync state.
     pub types: Vec<TypeStatus>,
+    /// Why the proxy gets only the fallback config, if it does.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub denied: Option<String>,
 }
 
 /// Sync state of one xDS type of one proxy.
@@ -122,6 +128,7 @@ impl AdminState {
                 node: s.node_id.clone().unwrap_or_default(),
                 peer: s.peer.map(|p| p.to_string()).unwrap_or_default(),
                 types: s.types.iter().map(TypeStatus::from).collect(),
+                denied: s.denied.clone(),
             })
             .collect()
     }
@@ -149,7 +156,11 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
     match req.uri().path() {
         "/ready" => text(StatusCode::OK, "ready"),
-        "/status" => json(&*state.status.borrow()),
+        "/status" => {
+            let mut status = state.status.borrow().clone();
+            status.identity_check_failures = state.registry.denials();
+            json(&status)
+        }
         "/proxy-status" => json(&state.proxy_status()),
         _ => text(
             StatusCode::NOT_FOUND,

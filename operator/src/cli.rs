@@ -182,7 +182,10 @@ fn init_tracing() {
 }
 
 fn print_status(status: &MeshStatus) {
-    println!("objects: {}  proxies: {}", status.objects, status.proxies);
+    println!(
+        "objects: {}  proxies: {}  identity check failures: {}",
+        status.objects, status.proxies, status.identity_check_failures
+    );
     if status.problems.is_empty() && status.manifest_errors.is_empty() {
         println!("no invalid objects");
     }
@@ -200,6 +203,9 @@ fn print_proxy_status(proxies: &[ProxyStatus]) {
         "PROXY", "PEER", "TYPE", "STATE", "COUNT"
     );
     for p in proxies {
+        if let Some(reason) = &p.denied {
+            println!("{:<32} {:<22} DENIED: {reason}", p.node, p.peer);
+        }
         for t in &p.types {
             println!(
                 "{:<32} {:<22} {:<5} {:<9} {:>9} {:>6} {}",

@@ -4,6 +4,7 @@ use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
@@ -14,7 +15,7 @@ use weft_xds::{AdsService, SnapshotCache};
 
 use crate::admin::{self, AdminState, MeshStatus, ProblemReport};
 use crate::error::WeftError;
-use crate::identity::{CaSource, CertificateAuthority};
+use crate::identity::{CaSource, CertificateAuthority, PodAddressBinding};
 use crate::index::{Index, MeshModel, Problem};
 use crate::publish::{MeshIdentity, MeshPublisher};
 use crate::source::{DirWatch, ManifestDir};
@@ -45,6 +46,7 @@ struct LocalMesh {
     index: Index,
     model: MeshModel,
     publisher: MeshPublisher,
+    binding: Arc<PodAddressBinding>,
     status: watch::Sender<MeshStatus>,
     reported: BTreeSet<Problem>,
 }
@@ -58,6 +60,7 @@ impl LocalMesh {
         }
         self.index.reset(self.manifests.objects());
         self.model = self.index.model();
+        self.binding.update(&self.model);
         self.report_problems();
         self.publish();
     }
@@ -153,6 +156,7 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
         index: Index::new(),
         model: MeshModel::default(),
         publisher: MeshPublisher::new(cache.clone(), opts.mesh.clone(), Some(identity)),
+        binding: Arc::new(PodAddressBinding::default()),
         status: status_tx,
         reported: BTreeSet::new(),
     };
@@ -161,6 +165,7 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
     mesh.reload();
 
     let (ads, streams) = AdsService::new(cache);
+    let ads = ads.with_policy(mesh.binding.clone());
     let admin_state = AdminState {
         status: status_rx,
         registry: ads.registry(),

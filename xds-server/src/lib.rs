@@ -10,7 +10,9 @@ pub mod snapshot;
 
 pub use connection::{AdsConnection, AdsResponse, Nack, RequestEvent, TypeSync};
 pub use resource::{Resource, type_url};
-pub use service::{AdsService, StreamSupervisor, StreamSync, SyncRegistry, encode_response};
+pub use service::{
+    AdsService, StreamPolicy, StreamSupervisor, StreamSync, SyncRegistry, encode_response,
+};
 pub use snapshot::{
     NodeWatch, ResourceMap, Snapshot, SnapshotCache, SnapshotSource, TypedResources,
 };

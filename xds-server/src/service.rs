@@ -28,6 +28,13 @@ use crate::snapshot::{NodeWatch, SnapshotCache, SnapshotSource};
 const SOTW_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
 
+/// Decides whether a stream may receive its node's own resources (secrets included).
+pub trait StreamPolicy: Send + Sync + std::fmt::Debug {
+    /// `Ok` when `peer` may have `node`'s own snapshot; `Err(reason)` otherwise, and the
+    /// stream gets only the fallback snapshot.
+    fn check(&self, node: &str, peer: Option<SocketAddr>) -> Result<(), String>;
+}
+
 /// What `proxy-status` shows for one connected stream.
 #[derive(Clone, Debug, Default)]
 pub struct StreamSync {
@@ -37,12 +44,15 @@ pub struct StreamSync {
     pub peer: Option<SocketAddr>,
     /// Per-type sync state.
     pub types: Vec<TypeSync>,
+    /// Why the stream is denied its node's own resources, if it is.
+    pub denied: Option<String>,
 }
 
 /// Sync state of every open stream, keyed by stream id.
 #[derive(Debug, Default)]
 pub struct SyncRegistry {
     streams: Mutex<HashMap<u64, StreamSync>>,
+    denials: AtomicU64,
 }
 
 impl SyncRegistry {
@@ -54,6 +64,11 @@ impl SyncRegistry {
     fn remove(&self, id: u64) {
         let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
         streams.remove(&id);
+    }
+
+    /// Streams denied their node's own resources so far (a metric).
+    pub fn denials(&self) -> u64 {
+        self.denials.load(Ordering::Relaxed)
     }
 
     /// A copy of every stream's state, ordered by node id.
@@ -98,6 +113,7 @@ impl StreamSupervisor {
 #[derive(Clone, Debug)]
 pub struct AdsService {
     cache: Arc<SnapshotCache>,
+    policy: Option<Arc<dyn StreamPolicy>>,
     registry: Arc<SyncRegistry>,
     next_stream: Arc<AtomicU64>,
     spawned: mpsc::UnboundedSender<JoinHandle<()>>,
@@ -109,11 +125,18 @@ impl AdsService {
         let (spawned, handles) = mpsc::unbounded_channel();
         let service = Self {
             cache,
+            policy: None,
             registry: Arc::default(),
             next_stream: Arc::default(),
             spawned,
         };
         (service, StreamSupervisor { handles })
+    }
+
+    /// Checks every stream with `policy` before serving it its node's own resources.
+    pub fn with_policy(mut self, policy: Arc<dyn StreamPolicy>) -> Self {
+        self.policy = Some(policy);
+        self
     }
 
     /// Sync state of all open streams.
@@ -134,8 +157,16 @@ impl AdsService {
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let cache = self.cache.clone();
         let registry = self.registry.clone();
+        let policy = self.policy.clone();
         let handle = tokio::spawn(async move {
-            run_stream(id, peer, &cache, &registry, requests, tx).await;
+            let stream = StreamContext {
+                id,
+                peer,
+                cache: &cache,
+                registry: &registry,
+                policy: policy.as_deref(),
+            };
+            run_stream(stream, requests, tx).await;
             registry.remove(id);
         });
         // The supervisor is gone only during shutdown; the task still runs to completion.
@@ -144,17 +175,31 @@ impl AdsService {
     }
 }
 
-/// Drives one stream: requests and snapshot changes in, responses out.
-async fn run_stream<S>(
+/// What a stream task works with besides its requests and responses.
+struct StreamContext<'a> {
     id: u64,
     peer: Option<SocketAddr>,
-    cache: &SnapshotCache,
-    registry: &SyncRegistry,
+    cache: &'a SnapshotCache,
+    registry: &'a SyncRegistry,
+    policy: Option<&'a dyn StreamPolicy>,
+}
+
+/// Drives one stream: requests and snapshot changes in, responses out.
+async fn run_stream<S>(
+    ctx: StreamContext<'_>,
     mut requests: S,
     tx: mpsc::Sender<Result<AdsResponse, Status>>,
 ) where
     S: Stream<Item = Result<DiscoveryRequest, Status>> + Unpin,
 {
+    let StreamContext {
+        id,
+        peer,
+        cache,
+        registry,
+        policy,
+    } = ctx;
+    let mut denied: Option<String> = None;
     let mut conn = AdsConnection::new();
     let mut snapshots: Option<NodeWatch> = None;
     let mut source = None;
@@ -197,7 +242,22 @@ async fn run_stream<S>(
         if snapshots.is_none() {
             snapshots = conn.node_id().map(|n| cache.watch(n));
         }
-        if let Some((snapshot, now)) = snapshots.as_mut().and_then(NodeWatch::current) {
+        if let Some(node) = conn.node_id() {
+            let verdict = policy.map_or(Ok(()), |p| p.check(node, peer)).err();
+            if verdict.is_some() && verdict != denied {
+                registry.denials.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    stream = id,
+                    node,
+                    ?peer,
+                    reason = verdict.as_deref().unwrap_or_default(),
+                    "proxy failed the identity check; it gets no secrets and no workload config"
+                );
+            }
+            denied = verdict;
+        }
+        let own_allowed = denied.is_none();
+        if let Some((snapshot, now)) = snapshots.as_mut().and_then(|w| w.current(own_allowed)) {
             if source != Some(now) {
                 let node = conn.node_id().unwrap_or_default();
                 match now {
@@ -235,6 +295,7 @@ async fn run_stream<S>(
                 node_id: conn.node_id().map(str::to_string),
                 peer,
                 types: conn.sync_state(),
+                denied: denied.clone(),
             },
         );
     }

@@ -223,12 +223,13 @@ impl NodeWatch {
         }
     }
 
-    /// The snapshot to serve now, marking both as seen.
-    pub fn current(&mut self) -> Option<(Arc<Snapshot>, SnapshotSource)> {
+    /// The snapshot to serve now, marking both as seen. With `own_allowed` false the
+    /// node only ever gets the fallback.
+    pub fn current(&mut self, own_allowed: bool) -> Option<(Arc<Snapshot>, SnapshotSource)> {
         let fallback = self.fallback.borrow_and_update().clone();
         match self.own.borrow_and_update().clone() {
-            Some(own) => Some((own, SnapshotSource::Own)),
-            None => fallback.map(|f| (f, SnapshotSource::Fallback)),
+            Some(own) if own_allowed => Some((own, SnapshotSource::Own)),
+            _ => fallback.map(|f| (f, SnapshotSource::Fallback)),
         }
     }
 }

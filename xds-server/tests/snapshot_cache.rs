@@ -32,13 +32,13 @@ async fn unknown_nodes_wait_for_the_fallback_then_switch_to_their_own_snapshot()
     let cache = SnapshotCache::new();
     let mut watch = cache.watch("ns/pod");
     assert!(
-        watch.current().is_none(),
+        watch.current(true).is_none(),
         "nothing to serve before the first publish"
     );
 
     assert!(cache.set_fallback(snap("shared")));
     watch.changed().await.unwrap();
-    let (s, source) = watch.current().unwrap();
+    let (s, source) = watch.current(true).unwrap();
     assert_eq!(
         (names(&s), source),
         (vec!["shared".to_string()], SnapshotSource::Fallback)
@@ -46,7 +46,7 @@ async fn unknown_nodes_wait_for_the_fallback_then_switch_to_their_own_snapshot()
 
     assert!(cache.set("ns/pod", snap("own")));
     watch.changed().await.unwrap();
-    let (s, source) = watch.current().unwrap();
+    let (s, source) = watch.current(true).unwrap();
     assert_eq!(
         (names(&s), source),
         (vec!["own".to_string()], SnapshotSource::Own)
@@ -56,7 +56,7 @@ async fn unknown_nodes_wait_for_the_fallback_then_switch_to_their_own_snapshot()
     cache.remove("ns/pod");
     watch.changed().await.unwrap();
     assert_eq!(
-        watch.current().unwrap().1,
+        watch.current(true).unwrap().1,
         SnapshotSource::Fallback,
         "a removed pod falls back"
     );
@@ -68,7 +68,7 @@ async fn an_equal_snapshot_wakes_nobody() {
     let cache = SnapshotCache::new();
     assert!(cache.set("n", snap("a")));
     let mut watch = cache.watch("n");
-    watch.current();
+    watch.current(true);
     assert!(!cache.set("n", snap("a")), "same content is no change");
     let woke = tokio::time::timeout(Duration::from_millis(50), watch.changed()).await;
     assert!(woke.is_err(), "no wake-up for an unchanged snapshot");

@@ -1,10 +1,12 @@
 //! Workload identity: Weft's CA, SPIFFE X.509 SVIDs, and when to renew them.
 
+mod binding;
 mod ca;
 mod workloads;
 
 use std::time::{Duration, SystemTime};
 
+pub use binding::PodAddressBinding;
 pub use ca::{CaSource, CertificateAuthority, Svid};
 pub use workloads::{WorkloadCertificates, WorkloadSecrets};
 

@@ -1,0 +1,99 @@
+//! Binds an xDS stream to the pod it claims to be: its peer address must be the pod's IP.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{PoisonError, RwLock};
+
+use weft_xds::StreamPolicy;
+
+use crate::index::MeshModel;
+
+/// Pod IPs by node id, checked against the peer address of every ADS stream.
+#[derive(Debug, Default)]
+pub struct PodAddressBinding {
+    pods: RwLock<HashMap<String, Option<IpAddr>>>,
+}
+
+impl PodAddressBinding {
+    /// Takes the pods and their IPs from a new model.
+    pub fn update(&self, model: &MeshModel) {
+        let pods = model
+            .workloads
+            .iter()
+            .map(|(node, w)| (node.clone(), w.ip))
+            .collect();
+        *self.pods.write().unwrap_or_else(PoisonError::into_inner) = pods;
+    }
+}
+
+/// IPv4 peers may show up as IPv4-mapped IPv6 addresses on a dual-stack listener.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+impl StreamPolicy for PodAddressBinding {
+    fn check(&self, node: &str, peer: Option<SocketAddr>) -> Result<(), String> {
+        let pods = self.pods.read().unwrap_or_else(PoisonError::into_inner);
+        // An unknown node has no workload config or secrets to protect.
+        let Some(expected) = pods.get(node) else {
+            return Ok(());
+        };
+        let peer_ip = peer.map(|p| canonical(p.ip()));
+        match (expected, peer_ip) {
+            (Some(pod_ip), Some(ip)) if canonical(*pod_ip) == ip => Ok(()),
+            (Some(pod_ip), Some(ip)) => Err(format!(
+                "pod {node} has IP {pod_ip} but the stream comes from {ip}"
+            )),
+            (Some(pod_ip), None) => Err(format!(
+                "pod {node} has IP {pod_ip} but the stream's peer address is unknown"
+            )),
+            (None, _) => Err(format!(
+                "pod {node} has no IP yet, so no stream can be bound to it"
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::Index;
+    use crate::source::parse_manifests;
+
+    fn binding() -> PodAddressBinding {
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nstatus: {podIP: 198.18.0.2}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: pending}\n";
+        let mut index = Index::new();
+        index.reset(parse_manifests(text).unwrap());
+        let b = PodAddressBinding::default();
+        b.update(&index.model());
+        b
+    }
+
+    #[test]
+    fn only_the_pods_own_address_may_have_its_config() {
+        let b = binding();
+        let from = |ip: &str| Some(SocketAddr::new(ip.parse().unwrap(), 40000));
+        assert!(b.check("default/a", from("198.18.0.2")).is_ok());
+        assert!(
+            b.check("default/a", from("::ffff:198.18.0.2")).is_ok(),
+            "v4-mapped peers match"
+        );
+        let err = b.check("default/a", from("198.18.0.9")).unwrap_err();
+        assert!(
+            err.contains("198.18.0.2") && err.contains("198.18.0.9"),
+            "{err}"
+        );
+        assert!(b.check("default/a", None).is_err());
+        assert!(
+            b.check("default/pending", from("198.18.0.3")).is_err(),
+            "no IP, no binding"
+        );
+        assert!(
+            b.check("default/unknown", from("198.18.0.3")).is_ok(),
+            "unknown nodes get the fallback anyway"
+        );
+    }
+}
