@@ -244,6 +244,8 @@ pub fn envoy_binary() -> Result<PathBuf> {
 #[derive(Debug)]
 struct PodNet {
     netns: String,
+    /// Root-namespace end of the pod's veth pair.
+    host_if: String,
     ip: Ipv4Addr,
     labels: Vec<(String, String)>,
     service_account: String,
@@ -271,6 +273,7 @@ pub struct Harness {
     processes: Vec<(String, Child)>,
     control_plane: Option<Child>,
     control_plane_args: Vec<String>,
+    xds_tls: bool,
     forward_rule: bool,
 }
 
@@ -295,6 +298,7 @@ impl Harness {
             processes: Vec::new(),
             control_plane: None,
             control_plane_args: Vec::new(),
+            xds_tls: false,
             forward_rule: false,
         };
         harness.remove_leftovers();
@@ -364,6 +368,21 @@ impl Harness {
                 }
             }
         }
+        if let Ok(out) = output(cmd("ip", &["-o", "link", "show"])) {
+            let veth_prefix = format!("wv{}p", self.id);
+            for line in String::from_utf8_lossy(&out.stdout).lines() {
+                let name = line
+                    .split(": ")
+                    .nth(1)
+                    .unwrap_or_default()
+                    .split('@')
+                    .next()
+                    .unwrap_or_default();
+                if name.starts_with(&veth_prefix) {
+                    let _ = output(cmd("ip", &["link", "del", name]));
+                }
+            }
+        }
         let _ = output(cmd("ip", &["link", "del", &self.bridge()]));
         let bridge = self.bridge();
         while output(cmd(
@@ -391,11 +410,15 @@ impl Harness {
         let netns = self.netns(name);
         let host_if = format!("wv{}p{index}", self.id);
         let pod_if = format!("wc{}p{index}", self.id);
+        // Namespace teardown is asynchronous in the kernel: a pair from an earlier run
+        // with this id may still exist.
+        let _ = output(cmd("ip", &["link", "del", &host_if]));
         check(cmd("ip", &["netns", "add", &netns]))?;
         self.pods.insert(
             name.to_string(),
             PodNet {
                 netns: netns.clone(),
+                host_if: host_if.clone(),
                 ip,
                 labels: labels
                     .iter()
@@ -631,6 +654,19 @@ impl Harness {
 
     /// Like [`Harness::start_sidecar`], but the sidecar claims to be `claimed_pod`.
     pub fn start_sidecar_as(&mut self, pod: &str, claimed_pod: &str) -> Result<()> {
+        self.spawn_sidecar(pod, claimed_pod, self.xds_tls)?;
+        self.wait_sidecar_live(pod)
+    }
+
+    /// Sidecars started from now on connect to xDS over TLS (`weft bootstrap --ca-file`).
+    pub fn use_xds_tls(&mut self, on: bool) {
+        self.xds_tls = on;
+    }
+
+    /// Starts a sidecar for `pod` claiming `claimed_pod`, without waiting for it: the
+    /// bootstrap, the iptables redirect (as the init container would), then Envoy as
+    /// the proxy UID.
+    pub fn spawn_sidecar(&mut self, pod: &str, claimed_pod: &str, xds_tls: bool) -> Result<()> {
         let bootstrap = self.work.join(format!("{pod}-envoy.yaml"));
         let mut c = Command::new(&self.weft);
         c.args([
@@ -642,6 +678,9 @@ impl Harness {
             "-o",
         ])
         .arg(&bootstrap);
+        if xds_tls {
+            c.arg("--ca-file").arg(self.state_dir().join("ca-cert.pem"));
+        }
         check(c)?;
         set_mode(&bootstrap, 0o644)?;
         let netns = self.netns(pod);
@@ -653,27 +692,27 @@ impl Harness {
         let envoy = self.envoy.to_string_lossy().to_string();
         let boot = bootstrap.to_string_lossy().to_string();
         let log = self.work.join(format!("{pod}-envoy.log"));
-        self.spawn_in(
-            pod,
-            "envoy",
-            &[
-                "setpriv",
-                "--reuid",
-                &uid,
-                "--regid",
-                &uid,
-                "--clear-groups",
-                &envoy,
-                "-c",
-                &boot,
-                "--use-dynamic-base-id",
-                "--log-level",
-                "warn",
-                "--drain-time-s",
-                "2",
-            ],
-            &log,
-        )?;
+        let argv = [
+            "setpriv",
+            "--reuid",
+            &uid,
+            "--regid",
+            &uid,
+            "--clear-groups",
+            &envoy,
+            "-c",
+            &boot,
+            "--use-dynamic-base-id",
+            "--log-level",
+            "warn",
+            "--drain-time-s",
+            "2",
+        ];
+        self.spawn_in(pod, "envoy", &argv, &log)
+    }
+
+    /// Waits until `pod`'s sidecar reports LIVE on its admin endpoint.
+    pub fn wait_sidecar_live(&self, pod: &str) -> Result<()> {
         let (app, netns) = (self.app.clone(), self.netns(pod));
         wait_for(
             Duration::from_secs(30),
@@ -960,6 +999,13 @@ impl Drop for Harness {
             let _ = fs::remove_dir_all(&self.work);
         }
         for pod in self.pods.values() {
+            // Anything still running inside keeps the namespace (and its veth) alive.
+            if let Ok(out) = output(cmd("ip", &["netns", "pids", &pod.netns])) {
+                for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                    let _ = output(cmd("kill", &["-KILL", pid]));
+                }
+            }
+            let _ = output(cmd("ip", &["link", "del", &pod.host_if]));
             let _ = output(cmd("ip", &["netns", "del", &pod.netns]));
             let _ = fs::remove_dir_all(Path::new("/etc/netns").join(&pod.netns));
         }

@@ -256,3 +256,46 @@ fn a_control_plane_restart_keeps_the_root_and_traffic() {
         "still mTLS after the restart"
     );
 }
+
+#[test]
+fn xds_over_tls_is_verified_against_the_root_and_plaintext_can_be_refused() {
+    let mut h = Harness::new(16, "xds-tls").expect("harness");
+    h.add_pod("client", &[("app", "client")], "client").unwrap();
+    h.add_pod("server-0", &[("app", "server")], "server")
+        .unwrap();
+    h.add_pod("legacy", &[("app", "legacy")], "legacy").unwrap();
+    h.add_service("server", &[("app", "server")]).unwrap();
+    h.write_cluster_manifest().unwrap();
+    h.start_control_plane_with(&["--require-xds-tls"]).unwrap();
+    h.use_xds_tls(true);
+    h.start_sidecar("client").unwrap();
+    h.start_sidecar("server-0").unwrap();
+    let (_, peer) = h
+        .get("client", SERVER_URL)
+        .unwrap()
+        .expect("config arrived over TLS");
+    assert!(peer.unwrap_or_default().contains(CLIENT_ID));
+    let xds_tls = h
+        .envoy_stat("client", "cluster.weft-xds.ssl.handshake")
+        .unwrap();
+    assert!(xds_tls >= 1, "the xDS connection is TLS");
+
+    // A bootstrap without --ca-file speaks plaintext: refused, so it never gets config.
+    h.spawn_sidecar("legacy", "legacy", false).unwrap();
+    std::thread::sleep(Duration::from_secs(3));
+    let proxies = h.proxy_status().unwrap();
+    let nodes: Vec<&str> = proxies
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["node"].as_str())
+        .collect();
+    assert!(
+        !nodes.contains(&"default/legacy"),
+        "a plaintext sidecar was served: {nodes:?}"
+    );
+    assert!(
+        nodes.contains(&"default/client") && nodes.contains(&"default/server-0"),
+        "{nodes:?}"
+    );
+}

@@ -22,6 +22,17 @@ pub struct BootstrapOptions {
     pub xds_port: u16,
     /// Envoy admin port on 127.0.0.1.
     pub admin_port: u16,
+    /// Verify the control plane over TLS, when set.
+    pub xds_tls: Option<XdsTls>,
+}
+
+/// How a sidecar verifies the control plane on the xDS connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct XdsTls {
+    /// PEM root the control plane's certificate chains to.
+    pub ca_file: std::path::PathBuf,
+    /// The SPIFFE ID the control plane's certificate must carry.
+    pub control_plane_id: String,
 }
 
 impl BootstrapOptions {
@@ -49,6 +60,7 @@ impl BootstrapOptions {
             xds_host: host.to_string(),
             xds_port: port,
             admin_port,
+            xds_tls: None,
         })
     }
 
@@ -67,7 +79,7 @@ pub fn render_bootstrap(opts: &BootstrapOptions) -> Result<String, WeftError> {
     } else {
         "STRICT_DNS"
     };
-    let bootstrap = json!({
+    let mut bootstrap = json!({
         "node": {
             "id": opts.node_id(),
             "cluster": format!("{}.{}", opts.pod, opts.namespace),
@@ -114,6 +126,24 @@ pub fn render_bootstrap(opts: &BootstrapOptions) -> Result<String, WeftError> {
             } ],
         },
     });
+    if let Some(tls) = &opts.xds_tls {
+        bootstrap["static_resources"]["clusters"][0]["transport_socket"] = json!({
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": opts.xds_host,
+                "common_tls_context": {
+                    "alpn_protocols": ["h2"],
+                    "validation_context": {
+                        "trusted_ca": { "filename": tls.ca_file.to_string_lossy() },
+                        "match_typed_subject_alt_names": [
+                            { "san_type": "URI", "matcher": { "exact": tls.control_plane_id } },
+                        ],
+                    },
+                },
+            },
+        });
+    }
     serde_yaml_ng::to_string(&bootstrap).map_err(|e| WeftError::Manifest {
         reason: format!("rendering bootstrap: {e}"),
     })
@@ -140,6 +170,30 @@ mod tests {
             ["socket_address"];
         assert_eq!(sa["address"], "198.18.0.1");
         assert_eq!(sa["port_value"], 15010);
+    }
+
+    #[test]
+    fn with_a_ca_file_the_control_plane_is_verified_over_tls() {
+        let mut opts = BootstrapOptions::parse("shop/web-1", "198.18.0.1:15010", 15000).unwrap();
+        let plain: serde_json::Value =
+            serde_yaml_ng::from_str(&render_bootstrap(&opts).unwrap()).unwrap();
+        assert!(plain["static_resources"]["clusters"][0]["transport_socket"].is_null());
+        opts.xds_tls = Some(XdsTls {
+            ca_file: "/state/ca-cert.pem".into(),
+            control_plane_id: "spiffe://cluster.local/ns/weft-system/sa/weft".into(),
+        });
+        let v: serde_json::Value =
+            serde_yaml_ng::from_str(&render_bootstrap(&opts).unwrap()).unwrap();
+        let ctx = &v["static_resources"]["clusters"][0]["transport_socket"]["typed_config"]["common_tls_context"];
+        assert_eq!(
+            ctx["validation_context"]["trusted_ca"]["filename"],
+            "/state/ca-cert.pem"
+        );
+        assert_eq!(
+            ctx["validation_context"]["match_typed_subject_alt_names"][0]["matcher"]["exact"],
+            "spiffe://cluster.local/ns/weft-system/sa/weft"
+        );
+        assert_eq!(ctx["alpn_protocols"][0], "h2");
     }
 
     #[test]

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::admin::{self, MeshStatus, ProxyStatus};
-use crate::bootstrap::{BootstrapOptions, render_bootstrap};
+use crate::bootstrap::{BootstrapOptions, XdsTls, render_bootstrap};
 use crate::error::WeftError;
 use crate::identity::CaSource;
 use crate::iptables::{self, RedirectPlan};
@@ -50,6 +50,13 @@ enum Command {
         /// Envoy admin port (bound to 127.0.0.1).
         #[arg(long, default_value_t = 15000)]
         admin_port: u16,
+        /// Connect to xDS over TLS, verifying the control plane against this root (PEM),
+        /// e.g. the ca-cert.pem in `weft up`'s state directory.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Trust domain of the control plane's identity (with --ca-file).
+        #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
         /// Write to this file instead of stdout.
         #[arg(long, short)]
         output: Option<PathBuf>,
@@ -129,6 +136,9 @@ struct IdentityArgs {
     /// Lifetime of workload certificates (renewed at half of it), e.g. 24h, 20s.
     #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
     svid_ttl: std::time::Duration,
+    /// Refuse plaintext xDS: every sidecar must use a bootstrap made with --ca-file.
+    #[arg(long)]
+    require_xds_tls: bool,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -248,6 +258,7 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
                 extra_trust_bundle: identity.extra_trust_bundle.clone(),
                 mesh: identity.mesh_config(),
                 svid_ttl: identity.svid_ttl,
+                require_xds_tls: identity.require_xds_tls,
             })
             .await
         }
@@ -255,9 +266,16 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
             pod,
             xds,
             admin_port,
+            ca_file,
+            trust_domain,
             output,
         } => {
-            let yaml = render_bootstrap(&BootstrapOptions::parse(&pod, &xds, admin_port)?)?;
+            let mut opts = BootstrapOptions::parse(&pod, &xds, admin_port)?;
+            opts.xds_tls = ca_file.map(|ca_file| XdsTls {
+                ca_file,
+                control_plane_id: crate::xds_listener::control_plane_id(&trust_domain),
+            });
+            let yaml = render_bootstrap(&opts)?;
             match output {
                 Some(path) => std::fs::write(&path, yaml).map_err(|e| WeftError::io(path, e)),
                 None => {

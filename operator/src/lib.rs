@@ -11,5 +11,6 @@ pub mod local;
 pub mod publish;
 pub mod source;
 pub mod translate;
+pub mod xds_listener;
 
 pub use error::WeftError;

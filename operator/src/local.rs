@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
+use tokio::sync::mpsc;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tokio_stream::wrappers::TcpListenerStream;
+use tokio_stream::wrappers::ReceiverStream;
 use weft_xds::{AdsService, SnapshotCache};
 
 use crate::admin::{self, AdminState, MeshStatus, ProblemReport};
@@ -20,6 +21,7 @@ use crate::index::{Index, MeshModel, Problem};
 use crate::publish::{MeshIdentity, MeshPublisher};
 use crate::source::{DirWatch, ManifestDir};
 use crate::translate::MeshConfig;
+use crate::xds_listener;
 
 /// Settings of `weft up`.
 #[derive(Clone, Debug)]
@@ -38,6 +40,8 @@ pub struct LocalOptions {
     pub mesh: MeshConfig,
     /// Lifetime of workload certificates.
     pub svid_ttl: Duration,
+    /// Refuse plaintext xDS connections.
+    pub require_xds_tls: bool,
 }
 
 /// The index and everything derived from it, updated on every manifest change.
@@ -149,6 +153,11 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
     let cache = SnapshotCache::new();
     let (status_tx, status_rx) = watch::channel(MeshStatus::default());
     let ca = CertificateAuthority::load(&opts.ca, opts.extra_trust_bundle.as_deref())?;
+    let mut xds_hosts = vec!["localhost".to_string(), "weft-xds".to_string()];
+    if !opts.xds_addr.ip().is_unspecified() {
+        xds_hosts.push(opts.xds_addr.ip().to_string());
+    }
+    let acceptor = xds_listener::tls_acceptor(&ca, &opts.mesh.trust_domain, &xds_hosts)?;
     tracing::info!(trust_domain = %opts.mesh.trust_domain, mtls = ?opts.mesh.mtls, "workload identity enabled");
     let identity = MeshIdentity::new(ca, &opts.mesh, opts.svid_ttl);
     let mut mesh = LocalMesh {
@@ -180,11 +189,17 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
     );
 
     let mut tasks = JoinSet::new();
+    let (connections_tx, connections) = mpsc::channel(64);
+    supervised(
+        &mut tasks,
+        "xds-accept",
+        xds_listener::accept_loop(xds_listener, acceptor, opts.require_xds_tls, connections_tx),
+    );
     supervised(&mut tasks, "xds-server", async move {
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(ads)
-            .serve_with_incoming(TcpListenerStream::new(xds_listener))
+            .serve_with_incoming(ReceiverStream::new(connections))
             .await?;
         Err(WeftError::TaskEnded {
             task: "xds-server",
