@@ -49,6 +49,7 @@ lint:
 
 bench:
 	cargo bench -p weft-xds --bench fanout
+	cargo bench -p weft --bench issuance
 
 crdgen:
 	cargo run -p weft-crds --bin crdgen

@@ -85,6 +85,9 @@ pub struct RequestResult {
     /// The failure, if the request failed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// How long the request took, in microseconds.
+    #[serde(default)]
+    pub micros: u64,
 }
 
 /// Everything a load run saw, in start order.
@@ -95,25 +98,42 @@ pub struct LoadReport {
 }
 
 impl LoadReport {
-    /// A report from `(start, Ok(pod) | Err(error))` pairs.
-    pub fn from_results(results: Vec<(u64, std::result::Result<String, String>)>) -> Self {
+    /// A report from `(start, duration µs, Ok(pod) | Err(error))` triples.
+    pub fn from_timed_results(
+        results: Vec<(u64, u64, std::result::Result<String, String>)>,
+    ) -> Self {
         Self {
             results: results
                 .into_iter()
-                .map(|(start_ms, r)| match r {
-                    Ok(pod) => RequestResult {
+                .map(|(start_ms, micros, r)| {
+                    let (pod, error) = match r {
+                        Ok(pod) => (Some(pod), None),
+                        Err(e) => (None, Some(e)),
+                    };
+                    RequestResult {
                         start_ms,
-                        pod: Some(pod),
-                        error: None,
-                    },
-                    Err(e) => RequestResult {
-                        start_ms,
-                        pod: None,
-                        error: Some(e),
-                    },
+                        pod,
+                        error,
+                        micros,
+                    }
                 })
                 .collect(),
         }
+    }
+
+    /// The `p`-quantile (0.0..=1.0) of successful request latencies, in microseconds.
+    pub fn latency_micros(&self, p: f64) -> u64 {
+        let mut times: Vec<u64> = self
+            .results
+            .iter()
+            .filter(|r| r.error.is_none())
+            .map(|r| r.micros)
+            .collect();
+        if times.is_empty() {
+            return 0;
+        }
+        times.sort_unstable();
+        times[((times.len() - 1) as f64 * p.clamp(0.0, 1.0)).round() as usize]
     }
 
     /// Answers per pod.
@@ -402,6 +422,17 @@ impl Harness {
         labels: &[(&str, &str)],
         service_account: &str,
     ) -> Result<Ipv4Addr> {
+        self.add_pod_with_body(name, labels, service_account, 0)
+    }
+
+    /// Like [`Harness::add_pod`], with the app's answers padded to `body_size` bytes.
+    pub fn add_pod_with_body(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        service_account: &str,
+        body_size: usize,
+    ) -> Result<Ipv4Addr> {
         let index = u8::try_from(self.pods.len() + 2).map_err(|_| HarnessError::Command {
             command: "add_pod".into(),
             reason: "too many pods".into(),
@@ -460,19 +491,18 @@ impl Harness {
         self.write_hosts()?;
         let log = self.work.join(format!("{name}-app.log"));
         let app = self.app.to_string_lossy().to_string();
-        self.spawn_in(
+        let (port, size) = (APP_PORT.to_string(), body_size.to_string());
+        let argv = [
+            app.as_str(),
+            "serve",
+            "--name",
             name,
-            "app",
-            &[
-                &app,
-                "serve",
-                "--name",
-                name,
-                "--port",
-                &APP_PORT.to_string(),
-            ],
-            &log,
-        )?;
+            "--port",
+            &port,
+            "--body-size",
+            &size,
+        ];
+        self.spawn_in(name, "app", &argv, &log)?;
         Ok(ip)
     }
 
@@ -806,6 +836,29 @@ impl Harness {
         parse_report(check(c)?)
     }
 
+    /// Sends `count` requests one at a time, `interval_ms` apart (a fixed rate).
+    pub fn load_paced(
+        &self,
+        pod: &str,
+        url: &str,
+        count: usize,
+        interval_ms: u64,
+    ) -> Result<LoadReport> {
+        let c = self.load_command(
+            pod,
+            url,
+            &[
+                "--count",
+                &count.to_string(),
+                "--concurrency",
+                "1",
+                "--interval-ms",
+                &interval_ms.to_string(),
+            ],
+        );
+        parse_report(check(c)?)
+    }
+
     /// Starts a load of `duration` in the background (collect it with [`RunningLoad::finish`]).
     pub fn start_load(
         &self,
@@ -857,6 +910,18 @@ impl Harness {
             what: "status".into(),
             reason: e.to_string(),
         })
+    }
+
+    /// One Prometheus sample (`name` without labels) from the control plane's `/metrics`.
+    pub fn control_plane_metric(&self, name: &str) -> Result<Option<f64>> {
+        let url = format!("http://{}/metrics", self.admin_addr());
+        let out = check(cmd(&self.app, &["get", &url]))?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        Ok(text
+            .lines()
+            .filter_map(|l| l.split_once(' '))
+            .find(|(k, _)| *k == name)
+            .and_then(|(_, v)| v.trim().parse().ok()))
     }
 
     /// The version of `type_name` (`RDS`, ...) that `pod`'s proxy last ACKed.

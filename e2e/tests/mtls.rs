@@ -136,6 +136,18 @@ fn a_sidecar_claiming_another_pods_identity_gets_no_certificate() {
         status["identity_check_failures"].as_u64().unwrap() >= 1,
         "{status}"
     );
+    let metric = h
+        .control_plane_metric("weft_identity_check_failures_total")
+        .unwrap();
+    assert!(
+        metric.unwrap_or(0.0) >= 1.0,
+        "the mismatch is counted in a metric: {metric:?}"
+    );
+    assert_eq!(
+        h.control_plane_metric("weft_xds_connected_proxies")
+            .unwrap(),
+        Some(3.0)
+    );
     let proxies = h.proxy_status().unwrap();
     let denied: Vec<&serde_json::Value> = proxies
         .as_array()

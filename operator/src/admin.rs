@@ -17,6 +17,7 @@ use weft_xds::{SyncRegistry, TypeSync};
 
 use crate::error::WeftError;
 use crate::index::Problem;
+use crate::metrics::ControlPlaneMetrics;
 use crate::source::ManifestError;
 
 /// What `/status` reports: the state of the inputs.
@@ -117,6 +118,8 @@ pub struct AdminState {
     pub status: watch::Receiver<MeshStatus>,
     /// ADS stream sync state.
     pub registry: Arc<SyncRegistry>,
+    /// Prometheus metrics.
+    pub metrics: Arc<ControlPlaneMetrics>,
 }
 
 impl AdminState {
@@ -162,9 +165,18 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             json(&status)
         }
         "/proxy-status" => json(&state.proxy_status()),
+        "/metrics" => Response::builder()
+            .header(
+                "content-type",
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )
+            .body(Full::new(Bytes::from(
+                state.metrics.render(&state.registry),
+            )))
+            .unwrap_or_default(),
         _ => text(
             StatusCode::NOT_FOUND,
-            "endpoints: /ready /status /proxy-status",
+            "endpoints: /ready /status /proxy-status /metrics",
         ),
     }
 }

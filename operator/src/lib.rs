@@ -8,6 +8,7 @@ pub mod identity;
 pub mod index;
 pub mod iptables;
 pub mod local;
+pub mod metrics;
 pub mod publish;
 pub mod source;
 pub mod translate;

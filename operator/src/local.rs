@@ -18,6 +18,7 @@ use crate::admin::{self, AdminState, MeshStatus, ProblemReport};
 use crate::error::WeftError;
 use crate::identity::{CaSource, CertificateAuthority, PodAddressBinding};
 use crate::index::{Index, MeshModel, Problem};
+use crate::metrics::ControlPlaneMetrics;
 use crate::publish::{MeshIdentity, MeshPublisher};
 use crate::source::{DirWatch, ManifestDir};
 use crate::translate::MeshConfig;
@@ -51,6 +52,7 @@ struct LocalMesh {
     model: MeshModel,
     publisher: MeshPublisher,
     binding: Arc<PodAddressBinding>,
+    metrics: Arc<ControlPlaneMetrics>,
     status: watch::Sender<MeshStatus>,
     reported: BTreeSet<Problem>,
 }
@@ -94,6 +96,11 @@ impl LocalMesh {
                 return;
             }
         };
+        self.metrics.certificates_issued.inc_by(stats.issued as u64);
+        let invalid = i64::try_from(self.model.problems.len()).unwrap_or(i64::MAX);
+        self.metrics.invalid_objects.set(invalid);
+        let unreadable = i64::try_from(self.manifests.errors().len()).unwrap_or(i64::MAX);
+        self.metrics.manifest_errors.set(unreadable);
         if stats.changed == 0 {
             tracing::debug!(objects = self.index.len(), "no proxy config changed");
         } else {
@@ -166,6 +173,7 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
         model: MeshModel::default(),
         publisher: MeshPublisher::new(cache.clone(), opts.mesh.clone(), Some(identity)),
         binding: Arc::new(PodAddressBinding::default()),
+        metrics: Arc::new(ControlPlaneMetrics::default()),
         status: status_tx,
         reported: BTreeSet::new(),
     };
@@ -178,6 +186,7 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
     let admin_state = AdminState {
         status: status_rx,
         registry: ads.registry(),
+        metrics: mesh.metrics.clone(),
     };
     let xds_listener = bind(opts.xds_addr).await?;
     let admin_listener = bind(opts.admin_addr).await?;

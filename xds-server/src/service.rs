@@ -53,6 +53,7 @@ pub struct StreamSync {
 pub struct SyncRegistry {
     streams: Mutex<HashMap<u64, StreamSync>>,
     denials: AtomicU64,
+    nacks: AtomicU64,
 }
 
 impl SyncRegistry {
@@ -69,6 +70,19 @@ impl SyncRegistry {
     /// Streams denied their node's own resources so far (a metric).
     pub fn denials(&self) -> u64 {
         self.denials.load(Ordering::Relaxed)
+    }
+
+    /// NACKs received so far (a metric).
+    pub fn nacks(&self) -> u64 {
+        self.nacks.load(Ordering::Relaxed)
+    }
+
+    /// Streams open now.
+    pub fn open_streams(&self) -> usize {
+        self.streams
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .len()
     }
 
     /// A copy of every stream's state, ordered by node id.
@@ -217,14 +231,17 @@ async fn run_stream<S>(
                         let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
                         return;
                     }
-                    Ok(RequestEvent::Nack(nack)) => tracing::warn!(
+                    Ok(RequestEvent::Nack(nack)) => {
+                        registry.nacks.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
                         stream = id,
                         node = conn.node_id().unwrap_or_default(),
                         r#type = type_url::short_name(&req.type_url),
                         version = %nack.version,
                         error = %nack.message,
                         "proxy rejected config (NACK); keeping its last good config until the next change"
-                    ),
+                        );
+                    }
                     Ok(event) => tracing::debug!(stream = id, r#type = type_url::short_name(&req.type_url), ?event, "ADS request"),
                 },
             },

@@ -33,6 +33,9 @@ enum Command {
         name: String,
         #[arg(long, default_value_t = 8080)]
         port: u16,
+        /// Pad the body (the name, then spaces) to this many bytes.
+        #[arg(long, default_value_t = 0)]
+        body_size: usize,
     },
     /// GET a URL once; exit 0 on a 2xx answer. Prints the body, then the echoed
     /// peer identity (if any) on a line `peer: ...`.
@@ -58,9 +61,9 @@ enum Command {
 
 type AppError = Box<dyn std::error::Error + Send + Sync>;
 
-async fn serve(name: String, port: u16) -> Result<(), AppError> {
+async fn serve(name: String, port: u16, body_size: usize) -> Result<(), AppError> {
     let listener = tokio::net::TcpListener::bind(SocketAddr::from(([0, 0, 0, 0], port))).await?;
-    let body = Bytes::from(name);
+    let body = Bytes::from(format!("{name:<body_size$}"));
     let mut connections = tokio::task::JoinSet::new();
     loop {
         tokio::select! {
@@ -172,8 +175,10 @@ async fn load(
                     return;
                 }
                 let start = now_ms();
+                let timer = Instant::now();
                 let outcome = get_once(&client, &url).await;
-                results.lock().await.push((start, outcome));
+                let micros = timer.elapsed().as_micros() as u64;
+                results.lock().await.push((start, micros, outcome));
                 if !interval.is_zero() {
                     tokio::time::sleep(interval).await;
                 }
@@ -182,13 +187,17 @@ async fn load(
     }
     while workers.join_next().await.is_some() {}
     let mut results = std::mem::take(&mut *results.lock().await);
-    results.sort_by_key(|(start, _)| *start);
-    LoadReport::from_results(results)
+    results.sort_by_key(|(start, _, _)| *start);
+    LoadReport::from_timed_results(results)
 }
 
 async fn run(args: Args) -> Result<bool, AppError> {
     match args.command {
-        Command::Serve { name, port } => serve(name, port).await.map(|()| true),
+        Command::Serve {
+            name,
+            port,
+            body_size,
+        } => serve(name, port, body_size).await.map(|()| true),
         Command::Get { url } => {
             let url: hyper::Uri = url.parse()?;
             match get_with_peer(&client(), &url).await {

@@ -1,0 +1,91 @@
+//! Prometheus metrics of the control plane, served on the admin endpoint's `/metrics`.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use weft_xds::SyncRegistry;
+
+/// The metrics `weft up` exports.
+#[derive(Debug)]
+pub struct ControlPlaneMetrics {
+    registry: Registry,
+    /// Workload certificates issued or renewed.
+    pub certificates_issued: Counter,
+    /// Objects rejected or applied with a warning.
+    pub invalid_objects: Gauge,
+    /// Manifest files that do not parse.
+    pub manifest_errors: Gauge,
+    identity_check_failures: Counter,
+    nacks: Counter,
+    connected_proxies: Gauge,
+}
+
+impl Default for ControlPlaneMetrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("weft");
+        let m = Self {
+            certificates_issued: Counter::default(),
+            invalid_objects: Gauge::default(),
+            manifest_errors: Gauge::default(),
+            identity_check_failures: Counter::default(),
+            nacks: Counter::default(),
+            connected_proxies: Gauge::default(),
+            registry: Registry::default(),
+        };
+        registry.register(
+            "certificates_issued",
+            "Workload certificates issued or renewed",
+            m.certificates_issued.clone(),
+        );
+        registry.register(
+            "invalid_objects",
+            "Objects rejected or applied with a warning",
+            m.invalid_objects.clone(),
+        );
+        registry.register(
+            "manifest_errors",
+            "Manifest files that do not parse",
+            m.manifest_errors.clone(),
+        );
+        registry.register(
+            "identity_check_failures",
+            "ADS streams refused their pod's config because the peer address is not the pod's",
+            m.identity_check_failures.clone(),
+        );
+        registry.register(
+            "xds_nacks",
+            "xDS responses rejected by proxies",
+            m.nacks.clone(),
+        );
+        registry.register(
+            "xds_connected_proxies",
+            "ADS streams open now",
+            m.connected_proxies.clone(),
+        );
+        Self { registry, ..m }
+    }
+}
+
+impl ControlPlaneMetrics {
+    /// Text exposition, with the xDS layer's counters brought up to date first.
+    pub fn render(&self, xds: &SyncRegistry) -> String {
+        catch_up(&self.identity_check_failures, xds.denials());
+        catch_up(&self.nacks, xds.nacks());
+        self.connected_proxies
+            .set(i64::try_from(xds.open_streams()).unwrap_or(i64::MAX));
+        let mut out = String::new();
+        match encode(&mut out, &self.registry) {
+            Ok(()) => out,
+            Err(e) => format!("# encoding metrics failed: {e}\n"),
+        }
+    }
+}
+
+/// Advances a counter mirrored from a monotonic source.
+fn catch_up(counter: &Counter, source: u64) {
+    let current = counter.get();
+    if source > current {
+        counter.inc_by(source - current);
+    }
+}
