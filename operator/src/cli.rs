@@ -88,6 +88,25 @@ enum Command {
         #[arg(long, default_value = "iptables")]
         iptables: String,
     },
+    /// Drain the local proxy: stop accepting new connections, give open ones time to finish.
+    /// Run by the injected sidecar's preStop hook.
+    DrainProxy {
+        /// Envoy admin address.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin_addr: String,
+        /// How long to wait after starting the drain.
+        #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+        wait: std::time::Duration,
+    },
+    /// Wait until the local proxy is ready (LIVE). Run by the legacy sidecar's postStart hook.
+    WaitProxyReady {
+        /// Envoy admin address.
+        #[arg(long, default_value = "127.0.0.1:15000")]
+        admin_addr: String,
+        /// Give up (and fail) after this long.
+        #[arg(long, default_value = "120s", value_parser = humantime::parse_duration)]
+        timeout: std::time::Duration,
+    },
     /// Show the objects local mode rejected and the manifest files it could not read.
     Status {
         /// Admin endpoint of `weft up`.
@@ -308,6 +327,44 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
                 },
                 &program,
             )
+        }
+        Command::DrainProxy { admin_addr, wait } => {
+            let (status, body) = admin::http_request(
+                &admin_addr,
+                hyper::Method::POST,
+                "/drain_listeners?graceful",
+            )
+            .await?;
+            if !status.is_success() {
+                return Err(WeftError::Admin {
+                    addr: admin_addr,
+                    reason: format!("drain: HTTP {status}: {}", String::from_utf8_lossy(&body)),
+                });
+            }
+            tracing::info!(?wait, "proxy draining");
+            tokio::time::sleep(wait).await;
+            Ok(())
+        }
+        Command::WaitProxyReady {
+            admin_addr,
+            timeout,
+        } => {
+            let deadline = tokio::time::Instant::now() + timeout;
+            loop {
+                if let Ok((status, _)) =
+                    admin::http_request(&admin_addr, hyper::Method::GET, "/ready").await
+                    && status.is_success()
+                {
+                    return Ok(());
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(WeftError::Admin {
+                        addr: admin_addr,
+                        reason: format!("proxy not ready after {timeout:?}"),
+                    });
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
         }
         Command::Status { admin_addr, json } => {
             let status: MeshStatus = admin::fetch(&admin_addr, "/status").await?;

@@ -1,0 +1,5 @@
+//! The `weft-webhook` binary.
+
+fn main() -> std::process::ExitCode {
+    weft_webhook::server::main()
+}
