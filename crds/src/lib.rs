@@ -257,3 +257,24 @@ pub fn render_crds() -> Result<Vec<(String, String)>, CrdError> {
         })
         .collect()
 }
+
+/// Labels and annotations Weft reads or writes on pods and namespaces: the contract
+/// between the injection webhook and the control plane.
+pub mod annotations {
+    /// `enabled` on a namespace opts its pods in; `disabled` on a pod opts it out.
+    pub const INJECT: &str = "weft.dev/inject";
+    /// The Weft version that injected the pod.
+    pub const INJECTED_VERSION: &str = "weft.dev/injected-version";
+    /// The app's original HTTP probes, JSON `{"<container>/<kind>": {port, path, scheme}}`.
+    pub const ORIGINAL_PROBES: &str = "weft.dev/original-probes";
+    /// More inbound ports that bypass the proxy (comma separated).
+    pub const EXCLUDE_INBOUND_PORTS: &str = "weft.dev/exclude-inbound-ports";
+    /// Outbound CIDRs that bypass the proxy (comma separated).
+    pub const EXCLUDE_OUTBOUND_CIDRS: &str = "weft.dev/exclude-outbound-cidrs";
+    /// Outbound ports that bypass the proxy (comma separated).
+    pub const EXCLUDE_OUTBOUND_PORTS: &str = "weft.dev/exclude-outbound-ports";
+    /// Port where the proxy answers the app's rewritten kubelet probes.
+    pub const APP_PROBE_PORT: u16 = 15020;
+    /// Port of the proxy's readiness endpoint for the kubelet.
+    pub const PROXY_HEALTH_PORT: u16 = 15021;
+}

@@ -271,6 +271,7 @@ struct PodNet {
     service_account: String,
     /// Left out of `cluster.yaml`: the control plane does not know this pod.
     unlisted: bool,
+    annotations: Vec<(String, String)>,
 }
 
 #[derive(Debug)]
@@ -457,6 +458,7 @@ impl Harness {
                     .collect(),
                 service_account: service_account.to_string(),
                 unlisted: false,
+                annotations: Vec::new(),
             },
         );
         check(cmd(
@@ -543,6 +545,13 @@ impl Harness {
         Ok(())
     }
 
+    /// Adds an annotation to a pod's manifest (written by [`Harness::write_cluster_manifest`]).
+    pub fn annotate_pod(&mut self, pod: &str, key: &str, value: &str) {
+        if let Some(p) = self.pods.get_mut(pod) {
+            p.annotations.push((key.to_string(), value.to_string()));
+        }
+    }
+
     /// Keeps a pod out of `cluster.yaml`, as if the control plane had never heard of it.
     pub fn unlist_pod(&mut self, pod: &str) {
         if let Some(p) = self.pods.get_mut(pod) {
@@ -570,8 +579,18 @@ impl Harness {
                 .iter()
                 .map(|(k, v)| format!("    {k}: {v}\n"))
                 .collect();
+            let annotations: String = if pod.annotations.is_empty() {
+                String::new()
+            } else {
+                let items: String = pod
+                    .annotations
+                    .iter()
+                    .map(|(k, v)| format!("    {k}: {}\n", serde_json::Value::String(v.clone())))
+                    .collect();
+                format!("  annotations:\n{items}")
+            };
             docs.push(format!(
-                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n{labels}spec:\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: weft-e2e-app\n    ports:\n    - containerPort: {APP_PORT}\nstatus:\n  phase: Running\n  podIP: {}\n",
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n{labels}{annotations}spec:\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: weft-e2e-app\n    ports:\n    - containerPort: {APP_PORT}\nstatus:\n  phase: Running\n  podIP: {}\n",
                 pod.service_account, pod.ip
             ));
         }
@@ -705,6 +724,8 @@ impl Harness {
             &format!("default/{claimed_pod}"),
             "--xds",
             &self.xds_addr(),
+            "--health-port",
+            "15021",
             "-o",
         ])
         .arg(&bootstrap);
@@ -715,8 +736,14 @@ impl Harness {
         set_mode(&bootstrap, 0o644)?;
         let netns = self.netns(pod);
         let mut c = cmd("ip", &["netns", "exec", &netns]);
-        c.arg(&self.weft)
-            .args(["init-iptables", "--proxy-uid", &PROXY_UID.to_string()]);
+        // The same exemptions the injected init container makes: probe and health ports.
+        c.arg(&self.weft).args([
+            "init-iptables",
+            "--proxy-uid",
+            &PROXY_UID.to_string(),
+            "--exclude-inbound-ports",
+            "15020,15021",
+        ]);
         check(c)?;
         let uid = PROXY_UID.to_string();
         let envoy = self.envoy.to_string_lossy().to_string();

@@ -24,6 +24,8 @@ pub struct BootstrapOptions {
     pub admin_port: u16,
     /// Verify the control plane over TLS, when set.
     pub xds_tls: Option<XdsTls>,
+    /// Serve `/ready` on 0.0.0.0 at this port, for the kubelet's probes.
+    pub health_port: Option<u16>,
 }
 
 /// How a sidecar verifies the control plane on the xDS connection.
@@ -61,6 +63,7 @@ impl BootstrapOptions {
             xds_port: port,
             admin_port,
             xds_tls: None,
+            health_port: None,
         })
     }
 
@@ -144,9 +147,53 @@ pub fn render_bootstrap(opts: &BootstrapOptions) -> Result<String, WeftError> {
             },
         });
     }
+    if let Some(port) = opts.health_port {
+        add_health_listener(&mut bootstrap, port, opts.admin_port);
+    }
     serde_yaml_ng::to_string(&bootstrap).map_err(|e| WeftError::Manifest {
         reason: format!("rendering bootstrap: {e}"),
     })
+}
+
+/// A static listener answering `/ready` from the admin endpoint, which itself stays on
+/// loopback: the kubelet can probe readiness without reaching the admin API.
+fn add_health_listener(bootstrap: &mut serde_json::Value, port: u16, admin_port: u16) {
+    let listener = json!({
+        "name": "weft-health",
+        "address": { "socket_address": { "address": "0.0.0.0", "port_value": port } },
+        "filter_chains": [ { "filters": [ {
+            "name": "envoy.filters.network.http_connection_manager",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                "stat_prefix": "weft_health",
+                "route_config": { "virtual_hosts": [ {
+                    "name": "health",
+                    "domains": ["*"],
+                    "routes": [ { "match": { "path": "/ready" }, "route": { "cluster": "weft-admin" } } ],
+                } ] },
+                "http_filters": [ {
+                    "name": "envoy.filters.http.router",
+                    "typed_config": { "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router" },
+                } ],
+            },
+        } ] } ],
+    });
+    let admin_cluster = json!({
+        "name": "weft-admin",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "load_assignment": {
+            "cluster_name": "weft-admin",
+            "endpoints": [ { "lb_endpoints": [ { "endpoint": { "address": { "socket_address": {
+                "address": "127.0.0.1", "port_value": admin_port,
+            } } } } ] } ],
+        },
+    });
+    let statics = &mut bootstrap["static_resources"];
+    statics["listeners"] = json!([listener]);
+    if let Some(clusters) = statics["clusters"].as_array_mut() {
+        clusters.push(admin_cluster);
+    }
 }
 
 #[cfg(test)]

@@ -57,6 +57,10 @@ enum Command {
         /// Trust domain of the control plane's identity (with --ca-file).
         #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
         trust_domain: String,
+        /// Also serve the proxy's readiness (`/ready`) on 0.0.0.0:PORT for the kubelet
+        /// (the injected sidecar probes 15021).
+        #[arg(long)]
+        health_port: Option<u16>,
         /// Write to this file instead of stdout.
         #[arg(long, short)]
         output: Option<PathBuf>,
@@ -287,9 +291,11 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
             admin_port,
             ca_file,
             trust_domain,
+            health_port,
             output,
         } => {
             let mut opts = BootstrapOptions::parse(&pod, &xds, admin_port)?;
+            opts.health_port = health_port;
             opts.xds_tls = ca_file.map(|ca_file| XdsTls {
                 ca_file,
                 control_plane_id: crate::xds_listener::control_plane_id(&trust_domain),

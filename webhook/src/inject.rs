@@ -14,27 +14,18 @@ use serde::{Deserialize, Serialize};
 
 use crate::WebhookError;
 
-/// Label or annotation: `enabled` on a namespace opts in, `disabled` on a pod opts out.
-pub const INJECT_KEY: &str = "weft.dev/inject";
-/// Annotation recording the injected version; its presence makes re-injection a no-op.
-pub const INJECTED_VERSION_ANNOTATION: &str = "weft.dev/injected-version";
-/// Annotation keeping the app's original HTTP probes, as JSON, keyed `container/kind`.
-pub const ORIGINAL_PROBES_ANNOTATION: &str = "weft.dev/original-probes";
-/// Pod annotation: more inbound ports that bypass the proxy (comma separated).
-pub const EXCLUDE_INBOUND_PORTS_ANNOTATION: &str = "weft.dev/exclude-inbound-ports";
-/// Pod annotation: outbound CIDRs that bypass the proxy (comma separated).
-pub const EXCLUDE_OUTBOUND_CIDRS_ANNOTATION: &str = "weft.dev/exclude-outbound-cidrs";
-/// Pod annotation: outbound ports that bypass the proxy (comma separated).
-pub const EXCLUDE_OUTBOUND_PORTS_ANNOTATION: &str = "weft.dev/exclude-outbound-ports";
+pub use weft_crds::annotations::{
+    APP_PROBE_PORT, EXCLUDE_INBOUND_PORTS as EXCLUDE_INBOUND_PORTS_ANNOTATION,
+    EXCLUDE_OUTBOUND_CIDRS as EXCLUDE_OUTBOUND_CIDRS_ANNOTATION,
+    EXCLUDE_OUTBOUND_PORTS as EXCLUDE_OUTBOUND_PORTS_ANNOTATION, INJECT as INJECT_KEY,
+    INJECTED_VERSION as INJECTED_VERSION_ANNOTATION, ORIGINAL_PROBES as ORIGINAL_PROBES_ANNOTATION,
+    PROXY_HEALTH_PORT,
+};
 
 /// Name of the init container that installs the traffic redirect.
 pub const INIT_CONTAINER: &str = "weft-init";
 /// Name of the proxy container.
 pub const PROXY_CONTAINER: &str = "weft-proxy";
-/// Port of the proxy's readiness endpoint (`/ready`), reachable by the kubelet.
-pub const PROXY_HEALTH_PORT: u16 = 15021;
-/// Port where the proxy answers the app's rewritten kubelet probes.
-pub const APP_PROBE_PORT: u16 = 15020;
 
 /// What injection adds, set by the platform team (Helm values).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -434,6 +425,14 @@ fn rewrite_probes(containers: &mut [Container]) -> BTreeMap<String, OriginalProb
             let Some(get) = probe.and_then(|p| p.http_get.as_ref()) else {
                 continue;
             };
+            // HTTPS probes are not forwarded by the proxy: they stay as they are.
+            if get
+                .scheme
+                .as_deref()
+                .is_some_and(|s| !s.eq_ignore_ascii_case("HTTP"))
+            {
+                continue;
+            }
             let port = match &get.port {
                 IntOrString::Int(n) => Some(*n),
                 IntOrString::String(name) => named_port(name),

@@ -13,8 +13,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use weft_crds::{HTTPRouteGroup, TCPRoute, TrafficSplit, TrafficTarget};
 
 pub use model::{
-    AppProtocol, MeshModel, MeshService, Problem, ServiceKey, ServicePortModel, SplitBackend,
-    SplitModel, Workload, WorkloadPort,
+    AppProtocol, MeshModel, MeshService, ProbeForward, Problem, ServiceKey, ServicePortModel,
+    SplitBackend, SplitModel, Workload, WorkloadPort,
 };
 
 /// The kinds of object the index understands.

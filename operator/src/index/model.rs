@@ -126,6 +126,19 @@ pub struct Workload {
     pub meshed: bool,
     /// Ports other meshed workloads reach through services, sorted.
     pub inbound_ports: Vec<WorkloadPort>,
+    /// Kubelet probes the proxy forwards to the app (from the injection annotation), sorted.
+    pub probes: Vec<ProbeForward>,
+}
+
+/// A rewritten kubelet probe: the proxy's path and where the app answers it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct ProbeForward {
+    /// Path on the proxy's probe port, `/app-health/<container>/<kind>`.
+    pub path: String,
+    /// The app's port.
+    pub port: u16,
+    /// The app's probe path.
+    pub target_path: String,
 }
 
 impl Workload {

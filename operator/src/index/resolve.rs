@@ -8,17 +8,17 @@ use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use weft_crds::TrafficSplit;
+use weft_crds::{TrafficSplit, annotations};
 
 use super::model::{
-    AppProtocol, MeshModel, MeshService, Problem, ServiceKey, ServicePortModel, SplitBackend,
-    SplitModel, Workload, WorkloadPort,
+    AppProtocol, MeshModel, MeshService, ProbeForward, Problem, ServiceKey, ServicePortModel,
+    SplitBackend, SplitModel, Workload, WorkloadPort,
 };
 use super::{Kind, MeshObject, ObjectRef};
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Label or annotation that opts a pod out of the mesh when set to `disabled`.
-const INJECT_KEY: &str = "weft.dev/inject";
+const INJECT_KEY: &str = annotations::INJECT;
 
 #[derive(Default)]
 struct Inputs<'a> {
@@ -92,7 +92,7 @@ pub(super) fn resolve<'a>(objects: impl Iterator<Item = &'a MeshObject>) -> Mesh
         model.services.insert(service.key.clone(), service);
     }
     for pod in &inputs.pods {
-        let workload = resolve_workload(pod, &inputs);
+        let workload = resolve_workload(pod, &inputs, &mut model.problems);
         model.workloads.insert(workload.node_id(), workload);
     }
     resolve_splits(&inputs.splits, &mut model);
@@ -318,7 +318,50 @@ fn endpoints_from_slices(port: &ServicePort, slices: &[&EndpointSlice]) -> Vec<S
     set.into_iter().collect()
 }
 
-fn resolve_workload(pod: &Pod, inputs: &Inputs<'_>) -> Workload {
+/// The probes the webhook rewrote, from its annotation; HTTPS probes are not forwarded.
+fn probe_forwards(pod: &Pod, problems: &mut Vec<Problem>) -> Vec<ProbeForward> {
+    #[derive(serde::Deserialize)]
+    struct Original {
+        port: i32,
+        path: String,
+        #[serde(default)]
+        scheme: String,
+    }
+    let Some(text) = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(annotations::ORIGINAL_PROBES))
+    else {
+        return Vec::new();
+    };
+    match serde_json::from_str::<BTreeMap<String, Original>>(text) {
+        Ok(originals) => originals
+            .into_iter()
+            .filter(|(_, o)| o.scheme.is_empty() || o.scheme.eq_ignore_ascii_case("HTTP"))
+            .filter_map(|(key, o)| {
+                Some(ProbeForward {
+                    path: format!("/app-health/{key}"),
+                    port: to_port(o.port)?,
+                    target_path: o.path,
+                })
+            })
+            .collect(),
+        Err(e) => {
+            problems.push(Problem {
+                object: ObjectRef::new(Kind::Pod, ns(&pod.metadata), name(&pod.metadata)),
+                rejected: false,
+                reason: format!(
+                    "annotation {} is not valid: {e}; kubelet probes are not forwarded",
+                    annotations::ORIGINAL_PROBES
+                ),
+            });
+            Vec::new()
+        }
+    }
+}
+
+fn resolve_workload(pod: &Pod, inputs: &Inputs<'_>, problems: &mut Vec<Problem>) -> Workload {
     let mut inbound = BTreeMap::new();
     for svc in inputs.services.iter().filter(|s| selects(s, pod)) {
         for port in svc.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
@@ -345,6 +388,7 @@ fn resolve_workload(pod: &Pod, inputs: &Inputs<'_>) -> Workload {
             .into_iter()
             .map(|(port, protocol)| WorkloadPort { port, protocol })
             .collect(),
+        probes: probe_forwards(pod, problems),
     }
 }
 

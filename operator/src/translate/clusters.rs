@@ -100,13 +100,20 @@ pub fn translate_outbound_clusters(
 pub fn translate_inbound_clusters(proxy: &Workload, out: &mut ProxyResources) {
     out.clusters
         .push(original_dst_cluster(INBOUND_PASSTHROUGH_CLUSTER));
-    for port in &proxy.inbound_ports {
-        let name = inbound_cluster_name(port.port);
+    // Ports services reach, plus ports the proxy forwards kubelet probes to.
+    let ports: std::collections::BTreeSet<u16> = proxy
+        .inbound_ports
+        .iter()
+        .map(|p| p.port)
+        .chain(proxy.probes.iter().map(|p| p.port))
+        .collect();
+    for port in ports {
+        let name = inbound_cluster_name(port);
         let mut assignment = load_assignment(&name, []);
         assignment.endpoints = vec![LocalityLbEndpoints {
             lb_endpoints: vec![LbEndpoint {
                 host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
-                    address: Some(socket_address(IpAddr::V4(Ipv4Addr::LOCALHOST), port.port)),
+                    address: Some(socket_address(IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
                     ..Default::default()
                 })),
                 ..Default::default()

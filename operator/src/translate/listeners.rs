@@ -26,6 +26,7 @@ use super::routes::tcp_destination;
 use super::tls::{MeshConfig, MtlsMode, downstream_transport_socket};
 use super::{INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, ProxyResources, outbound_route_name};
 use crate::index::{AppProtocol, MeshModel, Workload, WorkloadPort};
+use weft_crds::annotations::APP_PROBE_PORT;
 
 /// Name of the listener that captures outbound connections.
 pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
@@ -243,5 +244,62 @@ pub fn translate_inbound_listener(
             INBOUND_CAPTURE_PORT,
             TrafficDirection::Inbound,
         )
+    });
+}
+
+/// Name of the listener answering the kubelet's rewritten app probes.
+pub const APP_PROBES: &str = "weft-app-probes";
+
+/// The kubelet's probes, rewritten by the injection webhook to the probe port, are
+/// forwarded in plaintext to the app over loopback: the probe port bypasses the
+/// inbound redirect, so STRICT mTLS does not apply to it.
+pub fn translate_probe_listener(proxy: &Workload, out: &mut ProxyResources) {
+    if proxy.probes.is_empty() {
+        return;
+    }
+    let routes = proxy
+        .probes
+        .iter()
+        .map(|probe| Route {
+            name: probe.path.clone(),
+            r#match: Some(RouteMatch {
+                path_specifier: Some(route_match::PathSpecifier::Path(probe.path.clone())),
+                ..Default::default()
+            }),
+            action: Some(route::Action::Route(RouteAction {
+                cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                    inbound_cluster_name(probe.port),
+                )),
+                prefix_rewrite: probe.target_path.clone(),
+                ..Default::default()
+            })),
+            ..Default::default()
+        })
+        .collect();
+    let hcm = http_connection_manager(
+        APP_PROBES,
+        http_connection_manager::RouteSpecifier::RouteConfig(RouteConfiguration {
+            name: APP_PROBES.to_string(),
+            virtual_hosts: vec![VirtualHost {
+                name: APP_PROBES.to_string(),
+                domains: vec!["*".to_string()],
+                routes,
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+    );
+    out.listeners.push(Listener {
+        name: APP_PROBES.to_string(),
+        address: Some(socket_address(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            APP_PROBE_PORT,
+        )),
+        traffic_direction: TrafficDirection::Inbound as i32,
+        filter_chains: vec![FilterChain {
+            filters: vec![hcm_filter(&hcm)],
+            ..Default::default()
+        }],
+        ..Default::default()
     });
 }

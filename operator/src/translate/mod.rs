@@ -122,6 +122,7 @@ pub fn translate_workload(
     let mut out = ProxyResources::default();
     clusters::translate_inbound_clusters(proxy, &mut out);
     listeners::translate_inbound_listener(proxy, config, secrets.is_some(), &mut out);
+    listeners::translate_probe_listener(proxy, &mut out);
     if let Some(secrets) = secrets {
         out.secrets = tls::translate_secrets(secrets);
     }
