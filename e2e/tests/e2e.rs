@@ -365,19 +365,46 @@ fn kubelet_probes_reach_the_app_through_the_proxy_under_strict_mtls() {
         "weft.dev/original-probes",
         r#"{"app/readyz":{"port":8080,"path":"/","scheme":"HTTP"}}"#,
     );
-    h.add_pod("kubelet", &[("app", "kubelet")], "default").unwrap();
+    h.add_pod("kubelet", &[("app", "kubelet")], "default")
+        .unwrap();
     h.unlist_pod("kubelet");
     h.add_service("web", &[("app", "web")]).unwrap();
     h.write_cluster_manifest().unwrap();
     h.start_control_plane().unwrap();
     h.start_sidecar("web-0").unwrap();
 
-    let probe = h.get("kubelet", &format!("http://{web}:15020/app-health/app/readyz")).unwrap();
-    assert_eq!(probe.map(|(body, _)| body), Ok("web-0".to_string()), "the rewritten probe reaches the app");
-    let ready = h.get("kubelet", &format!("http://{web}:15021/ready")).unwrap();
-    assert_eq!(ready.map(|(body, _)| body), Ok("LIVE".to_string()), "the proxy's readiness for the kubelet");
+    let probe = h
+        .get(
+            "kubelet",
+            &format!("http://{web}:15020/app-health/app/readyz"),
+        )
+        .unwrap();
+    assert_eq!(
+        probe.map(|(body, _)| body),
+        Ok("web-0".to_string()),
+        "the rewritten probe reaches the app"
+    );
+    let ready = h
+        .get("kubelet", &format!("http://{web}:15021/ready"))
+        .unwrap();
+    assert_eq!(
+        ready.map(|(body, _)| body),
+        Ok("LIVE".to_string()),
+        "the proxy's readiness for the kubelet"
+    );
     let direct = h.get("kubelet", &format!("http://{web}:8080/")).unwrap();
-    assert!(direct.is_err(), "plaintext to the app port is still refused: {direct:?}");
-    let other = h.get("kubelet", &format!("http://{web}:15020/app-health/app/livez")).unwrap();
-    assert!(other.is_err(), "only the probes the webhook rewrote are forwarded: {other:?}");
+    assert!(
+        direct.is_err(),
+        "plaintext to the app port is still refused: {direct:?}"
+    );
+    let other = h
+        .get(
+            "kubelet",
+            &format!("http://{web}:15020/app-health/app/livez"),
+        )
+        .unwrap();
+    assert!(
+        other.is_err(),
+        "only the probes the webhook rewrote are forwarded: {other:?}"
+    );
 }

@@ -12,7 +12,7 @@ use crate::error::WeftError;
 use crate::identity::CaSource;
 use crate::iptables::{self, RedirectPlan};
 use crate::local::{self, LocalOptions};
-use crate::translate::{MeshConfig, MtlsMode};
+use crate::translate::{AccessMode, MeshConfig, MtlsMode};
 
 const DEFAULT_ADMIN: &str = "127.0.0.1:15090";
 
@@ -162,6 +162,18 @@ struct IdentityArgs {
     /// Refuse plaintext xDS: every sidecar must use a bootstrap made with --ca-file.
     #[arg(long)]
     require_xds_tls: bool,
+    /// Authorization: `allow` lets every meshed caller in; `deny-by-default` enforces SMI
+    /// TrafficTargets (no TrafficTarget, no access).
+    #[arg(long, value_enum, default_value_t = AccessArg::Allow)]
+    access: AccessArg,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum AccessArg {
+    /// Allow all meshed traffic (still mutual TLS).
+    Allow,
+    /// Only what TrafficTargets grant.
+    DenyByDefault,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -200,6 +212,10 @@ impl IdentityArgs {
             mtls: match self.mtls {
                 MtlsArg::Strict => MtlsMode::Strict,
                 MtlsArg::Permissive => MtlsMode::Permissive,
+            },
+            access: match self.access {
+                AccessArg::Allow => AccessMode::Allow,
+                AccessArg::DenyByDefault => AccessMode::DenyByDefault,
             },
         }
     }

@@ -9,7 +9,7 @@ use weft_xds::SnapshotCache;
 use crate::error::WeftError;
 use crate::identity::{CertificateAuthority, WorkloadCertificates};
 use crate::index::MeshModel;
-use crate::translate::{MeshConfig, translate_shared, translate_workload};
+use crate::translate::{MeshConfig, grants_for, translate_shared, translate_workload};
 
 /// What one publish did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -97,8 +97,10 @@ impl MeshPublisher {
                 (Some(_), Some(tls)) => tls.clone(),
                 _ => plaintext.clone(),
             };
-            snapshot
-                .extend(translate_workload(workload, &self.config, secrets.as_ref()).to_snapshot());
+            let grants = grants_for(model, workload);
+            snapshot.extend(
+                translate_workload(workload, grants, &self.config, secrets.as_ref()).to_snapshot(),
+            );
             if self.cache.set(node, snapshot) {
                 stats.changed += 1;
             }

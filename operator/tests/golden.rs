@@ -12,7 +12,10 @@ use serde_json::{Value, json};
 use weft::identity::{Svid, WorkloadSecrets, spiffe_id};
 use weft::index::{Index, Workload};
 use weft::source::parse_manifests;
-use weft::translate::{MeshConfig, MtlsMode, ProxyResources, translate_shared, translate_workload};
+use weft::translate::{
+    AccessMode, MeshConfig, MtlsMode, ProxyResources, grants_for, translate_shared,
+    translate_workload,
+};
 use weft_xds::type_url;
 
 /// The descriptor set that envoy-types generates its code from (not exported by the crate).
@@ -115,15 +118,15 @@ fn fake_secrets(config: &MeshConfig, w: &Workload) -> WorkloadSecrets {
     }
 }
 
-/// `# weft-golden: mtls=permissive` on the first line switches the mode.
+/// `# weft-golden: mtls=permissive access=deny-by-default` on the first line sets modes.
 fn config_for(text: &str) -> MeshConfig {
     let mut config = MeshConfig::default();
-    if text
-        .lines()
-        .next()
-        .is_some_and(|l| l.contains("mtls=permissive"))
-    {
+    let directives = text.lines().next().unwrap_or_default();
+    if directives.contains("mtls=permissive") {
         config.mtls = MtlsMode::Permissive;
+    }
+    if directives.contains("access=deny-by-default") {
+        config.access = AccessMode::DenyByDefault;
     }
     config
 }
@@ -157,9 +160,13 @@ fn translate_matches_golden_files() {
             .iter()
             .map(|(node, w)| {
                 let secrets = w.meshed.then(|| fake_secrets(&config, w));
+                let grants = grants_for(&model, w);
                 (
                     node.clone(),
-                    render(&pool, &translate_workload(w, &config, secrets.as_ref())),
+                    render(
+                        &pool,
+                        &translate_workload(w, grants, &config, secrets.as_ref()),
+                    ),
                 )
             })
             .collect();

@@ -1,6 +1,7 @@
 //! The index: every input object by kind and namespace/name, resolved into a
 //! validated [`MeshModel`]. Plain synchronous code; no I/O.
 
+mod access;
 mod model;
 mod resolve;
 
@@ -13,8 +14,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use weft_crds::{HTTPRouteGroup, TCPRoute, TrafficSplit, TrafficTarget};
 
 pub use model::{
-    AppProtocol, MeshModel, MeshService, ProbeForward, Problem, ServiceKey, ServicePortModel,
-    SplitBackend, SplitModel, Workload, WorkloadPort,
+    AccessGrant, AppProtocol, HttpRequestMatch, MeshModel, MeshService, ProbeForward, Problem,
+    ServiceKey, ServicePortModel, SplitBackend, SplitModel, TcpGrant, Workload, WorkloadPort,
 };
 
 /// The kinds of object the index understands.

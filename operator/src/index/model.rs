@@ -76,6 +76,8 @@ pub struct SplitModel {
     pub source: ObjectRef,
     /// Backends per root service port; a port with no usable backend is absent.
     pub backends_by_port: BTreeMap<u16, Vec<SplitBackend>>,
+    /// Only requests matching one of these are split (HTTP ports); empty means all.
+    pub matches: Vec<HttpRequestMatch>,
 }
 
 /// A service of the mesh.
@@ -159,6 +161,55 @@ pub struct Problem {
     pub reason: String,
 }
 
+/// One HTTP request match (SMI HTTPRouteGroup entry): all present conditions must hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct HttpRequestMatch {
+    /// Regex the path must match from its start.
+    pub path_regex: Option<String>,
+    /// Allowed methods; empty means any.
+    pub methods: Vec<String>,
+    /// Header name to a regex its value must match in full.
+    pub headers: BTreeMap<String, String>,
+}
+
+/// Connection-level access a grant gives (from TCPRoute rules).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub enum TcpGrant {
+    /// None.
+    #[default]
+    None,
+    /// Every port of the destination.
+    AllPorts,
+    /// These ports.
+    Ports(Vec<u16>),
+}
+
+impl TcpGrant {
+    /// Whether connections to `port` are allowed whole.
+    pub fn covers(&self, port: u16) -> bool {
+        match self {
+            Self::None => false,
+            Self::AllPorts => true,
+            Self::Ports(ports) => ports.contains(&port),
+        }
+    }
+}
+
+/// What one TrafficTarget allows its sources to do to its destination.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AccessGrant {
+    /// The TrafficTarget.
+    pub source: ObjectRef,
+    /// Source identities (namespace, service account), sorted.
+    pub sources: Vec<(String, String)>,
+    /// Only this destination port, if the TrafficTarget names one.
+    pub port: Option<u16>,
+    /// HTTP requests allowed (ORed); empty when no HTTPRouteGroup rule applies.
+    pub http: Vec<HttpRequestMatch>,
+    /// Connections allowed whole.
+    pub tcp: TcpGrant,
+}
+
 /// Everything translate needs, validated.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MeshModel {
@@ -166,6 +217,8 @@ pub struct MeshModel {
     pub services: BTreeMap<ServiceKey, MeshService>,
     /// Workloads by node id (`namespace/name`).
     pub workloads: BTreeMap<String, Workload>,
+    /// Access grants by destination identity (namespace, service account).
+    pub grants: BTreeMap<(String, String), Vec<AccessGrant>>,
     /// Invalid or partly applied objects, sorted.
     pub problems: Vec<Problem>,
 }

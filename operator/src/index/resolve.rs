@@ -8,7 +8,9 @@ use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use weft_crds::{TrafficSplit, annotations};
+use weft_crds::{HTTPRouteGroup, TCPRoute, TrafficSplit, TrafficTarget, annotations};
+
+use super::access::{Routes, http_matches, resolve_access};
 
 use super::model::{
     AppProtocol, MeshModel, MeshService, ProbeForward, Problem, ServiceKey, ServicePortModel,
@@ -26,6 +28,9 @@ struct Inputs<'a> {
     pods: Vec<&'a Pod>,
     slices: Vec<&'a EndpointSlice>,
     splits: Vec<&'a TrafficSplit>,
+    targets: Vec<&'a TrafficTarget>,
+    route_groups: Vec<&'a HTTPRouteGroup>,
+    tcp_routes: Vec<&'a TCPRoute>,
 }
 
 fn ns(meta: &ObjectMeta) -> &str {
@@ -59,10 +64,9 @@ pub(super) fn resolve<'a>(objects: impl Iterator<Item = &'a MeshObject>) -> Mesh
             MeshObject::Pod(p) => inputs.pods.push(p),
             MeshObject::EndpointSlice(e) => inputs.slices.push(e),
             MeshObject::TrafficSplit(t) => inputs.splits.push(t),
-            // Used by authorization (a later stage); indexed so they are ready.
-            MeshObject::TrafficTarget(_)
-            | MeshObject::HTTPRouteGroup(_)
-            | MeshObject::TCPRoute(_) => {}
+            MeshObject::TrafficTarget(t) => inputs.targets.push(t),
+            MeshObject::HTTPRouteGroup(g) => inputs.route_groups.push(g),
+            MeshObject::TCPRoute(r) => inputs.tcp_routes.push(r),
         }
     }
     let mut model = MeshModel::default();
@@ -95,7 +99,9 @@ pub(super) fn resolve<'a>(objects: impl Iterator<Item = &'a MeshObject>) -> Mesh
         let workload = resolve_workload(pod, &inputs, &mut model.problems);
         model.workloads.insert(workload.node_id(), workload);
     }
-    resolve_splits(&inputs.splits, &mut model);
+    let routes = Routes::new(&inputs.route_groups, &inputs.tcp_routes);
+    resolve_splits(&inputs.splits, &routes, &mut model);
+    resolve_access(&inputs.targets, &routes, &mut model);
     model.problems.sort();
     model
 }
@@ -408,7 +414,7 @@ fn service_ref(split_ns: &str, reference: &str) -> Result<ServiceKey, String> {
     Ok(ServiceKey::new(split_ns, name))
 }
 
-fn resolve_splits(splits: &[&TrafficSplit], model: &mut MeshModel) {
+fn resolve_splits(splits: &[&TrafficSplit], routes: &Routes<'_>, model: &mut MeshModel) {
     let mut splits: Vec<&TrafficSplit> = splits.to_vec();
     splits.sort_by_key(|s| creation_order(&s.metadata));
     // Only accepted splits constrain later ones, so a newer invalid split never
@@ -420,7 +426,7 @@ fn resolve_splits(splits: &[&TrafficSplit], model: &mut MeshModel) {
             ns(&split.metadata),
             name(&split.metadata),
         );
-        match resolve_split(split, &object, &accepted, model) {
+        match resolve_split(split, &object, &accepted, routes, model) {
             Ok((root, resolved, warnings)) => {
                 model
                     .problems
@@ -461,12 +467,21 @@ fn resolve_split(
     split: &TrafficSplit,
     object: &ObjectRef,
     accepted: &AcceptedSplits,
+    routes: &Routes<'_>,
     model: &MeshModel,
 ) -> Result<ResolvedSplit, String> {
     let split_ns = ns(&split.metadata);
     let root_key = service_ref(split_ns, &split.spec.service)?;
-    if !split.spec.matches.is_empty() {
-        return Err("spec.matches (HTTPRouteGroup-based splits) is not supported yet".to_string());
+    // Only matching requests are split; all route groups named are merged.
+    let mut matches = Vec::new();
+    for m in &split.spec.matches {
+        if m.kind != "HTTPRouteGroup" {
+            return Err(format!(
+                "spec.matches kind {:?} is not HTTPRouteGroup",
+                m.kind
+            ));
+        }
+        matches.extend(http_matches(routes, split_ns, &m.name, &[])?);
     }
     let root = model
         .services
@@ -536,6 +551,7 @@ fn resolve_split(
         SplitModel {
             source: object.clone(),
             backends_by_port: by_port,
+            matches,
         },
         warnings,
     ))

@@ -22,10 +22,11 @@ use super::clusters::{INBOUND_PASSTHROUGH_CLUSTER, PASSTHROUGH_CLUSTER, inbound_
 use super::envoy::{
     ads_config_source, any, bool_value, network_filter, socket_address, tcp_proxy_filter, u32_value,
 };
+use super::rbac::{http_rbac_filter, network_rbac_filter};
 use super::routes::tcp_destination;
-use super::tls::{MeshConfig, MtlsMode, downstream_transport_socket};
+use super::tls::{AccessMode, MeshConfig, MtlsMode, downstream_transport_socket};
 use super::{INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, ProxyResources, outbound_route_name};
-use crate::index::{AppProtocol, MeshModel, Workload, WorkloadPort};
+use crate::index::{AccessGrant, AppProtocol, MeshModel, Workload, WorkloadPort};
 use weft_crds::annotations::APP_PROBE_PORT;
 
 /// Name of the listener that captures outbound connections.
@@ -130,7 +131,11 @@ pub fn translate_outbound_listeners(model: &MeshModel, out: &mut ProxyResources)
 /// The filter that hands one inbound port's traffic to the app. Over mTLS the peer's
 /// SPIFFE ID reaches the app in `x-forwarded-client-cert`; a plaintext client's copy of
 /// that header is always removed, so it cannot claim an identity.
-fn inbound_filter(port: &WorkloadPort, mtls: bool) -> Filter {
+fn inbound_filters(
+    port: &WorkloadPort,
+    mtls: bool,
+    rbac: Option<(&[AccessGrant], &MeshConfig)>,
+) -> Vec<Filter> {
     let cluster = inbound_cluster_name(port.port);
     match port.protocol {
         AppProtocol::Http => {
@@ -161,6 +166,11 @@ fn inbound_filter(port: &WorkloadPort, mtls: bool) -> Filter {
                     ..Default::default()
                 }),
             );
+            if let Some((grants, config)) = rbac {
+                // Authorization runs before the router.
+                let filter = http_rbac_filter(grants, port.port, &config.trust_domain);
+                hcm.http_filters.insert(0, filter);
+            }
             if mtls {
                 hcm.forward_client_cert_details =
                     http_connection_manager::ForwardClientCertDetails::SanitizeSet as i32;
@@ -170,12 +180,25 @@ fn inbound_filter(port: &WorkloadPort, mtls: bool) -> Filter {
                         ..Default::default()
                     });
             }
-            hcm_filter(&hcm)
+            vec![hcm_filter(&hcm)]
         }
-        AppProtocol::Tcp => tcp_proxy_filter(
-            &format!("inbound_{}", port.port),
-            tcp_proxy::ClusterSpecifier::Cluster(cluster),
-        ),
+        AppProtocol::Tcp => {
+            let stat_prefix = format!("inbound_{}", port.port);
+            let mut filters = Vec::new();
+            if let Some((grants, config)) = rbac {
+                filters.push(network_rbac_filter(
+                    grants,
+                    Some(port.port),
+                    &config.trust_domain,
+                    &stat_prefix,
+                ));
+            }
+            filters.push(tcp_proxy_filter(
+                &stat_prefix,
+                tcp_proxy::ClusterSpecifier::Cluster(cluster),
+            ));
+            filters
+        }
     }
 }
 
@@ -186,12 +209,15 @@ fn inbound_filter(port: &WorkloadPort, mtls: bool) -> Filter {
 /// inspection. Ports no service exposes pass through (mTLS-terminated in STRICT).
 pub fn translate_inbound_listener(
     proxy: &Workload,
+    grants: &[AccessGrant],
     config: &MeshConfig,
     has_identity: bool,
     out: &mut ProxyResources,
 ) {
     let strict = has_identity && config.mtls == MtlsMode::Strict;
     let permissive = has_identity && config.mtls == MtlsMode::Permissive;
+    // Deny by default: only TrafficTarget grants pass (callers without mTLS never match).
+    let rbac = (config.access == AccessMode::DenyByDefault).then_some((grants, config));
     let mut chains = Vec::new();
     for port in &proxy.inbound_ports {
         let name = inbound_cluster_name(port.port);
@@ -206,7 +232,7 @@ pub fn translate_inbound_listener(
                 transport_protocol: transport_protocol.to_string(),
                 ..Default::default()
             }),
-            filters: vec![inbound_filter(port, mtls)],
+            filters: inbound_filters(port, mtls, rbac),
             transport_socket: mtls.then(|| downstream_transport_socket(config)),
             ..Default::default()
         };
@@ -231,10 +257,21 @@ pub fn translate_inbound_listener(
         filter_chains: chains,
         default_filter_chain: Some(FilterChain {
             name: INBOUND_PASSTHROUGH_CLUSTER.to_string(),
-            filters: vec![tcp_proxy_filter(
-                INBOUND_PASSTHROUGH_CLUSTER,
-                tcp_proxy::ClusterSpecifier::Cluster(INBOUND_PASSTHROUGH_CLUSTER.to_string()),
-            )],
+            filters: rbac
+                .map(|(grants, config)| {
+                    network_rbac_filter(
+                        grants,
+                        None,
+                        &config.trust_domain,
+                        INBOUND_PASSTHROUGH_CLUSTER,
+                    )
+                })
+                .into_iter()
+                .chain([tcp_proxy_filter(
+                    INBOUND_PASSTHROUGH_CLUSTER,
+                    tcp_proxy::ClusterSpecifier::Cluster(INBOUND_PASSTHROUGH_CLUSTER.to_string()),
+                )])
+                .collect(),
             transport_socket: strict.then(|| downstream_transport_socket(config)),
             ..Default::default()
         }),

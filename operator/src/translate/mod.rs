@@ -6,6 +6,7 @@
 mod clusters;
 mod envoy;
 mod listeners;
+mod rbac;
 mod routes;
 mod tls;
 
@@ -16,10 +17,10 @@ use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use weft_xds::{Resource, Snapshot, type_url};
 
-pub use tls::{IDENTITY_SECRET, MeshConfig, MtlsMode, TRUST_BUNDLE_SECRET};
+pub use tls::{AccessMode, IDENTITY_SECRET, MeshConfig, MtlsMode, TRUST_BUNDLE_SECRET};
 
 use crate::identity::WorkloadSecrets;
-use crate::index::{MeshModel, ServiceKey, Workload};
+use crate::index::{AccessGrant, MeshModel, ServiceKey, Workload};
 
 /// Port of the listener that captures outbound traffic (iptables sends it here).
 pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
@@ -113,15 +114,24 @@ pub fn translate_shared(
     out.sorted()
 }
 
+/// The access grants whose destination is `proxy`'s identity.
+pub fn grants_for<'m>(model: &'m MeshModel, proxy: &Workload) -> &'m [AccessGrant] {
+    model
+        .grants
+        .get(&(proxy.namespace.clone(), proxy.service_account.clone()))
+        .map_or(&[], Vec::as_slice)
+}
+
 /// Resources specific to one proxy: its inbound listener, local app clusters and secrets.
 pub fn translate_workload(
     proxy: &Workload,
+    grants: &[AccessGrant],
     config: &MeshConfig,
     secrets: Option<&WorkloadSecrets>,
 ) -> ProxyResources {
     let mut out = ProxyResources::default();
     clusters::translate_inbound_clusters(proxy, &mut out);
-    listeners::translate_inbound_listener(proxy, config, secrets.is_some(), &mut out);
+    listeners::translate_inbound_listener(proxy, grants, config, secrets.is_some(), &mut out);
     listeners::translate_probe_listener(proxy, &mut out);
     if let Some(secrets) = secrets {
         out.secrets = tls::translate_secrets(secrets);
@@ -137,7 +147,7 @@ pub fn translate_proxy(
     secrets: Option<&WorkloadSecrets>,
 ) -> ProxyResources {
     let mut out = translate_shared(model, config, secrets.is_some());
-    let own = translate_workload(proxy, config, secrets);
+    let own = translate_workload(proxy, grants_for(model, proxy), config, secrets);
     out.clusters.extend(own.clusters);
     out.endpoints.extend(own.endpoints);
     out.listeners.extend(own.listeners);

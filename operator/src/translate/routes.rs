@@ -6,7 +6,10 @@ use envoy_types::pb::envoy::config::route::v3::{
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy;
 
+use envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher;
+
 use super::envoy::u32_value;
+use super::rbac::{path_prefix_regex, request_headers};
 use super::{ProxyResources, outbound_cluster_name, outbound_route_name};
 use crate::index::{AppProtocol, MeshModel, MeshService, SplitBackend};
 
@@ -22,6 +25,14 @@ fn weighted_backends(service: &MeshService, port: u16) -> Option<Vec<&SplitBacke
 
 /// Where the TCP traffic of one service port goes: its own cluster or the split's.
 pub fn tcp_destination(service: &MeshService, port: u16) -> tcp_proxy::ClusterSpecifier {
+    // Request matches cannot apply to TCP: such a split leaves TCP ports to the root.
+    if service
+        .split
+        .as_ref()
+        .is_some_and(|s| !s.matches.is_empty())
+    {
+        return tcp_proxy::ClusterSpecifier::Cluster(outbound_cluster_name(&service.key, port));
+    }
     match weighted_backends(service, port) {
         Some(backends) if backends.len() > 1 => {
             tcp_proxy::ClusterSpecifier::WeightedClusters(tcp_proxy::WeightedCluster {
@@ -40,6 +51,69 @@ pub fn tcp_destination(service: &MeshService, port: u16) -> tcp_proxy::ClusterSp
         }
         _ => tcp_proxy::ClusterSpecifier::Cluster(outbound_cluster_name(&service.key, port)),
     }
+}
+
+fn route(name: &str, r#match: RouteMatch, destination: route_action::ClusterSpecifier) -> Route {
+    Route {
+        name: name.to_string(),
+        r#match: Some(r#match),
+        action: Some(route::Action::Route(RouteAction {
+            cluster_specifier: Some(destination),
+            retry_policy: Some(RetryPolicy {
+                retry_on: DEFAULT_RETRY_ON.to_string(),
+                num_retries: Some(u32_value(DEFAULT_RETRIES)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })),
+        ..Default::default()
+    }
+}
+
+fn prefix_all() -> RouteMatch {
+    RouteMatch {
+        path_specifier: Some(route_match::PathSpecifier::Prefix("/".to_string())),
+        ..Default::default()
+    }
+}
+
+/// The routes of one service port. A split with `matches` (SMI v1alpha4) sends only
+/// matching requests to its backends; everything else goes to the root service.
+fn service_routes(service: &MeshService, port: u16) -> Vec<Route> {
+    let own = route_action::ClusterSpecifier::Cluster(outbound_cluster_name(&service.key, port));
+    let Some(split) = service.split.as_ref().filter(|s| !s.matches.is_empty()) else {
+        return vec![route(
+            "default",
+            prefix_all(),
+            http_destination(service, port),
+        )];
+    };
+    let mut routes: Vec<Route> = split
+        .matches
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let path_specifier = match &m.path_regex {
+                Some(regex) => route_match::PathSpecifier::SafeRegex(RegexMatcher {
+                    regex: path_prefix_regex(regex),
+                    ..Default::default()
+                }),
+                None => route_match::PathSpecifier::Prefix("/".to_string()),
+            };
+            let r#match = RouteMatch {
+                path_specifier: Some(path_specifier),
+                headers: request_headers(m),
+                ..Default::default()
+            };
+            route(
+                &format!("split-match-{i}"),
+                r#match,
+                http_destination(service, port),
+            )
+        })
+        .collect();
+    routes.push(route("default", prefix_all(), own));
+    routes
 }
 
 fn http_destination(service: &MeshService, port: u16) -> route_action::ClusterSpecifier {
@@ -101,25 +175,7 @@ pub fn translate_outbound_routes(model: &MeshModel, out: &mut ProxyResources) {
                 virtual_hosts: vec![VirtualHost {
                     name,
                     domains: domains(service, port.port),
-                    routes: vec![Route {
-                        name: "default".to_string(),
-                        r#match: Some(RouteMatch {
-                            path_specifier: Some(route_match::PathSpecifier::Prefix(
-                                "/".to_string(),
-                            )),
-                            ..Default::default()
-                        }),
-                        action: Some(route::Action::Route(RouteAction {
-                            cluster_specifier: Some(http_destination(service, port.port)),
-                            retry_policy: Some(RetryPolicy {
-                                retry_on: DEFAULT_RETRY_ON.to_string(),
-                                num_retries: Some(u32_value(DEFAULT_RETRIES)),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        })),
-                        ..Default::default()
-                    }],
+                    routes: service_routes(service, port.port),
                     ..Default::default()
                 }],
                 ..Default::default()

@@ -29,6 +29,16 @@ pub enum MtlsMode {
     Permissive,
 }
 
+/// Whether meshed workloads need a TrafficTarget to be reached.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum AccessMode {
+    /// Every meshed caller is allowed (mutual TLS still applies).
+    #[default]
+    Allow,
+    /// Only what TrafficTargets grant is allowed (SMI access control).
+    DenyByDefault,
+}
+
 /// Mesh-wide settings translate needs besides the model.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MeshConfig {
@@ -36,6 +46,8 @@ pub struct MeshConfig {
     pub trust_domain: String,
     /// Inbound mTLS mode.
     pub mtls: MtlsMode,
+    /// Authorization mode.
+    pub access: AccessMode,
 }
 
 impl Default for MeshConfig {
@@ -43,6 +55,7 @@ impl Default for MeshConfig {
         Self {
             trust_domain: crate::identity::DEFAULT_TRUST_DOMAIN.to_string(),
             mtls: MtlsMode::Strict,
+            access: AccessMode::Allow,
         }
     }
 }
