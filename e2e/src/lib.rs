@@ -19,6 +19,8 @@ use serde::{Deserialize, Serialize};
 pub const PROXY_UID: u32 = 1337;
 /// Port every test app listens on.
 pub const APP_PORT: u16 = 8080;
+/// Second port every test app listens on.
+pub const EXTRA_APP_PORT: u16 = 9090;
 const XDS_PORT: u16 = 15010;
 const ADMIN_PORT: u16 = 15090;
 
@@ -278,7 +280,8 @@ struct PodNet {
 struct ServiceDef {
     cluster_ip: Ipv4Addr,
     selector: Vec<(String, String)>,
-    port: u16,
+    /// (port name, port); each targets the same port on the pods.
+    ports: Vec<(String, u16)>,
 }
 
 /// A running mesh on one bridge. Dropping it removes everything it created.
@@ -494,6 +497,7 @@ impl Harness {
         let log = self.work.join(format!("{name}-app.log"));
         let app = self.app.to_string_lossy().to_string();
         let (port, size) = (APP_PORT.to_string(), body_size.to_string());
+        let extra = EXTRA_APP_PORT.to_string();
         let argv = [
             app.as_str(),
             "serve",
@@ -501,6 +505,8 @@ impl Harness {
             name,
             "--port",
             &port,
+            "--extra-port",
+            &extra,
             "--body-size",
             &size,
         ];
@@ -510,6 +516,16 @@ impl Harness {
 
     /// Adds a Service selecting pods by labels, on port 8080, with the next ClusterIP.
     pub fn add_service(&mut self, name: &str, selector: &[(&str, &str)]) -> Result<Ipv4Addr> {
+        self.add_service_ports(name, selector, &[("http", APP_PORT)])
+    }
+
+    /// Adds a Service with the given (name, port) ports, each targeting that port.
+    pub fn add_service_ports(
+        &mut self,
+        name: &str,
+        selector: &[(&str, &str)],
+        ports: &[(&str, u16)],
+    ) -> Result<Ipv4Addr> {
         let index = u8::try_from(self.services.len() + 10).unwrap_or(u8::MAX);
         let cluster_ip = Ipv4Addr::new(198, 19, self.id, index);
         self.services.insert(
@@ -520,7 +536,7 @@ impl Harness {
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
-                port: APP_PORT,
+                ports: ports.iter().map(|(n, p)| (n.to_string(), *p)).collect(),
             },
         );
         self.write_hosts()?;
@@ -569,8 +585,12 @@ impl Harness {
                 .map(|(k, v)| format!("    {k}: {v}\n"))
                 .collect();
             docs.push(format!(
-                "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {}\n  selector:\n{selector}  ports:\n  - name: http\n    port: {}\n    targetPort: {APP_PORT}\n",
-                svc.cluster_ip, svc.port
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {}\n  selector:\n{selector}  ports:\n{}",
+                svc.cluster_ip,
+                svc.ports
+                    .iter()
+                    .map(|(n, p)| format!("  - name: {n}\n    port: {p}\n    targetPort: {p}\n"))
+                    .collect::<String>()
             ));
         }
         for (name, pod) in self.pods.iter().filter(|(_, p)| !p.unlisted) {
@@ -813,8 +833,23 @@ impl Harness {
         pod: &str,
         url: &str,
     ) -> Result<std::result::Result<(String, Option<String>), String>> {
+        self.request(pod, "GET", url, &[])
+    }
+
+    /// One request from `pod` with a method and `name: value` headers.
+    pub fn request(
+        &self,
+        pod: &str,
+        method: &str,
+        url: &str,
+        headers: &[&str],
+    ) -> Result<std::result::Result<(String, Option<String>), String>> {
         let app = self.app.to_string_lossy().to_string();
-        let out = self.exec_in(pod, &[&app, "get", url])?;
+        let mut argv = vec![app.as_str(), "get", url, "--method", method];
+        for h in headers {
+            argv.extend(["--header", h]);
+        }
+        let out = self.exec_in(pod, &argv)?;
         if !out.status.success() {
             return Ok(Err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
         }

@@ -36,10 +36,21 @@ enum Command {
         /// Pad the body (the name, then spaces) to this many bytes.
         #[arg(long, default_value_t = 0)]
         body_size: usize,
+        /// Also serve on this port.
+        #[arg(long)]
+        extra_port: Option<u16>,
     },
     /// GET a URL once; exit 0 on a 2xx answer. Prints the body, then the echoed
     /// peer identity (if any) on a line `peer: ...`.
-    Get { url: String },
+    Get {
+        url: String,
+        /// HTTP method.
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Request header `name: value` (repeatable).
+        #[arg(long = "header")]
+        headers: Vec<String>,
+    },
     /// Send requests; print a JSON LoadReport.
     Load {
         #[arg(long)]
@@ -119,6 +130,14 @@ async fn get_with_peer(
     let request = Request::get(url.clone())
         .body(Empty::new())
         .map_err(|e| e.to_string())?;
+    send_with_peer(client, request).await
+}
+
+/// One request: Ok((body, echoed peer identity)) on 2xx, Err(description) otherwise.
+async fn send_with_peer(
+    client: &HttpClient,
+    request: Request<Empty<Bytes>>,
+) -> Result<(String, Option<String>), String> {
     let response = tokio::time::timeout(Duration::from_secs(5), client.request(request))
         .await
         .map_err(|_| "timeout".to_string())?
@@ -197,10 +216,26 @@ async fn run(args: Args) -> Result<bool, AppError> {
             name,
             port,
             body_size,
-        } => serve(name, port, body_size).await.map(|()| true),
-        Command::Get { url } => {
+            extra_port,
+        } => {
+            let main = serve(name.clone(), port, body_size);
+            match extra_port {
+                Some(extra) => tokio::try_join!(main, serve(name, extra, body_size)).map(|_| true),
+                None => main.await.map(|()| true),
+            }
+        }
+        Command::Get {
+            url,
+            method,
+            headers,
+        } => {
             let url: hyper::Uri = url.parse()?;
-            match get_with_peer(&client(), &url).await {
+            let mut request = Request::builder().method(method.as_str()).uri(url);
+            for h in &headers {
+                let (name, value) = h.split_once(':').ok_or("--header needs name: value")?;
+                request = request.header(name.trim(), value.trim());
+            }
+            match send_with_peer(&client(), request.body(Empty::new())?).await {
                 Ok((body, peer)) => {
                     println!("{body}");
                     if let Some(peer) = peer {
