@@ -885,17 +885,7 @@ impl Harness {
         count: usize,
         concurrency: usize,
     ) -> Result<LoadReport> {
-        let c = self.load_command(
-            pod,
-            url,
-            &[
-                "--count",
-                &count.to_string(),
-                "--concurrency",
-                &concurrency.to_string(),
-            ],
-        );
-        parse_report(check(c)?)
+        self.run_load(pod, url, count, concurrency, 0)
     }
 
     /// Sends `count` requests one at a time, `interval_ms` apart (a fixed rate).
@@ -906,19 +896,31 @@ impl Harness {
         count: usize,
         interval_ms: u64,
     ) -> Result<LoadReport> {
-        let c = self.load_command(
-            pod,
-            url,
-            &[
-                "--count",
-                &count.to_string(),
-                "--concurrency",
-                "1",
-                "--interval-ms",
-                &interval_ms.to_string(),
-            ],
+        self.run_load(pod, url, count, 1, interval_ms)
+    }
+
+    fn run_load(
+        &self,
+        pod: &str,
+        url: &str,
+        count: usize,
+        concurrency: usize,
+        interval_ms: u64,
+    ) -> Result<LoadReport> {
+        let (count, concurrency, interval) = (
+            count.to_string(),
+            concurrency.to_string(),
+            interval_ms.to_string(),
         );
-        parse_report(check(c)?)
+        let limit = [
+            "--count",
+            &count,
+            "--concurrency",
+            &concurrency,
+            "--interval-ms",
+            &interval,
+        ];
+        parse_report(check(self.load_command(pod, url, &limit))?)
     }
 
     /// Starts a load of `duration` in the background (collect it with [`RunningLoad::finish`]).

@@ -12,9 +12,9 @@ use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinSet;
 use weft_xds::{SyncRegistry, TypeSync};
 
+use crate::connections::serve_connections;
 use crate::error::WeftError;
 use crate::index::Problem;
 use crate::metrics::ControlPlaneMetrics;
@@ -183,40 +183,22 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// Serves the admin endpoint on `listener` until an error; connections are supervised.
 pub async fn serve(listener: TcpListener, state: AdminState) -> Result<(), WeftError> {
-    let mut connections = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, _) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "admin accept failed");
-                        continue;
-                    }
-                };
-                let state = state.clone();
-                connections.spawn(async move {
-                    let service = hyper::service::service_fn(move |req| {
-                        let response = route(&state, &req);
-                        async move { Ok::<_, Infallible>(response) }
-                    });
-                    if let Err(e) = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), service)
-                        .await
-                    {
-                        tracing::debug!(error = %e, "admin connection ended");
-                    }
-                });
-            }
-            Some(done) = connections.join_next(), if !connections.is_empty() => {
-                if let Err(e) = done
-                    && e.is_panic()
-                {
-                    return Err(WeftError::TaskEnded { task: "admin connection", reason: e.to_string() });
-                }
+    serve_connections(listener, "admin connection", move |stream, _peer| {
+        let state = state.clone();
+        async move {
+            let service = hyper::service::service_fn(move |req| {
+                let response = route(&state, &req);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(error = %e, "admin connection ended");
             }
         }
-    }
+    })
+    .await
 }
 
 /// GETs `path` from the admin endpoint at `addr` and decodes the JSON body.

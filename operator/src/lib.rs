@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod bootstrap;
 pub mod cli;
+pub mod connections;
 pub mod error;
 pub mod identity;
 pub mod index;

@@ -12,11 +12,11 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
+use crate::connections::serve_connections;
 use crate::error::WeftError;
 use crate::identity::{CertificateAuthority, spiffe_id};
 
@@ -155,41 +155,24 @@ async fn classify(
 }
 
 /// Accepts xDS connections and hands classified ones to the gRPC server; handshakes
-/// run concurrently and are supervised here. Ends only with an error.
+/// run concurrently and are supervised. Ends only with an error.
 pub async fn accept_loop(
     listener: TcpListener,
     acceptor: TlsAcceptor,
     require_tls: bool,
     ready: mpsc::Sender<Result<XdsConnection, io::Error>>,
 ) -> Result<(), WeftError> {
-    let mut handshakes = JoinSet::new();
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => {
-                let (stream, peer) = match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        tracing::warn!(error = %e, "xDS accept failed");
-                        continue;
-                    }
-                };
-                let (acceptor, ready) = (acceptor.clone(), ready.clone());
-                handshakes.spawn(async move {
-                    match classify(stream, &acceptor, require_tls).await {
-                        Ok(conn) => {
-                            let _ = ready.send(Ok(conn)).await;
-                        }
-                        Err(e) => tracing::warn!(%peer, error = %e, "xDS connection dropped"),
-                    }
-                });
-            }
-            Some(done) = handshakes.join_next(), if !handshakes.is_empty() => {
-                if let Err(e) = done
-                    && e.is_panic()
-                {
-                    return Err(WeftError::TaskEnded { task: "xds-handshake", reason: e.to_string() });
+    serve_connections(listener, "xds-handshake", move |stream, peer| {
+        let (acceptor, ready) = (acceptor.clone(), ready.clone());
+        async move {
+            match classify(stream, &acceptor, require_tls).await {
+                Ok(conn) => {
+                    // The gRPC server is gone only at shutdown.
+                    let _ = ready.send(Ok(conn)).await;
                 }
+                Err(e) => tracing::warn!(%peer, error = %e, "xDS connection dropped"),
             }
         }
-    }
+    })
+    .await
 }
