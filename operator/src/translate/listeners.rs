@@ -22,7 +22,7 @@ use super::clusters::{INBOUND_PASSTHROUGH_CLUSTER, PASSTHROUGH_CLUSTER, inbound_
 use super::envoy::{
     ads_config_source, any, bool_value, network_filter, socket_address, tcp_proxy_filter, u32_value,
 };
-use super::rbac::{http_rbac_filter, network_rbac_filter};
+use super::rbac::{HTTP_RBAC_FILTER, http_rbac_deny_all, http_rbac_per_route, network_rbac_filter};
 use super::routes::tcp_destination;
 use super::tls::{AccessMode, MeshConfig, MtlsMode, downstream_transport_socket};
 use super::{INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, ProxyResources, outbound_route_name};
@@ -139,37 +139,18 @@ fn inbound_filters(
     let cluster = inbound_cluster_name(port.port);
     match port.protocol {
         AppProtocol::Http => {
+            // Routes come over RDS so that authorization (a per-route RBAC override)
+            // changes for the next request, also on connections already open.
             let mut hcm = http_connection_manager(
                 &format!("inbound_{}", port.port),
-                http_connection_manager::RouteSpecifier::RouteConfig(RouteConfiguration {
-                    name: cluster.clone(),
-                    virtual_hosts: vec![VirtualHost {
-                        name: cluster.clone(),
-                        domains: vec!["*".to_string()],
-                        routes: vec![Route {
-                            r#match: Some(RouteMatch {
-                                path_specifier: Some(route_match::PathSpecifier::Prefix(
-                                    "/".to_string(),
-                                )),
-                                ..Default::default()
-                            }),
-                            action: Some(route::Action::Route(RouteAction {
-                                cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
-                                    cluster,
-                                )),
-                                ..Default::default()
-                            })),
-                            ..Default::default()
-                        }],
-                        ..Default::default()
-                    }],
-                    ..Default::default()
+                http_connection_manager::RouteSpecifier::Rds(Rds {
+                    config_source: Some(ads_config_source()),
+                    route_config_name: inbound_route_name(port.port),
                 }),
             );
-            if let Some((grants, config)) = rbac {
-                // Authorization runs before the router.
-                let filter = http_rbac_filter(grants, port.port, &config.trust_domain);
-                hcm.http_filters.insert(0, filter);
+            if rbac.is_some() {
+                // Deny unless the route grants: the per-route rules replace this.
+                hcm.http_filters.insert(0, http_rbac_deny_all());
             }
             if mtls {
                 hcm.forward_client_cert_details =
@@ -199,6 +180,59 @@ fn inbound_filters(
             ));
             filters
         }
+    }
+}
+
+/// Name of the route configuration of one inbound HTTP port.
+pub fn inbound_route_name(port: u16) -> String {
+    format!("inbound|{port}")
+}
+
+/// One route configuration per inbound HTTP port: everything to the app, with the
+/// destination's authorization as a per-route RBAC override in deny-by-default mode.
+pub fn translate_inbound_routes(
+    proxy: &Workload,
+    grants: &[AccessGrant],
+    config: &MeshConfig,
+    out: &mut ProxyResources,
+) {
+    for port in proxy
+        .inbound_ports
+        .iter()
+        .filter(|p| p.protocol == AppProtocol::Http)
+    {
+        let name = inbound_route_name(port.port);
+        let mut typed_per_filter_config = std::collections::HashMap::new();
+        if config.access == AccessMode::DenyByDefault {
+            typed_per_filter_config.insert(
+                HTTP_RBAC_FILTER.to_string(),
+                http_rbac_per_route(grants, port.port, &config.trust_domain),
+            );
+        }
+        out.routes.push(RouteConfiguration {
+            name: name.clone(),
+            virtual_hosts: vec![VirtualHost {
+                name,
+                domains: vec!["*".to_string()],
+                routes: vec![Route {
+                    r#match: Some(RouteMatch {
+                        path_specifier: Some(route_match::PathSpecifier::Prefix("/".to_string())),
+                        ..Default::default()
+                    }),
+                    action: Some(route::Action::Route(RouteAction {
+                        cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
+                            inbound_cluster_name(port.port),
+                        )),
+                        ..Default::default()
+                    })),
+                    // One entry at most: protobuf maps encode in hash order.
+                    typed_per_filter_config,
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
     }
 }
 

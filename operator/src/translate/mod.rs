@@ -132,6 +132,7 @@ pub fn translate_workload(
     let mut out = ProxyResources::default();
     clusters::translate_inbound_clusters(proxy, &mut out);
     listeners::translate_inbound_listener(proxy, grants, config, secrets.is_some(), &mut out);
+    listeners::translate_inbound_routes(proxy, grants, config, &mut out);
     listeners::translate_probe_listener(proxy, &mut out);
     if let Some(secrets) = secrets {
         out.secrets = tls::translate_secrets(secrets);

@@ -11,7 +11,7 @@ use envoy_types::pb::envoy::config::rbac::v3::{
     Permission, Policy, Principal, Rbac, permission, principal, rbac,
 };
 use envoy_types::pb::envoy::config::route::v3::{HeaderMatcher, header_matcher};
-use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::Rbac as HttpRbac;
+use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::{Rbac as HttpRbac, RbacPerRoute};
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
     HttpFilter, http_filter,
 };
@@ -19,6 +19,8 @@ use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as Netw
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     PathMatcher, RegexMatcher, StringMatcher, path_matcher, string_matcher,
 };
+
+use envoy_types::pb::google::protobuf::Any;
 
 use super::envoy::{any, network_filter};
 use crate::identity::spiffe_id;
@@ -162,9 +164,26 @@ fn rules(principals: Vec<Principal>) -> Rbac {
     }
 }
 
-/// The HTTP RBAC filter for an HTTP port: a request passes if some grant's sources
-/// include the caller and (for HTTPRouteGroup rules) the request matches.
-pub fn http_rbac_filter(grants: &[AccessGrant], port: u16, trust_domain: &str) -> HttpFilter {
+/// Name of Envoy's HTTP RBAC filter (also the key of its per-route config).
+pub const HTTP_RBAC_FILTER: &str = "envoy.filters.http.rbac";
+
+/// The HTTP RBAC filter as the listener carries it: deny everything. Each route
+/// replaces the rules with its own (`http_rbac_per_route`), so authorization changes
+/// over RDS, per request, without touching the listener.
+pub fn http_rbac_deny_all() -> HttpFilter {
+    HttpFilter {
+        name: HTTP_RBAC_FILTER.to_string(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(any(&HttpRbac {
+            rules: Some(rules(Vec::new())),
+            ..Default::default()
+        }))),
+        ..Default::default()
+    }
+}
+
+/// Per-route RBAC for an HTTP port: a request passes if some grant's sources include
+/// the caller and (for HTTPRouteGroup rules) the request matches.
+pub fn http_rbac_per_route(grants: &[AccessGrant], port: u16, trust_domain: &str) -> Any {
     let mut principals = Vec::new();
     for grant in grants.iter().filter(|g| applies(g, Some(port))) {
         if grant.tcp.covers(port) {
@@ -177,14 +196,12 @@ pub fn http_rbac_filter(grants: &[AccessGrant], port: u16, trust_domain: &str) -
         let requests = or_ids(grant.http.iter().map(request).collect());
         principals.push(and_ids(vec![sources(grant, trust_domain), requests]));
     }
-    HttpFilter {
-        name: "envoy.filters.http.rbac".to_string(),
-        config_type: Some(http_filter::ConfigType::TypedConfig(any(&HttpRbac {
+    any(&RbacPerRoute {
+        rbac: Some(HttpRbac {
             rules: Some(rules(principals)),
             ..Default::default()
-        }))),
-        ..Default::default()
-    }
+        }),
+    })
 }
 
 /// The network RBAC filter for a TCP port (or, with `port` None, any port no service
