@@ -954,24 +954,21 @@ impl Harness {
 
     /// `weft proxy-status --json` against this harness's control plane.
     pub fn proxy_status(&self) -> Result<serde_json::Value> {
-        let out = check(cmd(
-            &self.weft,
-            &["proxy-status", "--json", "--admin-addr", &self.admin_addr()],
-        ))?;
-        serde_json::from_slice(&out.stdout).map_err(|e| HarnessError::Decode {
-            what: "proxy-status".into(),
-            reason: e.to_string(),
-        })
+        self.weft_json("proxy-status")
     }
 
     /// `weft status --json` against this harness's control plane.
     pub fn status(&self) -> Result<serde_json::Value> {
+        self.weft_json("status")
+    }
+
+    fn weft_json(&self, subcommand: &str) -> Result<serde_json::Value> {
         let out = check(cmd(
             &self.weft,
-            &["status", "--json", "--admin-addr", &self.admin_addr()],
+            &[subcommand, "--json", "--admin-addr", &self.admin_addr()],
         ))?;
         serde_json::from_slice(&out.stdout).map_err(|e| HarnessError::Decode {
-            what: "status".into(),
+            what: subcommand.to_string(),
             reason: e.to_string(),
         })
     }
