@@ -37,11 +37,6 @@ impl MeshIdentity {
             certs: WorkloadCertificates::new(&config.trust_domain, ttl),
         }
     }
-
-    /// The CA.
-    pub fn ca(&self) -> &CertificateAuthority {
-        &self.ca
-    }
 }
 
 /// Turns models into snapshots; remembers which nodes it published to remove stale ones.

@@ -59,12 +59,7 @@ impl Snapshot {
         Self::default()
     }
 
-    /// Adds (or replaces) a resource under `type_url`.
-    pub fn insert(&mut self, type_url: &str, resource: Resource) {
-        self.extend_type(type_url, [resource]);
-    }
-
-    /// Builder form of [`Snapshot::insert`] for many resources.
+    /// Adds (or replaces) resources under `type_url`.
     pub fn with(mut self, type_url: &str, resources: impl IntoIterator<Item = Resource>) -> Self {
         self.extend_type(type_url, resources);
         self
@@ -80,16 +75,6 @@ impl Snapshot {
     /// Resources of one type (empty when the type has none).
     pub fn resources(&self, type_url: &str) -> Option<&TypedResources> {
         self.types.get(type_url)
-    }
-
-    /// Number of resources over all types.
-    pub fn len(&self) -> usize {
-        self.types.values().map(|t| t.items.len()).sum()
-    }
-
-    /// Whether the snapshot holds no resource at all.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 }
 
@@ -182,11 +167,6 @@ impl SnapshotCache {
             .collect();
         ids.sort();
         ids
-    }
-
-    /// The node's own snapshot, if any.
-    pub fn get(&self, node: &str) -> Option<Arc<Snapshot>> {
-        self.sender(node).borrow().clone()
     }
 
     /// Subscribes to what a node should have.

@@ -46,11 +46,6 @@ impl WorkloadCertificates {
         }
     }
 
-    /// The trust domain of every SPIFFE ID issued.
-    pub fn trust_domain(&self) -> &str {
-        &self.trust_domain
-    }
-
     /// Issues for new meshed workloads (or ones whose service account changed), renews
     /// those due at `now`, forgets workloads that are gone. Returns how many were issued.
     pub fn refresh(
