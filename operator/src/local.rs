@@ -99,7 +99,8 @@ impl LocalMesh {
         self.metrics.certificates_issued.inc_by(stats.issued as u64);
         let invalid = i64::try_from(self.model.problems.len()).unwrap_or(i64::MAX);
         self.metrics.invalid_objects.set(invalid);
-        let unreadable = i64::try_from(self.manifests.errors().len()).unwrap_or(i64::MAX);
+        let manifest_errors = self.manifests.errors();
+        let unreadable = i64::try_from(manifest_errors.len()).unwrap_or(i64::MAX);
         self.metrics.manifest_errors.set(unreadable);
         if stats.changed == 0 {
             tracing::debug!(objects = self.index.len(), "no proxy config changed");
@@ -121,7 +122,7 @@ impl LocalMesh {
                 .iter()
                 .map(ProblemReport::from)
                 .collect();
-            status.manifest_errors = self.manifests.errors();
+            status.manifest_errors = manifest_errors;
         });
     }
 }

@@ -1,7 +1,7 @@
 //! Resolves input objects into a [`MeshModel`]; invalid objects become [`Problem`]s
 //! and never affect valid ones.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
@@ -31,6 +31,8 @@ struct Inputs<'a> {
     targets: Vec<&'a TrafficTarget>,
     route_groups: Vec<&'a HTTPRouteGroup>,
     tcp_routes: Vec<&'a TCPRoute>,
+    /// Pods by IP: endpoints are matched back to the pods behind them.
+    pods_by_ip: HashMap<IpAddr, Vec<&'a Pod>>,
 }
 
 fn ns(meta: &ObjectMeta) -> &str {
@@ -67,6 +69,11 @@ pub(super) fn resolve<'a>(objects: impl Iterator<Item = &'a MeshObject>) -> Mesh
             MeshObject::TrafficTarget(t) => inputs.targets.push(t),
             MeshObject::HTTPRouteGroup(g) => inputs.route_groups.push(g),
             MeshObject::TCPRoute(r) => inputs.tcp_routes.push(r),
+        }
+    }
+    for pod in &inputs.pods {
+        if let Some(ip) = pod_ip(pod) {
+            inputs.pods_by_ip.entry(ip).or_default().push(pod);
         }
     }
     let mut model = MeshModel::default();
@@ -267,11 +274,8 @@ fn resolve_service(
         .iter()
         .flat_map(|p| p.endpoints.iter().map(|e| e.ip()))
     {
-        match inputs
-            .pods
-            .iter()
-            .find(|p| pod_ip(p) == Some(ip) && ns(&p.metadata) == key.namespace)
-        {
+        let behind = inputs.pods_by_ip.get(&ip).into_iter().flatten();
+        match behind.copied().find(|p| ns(&p.metadata) == key.namespace) {
             Some(pod) if is_meshed(pod) => {
                 service_accounts.insert((key.namespace.clone(), pod_service_account(pod)));
             }
