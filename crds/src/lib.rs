@@ -225,6 +225,48 @@ pub struct TcpMatch {
     pub ports: Vec<i32>,
 }
 
+/// MeshConfig: mesh-wide settings that override `weft up`'s flags while it exists.
+/// Cluster-scoped; when several exist the oldest applies and the others are reported.
+#[derive(
+    CustomResource, Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq,
+)]
+#[kube(
+    group = "config.weft.dev",
+    version = "v1alpha1",
+    kind = "MeshConfig",
+    derive = "PartialEq",
+    status = "SmiStatus",
+    printcolumn = r#"{"name":"Access","type":"string","jsonPath":".spec.access"}"#,
+    printcolumn = r#"{"name":"mTLS","type":"string","jsonPath":".spec.mtls"}"#
+)]
+#[serde(rename_all = "camelCase")]
+pub struct MeshConfigSpec {
+    /// Authorization mode; unset keeps the control plane's flag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub access: Option<AccessPolicy>,
+    /// Inbound mutual TLS mode; unset keeps the control plane's flag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<MtlsPolicy>,
+}
+
+/// Whether meshed workloads need a TrafficTarget to be reached.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum AccessPolicy {
+    /// Only what TrafficTargets grant (the SMI default).
+    DenyByDefault,
+    /// Every meshed caller is allowed, still over mutual TLS (for adoption).
+    Permissive,
+}
+
+/// How meshed workloads accept inbound connections.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum MtlsPolicy {
+    /// Only mutual TLS from the mesh.
+    Strict,
+    /// Mutual TLS and plaintext.
+    Permissive,
+}
+
 /// Every CRD Weft installs, as `(file stem, CRD)`.
 pub fn all_crds() -> Vec<(
     &'static str,
@@ -236,6 +278,7 @@ pub fn all_crds() -> Vec<(
         ("traffictargets.access.smi-spec.io", TrafficTarget::crd()),
         ("httproutegroups.specs.smi-spec.io", HTTPRouteGroup::crd()),
         ("tcproutes.specs.smi-spec.io", TCPRoute::crd()),
+        ("meshconfigs.config.weft.dev", MeshConfig::crd()),
     ]
 }
 

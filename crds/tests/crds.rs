@@ -20,7 +20,20 @@ fn documents(file: &str) -> Vec<serde_yaml_ng::Value> {
 fn committed_crd_yaml_matches_crdgen() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../helm/weft/crds");
     let rendered = weft_crds::render_crds().expect("CRDs render");
-    assert_eq!(rendered.len(), 4);
+    // Every committed file is rendered (no stale CRD left behind) and vice versa.
+    let mut committed_files: Vec<String> = std::fs::read_dir(&dir)
+        .expect("helm/weft/crds exists")
+        .map(|e| {
+            e.expect("dir entry")
+                .file_name()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    committed_files.sort();
+    let mut rendered_files: Vec<String> = rendered.iter().map(|(f, _)| f.clone()).collect();
+    rendered_files.sort();
+    assert_eq!(committed_files, rendered_files);
     for (file, text) in rendered {
         let committed = std::fs::read_to_string(dir.join(&file)).unwrap_or_default();
         assert!(
@@ -136,4 +149,21 @@ fn crds_carry_cel_rules_the_api_server_enforces() {
         .unwrap()
         .1;
     assert!(target.contains("s.kind == 'ServiceAccount'"), "{target}");
+}
+
+#[test]
+fn mesh_config_reads_kubernetes_style_enums_and_rejects_unknown_modes() {
+    let config: weft_crds::MeshConfig = serde_yaml_ng::from_str(
+        "apiVersion: config.weft.dev/v1alpha1\nkind: MeshConfig\nmetadata:\n  name: weft\nspec:\n  access: Permissive\n",
+    )
+    .unwrap();
+    assert_eq!(
+        config.spec.access,
+        Some(weft_crds::AccessPolicy::Permissive)
+    );
+    assert_eq!(config.spec.mtls, None);
+    let wrong = serde_yaml_ng::from_str::<weft_crds::MeshConfig>(
+        "apiVersion: config.weft.dev/v1alpha1\nkind: MeshConfig\nmetadata:\n  name: weft\nspec:\n  access: allow-everything\n",
+    );
+    assert!(wrong.is_err());
 }

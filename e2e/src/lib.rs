@@ -625,6 +625,21 @@ impl Harness {
         fs::rename(&tmp, &path).map_err(io(&path))
     }
 
+    /// Writes `FILE` = a TrafficTarget letting `sources` (service accounts) reach
+    /// `destination` on every route and port (access is deny-by-default).
+    pub fn allow(&self, file: &str, destination: &str, sources: &[&str]) -> Result<()> {
+        let sources: String = sources
+            .iter()
+            .map(|s| format!("  - kind: ServiceAccount\n    name: {s}\n    namespace: default\n"))
+            .collect();
+        self.write_manifest(
+            file,
+            &format!(
+                "apiVersion: access.smi-spec.io/v1alpha3\nkind: TrafficTarget\nmetadata:\n  name: to-{destination}\n  namespace: default\nspec:\n  destination:\n    kind: ServiceAccount\n    name: {destination}\n    namespace: default\n  sources:\n{sources}"
+            ),
+        )
+    }
+
     /// Removes a manifest file.
     pub fn remove_manifest(&self, file: &str) -> Result<()> {
         let path = self.manifests().join(file);

@@ -1,6 +1,6 @@
 //! SMI access control and traffic specs end to end (conformance-style steps): real
-//! Envoy RBAC on real mTLS identities, in network-namespace pods, `weft up
-//! --access deny-by-default`.
+//! Envoy RBAC on real mTLS identities, in network-namespace pods, `weft up` with its
+//! default access mode (deny-by-default), and the permissive mode for adoption.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step should fail the test loudly
 
@@ -11,6 +11,11 @@ use weft_e2e::Harness;
 /// Pods a-0, b-0, c-0 running as service accounts a, b, c; services a, b (and b on
 /// 8080 as HTTP and 9090 as TCP when `tcp` is set).
 fn mesh(id: u8, name: &str, tcp: bool) -> Harness {
+    mesh_with(id, name, tcp, &[])
+}
+
+/// [`mesh`] with extra `weft up` flags.
+fn mesh_with(id: u8, name: &str, tcp: bool, weft_args: &[&str]) -> Harness {
     let mut h = Harness::new(id, name).expect("harness");
     for sa in ["a", "b", "c"] {
         h.add_pod(&format!("{sa}-0"), &[("app", sa)], sa).unwrap();
@@ -27,8 +32,7 @@ fn mesh(id: u8, name: &str, tcp: bool) -> Harness {
         h.add_service("b", &[("app", "b")]).unwrap();
     }
     h.write_cluster_manifest().unwrap();
-    h.start_control_plane_with(&["--access", "deny-by-default"])
-        .unwrap();
+    h.start_control_plane_with(weft_args).unwrap();
     for pod in ["a-0", "b-0", "c-0"] {
         h.start_sidecar(pod).unwrap();
     }
@@ -230,6 +234,7 @@ fn a_split_with_matches_sends_only_matching_requests_to_its_backends() {
         "apiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata:\n  name: insiders\n  namespace: default\nspec:\n  matches:\n  - name: insiders\n    headers:\n      x-canary: \"^yes$\"\n---\napiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata:\n  name: web-canary\n  namespace: default\nspec:\n  service: web\n  matches:\n  - kind: HTTPRouteGroup\n    name: insiders\n  backends:\n  - service: web-v2\n    weight: 100\n",
     )
     .unwrap();
+    h.allow("access.yaml", "web", &["client"]).unwrap();
     h.start_control_plane().unwrap();
     for pod in ["client", "web-v1-0", "web-v2-0"] {
         h.start_sidecar(pod).unwrap();
@@ -248,4 +253,41 @@ fn a_split_with_matches_sends_only_matching_requests_to_its_backends() {
             Ok("web-v1-0".to_string())
         );
     }
+}
+
+#[test]
+fn permissive_mode_allows_meshed_traffic_over_mtls_and_a_mesh_config_switches_it_live() {
+    let h = mesh_with(25, "access-permissive", false, &["--access", "permissive"]);
+    let b = "http://b:8080/";
+    for from in ["a-0", "c-0"] {
+        assert_eq!(
+            call(&h, from, "GET", b, &[]),
+            Ok("b-0".to_string()),
+            "{from}"
+        );
+    }
+    let (_, peer) = h.request("a-0", "GET", b, &[]).unwrap().unwrap();
+    assert!(
+        peer.unwrap_or_default()
+            .contains("URI=spiffe://cluster.local/ns/default/sa/a"),
+        "permissive access still authenticates callers with mutual TLS"
+    );
+
+    h.write_manifest(
+        "meshconfig.yaml",
+        "apiVersion: config.weft.dev/v1alpha1\nkind: MeshConfig\nmetadata:\n  name: weft\nspec:\n  access: DenyByDefault\n",
+    )
+    .unwrap();
+    eventually("the MeshConfig to deny by default", || {
+        denied(&call(&h, "a-0", "GET", b, &[]))
+    });
+    let status = h.status().unwrap();
+    assert_eq!(status["settings"]["access"], "deny-by-default", "{status}");
+    assert_eq!(status["settings"]["source"], "MeshConfig weft", "{status}");
+
+    h.remove_manifest("meshconfig.yaml").unwrap();
+    eventually("the flag's permissive mode again", || {
+        call(&h, "a-0", "GET", b, &[]) == Ok("b-0".to_string())
+    });
+    assert_eq!(h.status().unwrap()["settings"]["source"], "flags");
 }

@@ -15,7 +15,8 @@ fn split(v1: u32, v2: u32) -> String {
     )
 }
 
-/// client → backend (root), backend-v1 and backend-v2, each version one pod, all meshed.
+/// client → backend (root), backend-v1 and backend-v2, each version one pod, all meshed;
+/// a TrafficTarget lets the client in (access is deny-by-default).
 fn split_mesh(id: u8, name: &str, v1: u32, v2: u32) -> Harness {
     let mut h = Harness::new(id, name).expect("harness");
     h.add_pod("client", &[("app", "client")], "client").unwrap();
@@ -38,6 +39,7 @@ fn split_mesh(id: u8, name: &str, v1: u32, v2: u32) -> Harness {
         .unwrap();
     h.write_cluster_manifest().unwrap();
     h.write_manifest("split.yaml", &split(v1, v2)).unwrap();
+    h.allow("access.yaml", "backend", &["client"]).unwrap();
     h.start_control_plane().unwrap();
     for pod in ["client", "backend-v1-0", "backend-v2-0"] {
         h.start_sidecar(pod).unwrap();
@@ -130,6 +132,7 @@ fn a_service_without_split_balances_over_its_pods_and_unknown_destinations_pass_
     h.unlist_pod("outside");
     h.add_service("backend", &[("app", "backend")]).unwrap();
     h.write_cluster_manifest().unwrap();
+    h.allow("access.yaml", "backend", &["client"]).unwrap();
     h.start_control_plane().unwrap();
     for pod in ["client", "backend-0", "backend-1", "backend-2"] {
         h.start_sidecar(pod).unwrap();

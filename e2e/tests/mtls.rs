@@ -11,8 +11,9 @@ use weft_e2e::Harness;
 const SERVER_URL: &str = "http://server:8080/";
 const CLIENT_ID: &str = "spiffe://cluster.local/ns/default/sa/client";
 
-/// client (sa client) → service `server` → server-0 (sa server), both meshed, plus an
-/// unmeshed `plain` pod (no sidecar, not in the manifests).
+/// client (sa client) → service `server` → server-0 (sa server), both meshed, the client
+/// granted access by a TrafficTarget, plus an unmeshed `plain` pod (no sidecar, not in
+/// the manifests).
 fn mesh(id: u8, name: &str, weft_args: &[&str]) -> (Harness, std::net::Ipv4Addr) {
     let mut h = Harness::new(id, name).expect("harness");
     h.add_pod("client", &[("app", "client")], "client").unwrap();
@@ -23,6 +24,7 @@ fn mesh(id: u8, name: &str, weft_args: &[&str]) -> (Harness, std::net::Ipv4Addr)
     h.unlist_pod("plain");
     h.add_service("server", &[("app", "server")]).unwrap();
     h.write_cluster_manifest().unwrap();
+    h.allow("access.yaml", "server", &["client"]).unwrap();
     h.start_control_plane_with(weft_args).unwrap();
     h.start_sidecar("client").unwrap();
     h.start_sidecar("server-0").unwrap();
@@ -106,8 +108,24 @@ fn strict_rejects_plaintext_from_outside_the_mesh() {
 #[test]
 fn permissive_accepts_plaintext_and_mtls() {
     let (h, server_ip) = mesh(12, "permissive", &["--mtls", "permissive"]);
+    let direct = format!("http://{server_ip}:8080/");
+    // Plaintext is accepted, but a plaintext caller has no identity a TrafficTarget
+    // could name: deny-by-default refuses it until access is permissive.
+    let refused = h.get("plain", &direct).unwrap();
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("403")),
+        "plaintext caller under deny-by-default: {refused:?}"
+    );
+    h.write_manifest(
+        "meshconfig.yaml",
+        "apiVersion: config.weft.dev/v1alpha1\nkind: MeshConfig\nmetadata:\n  name: weft\nspec:\n  access: Permissive\n",
+    )
+    .unwrap();
+    wait_for("a permissive MeshConfig", Duration::from_secs(10), || {
+        h.get("plain", &direct).unwrap().is_ok()
+    });
     let (body, peer) = h
-        .get("plain", &format!("http://{server_ip}:8080/"))
+        .get("plain", &direct)
         .unwrap()
         .expect("plaintext accepted");
     assert_eq!(body, "server-0");
@@ -278,6 +296,7 @@ fn xds_over_tls_is_verified_against_the_root_and_plaintext_can_be_refused() {
     h.add_pod("legacy", &[("app", "legacy")], "legacy").unwrap();
     h.add_service("server", &[("app", "server")]).unwrap();
     h.write_cluster_manifest().unwrap();
+    h.allow("access.yaml", "server", &["client"]).unwrap();
     h.start_control_plane_with(&["--require-xds-tls"]).unwrap();
     h.use_xds_tls(true);
     h.start_sidecar("client").unwrap();

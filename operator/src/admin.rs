@@ -34,6 +34,23 @@ pub struct MeshStatus {
     /// ADS streams refused their pod's config and secrets (peer address mismatch).
     #[serde(default)]
     pub identity_check_failures: u64,
+    /// Mesh-wide modes in effect.
+    #[serde(default)]
+    pub settings: SettingsReport,
+    /// Valid TrafficTargets (each grants access to one destination).
+    #[serde(default)]
+    pub traffic_targets: usize,
+}
+
+/// The access and mTLS modes in effect and where they come from.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SettingsReport {
+    /// `deny-by-default` or `permissive`.
+    pub access: String,
+    /// `strict` or `permissive`.
+    pub mtls: String,
+    /// `flags`, or the MeshConfig that overrides them.
+    pub source: String,
 }
 
 /// One problem, flattened for output.

@@ -162,18 +162,19 @@ struct IdentityArgs {
     /// Refuse plaintext xDS: every sidecar must use a bootstrap made with --ca-file.
     #[arg(long)]
     require_xds_tls: bool,
-    /// Authorization: `allow` lets every meshed caller in; `deny-by-default` enforces SMI
-    /// TrafficTargets (no TrafficTarget, no access).
-    #[arg(long, value_enum, default_value_t = AccessArg::Allow)]
+    /// Authorization: `deny-by-default` enforces SMI TrafficTargets (no TrafficTarget, no
+    /// access); `permissive` lets every meshed caller in. A MeshConfig overrides it.
+    #[arg(long, value_enum, default_value_t = AccessArg::DenyByDefault)]
     access: AccessArg,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum AccessArg {
-    /// Allow all meshed traffic (still mutual TLS).
-    Allow,
-    /// Only what TrafficTargets grant.
+    /// Only what TrafficTargets grant (SMI).
     DenyByDefault,
+    /// Allow all meshed traffic, still over mutual TLS (for adoption).
+    #[value(alias = "allow")]
+    Permissive,
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
@@ -214,7 +215,7 @@ impl IdentityArgs {
                 MtlsArg::Permissive => MtlsMode::Permissive,
             },
             access: match self.access {
-                AccessArg::Allow => AccessMode::Allow,
+                AccessArg::Permissive => AccessMode::Permissive,
                 AccessArg::DenyByDefault => AccessMode::DenyByDefault,
             },
         }
@@ -235,6 +236,18 @@ fn print_status(status: &MeshStatus) {
         "objects: {}  proxies: {}  identity check failures: {}",
         status.objects, status.proxies, status.identity_check_failures
     );
+    let s = &status.settings;
+    println!(
+        "access: {}  mtls: {}  (from {})  traffic targets: {}",
+        s.access, s.mtls, s.source, status.traffic_targets
+    );
+    if s.access == "deny-by-default" && status.traffic_targets == 0 {
+        println!(
+            "note: no TrafficTarget grants access, so every call between meshed workloads is denied \
+             (add TrafficTargets, or allow all: `weft up --access permissive` or a MeshConfig \
+             with `access: Permissive`)"
+        );
+    }
     if status.problems.is_empty() && status.manifest_errors.is_empty() {
         println!("no invalid objects");
     }

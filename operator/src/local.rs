@@ -14,14 +14,14 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use weft_xds::{AdsService, SnapshotCache};
 
-use crate::admin::{self, AdminState, MeshStatus, ProblemReport};
+use crate::admin::{self, AdminState, MeshStatus, ProblemReport, SettingsReport};
 use crate::error::WeftError;
 use crate::identity::{CaSource, CertificateAuthority, PodAddressBinding};
 use crate::index::{Index, MeshModel, Problem};
 use crate::metrics::ControlPlaneMetrics;
 use crate::publish::{MeshIdentity, MeshPublisher};
 use crate::source::{DirWatch, ManifestDir};
-use crate::translate::MeshConfig;
+use crate::translate::{AccessMode, MeshConfig};
 use crate::xds_listener;
 
 /// Settings of `weft up`.
@@ -55,6 +55,10 @@ struct LocalMesh {
     metrics: Arc<ControlPlaneMetrics>,
     status: watch::Sender<MeshStatus>,
     reported: BTreeSet<Problem>,
+    /// The mesh settings from the flags (a MeshConfig may override them).
+    flags: MeshConfig,
+    /// The settings in effect at the last reload, to log changes.
+    settings: Option<SettingsReport>,
 }
 
 impl LocalMesh {
@@ -68,7 +72,47 @@ impl LocalMesh {
         self.model = self.index.model();
         self.binding.update(&self.model);
         self.report_problems();
+        self.report_settings();
         self.publish();
+    }
+
+    /// Logs the mesh-wide modes when they change (a MeshConfig added, edited or removed).
+    fn report_settings(&mut self) {
+        let config = self.flags.effective(&self.model);
+        let settings = SettingsReport {
+            access: config.access.as_str().to_string(),
+            mtls: config.mtls.as_str().to_string(),
+            source: self
+                .model
+                .settings
+                .as_ref()
+                .map_or_else(|| "flags".to_string(), |s| s.source.to_string()),
+        };
+        if self.settings.as_ref() != Some(&settings) {
+            tracing::info!(
+                access = %settings.access,
+                mtls = %settings.mtls,
+                from = %settings.source,
+                "mesh settings in effect"
+            );
+        }
+        let grants: usize = self.model.grants.values().map(Vec::len).sum();
+        if config.access == AccessMode::DenyByDefault
+            && grants == 0
+            && !self.model.workloads.is_empty()
+        {
+            let first = self.settings.is_none();
+            if first || self.status.borrow().traffic_targets > 0 {
+                tracing::warn!(
+                    "access is deny-by-default and no TrafficTarget grants anything: every call between meshed workloads gets 403 (TCP: closed). Add TrafficTargets, or allow all with `--access permissive` or a MeshConfig with `access: Permissive`"
+                );
+            }
+        }
+        self.status.send_modify(|status| {
+            status.settings = settings.clone();
+            status.traffic_targets = grants;
+        });
+        self.settings = Some(settings);
     }
 
     fn report_problems(&mut self) {
@@ -166,7 +210,7 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
         xds_hosts.push(opts.xds_addr.ip().to_string());
     }
     let acceptor = xds_listener::tls_acceptor(&ca, &opts.mesh.trust_domain, &xds_hosts)?;
-    tracing::info!(trust_domain = %opts.mesh.trust_domain, mtls = ?opts.mesh.mtls, "workload identity enabled");
+    tracing::info!(trust_domain = %opts.mesh.trust_domain, "workload identity enabled");
     let identity = MeshIdentity::new(ca, &opts.mesh, opts.svid_ttl);
     let mut mesh = LocalMesh {
         manifests: ManifestDir::new(&opts.dir),
@@ -177,6 +221,8 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
         metrics: Arc::new(ControlPlaneMetrics::default()),
         status: status_tx,
         reported: BTreeSet::new(),
+        flags: opts.mesh.clone(),
+        settings: None,
     };
     // The first full read completes before any proxy is served: never push an empty mesh.
     mesh.manifests.rescan()?;

@@ -74,11 +74,12 @@ impl MeshPublisher {
         if let Some(identity) = &mut self.identity {
             stats.issued = identity.certs.refresh(&identity.ca, model, now)?;
         }
-        let plaintext = translate_shared(model, &self.config, false).to_snapshot();
+        let config = self.config.effective(model);
+        let plaintext = translate_shared(model, &config, false).to_snapshot();
         let with_tls = self
             .identity
             .as_ref()
-            .map(|_| translate_shared(model, &self.config, true).to_snapshot());
+            .map(|_| translate_shared(model, &config, true).to_snapshot());
         // A sidecar without an identity (unknown pod, or one that failed the identity
         // check) gets the outbound config, in plaintext.
         self.cache.set_fallback(plaintext.clone());
@@ -94,7 +95,7 @@ impl MeshPublisher {
             };
             let grants = grants_for(model, workload);
             snapshot.extend(
-                translate_workload(workload, grants, &self.config, secrets.as_ref()).to_snapshot(),
+                translate_workload(workload, grants, &config, secrets.as_ref()).to_snapshot(),
             );
             if self.cache.set(node, snapshot) {
                 stats.changed += 1;

@@ -118,15 +118,16 @@ fn fake_secrets(config: &MeshConfig, w: &Workload) -> WorkloadSecrets {
     }
 }
 
-/// `# weft-golden: mtls=permissive access=deny-by-default` on the first line sets modes.
+/// `# weft-golden: mtls=permissive access=permissive` on the first line sets modes
+/// (default: strict, deny-by-default).
 fn config_for(text: &str) -> MeshConfig {
     let mut config = MeshConfig::default();
     let directives = text.lines().next().unwrap_or_default();
     if directives.contains("mtls=permissive") {
         config.mtls = MtlsMode::Permissive;
     }
-    if directives.contains("access=deny-by-default") {
-        config.access = AccessMode::DenyByDefault;
+    if directives.contains("access=permissive") {
+        config.access = AccessMode::Permissive;
     }
     config
 }
@@ -151,10 +152,11 @@ fn translate_matches_golden_files() {
     assert!(all.len() >= 3, "golden cases present");
     for input in all {
         let text = std::fs::read_to_string(&input).unwrap();
-        let config = config_for(&text);
         let mut index = Index::new();
         index.reset(parse_manifests(&text).unwrap());
         let model = index.model();
+        // As the publisher does: a MeshConfig in the manifests overrides the flags.
+        let config = config_for(&text).effective(&model);
         let workloads: serde_json::Map<String, Value> = model
             .workloads
             .iter()

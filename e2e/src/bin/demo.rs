@@ -53,6 +53,8 @@ fn run() -> Result<bool, HarnessError> {
     h.add_service("backend-v2", &[("app", "backend"), ("version", "v2")])?;
     h.write_cluster_manifest()?;
     h.write_manifest("split.yaml", &split(80, 20))?;
+    // Access is deny-by-default (SMI): the client may call the backend's service account.
+    h.allow("access.yaml", "backend", &["client"])?;
     h.start_control_plane()?;
     for pod in ["client", "backend-v1-0", "backend-v2-0"] {
         h.start_sidecar(pod)?;
@@ -64,6 +66,10 @@ fn run() -> Result<bool, HarnessError> {
     );
     println!();
     println!("split.yaml:\n{}", split(80, 20));
+    println!(
+        "access.yaml (without it every call is denied):\n{}",
+        std::fs::read_to_string(h.manifests().join("access.yaml")).unwrap_or_default()
+    );
 
     let before = h.load("client", URL, 1000, 8)?;
     let routes = h.acked_version("client", "RDS")?;

@@ -19,6 +19,21 @@ fn meta_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) 
     meta.name.as_deref().unwrap_or_default()
 }
 
+/// Service accounts that exist, by (namespace, name).
+#[derive(Default)]
+pub(super) struct KnownAccounts(BTreeSet<(String, String)>);
+
+impl KnownAccounts {
+    pub fn insert(&mut self, namespace: &str, name: &str) {
+        self.0.insert((namespace.to_string(), name.to_string()));
+    }
+
+    /// Whether the account exists; the API server creates `default` in every namespace.
+    fn contains(&self, (namespace, name): &(String, String)) -> bool {
+        name == "default" || self.0.contains(&(namespace.clone(), name.clone()))
+    }
+}
+
 /// Route objects of the mesh by (namespace, name).
 #[derive(Default)]
 pub(super) struct Routes<'a> {
@@ -187,21 +202,55 @@ fn resolve_target(
     Ok((destination, grant))
 }
 
+/// Warnings for service accounts a valid target names that do not exist (yet): most
+/// often a typo, which would otherwise only show as 403s.
+fn missing_accounts(
+    destination: &(String, String),
+    grant: &AccessGrant,
+    accounts: &KnownAccounts,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    if !accounts.contains(destination) {
+        out.push(format!(
+            "destination ServiceAccount {}/{} does not exist (no ServiceAccount object, no pod runs as it); this target protects nothing yet",
+            destination.0, destination.1
+        ));
+    }
+    for source in grant.sources.iter().filter(|s| !accounts.contains(s)) {
+        out.push(format!(
+            "source ServiceAccount {}/{} does not exist (no ServiceAccount object, no pod runs as it); it is granted access once it does",
+            source.0, source.1
+        ));
+    }
+    out
+}
+
 /// Resolves every TrafficTarget into `model.grants`; invalid ones become problems.
 pub(super) fn resolve_access(
     targets: &[&TrafficTarget],
     routes: &Routes<'_>,
+    accounts: &KnownAccounts,
     model: &mut MeshModel,
 ) {
     for target in targets {
+        let object = ObjectRef::new(
+            Kind::TrafficTarget,
+            meta_ns(&target.metadata),
+            meta_name(&target.metadata),
+        );
         match resolve_target(target, routes) {
-            Ok((destination, grant)) => model.grants.entry(destination).or_default().push(grant),
+            Ok((destination, grant)) => {
+                for reason in missing_accounts(&destination, &grant, accounts) {
+                    model.problems.push(Problem {
+                        object: object.clone(),
+                        rejected: false,
+                        reason,
+                    });
+                }
+                model.grants.entry(destination).or_default().push(grant);
+            }
             Err(reason) => model.problems.push(Problem {
-                object: ObjectRef::new(
-                    Kind::TrafficTarget,
-                    meta_ns(&target.metadata),
-                    meta_name(&target.metadata),
-                ),
+                object,
                 rejected: true,
                 reason,
             }),

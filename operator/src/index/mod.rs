@@ -8,14 +8,15 @@ mod resolve;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use weft_crds::{HTTPRouteGroup, TCPRoute, TrafficSplit, TrafficTarget};
+use weft_crds::{HTTPRouteGroup, MeshConfig, TCPRoute, TrafficSplit, TrafficTarget};
 
 pub use model::{
-    AccessGrant, AppProtocol, HttpRequestMatch, MeshModel, MeshService, ProbeForward, Problem,
-    ServiceKey, ServicePortModel, SplitBackend, SplitModel, TcpGrant, Workload, WorkloadPort,
+    AccessGrant, AppProtocol, HttpRequestMatch, MeshModel, MeshService, MeshSettings, ProbeForward,
+    Problem, ServiceKey, ServicePortModel, SplitBackend, SplitModel, TcpGrant, Workload,
+    WorkloadPort,
 };
 
 /// The kinds of object the index understands.
@@ -35,6 +36,10 @@ pub enum Kind {
     HTTPRouteGroup,
     /// specs.smi-spec.io TCPRoute.
     TCPRoute,
+    /// core/v1 ServiceAccount.
+    ServiceAccount,
+    /// config.weft.dev MeshConfig (cluster-scoped).
+    MeshConfig,
 }
 
 impl fmt::Display for Kind {
@@ -72,7 +77,12 @@ impl ObjectRef {
 
 impl fmt::Display for ObjectRef {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        if self.namespace.is_empty() {
+            // Cluster-scoped.
+            write!(f, "{} {}", self.kind, self.name)
+        } else {
+            write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
+        }
     }
 }
 
@@ -93,6 +103,10 @@ pub enum MeshObject {
     HTTPRouteGroup(Box<HTTPRouteGroup>),
     /// A TCPRoute.
     TCPRoute(Box<TCPRoute>),
+    /// A ServiceAccount.
+    ServiceAccount(Box<ServiceAccount>),
+    /// The mesh-wide settings.
+    MeshConfig(Box<MeshConfig>),
 }
 
 impl MeshObject {
@@ -105,6 +119,8 @@ impl MeshObject {
             Self::TrafficTarget(o) => &o.metadata,
             Self::HTTPRouteGroup(o) => &o.metadata,
             Self::TCPRoute(o) => &o.metadata,
+            Self::ServiceAccount(o) => &o.metadata,
+            Self::MeshConfig(o) => &o.metadata,
         }
     }
 
@@ -118,15 +134,21 @@ impl MeshObject {
             Self::TrafficTarget(_) => Kind::TrafficTarget,
             Self::HTTPRouteGroup(_) => Kind::HTTPRouteGroup,
             Self::TCPRoute(_) => Kind::TCPRoute,
+            Self::ServiceAccount(_) => Kind::ServiceAccount,
+            Self::MeshConfig(_) => Kind::MeshConfig,
         }
     }
 
-    /// Kind, namespace (defaulted) and name.
+    /// Kind, namespace (defaulted; empty for cluster-scoped kinds) and name.
     pub fn object_ref(&self) -> ObjectRef {
         let meta = self.meta();
+        let namespace = match self {
+            Self::MeshConfig(_) => "",
+            _ => meta.namespace.as_deref().unwrap_or("default"),
+        };
         ObjectRef::new(
             self.kind(),
-            meta.namespace.as_deref().unwrap_or("default"),
+            namespace,
             meta.name.as_deref().unwrap_or_default(),
         )
     }

@@ -221,4 +221,15 @@ pub struct MeshModel {
     pub grants: BTreeMap<(String, String), Vec<AccessGrant>>,
     /// Invalid or partly applied objects, sorted.
     pub problems: Vec<Problem>,
+    /// Mesh-wide settings from the MeshConfig in effect, if any.
+    pub settings: Option<MeshSettings>,
+}
+
+/// The MeshConfig in effect: its overrides of the control plane's flags.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MeshSettings {
+    /// The MeshConfig object.
+    pub source: ObjectRef,
+    /// Its spec.
+    pub spec: weft_crds::MeshConfigSpec,
 }

@@ -4,17 +4,17 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::{IpAddr, SocketAddr};
 
-use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
+use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use weft_crds::{HTTPRouteGroup, TCPRoute, TrafficSplit, TrafficTarget, annotations};
+use weft_crds::{HTTPRouteGroup, MeshConfig, TCPRoute, TrafficSplit, TrafficTarget, annotations};
 
-use super::access::{Routes, http_matches, resolve_access};
+use super::access::{KnownAccounts, Routes, http_matches, resolve_access};
 
 use super::model::{
-    AppProtocol, MeshModel, MeshService, ProbeForward, Problem, ServiceKey, ServicePortModel,
-    SplitBackend, SplitModel, Workload, WorkloadPort,
+    AppProtocol, MeshModel, MeshService, MeshSettings, ProbeForward, Problem, ServiceKey,
+    ServicePortModel, SplitBackend, SplitModel, Workload, WorkloadPort,
 };
 use super::{Kind, MeshObject, ObjectRef};
 
@@ -31,6 +31,8 @@ struct Inputs<'a> {
     targets: Vec<&'a TrafficTarget>,
     route_groups: Vec<&'a HTTPRouteGroup>,
     tcp_routes: Vec<&'a TCPRoute>,
+    service_accounts: Vec<&'a ServiceAccount>,
+    mesh_configs: Vec<&'a MeshConfig>,
     /// Pods by IP: endpoints are matched back to the pods behind them.
     pods_by_ip: HashMap<IpAddr, Vec<&'a Pod>>,
 }
@@ -69,6 +71,8 @@ pub(super) fn resolve<'a>(objects: impl Iterator<Item = &'a MeshObject>) -> Mesh
             MeshObject::TrafficTarget(t) => inputs.targets.push(t),
             MeshObject::HTTPRouteGroup(g) => inputs.route_groups.push(g),
             MeshObject::TCPRoute(r) => inputs.tcp_routes.push(r),
+            MeshObject::ServiceAccount(a) => inputs.service_accounts.push(a),
+            MeshObject::MeshConfig(c) => inputs.mesh_configs.push(c),
         }
     }
     for pod in &inputs.pods {
@@ -108,9 +112,48 @@ pub(super) fn resolve<'a>(objects: impl Iterator<Item = &'a MeshObject>) -> Mesh
     }
     let routes = Routes::new(&inputs.route_groups, &inputs.tcp_routes);
     resolve_splits(&inputs.splits, &routes, &mut model);
-    resolve_access(&inputs.targets, &routes, &mut model);
+    let accounts = known_accounts(&inputs);
+    resolve_access(&inputs.targets, &routes, &accounts, &mut model);
+    resolve_mesh_config(&inputs.mesh_configs, &mut model);
     model.problems.sort();
     model
+}
+
+/// Service accounts that exist: declared as objects, or run as by a pod (`default`
+/// exists in every namespace, as the API server creates it).
+fn known_accounts(inputs: &Inputs<'_>) -> KnownAccounts {
+    let mut accounts = KnownAccounts::default();
+    for sa in &inputs.service_accounts {
+        accounts.insert(ns(&sa.metadata), name(&sa.metadata));
+    }
+    for pod in &inputs.pods {
+        accounts.insert(ns(&pod.metadata), &pod_service_account(pod));
+    }
+    accounts
+}
+
+/// The oldest MeshConfig applies; any other is rejected, naming the one in effect.
+fn resolve_mesh_config(configs: &[&MeshConfig], model: &mut MeshModel) {
+    let mut configs = configs.to_vec();
+    configs.sort_by_key(|c| creation_order(&c.metadata));
+    let mut configs = configs.into_iter();
+    let Some(first) = configs.next() else {
+        return;
+    };
+    let source = ObjectRef::new(Kind::MeshConfig, "", name(&first.metadata));
+    for other in configs {
+        model.problems.push(Problem {
+            object: ObjectRef::new(Kind::MeshConfig, "", name(&other.metadata)),
+            rejected: true,
+            reason: format!(
+                "{source} is already in effect; a mesh has one MeshConfig (the oldest applies)"
+            ),
+        });
+    }
+    model.settings = Some(MeshSettings {
+        source,
+        spec: first.spec.clone(),
+    });
 }
 
 fn protocol_of(port: &ServicePort) -> AppProtocol {

@@ -37,6 +37,10 @@ fn document_objects(doc: Value, n: usize, out: &mut Vec<MeshObject>) -> Result<(
         }
         ("v1", "Service") => MeshObject::Service(typed(doc, "Service", n)?),
         ("v1", "Pod") => MeshObject::Pod(typed(doc, "Pod", n)?),
+        ("v1", "ServiceAccount") => MeshObject::ServiceAccount(typed(doc, "ServiceAccount", n)?),
+        ("config.weft.dev/v1alpha1", "MeshConfig") => {
+            MeshObject::MeshConfig(typed(doc, "MeshConfig", n)?)
+        }
         ("discovery.k8s.io/v1", "EndpointSlice") => {
             MeshObject::EndpointSlice(typed(doc, "EndpointSlice", n)?)
         }
@@ -57,7 +61,7 @@ fn document_objects(doc: Value, n: usize, out: &mut Vec<MeshObject>) -> Result<(
                 reason: format!("document {n}: no kind"),
             });
         }
-        (v, "TrafficSplit" | "TrafficTarget" | "HTTPRouteGroup" | "TCPRoute") => {
+        (v, "TrafficSplit" | "TrafficTarget" | "HTTPRouteGroup" | "TCPRoute" | "MeshConfig") => {
             return Err(WeftError::Manifest {
                 reason: format!("document {n}: {kind} apiVersion {v:?} is not supported"),
             });

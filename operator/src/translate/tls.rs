@@ -12,7 +12,8 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher}
 
 use super::envoy::{ads_config_source, any, bool_value};
 use crate::identity::{WorkloadSecrets, spiffe_id};
-use crate::index::MeshService;
+use crate::index::{MeshModel, MeshService};
+use weft_crds::{AccessPolicy, MtlsPolicy};
 
 /// SDS name of a proxy's own certificate and key.
 pub const IDENTITY_SECRET: &str = "weft-identity";
@@ -32,11 +33,31 @@ pub enum MtlsMode {
 /// Whether meshed workloads need a TrafficTarget to be reached.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum AccessMode {
-    /// Every meshed caller is allowed (mutual TLS still applies).
+    /// Only what TrafficTargets grant is allowed (SMI access control; the default).
     #[default]
-    Allow,
-    /// Only what TrafficTargets grant is allowed (SMI access control).
     DenyByDefault,
+    /// Every meshed caller is allowed (mutual TLS still applies), for adoption.
+    Permissive,
+}
+
+impl AccessMode {
+    /// The name used by the CLI and status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::DenyByDefault => "deny-by-default",
+            Self::Permissive => "permissive",
+        }
+    }
+}
+
+impl MtlsMode {
+    /// The name used by the CLI and status output.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Strict => "strict",
+            Self::Permissive => "permissive",
+        }
+    }
 }
 
 /// Mesh-wide settings translate needs besides the model.
@@ -55,8 +76,31 @@ impl Default for MeshConfig {
         Self {
             trust_domain: crate::identity::DEFAULT_TRUST_DOMAIN.to_string(),
             mtls: MtlsMode::Strict,
-            access: AccessMode::Allow,
+            access: AccessMode::DenyByDefault,
         }
+    }
+}
+
+impl MeshConfig {
+    /// This configuration with the overrides of the model's MeshConfig, if any.
+    pub fn effective(&self, model: &MeshModel) -> MeshConfig {
+        let mut config = self.clone();
+        let Some(settings) = &model.settings else {
+            return config;
+        };
+        if let Some(access) = settings.spec.access {
+            config.access = match access {
+                AccessPolicy::DenyByDefault => AccessMode::DenyByDefault,
+                AccessPolicy::Permissive => AccessMode::Permissive,
+            };
+        }
+        if let Some(mtls) = settings.spec.mtls {
+            config.mtls = match mtls {
+                MtlsPolicy::Strict => MtlsMode::Strict,
+                MtlsPolicy::Permissive => MtlsMode::Permissive,
+            };
+        }
+        config
     }
 }
 
