@@ -291,3 +291,57 @@ fn permissive_mode_allows_meshed_traffic_over_mtls_and_a_mesh_config_switches_it
     });
     assert_eq!(h.status().unwrap()["settings"]["source"], "flags");
 }
+
+#[test]
+fn revoking_tcp_access_closes_open_connections_within_the_drain_time() {
+    let h = mesh(26, "access-tcp-revoke", true);
+    h.write_manifest(
+        "t.yaml",
+        &target("a-to-b", "a", "  - kind: TCPRoute\n    name: all-ports\n"),
+    )
+    .unwrap();
+    h.write_manifest(
+        "tcp.yaml",
+        "apiVersion: specs.smi-spec.io/v1alpha4\nkind: TCPRoute\nmetadata:\n  name: all-ports\n  namespace: default\nspec:\n  matches:\n    ports: []\n",
+    )
+    .unwrap();
+    let url = "http://b:9090/";
+    eventually("TCP access granted", || {
+        call(&h, "a-0", "GET", url, &[]) == Ok("b-0".to_string())
+    });
+    // Keep-alive connections opened while access is granted.
+    let running = h.start_load("a-0", url, Duration::from_secs(9), 2).unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    let listeners = h.acked_version("b-0", "LDS").unwrap();
+    h.remove_manifest("t.yaml").unwrap();
+    h.wait_for_new_ack("b-0", "LDS", listeners.as_deref())
+        .unwrap();
+    let revoked = weft_e2e::now_ms();
+    let report = running.finish().unwrap();
+    let before = report.results.iter().filter(|r| r.start_ms < revoked);
+    assert!(
+        before.filter(|r| r.error.is_none()).count() > 10,
+        "traffic flowed before the revocation"
+    );
+    let last_success = report
+        .results
+        .iter()
+        .filter(|r| r.error.is_none())
+        .map(|r| r.start_ms)
+        .max()
+        .unwrap_or(revoked);
+    let lingered = last_success.saturating_sub(revoked);
+    eprintln!("open TCP connections served {lingered} ms after the revocation");
+    // The harness runs Envoy with --drain-time-s 2: the changed filter chain's
+    // connections are closed when it has passed, and new ones are refused.
+    assert!(
+        lingered < 3_500,
+        "requests on connections opened before the revocation still succeeded {lingered} ms later"
+    );
+    let after = report
+        .results
+        .iter()
+        .filter(|r| r.start_ms > revoked + 3_500)
+        .count();
+    assert!(after > 0, "the load kept trying after the drain time");
+}
