@@ -172,3 +172,72 @@ fn a_broken_file_keeps_its_last_good_objects_and_a_deleted_file_drops_them() {
     assert_eq!(manifests.objects()[0].object_ref().name, "a2");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn an_invalid_document_is_rejected_alone_and_keeps_its_objects_last_good_version() {
+    let dir = std::env::temp_dir().join(format!("weft-manifest-docs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let split = |weight: &str| {
+        format!(
+            "apiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata: {{name: s}}\nspec: {{service: web, backends: [{{service: web-v2, weight: {weight}}}]}}\n"
+        )
+    };
+    let file = dir.join("mesh.yaml");
+    let write = |split_doc: &str| {
+        let text = format!(
+            "{}---\n{split_doc}---\napiVersion: specs.smi-spec.io/v1alpha4\nkind: TCPRoute\nmetadata: {{name: no-spec}}\n",
+            service("web", "198.19.0.1", "http")
+        );
+        std::fs::write(&file, text).unwrap();
+    };
+    let names = |m: &ManifestDir| -> Vec<String> {
+        let mut v: Vec<String> = m
+            .objects()
+            .iter()
+            .map(|o| o.object_ref().to_string())
+            .collect();
+        v.sort();
+        v
+    };
+
+    // First read: the broken split is reported; the service and the TCPRoute (whose
+    // spec may be left out) apply.
+    write(&split("lots"));
+    let mut manifests = ManifestDir::new(&dir);
+    manifests.rescan().unwrap();
+    assert_eq!(
+        names(&manifests),
+        vec!["Service default/web", "TCPRoute default/no-spec"]
+    );
+    let errors = manifests.errors();
+    assert_eq!(errors.len(), 1, "{errors:?}");
+    assert!(
+        errors[0]
+            .reason
+            .starts_with("document 2: invalid TrafficSplit"),
+        "{errors:?}"
+    );
+
+    // Fixed: the split applies and the error clears.
+    write(&split("100"));
+    manifests.rescan().unwrap();
+    assert!(manifests.errors().is_empty());
+    assert_eq!(names(&manifests).len(), 3);
+
+    // Broken again: its last good version keeps serving, next to the others.
+    write(&split("-1x"));
+    manifests.rescan().unwrap();
+    assert_eq!(manifests.errors().len(), 1);
+    let objects = manifests.objects();
+    let kept = objects
+        .iter()
+        .find(|o| o.object_ref().to_string() == "TrafficSplit default/s")
+        .expect("last good split kept");
+    let weft::index::MeshObject::TrafficSplit(kept) = kept else {
+        panic!("a TrafficSplit")
+    };
+    assert_eq!(kept.spec.backends[0].weight, 100);
+    assert_eq!(names(&manifests).len(), 3);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -10,7 +10,7 @@ use std::time::Duration;
 use notify::Watcher;
 use tokio::sync::mpsc;
 
-pub use manifest::parse_manifests;
+pub use manifest::{ParsedManifest, RejectedDocument, parse_manifest_documents, parse_manifests};
 
 use crate::error::WeftError;
 use crate::index::MeshObject;
@@ -26,10 +26,32 @@ pub struct ManifestError {
 
 #[derive(Debug, Default)]
 struct FileState {
-    /// Objects of the last version that parsed.
+    /// The usable objects of the current version, plus the last good version of any
+    /// object whose current document is rejected.
     objects: Vec<MeshObject>,
-    /// Why the current version does not parse, if it does not.
-    error: Option<String>,
+    /// Why the current version (or some of its documents) cannot be used.
+    errors: Vec<String>,
+}
+
+impl FileState {
+    /// Takes a new version of the file; rejected documents keep their object's last
+    /// good version.
+    fn update(&mut self, parsed: ParsedManifest) {
+        let mut objects = parsed.objects;
+        for rejected in &parsed.rejected {
+            let Some(key) = &rejected.object else {
+                continue;
+            };
+            let kept = self.objects.iter().find(|o| &o.object_ref() == key);
+            if let Some(old) = kept
+                && !objects.iter().any(|o| &o.object_ref() == key)
+            {
+                objects.push(old.clone());
+            }
+        }
+        self.objects = objects;
+        self.errors = parsed.rejected.into_iter().map(|r| r.reason).collect();
+    }
 }
 
 /// A directory of manifests and the last good objects of each file in it.
@@ -65,8 +87,9 @@ impl ManifestDir {
         &self.dir
     }
 
-    /// Re-reads every file. A file that fails keeps its last good objects; a deleted
-    /// file's objects go away. Fails only when the directory itself cannot be listed.
+    /// Re-reads every file. A file that does not parse keeps its last good objects, and so
+    /// does an object whose document is invalid; a deleted file's objects go away. Fails
+    /// only when the directory itself cannot be listed.
     pub fn rescan(&mut self) -> Result<(), WeftError> {
         let entries = std::fs::read_dir(&self.dir).map_err(|e| WeftError::io(&self.dir, e))?;
         let mut present = Vec::new();
@@ -81,25 +104,21 @@ impl ManifestDir {
             let state = self.files.entry(path.clone()).or_default();
             let parsed = std::fs::read_to_string(&path)
                 .map_err(|e| WeftError::io(&path, e))
-                .and_then(|text| parse_manifests(&text));
+                .and_then(|text| parse_manifest_documents(&text));
+            let before = state.errors.clone();
             match parsed {
-                Ok(objects) => {
-                    if state.error.take().is_some() {
-                        tracing::info!(file = %path.display(), "manifest parses again");
-                    }
-                    state.objects = objects;
-                }
-                Err(e) => {
-                    let reason = e.to_string();
-                    if state.error.as_deref() != Some(reason.as_str()) {
-                        tracing::error!(
-                            file = %path.display(),
-                            error = %reason,
-                            "manifest rejected; its last good objects keep serving"
-                        );
-                    }
-                    state.error = Some(reason);
-                }
+                Ok(parsed) => state.update(parsed),
+                Err(e) => state.errors = vec![e.to_string()],
+            }
+            for reason in state.errors.iter().filter(|e| !before.contains(e)) {
+                tracing::error!(
+                    file = %path.display(),
+                    error = %reason,
+                    "manifest rejected; the last good version of what it defines keeps serving"
+                );
+            }
+            if !before.is_empty() && state.errors.is_empty() {
+                tracing::info!(file = %path.display(), "manifest is valid again");
             }
         }
         Ok(())
@@ -117,8 +136,8 @@ impl ManifestDir {
     pub fn errors(&self) -> Vec<ManifestError> {
         self.files
             .iter()
-            .filter_map(|(file, s)| {
-                s.error.as_ref().map(|reason| ManifestError {
+            .flat_map(|(file, s)| {
+                s.errors.iter().map(|reason| ManifestError {
                     file: file.clone(),
                     reason: reason.clone(),
                 })
