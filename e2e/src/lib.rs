@@ -298,6 +298,8 @@ pub struct Harness {
     control_plane: Option<Child>,
     control_plane_args: Vec<String>,
     xds_tls: bool,
+    /// `weft bootstrap --xds-protocol` of sidecars started from now on.
+    xds_protocol: &'static str,
     forward_rule: bool,
 }
 
@@ -323,6 +325,7 @@ impl Harness {
             control_plane: None,
             control_plane_args: Vec::new(),
             xds_tls: false,
+            xds_protocol: "delta",
             forward_rule: false,
         };
         harness.remove_leftovers();
@@ -747,6 +750,11 @@ impl Harness {
         self.xds_tls = on;
     }
 
+    /// Sidecars started from now on speak this ADS variant (`delta`, the default, or `sotw`).
+    pub fn use_xds_protocol(&mut self, protocol: &'static str) {
+        self.xds_protocol = protocol;
+    }
+
     /// Starts a sidecar for `pod` claiming `claimed_pod`, without waiting for it: the
     /// bootstrap, the iptables redirect (as the init container would), then Envoy as
     /// the proxy UID.
@@ -761,6 +769,8 @@ impl Harness {
             &self.xds_addr(),
             "--health-port",
             "15021",
+            "--xds-protocol",
+            self.xds_protocol,
             "-o",
         ])
         .arg(&bootstrap);

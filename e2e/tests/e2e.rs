@@ -18,7 +18,13 @@ fn split(v1: u32, v2: u32) -> String {
 /// client → backend (root), backend-v1 and backend-v2, each version one pod, all meshed;
 /// a TrafficTarget lets the client in (access is deny-by-default).
 fn split_mesh(id: u8, name: &str, v1: u32, v2: u32) -> Harness {
+    split_mesh_over(id, name, v1, v2, "delta")
+}
+
+/// [`split_mesh`] with sidecars speaking `protocol` (`delta` or `sotw`).
+fn split_mesh_over(id: u8, name: &str, v1: u32, v2: u32, protocol: &'static str) -> Harness {
     let mut h = Harness::new(id, name).expect("harness");
+    h.use_xds_protocol(protocol);
     h.add_pod("client", &[("app", "client")], "client").unwrap();
     h.add_pod(
         "backend-v1-0",
@@ -69,7 +75,24 @@ fn split_80_20_lands_within_five_points() {
 
 #[test]
 fn changing_the_split_file_moves_all_traffic_without_a_failed_request() {
-    let h = split_mesh(2, "split-change", 80, 20);
+    split_change_moves_all_traffic(&split_mesh(2, "split-change", 80, 20), "delta");
+}
+
+#[test]
+fn over_state_of_the_world_xds_a_split_change_also_loses_no_request() {
+    let h = split_mesh_over(8, "split-sotw", 80, 20, "sotw");
+    split_change_moves_all_traffic(&h, "sotw");
+}
+
+fn split_change_moves_all_traffic(h: &Harness, protocol: &str) {
+    let proxies = h.proxy_status().unwrap();
+    let protocols: Vec<&str> = proxies
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|p| p["protocol"].as_str())
+        .collect();
+    assert_eq!(protocols, vec![protocol; 3], "{proxies}");
     let before = h.acked_version("client", "RDS").unwrap();
     assert!(
         before.is_some(),

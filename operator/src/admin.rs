@@ -83,6 +83,9 @@ pub struct ProxyStatus {
     pub peer: String,
     /// Per type sync state.
     pub types: Vec<TypeStatus>,
+    /// ADS variant of the stream: `delta` or `sotw`.
+    #[serde(default)]
+    pub protocol: String,
     /// Why the proxy gets only the fallback config, if it does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub denied: Option<String>,
@@ -148,6 +151,7 @@ impl AdminState {
                 node: s.node_id.clone().unwrap_or_default(),
                 peer: s.peer.map(|p| p.to_string()).unwrap_or_default(),
                 types: s.types.iter().map(TypeStatus::from).collect(),
+                protocol: s.protocol.to_string(),
                 denied: s.denied.clone(),
             })
             .collect()

@@ -26,6 +26,27 @@ pub struct BootstrapOptions {
     pub xds_tls: Option<XdsTls>,
     /// Serve `/ready` on 0.0.0.0 at this port, for the kubelet's probes.
     pub health_port: Option<u16>,
+    /// Which ADS variant the sidecar speaks.
+    pub protocol: XdsProtocol,
+}
+
+/// The ADS variant a sidecar speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum XdsProtocol {
+    /// Incremental: only changed resources are sent (Envoy's DELTA_GRPC).
+    #[default]
+    Delta,
+    /// State of the world: every response carries the whole set of a type.
+    Sotw,
+}
+
+impl XdsProtocol {
+    fn api_type(self) -> &'static str {
+        match self {
+            Self::Delta => "DELTA_GRPC",
+            Self::Sotw => "GRPC",
+        }
+    }
 }
 
 /// How a sidecar verifies the control plane on the xDS connection.
@@ -64,6 +85,7 @@ impl BootstrapOptions {
             admin_port,
             xds_tls: None,
             health_port: None,
+            protocol: XdsProtocol::default(),
         })
     }
 
@@ -97,7 +119,7 @@ pub fn render_bootstrap(opts: &BootstrapOptions) -> Result<String, WeftError> {
         },
         "dynamic_resources": {
             "ads_config": {
-                "api_type": "GRPC",
+                "api_type": opts.protocol.api_type(),
                 "transport_api_version": "V3",
                 "set_node_on_first_message_only": true,
                 "grpc_services": [ { "envoy_grpc": { "cluster_name": XDS_CLUSTER } } ],

@@ -7,7 +7,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 use crate::admin::{self, MeshStatus, ProxyStatus};
-use crate::bootstrap::{BootstrapOptions, XdsTls, render_bootstrap};
+use crate::bootstrap::{BootstrapOptions, XdsProtocol, XdsTls, render_bootstrap};
 use crate::error::WeftError;
 use crate::identity::CaSource;
 use crate::iptables::{self, RedirectPlan};
@@ -61,6 +61,9 @@ enum Command {
         /// (the injected sidecar probes 15021).
         #[arg(long)]
         health_port: Option<u16>,
+        /// ADS variant: `delta` sends only what changed; `sotw` resends each type whole.
+        #[arg(long, value_enum, default_value_t = XdsProtocol::Delta)]
+        xds_protocol: XdsProtocol,
         /// Write to this file instead of stdout.
         #[arg(long, short)]
         output: Option<PathBuf>,
@@ -261,8 +264,8 @@ fn print_status(status: &MeshStatus) {
 
 fn print_proxy_status(proxies: &[ProxyStatus]) {
     println!(
-        "{:<32} {:<22} {:<5} {:<9} {:>5} NACK",
-        "PROXY", "PEER", "TYPE", "STATE", "COUNT"
+        "{:<32} {:<22} {:<5} {:<5} {:<9} {:>9} {:>9} NACK",
+        "PROXY", "PEER", "ADS", "TYPE", "STATE", "RESOURCES", "RESPONSES"
     );
     for p in proxies {
         if let Some(reason) = &p.denied {
@@ -270,9 +273,10 @@ fn print_proxy_status(proxies: &[ProxyStatus]) {
         }
         for t in &p.types {
             println!(
-                "{:<32} {:<22} {:<5} {:<9} {:>9} {:>6} {}",
+                "{:<32} {:<22} {:<5} {:<5} {:<9} {:>9} {:>9} {}",
                 p.node,
                 p.peer,
+                p.protocol,
                 t.type_name,
                 t.state,
                 t.resources,
@@ -321,10 +325,12 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
             ca_file,
             trust_domain,
             health_port,
+            xds_protocol,
             output,
         } => {
             let mut opts = BootstrapOptions::parse(&pod, &xds, admin_port)?;
             opts.health_port = health_port;
+            opts.protocol = xds_protocol;
             opts.xds_tls = ca_file.map(|ca_file| XdsTls {
                 ca_file,
                 control_plane_id: crate::xds_listener::control_plane_id(&trust_domain),

@@ -6,6 +6,7 @@
 //! changed cluster to reach every client, resident memory per connected client,
 //! and the cost of encoding a full response from shared bytes against the naive
 //! baseline (re-encoding every resource per stream with prost), in the same process.
+//! Runs state of the world and incremental (delta) ADS side by side.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark fails loudly
 
@@ -15,12 +16,16 @@ use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
 use envoy_types::pb::envoy::config::core::v3::{
     AggregatedConfigSource, ConfigSource, Node, config_source,
 };
-use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
+};
 use envoy_types::pb::google::protobuf::{Any, Duration as PbDuration};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use weft_xds::{AdsService, Resource, Snapshot, SnapshotCache, encode_response, type_url};
+use weft_xds::{
+    AdsService, Resource, Snapshot, SnapshotCache, encode_delta_response, encode_response, type_url,
+};
 
 const CLUSTERS: usize = 1_000;
 
@@ -75,9 +80,99 @@ struct Row {
     connect: Duration,
     change: Duration,
     per_client_kib: f64,
+    /// Wire bytes one client received for the change.
+    change_bytes: usize,
 }
 
-async fn run_case(clients: usize) -> Row {
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Protocol {
+    Sotw,
+    Delta,
+}
+
+/// What a simulated client reports per response: the version and the wire size.
+type Seen = mpsc::UnboundedSender<(String, usize)>;
+
+/// Opens one client stream that ACKs every response; returns what keeps it open.
+async fn spawn_client(
+    ads: &AdsService,
+    i: usize,
+    protocol: Protocol,
+    seen_tx: Seen,
+) -> Box<dyn std::any::Any + Send> {
+    let node = Some(Node {
+        id: format!("node-{i}"),
+        ..Default::default()
+    });
+    match protocol {
+        Protocol::Sotw => {
+            let (req_tx, req_rx) = mpsc::channel::<Result<DiscoveryRequest, tonic::Status>>(4);
+            let mut responses = ads.open_stream(None, ReceiverStream::new(req_rx));
+            req_tx
+                .send(Ok(DiscoveryRequest {
+                    node,
+                    type_url: type_url::CLUSTER.into(),
+                    ..Default::default()
+                }))
+                .await
+                .unwrap();
+            let ack_tx = req_tx.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(resp)) = responses.recv().await {
+                    // What the gRPC codec does per stream (its buffer is not kept per stream).
+                    let mut wire = Vec::with_capacity(256 * 1024);
+                    encode_response(&resp, &mut wire);
+                    let ack = DiscoveryRequest {
+                        type_url: resp.type_url.clone(),
+                        version_info: resp.version_info.clone(),
+                        response_nonce: resp.nonce.clone(),
+                        ..Default::default()
+                    };
+                    if ack_tx.send(Ok(ack)).await.is_err()
+                        || seen_tx.send((resp.version_info, wire.len())).is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+            Box::new(req_tx)
+        }
+        Protocol::Delta => {
+            let (req_tx, req_rx) = mpsc::channel::<Result<DeltaDiscoveryRequest, tonic::Status>>(4);
+            let mut responses = ads.open_delta_stream(None, ReceiverStream::new(req_rx));
+            req_tx
+                .send(Ok(DeltaDiscoveryRequest {
+                    node,
+                    type_url: type_url::CLUSTER.into(),
+                    ..Default::default()
+                }))
+                .await
+                .unwrap();
+            let ack_tx = req_tx.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(resp)) = responses.recv().await {
+                    let mut wire = Vec::with_capacity(256 * 1024);
+                    encode_delta_response(&resp, &mut wire);
+                    let ack = DeltaDiscoveryRequest {
+                        type_url: resp.type_url.clone(),
+                        response_nonce: resp.nonce.clone(),
+                        ..Default::default()
+                    };
+                    if ack_tx.send(Ok(ack)).await.is_err()
+                        || seen_tx
+                            .send((resp.system_version_info, wire.len()))
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+            Box::new(req_tx)
+        }
+    }
+}
+
+async fn run_case(clients: usize, protocol: Protocol) -> Row {
     let mut clusters: Vec<Cluster> = (0..CLUSTERS).map(|i| cluster(i, 1000)).collect();
     let cache = SnapshotCache::new();
     let first = snapshot(&clusters);
@@ -87,43 +182,11 @@ async fn run_case(clients: usize) -> Row {
     let (ads, supervisor) = AdsService::new(cache.clone());
     let supervisor = tokio::spawn(supervisor.run());
     let rss_before = rss_bytes();
-    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<String>();
+    let (seen_tx, mut seen_rx) = mpsc::unbounded_channel::<(String, usize)>();
     let started = Instant::now();
     let mut request_senders = Vec::with_capacity(clients);
     for i in 0..clients {
-        let (req_tx, req_rx) = mpsc::channel::<Result<DiscoveryRequest, tonic::Status>>(4);
-        let mut responses = ads.open_stream(None, ReceiverStream::new(req_rx));
-        let node = Some(Node {
-            id: format!("node-{i}"),
-            ..Default::default()
-        });
-        req_tx
-            .send(Ok(DiscoveryRequest {
-                node,
-                type_url: type_url::CLUSTER.into(),
-                ..Default::default()
-            }))
-            .await
-            .unwrap();
-        let (ack_tx, seen_tx) = (req_tx.clone(), seen_tx.clone());
-        tokio::spawn(async move {
-            while let Some(Ok(resp)) = responses.recv().await {
-                // What the gRPC codec does per stream (its buffer is not kept per stream).
-                let mut wire = Vec::with_capacity(256 * 1024);
-                encode_response(&resp, &mut wire);
-                drop(wire);
-                let ack = DiscoveryRequest {
-                    type_url: resp.type_url.clone(),
-                    version_info: resp.version_info.clone(),
-                    response_nonce: resp.nonce.clone(),
-                    ..Default::default()
-                };
-                if ack_tx.send(Ok(ack)).await.is_err() || seen_tx.send(resp.version_info).is_err() {
-                    return;
-                }
-            }
-        });
-        request_senders.push(req_tx);
+        request_senders.push(spawn_client(&ads, i, protocol, seen_tx.clone()).await);
     }
     for _ in 0..clients {
         seen_rx.recv().await.unwrap();
@@ -140,8 +203,10 @@ async fn run_case(clients: usize) -> Row {
     }
     let mut version = None;
     let mut delivered = 0;
+    let mut change_bytes = 0;
     while delivered < clients {
-        let v = seen_rx.recv().await.unwrap();
+        let (v, bytes) = seen_rx.recv().await.unwrap();
+        change_bytes = bytes;
         version.get_or_insert_with(|| v.clone());
         assert_eq!(
             Some(&v),
@@ -158,6 +223,7 @@ async fn run_case(clients: usize) -> Row {
         connect,
         change,
         per_client_kib,
+        change_bytes,
     }
 }
 
@@ -218,19 +284,27 @@ fn main() {
         .map(|s| s.split(',').filter_map(|n| n.trim().parse().ok()).collect())
         .unwrap_or_else(|| vec![100, 1_000, 10_000]);
     println!(
-        "xDS fan-out: {CLUSTERS} clusters per snapshot, SotW CDS, one changed cluster pushed to every client"
+        "xDS fan-out: {CLUSTERS} clusters per snapshot, CDS, one changed cluster pushed to every client"
     );
-    println!("| clients | initial sync | one change to all | RSS per client |");
-    println!("|--------:|-------------:|------------------:|---------------:|");
+    println!(
+        "| ADS   | clients | initial sync | one change to all | bytes per client for it | RSS per client |"
+    );
+    println!(
+        "|-------|--------:|-------------:|------------------:|------------------------:|---------------:|"
+    );
     for n in sizes {
-        let row = runtime.block_on(run_case(n));
-        println!(
-            "| {:>7} | {:>10.1} ms | {:>15.1} ms | {:>10.1} KiB |",
-            row.clients,
-            row.connect.as_secs_f64() * 1e3,
-            row.change.as_secs_f64() * 1e3,
-            row.per_client_kib
-        );
+        for protocol in [Protocol::Sotw, Protocol::Delta] {
+            let row = runtime.block_on(run_case(n, protocol));
+            println!(
+                "| {:<5} | {:>7} | {:>9.1} ms | {:>14.1} ms | {:>23} | {:>10.1} KiB |",
+                format!("{protocol:?}").to_lowercase(),
+                row.clients,
+                row.connect.as_secs_f64() * 1e3,
+                row.change.as_secs_f64() * 1e3,
+                row.change_bytes,
+                row.per_client_kib
+            );
+        }
     }
     let (ours, naive) = encoding_ratio();
     println!();

@@ -199,7 +199,8 @@ impl AdsConnection {
             let Some(state) = self.types.get(&type_url) else {
                 continue;
             };
-            let (desired, version) = desired_resources(state, snapshot.resources(&type_url));
+            let (desired, version) =
+                desired_resources(state.wildcard, &state.names, snapshot.resources(&type_url));
             let unchanged =
                 state.sent.as_ref().map(|s| s.version.as_str()) == Some(version.as_str());
             if unchanged && !state.must_respond {
@@ -278,8 +279,9 @@ impl AdsConnection {
 
 /// What a subscription wants from what is available, and that set's version.
 /// Shares the snapshot's map when the subscription covers all of it (the usual case).
-fn desired_resources(
-    state: &TypeState,
+pub(crate) fn desired_resources(
+    wildcard: bool,
+    names: &BTreeSet<String>,
     available: Option<&TypedResources>,
 ) -> (ResourceMap, String) {
     let Some(available) = available else {
@@ -287,11 +289,10 @@ fn desired_resources(
         let version = set_version(empty.values());
         return (empty, version);
     };
-    if state.wildcard || available.items().keys().all(|n| state.names.contains(n)) {
+    if wildcard || available.items().keys().all(|n| names.contains(n)) {
         return (available.items().clone(), available.version().to_string());
     }
-    let subset: BTreeMap<String, Resource> = state
-        .names
+    let subset: BTreeMap<String, Resource> = names
         .iter()
         .filter_map(|n| available.items().get(n).map(|r| (n.clone(), r.clone())))
         .collect();

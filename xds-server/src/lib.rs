@@ -4,14 +4,17 @@
 //! [`SnapshotCache`] and [`AdsService`] streams them to every proxy.
 
 pub mod connection;
+pub mod delta;
 pub mod resource;
 pub mod service;
 pub mod snapshot;
 
 pub use connection::{AdsConnection, AdsResponse, Nack, RequestEvent, TypeSync};
+pub use delta::{DeltaAdsConnection, DeltaResponse, Diff, DiffMemo, encode_delta_response};
 pub use resource::{Resource, type_url};
 pub use service::{
-    AdsService, StreamPolicy, StreamSupervisor, StreamSync, SyncRegistry, encode_response,
+    AdsProtocol, AdsService, StreamPolicy, StreamSupervisor, StreamSync, SyncRegistry,
+    WireResponse, encode_response,
 };
 pub use snapshot::{
     NodeWatch, ResourceMap, Snapshot, SnapshotCache, SnapshotSource, TypedResources,

@@ -1,6 +1,6 @@
 //! Resources encoded once: the bytes of one `DiscoveryResponse.resources` entry.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use bytes::{Bytes, BytesMut};
 use prost::Message;
@@ -45,20 +45,26 @@ const RESOURCES_FIELD: u32 = 2;
 
 /// One named xDS resource, encoded once and shared between streams; a clone is a
 /// reference count increment.
-#[derive(Clone, Debug, Eq)]
+#[derive(Clone, Debug)]
 pub struct Resource(Arc<ResourceInner>);
 
-#[derive(Debug, PartialEq, Eq)]
+impl Eq for Resource {}
+
+#[derive(Debug)]
 struct ResourceInner {
     name: String,
     version: String,
     /// Tag + length + `Any` bytes, ready to be spliced into a `DiscoveryResponse`.
     entry: Bytes,
+    /// The same as a `DeltaDiscoveryResponse.resources` entry (a `Resource` message with
+    /// name and version), made on first use and then shared like `entry`.
+    delta_entry: OnceLock<Bytes>,
 }
 
 impl PartialEq for Resource {
     fn eq(&self, other: &Self) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) || self.0 == other.0
+        Arc::ptr_eq(&self.0, &other.0)
+            || (self.0.name == other.0.name && self.0.entry == other.0.entry)
     }
 }
 
@@ -79,6 +85,7 @@ impl Resource {
             name: name.into(),
             version: format!("{:016x}", fnv1a(&entry)),
             entry,
+            delta_entry: OnceLock::new(),
         }))
     }
 
@@ -95,6 +102,30 @@ impl Resource {
     /// The encoded `resources` entry of a `DiscoveryResponse`.
     pub fn entry(&self) -> &Bytes {
         &self.0.entry
+    }
+
+    /// The encoded `resources` entry of a `DeltaDiscoveryResponse`: a `Resource` message
+    /// with version (field 1), the `Any` (field 2, the very bytes of [`Resource::entry`])
+    /// and name (field 3).
+    pub fn delta_entry(&self) -> &Bytes {
+        self.0.delta_entry.get_or_init(|| {
+            let (name, version, any) = (&self.0.name, &self.0.version, &self.0.entry);
+            let string_len = |s: &str| 1 + encoded_len_varint(s.len() as u64) + s.len();
+            let body_len = string_len(version) + any.len() + string_len(name);
+            let mut buf =
+                BytesMut::with_capacity(1 + encoded_len_varint(body_len as u64) + body_len);
+            encode_key(RESOURCES_FIELD, WireType::LengthDelimited, &mut buf);
+            encode_varint(body_len as u64, &mut buf);
+            encode_key(1, WireType::LengthDelimited, &mut buf);
+            encode_varint(version.len() as u64, &mut buf);
+            buf.extend_from_slice(version.as_bytes());
+            // The `Any` goes in as field 2 of `Resource`: the same tag `entry` carries.
+            buf.extend_from_slice(any);
+            encode_key(3, WireType::LengthDelimited, &mut buf);
+            encode_varint(name.len() as u64, &mut buf);
+            buf.extend_from_slice(name.as_bytes());
+            buf.freeze()
+        })
     }
 
     /// Decodes the resource back into its `Any` (for tests and debugging output).

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
 use bytes::BufMut;
-use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
+use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use futures::{Stream, StreamExt};
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint};
@@ -21,12 +21,128 @@ use tonic::{Status, server::NamedService};
 
 use crate::XdsError;
 use crate::connection::{AdsConnection, AdsResponse, RequestEvent, TypeSync};
+use crate::delta::{DeltaAdsConnection, DeltaResponse, DiffMemo, encode_delta_response};
 use crate::resource::type_url;
-use crate::snapshot::{NodeWatch, SnapshotCache, SnapshotSource};
+use crate::snapshot::{NodeWatch, Snapshot, SnapshotCache, SnapshotSource};
 
 /// gRPC path of the SotW ADS method.
 const SOTW_PATH: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/StreamAggregatedResources";
+/// gRPC path of the incremental ADS method.
+const DELTA_PATH: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+
+/// A response that can be written as its protobuf message.
+pub trait WireResponse: Send + 'static {
+    /// Type URL of the resources in it.
+    fn type_url(&self) -> &str;
+    /// Version it carries.
+    fn version(&self) -> &str;
+    /// Number of resources (added or removed) in it.
+    fn resource_count(&self) -> usize;
+    /// Writes the protobuf message.
+    fn encode_wire(&self, dst: &mut impl BufMut);
+}
+
+impl WireResponse for AdsResponse {
+    fn type_url(&self) -> &str {
+        &self.type_url
+    }
+    fn version(&self) -> &str {
+        &self.version_info
+    }
+    fn resource_count(&self) -> usize {
+        self.resources.len()
+    }
+    fn encode_wire(&self, dst: &mut impl BufMut) {
+        encode_response(self, dst);
+    }
+}
+
+impl WireResponse for DeltaResponse {
+    fn type_url(&self) -> &str {
+        &self.type_url
+    }
+    fn version(&self) -> &str {
+        &self.system_version_info
+    }
+    fn resource_count(&self) -> usize {
+        self.resources.len() + self.removed.len()
+    }
+    fn encode_wire(&self, dst: &mut impl BufMut) {
+        encode_delta_response(self, dst);
+    }
+}
+
+/// An ADS variant's per-stream state machine, as the stream task drives it.
+pub trait AdsProtocol: Send + 'static {
+    /// `delta` or `sotw`, for status output.
+    const NAME: &'static str;
+    /// A stream's state machine, sharing what the server shares between streams.
+    fn new_stream(memo: &Arc<DiffMemo>) -> Self;
+    /// The request message.
+    type Request: Message + Default + Send + 'static;
+    /// The response the state machine produces.
+    type Response: WireResponse;
+    /// Type URL of a request.
+    fn request_type_url(req: &Self::Request) -> &str;
+    /// Applies one request.
+    fn on_request(&mut self, req: &Self::Request) -> Result<RequestEvent, XdsError>;
+    /// Node id, once known.
+    fn node_id(&self) -> Option<&str>;
+    /// Responses that bring the proxy to `snapshot`.
+    fn next_responses(&mut self, snapshot: &Snapshot) -> Vec<Self::Response>;
+    /// Per-type sync state.
+    fn sync_state(&self) -> Vec<TypeSync>;
+}
+
+impl AdsProtocol for AdsConnection {
+    const NAME: &'static str = "sotw";
+    type Request = DiscoveryRequest;
+    type Response = AdsResponse;
+    fn new_stream(_: &Arc<DiffMemo>) -> Self {
+        AdsConnection::new()
+    }
+    fn request_type_url(req: &DiscoveryRequest) -> &str {
+        &req.type_url
+    }
+    fn on_request(&mut self, req: &DiscoveryRequest) -> Result<RequestEvent, XdsError> {
+        AdsConnection::on_request(self, req)
+    }
+    fn node_id(&self) -> Option<&str> {
+        AdsConnection::node_id(self)
+    }
+    fn next_responses(&mut self, snapshot: &Snapshot) -> Vec<AdsResponse> {
+        AdsConnection::next_responses(self, snapshot)
+    }
+    fn sync_state(&self) -> Vec<TypeSync> {
+        AdsConnection::sync_state(self)
+    }
+}
+
+impl AdsProtocol for DeltaAdsConnection {
+    const NAME: &'static str = "delta";
+    type Request = DeltaDiscoveryRequest;
+    type Response = DeltaResponse;
+    fn new_stream(memo: &Arc<DiffMemo>) -> Self {
+        DeltaAdsConnection::with_memo(memo.clone())
+    }
+    fn request_type_url(req: &DeltaDiscoveryRequest) -> &str {
+        &req.type_url
+    }
+    fn on_request(&mut self, req: &DeltaDiscoveryRequest) -> Result<RequestEvent, XdsError> {
+        DeltaAdsConnection::on_request(self, req)
+    }
+    fn node_id(&self) -> Option<&str> {
+        DeltaAdsConnection::node_id(self)
+    }
+    fn next_responses(&mut self, snapshot: &Snapshot) -> Vec<DeltaResponse> {
+        DeltaAdsConnection::next_responses(self, snapshot)
+    }
+    fn sync_state(&self) -> Vec<TypeSync> {
+        DeltaAdsConnection::sync_state(self)
+    }
+}
 
 /// Decides whether a stream may receive its node's own resources (secrets included).
 pub trait StreamPolicy: Send + Sync + std::fmt::Debug {
@@ -46,6 +162,8 @@ pub struct StreamSync {
     pub types: Vec<TypeSync>,
     /// Why the stream is denied its node's own resources, if it is.
     pub denied: Option<String>,
+    /// `delta` or `sotw`.
+    pub protocol: &'static str,
 }
 
 /// Sync state of every open stream, keyed by stream id.
@@ -131,6 +249,7 @@ pub struct AdsService {
     registry: Arc<SyncRegistry>,
     next_stream: Arc<AtomicU64>,
     spawned: mpsc::UnboundedSender<JoinHandle<()>>,
+    memo: Arc<DiffMemo>,
 }
 
 impl AdsService {
@@ -143,6 +262,7 @@ impl AdsService {
             registry: Arc::default(),
             next_stream: Arc::default(),
             spawned,
+            memo: Arc::default(),
         };
         (service, StreamSupervisor { handles })
     }
@@ -158,7 +278,8 @@ impl AdsService {
         self.registry.clone()
     }
 
-    /// Starts a stream task for `requests`; responses arrive on the returned channel.
+    /// Starts a state-of-the-world stream task for `requests`; responses arrive on the
+    /// returned channel.
     pub fn open_stream<S>(
         &self,
         peer: Option<SocketAddr>,
@@ -167,11 +288,36 @@ impl AdsService {
     where
         S: Stream<Item = Result<DiscoveryRequest, Status>> + Send + Unpin + 'static,
     {
+        self.open::<AdsConnection, S>(peer, requests)
+    }
+
+    /// Starts an incremental (delta) stream task for `requests`.
+    pub fn open_delta_stream<S>(
+        &self,
+        peer: Option<SocketAddr>,
+        requests: S,
+    ) -> mpsc::Receiver<Result<DeltaResponse, Status>>
+    where
+        S: Stream<Item = Result<DeltaDiscoveryRequest, Status>> + Send + Unpin + 'static,
+    {
+        self.open::<DeltaAdsConnection, S>(peer, requests)
+    }
+
+    fn open<P, S>(
+        &self,
+        peer: Option<SocketAddr>,
+        requests: S,
+    ) -> mpsc::Receiver<Result<P::Response, Status>>
+    where
+        P: AdsProtocol,
+        S: Stream<Item = Result<P::Request, Status>> + Send + Unpin + 'static,
+    {
         let (tx, rx) = mpsc::channel(16);
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let cache = self.cache.clone();
         let registry = self.registry.clone();
         let policy = self.policy.clone();
+        let conn = P::new_stream(&self.memo);
         let handle = tokio::spawn(async move {
             let stream = StreamContext {
                 id,
@@ -180,7 +326,7 @@ impl AdsService {
                 registry: &registry,
                 policy: policy.as_deref(),
             };
-            run_stream(stream, requests, tx).await;
+            run_stream::<P, S>(stream, conn, requests, tx).await;
             registry.remove(id);
         });
         // The supervisor is gone only during shutdown; the task still runs to completion.
@@ -199,12 +345,14 @@ struct StreamContext<'a> {
 }
 
 /// Drives one stream: requests and snapshot changes in, responses out.
-async fn run_stream<S>(
+async fn run_stream<P, S>(
     ctx: StreamContext<'_>,
+    mut conn: P,
     mut requests: S,
-    tx: mpsc::Sender<Result<AdsResponse, Status>>,
+    tx: mpsc::Sender<Result<P::Response, Status>>,
 ) where
-    S: Stream<Item = Result<DiscoveryRequest, Status>> + Unpin,
+    P: AdsProtocol,
+    S: Stream<Item = Result<P::Request, Status>> + Unpin,
 {
     let StreamContext {
         id,
@@ -214,7 +362,6 @@ async fn run_stream<S>(
         policy,
     } = ctx;
     let mut denied: Option<String> = None;
-    let mut conn = AdsConnection::new();
     let mut snapshots: Option<NodeWatch> = None;
     let mut source = None;
     loop {
@@ -236,13 +383,13 @@ async fn run_stream<S>(
                         tracing::warn!(
                         stream = id,
                         node = conn.node_id().unwrap_or_default(),
-                        r#type = type_url::short_name(&req.type_url),
+                        r#type = type_url::short_name(P::request_type_url(&req)),
                         version = %nack.version,
                         error = %nack.message,
                         "proxy rejected config (NACK); keeping its last good config until the next change"
                         );
                     }
-                    Ok(event) => tracing::debug!(stream = id, r#type = type_url::short_name(&req.type_url), ?event, "ADS request"),
+                    Ok(event) => tracing::debug!(stream = id, r#type = type_url::short_name(P::request_type_url(&req)), ?event, "ADS request"),
                 },
             },
             changed = async {
@@ -296,9 +443,9 @@ async fn run_stream<S>(
             for response in conn.next_responses(&snapshot) {
                 tracing::debug!(
                     stream = id,
-                    r#type = type_url::short_name(&response.type_url),
-                    version = %response.version_info,
-                    resources = response.resources.len(),
+                    r#type = type_url::short_name(response.type_url()),
+                    version = %response.version(),
+                    resources = response.resource_count(),
                     "pushing"
                 );
                 if tx.send(Ok(response)).await.is_err() {
@@ -313,44 +460,51 @@ async fn run_stream<S>(
                 peer,
                 types: conn.sync_state(),
                 denied: denied.clone(),
+                protocol: P::NAME,
             },
         );
     }
 }
 
 /// Codec that decodes requests with prost and splices pre-encoded resources into responses.
-#[derive(Clone, Copy, Debug, Default)]
-pub struct AdsCodec;
-
-/// Encoder half of [`AdsCodec`].
 #[derive(Debug)]
-pub struct AdsEncoder;
+pub struct AdsCodec<P>(std::marker::PhantomData<P>);
 
-/// Decoder half of [`AdsCodec`].
-#[derive(Debug)]
-pub struct AdsDecoder;
-
-impl Codec for AdsCodec {
-    type Encode = AdsResponse;
-    type Decode = DiscoveryRequest;
-    type Encoder = AdsEncoder;
-    type Decoder = AdsDecoder;
-
-    fn encoder(&mut self) -> AdsEncoder {
-        AdsEncoder
-    }
-
-    fn decoder(&mut self) -> AdsDecoder {
-        AdsDecoder
+impl<P> Default for AdsCodec<P> {
+    fn default() -> Self {
+        Self(std::marker::PhantomData)
     }
 }
 
-impl Encoder for AdsEncoder {
-    type Item = AdsResponse;
+/// Encoder half of [`AdsCodec`].
+#[derive(Debug)]
+pub struct AdsEncoder<P>(std::marker::PhantomData<P>);
+
+/// Decoder half of [`AdsCodec`].
+#[derive(Debug)]
+pub struct AdsDecoder<P>(std::marker::PhantomData<P>);
+
+impl<P: AdsProtocol> Codec for AdsCodec<P> {
+    type Encode = P::Response;
+    type Decode = P::Request;
+    type Encoder = AdsEncoder<P>;
+    type Decoder = AdsDecoder<P>;
+
+    fn encoder(&mut self) -> AdsEncoder<P> {
+        AdsEncoder(std::marker::PhantomData)
+    }
+
+    fn decoder(&mut self) -> AdsDecoder<P> {
+        AdsDecoder(std::marker::PhantomData)
+    }
+}
+
+impl<P: AdsProtocol> Encoder for AdsEncoder<P> {
+    type Item = P::Response;
     type Error = Status;
 
-    fn encode(&mut self, item: AdsResponse, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        encode_response(&item, dst);
+    fn encode(&mut self, item: P::Response, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
+        item.encode_wire(dst);
         Ok(())
     }
 }
@@ -372,14 +526,14 @@ pub fn encode_response(response: &AdsResponse, dst: &mut impl BufMut) {
     }
 }
 
-impl Decoder for AdsDecoder {
-    type Item = DiscoveryRequest;
+impl<P: AdsProtocol> Decoder for AdsDecoder<P> {
+    type Item = P::Request;
     type Error = Status;
 
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<DiscoveryRequest>, Status> {
-        DiscoveryRequest::decode(src)
+    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<P::Request>, Status> {
+        P::Request::decode(src)
             .map(Some)
-            .map_err(|e| Status::invalid_argument(format!("malformed DiscoveryRequest: {e}")))
+            .map_err(|e| Status::invalid_argument(format!("malformed discovery request: {e}")))
     }
 }
 
@@ -388,21 +542,30 @@ impl NamedService for AdsService {
 }
 
 /// Adapter giving tonic's `Grpc::streaming` the stream handler it expects.
-struct SotwMethod(AdsService);
+struct StreamMethod<P>(AdsService, std::marker::PhantomData<P>);
 
-impl tonic::server::StreamingService<DiscoveryRequest> for SotwMethod {
-    type Response = AdsResponse;
-    type ResponseStream = ReceiverStream<Result<AdsResponse, Status>>;
+impl<P: AdsProtocol> tonic::server::StreamingService<P::Request> for StreamMethod<P> {
+    type Response = P::Response;
+    type ResponseStream = ReceiverStream<Result<P::Response, Status>>;
     type Future = BoxFuture<tonic::Response<Self::ResponseStream>, Status>;
 
-    fn call(
-        &mut self,
-        request: tonic::Request<tonic::Streaming<DiscoveryRequest>>,
-    ) -> Self::Future {
+    fn call(&mut self, request: tonic::Request<tonic::Streaming<P::Request>>) -> Self::Future {
         let peer = request.remote_addr();
-        let rx = self.0.open_stream(peer, request.into_inner());
+        let rx = self.0.open::<P, _>(peer, request.into_inner());
         Box::pin(async move { Ok(tonic::Response::new(ReceiverStream::new(rx))) })
     }
+}
+
+fn serve_method<P: AdsProtocol>(
+    service: AdsService,
+    req: http::Request<tonic::body::Body>,
+) -> BoxFuture<http::Response<tonic::body::Body>, Infallible> {
+    let method = StreamMethod::<P>(service, std::marker::PhantomData);
+    Box::pin(async move {
+        let mut grpc = tonic::server::Grpc::new(AdsCodec::<P>::default())
+            .apply_max_message_size_config(Some(64 << 20), Some(256 << 20));
+        Ok(grpc.streaming(method, req).await)
+    })
 }
 
 impl tower_service::Service<http::Request<tonic::body::Body>> for AdsService {
@@ -415,16 +578,10 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for AdsService {
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        if req.uri().path() != SOTW_PATH {
-            return Box::pin(async {
-                Ok(Status::unimplemented("only SotW ADS is served").into_http())
-            });
+        match req.uri().path() {
+            SOTW_PATH => serve_method::<AdsConnection>(self.clone(), req),
+            DELTA_PATH => serve_method::<DeltaAdsConnection>(self.clone(), req),
+            _ => Box::pin(async { Ok(Status::unimplemented("not an ADS method").into_http()) }),
         }
-        let method = SotwMethod(self.clone());
-        Box::pin(async move {
-            let mut grpc = tonic::server::Grpc::new(AdsCodec)
-                .apply_max_message_size_config(Some(64 << 20), Some(256 << 20));
-            Ok(grpc.streaming(method, req).await)
-        })
     }
 }

@@ -1,5 +1,6 @@
-//! A real Envoy against the ADS service: a rejected config is NACKed, remembered with
-//! Envoy's message, not re-sent, and the next good config is ACKed.
+//! A real Envoy against the ADS service, state of the world and incremental: a
+//! rejected config is NACKed, remembered with Envoy's message, not re-sent, and the
+//! next good config is ACKed.
 //! Needs Envoy (`WEFT_ENVOY` or PATH; `make setup` installs it) and fails without it.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test setup fails loudly
@@ -82,7 +83,7 @@ impl Drop for Envoy {
     }
 }
 
-fn start_envoy(xds: SocketAddr) -> Envoy {
+fn start_envoy(xds: SocketAddr, api_type: &str) -> Envoy {
     let admin = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .unwrap()
         .local_addr()
@@ -92,7 +93,7 @@ fn start_envoy(xds: SocketAddr) -> Envoy {
         r#"{{"node": {{"id": "{NODE}", "cluster": "test"}},
   "admin": {{"address": {{"socket_address": {{"address": "127.0.0.1", "port_value": {admin}}}}}}},
   "dynamic_resources": {{
-    "ads_config": {{"api_type": "GRPC", "transport_api_version": "V3",
+    "ads_config": {{"api_type": "{api_type}", "transport_api_version": "V3",
       "grpc_services": [{{"envoy_grpc": {{"cluster_name": "xds"}}}}]}},
     "cds_config": {{"ads": {{}}, "resource_api_version": "V3"}}}},
   "static_resources": {{"clusters": [{{"name": "xds", "type": "STATIC", "connect_timeout": "1s",
@@ -136,6 +137,15 @@ async fn wait_until(what: &str, mut ok: impl FnMut() -> bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nacked_config_is_remembered_not_resent_and_the_next_good_one_is_acked() {
+    nack_scenario("GRPC").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_delta_xds_a_nack_is_not_resent_and_the_next_good_config_is_acked() {
+    nack_scenario("DELTA_GRPC").await;
+}
+
+async fn nack_scenario(api_type: &str) {
     let cache = SnapshotCache::new();
     cache.set(NODE, static_cluster("127.0.0.1"));
     let (ads, supervisor) = AdsService::new(cache.clone());
@@ -150,7 +160,7 @@ async fn a_nacked_config_is_remembered_not_resent_and_the_next_good_one_is_acked
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
     let streams = tokio::spawn(supervisor.run());
-    let _envoy = start_envoy(xds);
+    let _envoy = start_envoy(xds, api_type);
 
     wait_until("the first CDS ACK", || {
         cds(&registry)

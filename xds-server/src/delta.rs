@@ -1,0 +1,415 @@
+//! The state of one incremental (delta) ADS stream, with no I/O.
+//!
+//! Per type it remembers which resources the proxy has (name → version) and sends
+//! only what changed: one changed cluster out of a thousand is one resource on the
+//! wire, not a thousand. Additions go out in make-before-break order, removals last.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use bytes::BufMut;
+use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use prost::encoding::{WireType, encode_key, encode_varint};
+
+use crate::XdsError;
+use crate::connection::{Nack, RequestEvent, TypeSync, desired_resources};
+use crate::resource::{Resource, type_url};
+use crate::snapshot::{ResourceMap, Snapshot};
+
+/// A delta response ready to go on the wire; resource bytes are shared, not copied.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeltaResponse {
+    /// `system_version_info`: the version of the type's whole set after this response.
+    pub system_version_info: String,
+    /// Type URL of every resource in it.
+    pub type_url: String,
+    /// Nonce the proxy echoes back in its ACK or NACK.
+    pub nonce: String,
+    /// Added or changed resources (often shared with every stream making the same move).
+    pub resources: Arc<Vec<Resource>>,
+    /// Names of resources the proxy must drop (or that do not exist).
+    pub removed: Vec<String>,
+}
+
+fn put_string(field: u32, value: &str, dst: &mut impl BufMut) {
+    encode_key(field, WireType::LengthDelimited, dst);
+    encode_varint(value.len() as u64, dst);
+    dst.put_slice(value.as_bytes());
+}
+
+/// Writes `response` as a `DeltaDiscoveryResponse` protobuf message.
+pub fn encode_delta_response(response: &DeltaResponse, dst: &mut impl BufMut) {
+    // DeltaDiscoveryResponse: system_version_info = 1, resources = 2, type_url = 4,
+    // nonce = 5, removed_resources = 6.
+    put_string(1, &response.system_version_info, dst);
+    for r in response.resources.iter() {
+        dst.put_slice(r.delta_entry());
+    }
+    put_string(4, &response.type_url, dst);
+    put_string(5, &response.nonce, dst);
+    for name in &response.removed {
+        put_string(6, name, dst);
+    }
+}
+
+/// What a proxy has of one type, as far as the stream knows.
+#[derive(Clone, Debug)]
+enum Known {
+    /// Exactly the map sent last: usually the snapshot's own map, shared, so a
+    /// thousand streams cost one map and an unchanged type costs a pointer compare.
+    Sent(ResourceMap),
+    /// Name → version, as the proxy declared on reconnect or after an unsubscribe.
+    Versions(BTreeMap<String, String>),
+}
+
+impl Default for Known {
+    fn default() -> Self {
+        Self::Sent(ResourceMap::default())
+    }
+}
+
+impl Known {
+    fn contains(&self, name: &str) -> bool {
+        match self {
+            Self::Sent(m) => m.contains_key(name),
+            Self::Versions(v) => v.contains_key(name),
+        }
+    }
+
+    fn len(&self) -> usize {
+        match self {
+            Self::Sent(m) => m.len(),
+            Self::Versions(v) => v.len(),
+        }
+    }
+
+    fn forget(&mut self, name: &str) {
+        if !self.contains(name) {
+            return;
+        }
+        let mut versions = match self {
+            Self::Sent(m) => m
+                .iter()
+                .map(|(n, r)| (n.clone(), r.version().to_string()))
+                .collect(),
+            Self::Versions(v) => std::mem::take(v),
+        };
+        versions.remove(name);
+        *self = Self::Versions(versions);
+    }
+
+    /// Resources of `desired` the proxy lacks or has in another version, and names it
+    /// has that `desired` does not.
+    fn diff(&self, desired: &ResourceMap, memo: &DiffMemo) -> Arc<Diff> {
+        match self {
+            Self::Sent(sent) if Arc::ptr_eq(sent, desired) => Arc::default(),
+            Self::Sent(sent) => memo.diff(sent, desired),
+            Self::Versions(versions) => {
+                let changed = desired
+                    .iter()
+                    .filter(|(n, r)| versions.get(*n).map(String::as_str) != Some(r.version()))
+                    .map(|(_, r)| r.clone())
+                    .collect();
+                let removed = versions
+                    .keys()
+                    .filter(|n| !desired.contains_key(*n))
+                    .cloned()
+                    .collect();
+                Arc::new(Diff {
+                    changed: Arc::new(changed),
+                    removed,
+                })
+            }
+        }
+    }
+}
+
+/// What moving a proxy from one resource set to another takes.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Diff {
+    /// Resources added or changed.
+    pub changed: Arc<Vec<Resource>>,
+    /// Names no longer there.
+    pub removed: Vec<String>,
+}
+
+/// How many recent diffs are remembered: a few pushes in flight at once.
+const MEMO_ENTRIES: usize = 16;
+
+/// Recent diffs between shared resource maps: when a thousand streams move from the
+/// same set to the same set, the diff is computed once. Entries hold both maps, so a
+/// pointer match can never be a reused address.
+#[derive(Debug, Default)]
+pub struct DiffMemo {
+    recent: Mutex<VecDeque<(ResourceMap, ResourceMap, Arc<Diff>)>>,
+}
+
+impl DiffMemo {
+    fn diff(&self, from: &ResourceMap, to: &ResourceMap) -> Arc<Diff> {
+        let found = {
+            let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+            recent
+                .iter()
+                .find(|(f, t, _)| Arc::ptr_eq(f, from) && Arc::ptr_eq(t, to))
+                .map(|(_, _, d)| d.clone())
+        };
+        if let Some(diff) = found {
+            return diff;
+        }
+        let diff = Arc::new(diff_sorted(from, to));
+        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        if recent.len() == MEMO_ENTRIES {
+            recent.pop_front();
+        }
+        recent.push_back((from.clone(), to.clone(), diff.clone()));
+        diff
+    }
+}
+
+#[derive(Clone, Debug, Default)]
+struct DeltaTypeState {
+    wildcard: bool,
+    /// Names subscribed explicitly.
+    names: BTreeSet<String>,
+    /// What the proxy has.
+    known: Known,
+    /// Subscribed names the proxy must hear about even when they do not exist.
+    unanswered: BTreeSet<String>,
+    /// A request is waiting for a response even if nothing changed.
+    must_respond: bool,
+    /// Version of the type's set per nonce in flight, to report ACKs.
+    in_flight: BTreeMap<String, String>,
+    sent_version: Option<String>,
+    responses: u64,
+    acked_version: Option<String>,
+    nack: Option<Nack>,
+}
+
+/// The incremental ADS state machine of one stream.
+#[derive(Debug, Default)]
+pub struct DeltaAdsConnection {
+    node_id: Option<String>,
+    types: BTreeMap<String, DeltaTypeState>,
+    nonce_seq: u64,
+    memo: Arc<DiffMemo>,
+}
+
+impl DeltaAdsConnection {
+    /// A connection that has seen no request yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A connection sharing `memo` with the other streams of a server.
+    pub fn with_memo(memo: Arc<DiffMemo>) -> Self {
+        Self {
+            memo,
+            ..Self::default()
+        }
+    }
+
+    /// Node id from the first request that carried one.
+    pub fn node_id(&self) -> Option<&str> {
+        self.node_id.as_deref()
+    }
+
+    /// Applies one request from the proxy.
+    pub fn on_request(&mut self, req: &DeltaDiscoveryRequest) -> Result<RequestEvent, XdsError> {
+        if req.type_url.is_empty() {
+            return Err(XdsError::MissingTypeUrl);
+        }
+        if self.node_id.is_none() {
+            match req.node.as_ref().map(|n| n.id.as_str()) {
+                Some(id) if !id.is_empty() => self.node_id = Some(id.to_string()),
+                _ => return Err(XdsError::MissingNode),
+            }
+        }
+        let is_new = !self.types.contains_key(&req.type_url);
+        let state = self.types.entry(req.type_url.clone()).or_default();
+        if is_new {
+            // A reconnect tells what the proxy already has: only differences are sent.
+            state.known = Known::Versions(
+                req.initial_resource_versions
+                    .iter()
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect(),
+            );
+            state.wildcard = type_url::is_wildcard_type(&req.type_url)
+                && req.resource_names_subscribe.is_empty();
+            state.must_respond = true;
+        }
+        for name in &req.resource_names_subscribe {
+            if name == "*" {
+                state.wildcard = true;
+            } else if state.names.insert(name.clone()) {
+                state.unanswered.insert(name.clone());
+            }
+        }
+        for name in &req.resource_names_unsubscribe {
+            if name == "*" {
+                state.wildcard = false;
+            } else {
+                state.names.remove(name);
+                state.unanswered.remove(name);
+            }
+            // The proxy drops what it unsubscribed from; it must not hear of it again.
+            state.known.forget(name);
+        }
+        if !req.resource_names_subscribe.is_empty() {
+            state.must_respond = true;
+        }
+        if req.response_nonce.is_empty() {
+            return Ok(if is_new {
+                RequestEvent::Subscribe
+            } else {
+                RequestEvent::SubscriptionChanged
+            });
+        }
+        let Some(version) = state.in_flight.remove(&req.response_nonce) else {
+            return Ok(RequestEvent::Stale);
+        };
+        // Older responses in flight were answered in order before this one.
+        let nonce: u64 = req.response_nonce.parse().unwrap_or(0);
+        state
+            .in_flight
+            .retain(|n, _| n.parse::<u64>().unwrap_or(0) > nonce);
+        if let Some(status) = &req.error_detail {
+            let nack = Nack {
+                version,
+                nonce: req.response_nonce.clone(),
+                message: status.message.clone(),
+            };
+            state.nack = Some(nack.clone());
+            return Ok(RequestEvent::Nack(nack));
+        }
+        state.acked_version = Some(version.clone());
+        state.nack = None;
+        if !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty() {
+            return Ok(RequestEvent::SubscriptionChanged);
+        }
+        Ok(RequestEvent::Ack { version })
+    }
+
+    /// Responses that bring the proxy to `snapshot`: changed resources per type in
+    /// make-before-break order (CDS, EDS, SDS, LDS, RDS), then the removals.
+    pub fn next_responses(&mut self, snapshot: &Snapshot) -> Vec<DeltaResponse> {
+        let mut ordered: Vec<String> = type_url::PUSH_ORDER
+            .iter()
+            .map(|t| t.to_string())
+            .filter(|t| self.types.contains_key(t))
+            .collect();
+        ordered.extend(
+            self.types
+                .keys()
+                .filter(|t| !type_url::PUSH_ORDER.contains(&t.as_str()))
+                .cloned(),
+        );
+        let mut out = Vec::new();
+        let mut removals = Vec::new();
+        for type_url in ordered {
+            let Some(state) = self.types.get_mut(&type_url) else {
+                continue;
+            };
+            let (desired, version) =
+                desired_resources(state.wildcard, &state.names, snapshot.resources(&type_url));
+            let diff = state.known.diff(&desired, &self.memo);
+            let mut removed = diff.removed.clone();
+            // Subscribed names that do not exist are answered as removed, so the proxy
+            // stops waiting for them.
+            removed.extend(
+                state
+                    .unanswered
+                    .iter()
+                    .filter(|n| !desired.contains_key(n.as_str()) && !state.known.contains(n))
+                    .cloned(),
+            );
+            removed.sort();
+            removed.dedup();
+            state.unanswered.clear();
+            let must_respond = std::mem::take(&mut state.must_respond);
+            // After this round the proxy has exactly `desired`.
+            state.known = Known::Sent(desired);
+            if !diff.changed.is_empty() || (removed.is_empty() && must_respond) {
+                // The memo's vector, shared with every stream making this move.
+                let changed = diff.changed.clone();
+                out.push(self.respond(&type_url, changed, Vec::new(), version.clone()));
+            }
+            if !removed.is_empty() {
+                removals.push((type_url, removed, version));
+            }
+        }
+        for (type_url, removed, version) in removals {
+            out.push(self.respond(&type_url, Arc::default(), removed, version));
+        }
+        out
+    }
+
+    fn respond(
+        &mut self,
+        type_url: &str,
+        resources: Arc<Vec<Resource>>,
+        removed: Vec<String>,
+        version: String,
+    ) -> DeltaResponse {
+        self.nonce_seq += 1;
+        let nonce = self.nonce_seq.to_string();
+        let state = self.types.entry(type_url.to_string()).or_default();
+        state.responses += 1;
+        state.sent_version = Some(version.clone());
+        state.in_flight.insert(nonce.clone(), version.clone());
+        DeltaResponse {
+            system_version_info: version,
+            type_url: type_url.to_string(),
+            nonce,
+            resources,
+            removed,
+        }
+    }
+
+    /// Per-type sync state.
+    pub fn sync_state(&self) -> Vec<TypeSync> {
+        self.types
+            .iter()
+            .map(|(t, s)| TypeSync {
+                type_name: type_url::short_name(t),
+                sent_version: s.sent_version.clone(),
+                acked_version: s.acked_version.clone(),
+                sent_resources: s.known.len(),
+                responses: s.responses,
+                last_nack: s.nack.clone(),
+            })
+            .collect()
+    }
+}
+
+/// Walks two name-sorted maps once, side by side (no lookups): what `desired` adds or
+/// changes, and what `sent` has that `desired` dropped.
+fn diff_sorted(sent: &ResourceMap, desired: &ResourceMap) -> Diff {
+    let (mut changed, mut removed) = (Vec::new(), Vec::new());
+    let mut old = sent.iter().peekable();
+    for (name, new) in desired.iter() {
+        loop {
+            match old.peek() {
+                Some((o, _)) if o.as_str() < name.as_str() => {
+                    removed.push((*o).clone());
+                    old.next();
+                }
+                _ => break,
+            }
+        }
+        match old.peek() {
+            Some((o, r)) if *o == name => {
+                if r.version() != new.version() {
+                    changed.push(new.clone());
+                }
+                old.next();
+            }
+            _ => changed.push(new.clone()),
+        }
+    }
+    removed.extend(old.map(|(o, _)| o.clone()));
+    Diff {
+        changed: Arc::new(changed),
+        removed,
+    }
+}

@@ -1,0 +1,262 @@
+//! Drives the incremental (delta) ADS state machine as Envoy does: subscribe, ACK,
+//! NACK, unsubscribe, reconnect with the versions it already has.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
+
+use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+use envoy_types::pb::envoy::config::core::v3::Node;
+use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+};
+use envoy_types::pb::google::rpc::Status as RpcStatus;
+use prost::Message;
+use weft_xds::{
+    DeltaAdsConnection, DeltaResponse, RequestEvent, Resource, Snapshot, encode_delta_response,
+    type_url,
+};
+
+fn cluster(name: &str, timeout_ms: i64) -> Resource {
+    let c = Cluster {
+        name: name.to_string(),
+        connect_timeout: Some(envoy_types::pb::google::protobuf::Duration {
+            seconds: 0,
+            nanos: (timeout_ms * 1_000_000) as i32,
+        }),
+        ..Default::default()
+    };
+    Resource::encode(type_url::CLUSTER, name, &c)
+}
+
+fn route(name: &str, domain: &str) -> Resource {
+    let r = RouteConfiguration {
+        name: name.to_string(),
+        virtual_hosts: vec![envoy_types::pb::envoy::config::route::v3::VirtualHost {
+            name: domain.to_string(),
+            domains: vec![domain.to_string()],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Resource::encode(type_url::ROUTE, name, &r)
+}
+
+fn subscribe(type_url: &str, names: &[&str]) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: "default/client".into(),
+            ..Default::default()
+        }),
+        type_url: type_url.into(),
+        resource_names_subscribe: names.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+fn ack(type_url: &str, nonce: &str) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        response_nonce: nonce.into(),
+        ..subscribe(type_url, &[])
+    }
+}
+
+fn nack(type_url: &str, nonce: &str, msg: &str) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        error_detail: Some(RpcStatus {
+            code: 3,
+            message: msg.into(),
+            details: vec![],
+        }),
+        ..ack(type_url, nonce)
+    }
+}
+
+fn decode(r: &DeltaResponse) -> DeltaDiscoveryResponse {
+    let mut buf = Vec::new();
+    encode_delta_response(r, &mut buf);
+    DeltaDiscoveryResponse::decode(buf.as_slice()).expect("response decodes")
+}
+
+fn names(r: &DeltaResponse) -> Vec<&str> {
+    r.resources.iter().map(Resource::name).collect()
+}
+
+fn clusters(n: usize, timeout_ms: i64) -> Vec<Resource> {
+    (0..n)
+        .map(|i| cluster(&format!("c{i}"), timeout_ms))
+        .collect()
+}
+
+#[test]
+fn the_wire_form_is_a_delta_discovery_response_with_named_versioned_resources() {
+    let mut conn = DeltaAdsConnection::new();
+    conn.on_request(&subscribe(type_url::CLUSTER, &[])).unwrap();
+    let snap = Snapshot::new().with(type_url::CLUSTER, [cluster("a", 250)]);
+    let out = conn.next_responses(&snap);
+    assert_eq!(out.len(), 1);
+    let wire = decode(&out[0]);
+    assert_eq!(wire.type_url, type_url::CLUSTER);
+    assert_eq!(wire.nonce, out[0].nonce);
+    assert_eq!(wire.system_version_info, out[0].system_version_info);
+    assert_eq!(wire.resources.len(), 1);
+    let r = &wire.resources[0];
+    assert_eq!(r.name, "a");
+    assert_eq!(r.version, cluster("a", 250).version());
+    let any = r.resource.as_ref().expect("resource body");
+    let decoded = Cluster::decode(any.value.as_slice()).unwrap();
+    assert_eq!(decoded.name, "a");
+    assert_eq!(decoded.connect_timeout.unwrap().nanos, 250_000_000);
+}
+
+#[test]
+fn only_changed_resources_are_sent_and_removals_come_last() {
+    let mut conn = DeltaAdsConnection::new();
+    assert_eq!(
+        conn.on_request(&subscribe(type_url::CLUSTER, &[])).unwrap(),
+        RequestEvent::Subscribe
+    );
+    conn.on_request(&subscribe(type_url::ROUTE, &["r"]))
+        .unwrap();
+    let mut all = clusters(100, 1000);
+    let first = conn.next_responses(
+        &Snapshot::new()
+            .with(type_url::CLUSTER, all.clone())
+            .with(type_url::ROUTE, [route("r", "one")]),
+    );
+    assert_eq!(first.len(), 2);
+    assert_eq!(first[0].resources.len(), 100, "initial: everything");
+    assert_eq!(names(&first[1]), vec!["r"]);
+    for r in &first {
+        conn.on_request(&ack(&r.type_url, &r.nonce)).unwrap();
+    }
+
+    // One cluster changes, one is added, one goes away, and the route moves to the
+    // new cluster: additions (CDS before RDS) first, then the removal.
+    all[7] = cluster("c7", 2000);
+    all.remove(3);
+    all.push(cluster("new", 1000));
+    let next = conn.next_responses(
+        &Snapshot::new()
+            .with(type_url::CLUSTER, all.clone())
+            .with(type_url::ROUTE, [route("r", "two")]),
+    );
+    assert_eq!(next.len(), 3, "{next:?}");
+    assert_eq!(names(&next[0]), vec!["c7", "new"]);
+    assert!(next[0].removed.is_empty());
+    assert_eq!(names(&next[1]), vec!["r"]);
+    assert!(next[2].resources.is_empty());
+    assert_eq!(next[2].removed, vec!["c3"]);
+    assert_eq!(next[2].type_url, type_url::CLUSTER);
+
+    // Nothing changed: nothing sent.
+    for r in &next {
+        conn.on_request(&ack(&r.type_url, &r.nonce)).unwrap();
+    }
+    let same = conn.next_responses(
+        &Snapshot::new()
+            .with(type_url::CLUSTER, all)
+            .with(type_url::ROUTE, [route("r", "two")]),
+    );
+    assert!(same.is_empty(), "{same:?}");
+}
+
+#[test]
+fn a_nack_is_remembered_and_never_resent() {
+    let mut conn = DeltaAdsConnection::new();
+    conn.on_request(&subscribe(type_url::CLUSTER, &[])).unwrap();
+    let bad = Snapshot::new().with(type_url::CLUSTER, [cluster("a", -5)]);
+    let out = conn.next_responses(&bad);
+    let event = conn
+        .on_request(&nack(type_url::CLUSTER, &out[0].nonce, "bad timeout"))
+        .unwrap();
+    let RequestEvent::Nack(n) = event else {
+        panic!("expected a NACK, got {event:?}")
+    };
+    assert_eq!(n.message, "bad timeout");
+    assert!(conn.next_responses(&bad).is_empty(), "no NACK loop");
+    let sync = conn.sync_state();
+    assert_eq!(
+        sync[0].last_nack.as_ref().map(|n| n.message.as_str()),
+        Some("bad timeout")
+    );
+
+    let good = Snapshot::new().with(type_url::CLUSTER, [cluster("a", 100)]);
+    let fixed = conn.next_responses(&good);
+    assert_eq!(names(&fixed[0]), vec!["a"]);
+    conn.on_request(&ack(type_url::CLUSTER, &fixed[0].nonce))
+        .unwrap();
+    let sync = conn.sync_state();
+    assert!(sync[0].last_nack.is_none(), "an ACK clears the NACK");
+    assert_eq!(sync[0].acked_version, sync[0].sent_version);
+}
+
+#[test]
+fn explicit_subscriptions_follow_subscribe_and_unsubscribe() {
+    let mut conn = DeltaAdsConnection::new();
+    conn.on_request(&subscribe(type_url::ROUTE, &["a"]))
+        .unwrap();
+    let snap = Snapshot::new().with(type_url::ROUTE, [route("a", "a"), route("b", "b")]);
+    let out = conn.next_responses(&snap);
+    assert_eq!(names(&out[0]), vec!["a"], "only what was asked for");
+    conn.on_request(&ack(type_url::ROUTE, &out[0].nonce))
+        .unwrap();
+
+    // Subscribing to b and to a name that does not exist: b is sent, the missing one
+    // is answered as removed so the proxy stops waiting for it.
+    let more = DeltaDiscoveryRequest {
+        resource_names_subscribe: vec!["b".into(), "ghost".into()],
+        ..subscribe(type_url::ROUTE, &[])
+    };
+    assert_eq!(
+        conn.on_request(&more).unwrap(),
+        RequestEvent::SubscriptionChanged
+    );
+    let out = conn.next_responses(&snap);
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert_eq!(names(&out[0]), vec!["b"]);
+    assert_eq!(out[1].removed, vec!["ghost"]);
+
+    // Unsubscribed resources are dropped by the proxy itself: no removal is sent, and
+    // later changes to them are not sent either.
+    let less = DeltaDiscoveryRequest {
+        resource_names_unsubscribe: vec!["a".into()],
+        ..subscribe(type_url::ROUTE, &[])
+    };
+    conn.on_request(&less).unwrap();
+    let changed = Snapshot::new().with(type_url::ROUTE, [route("a", "a2"), route("b", "b")]);
+    assert!(conn.next_responses(&changed).is_empty());
+}
+
+#[test]
+fn a_reconnect_sends_only_what_differs_from_the_initial_versions() {
+    let all = clusters(50, 1000);
+    let mut conn = DeltaAdsConnection::new();
+    let mut first = subscribe(type_url::CLUSTER, &[]);
+    first.initial_resource_versions = all
+        .iter()
+        .map(|r| (r.name().to_string(), r.version().to_string()))
+        .collect();
+    // The proxy still has c0..c49 from before; c9 changed while it was away and c49
+    // is gone.
+    let mut now = all.clone();
+    now[9] = cluster("c9", 3000);
+    now.pop();
+    conn.on_request(&first).unwrap();
+    let out = conn.next_responses(&Snapshot::new().with(type_url::CLUSTER, now));
+    assert_eq!(out.len(), 2, "{out:?}");
+    assert_eq!(names(&out[0]), vec!["c9"]);
+    assert_eq!(out[1].removed, vec!["c49"]);
+}
+
+#[test]
+fn an_empty_wildcard_subscription_is_still_answered() {
+    let mut conn = DeltaAdsConnection::new();
+    conn.on_request(&subscribe(type_url::LISTENER, &[]))
+        .unwrap();
+    let out = conn.next_responses(&Snapshot::new());
+    assert_eq!(out.len(), 1, "Envoy waits for the first LDS response");
+    assert!(out[0].resources.is_empty() && out[0].removed.is_empty());
+    conn.on_request(&ack(type_url::LISTENER, &out[0].nonce))
+        .unwrap();
+    assert!(conn.next_responses(&Snapshot::new()).is_empty());
+}
