@@ -100,10 +100,15 @@ impl Known {
 
     /// Resources of `desired` the proxy lacks or has in another version, and names it
     /// has that `desired` does not.
-    fn diff(&self, desired: &ResourceMap, memo: &DiffMemo) -> Arc<Diff> {
+    /// `memo` is used only for maps other streams share (a stream's own subset map
+    /// would just push shared diffs out of it).
+    fn diff(&self, desired: &ResourceMap, memo: Option<&DiffMemo>) -> Arc<Diff> {
         match self {
             Self::Sent(sent) if Arc::ptr_eq(sent, desired) => Arc::default(),
-            Self::Sent(sent) => memo.diff(sent, desired),
+            Self::Sent(sent) => match memo {
+                Some(memo) => memo.diff(sent, desired),
+                None => Arc::new(diff_sorted(sent, desired)),
+            },
             Self::Versions(versions) => {
                 let changed = desired
                     .iter()
@@ -312,7 +317,10 @@ impl DeltaAdsConnection {
             };
             let (desired, version) =
                 desired_resources(state.wildcard, &state.names, snapshot.resources(&type_url));
-            let diff = state.known.diff(&desired, &self.memo);
+            let shared = snapshot
+                .resources(&type_url)
+                .is_some_and(|t| Arc::ptr_eq(t.items(), &desired));
+            let diff = state.known.diff(&desired, shared.then_some(&*self.memo));
             let mut removed = diff.removed.clone();
             // Subscribed names that do not exist are answered as removed, so the proxy
             // stops waiting for them.

@@ -260,3 +260,30 @@ fn an_empty_wildcard_subscription_is_still_answered() {
         .unwrap();
     assert!(conn.next_responses(&Snapshot::new()).is_empty());
 }
+
+#[test]
+fn streams_making_the_same_move_share_one_diff() {
+    let memo = std::sync::Arc::new(weft_xds::DiffMemo::default());
+    let mut streams: Vec<DeltaAdsConnection> = (0..2)
+        .map(|_| DeltaAdsConnection::with_memo(memo.clone()))
+        .collect();
+    let mut all = clusters(10, 1000);
+    let first = Snapshot::new().with(type_url::CLUSTER, all.clone());
+    for conn in &mut streams {
+        conn.on_request(&subscribe(type_url::CLUSTER, &[])).unwrap();
+        let out = conn.next_responses(&first);
+        conn.on_request(&ack(type_url::CLUSTER, &out[0].nonce))
+            .unwrap();
+    }
+    all[5] = cluster("c5", 2000);
+    let second = Snapshot::new().with(type_url::CLUSTER, all);
+    let moves: Vec<DeltaResponse> = streams
+        .iter_mut()
+        .map(|conn| conn.next_responses(&second).remove(0))
+        .collect();
+    assert_eq!(names(&moves[0]), vec!["c5"]);
+    assert!(
+        std::sync::Arc::ptr_eq(&moves[0].resources, &moves[1].resources),
+        "the second stream reuses the first one's diff"
+    );
+}
