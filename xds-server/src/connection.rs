@@ -181,17 +181,7 @@ impl AdsConnection {
     /// Responses that bring the proxy to `snapshot`, in make-before-break order:
     /// additions in CDS, EDS, SDS, LDS, RDS order first, then the removals.
     pub fn next_responses(&mut self, snapshot: &Snapshot) -> Vec<AdsResponse> {
-        let mut ordered: Vec<String> = type_url::PUSH_ORDER
-            .iter()
-            .map(|t| t.to_string())
-            .filter(|t| self.types.contains_key(t))
-            .collect();
-        ordered.extend(
-            self.types
-                .keys()
-                .filter(|t| !type_url::PUSH_ORDER.contains(&t.as_str()))
-                .cloned(),
-        );
+        let ordered = type_url::in_push_order(self.types.keys());
 
         let mut out = Vec::new();
         let mut removals = Vec::new();

@@ -298,17 +298,7 @@ impl DeltaAdsConnection {
     /// Responses that bring the proxy to `snapshot`: changed resources per type in
     /// make-before-break order (CDS, EDS, SDS, LDS, RDS), then the removals.
     pub fn next_responses(&mut self, snapshot: &Snapshot) -> Vec<DeltaResponse> {
-        let mut ordered: Vec<String> = type_url::PUSH_ORDER
-            .iter()
-            .map(|t| t.to_string())
-            .filter(|t| self.types.contains_key(t))
-            .collect();
-        ordered.extend(
-            self.types
-                .keys()
-                .filter(|t| !type_url::PUSH_ORDER.contains(&t.as_str()))
-                .cloned(),
-        );
+        let ordered = type_url::in_push_order(self.types.keys());
         let mut out = Vec::new();
         let mut removals = Vec::new();
         for type_url in ordered {

@@ -22,6 +22,17 @@ pub mod type_url {
     /// The order updates go out in: clusters before the routes that use them.
     pub const PUSH_ORDER: [&str; 5] = [CLUSTER, ENDPOINT, SECRET, LISTENER, ROUTE];
 
+    /// `types` in [`PUSH_ORDER`], then any others in their own order.
+    pub fn in_push_order<'a>(types: impl Iterator<Item = &'a String> + Clone) -> Vec<String> {
+        let mut ordered: Vec<String> = PUSH_ORDER
+            .iter()
+            .filter(|t| types.clone().any(|have| have == *t))
+            .map(|t| t.to_string())
+            .collect();
+        ordered.extend(types.filter(|t| !PUSH_ORDER.contains(&t.as_str())).cloned());
+        ordered
+    }
+
     /// Whether an empty subscription means "everything" for this type.
     pub fn is_wildcard_type(type_url: &str) -> bool {
         type_url == CLUSTER || type_url == LISTENER

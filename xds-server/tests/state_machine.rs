@@ -2,6 +2,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
 
+mod common;
+use common::cluster;
+
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
@@ -11,18 +14,6 @@ use prost::Message;
 use weft_xds::{
     AdsConnection, AdsResponse, RequestEvent, Resource, Snapshot, encode_response, type_url,
 };
-
-fn cluster(name: &str, timeout_ms: i64) -> Resource {
-    let c = Cluster {
-        name: name.to_string(),
-        connect_timeout: Some(envoy_types::pb::google::protobuf::Duration {
-            seconds: 0,
-            nanos: (timeout_ms * 1_000_000) as i32,
-        }),
-        ..Default::default()
-    };
-    Resource::encode(type_url::CLUSTER, name, &c)
-}
 
 fn route(name: &str) -> Resource {
     let r = RouteConfiguration {
