@@ -22,7 +22,7 @@ use crate::metrics::ControlPlaneMetrics;
 use crate::publish::{MeshIdentity, MeshPublisher};
 use crate::source::{DirWatch, ManifestDir};
 use crate::translate::{AccessMode, MeshConfig};
-use crate::xds_listener;
+use crate::xds_listener::{self, XdsServingCert};
 
 /// Settings of `weft up`.
 #[derive(Clone, Debug)]
@@ -59,6 +59,8 @@ struct LocalMesh {
     flags: MeshConfig,
     /// The settings in effect at the last reload, to log changes.
     settings: Option<SettingsReport>,
+    /// The xDS port's certificate, renewed here like the workloads'.
+    xds_cert: XdsServingCert,
 }
 
 impl LocalMesh {
@@ -73,6 +75,37 @@ impl LocalMesh {
         self.binding.update(&self.model);
         self.report_problems();
         self.report_settings();
+        self.publish();
+    }
+
+    /// When the next certificate (a workload's or the xDS port's) is due.
+    fn next_renewal(&self) -> Option<SystemTime> {
+        let workloads = self.publisher.next_renewal();
+        if self.publisher.ca().is_none() {
+            return workloads;
+        }
+        let xds = self.xds_cert.renew_at();
+        Some(workloads.map_or(xds, |w| w.min(xds)))
+    }
+
+    /// Renews what is due: the xDS serving certificate, then workload certificates
+    /// (publishing renews those). A failed renewal is retried at the next wake-up.
+    fn renew(&mut self) {
+        let now = SystemTime::now();
+        if self.xds_cert.renew_at() <= now
+            && let Some(ca) = self.publisher.ca()
+        {
+            match self.xds_cert.renew(ca, now) {
+                Ok(()) => tracing::info!(
+                    serial = self.xds_cert.serial(),
+                    "xDS serving certificate renewed"
+                ),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "renewing the xDS serving certificate failed; the current one stays"
+                ),
+            }
+        }
         self.publish();
     }
 
@@ -209,7 +242,14 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
     if !opts.xds_addr.ip().is_unspecified() {
         xds_hosts.push(opts.xds_addr.ip().to_string());
     }
-    let acceptor = xds_listener::tls_acceptor(&ca, &opts.mesh.trust_domain, &xds_hosts)?;
+    let xds_cert = XdsServingCert::issue(
+        &ca,
+        &opts.mesh.trust_domain,
+        &xds_hosts,
+        xds_listener::SERVING_CERT_TTL,
+        SystemTime::now(),
+    )?;
+    let acceptor = xds_cert.acceptor()?;
     tracing::info!(trust_domain = %opts.mesh.trust_domain, "workload identity enabled");
     let identity = MeshIdentity::new(ca, &opts.mesh, opts.svid_ttl);
     let mut mesh = LocalMesh {
@@ -223,6 +263,7 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
         reported: BTreeSet::new(),
         flags: opts.mesh.clone(),
         settings: None,
+        xds_cert,
     };
     // The first full read completes before any proxy is served: never push an empty mesh.
     mesh.manifests.rescan()?;
@@ -281,7 +322,7 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
                     Some(()) => mesh.reload(),
                     None => break,
                 },
-                () = sleep_until(mesh.publisher.next_renewal()) => mesh.publish(),
+                () = sleep_until(mesh.next_renewal()) => mesh.renew(),
             }
         }
         Err(WeftError::TaskEnded {

@@ -110,6 +110,11 @@ impl MeshPublisher {
         Ok(stats)
     }
 
+    /// The CA, when the mesh has identity.
+    pub fn ca(&self) -> Option<&CertificateAuthority> {
+        self.identity.as_ref().map(|i| &i.ca)
+    }
+
     /// When the next certificate is due for renewal.
     pub fn next_renewal(&self) -> Option<SystemTime> {
         self.identity.as_ref().and_then(|i| i.certs.next_renewal())

@@ -3,7 +3,7 @@
 
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
@@ -24,8 +24,10 @@ use crate::identity::{CertificateAuthority, spiffe_id};
 pub const CONTROL_PLANE_NAMESPACE: &str = "weft-system";
 /// Service account of the control plane.
 pub const CONTROL_PLANE_SERVICE_ACCOUNT: &str = "weft";
-/// The xDS serving certificate is reissued on every start; it lives this long.
-const SERVING_CERT_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
+/// Lifetime of the xDS serving certificate; it is reissued at half of it, live.
+pub const SERVING_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// How long after a failed renewal of the serving certificate the next attempt is.
+const RENEWAL_RETRY: Duration = Duration::from_secs(60);
 /// A client that sends nothing for this long is dropped before it ties up a slot.
 const FIRST_BYTE_TIMEOUT: Duration = Duration::from_secs(10);
 /// First byte of a TLS handshake record.
@@ -100,34 +102,130 @@ impl AsyncWrite for XdsConnection {
     }
 }
 
-/// A TLS acceptor for the xDS port with a fresh certificate from `ca` (ALPN h2).
-pub fn tls_acceptor(
-    ca: &CertificateAuthority,
-    trust_domain: &str,
-    hosts: &[String],
-) -> Result<TlsAcceptor, WeftError> {
-    let svid = ca.issue_server(
-        &control_plane_id(trust_domain),
-        hosts,
-        SERVING_CERT_TTL,
-        SystemTime::now(),
-    )?;
-    let tls_err = |e: &dyn std::fmt::Display| WeftError::Identity(format!("xDS TLS: {e}"));
-    let chain: Vec<CertificateDer<'static>> =
-        CertificateDer::pem_slice_iter(svid.cert_chain_pem.as_bytes())
-            .collect::<Result<_, _>>()
-            .map_err(|e| tls_err(&e))?;
-    let key = PrivateKeyDer::from_pem_slice(svid.key_pem.as_bytes()).map_err(|e| tls_err(&e))?;
-    let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| tls_err(&e))?
-    .with_no_client_auth()
-    .with_single_cert(chain, key)
-    .map_err(|e| tls_err(&e))?;
-    config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(TlsAcceptor::from(Arc::new(config)))
+/// The certificate the xDS port presents, swapped in place when it is renewed: new
+/// handshakes get the new one, established connections are left alone.
+#[derive(Debug)]
+struct ServingCertResolver {
+    current: RwLock<Arc<rustls::sign::CertifiedKey>>,
+}
+
+impl rustls::server::ResolvesServerCert for ServingCertResolver {
+    fn resolve(
+        &self,
+        _hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        Some(
+            self.current
+                .read()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone(),
+        )
+    }
+}
+
+fn tls_err(e: &dyn std::fmt::Display) -> WeftError {
+    WeftError::Identity(format!("xDS TLS: {e}"))
+}
+
+/// The xDS port's certificate from Weft's CA (SPIFFE ID [`control_plane_id`], the
+/// given host names), renewed at half its lifetime.
+#[derive(Debug)]
+pub struct XdsServingCert {
+    resolver: Arc<ServingCertResolver>,
+    trust_domain: String,
+    hosts: Vec<String>,
+    ttl: Duration,
+    serial: String,
+    renew_at: SystemTime,
+}
+
+impl XdsServingCert {
+    /// Issues the first certificate.
+    pub fn issue(
+        ca: &CertificateAuthority,
+        trust_domain: &str,
+        hosts: &[String],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<Self, WeftError> {
+        let (key, serial) = Self::certified_key(ca, trust_domain, hosts, ttl, now)?;
+        Ok(Self {
+            resolver: Arc::new(ServingCertResolver {
+                current: RwLock::new(Arc::new(key)),
+            }),
+            trust_domain: trust_domain.to_string(),
+            hosts: hosts.to_vec(),
+            ttl,
+            serial,
+            renew_at: now + ttl / 2,
+        })
+    }
+
+    fn certified_key(
+        ca: &CertificateAuthority,
+        trust_domain: &str,
+        hosts: &[String],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<(rustls::sign::CertifiedKey, String), WeftError> {
+        let svid = ca.issue_server(&control_plane_id(trust_domain), hosts, ttl, now)?;
+        let chain: Vec<CertificateDer<'static>> =
+            CertificateDer::pem_slice_iter(svid.cert_chain_pem.as_bytes())
+                .collect::<Result<_, _>>()
+                .map_err(|e| tls_err(&e))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(svid.key_pem.as_bytes()).map_err(|e| tls_err(&e))?;
+        let signing_key =
+            rustls::crypto::ring::sign::any_supported_type(&key).map_err(|e| tls_err(&e))?;
+        Ok((
+            rustls::sign::CertifiedKey::new(chain, signing_key),
+            svid.serial,
+        ))
+    }
+
+    /// When the certificate is due for renewal.
+    pub fn renew_at(&self) -> SystemTime {
+        self.renew_at
+    }
+
+    /// Serial number (hex) of the certificate presented now.
+    pub fn serial(&self) -> &str {
+        &self.serial
+    }
+
+    /// Issues a new certificate and presents it from the next handshake on. On failure
+    /// the current one stays and the next attempt is a minute later.
+    pub fn renew(&mut self, ca: &CertificateAuthority, now: SystemTime) -> Result<(), WeftError> {
+        let (key, serial) =
+            match Self::certified_key(ca, &self.trust_domain, &self.hosts, self.ttl, now) {
+                Ok(issued) => issued,
+                Err(e) => {
+                    self.renew_at = now + RENEWAL_RETRY;
+                    return Err(e);
+                }
+            };
+        *self
+            .resolver
+            .current
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(key);
+        self.serial = serial;
+        self.renew_at = now + self.ttl / 2;
+        Ok(())
+    }
+
+    /// A TLS acceptor (ALPN h2) that always presents the current certificate.
+    pub fn acceptor(&self) -> Result<TlsAcceptor, WeftError> {
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| tls_err(&e))?
+        .with_no_client_auth()
+        .with_cert_resolver(self.resolver.clone());
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(TlsAcceptor::from(Arc::new(config)))
+    }
 }
 
 async fn classify(

@@ -313,3 +313,84 @@ fn workload_certificates_are_issued_once_renewed_at_half_life_and_dropped_with_t
     assert!(certs.next_renewal().is_none());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The serial (hex) of the certificate a TLS server on `addr` presents for `localhost`.
+async fn served_serial(addr: std::net::SocketAddr, root_pem: &str) -> String {
+    let mut roots = rustls::RootCertStore::empty();
+    for der in ders(root_pem) {
+        roots.add(der).unwrap();
+    }
+    let mut config = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    let connector = tokio_rustls::TlsConnector::from(std::sync::Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+    let tls = connector
+        .connect(name, tcp)
+        .await
+        .expect("handshake verifies against the root");
+    let leaf = tls.get_ref().1.peer_certificates().unwrap()[0].clone();
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).unwrap();
+    cert.raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+#[tokio::test]
+async fn the_xds_serving_certificate_is_renewed_live_at_half_life() {
+    let dir = temp_dir("xds-serving");
+    let ca = CertificateAuthority::load(&CaSource::StateDir(dir.clone()), None).unwrap();
+    let now = SystemTime::now();
+    let ttl = Duration::from_secs(3600);
+    let mut cert = weft::xds_listener::XdsServingCert::issue(
+        &ca,
+        "cluster.local",
+        &["localhost".to_string()],
+        ttl,
+        now,
+    )
+    .unwrap();
+    assert_eq!(cert.renew_at(), now + ttl / 2);
+    let acceptor = cert.acceptor().unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = tokio::spawn(async move {
+        loop {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                // Hold the connection until the client closes it.
+                if let Ok(mut tls) = acceptor.accept(tcp).await {
+                    let _ = tokio::io::AsyncReadExt::read(&mut tls, &mut [0u8; 1]).await;
+                }
+            });
+        }
+    });
+
+    let first = served_serial(addr, ca.root_pem()).await;
+    let first_issued = cert.serial().trim_start_matches('0').to_string();
+    assert!(
+        first.trim_start_matches('0') == first_issued,
+        "served {first}, issued {first_issued}"
+    );
+    // Renewed now (a real clock would be at half-life; the certificate must be valid
+    // for the handshake below).
+    let later = SystemTime::now();
+    cert.renew(&ca, later).unwrap();
+    assert_eq!(cert.renew_at(), later + ttl / 2);
+    let second = served_serial(addr, ca.root_pem()).await;
+    assert_ne!(first, second, "new handshakes get the renewed certificate");
+    assert_eq!(
+        second.trim_start_matches('0'),
+        cert.serial().trim_start_matches('0')
+    );
+    server.abort();
+    std::fs::remove_dir_all(&dir).unwrap();
+}
