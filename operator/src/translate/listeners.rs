@@ -22,7 +22,10 @@ use super::clusters::{INBOUND_PASSTHROUGH_CLUSTER, PASSTHROUGH_CLUSTER, inbound_
 use super::envoy::{
     ads_config_source, any, bool_value, network_filter, socket_address, tcp_proxy_filter, u32_value,
 };
-use super::rbac::{HTTP_RBAC_FILTER, http_rbac_deny_all, http_rbac_per_route, network_rbac_filter};
+use super::rbac::{
+    HTTP_RBAC_FILTER, http_rbac_deny_all, http_rbac_per_route, http_rbac_per_route_allow_all,
+    network_rbac_filter,
+};
 use super::routes::tcp_destination;
 use super::tls::{AccessMode, MeshConfig, MtlsMode, downstream_transport_socket};
 use super::{INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, ProxyResources, outbound_route_name};
@@ -130,11 +133,12 @@ pub fn translate_outbound_listeners(model: &MeshModel, out: &mut ProxyResources)
 
 /// The filter that hands one inbound port's traffic to the app. Over mTLS the peer's
 /// SPIFFE ID reaches the app in `x-forwarded-client-cert`; a plaintext client's copy of
-/// that header is always removed, so it cannot claim an identity.
+/// that header is always removed, so it cannot claim an identity. `tcp_rbac` (grants,
+/// in deny-by-default mode) guards TCP ports; HTTP ports are guarded per route.
 fn inbound_filters(
     port: &WorkloadPort,
     mtls: bool,
-    rbac: Option<(&[AccessGrant], &MeshConfig)>,
+    tcp_rbac: Option<(&[AccessGrant], &MeshConfig)>,
 ) -> Vec<Filter> {
     let cluster = inbound_cluster_name(port.port);
     match port.protocol {
@@ -148,10 +152,9 @@ fn inbound_filters(
                     route_config_name: inbound_route_name(port.port),
                 }),
             );
-            if rbac.is_some() {
-                // Deny unless the route grants: the per-route rules replace this.
-                hcm.http_filters.insert(0, http_rbac_deny_all());
-            }
+            // Deny unless the route grants: the per-route rules replace this, in both
+            // access modes, so the listener never changes with them.
+            hcm.http_filters.insert(0, http_rbac_deny_all());
             if mtls {
                 hcm.forward_client_cert_details =
                     http_connection_manager::ForwardClientCertDetails::SanitizeSet as i32;
@@ -166,7 +169,7 @@ fn inbound_filters(
         AppProtocol::Tcp => {
             let stat_prefix = format!("inbound_{}", port.port);
             let mut filters = Vec::new();
-            if let Some((grants, config)) = rbac {
+            if let Some((grants, config)) = tcp_rbac {
                 filters.push(network_rbac_filter(
                     grants,
                     Some(port.port),
@@ -189,7 +192,8 @@ pub fn inbound_route_name(port: u16) -> String {
 }
 
 /// One route configuration per inbound HTTP port: everything to the app, with the
-/// destination's authorization as a per-route RBAC override in deny-by-default mode.
+/// destination's authorization as a per-route RBAC override (TrafficTarget grants in
+/// deny-by-default mode, everyone in permissive mode).
 pub fn translate_inbound_routes(
     proxy: &Workload,
     grants: &[AccessGrant],
@@ -202,13 +206,14 @@ pub fn translate_inbound_routes(
         .filter(|p| p.protocol == AppProtocol::Http)
     {
         let name = inbound_route_name(port.port);
-        let mut typed_per_filter_config = std::collections::HashMap::new();
-        if config.access == AccessMode::DenyByDefault {
-            typed_per_filter_config.insert(
-                HTTP_RBAC_FILTER.to_string(),
-                http_rbac_per_route(grants, port.port, &config.trust_domain),
-            );
-        }
+        let rbac = match config.access {
+            AccessMode::DenyByDefault => {
+                http_rbac_per_route(grants, port.port, &config.trust_domain)
+            }
+            AccessMode::Permissive => http_rbac_per_route_allow_all(),
+        };
+        let typed_per_filter_config =
+            std::collections::HashMap::from([(HTTP_RBAC_FILTER.to_string(), rbac)]);
         out.routes.push(RouteConfiguration {
             name: name.clone(),
             virtual_hosts: vec![VirtualHost {

@@ -204,6 +204,20 @@ pub fn http_rbac_per_route(grants: &[AccessGrant], port: u16, trust_domain: &str
     })
 }
 
+/// Per-route RBAC of permissive access: every caller passes. Permissive and
+/// deny-by-default differ only in routes, so switching modes applies to the next
+/// request on every open connection, like a TrafficTarget change.
+pub fn http_rbac_per_route_allow_all() -> Any {
+    any(&RbacPerRoute {
+        rbac: Some(HttpRbac {
+            rules: Some(rules(vec![Principal {
+                identifier: Some(principal::Identifier::Any(true)),
+            }])),
+            ..Default::default()
+        }),
+    })
+}
+
 /// The network RBAC filter for a TCP port (or, with `port` None, any port no service
 /// exposes): a connection passes if a grant allows its source that port whole.
 pub fn network_rbac_filter(
