@@ -987,11 +987,31 @@ impl Harness {
         self.weft_json("status")
     }
 
+    /// `weft explain --json` for a call from `pod` (namespace default).
+    pub fn explain(
+        &self,
+        pod: &str,
+        method: &str,
+        url: &str,
+        headers: &[&str],
+    ) -> Result<serde_json::Value> {
+        let from = format!("default/{pod}");
+        let mut args = vec!["--from", &from, url, "-X", method];
+        for h in headers {
+            args.extend(["-H", h]);
+        }
+        self.weft_json_with("explain", &args)
+    }
+
     fn weft_json(&self, subcommand: &str) -> Result<serde_json::Value> {
-        let out = check(cmd(
-            &self.weft,
-            &[subcommand, "--json", "--admin-addr", &self.admin_addr()],
-        ))?;
+        self.weft_json_with(subcommand, &[])
+    }
+
+    fn weft_json_with(&self, subcommand: &str, extra: &[&str]) -> Result<serde_json::Value> {
+        let admin = self.admin_addr();
+        let mut args = vec![subcommand, "--json", "--admin-addr", &admin];
+        args.extend_from_slice(extra);
+        let out = check(cmd(&self.weft, &args))?;
         serde_json::from_slice(&out.stdout).map_err(|e| HarnessError::Decode {
             what: subcommand.to_string(),
             reason: e.to_string(),

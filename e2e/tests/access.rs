@@ -65,6 +65,25 @@ fn call(
         .map(|(body, _)| body)
 }
 
+/// [`call`], once the mesh is settled: `weft explain` must predict the real outcome.
+fn checked_call(
+    h: &Harness,
+    from: &str,
+    method: &str,
+    url: &str,
+    headers: &[&str],
+) -> Result<String, String> {
+    let outcome = call(h, from, method, url, headers);
+    let explained = h.explain(from, method, url, headers).unwrap();
+    let predicted = explained["verdict"].as_str().unwrap_or_default();
+    assert_eq!(
+        predicted == "allowed",
+        outcome.is_ok(),
+        "weft explain said {predicted} for {from} {method} {url} {headers:?}, the proxies said {outcome:?}: {explained}"
+    );
+    outcome
+}
+
 fn denied(outcome: &Result<String, String>) -> bool {
     outcome.as_ref().err().is_some_and(|e| e.contains("403"))
 }
@@ -126,15 +145,15 @@ fn route_groups_limit_paths_methods_and_headers() {
         call(&h, "a-0", "GET", &url("/metrics"), &[]).is_ok()
     });
     assert!(
-        call(&h, "a-0", "POST", &url("/metrics"), &[]).is_ok(),
+        checked_call(&h, "a-0", "POST", &url("/metrics"), &[]).is_ok(),
         "any method on /metrics"
     );
     assert!(
-        call(&h, "a-0", "GET", &url("/metrics/detail"), &[]).is_ok(),
+        checked_call(&h, "a-0", "GET", &url("/metrics/detail"), &[]).is_ok(),
         "pathRegex is anchored at the start only"
     );
     assert!(
-        denied(&call(&h, "a-0", "GET", &url("/other"), &[])),
+        denied(&checked_call(&h, "a-0", "GET", &url("/other"), &[])),
         "/other is not granted"
     );
 
@@ -144,7 +163,7 @@ fn route_groups_limit_paths_methods_and_headers() {
         call(&h, "a-0", "GET", &url("/anything"), &[]).is_ok()
     });
     assert!(
-        denied(&call(&h, "a-0", "POST", &url("/anything"), &[])),
+        denied(&checked_call(&h, "a-0", "POST", &url("/anything"), &[])),
         "only GET"
     );
 
@@ -158,15 +177,21 @@ fn route_groups_limit_paths_methods_and_headers() {
         denied(&call(&h, "a-0", "GET", &url("/anything"), &[]))
     });
     assert!(
-        call(&h, "a-0", "GET", &url("/debug"), &["x-debug: on"]).is_ok(),
+        checked_call(&h, "a-0", "GET", &url("/debug"), &["x-debug: on"]).is_ok(),
         "header matches"
     );
     assert!(
-        denied(&call(&h, "a-0", "GET", &url("/debug"), &[])),
+        denied(&checked_call(&h, "a-0", "GET", &url("/debug"), &[])),
         "header missing"
     );
     assert!(
-        denied(&call(&h, "a-0", "GET", &url("/debug"), &["x-debug: off"])),
+        denied(&checked_call(
+            &h,
+            "a-0",
+            "GET",
+            &url("/debug"),
+            &["x-debug: off"]
+        )),
         "header value not matching"
     );
 }
@@ -187,10 +212,10 @@ fn a_tcp_route_allows_one_port_and_denies_another() {
     eventually("port 8080 allowed", || {
         call(&h, "a-0", "GET", "http://b:8080/", &[]) == Ok("b-0".to_string())
     });
-    let other = call(&h, "a-0", "GET", "http://b:9090/", &[]);
+    let other = checked_call(&h, "a-0", "GET", "http://b:9090/", &[]);
     assert!(other.is_err(), "port 9090 is closed to a: {other:?}");
     assert!(
-        call(&h, "c-0", "GET", "http://b:8080/", &[]).is_err(),
+        checked_call(&h, "c-0", "GET", "http://b:8080/", &[]).is_err(),
         "c has no grant at all"
     );
     let denied_conns = h.envoy_stat("b-0", "inbound_9090.rbac.denied").unwrap();
@@ -278,17 +303,28 @@ fn permissive_mode_allows_meshed_traffic_over_mtls_and_a_mesh_config_switches_it
         "apiVersion: config.weft.dev/v1alpha1\nkind: MeshConfig\nmetadata:\n  name: weft\nspec:\n  access: DenyByDefault\n",
     )
     .unwrap();
-    eventually("the MeshConfig to deny by default", || {
+    let to_deny = eventually("the MeshConfig to deny by default", || {
         denied(&call(&h, "a-0", "GET", b, &[]))
     });
     let status = h.status().unwrap();
     assert_eq!(status["settings"]["access"], "deny-by-default", "{status}");
     assert_eq!(status["settings"]["source"], "MeshConfig weft", "{status}");
 
+    // Requests ride the same pooled connection: a mode switch changes only routes, so
+    // it applies to the next request rather than when old connections drain.
+    assert!(
+        denied(&checked_call(&h, "a-0", "GET", b, &[])),
+        "denied on every connection"
+    );
     h.remove_manifest("meshconfig.yaml").unwrap();
-    eventually("the flag's permissive mode again", || {
+    let to_permissive = eventually("the flag's permissive mode again", || {
         call(&h, "a-0", "GET", b, &[]) == Ok("b-0".to_string())
     });
+    eprintln!("mode switched to deny in {to_deny:?}, back to permissive in {to_permissive:?}");
+    assert!(
+        to_deny < Duration::from_secs(1) && to_permissive < Duration::from_secs(1),
+        "a mode switch applies within a second: {to_deny:?}, {to_permissive:?}"
+    );
     assert_eq!(h.status().unwrap()["settings"]["source"], "flags");
 }
 

@@ -16,9 +16,11 @@ use weft_xds::{SyncRegistry, TypeSync};
 
 use crate::connections::serve_connections;
 use crate::error::WeftError;
-use crate::index::Problem;
+use crate::explain::{CallQuery, explain};
+use crate::index::{MeshModel, Problem};
 use crate::metrics::ControlPlaneMetrics;
 use crate::source::ManifestError;
+use crate::translate::MeshConfig;
 
 /// What `/status` reports: the state of the inputs.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +142,45 @@ pub struct AdminState {
     pub registry: Arc<SyncRegistry>,
     /// Prometheus metrics.
     pub metrics: Arc<ControlPlaneMetrics>,
+    /// The model and settings proxies have now, for `/explain`.
+    pub mesh: watch::Receiver<Arc<MeshView>>,
+}
+
+/// The model and the settings in effect, as last published.
+#[derive(Clone, Debug, Default)]
+pub struct MeshView {
+    /// The mesh model.
+    pub model: MeshModel,
+    /// The settings in effect (flags with any MeshConfig applied).
+    pub config: MeshConfig,
+}
+
+/// The `/explain` query string for `query`.
+pub fn explain_path(query: &CallQuery) -> String {
+    let mut params = form_urlencoded::Serializer::new(String::new());
+    params.append_pair("from", &query.from);
+    params.append_pair("url", &query.url);
+    if let Some(method) = &query.method {
+        params.append_pair("method", method);
+    }
+    for header in &query.headers {
+        params.append_pair("header", header);
+    }
+    format!("/explain?{}", params.finish())
+}
+
+fn explain_query(query: Option<&str>) -> CallQuery {
+    let mut out = CallQuery::default();
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match key.as_ref() {
+            "from" => out.from = value.into_owned(),
+            "url" => out.url = value.into_owned(),
+            "method" => out.method = Some(value.into_owned()),
+            "header" => out.headers.push(value.into_owned()),
+            _ => {}
+        }
+    }
+    out
 }
 
 impl AdminState {
@@ -186,6 +227,11 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             json(&status)
         }
         "/proxy-status" => json(&state.proxy_status()),
+        "/explain" => {
+            let view = state.mesh.borrow().clone();
+            let query = explain_query(req.uri().query());
+            json(&explain(&view.model, &view.config, &query))
+        }
         "/metrics" => Response::builder()
             .header(
                 "content-type",
@@ -197,7 +243,7 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             .unwrap_or_default(),
         _ => text(
             StatusCode::NOT_FOUND,
-            "endpoints: /ready /status /proxy-status /metrics",
+            "endpoints: /ready /status /proxy-status /explain /metrics",
         ),
     }
 }

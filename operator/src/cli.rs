@@ -9,6 +9,7 @@ use clap::{Parser, Subcommand};
 use crate::admin::{self, MeshStatus, ProxyStatus};
 use crate::bootstrap::{BootstrapOptions, XdsProtocol, XdsTls, render_bootstrap};
 use crate::error::WeftError;
+use crate::explain::{CallQuery, Explanation};
 use crate::identity::CaSource;
 use crate::iptables::{self, RedirectPlan};
 use crate::local::{self, LocalOptions};
@@ -120,6 +121,28 @@ enum Command {
         #[arg(long, default_value = DEFAULT_ADMIN)]
         admin_addr: String,
         /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Explain whether a call from a pod is allowed and where it is routed, from the
+    /// model and settings the proxies have now.
+    Explain {
+        /// The calling pod, NAMESPACE/NAME.
+        #[arg(long)]
+        from: String,
+        /// `http://HOST:PORT/PATH`, or `HOST:PORT` for TCP; HOST is a service name, its
+        /// FQDN, a ClusterIP or a pod IP.
+        url: String,
+        /// HTTP method.
+        #[arg(long, short = 'X')]
+        method: Option<String>,
+        /// A request header, `NAME: VALUE` (repeatable).
+        #[arg(long = "header", short = 'H')]
+        headers: Vec<String>,
+        /// Admin endpoint of `weft up`.
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin_addr: String,
+        /// Print JSON.
         #[arg(long)]
         json: bool,
     },
@@ -415,6 +438,31 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
                 print_status(&status);
                 Ok(())
             }
+        }
+        Command::Explain {
+            from,
+            url,
+            method,
+            headers,
+            admin_addr,
+            json,
+        } => {
+            let query = CallQuery {
+                from,
+                url,
+                method,
+                headers,
+            };
+            let answer: Explanation =
+                admin::fetch(&admin_addr, &admin::explain_path(&query)).await?;
+            if json {
+                return print_json(&answer);
+            }
+            for line in &answer.lines {
+                println!("{line}");
+            }
+            println!("verdict: {}", answer.verdict);
+            Ok(())
         }
         Command::ProxyStatus { admin_addr, json } => {
             let proxies: Vec<ProxyStatus> = admin::fetch(&admin_addr, "/proxy-status").await?;

@@ -5,6 +5,7 @@ pub mod bootstrap;
 pub mod cli;
 pub mod connections;
 pub mod error;
+pub mod explain;
 pub mod identity;
 pub mod index;
 pub mod iptables;

@@ -14,7 +14,7 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use weft_xds::{AdsService, SnapshotCache};
 
-use crate::admin::{self, AdminState, MeshStatus, ProblemReport, SettingsReport};
+use crate::admin::{self, AdminState, MeshStatus, MeshView, ProblemReport, SettingsReport};
 use crate::error::WeftError;
 use crate::identity::{CaSource, CertificateAuthority, PodAddressBinding};
 use crate::index::{Index, MeshModel, Problem};
@@ -61,6 +61,8 @@ struct LocalMesh {
     settings: Option<SettingsReport>,
     /// The xDS port's certificate, renewed here like the workloads'.
     xds_cert: XdsServingCert,
+    /// What `/explain` reasons about.
+    view: watch::Sender<Arc<MeshView>>,
 }
 
 impl LocalMesh {
@@ -75,6 +77,10 @@ impl LocalMesh {
         self.binding.update(&self.model);
         self.report_problems();
         self.report_settings();
+        self.view.send_replace(Arc::new(MeshView {
+            model: self.model.clone(),
+            config: self.flags.effective(&self.model),
+        }));
         self.publish();
     }
 
@@ -237,6 +243,7 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
     let mut dir_watch = DirWatch::new(&opts.dir)?;
     let cache = SnapshotCache::new();
     let (status_tx, status_rx) = watch::channel(MeshStatus::default());
+    let (view_tx, view_rx) = watch::channel(Arc::new(MeshView::default()));
     let ca = CertificateAuthority::load(&opts.ca, opts.extra_trust_bundle.as_deref())?;
     let mut xds_hosts = vec!["localhost".to_string(), "weft-xds".to_string()];
     if !opts.xds_addr.ip().is_unspecified() {
@@ -264,6 +271,7 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
         flags: opts.mesh.clone(),
         settings: None,
         xds_cert,
+        view: view_tx,
     };
     // The first full read completes before any proxy is served: never push an empty mesh.
     mesh.manifests.rescan()?;
@@ -275,6 +283,7 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
         status: status_rx,
         registry: ads.registry(),
         metrics: mesh.metrics.clone(),
+        mesh: view_rx,
     };
     let xds_listener = bind(opts.xds_addr).await?;
     let admin_listener = bind(opts.admin_addr).await?;

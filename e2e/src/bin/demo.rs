@@ -71,6 +71,14 @@ fn run() -> Result<bool, HarnessError> {
         std::fs::read_to_string(h.manifests().join("access.yaml")).unwrap_or_default()
     );
 
+    println!("$ weft explain --from default/client {URL}");
+    let explained = h.explain("client", "GET", URL, &[])?;
+    for line in explained["lines"].as_array().into_iter().flatten() {
+        println!("{}", line.as_str().unwrap_or_default());
+    }
+    println!("verdict: {}", explained["verdict"].as_str().unwrap_or("?"));
+    println!();
+
     let before = h.load("client", URL, 1000, 8)?;
     let routes = h.acked_version("client", "RDS")?;
     println!(

@@ -1,0 +1,444 @@
+//! `weft explain`: why a call from one pod to a URL is allowed or denied, and where it
+//! is routed, computed from the same model and rules the proxies get. No I/O.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
+
+use serde::{Deserialize, Serialize};
+
+use crate::index::{AccessGrant, AppProtocol, HttpRequestMatch, MeshModel, MeshService, Workload};
+use crate::translate::{AccessMode, MeshConfig, MtlsMode};
+
+/// A call to explain.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CallQuery {
+    /// The calling pod, `namespace/name`.
+    pub from: String,
+    /// `http://host:port/path` or `host:port` (TCP); host is a service name, its FQDN,
+    /// a ClusterIP or a pod IP.
+    pub url: String,
+    /// HTTP method (default GET).
+    #[serde(default)]
+    pub method: Option<String>,
+    /// Request headers, `name: value`.
+    #[serde(default)]
+    pub headers: Vec<String>,
+}
+
+/// The answer: a verdict and the reasoning, one line per step.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Explanation {
+    /// `allowed`, `denied`, `partly allowed` (some destinations only) or `unknown`.
+    pub verdict: String,
+    /// The steps, for a person.
+    pub lines: Vec<String>,
+}
+
+struct Target {
+    host: String,
+    port: u16,
+    path: String,
+}
+
+fn parse_url(url: &str) -> Result<Target, String> {
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("tcp://"))
+        .unwrap_or(url);
+    let (authority, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    let (host, port) = match authority.rsplit_once(':') {
+        Some((h, p)) => (
+            h,
+            p.parse::<u16>()
+                .map_err(|_| format!("{url:?}: port {p:?} is not a number"))?,
+        ),
+        None if url.starts_with("http://") => (authority, 80),
+        None => return Err(format!("{url:?} has no port")),
+    };
+    if host.is_empty() {
+        return Err(format!("{url:?} has no host"));
+    }
+    let path = path.split('?').next().unwrap_or("/").to_string();
+    Ok(Target {
+        host: host.to_string(),
+        port,
+        path,
+    })
+}
+
+/// The service `host` names, seen from `namespace`.
+fn find_service<'m>(model: &'m MeshModel, host: &str, namespace: &str) -> Option<&'m MeshService> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return model.services.values().find(|s| s.cluster_ip == Some(ip));
+    }
+    let host = host.trim_end_matches('.');
+    let host = host.strip_suffix(".svc.cluster.local").unwrap_or(host);
+    let host = host.strip_suffix(".svc").unwrap_or(host);
+    let (name, ns) = host.split_once('.').unwrap_or((host, namespace));
+    model
+        .services
+        .values()
+        .find(|s| s.key.name == name && s.key.namespace == ns)
+}
+
+fn full_match(regex: &str, value: &str) -> Result<bool, String> {
+    regex::Regex::new(&format!("^(?:{regex})$"))
+        .map(|r| r.is_match(value))
+        .map_err(|e| format!("regex {regex:?}: {e}"))
+}
+
+/// Whether a request matches an SMI HTTPRouteGroup entry (as Envoy's RBAC and routes do).
+fn request_matches(
+    m: &HttpRequestMatch,
+    method: &str,
+    path: &str,
+    headers: &BTreeMap<String, String>,
+) -> bool {
+    let path_ok = m
+        .path_regex
+        .as_ref()
+        .is_none_or(|p| full_match(&format!("(?:{p}).*"), path).unwrap_or(false));
+    let method_ok = m.methods.is_empty() || m.methods.iter().any(|x| x == method);
+    let headers_ok = m.headers.iter().all(|(name, regex)| {
+        headers
+            .get(name)
+            .is_some_and(|v| full_match(regex, v).unwrap_or(false))
+    });
+    path_ok && method_ok && headers_ok
+}
+
+fn describe_match(m: &HttpRequestMatch) -> String {
+    let mut parts = Vec::new();
+    if let Some(p) = &m.path_regex {
+        parts.push(format!("path {p}"));
+    }
+    parts.push(if m.methods.is_empty() {
+        "any method".to_string()
+    } else {
+        m.methods.join("|")
+    });
+    for (name, regex) in &m.headers {
+        parts.push(format!("{name}: {regex}"));
+    }
+    parts.join(", ")
+}
+
+/// One destination the call may land on.
+struct Landing<'m> {
+    workload: Option<&'m Workload>,
+    address: SocketAddr,
+    via: String,
+    /// The caller's sidecar passes it through in plaintext (no mTLS, so no identity).
+    plaintext: bool,
+}
+
+/// What a destination's inbound side decides, and why.
+fn authorize(
+    config: &MeshConfig,
+    source: &Workload,
+    caller_has_identity: bool,
+    destination: &Workload,
+    grants: &[AccessGrant],
+    port: u16,
+    request: (&str, &str, &BTreeMap<String, String>),
+) -> (bool, String) {
+    if !destination.meshed {
+        return (
+            true,
+            "destination has no sidecar: nothing is enforced".into(),
+        );
+    }
+    if !caller_has_identity {
+        if config.mtls == MtlsMode::Strict {
+            return (
+                false,
+                "the call arrives in plaintext and mTLS is strict: the connection is refused"
+                    .into(),
+            );
+        }
+        if config.access == AccessMode::DenyByDefault {
+            return (
+                false,
+                "the call arrives in plaintext, without an identity a TrafficTarget could name: 403"
+                    .into(),
+            );
+        }
+    }
+    if config.access == AccessMode::Permissive {
+        return (
+            true,
+            "access is permissive: every meshed caller is let in".into(),
+        );
+    }
+    let caller = (source.namespace.clone(), source.service_account.clone());
+    let protocol = destination
+        .inbound_ports
+        .iter()
+        .find(|p| p.port == port)
+        .map(|p| p.protocol);
+    let (method, path, headers) = request;
+    let mut near_misses = Vec::new();
+    for grant in grants {
+        if grant.port.is_some_and(|p| p != port) {
+            continue;
+        }
+        if !grant.sources.contains(&caller) {
+            near_misses.push(format!(
+                "{} lets in {} only",
+                grant.source,
+                grant
+                    .sources
+                    .iter()
+                    .map(|(ns, sa)| format!("{ns}/{sa}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+            continue;
+        }
+        let whole = match protocol {
+            Some(_) => grant.tcp.covers(port),
+            // A port no service exposes: only grants on every port reach it.
+            None => grant.tcp == crate::index::TcpGrant::AllPorts,
+        };
+        if whole {
+            let scope = if grant.tcp == crate::index::TcpGrant::AllPorts {
+                "every port and route".to_string()
+            } else {
+                format!("TCPRoute port {port}")
+            };
+            return (true, format!("allowed by {} ({scope})", grant.source));
+        }
+        if protocol == Some(AppProtocol::Http) {
+            if let Some(m) = grant
+                .http
+                .iter()
+                .find(|m| request_matches(m, method, path, headers))
+            {
+                return (
+                    true,
+                    format!("allowed by {} ({})", grant.source, describe_match(m)),
+                );
+            }
+            if !grant.http.is_empty() {
+                near_misses.push(format!(
+                    "{} allows only: {}",
+                    grant.source,
+                    grant
+                        .http
+                        .iter()
+                        .map(describe_match)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ));
+            }
+        } else if !grant.http.is_empty() {
+            near_misses.push(format!(
+                "{} grants HTTP routes, but port {port} is TCP",
+                grant.source
+            ));
+        }
+    }
+    let reason = if near_misses.is_empty() {
+        format!(
+            "no TrafficTarget lets {}/{} reach {}/{} on port {port} (deny-by-default)",
+            caller.0, caller.1, destination.namespace, destination.service_account
+        )
+    } else {
+        near_misses.join("; ")
+    };
+    (false, reason)
+}
+
+/// Explains a call with the model and settings the proxies have now.
+pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Explanation {
+    let mut lines = Vec::new();
+    let unknown = |lines: Vec<String>| Explanation {
+        verdict: "unknown".into(),
+        lines,
+    };
+    let Some(source) = model.workloads.get(&query.from) else {
+        lines.push(format!(
+            "{} is not a pod in the mesh (expected NAMESPACE/NAME)",
+            query.from
+        ));
+        return unknown(lines);
+    };
+    let target = match parse_url(&query.url) {
+        Ok(t) => t,
+        Err(e) => return unknown(vec![e]),
+    };
+    let method = query
+        .method
+        .clone()
+        .unwrap_or_else(|| "GET".into())
+        .to_ascii_uppercase();
+    let mut headers = BTreeMap::new();
+    for h in &query.headers {
+        let Some((name, value)) = h.split_once(':') else {
+            return unknown(vec![format!("header {h:?} is not NAME: VALUE")]);
+        };
+        headers.insert(name.trim().to_ascii_lowercase(), value.trim().to_string());
+    }
+    lines.push(format!(
+        "from {} (service account {}/{}{})",
+        query.from,
+        source.namespace,
+        source.service_account,
+        if source.meshed { "" } else { ", no sidecar" }
+    ));
+    lines.push(format!(
+        "access: {}, mtls: {}",
+        config.access.as_str(),
+        config.mtls.as_str()
+    ));
+
+    let mut landings = Vec::new();
+    let mut http = true;
+    if let Some(service) = find_service(model, &target.host, &source.namespace) {
+        let Some(port) = service.port(target.port) else {
+            lines.push(format!(
+                "Service {} has no port {}: the call passes through unrouted",
+                service.key, target.port
+            ));
+            return unknown(lines);
+        };
+        http = port.protocol == AppProtocol::Http;
+        lines.push(format!(
+            "to Service {} port {} ({})",
+            service.key,
+            port.port,
+            if http { "HTTP" } else { "TCP" }
+        ));
+        let split = service
+            .split
+            .as_ref()
+            .and_then(|s| s.backends_by_port.get(&port.port).map(|b| (s, b)));
+        let mut routed: Vec<(&MeshService, String)> = vec![(service, "no TrafficSplit".into())];
+        if let Some((split, backends)) = split {
+            let applies = split.matches.is_empty()
+                || (http
+                    && split
+                        .matches
+                        .iter()
+                        .any(|m| request_matches(m, &method, &target.path, &headers)));
+            if applies {
+                routed = backends
+                    .iter()
+                    .filter(|b| b.weight > 0)
+                    .filter_map(|b| {
+                        model.services.get(&b.service).map(|s| {
+                            (
+                                s,
+                                format!(
+                                    "{} backend {} weight {}",
+                                    split.source, b.service, b.weight
+                                ),
+                            )
+                        })
+                    })
+                    .collect();
+            } else {
+                routed = vec![(
+                    service,
+                    format!("{} does not match this request: root service", split.source),
+                )];
+            }
+        }
+        for (svc, via) in routed {
+            let endpoints = svc
+                .port(port.port)
+                .map(|p| p.endpoints.clone())
+                .unwrap_or_default();
+            if endpoints.is_empty() {
+                lines.push(format!("{via}: no ready endpoints (503)"));
+            }
+            for address in endpoints {
+                let workload = model
+                    .workloads
+                    .values()
+                    .find(|w| w.ip == Some(address.ip()));
+                landings.push(Landing {
+                    workload,
+                    address,
+                    via: via.clone(),
+                    plaintext: !svc.meshed,
+                });
+            }
+        }
+    } else if let Ok(ip) = target.host.parse::<IpAddr>() {
+        let workload = model.workloads.values().find(|w| w.ip == Some(ip));
+        lines.push(format!(
+            "to {ip}:{} directly (no Service): the caller's sidecar passes it through in plaintext",
+            target.port
+        ));
+        landings.push(Landing {
+            workload,
+            address: SocketAddr::new(ip, target.port),
+            via: "passthrough".into(),
+            plaintext: true,
+        });
+    } else {
+        lines.push(format!(
+            "{} is not a Service of the mesh: the call leaves the mesh unrouted",
+            target.host
+        ));
+        return unknown(lines);
+    }
+    if http {
+        lines.push(format!("request: {method} {}", target.path));
+    }
+
+    let (mut allowed, mut denied) = (0, 0);
+    for landing in &landings {
+        let (ok, why) = match landing.workload {
+            None => (
+                true,
+                "not a pod Weft knows: nothing is enforced".to_string(),
+            ),
+            Some(w) => authorize(
+                config,
+                source,
+                source.meshed && !landing.plaintext,
+                w,
+                model
+                    .grants
+                    .get(&(w.namespace.clone(), w.service_account.clone()))
+                    .map_or(&[], Vec::as_slice),
+                landing.address.port(),
+                (&method, &target.path, &headers),
+            ),
+        };
+        if ok {
+            allowed += 1;
+        } else {
+            denied += 1;
+        }
+        let name = landing.workload.map_or_else(
+            || landing.address.to_string(),
+            |w| {
+                format!(
+                    "{}/{} {} (sa {})",
+                    w.namespace, w.name, landing.address, w.service_account
+                )
+            },
+        );
+        lines.push(format!(
+            "  {name} via {}: {} — {why}",
+            landing.via,
+            if ok { "ALLOWED" } else { "DENIED" }
+        ));
+    }
+    let verdict = match (allowed, denied) {
+        (0, 0) => "unknown",
+        (_, 0) => "allowed",
+        (0, _) => "denied",
+        _ => "partly allowed",
+    };
+    Explanation {
+        verdict: verdict.into(),
+        lines,
+    }
+}

@@ -1,0 +1,255 @@
+//! `weft explain` reasons like the proxies: routing through splits, then the
+//! destination's authorization, with the reason for each verdict.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test setup fails loudly
+
+use weft::explain::{CallQuery, Explanation, explain};
+use weft::index::{Index, MeshModel};
+use weft::source::parse_manifests;
+use weft::translate::{AccessMode, MeshConfig, MtlsMode};
+
+const MESH: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: b}
+spec: {clusterIP: 198.19.9.2, selector: {app: b}, ports: [{name: http, port: 8080}, {name: tcp-db, port: 5432}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: b-v2}
+spec: {clusterIP: 198.19.9.3, selector: {app: b, version: v2}, ports: [{name: http, port: 8080}, {name: tcp-db, port: 5432}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: a-0, labels: {app: a}}
+spec: {serviceAccountName: a, containers: [{name: c, image: i}]}
+status: {podIP: 198.18.9.1}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b-0, labels: {app: b, version: v1}}
+spec: {serviceAccountName: b, containers: [{name: c, image: i}]}
+status: {podIP: 198.18.9.2}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: b-1, labels: {app: b, version: v2}}
+spec: {serviceAccountName: b, containers: [{name: c, image: i}]}
+status: {podIP: 198.18.9.3}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: c-0, labels: {app: c}}
+spec: {serviceAccountName: c, containers: [{name: c, image: i}]}
+status: {podIP: 198.18.9.4}
+---
+apiVersion: specs.smi-spec.io/v1alpha4
+kind: HTTPRouteGroup
+metadata: {name: b-routes}
+spec:
+  matches:
+  - {name: metrics, pathRegex: /metrics, methods: ["*"]}
+  - {name: canary, headers: {x-canary: "^yes$"}}
+"#;
+
+const METRICS_FOR_A: &str = r#"
+apiVersion: access.smi-spec.io/v1alpha3
+kind: TrafficTarget
+metadata: {name: a-metrics}
+spec:
+  destination: {kind: ServiceAccount, name: b}
+  sources: [{kind: ServiceAccount, name: a}]
+  rules: [{kind: HTTPRouteGroup, name: b-routes, matches: [metrics]}]
+"#;
+
+const CANARY_SPLIT: &str = r#"
+apiVersion: split.smi-spec.io/v1alpha4
+kind: TrafficSplit
+metadata: {name: b-canary}
+spec:
+  service: b
+  matches: [{kind: HTTPRouteGroup, name: b-routes}]
+  backends: [{service: b-v2, weight: 100}]
+"#;
+
+fn model(extra: &[&str]) -> MeshModel {
+    let text = std::iter::once(MESH)
+        .chain(extra.iter().copied())
+        .collect::<Vec<_>>()
+        .join("---\n");
+    let mut index = Index::new();
+    index.reset(parse_manifests(&text).unwrap());
+    let model = index.model();
+    assert!(model.problems.is_empty(), "{:?}", model.problems);
+    model
+}
+
+fn ask(model: &MeshModel, config: &MeshConfig, from: &str, url: &str, method: &str) -> Explanation {
+    explain(
+        model,
+        config,
+        &CallQuery {
+            from: from.into(),
+            url: url.into(),
+            method: Some(method.into()),
+            headers: Vec::new(),
+        },
+    )
+}
+
+fn says(answer: &Explanation, text: &str) -> bool {
+    answer.lines.iter().any(|l| l.contains(text))
+}
+
+#[test]
+fn deny_by_default_names_the_missing_traffic_target() {
+    let m = model(&[]);
+    let answer = ask(
+        &m,
+        &MeshConfig::default(),
+        "default/a-0",
+        "http://b:8080/",
+        "GET",
+    );
+    assert_eq!(answer.verdict, "denied", "{answer:?}");
+    assert!(
+        says(
+            &answer,
+            "no TrafficTarget lets default/a reach default/b on port 8080"
+        ),
+        "{answer:?}"
+    );
+    assert!(says(&answer, "to Service default/b port 8080 (HTTP)"));
+}
+
+#[test]
+fn a_route_group_grant_allows_its_paths_and_says_what_else_it_would_allow() {
+    let m = model(&[METRICS_FOR_A]);
+    let config = MeshConfig::default();
+    let allowed = ask(
+        &m,
+        &config,
+        "default/a-0",
+        "http://b.default.svc.cluster.local:8080/metrics/x",
+        "POST",
+    );
+    assert_eq!(allowed.verdict, "allowed", "{allowed:?}");
+    assert!(says(
+        &allowed,
+        "allowed by TrafficTarget default/a-metrics (path /metrics, any method)"
+    ));
+
+    let other = ask(&m, &config, "default/a-0", "http://b:8080/other", "GET");
+    assert_eq!(other.verdict, "denied");
+    assert!(
+        says(
+            &other,
+            "TrafficTarget default/a-metrics allows only: path /metrics"
+        ),
+        "{other:?}"
+    );
+
+    let stranger = ask(
+        &m,
+        &config,
+        "default/c-0",
+        "http://198.19.9.2:8080/metrics",
+        "GET",
+    );
+    assert_eq!(stranger.verdict, "denied");
+    assert!(says(&stranger, "lets in default/a only"), "{stranger:?}");
+
+    let tcp = ask(&m, &config, "default/a-0", "b:5432", "GET");
+    assert_eq!(
+        tcp.verdict, "denied",
+        "HTTP routes grant nothing on a TCP port: {tcp:?}"
+    );
+}
+
+#[test]
+fn permissive_mode_allows_meshed_callers_and_plaintext_follows_the_mtls_mode() {
+    let m = model(&[]);
+    let permissive = MeshConfig {
+        access: AccessMode::Permissive,
+        ..MeshConfig::default()
+    };
+    let answer = ask(&m, &permissive, "default/c-0", "b:5432", "GET");
+    assert_eq!(answer.verdict, "allowed", "{answer:?}");
+
+    // Pod IP, no service: the caller's sidecar passes it through in plaintext.
+    let direct = ask(
+        &m,
+        &permissive,
+        "default/a-0",
+        "http://198.18.9.2:8080/",
+        "GET",
+    );
+    assert_eq!(
+        direct.verdict, "denied",
+        "strict refuses plaintext: {direct:?}"
+    );
+    assert!(says(&direct, "mTLS is strict"));
+    let relaxed = MeshConfig {
+        mtls: MtlsMode::Permissive,
+        ..permissive
+    };
+    let direct = ask(
+        &m,
+        &relaxed,
+        "default/a-0",
+        "http://198.18.9.2:8080/",
+        "GET",
+    );
+    assert_eq!(direct.verdict, "allowed", "{direct:?}");
+}
+
+#[test]
+fn a_split_with_matches_routes_only_matching_requests_to_its_backends() {
+    let m = model(&[CANARY_SPLIT]);
+    let permissive = MeshConfig {
+        access: AccessMode::Permissive,
+        ..MeshConfig::default()
+    };
+    let plain = ask(&m, &permissive, "default/a-0", "http://b:8080/", "GET");
+    assert!(
+        says(&plain, "does not match this request: root service"),
+        "{plain:?}"
+    );
+    assert!(says(&plain, "default/b-0") && says(&plain, "default/b-1"));
+
+    let canary = explain(
+        &m,
+        &permissive,
+        &CallQuery {
+            from: "default/a-0".into(),
+            url: "http://b:8080/".into(),
+            method: None,
+            headers: vec!["X-Canary: yes".into()],
+        },
+    );
+    assert!(
+        says(&canary, "backend default/b-v2 weight 100"),
+        "{canary:?}"
+    );
+    assert!(
+        says(&canary, "default/b-1") && !says(&canary, "default/b-0"),
+        "{canary:?}"
+    );
+}
+
+#[test]
+fn unknown_callers_and_destinations_are_reported_not_guessed() {
+    let m = model(&[]);
+    let config = MeshConfig::default();
+    assert_eq!(
+        ask(&m, &config, "default/nobody", "http://b:8080/", "GET").verdict,
+        "unknown"
+    );
+    let outside = ask(&m, &config, "default/a-0", "http://example.com:80/", "GET");
+    assert_eq!(outside.verdict, "unknown");
+    assert!(says(&outside, "not a Service of the mesh"));
+    assert_eq!(
+        ask(&m, &config, "default/a-0", "b", "GET").verdict,
+        "unknown"
+    );
+}
