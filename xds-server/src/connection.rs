@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
 use crate::XdsError;
@@ -125,15 +126,7 @@ impl AdsConnection {
 
     /// Applies one request from the proxy.
     pub fn on_request(&mut self, req: &DiscoveryRequest) -> Result<RequestEvent, XdsError> {
-        if req.type_url.is_empty() {
-            return Err(XdsError::MissingTypeUrl);
-        }
-        if self.node_id.is_none() {
-            match req.node.as_ref().map(|n| n.id.as_str()) {
-                Some(id) if !id.is_empty() => self.node_id = Some(id.to_string()),
-                _ => return Err(XdsError::MissingNode),
-            }
-        }
+        remember_node(&mut self.node_id, &req.type_url, req.node.as_ref())?;
         let is_new = !self.types.contains_key(&req.type_url);
         let state = self.types.entry(req.type_url.clone()).or_default();
         let last_nonce = state.sent.as_ref().map(|s| s.nonce.as_str());
@@ -265,6 +258,25 @@ impl AdsConnection {
             })
             .collect()
     }
+}
+
+/// Checks what every ADS request must carry, and takes the node id from the first
+/// request that has one (Envoy may send it on the first message only).
+pub(crate) fn remember_node(
+    node_id: &mut Option<String>,
+    type_url: &str,
+    node: Option<&Node>,
+) -> Result<(), XdsError> {
+    if type_url.is_empty() {
+        return Err(XdsError::MissingTypeUrl);
+    }
+    if node_id.is_none() {
+        match node.map(|n| n.id.as_str()) {
+            Some(id) if !id.is_empty() => *node_id = Some(id.to_string()),
+            _ => return Err(XdsError::MissingNode),
+        }
+    }
+    Ok(())
 }
 
 /// What a subscription wants from what is available, and that set's version.

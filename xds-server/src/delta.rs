@@ -12,7 +12,7 @@ use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use prost::encoding::{WireType, encode_key, encode_varint};
 
 use crate::XdsError;
-use crate::connection::{Nack, RequestEvent, TypeSync, desired_resources};
+use crate::connection::{Nack, RequestEvent, TypeSync, desired_resources, remember_node};
 use crate::resource::{Resource, type_url};
 use crate::snapshot::{ResourceMap, Snapshot};
 
@@ -220,15 +220,7 @@ impl DeltaAdsConnection {
 
     /// Applies one request from the proxy.
     pub fn on_request(&mut self, req: &DeltaDiscoveryRequest) -> Result<RequestEvent, XdsError> {
-        if req.type_url.is_empty() {
-            return Err(XdsError::MissingTypeUrl);
-        }
-        if self.node_id.is_none() {
-            match req.node.as_ref().map(|n| n.id.as_str()) {
-                Some(id) if !id.is_empty() => self.node_id = Some(id.to_string()),
-                _ => return Err(XdsError::MissingNode),
-            }
-        }
+        remember_node(&mut self.node_id, &req.type_url, req.node.as_ref())?;
         let is_new = !self.types.contains_key(&req.type_url);
         let state = self.types.entry(req.type_url.clone()).or_default();
         if is_new {
