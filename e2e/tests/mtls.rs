@@ -330,3 +330,29 @@ fn xds_over_tls_is_verified_against_the_root_and_plaintext_can_be_refused() {
         "{nodes:?}"
     );
 }
+
+#[test]
+fn a_meshed_client_reaches_a_pod_ip_directly_over_mtls_under_strict() {
+    // Headless services and StatefulSet peers address pods by IP, not through a
+    // ClusterIP: the client's sidecar still originates mTLS to the pod's identity.
+    let (h, server_ip) = mesh(17, "pod-ip", &[]);
+    let direct = format!("http://{server_ip}:8080/");
+    let (body, peer) = h
+        .get("client", &direct)
+        .unwrap()
+        .expect("a meshed client reaches a STRICT pod by its IP");
+    assert_eq!(body, "server-0");
+    assert!(
+        peer.unwrap_or_default().contains(CLIENT_ID),
+        "the server sees the client's identity"
+    );
+    let handshakes = h
+        .envoy_stat(
+            "client",
+            "cluster.outbound-pods|default|server.ssl.handshake",
+        )
+        .unwrap();
+    assert!(handshakes >= 1, "the client sidecar originated mTLS");
+    // Without a sidecar the same call stays refused.
+    assert!(h.get("plain", &direct).unwrap().is_err());
+}

@@ -370,15 +370,23 @@ pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Exp
         }
     } else if let Ok(ip) = target.host.parse::<IpAddr>() {
         let workload = model.workloads.values().find(|w| w.ip == Some(ip));
+        // The caller's sidecar sends a call to a meshed pod's IP over mTLS to that
+        // pod's identity; anything else passes through in plaintext.
+        let mtls = source.meshed && workload.is_some_and(|w| w.meshed);
         lines.push(format!(
-            "to {ip}:{} directly (no Service): the caller's sidecar passes it through in plaintext",
-            target.port
+            "to {ip}:{} directly (no Service): {}",
+            target.port,
+            if mtls {
+                "mTLS to the pod's identity"
+            } else {
+                "passed through in plaintext"
+            }
         ));
         landings.push(Landing {
             workload,
             address: SocketAddr::new(ip, target.port),
-            via: "passthrough".into(),
-            plaintext: true,
+            via: if mtls { "pod IP" } else { "passthrough" }.into(),
+            plaintext: !mtls,
         });
     } else {
         lines.push(format!(

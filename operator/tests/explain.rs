@@ -43,6 +43,12 @@ metadata: {name: c-0, labels: {app: c}}
 spec: {serviceAccountName: c, containers: [{name: c, image: i}]}
 status: {podIP: 198.18.9.4}
 ---
+apiVersion: v1
+kind: Pod
+metadata: {name: plain, labels: {app: plain}, annotations: {weft.dev/inject: disabled}}
+spec: {containers: [{name: c, image: i}]}
+status: {podIP: 198.18.9.5}
+---
 apiVersion: specs.smi-spec.io/v1alpha4
 kind: HTTPRouteGroup
 metadata: {name: b-routes}
@@ -176,31 +182,28 @@ fn permissive_mode_allows_meshed_callers_and_plaintext_follows_the_mtls_mode() {
     let answer = ask(&m, &permissive, "default/c-0", "b:5432", "GET");
     assert_eq!(answer.verdict, "allowed", "{answer:?}");
 
-    // Pod IP, no service: the caller's sidecar passes it through in plaintext.
-    let direct = ask(
-        &m,
-        &permissive,
-        "default/a-0",
-        "http://198.18.9.2:8080/",
-        "GET",
-    );
+    // Pod IP, no service: a meshed caller's sidecar uses mTLS to the pod's identity.
+    let pod = "http://198.18.9.2:8080/";
+    let direct = ask(&m, &permissive, "default/a-0", pod, "GET");
+    assert_eq!(direct.verdict, "allowed", "{direct:?}");
+    assert!(says(&direct, "mTLS to the pod's identity"), "{direct:?}");
+    let denied = ask(&m, &MeshConfig::default(), "default/a-0", pod, "GET");
     assert_eq!(
-        direct.verdict, "denied",
-        "strict refuses plaintext: {direct:?}"
+        denied.verdict, "denied",
+        "pod IPs get the same authorization"
     );
-    assert!(says(&direct, "mTLS is strict"));
+
+    // A caller without a sidecar sends plaintext: strict refuses it; permissive mTLS
+    // lets it in when access is permissive too.
+    let plain = ask(&m, &permissive, "default/plain", pod, "GET");
+    assert_eq!(plain.verdict, "denied", "{plain:?}");
+    assert!(says(&plain, "mTLS is strict"));
     let relaxed = MeshConfig {
         mtls: MtlsMode::Permissive,
         ..permissive
     };
-    let direct = ask(
-        &m,
-        &relaxed,
-        "default/a-0",
-        "http://198.18.9.2:8080/",
-        "GET",
-    );
-    assert_eq!(direct.verdict, "allowed", "{direct:?}");
+    let plain = ask(&m, &relaxed, "default/plain", pod, "GET");
+    assert_eq!(plain.verdict, "allowed", "{plain:?}");
 }
 
 #[test]

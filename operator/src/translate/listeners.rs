@@ -2,7 +2,7 @@
 
 use std::net::{IpAddr, Ipv4Addr};
 
-use envoy_types::pb::envoy::config::core::v3::TrafficDirection;
+use envoy_types::pb::envoy::config::core::v3::{CidrRange, TrafficDirection};
 use envoy_types::pb::envoy::config::listener::v3::{
     Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, listener_filter,
 };
@@ -28,7 +28,10 @@ use super::rbac::{
 };
 use super::routes::tcp_destination;
 use super::tls::{AccessMode, MeshConfig, MtlsMode, downstream_transport_socket};
-use super::{INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, ProxyResources, outbound_route_name};
+use super::{
+    INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, ProxyResources, meshed_pod_ips,
+    outbound_route_name, pod_identity_cluster_name,
+};
 use crate::index::{AccessGrant, AppProtocol, MeshModel, Workload, WorkloadPort};
 use weft_crds::annotations::APP_PROBE_PORT;
 
@@ -69,6 +72,14 @@ fn hcm_filter(hcm: &HttpConnectionManager) -> Filter {
     network_filter("envoy.filters.network.http_connection_manager", hcm)
 }
 
+/// A one-address CIDR range.
+fn cidr_of(ip: IpAddr) -> CidrRange {
+    CidrRange {
+        address_prefix: ip.to_string(),
+        prefix_len: Some(u32_value(if ip.is_ipv4() { 32 } else { 128 })),
+    }
+}
+
 fn capture_listener(name: &str, port: u16, direction: TrafficDirection) -> Listener {
     Listener {
         name: name.to_string(),
@@ -80,17 +91,44 @@ fn capture_listener(name: &str, port: u16, direction: TrafficDirection) -> Liste
 }
 
 /// `virtualOutbound` on 15001 hands connections to the listener of their original
-/// destination; one non-binding listener per service ClusterIP and port.
-pub fn translate_outbound_listeners(model: &MeshModel, out: &mut ProxyResources) {
+/// destination; one non-binding listener per service ClusterIP and port. With an
+/// identity (`client_tls`), connections to a meshed pod's own IP go over mTLS to that
+/// pod's identity; anything else passes through.
+pub fn translate_outbound_listeners(model: &MeshModel, client_tls: bool, out: &mut ProxyResources) {
+    let mut chains = Vec::new();
+    if client_tls {
+        // One chain per pod: a pod coming or going changes (and drains) only its own
+        // chain, never the open connections to its peers.
+        for ((ns, sa), ips) in meshed_pod_ips(model) {
+            let cluster = pod_identity_cluster_name(&ns, &sa);
+            for ip in ips {
+                chains.push(FilterChain {
+                    name: format!("outbound-pod|{ip}"),
+                    filter_chain_match: Some(FilterChainMatch {
+                        prefix_ranges: vec![cidr_of(ip)],
+                        ..Default::default()
+                    }),
+                    filters: vec![tcp_proxy_filter(
+                        &cluster,
+                        tcp_proxy::ClusterSpecifier::Cluster(cluster.clone()),
+                    )],
+                    ..Default::default()
+                });
+            }
+        }
+        chains.sort_by(|a, b| a.name.cmp(&b.name));
+    }
+    chains.push(FilterChain {
+        name: PASSTHROUGH_CLUSTER.to_string(),
+        filters: vec![tcp_proxy_filter(
+            PASSTHROUGH_CLUSTER,
+            tcp_proxy::ClusterSpecifier::Cluster(PASSTHROUGH_CLUSTER.to_string()),
+        )],
+        ..Default::default()
+    });
     out.listeners.push(Listener {
         use_original_dst: Some(bool_value(true)),
-        filter_chains: vec![FilterChain {
-            filters: vec![tcp_proxy_filter(
-                PASSTHROUGH_CLUSTER,
-                tcp_proxy::ClusterSpecifier::Cluster(PASSTHROUGH_CLUSTER.to_string()),
-            )],
-            ..Default::default()
-        }],
+        filter_chains: chains,
         ..capture_listener(
             VIRTUAL_OUTBOUND,
             OUTBOUND_CAPTURE_PORT,

@@ -27,6 +27,31 @@ pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
 /// Port of the listener that captures inbound traffic.
 pub const INBOUND_CAPTURE_PORT: u16 = 15006;
 
+/// Meshed pods with an IP, by identity (namespace, service account): a client reaches
+/// them by pod IP over mTLS, as it reaches them through a service.
+pub fn meshed_pod_ips(
+    model: &MeshModel,
+) -> std::collections::BTreeMap<(String, String), Vec<std::net::IpAddr>> {
+    let mut out: std::collections::BTreeMap<_, Vec<_>> = std::collections::BTreeMap::new();
+    for w in model.workloads.values().filter(|w| w.meshed) {
+        if let Some(ip) = w.ip {
+            out.entry((w.namespace.clone(), w.service_account.clone()))
+                .or_default()
+                .push(ip);
+        }
+    }
+    for ips in out.values_mut() {
+        ips.sort();
+        ips.dedup();
+    }
+    out
+}
+
+/// Name of the cluster that reaches pods of one identity by their IP, over mTLS.
+pub fn pod_identity_cluster_name(namespace: &str, service_account: &str) -> String {
+    format!("outbound-pods|{namespace}|{service_account}")
+}
+
 /// The Envoy resources of one proxy.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct ProxyResources {
@@ -109,7 +134,7 @@ pub fn translate_shared(
 ) -> ProxyResources {
     let mut out = ProxyResources::default();
     clusters::translate_outbound_clusters(model, config, client_tls, &mut out);
-    listeners::translate_outbound_listeners(model, &mut out);
+    listeners::translate_outbound_listeners(model, client_tls, &mut out);
     routes::translate_outbound_routes(model, &mut out);
     out.sorted()
 }

@@ -151,8 +151,16 @@ fn tls_socket<M: prost::Name>(context: &M) -> TransportSocket {
 /// Client side of mTLS to `service`: present our identity, accept only the
 /// identities its pods run as.
 pub fn upstream_transport_socket(config: &MeshConfig, service: &MeshService) -> TransportSocket {
-    let peers = service
-        .service_accounts
+    upstream_tls_to(config, &service.service_accounts, service.key.fqdn())
+}
+
+/// Client side of mTLS to pods running as `accounts` (namespace, service account).
+pub fn upstream_tls_to(
+    config: &MeshConfig,
+    accounts: &[(String, String)],
+    sni: String,
+) -> TransportSocket {
+    let peers = accounts
         .iter()
         .map(|(ns, sa)| {
             uri_matcher(string_matcher::MatchPattern::Exact(spiffe_id(
@@ -164,7 +172,7 @@ pub fn upstream_transport_socket(config: &MeshConfig, service: &MeshService) -> 
         .collect();
     tls_socket(&UpstreamTlsContext {
         common_tls_context: Some(common_tls(peers)),
-        sni: service.key.fqdn(),
+        sni,
         ..Default::default()
     })
 }
