@@ -199,6 +199,40 @@ impl AdminState {
     }
 }
 
+/// Whether the proxies a call involves have what `/explain` reasoned about: the model
+/// is what they should have, not necessarily what they run.
+pub fn sync_lines(nodes: &[String], proxies: &[ProxyStatus]) -> Vec<String> {
+    nodes
+        .iter()
+        .map(|node| {
+            let Some(p) = proxies.iter().find(|p| &p.node == node) else {
+                return format!("proxy {node}: not connected, so none of this is in effect there");
+            };
+            if let Some(reason) = &p.denied {
+                return format!("proxy {node}: failed the identity check ({reason}): outbound config only, no certificate");
+            }
+            if let Some(t) = p.types.iter().find(|t| t.state == "NACKED") {
+                return format!(
+                    "proxy {node}: rejected its latest {} ({}); it runs its last good config",
+                    t.type_name,
+                    t.nack.as_deref().unwrap_or_default()
+                );
+            }
+            let stale: Vec<&str> = p
+                .types
+                .iter()
+                .filter(|t| t.state != "SYNCED")
+                .map(|t| t.type_name.as_str())
+                .collect();
+            if stale.is_empty() {
+                format!("proxy {node}: in sync")
+            } else {
+                format!("proxy {node}: not yet acknowledged: {}", stale.join(", "))
+            }
+        })
+        .collect()
+}
+
 fn json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
     match serde_json::to_vec_pretty(value) {
         Ok(body) => Response::builder()
@@ -230,7 +264,11 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/explain" => {
             let view = state.mesh.borrow().clone();
             let query = explain_query(req.uri().query());
-            json(&explain(&view.model, &view.config, &query))
+            let mut answer = explain(&view.model, &view.config, &query);
+            answer
+                .lines
+                .extend(sync_lines(&answer.proxies, &state.proxy_status()));
+            json(&answer)
         }
         "/metrics" => Response::builder()
             .header(

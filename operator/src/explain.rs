@@ -32,6 +32,9 @@ pub struct Explanation {
     pub verdict: String,
     /// The steps, for a person.
     pub lines: Vec<String>,
+    /// Node ids of the meshed proxies involved (caller first), whose sync state matters.
+    #[serde(default)]
+    pub proxies: Vec<String>,
 }
 
 struct Target {
@@ -258,6 +261,7 @@ pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Exp
     let unknown = |lines: Vec<String>| Explanation {
         verdict: "unknown".into(),
         lines,
+        proxies: Vec::new(),
     };
     let Some(source) = model.workloads.get(&query.from) else {
         lines.push(format!(
@@ -445,8 +449,15 @@ pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Exp
         (0, _) => "denied",
         _ => "partly allowed",
     };
+    let mut proxies: Vec<String> = std::iter::once(source)
+        .chain(landings.iter().filter_map(|l| l.workload))
+        .filter(|w| w.meshed)
+        .map(Workload::node_id)
+        .collect();
+    proxies.dedup();
     Explanation {
         verdict: verdict.into(),
         lines,
+        proxies,
     }
 }

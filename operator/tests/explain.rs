@@ -256,3 +256,52 @@ fn unknown_callers_and_destinations_are_reported_not_guessed() {
         "unknown"
     );
 }
+
+#[test]
+fn the_involved_proxies_are_listed_with_their_sync_state() {
+    use weft::admin::{ProxyStatus, TypeStatus, sync_lines};
+    let m = model(&[METRICS_FOR_A]);
+    let answer = ask(
+        &m,
+        &MeshConfig::default(),
+        "default/a-0",
+        "http://b:8080/metrics",
+        "GET",
+    );
+    assert_eq!(
+        answer.proxies,
+        vec!["default/a-0", "default/b-0", "default/b-1"]
+    );
+
+    let types = |state: &str, nack: Option<&str>| {
+        vec![TypeStatus {
+            type_name: "LDS".into(),
+            state: state.into(),
+            sent: Some("v2".into()),
+            acked: Some("v1".into()),
+            resources: 3,
+            responses: 2,
+            nack: nack.map(str::to_string),
+        }]
+    };
+    let proxy = |node: &str, state: &str, nack: Option<&str>| ProxyStatus {
+        node: node.into(),
+        peer: "198.18.9.1:4000".into(),
+        types: types(state, nack),
+        protocol: "delta".into(),
+        denied: None,
+    };
+    let lines = sync_lines(
+        &answer.proxies,
+        &[
+            proxy("default/a-0", "SYNCED", None),
+            proxy("default/b-0", "NACKED", Some("bad regex")),
+        ],
+    );
+    assert_eq!(lines[0], "proxy default/a-0: in sync");
+    assert!(
+        lines[1].contains("rejected its latest LDS (bad regex)"),
+        "{lines:?}"
+    );
+    assert!(lines[2].contains("not connected"), "{lines:?}");
+}
