@@ -76,10 +76,11 @@ impl LocalMesh {
         self.model = self.index.model();
         self.binding.update(&self.model);
         self.report_problems();
-        self.report_settings();
+        let config = self.flags.effective(&self.model);
+        self.report_settings(&config);
         self.view.send_replace(Arc::new(MeshView {
             model: self.model.clone(),
-            config: self.flags.effective(&self.model),
+            config,
         }));
         self.publish();
     }
@@ -116,8 +117,7 @@ impl LocalMesh {
     }
 
     /// Logs the mesh-wide modes when they change (a MeshConfig added, edited or removed).
-    fn report_settings(&mut self) {
-        let config = self.flags.effective(&self.model);
+    fn report_settings(&mut self, config: &MeshConfig) {
         let settings = SettingsReport {
             access: config.access.as_str().to_string(),
             mtls: config.mtls.as_str().to_string(),
