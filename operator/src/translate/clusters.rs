@@ -9,7 +9,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 
 use super::envoy::{address_of, ads_config_source, millis, socket_address};
 use super::tls::{MeshConfig, upstream_tls_to, upstream_transport_socket};
-use super::{ProxyResources, meshed_pod_ips, outbound_cluster_name, pod_identity_cluster_name};
+use super::{PodIpsByIdentity, ProxyResources, outbound_cluster_name, pod_identity_cluster_name};
 use crate::index::{MeshModel, Workload};
 
 /// Cluster for outbound traffic to destinations the mesh does not know.
@@ -74,6 +74,7 @@ pub fn translate_outbound_clusters(
     model: &MeshModel,
     config: &MeshConfig,
     client_tls: bool,
+    pod_ips: &PodIpsByIdentity,
     out: &mut ProxyResources,
 ) {
     out.clusters.push(original_dst_cluster(PASSTHROUGH_CLUSTER));
@@ -94,17 +95,15 @@ pub fn translate_outbound_clusters(
                 .push(load_assignment(&name, port.endpoints.iter().copied()));
         }
     }
-    if client_tls {
-        // Calls straight to a meshed pod's IP (headless services, StatefulSet peers)
-        // keep their destination and get mTLS to that pod's identity.
-        for (ns, sa) in meshed_pod_ips(model).into_keys() {
-            let name = pod_identity_cluster_name(&ns, &sa);
-            let sni = format!("{sa}.{ns}.sa.weft");
-            out.clusters.push(Cluster {
-                transport_socket: Some(upstream_tls_to(config, &[(ns, sa)], sni)),
-                ..original_dst_cluster(&name)
-            });
-        }
+    // Calls straight to a meshed pod's IP (headless services, StatefulSet peers) keep
+    // their destination and get mTLS to that pod's identity.
+    for (ns, sa) in pod_ips.keys() {
+        let name = pod_identity_cluster_name(ns, sa);
+        let sni = format!("{sa}.{ns}.sa.weft");
+        out.clusters.push(Cluster {
+            transport_socket: Some(upstream_tls_to(config, &[(ns.clone(), sa.clone())], sni)),
+            ..original_dst_cluster(&name)
+        });
     }
 }
 

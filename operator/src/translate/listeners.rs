@@ -29,7 +29,7 @@ use super::rbac::{
 use super::routes::tcp_destination;
 use super::tls::{AccessMode, MeshConfig, MtlsMode, downstream_transport_socket};
 use super::{
-    INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, ProxyResources, meshed_pod_ips,
+    INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, PodIpsByIdentity, ProxyResources,
     outbound_route_name, pod_identity_cluster_name,
 };
 use crate::index::{AccessGrant, AppProtocol, MeshModel, Workload, WorkloadPort};
@@ -91,33 +91,35 @@ fn capture_listener(name: &str, port: u16, direction: TrafficDirection) -> Liste
 }
 
 /// `virtualOutbound` on 15001 hands connections to the listener of their original
-/// destination; one non-binding listener per service ClusterIP and port. With an
-/// identity (`client_tls`), connections to a meshed pod's own IP go over mTLS to that
+/// destination; one non-binding listener per service ClusterIP and port. Connections
+/// to a meshed pod's own IP (`pod_ips`, empty without an identity) go over mTLS to that
 /// pod's identity; anything else passes through.
-pub fn translate_outbound_listeners(model: &MeshModel, client_tls: bool, out: &mut ProxyResources) {
+pub fn translate_outbound_listeners(
+    model: &MeshModel,
+    pod_ips: &PodIpsByIdentity,
+    out: &mut ProxyResources,
+) {
+    // One chain per pod: a pod coming or going changes (and drains) only its own chain,
+    // never the open connections to its peers.
     let mut chains = Vec::new();
-    if client_tls {
-        // One chain per pod: a pod coming or going changes (and drains) only its own
-        // chain, never the open connections to its peers.
-        for ((ns, sa), ips) in meshed_pod_ips(model) {
-            let cluster = pod_identity_cluster_name(&ns, &sa);
-            for ip in ips {
-                chains.push(FilterChain {
-                    name: format!("outbound-pod|{ip}"),
-                    filter_chain_match: Some(FilterChainMatch {
-                        prefix_ranges: vec![cidr_of(ip)],
-                        ..Default::default()
-                    }),
-                    filters: vec![tcp_proxy_filter(
-                        &cluster,
-                        tcp_proxy::ClusterSpecifier::Cluster(cluster.clone()),
-                    )],
+    for ((ns, sa), ips) in pod_ips {
+        let cluster = pod_identity_cluster_name(ns, sa);
+        for ip in ips {
+            chains.push(FilterChain {
+                name: format!("outbound-pod|{ip}"),
+                filter_chain_match: Some(FilterChainMatch {
+                    prefix_ranges: vec![cidr_of(*ip)],
                     ..Default::default()
-                });
-            }
+                }),
+                filters: vec![tcp_proxy_filter(
+                    &cluster,
+                    tcp_proxy::ClusterSpecifier::Cluster(cluster.clone()),
+                )],
+                ..Default::default()
+            });
         }
-        chains.sort_by(|a, b| a.name.cmp(&b.name));
     }
+    chains.sort_by(|a, b| a.name.cmp(&b.name));
     chains.push(FilterChain {
         name: PASSTHROUGH_CLUSTER.to_string(),
         filters: vec![tcp_proxy_filter(

@@ -27,12 +27,13 @@ pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
 /// Port of the listener that captures inbound traffic.
 pub const INBOUND_CAPTURE_PORT: u16 = 15006;
 
-/// Meshed pods with an IP, by identity (namespace, service account): a client reaches
-/// them by pod IP over mTLS, as it reaches them through a service.
-pub fn meshed_pod_ips(
-    model: &MeshModel,
-) -> std::collections::BTreeMap<(String, String), Vec<std::net::IpAddr>> {
-    let mut out: std::collections::BTreeMap<_, Vec<_>> = std::collections::BTreeMap::new();
+/// Meshed pod IPs by identity (namespace, service account).
+type PodIpsByIdentity = std::collections::BTreeMap<(String, String), Vec<std::net::IpAddr>>;
+
+/// Meshed pods with an IP, by identity: a client reaches them by pod IP over mTLS, as
+/// it reaches them through a service.
+fn meshed_pod_ips(model: &MeshModel) -> PodIpsByIdentity {
+    let mut out = PodIpsByIdentity::new();
     for w in model.workloads.values().filter(|w| w.meshed) {
         if let Some(ip) = w.ip {
             out.entry((w.namespace.clone(), w.service_account.clone()))
@@ -133,8 +134,14 @@ pub fn translate_shared(
     client_tls: bool,
 ) -> ProxyResources {
     let mut out = ProxyResources::default();
-    clusters::translate_outbound_clusters(model, config, client_tls, &mut out);
-    listeners::translate_outbound_listeners(model, client_tls, &mut out);
+    // Only a proxy with an identity can originate mTLS to pods it calls by IP.
+    let pod_ips = if client_tls {
+        meshed_pod_ips(model)
+    } else {
+        PodIpsByIdentity::new()
+    };
+    clusters::translate_outbound_clusters(model, config, client_tls, &pod_ips, &mut out);
+    listeners::translate_outbound_listeners(model, &pod_ips, &mut out);
     routes::translate_outbound_routes(model, &mut out);
     out.sorted()
 }
