@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::index::{AccessGrant, AppProtocol, HttpRequestMatch, MeshModel, MeshService, Workload};
-use crate::translate::{AccessMode, MeshConfig, MtlsMode};
+use crate::translate::{AccessMode, MeshConfig, MtlsMode, path_prefix_regex};
 
 /// A call to explain.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -103,7 +103,7 @@ fn request_matches(
     let path_ok = m
         .path_regex
         .as_ref()
-        .is_none_or(|p| full_match(&format!("(?:{p}).*"), path).unwrap_or(false));
+        .is_none_or(|p| full_match(&path_prefix_regex(p), path).unwrap_or(false));
     let method_ok = m.methods.is_empty() || m.methods.iter().any(|x| x == method);
     let headers_ok = m.headers.iter().all(|(name, regex)| {
         headers

@@ -17,6 +17,7 @@ use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use weft_xds::{Resource, Snapshot, type_url};
 
+pub use rbac::path_prefix_regex;
 pub use tls::{AccessMode, IDENTITY_SECRET, MeshConfig, MtlsMode, TRUST_BUNDLE_SECRET};
 
 use crate::identity::WorkloadSecrets;
