@@ -247,6 +247,41 @@ pub struct MeshConfigSpec {
     /// Inbound mutual TLS mode; unset keeps the control plane's flag.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MtlsPolicy>,
+    /// Ports treated as opaque TCP when nothing declares their protocol, in addition
+    /// to the built-in server-first ports (25, 587, 3306, 4444, 5432, 6379, 9300, 11211).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("items" = {"type": "integer", "minimum": 1, "maximum": 65535}))]
+    pub opaque_ports: Vec<u16>,
+    /// How long a sidecar waits for a client's first bytes on an undeclared port
+    /// before it treats the connection as TCP (a Gateway API duration such as
+    /// `500ms` or `1s`; default `1s`; `0s` treats undeclared ports as TCP at once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(extend("x-kubernetes-validations" = [{
+        "rule": "self.matches('^([0-9]{1,5}(h|m|s|ms)){1,4}$')",
+        "message": "must be a duration such as 500ms, 1s or 1m30s"
+    }]))]
+    pub protocol_detection_timeout: Option<String>,
+    /// What sidecars do with `%2F` and `%5C` (escaped slashes) in request paths,
+    /// which could otherwise let a request slip past a path rule; default
+    /// `UnescapeAndRedirect`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub escaped_slashes: Option<EscapedSlashesPolicy>,
+}
+
+/// Handling of escaped slashes (`%2F`, `%5C`) in request paths. Paths are always
+/// normalized (RFC 3986 dot segments, percent-decoded unreserved characters, merged
+/// slashes) before authorization and routing; this decides the escaped slashes.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+pub enum EscapedSlashesPolicy {
+    /// Unescape them and redirect the client to the resulting path (gRPC requests get
+    /// an INTERNAL error), so every party sees the same path.
+    UnescapeAndRedirect,
+    /// Refuse the request with 400.
+    Reject,
+    /// Unescape them and forward the request: the app receives real slashes.
+    UnescapeAndForward,
+    /// Leave them as they are (unsafe with path rules if the app decodes `%2F`).
+    KeepUnchanged,
 }
 
 /// Whether meshed workloads need a TrafficTarget to be reached.

@@ -3,12 +3,14 @@
 //! plane is a real `weft up` over a manifest directory.
 //!
 //! Addresses come from 198.18.0.0/15 only: pods from 198.18.<id>.0/24, ClusterIPs from
-//! 198.19.<id>.0/24. Pods get an on-link route for ClusterIPs and no default route, so
-//! nothing leaves the bridge. Everything created is removed on drop, also after a panic.
+//! 198.19.<id>.0/24; with IPv6 (see [`IpFamilies`]) also from the ULA prefix
+//! fd00:198:18:<id in hex>::/64 (pods) and fd00:198:19:<id in hex>::/64 (ClusterIPs). Pods get an
+//! on-link route for ClusterIPs and no default route, so nothing leaves the bridge.
+//! Everything created is removed on drop, also after a panic.
 
 use std::collections::BTreeMap;
 use std::fs;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -263,12 +265,85 @@ pub fn envoy_binary() -> Result<PathBuf> {
         })
 }
 
+/// The address families of a harness's pods and services.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum IpFamilies {
+    /// IPv4 only (the default).
+    #[default]
+    V4,
+    /// IPv6 only: pods and services have IPv6 addresses alone.
+    V6,
+    /// Dual-stack, IPv4 primary.
+    Dual,
+}
+
+impl IpFamilies {
+    fn v4(self) -> bool {
+        self != Self::V6
+    }
+
+    fn v6(self) -> bool {
+        self != Self::V4
+    }
+}
+
+/// One port of a Service: number, name, target port and `appProtocol`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortSpec {
+    /// Port name (omitted from the manifest when `None`).
+    pub name: Option<String>,
+    /// Service port.
+    pub port: u16,
+    /// The pods' port it targets.
+    pub target_port: u16,
+    /// `appProtocol`, if declared.
+    pub app_protocol: Option<String>,
+}
+
+impl PortSpec {
+    /// An unnamed port targeting the same number, no appProtocol.
+    pub fn new(port: u16) -> Self {
+        Self {
+            name: None,
+            port,
+            target_port: port,
+            app_protocol: None,
+        }
+    }
+
+    /// A named port targeting the same number.
+    pub fn named(name: &str, port: u16) -> Self {
+        Self {
+            name: Some(name.to_string()),
+            ..Self::new(port)
+        }
+    }
+
+    /// With an `appProtocol`.
+    pub fn app_protocol(mut self, protocol: &str) -> Self {
+        self.app_protocol = Some(protocol.to_string());
+        self
+    }
+
+    /// Targeting another pod port.
+    pub fn target(mut self, port: u16) -> Self {
+        self.target_port = port;
+        self
+    }
+}
+
+/// Formats `ip:port`, bracketing IPv6.
+pub fn host_port(ip: IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(ip, port).to_string()
+}
+
 #[derive(Debug)]
 struct PodNet {
     netns: String,
     /// Root-namespace end of the pod's veth pair.
     host_if: String,
-    ip: Ipv4Addr,
+    /// Addresses, primary first.
+    ips: Vec<IpAddr>,
     labels: Vec<(String, String)>,
     service_account: String,
     /// Left out of `cluster.yaml`: the control plane does not know this pod.
@@ -278,10 +353,10 @@ struct PodNet {
 
 #[derive(Debug)]
 struct ServiceDef {
-    cluster_ip: Ipv4Addr,
+    /// ClusterIPs, primary first.
+    cluster_ips: Vec<IpAddr>,
     selector: Vec<(String, String)>,
-    /// (port name, port); each targets the same port on the pods.
-    ports: Vec<(String, u16)>,
+    ports: Vec<PortSpec>,
 }
 
 /// A running mesh on one bridge. Dropping it removes everything it created.
@@ -301,6 +376,8 @@ pub struct Harness {
     /// `weft bootstrap --xds-protocol` of sidecars started from now on.
     xds_protocol: &'static str,
     forward_rule: bool,
+    forward_rule_v6: bool,
+    families: IpFamilies,
 }
 
 impl Harness {
@@ -327,6 +404,8 @@ impl Harness {
             xds_tls: false,
             xds_protocol: "delta",
             forward_rule: false,
+            forward_rule_v6: false,
+            families: IpFamilies::V4,
         };
         harness.remove_leftovers();
         let _ = fs::remove_dir_all(&harness.work);
@@ -366,6 +445,55 @@ impl Harness {
         Ipv4Addr::new(198, 18, self.id, 1)
     }
 
+    fn gateway_v6(&self) -> Ipv6Addr {
+        Ipv6Addr::new(0xfd00, 0x198, 0x18, u16::from(self.id), 0, 0, 0, 1)
+    }
+
+    /// Pods and services added from now on get these address families (call it before
+    /// adding any). The bridge gets an IPv6 address when IPv6 is used.
+    pub fn use_ip_families(&mut self, families: IpFamilies) -> Result<()> {
+        if families.v6() && !self.families.v6() {
+            check(cmd(
+                "ip",
+                &[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{}/64", self.gateway_v6()),
+                    "dev",
+                    &self.bridge(),
+                    "nodad",
+                ],
+            ))?;
+            let bridge = self.bridge();
+            check(cmd(
+                "ip6tables",
+                &[
+                    "-w", "-I", "FORWARD", "-i", &bridge, "-o", &bridge, "-j", "ACCEPT",
+                ],
+            ))?;
+            self.forward_rule_v6 = true;
+        }
+        self.families = families;
+        Ok(())
+    }
+
+    /// A pod's addresses, primary first.
+    pub fn pod_ips(&self, pod: &str) -> Vec<IpAddr> {
+        self.pods
+            .get(pod)
+            .map(|p| p.ips.clone())
+            .unwrap_or_default()
+    }
+
+    /// A service's ClusterIPs, primary first.
+    pub fn service_ips(&self, service: &str) -> Vec<IpAddr> {
+        self.services
+            .get(service)
+            .map(|s| s.cluster_ips.clone())
+            .unwrap_or_default()
+    }
+
     /// The manifest directory `weft up` watches.
     pub fn manifests(&self) -> PathBuf {
         self.work.join("manifests")
@@ -378,6 +506,10 @@ impl Harness {
 
     fn xds_addr(&self) -> String {
         format!("{}:{XDS_PORT}", self.gateway())
+    }
+
+    fn xds_addr_v6(&self) -> String {
+        format!("[{}]:{XDS_PORT}", self.gateway_v6())
     }
 
     fn netns(&self, pod: &str) -> String {
@@ -412,14 +544,16 @@ impl Harness {
         }
         let _ = output(cmd("ip", &["link", "del", &self.bridge()]));
         let bridge = self.bridge();
-        while output(cmd(
-            "iptables",
-            &[
-                "-w", "-D", "FORWARD", "-i", &bridge, "-o", &bridge, "-j", "ACCEPT",
-            ],
-        ))
-        .is_ok_and(|o| o.status.success())
-        {}
+        for program in ["iptables", "ip6tables"] {
+            while output(cmd(
+                program,
+                &[
+                    "-w", "-D", "FORWARD", "-i", &bridge, "-o", &bridge, "-j", "ACCEPT",
+                ],
+            ))
+            .is_ok_and(|o| o.status.success())
+            {}
+        }
     }
 
     /// Adds a pod (a network namespace with the test app on port 8080).
@@ -440,11 +574,53 @@ impl Harness {
         service_account: &str,
         body_size: usize,
     ) -> Result<Ipv4Addr> {
+        self.add_pod_listening(name, labels, service_account, body_size, &[])?;
+        self.pods
+            .get(name)
+            .and_then(|p| {
+                p.ips.iter().find_map(|ip| match ip {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                })
+            })
+            .ok_or_else(|| HarnessError::Command {
+                command: format!("add_pod {name}"),
+                reason: "the harness gives pods no IPv4 address; use add_pod_listening".into(),
+            })
+    }
+
+    /// Adds a pod whose app also serves `listen` (`(kind, port)`: `http`, `grpc`,
+    /// `banner`, `redis`; see `weft-e2e-app serve --listen`). Returns its addresses.
+    pub fn add_pod_listening(
+        &mut self,
+        name: &str,
+        labels: &[(&str, &str)],
+        service_account: &str,
+        body_size: usize,
+        listen: &[(&str, u16)],
+    ) -> Result<Vec<IpAddr>> {
         let index = u8::try_from(self.pods.len() + 2).map_err(|_| HarnessError::Command {
             command: "add_pod".into(),
             reason: "too many pods".into(),
         })?;
-        let ip = Ipv4Addr::new(198, 18, self.id, index);
+        let v4 = Ipv4Addr::new(198, 18, self.id, index);
+        let v6 = Ipv6Addr::new(
+            0xfd00,
+            0x198,
+            0x18,
+            u16::from(self.id),
+            0,
+            0,
+            0,
+            u16::from(index),
+        );
+        let mut ips = Vec::new();
+        if self.families.v4() {
+            ips.push(IpAddr::V4(v4));
+        }
+        if self.families.v6() {
+            ips.push(IpAddr::V6(v6));
+        }
         let netns = self.netns(name);
         let host_if = format!("wv{}p{index}", self.id);
         let pod_if = format!("wc{}p{index}", self.id);
@@ -457,7 +633,7 @@ impl Harness {
             PodNet {
                 netns: netns.clone(),
                 host_if: host_if.clone(),
-                ip,
+                ips: ips.clone(),
                 labels: labels
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
@@ -484,24 +660,51 @@ impl Harness {
             check(cmd("ip", &all))
         };
         in_pod(&["link", "set", &pod_if, "name", "eth0"])?;
-        in_pod(&["addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
-        in_pod(&["link", "set", "eth0", "up"])?;
         in_pod(&["link", "set", "lo", "up"])?;
         // ClusterIPs are on-link: routable (so the nat OUTPUT chain sees the connect)
         // yet never forwarded anywhere if a packet escapes the redirect.
-        in_pod(&[
-            "route",
-            "add",
-            &format!("198.19.{}.0/24", self.id),
-            "dev",
-            "eth0",
-        ])?;
+        if self.families.v4() {
+            in_pod(&["addr", "add", &format!("{v4}/24"), "dev", "eth0"])?;
+        }
+        if self.families.v6() {
+            // No duplicate address detection: the address is usable at once.
+            in_pod(&[
+                "-6",
+                "addr",
+                "add",
+                &format!("{v6}/64"),
+                "dev",
+                "eth0",
+                "nodad",
+            ])?;
+        }
+        in_pod(&["link", "set", "eth0", "up"])?;
+        if self.families.v4() {
+            in_pod(&[
+                "route",
+                "add",
+                &format!("198.19.{}.0/24", self.id),
+                "dev",
+                "eth0",
+            ])?;
+        }
+        if self.families.v6() {
+            in_pod(&[
+                "-6",
+                "route",
+                "add",
+                &format!("fd00:198:19:{:x}::/64", self.id),
+                "dev",
+                "eth0",
+            ])?;
+        }
         self.write_hosts()?;
         let log = self.work.join(format!("{name}-app.log"));
         let app = self.app.to_string_lossy().to_string();
         let (port, size) = (APP_PORT.to_string(), body_size.to_string());
         let extra = EXTRA_APP_PORT.to_string();
-        let argv = [
+        let listens: Vec<String> = listen.iter().map(|(k, p)| format!("{k}:{p}")).collect();
+        let mut argv = vec![
             app.as_str(),
             "serve",
             "--name",
@@ -513,8 +716,11 @@ impl Harness {
             "--body-size",
             &size,
         ];
+        for l in &listens {
+            argv.extend(["--listen", l.as_str()]);
+        }
         self.spawn_in(name, "app", &argv, &log)?;
-        Ok(ip)
+        Ok(ips)
     }
 
     /// Adds a Service selecting pods by labels, on port 8080, with the next ClusterIP.
@@ -529,21 +735,56 @@ impl Harness {
         selector: &[(&str, &str)],
         ports: &[(&str, u16)],
     ) -> Result<Ipv4Addr> {
+        let specs: Vec<PortSpec> = ports.iter().map(|(n, p)| PortSpec::named(n, *p)).collect();
+        let ips = self.add_service_with(name, selector, &specs)?;
+        ips.iter()
+            .find_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            })
+            .ok_or_else(|| HarnessError::Command {
+                command: format!("add_service {name}"),
+                reason: "the harness gives services no IPv4 address; use add_service_with".into(),
+            })
+    }
+
+    /// Adds a Service with the given ports and the next ClusterIP of each family in use.
+    pub fn add_service_with(
+        &mut self,
+        name: &str,
+        selector: &[(&str, &str)],
+        ports: &[PortSpec],
+    ) -> Result<Vec<IpAddr>> {
         let index = u8::try_from(self.services.len() + 10).unwrap_or(u8::MAX);
-        let cluster_ip = Ipv4Addr::new(198, 19, self.id, index);
+        let mut cluster_ips = Vec::new();
+        if self.families.v4() {
+            cluster_ips.push(IpAddr::V4(Ipv4Addr::new(198, 19, self.id, index)));
+        }
+        if self.families.v6() {
+            cluster_ips.push(IpAddr::V6(Ipv6Addr::new(
+                0xfd00,
+                0x198,
+                0x19,
+                u16::from(self.id),
+                0,
+                0,
+                0,
+                u16::from(index),
+            )));
+        }
         self.services.insert(
             name.to_string(),
             ServiceDef {
-                cluster_ip,
+                cluster_ips: cluster_ips.clone(),
                 selector: selector
                     .iter()
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
-                ports: ports.iter().map(|(n, p)| (n.to_string(), *p)).collect(),
+                ports: ports.to_vec(),
             },
         );
         self.write_hosts()?;
-        Ok(cluster_ip)
+        Ok(cluster_ips)
     }
 
     /// `/etc/netns/<pod>/hosts`: what `ip netns exec` shows the pod as /etc/hosts.
@@ -551,12 +792,16 @@ impl Harness {
         for (name, pod) in &self.pods {
             let dir = Path::new("/etc/netns").join(&pod.netns);
             fs::create_dir_all(&dir).map_err(io(&dir))?;
-            let mut hosts = format!("127.0.0.1 localhost\n{} {name}\n", pod.ip);
+            let mut hosts = "127.0.0.1 localhost\n::1 localhost\n".to_string();
+            for ip in &pod.ips {
+                hosts.push_str(&format!("{ip} {name}\n"));
+            }
             for (svc, def) in &self.services {
-                hosts.push_str(&format!(
-                    "{} {svc} {svc}.default {svc}.default.svc {svc}.default.svc.cluster.local\n",
-                    def.cluster_ip
-                ));
+                for ip in &def.cluster_ips {
+                    hosts.push_str(&format!(
+                        "{ip} {svc} {svc}.default {svc}.default.svc {svc}.default.svc.cluster.local\n"
+                    ));
+                }
             }
             let path = dir.join("hosts");
             fs::write(&path, hosts).map_err(io(&path))?;
@@ -587,13 +832,36 @@ impl Harness {
                 .iter()
                 .map(|(k, v)| format!("    {k}: {v}\n"))
                 .collect();
+            let ips: Vec<String> = svc
+                .cluster_ips
+                .iter()
+                .map(|ip| format!("\"{ip}\""))
+                .collect();
+            let families: Vec<&str> = svc
+                .cluster_ips
+                .iter()
+                .map(|ip| if ip.is_ipv6() { "IPv6" } else { "IPv4" })
+                .collect();
+            let ports: String = svc
+                .ports
+                .iter()
+                .map(|p| {
+                    let mut text =
+                        format!("  - port: {}\n    targetPort: {}\n", p.port, p.target_port);
+                    if let Some(n) = &p.name {
+                        text.push_str(&format!("    name: {n}\n"));
+                    }
+                    if let Some(a) = &p.app_protocol {
+                        text.push_str(&format!("    appProtocol: {a}\n"));
+                    }
+                    text
+                })
+                .collect();
             docs.push(format!(
-                "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {}\n  selector:\n{selector}  ports:\n{}",
-                svc.cluster_ip,
-                svc.ports
-                    .iter()
-                    .map(|(n, p)| format!("  - name: {n}\n    port: {p}\n    targetPort: {p}\n"))
-                    .collect::<String>()
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {}\n  clusterIPs: [{}]\n  ipFamilies: [{}]\n  selector:\n{selector}  ports:\n{ports}",
+                ips.first().cloned().unwrap_or_default(),
+                ips.join(", "),
+                families.join(", "),
             ));
         }
         for (name, pod) in self.pods.iter().filter(|(_, p)| !p.unlisted) {
@@ -612,9 +880,16 @@ impl Harness {
                     .collect();
                 format!("  annotations:\n{items}")
             };
+            let pod_ips: Vec<String> = pod
+                .ips
+                .iter()
+                .map(|ip| format!("{{ip: \"{ip}\"}}"))
+                .collect();
             docs.push(format!(
-                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n{labels}{annotations}spec:\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: weft-e2e-app\n    ports:\n    - containerPort: {APP_PORT}\nstatus:\n  phase: Running\n  podIP: {}\n",
-                pod.service_account, pod.ip
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n{labels}{annotations}spec:\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: weft-e2e-app\n    ports:\n    - containerPort: {APP_PORT}\nstatus:\n  phase: Running\n  podIP: \"{}\"\n  podIPs: [{}]\n",
+                pod.service_account,
+                pod.ips.first().map(ToString::to_string).unwrap_or_default(),
+                pod_ips.join(", ")
             ));
         }
         self.write_manifest("cluster.yaml", &docs.join("---\n"))
@@ -685,15 +960,16 @@ impl Harness {
             .map_err(io(&log))?;
         let err = file.try_clone().map_err(io(&log))?;
         let mut c = Command::new(&self.weft);
-        c.arg("up")
-            .arg(self.manifests())
-            .args([
-                "--xds-addr",
-                &self.xds_addr(),
-                "--admin-addr",
-                &self.admin_addr(),
-            ])
-            .arg("--state-dir")
+        c.arg("up").arg(self.manifests()).args([
+            "--xds-addr",
+            &self.xds_addr(),
+            "--admin-addr",
+            &self.admin_addr(),
+        ]);
+        if self.families.v6() {
+            c.args(["--xds-addr", &self.xds_addr_v6()]);
+        }
+        c.arg("--state-dir")
             .arg(self.state_dir())
             .args(extra)
             .stdin(Stdio::null())
@@ -760,13 +1036,19 @@ impl Harness {
     /// the proxy UID.
     pub fn spawn_sidecar(&mut self, pod: &str, claimed_pod: &str, xds_tls: bool) -> Result<()> {
         let bootstrap = self.work.join(format!("{pod}-envoy.yaml"));
+        // An IPv6-only pod reaches the control plane over IPv6.
+        let xds = if self.pod_ips(pod).iter().any(IpAddr::is_ipv4) {
+            self.xds_addr()
+        } else {
+            self.xds_addr_v6()
+        };
         let mut c = Command::new(&self.weft);
         c.args([
             "bootstrap",
             "--pod",
             &format!("default/{claimed_pod}"),
             "--xds",
-            &self.xds_addr(),
+            &xds,
             "--health-port",
             "15021",
             "--xds-protocol",
@@ -885,6 +1167,32 @@ impl Harness {
             .find_map(|l| l.strip_prefix("peer: "))
             .map(str::to_string);
         Ok(Ok((body, peer)))
+    }
+
+    /// Runs a `weft-e2e-app` client subcommand in `pod`: Ok(its JSON) when it exits 0,
+    /// Err(its stderr) otherwise.
+    pub fn app(
+        &self,
+        pod: &str,
+        args: &[&str],
+    ) -> Result<std::result::Result<serde_json::Value, String>> {
+        let app = self.app.to_string_lossy().to_string();
+        let mut argv = vec![app.as_str()];
+        argv.extend_from_slice(args);
+        let out = self.exec_in(pod, &argv)?;
+        if !out.status.success() {
+            return Ok(Err(format!(
+                "{} {}",
+                String::from_utf8_lossy(&out.stderr).trim(),
+                String::from_utf8_lossy(&out.stdout).trim()
+            )));
+        }
+        serde_json::from_slice(&out.stdout)
+            .map(Ok)
+            .map_err(|e| HarnessError::Decode {
+                what: format!("weft-e2e-app {}", args.join(" ")),
+                reason: format!("{e}: {}", String::from_utf8_lossy(&out.stdout)),
+            })
     }
 
     /// Runs a command inside a pod's network namespace.
@@ -1181,14 +1489,19 @@ impl Drop for Harness {
             let _ = fs::remove_dir_all(Path::new("/etc/netns").join(&pod.netns));
         }
         let _ = output(cmd("ip", &["link", "del", &self.bridge()]));
-        if self.forward_rule {
-            let bridge = self.bridge();
-            let _ = output(cmd(
-                "iptables",
-                &[
-                    "-w", "-D", "FORWARD", "-i", &bridge, "-o", &bridge, "-j", "ACCEPT",
-                ],
-            ));
+        let bridge = self.bridge();
+        for (added, program) in [
+            (self.forward_rule, "iptables"),
+            (self.forward_rule_v6, "ip6tables"),
+        ] {
+            if added {
+                let _ = output(cmd(
+                    program,
+                    &[
+                        "-w", "-D", "FORWARD", "-i", &bridge, "-o", &bridge, "-j", "ACCEPT",
+                    ],
+                ));
+            }
         }
     }
 }

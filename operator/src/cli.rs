@@ -11,7 +11,7 @@ use crate::bootstrap::{BootstrapOptions, XdsProtocol, XdsTls, render_bootstrap};
 use crate::error::WeftError;
 use crate::explain::{CallQuery, Explanation};
 use crate::identity::CaSource;
-use crate::iptables::{self, RedirectPlan};
+use crate::iptables::{self, Backend, Cidr, RedirectPlan, TablesChoice};
 use crate::local::{self, LocalOptions};
 use crate::translate::{AccessMode, MeshConfig, MtlsMode};
 
@@ -31,9 +31,10 @@ enum Command {
     Up {
         /// Directory of Kubernetes YAML manifests (watched for changes).
         dir: PathBuf,
-        /// Address of the ADS (xDS) server.
-        #[arg(long, default_value = "127.0.0.1:15010")]
-        xds_addr: SocketAddr,
+        /// Address of the ADS (xDS) server; repeat it to listen on several (say an IPv4
+        /// and an IPv6 address, for IPv6-only sidecars).
+        #[arg(long = "xds-addr", default_value = "127.0.0.1:15010")]
+        xds_addrs: Vec<SocketAddr>,
         /// Address of the admin endpoint (/ready, /status, /proxy-status).
         #[arg(long, default_value = DEFAULT_ADMIN)]
         admin_addr: SocketAddr,
@@ -71,7 +72,8 @@ enum Command {
     },
     /// Install (or with --remove, take out) the sidecar traffic redirect in this network namespace.
     InitIptables {
-        /// UID the proxy runs as; its traffic is not redirected.
+        /// UID the proxy runs as; its traffic is not redirected, except to its own pod
+        /// (then to the inbound port).
         #[arg(long, default_value_t = 1337)]
         proxy_uid: u32,
         /// Port of the outbound capture listener.
@@ -83,18 +85,27 @@ enum Command {
         /// Inbound ports not redirected (comma separated).
         #[arg(long, value_delimiter = ',')]
         exclude_inbound_ports: Vec<u16>,
-        /// Outbound destination CIDRs not redirected (comma separated).
+        /// Outbound destination CIDRs not redirected (comma separated, IPv4 and IPv6; each
+        /// goes to the table of its family).
         #[arg(long, value_delimiter = ',')]
-        exclude_outbound_cidrs: Vec<String>,
+        exclude_outbound_cidrs: Vec<Cidr>,
         /// Outbound destination ports not redirected (comma separated).
         #[arg(long, value_delimiter = ',')]
         exclude_outbound_ports: Vec<u16>,
-        /// Remove the redirect instead.
+        /// Remove the redirect instead (both families; with `auto`, from every back end
+        /// holding Weft's chains).
         #[arg(long)]
         remove: bool,
-        /// The iptables program (its `-restore` sibling is used too).
-        #[arg(long, default_value = "iptables")]
-        iptables: String,
+        /// Which iptables back end writes the rules: `auto` picks the one already holding
+        /// Weft's chains, else the one with more rules here, else the system default, and
+        /// falls back to the other if that one does not work in this kernel.
+        #[arg(long, value_enum, default_value_t = IptablesBackendArg::Auto)]
+        iptables_backend: IptablesBackendArg,
+        /// Use this iptables program instead of a back end (overrides --iptables-backend);
+        /// its `-restore` and `-save` siblings are used too, and for IPv6 the same name
+        /// with `ip6tables` in place of its leading `iptables`.
+        #[arg(long)]
+        iptables: Option<String>,
     },
     /// Drain the local proxy: stop accepting new connections, give open ones time to finish.
     /// Run by the injected sidecar's preStop hook.
@@ -204,6 +215,16 @@ enum AccessArg {
 }
 
 #[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum IptablesBackendArg {
+    /// Detect: the back end holding Weft's chains, else the busier one, else the default.
+    Auto,
+    /// `iptables-legacy` / `ip6tables-legacy`.
+    Legacy,
+    /// `iptables-nft` / `ip6tables-nft`.
+    Nft,
+}
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
 enum MtlsArg {
     /// Only mutual TLS.
     Strict,
@@ -244,6 +265,7 @@ impl IdentityArgs {
                 AccessArg::Permissive => AccessMode::Permissive,
                 AccessArg::DenyByDefault => AccessMode::DenyByDefault,
             },
+            ..MeshConfig::default()
         }
     }
 }
@@ -320,7 +342,7 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
     match cli.command {
         Command::Up {
             dir,
-            xds_addr,
+            xds_addrs,
             admin_addr,
             identity,
         } => {
@@ -331,7 +353,7 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
             }
             local::run(LocalOptions {
                 dir,
-                xds_addr,
+                xds_addrs,
                 admin_addr,
                 ca: identity.ca_source()?,
                 extra_trust_bundle: identity.extra_trust_bundle.clone(),
@@ -375,10 +397,18 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
             exclude_outbound_cidrs,
             exclude_outbound_ports,
             remove,
+            iptables_backend,
             iptables: program,
         } => {
+            // An explicit program wins over the back end choice.
+            let choice = match (program, iptables_backend) {
+                (Some(program), _) => TablesChoice::Program(program),
+                (None, IptablesBackendArg::Auto) => TablesChoice::Auto,
+                (None, IptablesBackendArg::Legacy) => TablesChoice::Backend(Backend::Legacy),
+                (None, IptablesBackendArg::Nft) => TablesChoice::Backend(Backend::Nft),
+            };
             if remove {
-                return iptables::remove(&program);
+                return iptables::remove(&choice);
             }
             iptables::install(
                 &RedirectPlan {
@@ -389,7 +419,7 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
                     exclude_outbound_cidrs,
                     exclude_outbound_ports,
                 },
-                &program,
+                &choice,
             )
         }
         Command::DrainProxy { admin_addr, wait } => {

@@ -45,6 +45,14 @@ pub enum WeftError {
         /// Exit status and stderr, or the spawn error.
         reason: String,
     },
+    /// A program a command needs is not installed (or not on PATH).
+    #[error("{program} not found on PATH; it is needed for {purpose}")]
+    MissingProgram {
+        /// The program.
+        program: String,
+        /// What it is needed for.
+        purpose: &'static str,
+    },
     /// A request to the admin endpoint failed.
     #[error("admin endpoint {addr}: {reason}")]
     Admin {
@@ -80,6 +88,7 @@ impl WeftError {
             Self::Xds(e) => e.metric_label(),
             Self::Watch(_) => "watch",
             Self::Command { .. } => "command",
+            Self::MissingProgram { .. } => "missing_program",
             Self::Admin { .. } => "admin",
             Self::Usage(_) => "usage",
             Self::Identity(_) => "identity",

@@ -7,7 +7,10 @@ use std::net::{IpAddr, SocketAddr};
 use serde::{Deserialize, Serialize};
 
 use crate::index::{AccessGrant, AppProtocol, HttpRequestMatch, MeshModel, MeshService, Workload};
-use crate::translate::{AccessMode, MeshConfig, MtlsMode, path_prefix_regex};
+use crate::translate::{
+    AccessMode, MeshConfig, MtlsMode, PathOutcome, normalize_request_path, path_prefix_regex,
+    treated_as,
+};
 
 /// A call to explain.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +44,8 @@ struct Target {
     host: String,
     port: u16,
     path: String,
+    /// An `http://` URL (the caller speaks HTTP), not `tcp://` or `host:port`.
+    http: bool,
 }
 
 fn parse_url(url: &str) -> Result<Target, String> {
@@ -69,13 +74,17 @@ fn parse_url(url: &str) -> Result<Target, String> {
         host: host.to_string(),
         port,
         path,
+        http: url.starts_with("http://"),
     })
 }
 
 /// The service `host` names, seen from `namespace`.
 fn find_service<'m>(model: &'m MeshModel, host: &str, namespace: &str) -> Option<&'m MeshService> {
     if let Ok(ip) = host.parse::<IpAddr>() {
-        return model.services.values().find(|s| s.cluster_ip == Some(ip));
+        return model
+            .services
+            .values()
+            .find(|s| s.cluster_ips.contains(&ip));
     }
     let host = host.trim_end_matches('.');
     let host = host.strip_suffix(".svc.cluster.local").unwrap_or(host);
@@ -136,6 +145,50 @@ struct Landing<'m> {
     via: String,
     /// The caller's sidecar passes it through in plaintext (no mTLS, so no identity).
     plaintext: bool,
+    /// The caller's sidecar handles the call as HTTP (and says so in ALPN).
+    client_http: bool,
+}
+
+/// How the destination's inbound side handles a call on a port.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Inbound {
+    /// HTTP: requests are authorized one by one.
+    Http,
+    /// TCP: connections are authorized whole.
+    Tcp,
+    /// A port no service exposes: passed through, only grants on every port apply.
+    Passthrough,
+}
+
+/// What the destination's inbound side makes of a call, as its listener decides: a
+/// declared protocol stands; on an undeclared port a client sidecar's ALPN decides,
+/// and a plaintext caller's first bytes.
+fn inbound_handling(
+    config: &MeshConfig,
+    destination: &Workload,
+    port: u16,
+    landing: &Landing<'_>,
+    call_is_http: bool,
+) -> Inbound {
+    let Some(declared) = destination.inbound_ports.iter().find(|p| p.port == port) else {
+        return Inbound::Passthrough;
+    };
+    match treated_as(declared.protocol, config) {
+        AppProtocol::Http | AppProtocol::Http2 => Inbound::Http,
+        AppProtocol::Tcp => Inbound::Tcp,
+        AppProtocol::Detect if landing.plaintext && call_is_http => Inbound::Http,
+        AppProtocol::Detect if !landing.plaintext && landing.client_http => Inbound::Http,
+        AppProtocol::Detect => Inbound::Tcp,
+    }
+}
+
+/// Where a call lands, as its inbound side sees it.
+struct Arrival<'m> {
+    destination: &'m Workload,
+    /// The TrafficTarget grants whose destination is that workload's identity.
+    grants: &'m [AccessGrant],
+    port: u16,
+    inbound: Inbound,
 }
 
 /// What a destination's inbound side decides, and why.
@@ -143,11 +196,15 @@ fn authorize(
     config: &MeshConfig,
     source: &Workload,
     caller_has_identity: bool,
-    destination: &Workload,
-    grants: &[AccessGrant],
-    port: u16,
+    arrival: &Arrival<'_>,
     request: (&str, &str, &BTreeMap<String, String>),
 ) -> (bool, String) {
+    let Arrival {
+        destination,
+        grants,
+        port,
+        inbound,
+    } = *arrival;
     if !destination.meshed {
         return (
             true,
@@ -177,11 +234,6 @@ fn authorize(
         );
     }
     let caller = (source.namespace.clone(), source.service_account.clone());
-    let protocol = destination
-        .inbound_ports
-        .iter()
-        .find(|p| p.port == port)
-        .map(|p| p.protocol);
     let (method, path, headers) = request;
     let mut near_misses = Vec::new();
     for grant in grants {
@@ -201,10 +253,10 @@ fn authorize(
             ));
             continue;
         }
-        let whole = match protocol {
-            Some(_) => grant.tcp.covers(port),
+        let whole = match inbound {
+            Inbound::Http | Inbound::Tcp => grant.tcp.covers(port),
             // A port no service exposes: only grants on every port reach it.
-            None => grant.tcp == crate::index::TcpGrant::AllPorts,
+            Inbound::Passthrough => grant.tcp == crate::index::TcpGrant::AllPorts,
         };
         if whole {
             let scope = if grant.tcp == crate::index::TcpGrant::AllPorts {
@@ -214,7 +266,7 @@ fn authorize(
             };
             return (true, format!("allowed by {} ({scope})", grant.source));
         }
-        if protocol == Some(AppProtocol::Http) {
+        if inbound == Inbound::Http {
             if let Some(m) = grant
                 .http
                 .iter()
@@ -270,10 +322,16 @@ pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Exp
         ));
         return unknown(lines);
     };
-    let target = match parse_url(&query.url) {
+    let mut target = match parse_url(&query.url) {
         Ok(t) => t,
         Err(e) => return unknown(vec![e]),
     };
+    // The sidecars route and authorize on the path the app will see, not the one sent.
+    let sent_path = target.path.clone();
+    let path_outcome = normalize_request_path(&sent_path, config.escaped_slashes);
+    if let PathOutcome::Forward(path) = &path_outcome {
+        target.path = path.clone();
+    }
     let method = query
         .method
         .clone()
@@ -300,7 +358,7 @@ pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Exp
     ));
 
     let mut landings = Vec::new();
-    let mut http = true;
+    let mut http = target.http;
     if let Some(service) = find_service(model, &target.host, &source.namespace) {
         let Some(port) = service.port(target.port) else {
             lines.push(format!(
@@ -309,12 +367,26 @@ pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Exp
             ));
             return unknown(lines);
         };
-        http = port.protocol == AppProtocol::Http;
+        let protocol = treated_as(port.protocol, config);
+        http = match protocol {
+            AppProtocol::Http | AppProtocol::Http2 => true,
+            AppProtocol::Tcp => false,
+            AppProtocol::Detect => target.http,
+        };
+        let handled = match protocol {
+            AppProtocol::Detect if http => "detected: HTTP, from the request's first bytes".into(),
+            AppProtocol::Detect => format!(
+                "detected: TCP, after {} without HTTP from the caller",
+                humantime::format_duration(config.detection_timeout)
+            ),
+            AppProtocol::Tcp if port.protocol == AppProtocol::Detect => {
+                "TCP: protocol detection is off".to_string()
+            }
+            p => p.as_str().to_string(),
+        };
         lines.push(format!(
-            "to Service {} port {} ({})",
-            service.key,
-            port.port,
-            if http { "HTTP" } else { "TCP" }
+            "to Service {} port {} ({handled}; from {})",
+            service.key, port.port, port.protocol_source
         ));
         let split = service
             .split
@@ -360,20 +432,18 @@ pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Exp
                 lines.push(format!("{via}: no ready endpoints (503)"));
             }
             for address in endpoints {
-                let workload = model
-                    .workloads
-                    .values()
-                    .find(|w| w.ip == Some(address.ip()));
+                let workload = model.workloads.values().find(|w| w.has_ip(address.ip()));
                 landings.push(Landing {
                     workload,
                     address,
                     via: via.clone(),
-                    plaintext: !svc.meshed,
+                    plaintext: !svc.meshed || !source.meshed,
+                    client_http: http,
                 });
             }
         }
     } else if let Ok(ip) = target.host.parse::<IpAddr>() {
-        let workload = model.workloads.values().find(|w| w.ip == Some(ip));
+        let workload = model.workloads.values().find(|w| w.has_ip(ip));
         // The caller's sidecar sends a call to a meshed pod's IP over mTLS to that
         // pod's identity; anything else passes through in plaintext.
         let mtls = source.meshed && workload.is_some_and(|w| w.meshed);
@@ -386,11 +456,13 @@ pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Exp
                 "passed through in plaintext"
             }
         ));
+        // The caller's sidecar passes calls to pod IPs on as opaque TCP.
         landings.push(Landing {
             workload,
             address: SocketAddr::new(ip, target.port),
             via: if mtls { "pod IP" } else { "passthrough" }.into(),
             plaintext: !mtls,
+            client_http: false,
         });
     } else {
         lines.push(format!(
@@ -400,7 +472,34 @@ pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Exp
         return unknown(lines);
     }
     if http {
-        lines.push(format!("request: {method} {}", target.path));
+        lines.push(format!("request: {method} {sent_path}"));
+        match &path_outcome {
+            PathOutcome::Forward(path) if *path == sent_path => {}
+            PathOutcome::Forward(path) => {
+                lines.push(format!("path normalized to {path}: the app receives that"));
+            }
+            PathOutcome::Redirect(path) => {
+                lines.push(format!(
+                    "the path has escaped slashes: the sidecar redirects the client to {path} (escapedSlashes: UnescapeAndRedirect)"
+                ));
+                return Explanation {
+                    verdict: "redirected".into(),
+                    lines,
+                    proxies: vec![source.node_id()],
+                };
+            }
+            PathOutcome::Reject => {
+                lines.push(
+                    "the path has escaped slashes: the sidecar answers 400 (escapedSlashes: Reject)"
+                        .into(),
+                );
+                return Explanation {
+                    verdict: "denied".into(),
+                    lines,
+                    proxies: vec![source.node_id()],
+                };
+            }
+        }
     }
 
     let (mut allowed, mut denied) = (0, 0);
@@ -414,12 +513,21 @@ pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Exp
                 config,
                 source,
                 source.meshed && !landing.plaintext,
-                w,
-                model
-                    .grants
-                    .get(&(w.namespace.clone(), w.service_account.clone()))
-                    .map_or(&[], Vec::as_slice),
-                landing.address.port(),
+                &Arrival {
+                    destination: w,
+                    grants: model
+                        .grants
+                        .get(&(w.namespace.clone(), w.service_account.clone()))
+                        .map_or(&[], Vec::as_slice),
+                    port: landing.address.port(),
+                    inbound: inbound_handling(
+                        config,
+                        w,
+                        landing.address.port(),
+                        landing,
+                        target.http,
+                    ),
+                },
                 (&method, &target.path, &headers),
             ),
         };

@@ -29,8 +29,8 @@ use crate::xds_listener::{self, XdsServingCert};
 pub struct LocalOptions {
     /// The manifest directory.
     pub dir: PathBuf,
-    /// Where the ADS server listens.
-    pub xds_addr: SocketAddr,
+    /// Where the ADS server listens (one or more addresses).
+    pub xds_addrs: Vec<SocketAddr>,
     /// Where the admin endpoint listens.
     pub admin_addr: SocketAddr,
     /// Where the CA comes from.
@@ -246,8 +246,8 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
     let (view_tx, view_rx) = watch::channel(Arc::new(MeshView::default()));
     let ca = CertificateAuthority::load(&opts.ca, opts.extra_trust_bundle.as_deref())?;
     let mut xds_hosts = vec!["localhost".to_string(), "weft-xds".to_string()];
-    if !opts.xds_addr.ip().is_unspecified() {
-        xds_hosts.push(opts.xds_addr.ip().to_string());
+    for addr in opts.xds_addrs.iter().filter(|a| !a.ip().is_unspecified()) {
+        xds_hosts.push(addr.ip().to_string());
     }
     let xds_cert = XdsServingCert::issue(
         &ca,
@@ -285,22 +285,34 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
         metrics: mesh.metrics.clone(),
         mesh: view_rx,
     };
-    let xds_listener = bind(opts.xds_addr).await?;
+    let mut xds_listeners = Vec::new();
+    for addr in &opts.xds_addrs {
+        xds_listeners.push(bind(*addr).await?);
+    }
     let admin_listener = bind(opts.admin_addr).await?;
     tracing::info!(
         dir = %opts.dir.display(),
-        xds = %opts.xds_addr,
+        xds = ?opts.xds_addrs,
         admin = %opts.admin_addr,
         "weft up: control plane running"
     );
 
     let mut tasks = JoinSet::new();
     let (connections_tx, connections) = mpsc::channel(64);
-    supervised(
-        &mut tasks,
-        "xds-accept",
-        xds_listener::accept_loop(xds_listener, acceptor, opts.require_xds_tls, connections_tx),
-    );
+    // Every xDS address feeds the one server.
+    for listener in xds_listeners {
+        supervised(
+            &mut tasks,
+            "xds-accept",
+            xds_listener::accept_loop(
+                listener,
+                acceptor.clone(),
+                opts.require_xds_tls,
+                connections_tx.clone(),
+            ),
+        );
+    }
+    drop(connections_tx);
     supervised(&mut tasks, "xds-server", async move {
         tonic::transport::Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))

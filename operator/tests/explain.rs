@@ -125,7 +125,10 @@ fn deny_by_default_names_the_missing_traffic_target() {
         ),
         "{answer:?}"
     );
-    assert!(says(&answer, "to Service default/b port 8080 (HTTP)"));
+    assert!(says(
+        &answer,
+        "to Service default/b port 8080 (HTTP/1.1; from port name http)"
+    ));
 }
 
 #[test]
@@ -304,4 +307,72 @@ fn the_involved_proxies_are_listed_with_their_sync_state() {
         "{lines:?}"
     );
     assert!(lines[2].contains("not connected"), "{lines:?}");
+}
+
+const UNDECLARED_PORT: &str = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: u}
+spec: {clusterIP: 198.19.9.9, selector: {app: b}, ports: [{name: web, port: 8081}]}
+"#;
+
+#[test]
+fn undeclared_ports_are_explained_as_detected_and_paths_as_normalized() {
+    let m = model(&[UNDECLARED_PORT, METRICS_FOR_A]);
+    let config = MeshConfig::default();
+    let http = ask(&m, &config, "default/a-0", "http://u:8081/metrics", "GET");
+    assert!(
+        says(
+            &http,
+            "port 8081 (detected: HTTP, from the request's first bytes; from undeclared)"
+        ),
+        "{http:?}"
+    );
+    assert_eq!(http.verdict, "allowed", "{http:?}");
+    let tcp = ask(&m, &config, "default/a-0", "u:8081", "GET");
+    assert!(says(&tcp, "detected: TCP, after 1s"), "{tcp:?}");
+    assert_eq!(
+        tcp.verdict, "denied",
+        "an HTTP grant does not cover TCP: {tcp:?}"
+    );
+
+    // Authorization sees the normalized path, as the proxies do.
+    let sneaky = ask(
+        &m,
+        &config,
+        "default/a-0",
+        "http://b:8080/metrics/../admin",
+        "GET",
+    );
+    assert!(says(&sneaky, "path normalized to /admin"), "{sneaky:?}");
+    assert_eq!(sneaky.verdict, "denied", "{sneaky:?}");
+    let dotted = ask(
+        &m,
+        &config,
+        "default/a-0",
+        "http://b:8080/x/%2e%2e/metrics",
+        "GET",
+    );
+    assert_eq!(dotted.verdict, "allowed", "{dotted:?}");
+    let escaped = ask(
+        &m,
+        &config,
+        "default/a-0",
+        "http://b:8080/metrics/..%2Fadmin",
+        "GET",
+    );
+    assert_eq!(escaped.verdict, "redirected", "{escaped:?}");
+    let reject = MeshConfig {
+        escaped_slashes: weft_crds::EscapedSlashesPolicy::Reject,
+        ..MeshConfig::default()
+    };
+    let rejected = ask(
+        &m,
+        &reject,
+        "default/a-0",
+        "http://b:8080/metrics/..%2Fadmin",
+        "GET",
+    );
+    assert_eq!(rejected.verdict, "denied", "{rejected:?}");
+    assert!(says(&rejected, "answers 400"), "{rejected:?}");
 }

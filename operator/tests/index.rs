@@ -241,3 +241,174 @@ fn an_invalid_document_is_rejected_alone_and_keeps_its_objects_last_good_version
     assert_eq!(names(&manifests).len(), 3);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn dual_stack_services_take_endpoints_from_their_primary_family() {
+    let text = r#"
+apiVersion: v1
+kind: Service
+metadata: {name: v6first}
+spec:
+  clusterIP: fd00::10
+  clusterIPs: [fd00::10, 198.19.0.10]
+  ipFamilies: [IPv6, IPv4]
+  selector: {app: db}
+  ports: [{name: tcp-pg, port: 5432}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: v4only}
+spec: {clusterIP: 198.19.0.11, selector: {app: db}, ports: [{name: tcp-pg, port: 5432}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: sliced}
+spec: {clusterIP: fd00::12, ipFamilies: [IPv6], ports: [{name: http, port: 80}]}
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: sliced-v4, labels: {kubernetes.io/service-name: sliced}}
+addressType: IPv4
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: [198.18.0.20]}]
+---
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: sliced-v6, labels: {kubernetes.io/service-name: sliced}}
+addressType: IPv6
+ports: [{name: http, port: 8080}]
+endpoints: [{addresses: ["fd00::20"]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-0, labels: {app: db}}
+spec: {containers: [{name: c, image: i}]}
+status: {podIP: 198.18.0.2, podIPs: [{ip: 198.18.0.2}, {ip: "fd00::2"}]}
+"#;
+    let model = index_of(text).model();
+    assert!(model.problems.is_empty(), "{:?}", model.problems);
+    let endpoints = |name: &str| {
+        model
+            .services
+            .values()
+            .find(|s| s.key.name == name)
+            .unwrap()
+            .ports[0]
+            .endpoints
+            .clone()
+    };
+    assert_eq!(
+        endpoints("v6first"),
+        vec!["[fd00::2]:5432".parse().unwrap()]
+    );
+    assert_eq!(
+        endpoints("v4only"),
+        vec!["198.18.0.2:5432".parse().unwrap()]
+    );
+    assert_eq!(
+        endpoints("sliced"),
+        vec!["[fd00::20]:8080".parse().unwrap()],
+        "only the slices of the service's family"
+    );
+    let v6first = model
+        .services
+        .values()
+        .find(|s| s.key.name == "v6first")
+        .unwrap();
+    assert_eq!(
+        v6first.cluster_ips,
+        vec![
+            "fd00::10".parse::<std::net::IpAddr>().unwrap(),
+            "198.19.0.10".parse().unwrap()
+        ]
+    );
+    assert_eq!(model.workloads["default/db-0"].ips.len(), 2);
+}
+
+#[test]
+fn two_clusterips_of_one_family_are_rejected() {
+    let text = "apiVersion: v1\nkind: Service\nmetadata: {name: bad}\nspec: {clusterIP: 198.19.0.1, clusterIPs: [198.19.0.1, 198.19.0.2]}\n";
+    let model = index_of(text).model();
+    assert!(model.services.is_empty());
+    assert!(
+        model.problems[0]
+            .reason
+            .contains("two addresses of one family"),
+        "{:?}",
+        model.problems
+    );
+}
+
+#[test]
+fn port_protocols_follow_app_protocol_then_name_then_well_known_ports() {
+    let text = r#"
+apiVersion: config.weft.dev/v1alpha1
+kind: MeshConfig
+metadata: {name: weft}
+spec: {opaquePorts: [7000], protocolDetectionTimeout: soon}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: s}
+spec:
+  clusterIP: 198.19.0.1
+  selector: {app: s}
+  ports:
+  - {name: tcp-x, port: 80, appProtocol: kubernetes.io/h2c}
+  - {name: mongo-main, port: 81}
+  - {port: 3306}
+  - {port: 7000}
+  - {name: web, port: 8080}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: s-0, labels: {app: s}}
+spec: {containers: [{name: c, image: i}]}
+status: {podIP: 198.18.0.2}
+"#;
+    let model = index_of(text).model();
+    let ports: Vec<(u16, AppProtocol)> = model
+        .services
+        .values()
+        .next()
+        .unwrap()
+        .ports
+        .iter()
+        .map(|p| (p.port, p.protocol))
+        .collect();
+    assert_eq!(
+        ports,
+        vec![
+            (80, AppProtocol::Http2),
+            (81, AppProtocol::Tcp),
+            (3306, AppProtocol::Tcp),
+            (7000, AppProtocol::Tcp),
+            (8080, AppProtocol::Detect),
+        ]
+    );
+    let inbound: Vec<(u16, AppProtocol)> = model.workloads["default/s-0"]
+        .inbound_ports
+        .iter()
+        .map(|p| (p.port, p.protocol))
+        .collect();
+    assert_eq!(
+        inbound, ports,
+        "the pod serves each port as its Service declares it"
+    );
+    assert!(
+        model
+            .problems
+            .iter()
+            .any(|p| !p.rejected && p.reason.contains("protocolDetectionTimeout \"soon\"")),
+        "a bad duration is reported and the default applies: {:?}",
+        model.problems
+    );
+    assert!(
+        model
+            .settings
+            .unwrap()
+            .spec
+            .protocol_detection_timeout
+            .is_none()
+    );
+}

@@ -11,7 +11,7 @@ use crate::index::MeshModel;
 /// Pod IPs by node id, checked against the peer address of every ADS stream.
 #[derive(Debug, Default)]
 pub struct PodAddressBinding {
-    pods: RwLock<HashMap<String, Option<IpAddr>>>,
+    pods: RwLock<HashMap<String, Vec<IpAddr>>>,
 }
 
 impl PodAddressBinding {
@@ -20,7 +20,7 @@ impl PodAddressBinding {
         let pods = model
             .workloads
             .iter()
-            .map(|(node, w)| (node.clone(), w.ip))
+            .map(|(node, w)| (node.clone(), w.ips.iter().copied().map(canonical).collect()))
             .collect();
         *self.pods.write().unwrap_or_else(PoisonError::into_inner) = pods;
     }
@@ -42,16 +42,26 @@ impl StreamPolicy for PodAddressBinding {
             return Ok(());
         };
         let peer_ip = peer.map(|p| canonical(p.ip()));
-        match (expected, peer_ip) {
-            (Some(pod_ip), Some(ip)) if canonical(*pod_ip) == ip => Ok(()),
-            (Some(pod_ip), Some(ip)) => Err(format!(
-                "pod {node} has IP {pod_ip} but the stream comes from {ip}"
-            )),
-            (Some(pod_ip), None) => Err(format!(
-                "pod {node} has IP {pod_ip} but the stream's peer address is unknown"
-            )),
-            (None, _) => Err(format!(
+        let listed = || {
+            expected
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        match peer_ip {
+            _ if expected.is_empty() => Err(format!(
                 "pod {node} has no IP yet, so no stream can be bound to it"
+            )),
+            // A dual-stack pod may connect from either of its addresses.
+            Some(ip) if expected.contains(&ip) => Ok(()),
+            Some(ip) => Err(format!(
+                "pod {node} has IP {} but the stream comes from {ip}",
+                listed()
+            )),
+            None => Err(format!(
+                "pod {node} has IP {} but the stream's peer address is unknown",
+                listed()
             )),
         }
     }
@@ -64,7 +74,7 @@ mod tests {
     use crate::source::parse_manifests;
 
     fn binding() -> PodAddressBinding {
-        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nstatus: {podIP: 198.18.0.2}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: pending}\n";
+        let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nstatus: {podIP: 198.18.0.2}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: pending}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: dual}\nstatus: {podIP: 198.18.0.4, podIPs: [{ip: 198.18.0.4}, {ip: 'fd00::4'}]}\n";
         let mut index = Index::new();
         index.reset(parse_manifests(text).unwrap());
         let b = PodAddressBinding::default();
@@ -95,5 +105,11 @@ mod tests {
             b.check("default/unknown", from("198.18.0.3")).is_ok(),
             "unknown nodes get the fallback anyway"
         );
+        assert!(b.check("default/dual", from("198.18.0.4")).is_ok());
+        assert!(
+            b.check("default/dual", from("fd00::4")).is_ok(),
+            "a dual-stack pod may connect over IPv6"
+        );
+        assert!(b.check("default/dual", from("fd00::5")).is_err());
     }
 }

@@ -3,6 +3,7 @@
 
 mod access;
 mod model;
+mod protocol;
 mod resolve;
 
 use std::collections::BTreeMap;
@@ -15,9 +16,11 @@ use weft_crds::{HTTPRouteGroup, MeshConfig, TCPRoute, TrafficSplit, TrafficTarge
 
 pub use model::{
     AccessGrant, AppProtocol, HttpRequestMatch, MeshModel, MeshService, MeshSettings, ProbeForward,
-    Problem, ServiceKey, ServicePortModel, SplitBackend, SplitModel, TcpGrant, Workload,
-    WorkloadPort,
+    Problem, ProtocolSource, ServiceKey, ServicePortModel, SplitBackend, SplitModel, TcpGrant,
+    Workload, WorkloadPort,
 };
+pub use protocol::{DEFAULT_OPAQUE_PORTS, select_protocol};
+pub use resolve::parse_gateway_duration;
 
 /// The kinds of object the index understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]

@@ -41,10 +41,57 @@ impl fmt::Display for ServiceKey {
 /// How the mesh treats a port's traffic.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum AppProtocol {
-    /// HTTP/1.1 (and HTTP/2 with prior knowledge): L7 routing, splits by request.
+    /// An HTTP/1.1 app: L7 routing and authorization, HTTP/2 between sidecars,
+    /// HTTP/1.1 to the app.
     Http,
-    /// Opaque TCP: splits by connection.
+    /// An HTTP/2 app (gRPC, h2c): HTTP/2 on every hop, cleartext to the app.
+    Http2,
+    /// Opaque TCP: bytes pass unchanged, splits by connection.
     Tcp,
+    /// Undeclared: HTTP when the first bytes are HTTP, otherwise TCP once the
+    /// detection timeout passes (so a server-first protocol still works).
+    Detect,
+}
+
+impl AppProtocol {
+    /// Whether requests on this port are always handled as HTTP.
+    pub fn is_http(self) -> bool {
+        matches!(self, Self::Http | Self::Http2)
+    }
+
+    /// The name `weft explain` and the docs use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Http => "HTTP/1.1",
+            Self::Http2 => "HTTP/2",
+            Self::Tcp => "TCP",
+            Self::Detect => "detected (HTTP or TCP)",
+        }
+    }
+}
+
+/// Why a port has its protocol: the first rule that decided it.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub enum ProtocolSource {
+    /// The Service port's `appProtocol`.
+    AppProtocol(String),
+    /// The Service port's name (`<protocol>[-<suffix>]`).
+    PortName(String),
+    /// A well-known server-first or non-HTTP port (built in, or MeshConfig `opaquePorts`).
+    WellKnownPort,
+    /// Nothing declares it: detected per connection.
+    Undeclared,
+}
+
+impl fmt::Display for ProtocolSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::AppProtocol(p) => write!(f, "appProtocol {p}"),
+            Self::PortName(n) => write!(f, "port name {n}"),
+            Self::WellKnownPort => write!(f, "well-known opaque port"),
+            Self::Undeclared => write!(f, "undeclared"),
+        }
+    }
 }
 
 /// One port of a service, with its ready endpoints.
@@ -56,7 +103,9 @@ pub struct ServicePortModel {
     pub port: u16,
     /// Protocol treatment.
     pub protocol: AppProtocol,
-    /// Ready endpoints (pod IP and target port), sorted.
+    /// Why the port has that protocol.
+    pub protocol_source: ProtocolSource,
+    /// Ready endpoints (pod IP of the service's primary family and target port), sorted.
     pub endpoints: Vec<SocketAddr>,
 }
 
@@ -85,8 +134,8 @@ pub struct SplitModel {
 pub struct MeshService {
     /// Namespace and name.
     pub key: ServiceKey,
-    /// The virtual IP, when the service has one.
-    pub cluster_ip: Option<IpAddr>,
+    /// The virtual IPs (`spec.clusterIPs`, primary family first); empty when headless.
+    pub cluster_ips: Vec<IpAddr>,
     /// Ports, sorted by number.
     pub ports: Vec<ServicePortModel>,
     /// The TrafficSplit rooted at this service, if any.
@@ -111,6 +160,8 @@ pub struct WorkloadPort {
     pub port: u16,
     /// Protocol treatment.
     pub protocol: AppProtocol,
+    /// Why the port has that protocol.
+    pub protocol_source: ProtocolSource,
 }
 
 /// A pod that may run a sidecar.
@@ -120,8 +171,8 @@ pub struct Workload {
     pub namespace: String,
     /// Pod name.
     pub name: String,
-    /// Pod IP, once assigned.
-    pub ip: Option<IpAddr>,
+    /// Pod IPs (`status.podIPs`, primary family first), once assigned.
+    pub ips: Vec<IpAddr>,
     /// The service account the pod runs as.
     pub service_account: String,
     /// Whether the pod runs a sidecar (not opted out with `weft.dev/inject: disabled`).
@@ -147,6 +198,16 @@ impl Workload {
     /// The node id its sidecar announces: `namespace/name`.
     pub fn node_id(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// Whether `ip` is one of the pod's addresses.
+    pub fn has_ip(&self, ip: IpAddr) -> bool {
+        self.ips.contains(&ip)
+    }
+
+    /// Whether the pod has IPv6 addresses only (its app is reached over `::1`).
+    pub fn is_ipv6_only(&self) -> bool {
+        !self.ips.is_empty() && self.ips.iter().all(IpAddr::is_ipv6)
     }
 }
 

@@ -13,9 +13,10 @@ use weft_crds::{HTTPRouteGroup, MeshConfig, TCPRoute, TrafficSplit, TrafficTarge
 use super::access::{KnownAccounts, Routes, http_matches, resolve_access};
 
 use super::model::{
-    AppProtocol, MeshModel, MeshService, MeshSettings, ProbeForward, Problem, ServiceKey,
-    ServicePortModel, SplitBackend, SplitModel, Workload, WorkloadPort,
+    AppProtocol, MeshModel, MeshService, MeshSettings, ProbeForward, Problem, ProtocolSource,
+    ServiceKey, ServicePortModel, SplitBackend, SplitModel, Workload, WorkloadPort,
 };
+use super::protocol::select_protocol;
 use super::{Kind, MeshObject, ObjectRef};
 
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -35,6 +36,8 @@ struct Inputs<'a> {
     mesh_configs: Vec<&'a MeshConfig>,
     /// Pods by IP: endpoints are matched back to the pods behind them.
     pods_by_ip: HashMap<IpAddr, Vec<&'a Pod>>,
+    /// Ports the MeshConfig in effect adds to the well-known opaque ports.
+    opaque_ports: Vec<u16>,
 }
 
 fn ns(meta: &ObjectMeta) -> &str {
@@ -76,11 +79,18 @@ pub(super) fn resolve<'a>(objects: impl Iterator<Item = &'a MeshObject>) -> Mesh
         }
     }
     for pod in &inputs.pods {
-        if let Some(ip) = pod_ip(pod) {
+        for ip in pod_ips(pod) {
             inputs.pods_by_ip.entry(ip).or_default().push(pod);
         }
     }
     let mut model = MeshModel::default();
+    // First: the MeshConfig decides which undeclared ports are opaque.
+    resolve_mesh_config(&inputs.mesh_configs, &mut model);
+    inputs.opaque_ports = model
+        .settings
+        .as_ref()
+        .map(|s| s.spec.opaque_ports.clone())
+        .unwrap_or_default();
     // Oldest first, so when two services claim one ClusterIP the newer one is rejected.
     let mut services = inputs.services.clone();
     services.sort_by_key(|s| creation_order(&s.metadata));
@@ -89,32 +99,46 @@ pub(super) fn resolve<'a>(objects: impl Iterator<Item = &'a MeshObject>) -> Mesh
         let Some(service) = resolve_service(svc, &inputs, &mut model.problems) else {
             continue;
         };
-        if let Some(ip) = service.cluster_ip {
-            if let Some(owner) = ip_owners.get(&ip) {
-                model.problems.push(Problem {
-                    object: ObjectRef::new(
-                        Kind::Service,
-                        &service.key.namespace,
-                        &service.key.name,
-                    ),
-                    rejected: true,
-                    reason: format!("clusterIP {ip} is already used by Service {owner}"),
-                });
-                continue;
-            }
-            ip_owners.insert(ip, service.key.clone());
+        if let Some((ip, owner)) = service
+            .cluster_ips
+            .iter()
+            .find_map(|ip| ip_owners.get(ip).map(|owner| (ip, owner)))
+        {
+            model.problems.push(Problem {
+                object: ObjectRef::new(Kind::Service, &service.key.namespace, &service.key.name),
+                rejected: true,
+                reason: format!("clusterIP {ip} is already used by Service {owner}"),
+            });
+            continue;
+        }
+        for ip in &service.cluster_ips {
+            ip_owners.insert(*ip, service.key.clone());
         }
         model.services.insert(service.key.clone(), service);
     }
+    // Services that decide inbound protocols: accepted ones, oldest first.
+    let mut deciding: Vec<&Service> = inputs
+        .services
+        .iter()
+        .copied()
+        .filter(|s| {
+            model
+                .services
+                .contains_key(&ServiceKey::new(ns(&s.metadata), name(&s.metadata)))
+        })
+        .collect();
+    deciding.sort_by_key(|s| creation_order(&s.metadata));
+    let mut conflicts = BTreeSet::new();
     for pod in &inputs.pods {
-        let workload = resolve_workload(pod, &inputs, &mut model.problems);
+        let workload =
+            resolve_workload(pod, &deciding, &inputs, &mut conflicts, &mut model.problems);
         model.workloads.insert(workload.node_id(), workload);
     }
+    model.problems.extend(conflicts);
     let routes = Routes::new(&inputs.route_groups, &inputs.tcp_routes);
     resolve_splits(&inputs.splits, &routes, &mut model);
     let accounts = known_accounts(&inputs);
     resolve_access(&inputs.targets, &routes, &accounts, &mut model);
-    resolve_mesh_config(&inputs.mesh_configs, &mut model);
     model.problems.sort();
     model
 }
@@ -150,20 +174,69 @@ fn resolve_mesh_config(configs: &[&MeshConfig], model: &mut MeshModel) {
             ),
         });
     }
-    model.settings = Some(MeshSettings {
-        source,
-        spec: first.spec.clone(),
-    });
+    let mut spec = first.spec.clone();
+    if let Some(text) = &spec.protocol_detection_timeout
+        && let Err(reason) = parse_gateway_duration(text)
+    {
+        model.problems.push(Problem {
+            object: source.clone(),
+            rejected: false,
+            reason: format!(
+                "spec.protocolDetectionTimeout {text:?}: {reason}; the default (1s) applies"
+            ),
+        });
+        spec.protocol_detection_timeout = None;
+    }
+    model.settings = Some(MeshSettings { source, spec });
 }
 
-fn protocol_of(port: &ServicePort) -> AppProtocol {
-    let named_tcp = |s: &str| s == "tcp" || s.starts_with("tcp-");
-    match (port.app_protocol.as_deref(), port.name.as_deref()) {
-        (Some(p), _) if named_tcp(&p.to_ascii_lowercase()) => AppProtocol::Tcp,
-        (Some(_), _) => AppProtocol::Http,
-        (None, Some(n)) if named_tcp(&n.to_ascii_lowercase()) => AppProtocol::Tcp,
-        _ => AppProtocol::Http,
+/// A Gateway API duration (`1h`, `500ms`, `1m30s`: up to four number+unit parts).
+pub fn parse_gateway_duration(text: &str) -> Result<std::time::Duration, String> {
+    let mut total = std::time::Duration::ZERO;
+    let mut rest = text;
+    let mut parts = 0;
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 5 {
+            return Err("expected up to five digits followed by h, m, s or ms".into());
+        }
+        let number: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| "not a number".to_string())?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (std::time::Duration::from_millis(1), 2)
+        } else if rest.starts_with('h') {
+            (std::time::Duration::from_secs(3600), 1)
+        } else if rest.starts_with('m') {
+            (std::time::Duration::from_secs(60), 1)
+        } else if rest.starts_with('s') {
+            (std::time::Duration::from_secs(1), 1)
+        } else {
+            return Err("the unit must be h, m, s or ms".into());
+        };
+        rest = &rest[len..];
+        total += unit * u32::try_from(number).map_err(|_| "too large".to_string())?;
+        parts += 1;
     }
+    if parts == 0 || parts > 4 {
+        return Err("expected one to four number+unit parts, such as 1s or 1m30s".into());
+    }
+    Ok(total)
+}
+
+/// The protocol of a service port (appProtocol, name, well-known service or target port).
+fn protocol_of(port: &ServicePort, opaque_ports: &[u16]) -> (AppProtocol, ProtocolSource) {
+    let mut numbers: Vec<u16> = to_port(port.port).into_iter().collect();
+    if let Some(IntOrString::Int(target)) = &port.target_port {
+        numbers.extend(to_port(*target));
+    }
+    select_protocol(
+        port.app_protocol.as_deref(),
+        port.name.as_deref(),
+        &numbers,
+        opaque_ports,
+    )
 }
 
 fn to_port(n: i32) -> Option<u16> {
@@ -206,8 +279,35 @@ fn pod_service_account(pod: &Pod) -> String {
         .unwrap_or_else(|| "default".to_string())
 }
 
-fn pod_ip(pod: &Pod) -> Option<IpAddr> {
-    pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()
+/// The pod's IPs, primary first: `status.podIPs`, or `status.podIP` alone.
+fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
+    let Some(status) = pod.status.as_ref() else {
+        return Vec::new();
+    };
+    let mut ips: Vec<IpAddr> = status
+        .pod_ip
+        .as_deref()
+        .and_then(|ip| ip.parse().ok())
+        .into_iter()
+        .collect();
+    for ip in status.pod_ips.iter().flatten() {
+        if let Ok(ip) = ip.ip.parse::<IpAddr>()
+            && !ips.contains(&ip)
+        {
+            ips.push(ip);
+        }
+    }
+    ips
+}
+
+/// The pod's address in `family` (IPv6 or not), or its primary one when the family
+/// is not known.
+fn pod_ip_in(pod: &Pod, family: Option<bool>) -> Option<IpAddr> {
+    let ips = pod_ips(pod);
+    match family {
+        Some(v6) => ips.into_iter().find(|ip| ip.is_ipv6() == v6),
+        None => ips.into_iter().next(),
+    }
 }
 
 fn selects(svc: &Service, pod: &Pod) -> bool {
@@ -254,20 +354,19 @@ fn resolve_service(
         return None;
     }
     let spec = svc.spec.as_ref();
-    let cluster_ip = match spec.and_then(|s| s.cluster_ip.as_deref()) {
-        None | Some("") | Some("None") => None,
-        Some(ip) => match ip.parse::<IpAddr>() {
-            Ok(ip) => Some(ip),
-            Err(_) => {
-                problems.push(Problem {
-                    object,
-                    rejected: true,
-                    reason: format!("spec.clusterIP {ip:?} is not an IP address"),
-                });
-                return None;
-            }
-        },
+    let cluster_ips = match cluster_ips(spec) {
+        Ok(ips) => ips,
+        Err(reason) => {
+            problems.push(Problem {
+                object,
+                rejected: true,
+                reason,
+            });
+            return None;
+        }
     };
+    // Endpoints come from the primary family, as the EndpointSlice controller's do.
+    let family = primary_family(spec, &cluster_ips);
     let slices: Vec<&EndpointSlice> = inputs
         .slices
         .iter()
@@ -297,14 +396,16 @@ fn resolve_service(
             continue;
         }
         let endpoints = if slices.is_empty() {
-            endpoints_from_pods(port, &selected)
+            endpoints_from_pods(port, &selected, family)
         } else {
-            endpoints_from_slices(port, &slices)
+            endpoints_from_slices(port, &slices, family)
         };
+        let (protocol, protocol_source) = protocol_of(port, &inputs.opaque_ports);
         ports.push(ServicePortModel {
             name: port.name.clone().unwrap_or_default(),
             port: number,
-            protocol: protocol_of(port),
+            protocol,
+            protocol_source,
             endpoints,
         });
     }
@@ -327,7 +428,7 @@ fn resolve_service(
     }
     Some(MeshService {
         key,
-        cluster_ip,
+        cluster_ips,
         ports,
         split: None,
         meshed,
@@ -335,17 +436,88 @@ fn resolve_service(
     })
 }
 
-fn endpoints_from_pods(port: &ServicePort, pods: &[&Pod]) -> Vec<SocketAddr> {
+/// `spec.clusterIPs` (or `spec.clusterIP`), primary first; empty when headless.
+fn cluster_ips(
+    spec: Option<&k8s_openapi::api::core::v1::ServiceSpec>,
+) -> Result<Vec<IpAddr>, String> {
+    let Some(spec) = spec else {
+        return Ok(Vec::new());
+    };
+    let mut texts: Vec<&str> = spec.cluster_ip.as_deref().into_iter().collect();
+    for ip in spec.cluster_ips.iter().flatten() {
+        if !texts.contains(&ip.as_str()) {
+            texts.push(ip);
+        }
+    }
+    let mut ips = Vec::new();
+    for text in texts {
+        if text.is_empty() || text == "None" {
+            continue;
+        }
+        let ip = text
+            .parse::<IpAddr>()
+            .map_err(|_| format!("spec.clusterIP {text:?} is not an IP address"))?;
+        if ips
+            .iter()
+            .any(|other: &IpAddr| other.is_ipv6() == ip.is_ipv6())
+        {
+            return Err(format!(
+                "spec.clusterIPs has two addresses of one family ({ip} and {})",
+                ips.iter()
+                    .find(|o: &&IpAddr| o.is_ipv6() == ip.is_ipv6())
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            ));
+        }
+        ips.push(ip);
+    }
+    Ok(ips)
+}
+
+/// The service's primary IP family (`Some(true)` for IPv6): `spec.ipFamilies[0]`, else
+/// the family of its first ClusterIP; unknown for a headless service without families.
+fn primary_family(
+    spec: Option<&k8s_openapi::api::core::v1::ServiceSpec>,
+    cluster_ips: &[IpAddr],
+) -> Option<bool> {
+    if let Some(first) = spec
+        .and_then(|s| s.ip_families.as_ref())
+        .and_then(|f| f.first())
+    {
+        return Some(first == "IPv6");
+    }
+    cluster_ips.first().map(IpAddr::is_ipv6)
+}
+
+fn endpoints_from_pods(port: &ServicePort, pods: &[&Pod], family: Option<bool>) -> Vec<SocketAddr> {
     let set: BTreeSet<SocketAddr> = pods
         .iter()
-        .filter_map(|p| Some(SocketAddr::new(pod_ip(p)?, target_port(port, p)?)))
+        .filter_map(|p| {
+            Some(SocketAddr::new(
+                pod_ip_in(p, family)?,
+                target_port(port, p)?,
+            ))
+        })
         .collect();
     set.into_iter().collect()
 }
 
-fn endpoints_from_slices(port: &ServicePort, slices: &[&EndpointSlice]) -> Vec<SocketAddr> {
+fn endpoints_from_slices(
+    port: &ServicePort,
+    slices: &[&EndpointSlice],
+    family: Option<bool>,
+) -> Vec<SocketAddr> {
     let mut set = BTreeSet::new();
     for slice in slices {
+        let slice_v6 = match slice.address_type.as_str() {
+            "IPv4" => false,
+            "IPv6" => true,
+            // FQDN slices (and unknown types) carry no addresses the mesh can dial.
+            _ => continue,
+        };
+        if family.is_some_and(|v6| v6 != slice_v6) {
+            continue;
+        }
         let Some(slice_port) = slice
             .ports
             .iter()
@@ -414,32 +586,65 @@ fn probe_forwards(pod: &Pod, problems: &mut Vec<Problem>) -> Vec<ProbeForward> {
     }
 }
 
-fn resolve_workload(pod: &Pod, inputs: &Inputs<'_>, problems: &mut Vec<Problem>) -> Workload {
-    let mut inbound = BTreeMap::new();
-    for svc in inputs.services.iter().filter(|s| selects(s, pod)) {
+/// A pod as its sidecar serves it. The protocol of each inbound port comes from the
+/// Services that target it: a declared protocol wins over an undeclared one, and when
+/// two Services declare different ones the oldest Service wins (the other is reported).
+fn resolve_workload(
+    pod: &Pod,
+    services: &[&Service],
+    inputs: &Inputs<'_>,
+    conflicts: &mut BTreeSet<Problem>,
+    problems: &mut Vec<Problem>,
+) -> Workload {
+    let mut inbound: BTreeMap<u16, (AppProtocol, ProtocolSource, &Service)> = BTreeMap::new();
+    for svc in services.iter().copied().filter(|s| selects(s, pod)) {
         for port in svc.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
             if !is_tcp_family(port) {
                 continue;
             }
-            if let Some(target) = target_port(port, pod) {
-                // HTTP wins when two services disagree: HTTP handling also carries TCP-safe HTTP.
-                let protocol = protocol_of(port);
-                inbound
-                    .entry(target)
-                    .and_modify(|p: &mut AppProtocol| *p = (*p).min(protocol))
-                    .or_insert(protocol);
+            let Some(target) = target_port(port, pod) else {
+                continue;
+            };
+            let (protocol, source) = protocol_of(port, &inputs.opaque_ports);
+            match inbound.get(&target) {
+                None => {
+                    inbound.insert(target, (protocol, source, svc));
+                }
+                Some((p, _, _)) if *p == AppProtocol::Detect && protocol != AppProtocol::Detect => {
+                    inbound.insert(target, (protocol, source, svc));
+                }
+                Some((p, _, owner)) if *p != protocol && protocol != AppProtocol::Detect => {
+                    conflicts.insert(Problem {
+                        object: ObjectRef::new(Kind::Service, ns(&svc.metadata), name(&svc.metadata)),
+                        rejected: false,
+                        reason: format!(
+                            "port {} declares {} for target port {target}, but Service {}/{} (older) declares {} for it; pods serve it as {}",
+                            port.port,
+                            protocol.as_str(),
+                            ns(&owner.metadata),
+                            name(&owner.metadata),
+                            p.as_str(),
+                            p.as_str()
+                        ),
+                    });
+                }
+                Some(_) => {}
             }
         }
     }
     Workload {
         namespace: ns(&pod.metadata).to_string(),
         name: name(&pod.metadata).to_string(),
-        ip: pod_ip(pod),
+        ips: pod_ips(pod),
         service_account: pod_service_account(pod),
         meshed: is_meshed(pod),
         inbound_ports: inbound
             .into_iter()
-            .map(|(port, protocol)| WorkloadPort { port, protocol })
+            .map(|(port, (protocol, protocol_source, _))| WorkloadPort {
+                port,
+                protocol,
+                protocol_source,
+            })
             .collect(),
         probes: probe_forwards(pod, problems),
     }

@@ -1,16 +1,23 @@
 //! Clusters (CDS) and their endpoints (EDS).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-use envoy_types::pb::envoy::config::cluster::v3::{Cluster, cluster};
+use envoy_types::pb::envoy::config::cluster::v3::{Cluster, UpstreamConnectionOptions, cluster};
+use envoy_types::pb::envoy::config::core::v3::{
+    BindConfig, ExtraSourceAddress, SocketAddress, TcpKeepalive, socket_address,
+};
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
 
-use super::envoy::{address_of, ads_config_source, millis, socket_address};
-use super::tls::{MeshConfig, upstream_tls_to, upstream_transport_socket};
-use super::{PodIpsByIdentity, ProxyResources, outbound_cluster_name, pod_identity_cluster_name};
-use crate::index::{MeshModel, Workload};
+use super::envoy::{address_of, ads_config_source, millis, socket_address, u32_value};
+use super::http::{UpstreamHttp, upstream_protocol_options};
+use super::settings::MeshConfig;
+use super::tls::{upstream_tls_to, upstream_transport_socket};
+use super::{
+    PodIpsByIdentity, ProxyResources, outbound_cluster_name, pod_identity_cluster_name, treated_as,
+};
+use crate::index::{AppProtocol, MeshModel, Workload};
 
 /// Cluster for outbound traffic to destinations the mesh does not know.
 pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
@@ -18,6 +25,57 @@ pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
 pub const INBOUND_PASSTHROUGH_CLUSTER: &str = "InboundPassthroughCluster";
 
 const CONNECT_TIMEOUT_MS: u64 = 1_000;
+
+/// Source address of the inbound passthrough's connections to the pod's own IP
+/// (IPv4): the redirect lets traffic from it reach the app instead of looping back
+/// into the inbound listener, as it does for the proxy's other connections to its own pod.
+pub const INBOUND_PASSTHROUGH_SOURCE_V4: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
+/// The same for IPv6 (`init-iptables` adds it to `lo`).
+pub const INBOUND_PASSTHROUGH_SOURCE_V6: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
+/// TCP keepalive on upstream connections: with no idle timeouts (long-lived database
+/// and stream connections must survive quiet periods), this is how a connection to a
+/// peer that vanished without a FIN is found and closed (after about 10 minutes).
+fn keepalive() -> UpstreamConnectionOptions {
+    UpstreamConnectionOptions {
+        tcp_keepalive: Some(TcpKeepalive {
+            keepalive_time: Some(u32_value(300)),
+            keepalive_interval: Some(u32_value(30)),
+            keepalive_probes: Some(u32_value(9)),
+        }),
+        ..Default::default()
+    }
+}
+
+fn bind_address(ip: IpAddr) -> SocketAddress {
+    SocketAddress {
+        address: ip.to_string(),
+        port_specifier: Some(socket_address::PortSpecifier::PortValue(0)),
+        ..Default::default()
+    }
+}
+
+/// The HTTP version a client sidecar speaks to a service port: HTTP/2 to another
+/// sidecar (multiplexed over one mTLS connection), otherwise what the app speaks.
+fn outbound_http(protocol: AppProtocol, to_sidecar: bool) -> Option<UpstreamHttp> {
+    match protocol {
+        AppProtocol::Http if to_sidecar => Some(UpstreamHttp::Http2),
+        AppProtocol::Http => Some(UpstreamHttp::Http1),
+        AppProtocol::Http2 => Some(UpstreamHttp::Http2),
+        AppProtocol::Detect => Some(UpstreamHttp::SameAsDownstream),
+        AppProtocol::Tcp => None,
+    }
+}
+
+/// The HTTP version a sidecar speaks to its own app on a port.
+fn inbound_http(protocol: AppProtocol) -> Option<UpstreamHttp> {
+    match protocol {
+        AppProtocol::Http => Some(UpstreamHttp::Http1),
+        AppProtocol::Http2 => Some(UpstreamHttp::Http2),
+        AppProtocol::Detect => Some(UpstreamHttp::SameAsDownstream),
+        AppProtocol::Tcp => None,
+    }
+}
 
 /// Name of the cluster that reaches the local app on `port`.
 pub fn inbound_cluster_name(port: u16) -> String {
@@ -79,16 +137,23 @@ pub fn translate_outbound_clusters(
 ) {
     out.clusters.push(original_dst_cluster(PASSTHROUGH_CLUSTER));
     for service in model.services.values() {
+        let mtls = client_tls && service.meshed;
         for port in &service.ports {
             let name = outbound_cluster_name(&service.key, port.port);
+            // No ALPN is configured: Envoy's HTTP pools offer `h2` or `http/1.1`, its
+            // TCP proxy nothing, which tells the server sidecar how to handle the stream.
+            let http = outbound_http(treated_as(port.protocol, config), mtls);
             out.clusters.push(Cluster {
                 eds_cluster_config: Some(cluster::EdsClusterConfig {
                     eds_config: Some(ads_config_source()),
                     service_name: String::new(),
                 }),
                 lb_policy: cluster::LbPolicy::RoundRobin as i32,
-                transport_socket: (client_tls && service.meshed)
-                    .then(|| upstream_transport_socket(config, service)),
+                transport_socket: mtls.then(|| upstream_transport_socket(config, service)),
+                typed_extension_protocol_options: http
+                    .map(upstream_protocol_options)
+                    .unwrap_or_default(),
+                upstream_connection_options: Some(keepalive()),
                 ..base_cluster(name.clone(), cluster::DiscoveryType::Eds)
             });
             out.endpoints
@@ -102,29 +167,52 @@ pub fn translate_outbound_clusters(
         let sni = format!("{sa}.{ns}.sa.weft");
         out.clusters.push(Cluster {
             transport_socket: Some(upstream_tls_to(config, &[(ns.clone(), sa.clone())], sni)),
+            upstream_connection_options: Some(keepalive()),
             ..original_dst_cluster(&name)
         });
     }
 }
 
-/// One static cluster per local app port, reached over loopback.
-pub fn translate_inbound_clusters(proxy: &Workload, out: &mut ProxyResources) {
-    out.clusters
-        .push(original_dst_cluster(INBOUND_PASSTHROUGH_CLUSTER));
-    // Ports services reach, plus ports the proxy forwards kubelet probes to.
-    let ports: std::collections::BTreeSet<u16> = proxy
-        .inbound_ports
+/// One static cluster per local app port, reached over loopback (`::1` in an
+/// IPv6-only pod), speaking the app's HTTP version.
+pub fn translate_inbound_clusters(proxy: &Workload, config: &MeshConfig, out: &mut ProxyResources) {
+    // Ports no service declares go to the original destination, the pod's own IP, from
+    // an address the redirect lets through to the app.
+    out.clusters.push(Cluster {
+        upstream_bind_config: Some(BindConfig {
+            source_address: Some(bind_address(IpAddr::V4(INBOUND_PASSTHROUGH_SOURCE_V4))),
+            extra_source_addresses: vec![ExtraSourceAddress {
+                address: Some(bind_address(IpAddr::V6(INBOUND_PASSTHROUGH_SOURCE_V6))),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }),
+        ..original_dst_cluster(INBOUND_PASSTHROUGH_CLUSTER)
+    });
+    let loopback = if proxy.is_ipv6_only() {
+        IpAddr::V6(Ipv6Addr::LOCALHOST)
+    } else {
+        IpAddr::V4(Ipv4Addr::LOCALHOST)
+    };
+    // Ports services reach, plus ports the proxy forwards kubelet probes (HTTP/1.1) to.
+    let mut ports: std::collections::BTreeMap<u16, AppProtocol> = proxy
+        .probes
         .iter()
-        .map(|p| p.port)
-        .chain(proxy.probes.iter().map(|p| p.port))
+        .map(|p| (p.port, AppProtocol::Http))
         .collect();
-    for port in ports {
+    ports.extend(
+        proxy
+            .inbound_ports
+            .iter()
+            .map(|p| (p.port, treated_as(p.protocol, config))),
+    );
+    for (port, protocol) in ports {
         let name = inbound_cluster_name(port);
         let mut assignment = load_assignment(&name, []);
         assignment.endpoints = vec![LocalityLbEndpoints {
             lb_endpoints: vec![LbEndpoint {
                 host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
-                    address: Some(socket_address(IpAddr::V4(Ipv4Addr::LOCALHOST), port)),
+                    address: Some(socket_address(loopback, port)),
                     ..Default::default()
                 })),
                 ..Default::default()
@@ -133,6 +221,9 @@ pub fn translate_inbound_clusters(proxy: &Workload, out: &mut ProxyResources) {
         }];
         out.clusters.push(Cluster {
             load_assignment: Some(assignment),
+            typed_extension_protocol_options: inbound_http(protocol)
+                .map(upstream_protocol_options)
+                .unwrap_or_default(),
             ..base_cluster(name, cluster::DiscoveryType::Static)
         });
     }

@@ -73,13 +73,16 @@ pub fn network_filter<M: Name>(name: &str, config: &M) -> Filter {
     }
 }
 
-/// A `tcp_proxy` network filter to one cluster.
+/// A `tcp_proxy` network filter to one cluster, with no idle timeout.
 pub fn tcp_proxy_filter(stat_prefix: &str, cluster: tcp_proxy::ClusterSpecifier) -> Filter {
     network_filter(
         "envoy.filters.network.tcp_proxy",
         &TcpProxy {
             stat_prefix: stat_prefix.to_string(),
             cluster_specifier: Some(cluster),
+            // Envoy's default 1 h idle timeout cuts pooled database connections that an
+            // app keeps open for longer; keepalive finds dead peers instead.
+            idle_timeout: Some(Duration::default()),
             ..Default::default()
         },
     )

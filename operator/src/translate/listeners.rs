@@ -1,36 +1,46 @@
-//! Listeners (LDS): the two capture listeners and one per service port.
+//! Listeners (LDS): the two capture listeners and one per service address and port.
+//!
+//! Protocols (see `index::protocol`): a declared HTTP or HTTP/2 port gets a connection
+//! manager, a TCP port a TCP proxy, and an undeclared port both, chosen per connection
+//! by inspecting its first bytes. Between sidecars the client side's choice travels in
+//! ALPN: its HTTP connection pools offer `h2` (or `http/1.1`), its TCP proxy offers
+//! nothing, so the server side picks the same handling without looking inside mTLS.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::{CidrRange, TrafficDirection};
 use envoy_types::pb::envoy::config::listener::v3::{
-    Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter, listener_filter,
+    AdditionalAddress, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
+    listener_filter,
 };
 use envoy_types::pb::envoy::config::route::v3::{
     Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
     route_match,
 };
-use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
+use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector;
 use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, HttpFilter, Rds, http_connection_manager, http_filter,
+    Rds, http_connection_manager,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy;
 
 use super::clusters::{INBOUND_PASSTHROUGH_CLUSTER, PASSTHROUGH_CLUSTER, inbound_cluster_name};
 use super::envoy::{
-    ads_config_source, any, bool_value, network_filter, socket_address, tcp_proxy_filter, u32_value,
+    ads_config_source, any, bool_value, socket_address, tcp_proxy_filter, u32_value,
 };
+use super::http::{hcm_filter, http_connection_manager, no_timeout};
 use super::rbac::{
     HTTP_RBAC_FILTER, http_rbac_deny_all, http_rbac_per_route, http_rbac_per_route_allow_all,
     network_rbac_filter,
 };
 use super::routes::tcp_destination;
-use super::tls::{AccessMode, MeshConfig, MtlsMode, downstream_transport_socket};
+use super::settings::{AccessMode, DEFAULT_DETECTION_TIMEOUT, MeshConfig, MtlsMode};
+use super::tls::downstream_transport_socket;
 use super::{
-    INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, PodIpsByIdentity, ProxyResources,
-    outbound_route_name, pod_identity_cluster_name,
+    INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, PodIpsByIdentity, ProxyResources, model_has_ipv6,
+    outbound_route_name, pod_identity_cluster_name, treated_as,
 };
 use crate::index::{AccessGrant, AppProtocol, MeshModel, Workload, WorkloadPort};
 use weft_crds::annotations::APP_PROBE_PORT;
@@ -40,36 +50,36 @@ pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
 /// Name of the listener that captures inbound connections.
 pub const VIRTUAL_INBOUND: &str = "virtualInbound";
 
-fn original_dst_filter() -> ListenerFilter {
+/// What the HTTP inspector reports for cleartext HTTP (HTTP/2 with prior knowledge is `h2c`).
+const CLEARTEXT_HTTP: [&str; 3] = ["http/1.0", "http/1.1", "h2c"];
+/// What a sidecar's HTTP connection pools offer in ALPN over mTLS.
+const MESH_HTTP_ALPN: [&str; 2] = ["h2", "http/1.1"];
+
+fn listener_filter<M: prost::Name>(name: &str, config: &M) -> ListenerFilter {
     ListenerFilter {
-        name: "envoy.filters.listener.original_dst".to_string(),
-        config_type: Some(listener_filter::ConfigType::TypedConfig(any(
-            &OriginalDst {},
-        ))),
+        name: name.to_string(),
+        config_type: Some(listener_filter::ConfigType::TypedConfig(any(config))),
         ..Default::default()
     }
 }
 
-fn http_connection_manager(
-    stat_prefix: &str,
-    routes: http_connection_manager::RouteSpecifier,
-) -> HttpConnectionManager {
-    HttpConnectionManager {
-        stat_prefix: stat_prefix.to_string(),
-        route_specifier: Some(routes),
-        http_filters: vec![HttpFilter {
-            name: "envoy.filters.http.router".to_string(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(
-                any(&Router::default()),
-            )),
-            ..Default::default()
-        }],
-        ..Default::default()
-    }
+fn original_dst_filter() -> ListenerFilter {
+    listener_filter("envoy.filters.listener.original_dst", &OriginalDst {})
 }
 
-fn hcm_filter(hcm: &HttpConnectionManager) -> Filter {
-    network_filter("envoy.filters.network.http_connection_manager", hcm)
+fn http_inspector() -> ListenerFilter {
+    listener_filter("envoy.filters.listener.http_inspector", &HttpInspector {})
+}
+
+fn tls_inspector() -> ListenerFilter {
+    listener_filter(
+        "envoy.filters.listener.tls_inspector",
+        &TlsInspector::default(),
+    )
+}
+
+fn protobuf_duration(d: Duration) -> envoy_types::pb::google::protobuf::Duration {
+    super::envoy::millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 /// A one-address CIDR range.
@@ -80,22 +90,35 @@ fn cidr_of(ip: IpAddr) -> CidrRange {
     }
 }
 
-fn capture_listener(name: &str, port: u16, direction: TrafficDirection) -> Listener {
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// A binding listener on 0.0.0.0:`port`, also on [::]:`port` when `ipv6`.
+fn wildcard_listener(name: &str, port: u16, direction: TrafficDirection, ipv6: bool) -> Listener {
     Listener {
         name: name.to_string(),
         address: Some(socket_address(IpAddr::V4(Ipv4Addr::UNSPECIFIED), port)),
-        listener_filters: vec![original_dst_filter()],
+        additional_addresses: if ipv6 {
+            vec![AdditionalAddress {
+                address: Some(socket_address(IpAddr::V6(Ipv6Addr::UNSPECIFIED), port)),
+                ..Default::default()
+            }]
+        } else {
+            Vec::new()
+        },
         traffic_direction: direction as i32,
         ..Default::default()
     }
 }
 
 /// `virtualOutbound` on 15001 hands connections to the listener of their original
-/// destination; one non-binding listener per service ClusterIP and port. Connections
-/// to a meshed pod's own IP (`pod_ips`, empty without an identity) go over mTLS to that
-/// pod's identity; anything else passes through.
+/// destination; one non-binding listener per service ClusterIP (each family) and port.
+/// Connections to a meshed pod's own IP (`pod_ips`, empty without an identity) go over
+/// mTLS to that pod's identity; anything else passes through.
 pub fn translate_outbound_listeners(
     model: &MeshModel,
+    config: &MeshConfig,
     pod_ips: &PodIpsByIdentity,
     out: &mut ProxyResources,
 ) {
@@ -131,99 +154,124 @@ pub fn translate_outbound_listeners(
     out.listeners.push(Listener {
         use_original_dst: Some(bool_value(true)),
         filter_chains: chains,
-        ..capture_listener(
+        listener_filters: vec![original_dst_filter()],
+        ..wildcard_listener(
             VIRTUAL_OUTBOUND,
             OUTBOUND_CAPTURE_PORT,
             TrafficDirection::Outbound,
+            model_has_ipv6(model),
         )
     });
     for service in model.services.values() {
-        let Some(ip) = service.cluster_ip else {
-            continue;
-        };
-        for port in &service.ports {
-            let name = format!("{ip}_{}", port.port);
-            let filter = match port.protocol {
-                AppProtocol::Http => hcm_filter(&http_connection_manager(
-                    &format!("outbound_{name}"),
-                    http_connection_manager::RouteSpecifier::Rds(Rds {
-                        config_source: Some(ads_config_source()),
-                        route_config_name: outbound_route_name(&service.key, port.port),
-                    }),
-                )),
-                AppProtocol::Tcp => tcp_proxy_filter(
-                    &format!("outbound_{name}"),
-                    tcp_destination(service, port.port),
-                ),
-            };
-            out.listeners.push(Listener {
-                name: name.clone(),
-                address: Some(socket_address(ip, port.port)),
-                bind_to_port: Some(bool_value(false)),
-                traffic_direction: TrafficDirection::Outbound as i32,
-                filter_chains: vec![FilterChain {
+        for ip in &service.cluster_ips {
+            for port in &service.ports {
+                let name = format!("{ip}_{}", port.port);
+                let stat_prefix = format!("outbound_{name}");
+                let http = || {
+                    hcm_filter(&http_connection_manager(
+                        &stat_prefix,
+                        http_connection_manager::RouteSpecifier::Rds(Rds {
+                            config_source: Some(ads_config_source()),
+                            route_config_name: outbound_route_name(&service.key, port.port),
+                        }),
+                        config,
+                    ))
+                };
+                let tcp = || tcp_proxy_filter(&stat_prefix, tcp_destination(service, port.port));
+                let base = Listener {
+                    name: name.clone(),
+                    address: Some(socket_address(*ip, port.port)),
+                    bind_to_port: Some(bool_value(false)),
+                    traffic_direction: TrafficDirection::Outbound as i32,
+                    ..Default::default()
+                };
+                let chain = |filter: Filter| FilterChain {
                     filters: vec![filter],
                     ..Default::default()
-                }],
-                ..Default::default()
-            });
+                };
+                out.listeners.push(match treated_as(port.protocol, config) {
+                    AppProtocol::Http | AppProtocol::Http2 => Listener {
+                        filter_chains: vec![chain(http())],
+                        ..base
+                    },
+                    AppProtocol::Tcp => Listener {
+                        filter_chains: vec![chain(tcp())],
+                        ..base
+                    },
+                    // The app's first bytes decide; a server-first protocol (the
+                    // client sends nothing) falls to TCP when the timeout passes.
+                    AppProtocol::Detect => Listener {
+                        listener_filters: vec![http_inspector()],
+                        listener_filters_timeout: Some(protobuf_duration(config.detection_timeout)),
+                        continue_on_listener_filters_timeout: true,
+                        filter_chains: vec![FilterChain {
+                            name: "http".to_string(),
+                            filter_chain_match: Some(FilterChainMatch {
+                                application_protocols: strings(&CLEARTEXT_HTTP),
+                                ..Default::default()
+                            }),
+                            filters: vec![http()],
+                            ..Default::default()
+                        }],
+                        default_filter_chain: Some(FilterChain {
+                            name: "tcp".to_string(),
+                            ..chain(tcp())
+                        }),
+                        ..base
+                    },
+                });
+            }
         }
     }
 }
 
-/// The filter that hands one inbound port's traffic to the app. Over mTLS the peer's
-/// SPIFFE ID reaches the app in `x-forwarded-client-cert`; a plaintext client's copy of
-/// that header is always removed, so it cannot claim an identity. `tcp_rbac` (grants,
-/// in deny-by-default mode) guards TCP ports; HTTP ports are guarded per route.
-fn inbound_filters(
-    port: &WorkloadPort,
-    mtls: bool,
-    tcp_rbac: Option<(&[AccessGrant], &MeshConfig)>,
-) -> Vec<Filter> {
-    let cluster = inbound_cluster_name(port.port);
-    match port.protocol {
-        AppProtocol::Http => {
-            // Routes come over RDS so that authorization (a per-route RBAC override)
-            // changes for the next request, also on connections already open.
-            let mut hcm = http_connection_manager(
-                &format!("inbound_{}", port.port),
-                http_connection_manager::RouteSpecifier::Rds(Rds {
-                    config_source: Some(ads_config_source()),
-                    route_config_name: inbound_route_name(port.port),
-                }),
-            );
-            // Deny unless the route grants: the per-route rules replace this, in both
-            // access modes, so the listener never changes with them.
-            hcm.http_filters.insert(0, http_rbac_deny_all());
-            if mtls {
-                hcm.forward_client_cert_details =
-                    http_connection_manager::ForwardClientCertDetails::SanitizeSet as i32;
-                hcm.set_current_client_cert_details =
-                    Some(http_connection_manager::SetCurrentClientCertDetails {
-                        uri: true,
-                        ..Default::default()
-                    });
-            }
-            vec![hcm_filter(&hcm)]
-        }
-        AppProtocol::Tcp => {
-            let stat_prefix = format!("inbound_{}", port.port);
-            let mut filters = Vec::new();
-            if let Some((grants, config)) = tcp_rbac {
-                filters.push(network_rbac_filter(
-                    grants,
-                    Some(port.port),
-                    &config.trust_domain,
-                    &stat_prefix,
-                ));
-            }
-            filters.push(tcp_proxy_filter(
-                &stat_prefix,
-                tcp_proxy::ClusterSpecifier::Cluster(cluster),
-            ));
-            filters
-        }
+/// The HTTP filter of one inbound port: routes over RDS (authorization is a per-route
+/// RBAC override, so it changes for the next request, also on connections already
+/// open). Over mTLS the peer's SPIFFE ID reaches the app in `x-forwarded-client-cert`;
+/// a plaintext client's copy of that header is always removed, so it cannot claim an
+/// identity.
+fn inbound_http_filter(port: u16, mtls: bool, config: &MeshConfig) -> Filter {
+    let mut hcm = http_connection_manager(
+        &format!("inbound_{port}"),
+        http_connection_manager::RouteSpecifier::Rds(Rds {
+            config_source: Some(ads_config_source()),
+            route_config_name: inbound_route_name(port),
+        }),
+        config,
+    );
+    // Deny unless the route grants: the per-route rules replace this, in both access
+    // modes, so the listener never changes with them.
+    hcm.http_filters.insert(0, http_rbac_deny_all());
+    if mtls {
+        hcm.forward_client_cert_details =
+            http_connection_manager::ForwardClientCertDetails::SanitizeSet as i32;
+        hcm.set_current_client_cert_details =
+            Some(http_connection_manager::SetCurrentClientCertDetails {
+                uri: true,
+                ..Default::default()
+            });
     }
+    hcm_filter(&hcm)
+}
+
+/// The TCP filters of one inbound port: `tcp_rbac` (grants, in deny-by-default mode)
+/// guards it, then the bytes go to the app.
+fn inbound_tcp_filters(port: u16, tcp_rbac: Option<(&[AccessGrant], &MeshConfig)>) -> Vec<Filter> {
+    let stat_prefix = format!("inbound_{port}");
+    let mut filters = Vec::new();
+    if let Some((grants, config)) = tcp_rbac {
+        filters.push(network_rbac_filter(
+            grants,
+            Some(port),
+            &config.trust_domain,
+            &stat_prefix,
+        ));
+    }
+    filters.push(tcp_proxy_filter(
+        &stat_prefix,
+        tcp_proxy::ClusterSpecifier::Cluster(inbound_cluster_name(port)),
+    ));
+    filters
 }
 
 /// Name of the route configuration of one inbound HTTP port.
@@ -231,9 +279,9 @@ pub fn inbound_route_name(port: u16) -> String {
     format!("inbound|{port}")
 }
 
-/// One route configuration per inbound HTTP port: everything to the app, with the
-/// destination's authorization as a per-route RBAC override (TrafficTarget grants in
-/// deny-by-default mode, everyone in permissive mode).
+/// One route configuration per inbound port that may carry HTTP: everything to the
+/// app, with the destination's authorization as a per-route RBAC override
+/// (TrafficTarget grants in deny-by-default mode, everyone in permissive mode).
 pub fn translate_inbound_routes(
     proxy: &Workload,
     grants: &[AccessGrant],
@@ -243,7 +291,7 @@ pub fn translate_inbound_routes(
     for port in proxy
         .inbound_ports
         .iter()
-        .filter(|p| p.protocol == AppProtocol::Http)
+        .filter(|p| treated_as(p.protocol, config) != AppProtocol::Tcp)
     {
         let name = inbound_route_name(port.port);
         let rbac = match config.access {
@@ -268,6 +316,7 @@ pub fn translate_inbound_routes(
                         cluster_specifier: Some(route_action::ClusterSpecifier::Cluster(
                             inbound_cluster_name(port.port),
                         )),
+                        timeout: no_timeout(),
                         ..Default::default()
                     })),
                     // One entry at most: protobuf maps encode in hash order.
@@ -281,11 +330,90 @@ pub fn translate_inbound_routes(
     }
 }
 
-/// `virtualInbound` on 15006: per served port, a chain to the app on loopback.
+/// How connections reach an inbound chain.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum InboundTransport {
+    /// Mutual TLS only (STRICT): the chain terminates it.
+    Mtls,
+    /// Mutual TLS, told apart from plaintext by TLS inspection (PERMISSIVE).
+    DetectedMtls,
+    /// Plaintext, told apart from mTLS by TLS inspection (PERMISSIVE).
+    DetectedPlaintext,
+    /// Plaintext only: the proxy has no identity to terminate mTLS with.
+    Plaintext,
+}
+
+impl InboundTransport {
+    fn is_tls(self) -> bool {
+        matches!(self, Self::Mtls | Self::DetectedMtls)
+    }
+
+    fn match_name(self) -> &'static str {
+        match self {
+            Self::DetectedMtls => "tls",
+            Self::DetectedPlaintext => "raw_buffer",
+            Self::Mtls | Self::Plaintext => "",
+        }
+    }
+}
+
+/// The chains of one inbound port over one transport.
+fn inbound_port_chains(
+    port: &WorkloadPort,
+    transport: InboundTransport,
+    rbac: Option<(&[AccessGrant], &MeshConfig)>,
+    config: &MeshConfig,
+) -> Vec<FilterChain> {
+    let base_name = inbound_cluster_name(port.port);
+    let chain =
+        |suffix: &str, application_protocols: &[&str], filters: Vec<Filter>, alpn: &[&str]| {
+            let mut name = base_name.clone();
+            for part in [transport.match_name(), suffix] {
+                if !part.is_empty() {
+                    name = format!("{name}|{part}");
+                }
+            }
+            FilterChain {
+                name,
+                filter_chain_match: Some(FilterChainMatch {
+                    destination_port: Some(u32_value(u32::from(port.port))),
+                    transport_protocol: transport.match_name().to_string(),
+                    application_protocols: strings(application_protocols),
+                    ..Default::default()
+                }),
+                filters,
+                transport_socket: transport
+                    .is_tls()
+                    .then(|| downstream_transport_socket(config, alpn)),
+                ..Default::default()
+            }
+        };
+    let http = || inbound_http_filter(port.port, transport.is_tls(), config);
+    match treated_as(port.protocol, config) {
+        AppProtocol::Http | AppProtocol::Http2 => {
+            vec![chain("", &[], vec![http()], &MESH_HTTP_ALPN)]
+        }
+        AppProtocol::Tcp => vec![chain("", &[], inbound_tcp_filters(port.port, rbac), &[])],
+        // A client sidecar says HTTP with ALPN; a plaintext client is inspected.
+        AppProtocol::Detect => {
+            let http_protocols: &[&str] = if transport.is_tls() {
+                &MESH_HTTP_ALPN
+            } else {
+                &CLEARTEXT_HTTP
+            };
+            vec![
+                chain("http", http_protocols, vec![http()], &MESH_HTTP_ALPN),
+                chain("tcp", &[], inbound_tcp_filters(port.port, rbac), &[]),
+            ]
+        }
+    }
+}
+
+/// `virtualInbound` on 15006: per served port, chains to the app on loopback.
 ///
-/// With an identity: STRICT has one mTLS chain per port (plaintext fails the handshake);
-/// PERMISSIVE has an mTLS chain and a plaintext chain per port, told apart by TLS
-/// inspection. Ports no service exposes pass through (mTLS-terminated in STRICT).
+/// With an identity: STRICT has mTLS chains per port (plaintext fails the handshake);
+/// PERMISSIVE has mTLS and plaintext chains per port, told apart by TLS inspection.
+/// Ports no service exposes pass through (mTLS-terminated in STRICT).
 pub fn translate_inbound_listener(
     proxy: &Workload,
     grants: &[AccessGrant],
@@ -295,43 +423,44 @@ pub fn translate_inbound_listener(
 ) {
     let strict = has_identity && config.mtls == MtlsMode::Strict;
     let permissive = has_identity && config.mtls == MtlsMode::Permissive;
+    let transports: &[InboundTransport] = if strict {
+        &[InboundTransport::Mtls]
+    } else if permissive {
+        &[
+            InboundTransport::DetectedMtls,
+            InboundTransport::DetectedPlaintext,
+        ]
+    } else {
+        &[InboundTransport::Plaintext]
+    };
     // Deny by default: only TrafficTarget grants pass (callers without mTLS never match).
     let rbac = (config.access == AccessMode::DenyByDefault).then_some((grants, config));
     let mut chains = Vec::new();
     for port in &proxy.inbound_ports {
-        let name = inbound_cluster_name(port.port);
-        let chain = |transport_protocol: &str, mtls: bool| FilterChain {
-            name: if transport_protocol.is_empty() {
-                name.clone()
-            } else {
-                format!("{name}|{transport_protocol}")
-            },
-            filter_chain_match: Some(FilterChainMatch {
-                destination_port: Some(u32_value(u32::from(port.port))),
-                transport_protocol: transport_protocol.to_string(),
-                ..Default::default()
-            }),
-            filters: inbound_filters(port, mtls, rbac),
-            transport_socket: mtls.then(|| downstream_transport_socket(config)),
-            ..Default::default()
-        };
-        if permissive {
-            chains.push(chain("tls", true));
-            chains.push(chain("raw_buffer", false));
-        } else {
-            chains.push(chain("", strict));
+        for transport in transports {
+            chains.extend(inbound_port_chains(port, *transport, rbac, config));
         }
     }
+    let detects = proxy
+        .inbound_ports
+        .iter()
+        .any(|p| treated_as(p.protocol, config) == AppProtocol::Detect);
     let mut listener_filters = vec![original_dst_filter()];
-    if permissive {
-        listener_filters.push(ListenerFilter {
-            name: "envoy.filters.listener.tls_inspector".to_string(),
-            config_type: Some(listener_filter::ConfigType::TypedConfig(any(
-                &TlsInspector::default(),
-            ))),
-            ..Default::default()
-        });
+    // TLS inspection reads the client sidecar's ALPN (and tells mTLS from plaintext);
+    // HTTP inspection classifies plaintext on undeclared ports.
+    if has_identity {
+        listener_filters.push(tls_inspector());
     }
+    if detects && !strict {
+        listener_filters.push(http_inspector());
+    }
+    // A client that waits for the server's banner sends nothing to inspect: go on
+    // without a verdict after the timeout rather than close the connection.
+    let inspect_timeout = if config.detection_timeout.is_zero() {
+        DEFAULT_DETECTION_TIMEOUT
+    } else {
+        config.detection_timeout
+    };
     out.listeners.push(Listener {
         filter_chains: chains,
         default_filter_chain: Some(FilterChain {
@@ -351,14 +480,17 @@ pub fn translate_inbound_listener(
                     tcp_proxy::ClusterSpecifier::Cluster(INBOUND_PASSTHROUGH_CLUSTER.to_string()),
                 )])
                 .collect(),
-            transport_socket: strict.then(|| downstream_transport_socket(config)),
+            transport_socket: strict.then(|| downstream_transport_socket(config, &[])),
             ..Default::default()
         }),
         listener_filters,
-        ..capture_listener(
+        listener_filters_timeout: Some(protobuf_duration(inspect_timeout)),
+        continue_on_listener_filters_timeout: true,
+        ..wildcard_listener(
             VIRTUAL_INBOUND,
             INBOUND_CAPTURE_PORT,
             TrafficDirection::Inbound,
+            proxy.ips.iter().any(IpAddr::is_ipv6),
         )
     });
 }
@@ -369,7 +501,7 @@ pub const APP_PROBES: &str = "weft-app-probes";
 /// The kubelet's probes, rewritten by the injection webhook to the probe port, are
 /// forwarded in plaintext to the app over loopback: the probe port bypasses the
 /// inbound redirect, so STRICT mTLS does not apply to it.
-pub fn translate_probe_listener(proxy: &Workload, out: &mut ProxyResources) {
+pub fn translate_probe_listener(proxy: &Workload, config: &MeshConfig, out: &mut ProxyResources) {
     if proxy.probes.is_empty() {
         return;
     }
@@ -404,18 +536,18 @@ pub fn translate_probe_listener(proxy: &Workload, out: &mut ProxyResources) {
             }],
             ..Default::default()
         }),
+        config,
     );
     out.listeners.push(Listener {
-        name: APP_PROBES.to_string(),
-        address: Some(socket_address(
-            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-            APP_PROBE_PORT,
-        )),
-        traffic_direction: TrafficDirection::Inbound as i32,
         filter_chains: vec![FilterChain {
             filters: vec![hcm_filter(&hcm)],
             ..Default::default()
         }],
-        ..Default::default()
+        ..wildcard_listener(
+            APP_PROBES,
+            APP_PROBE_PORT,
+            TrafficDirection::Inbound,
+            proxy.ips.iter().any(IpAddr::is_ipv6),
+        )
     });
 }

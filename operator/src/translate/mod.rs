@@ -5,9 +5,11 @@
 
 mod clusters;
 mod envoy;
+mod http;
 mod listeners;
 mod rbac;
 mod routes;
+mod settings;
 mod tls;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
@@ -17,11 +19,37 @@ use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use weft_xds::{Resource, Snapshot, type_url};
 
+pub use clusters::{INBOUND_PASSTHROUGH_SOURCE_V4, INBOUND_PASSTHROUGH_SOURCE_V6};
+pub use http::{PathOutcome, normalize_request_path};
 pub use rbac::path_prefix_regex;
-pub use tls::{AccessMode, IDENTITY_SECRET, MeshConfig, MtlsMode, TRUST_BUNDLE_SECRET};
+pub use settings::{AccessMode, DEFAULT_DETECTION_TIMEOUT, MeshConfig, MtlsMode};
+pub use tls::{IDENTITY_SECRET, TRUST_BUNDLE_SECRET};
 
 use crate::identity::WorkloadSecrets;
-use crate::index::{AccessGrant, MeshModel, ServiceKey, Workload};
+use crate::index::{AccessGrant, AppProtocol, MeshModel, ServiceKey, Workload};
+
+/// How a port is handled under `config`: with detection turned off (a zero timeout),
+/// undeclared ports are plain TCP.
+pub fn treated_as(protocol: AppProtocol, config: &MeshConfig) -> AppProtocol {
+    if protocol == AppProtocol::Detect && config.detection_timeout.is_zero() {
+        AppProtocol::Tcp
+    } else {
+        protocol
+    }
+}
+
+/// Whether the mesh uses IPv6 anywhere: then the capture listeners also bind `[::]`.
+/// IP families are a property of the cluster, so this holds for every proxy in it.
+fn model_has_ipv6(model: &MeshModel) -> bool {
+    model
+        .services
+        .values()
+        .any(|s| s.cluster_ips.iter().any(std::net::IpAddr::is_ipv6))
+        || model
+            .workloads
+            .values()
+            .any(|w| w.ips.iter().any(std::net::IpAddr::is_ipv6))
+}
 
 /// Port of the listener that captures outbound traffic (iptables sends it here).
 pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
@@ -36,10 +64,10 @@ type PodIpsByIdentity = std::collections::BTreeMap<(String, String), Vec<std::ne
 fn meshed_pod_ips(model: &MeshModel) -> PodIpsByIdentity {
     let mut out = PodIpsByIdentity::new();
     for w in model.workloads.values().filter(|w| w.meshed) {
-        if let Some(ip) = w.ip {
+        if !w.ips.is_empty() {
             out.entry((w.namespace.clone(), w.service_account.clone()))
                 .or_default()
-                .push(ip);
+                .extend(&w.ips);
         }
     }
     for ips in out.values_mut() {
@@ -142,8 +170,8 @@ pub fn translate_shared(
         PodIpsByIdentity::new()
     };
     clusters::translate_outbound_clusters(model, config, client_tls, &pod_ips, &mut out);
-    listeners::translate_outbound_listeners(model, &pod_ips, &mut out);
-    routes::translate_outbound_routes(model, &mut out);
+    listeners::translate_outbound_listeners(model, config, &pod_ips, &mut out);
+    routes::translate_outbound_routes(model, config, &mut out);
     out.sorted()
 }
 
@@ -163,10 +191,10 @@ pub fn translate_workload(
     secrets: Option<&WorkloadSecrets>,
 ) -> ProxyResources {
     let mut out = ProxyResources::default();
-    clusters::translate_inbound_clusters(proxy, &mut out);
+    clusters::translate_inbound_clusters(proxy, config, &mut out);
     listeners::translate_inbound_listener(proxy, grants, config, secrets.is_some(), &mut out);
     listeners::translate_inbound_routes(proxy, grants, config, &mut out);
-    listeners::translate_probe_listener(proxy, &mut out);
+    listeners::translate_probe_listener(proxy, config, &mut out);
     if let Some(secrets) = secrets {
         out.secrets = tls::translate_secrets(secrets);
     }

@@ -9,8 +9,10 @@ use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_pro
 use envoy_types::pb::envoy::r#type::matcher::v3::RegexMatcher;
 
 use super::envoy::u32_value;
+use super::http::no_timeout;
 use super::rbac::{path_prefix_regex, request_headers};
-use super::{ProxyResources, outbound_cluster_name, outbound_route_name};
+use super::settings::MeshConfig;
+use super::{ProxyResources, outbound_cluster_name, outbound_route_name, treated_as};
 use crate::index::{AppProtocol, MeshModel, MeshService, SplitBackend};
 
 /// Retried by default: failures where the request certainly did not reach the app.
@@ -64,6 +66,7 @@ fn route(name: &str, r#match: RouteMatch, destination: route_action::ClusterSpec
                 num_retries: Some(u32_value(DEFAULT_RETRIES)),
                 ..Default::default()
             }),
+            timeout: no_timeout(),
             ..Default::default()
         })),
         ..Default::default()
@@ -147,7 +150,7 @@ fn domains(service: &MeshService, port: u16) -> Vec<String> {
         format!("{}.{}.svc", key.name, key.namespace),
         key.fqdn(),
     ];
-    if let Some(ip) = service.cluster_ip {
+    for ip in &service.cluster_ips {
         hosts.push(match ip {
             std::net::IpAddr::V4(v4) => v4.to_string(),
             std::net::IpAddr::V6(v6) => format!("[{v6}]"),
@@ -158,16 +161,16 @@ fn domains(service: &MeshService, port: u16) -> Vec<String> {
     hosts
 }
 
-/// One route configuration per HTTP service port with a ClusterIP.
-pub fn translate_outbound_routes(model: &MeshModel, out: &mut ProxyResources) {
+/// One route configuration per service port with a ClusterIP that may carry HTTP.
+pub fn translate_outbound_routes(model: &MeshModel, config: &MeshConfig, out: &mut ProxyResources) {
     for service in model.services.values() {
-        if service.cluster_ip.is_none() {
+        if service.cluster_ips.is_empty() {
             continue;
         }
         for port in service
             .ports
             .iter()
-            .filter(|p| p.protocol == AppProtocol::Http)
+            .filter(|p| treated_as(p.protocol, config) != AppProtocol::Tcp)
         {
             let name = outbound_route_name(&service.key, port.port);
             out.routes.push(RouteConfiguration {

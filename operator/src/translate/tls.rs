@@ -11,98 +11,14 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
 use envoy_types::pb::envoy::r#type::matcher::v3::{StringMatcher, string_matcher};
 
 use super::envoy::{ads_config_source, any, bool_value};
+use super::settings::MeshConfig;
 use crate::identity::{WorkloadSecrets, spiffe_id};
-use crate::index::{MeshModel, MeshService};
-use weft_crds::{AccessPolicy, MtlsPolicy};
+use crate::index::MeshService;
 
 /// SDS name of a proxy's own certificate and key.
 pub const IDENTITY_SECRET: &str = "weft-identity";
 /// SDS name of the roots a proxy trusts.
 pub const TRUST_BUNDLE_SECRET: &str = "weft-trust-bundle";
-
-/// How meshed workloads accept inbound traffic.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum MtlsMode {
-    /// Only mutual TLS from the mesh's trust domain.
-    #[default]
-    Strict,
-    /// Mutual TLS and plaintext on the same port (told apart by TLS inspection).
-    Permissive,
-}
-
-/// Whether meshed workloads need a TrafficTarget to be reached.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum AccessMode {
-    /// Only what TrafficTargets grant is allowed (SMI access control; the default).
-    #[default]
-    DenyByDefault,
-    /// Every meshed caller is allowed (mutual TLS still applies), for adoption.
-    Permissive,
-}
-
-impl AccessMode {
-    /// The name used by the CLI and status output.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::DenyByDefault => "deny-by-default",
-            Self::Permissive => "permissive",
-        }
-    }
-}
-
-impl MtlsMode {
-    /// The name used by the CLI and status output.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Strict => "strict",
-            Self::Permissive => "permissive",
-        }
-    }
-}
-
-/// Mesh-wide settings translate needs besides the model.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MeshConfig {
-    /// Trust domain of SPIFFE IDs.
-    pub trust_domain: String,
-    /// Inbound mTLS mode.
-    pub mtls: MtlsMode,
-    /// Authorization mode.
-    pub access: AccessMode,
-}
-
-impl Default for MeshConfig {
-    fn default() -> Self {
-        Self {
-            trust_domain: crate::identity::DEFAULT_TRUST_DOMAIN.to_string(),
-            mtls: MtlsMode::Strict,
-            access: AccessMode::DenyByDefault,
-        }
-    }
-}
-
-impl MeshConfig {
-    /// This configuration with the overrides of the model's MeshConfig, if any.
-    pub fn effective(&self, model: &MeshModel) -> MeshConfig {
-        let mut config = self.clone();
-        let Some(settings) = &model.settings else {
-            return config;
-        };
-        if let Some(access) = settings.spec.access {
-            config.access = match access {
-                AccessPolicy::DenyByDefault => AccessMode::DenyByDefault,
-                AccessPolicy::Permissive => AccessMode::Permissive,
-            };
-        }
-        if let Some(mtls) = settings.spec.mtls {
-            config.mtls = match mtls {
-                MtlsPolicy::Strict => MtlsMode::Strict,
-                MtlsPolicy::Permissive => MtlsMode::Permissive,
-            };
-        }
-        config
-    }
-}
 
 fn sds(name: &str) -> SdsSecretConfig {
     SdsSecretConfig {
@@ -178,12 +94,15 @@ pub fn upstream_tls_to(
 }
 
 /// Server side of mTLS: a client certificate from the mesh's trust domain is required.
-pub fn downstream_transport_socket(config: &MeshConfig) -> TransportSocket {
+/// `alpn` lists the protocols it may negotiate (`h2` lets client sidecars speak HTTP/2).
+pub fn downstream_transport_socket(config: &MeshConfig, alpn: &[&str]) -> TransportSocket {
     let trust_domain = format!("spiffe://{}/", config.trust_domain);
+    let mut common = common_tls(vec![uri_matcher(string_matcher::MatchPattern::Prefix(
+        trust_domain,
+    ))]);
+    common.alpn_protocols = alpn.iter().map(|p| p.to_string()).collect();
     tls_socket(&DownstreamTlsContext {
-        common_tls_context: Some(common_tls(vec![uri_matcher(
-            string_matcher::MatchPattern::Prefix(trust_domain),
-        )])),
+        common_tls_context: Some(common),
         require_client_certificate: Some(bool_value(true)),
         ..Default::default()
     })
