@@ -1,64 +1,218 @@
-//! Added latency of an mTLS sidecar pair: the same request at a fixed rate between two
-//! pods without sidecars (direct) and two meshed pods (client Envoy → mTLS → server
-//! Envoy), 1 KB responses, measured in the same run. Needs root.
+//! Latency an mTLS sidecar pair adds, each row against the same exchange between two
+//! pods without sidecars (direct), measured in the same run. Needs root.
+//!
+//! - HTTP/1.1 GET, 1 KB responses, at a fixed rate over keep-alive;
+//! - gRPC unary calls (HTTP/2 end to end), one at a time on one channel;
+//! - the first byte of a server-first protocol (a MySQL-style banner) on a declared
+//!   port (`mysql`) and on an undeclared one, where the sidecar waits for the
+//!   protocol detection timeout (1 s) before it treats the connection as TCP.
+//!
+//! Any failed request or exchange makes the run fail instead of printing numbers.
 
 use std::process::ExitCode;
 
-use weft_e2e::{Harness, HarnessError, LoadReport};
+use weft_e2e::{Harness, HarnessError, LoadReport, PortSpec};
 
 const REQUESTS: usize = 2_000;
 const INTERVAL_MS: u64 = 5; // 200 requests per second
 const BODY: usize = 1024;
+const GRPC_CALLS: usize = 2_000;
+const BANNERS: usize = 20;
+const GRPC_PORT: u16 = 50051;
+const DECLARED_BANNER_PORT: u16 = 3306;
+const UNDECLARED_BANNER_PORT: u16 = 7000;
+const LISTEN: [(&str, u16); 3] = [
+    ("grpc", GRPC_PORT),
+    ("banner", DECLARED_BANNER_PORT),
+    ("banner", UNDECLARED_BANNER_PORT),
+];
+
+fn failed(what: &str, reason: impl Into<String>) -> HarnessError {
+    HarnessError::Command {
+        command: what.to_string(),
+        reason: reason.into(),
+    }
+}
+
+/// A report with no failures, or the run's error.
+fn all_ok(what: &str, report: LoadReport) -> Result<LoadReport, HarnessError> {
+    let failures = report.failures();
+    if let Some(first) = failures.first() {
+        return Err(failed(
+            what,
+            format!(
+                "{} of {} requests failed, first: {:?}",
+                failures.len(),
+                report.results.len(),
+                first.error
+            ),
+        ));
+    }
+    Ok(report)
+}
+
+fn grpc_load(h: &Harness, pod: &str, addr: &str, count: usize) -> Result<LoadReport, HarnessError> {
+    let count = count.to_string();
+    let v = h
+        .app(
+            pod,
+            &[
+                "grpc-load",
+                addr,
+                "--count",
+                &count,
+                "--concurrency",
+                "1",
+                "--timeout-ms",
+                "120000",
+            ],
+        )?
+        .map_err(|e| failed("grpc-load", e))?;
+    let report = serde_json::from_value(v).map_err(|e| HarnessError::Decode {
+        what: "grpc-load report".into(),
+        reason: e.to_string(),
+    })?;
+    all_ok(&format!("gRPC from {pod} to {addr}"), report)
+}
+
+/// Times to the first banner byte of `BANNERS` connections, as a report (µs each).
+fn banners(h: &Harness, pod: &str, addr: &str) -> Result<LoadReport, HarnessError> {
+    let mut results = Vec::new();
+    for _ in 0..BANNERS {
+        let v = h
+            .app(pod, &["banner", addr])?
+            .map_err(|e| failed(&format!("banner from {pod} to {addr}"), e))?;
+        let micros = v["first_byte_micros"]
+            .as_u64()
+            .ok_or_else(|| failed("banner", format!("no first_byte_micros in {v}")))?;
+        results.push((weft_e2e::now_ms(), micros, Ok(pod.to_string())));
+    }
+    Ok(LoadReport::from_timed_results(results))
+}
+
+fn header() {
+    println!(
+        "| {:<44} | {:>8} | {:>10} | {:>10} |",
+        "exchange", "count", "p50", "p99"
+    );
+    println!("|{:-<46}|{:-<10}|{:-<12}|{:-<12}|", "", "", "", "");
+}
 
 fn row(label: &str, r: &LoadReport) {
     println!(
-        "| {label:<28} | {:>8} | {:>7} µs | {:>7} µs | {:>6} |",
+        "| {label:<44} | {:>8} | {:>7} µs | {:>7} µs |",
         r.results.len(),
         r.latency_micros(0.5),
         r.latency_micros(0.99),
-        r.failures().len()
     );
+}
+
+/// What the mesh adds; `ratio` also prints it as a multiple of direct (meaningless
+/// for a banner, whose direct first byte takes a few microseconds).
+fn added(label: &str, direct: &LoadReport, mesh: &LoadReport, ratio: bool) {
+    let times = |p: f64| {
+        let (d, m) = (direct.latency_micros(p), mesh.latency_micros(p));
+        let multiple = m as f64 / d.max(1) as f64;
+        if ratio {
+            format!("+{} µs ({multiple:.1}x direct)", m.saturating_sub(d))
+        } else {
+            format!("+{} µs", m.saturating_sub(d))
+        }
+    };
+    println!("{label}: p50 {}, p99 {}", times(0.5), times(0.99));
 }
 
 fn run() -> Result<(), HarnessError> {
     let mut h = Harness::new(101, "latency")?;
     h.add_pod("client", &[("app", "client")], "client")?;
-    h.add_pod_with_body("server-0", &[("app", "server")], "server", BODY)?;
+    h.add_pod_listening("server-0", &[("app", "server")], "server", BODY, &LISTEN)?;
     h.add_pod("plain-client", &[("app", "plain-client")], "default")?;
-    let plain_server =
-        h.add_pod_with_body("plain-server", &[("app", "plain-server")], "default", BODY)?;
+    let plain_server = h.add_pod_listening(
+        "plain-server",
+        &[("app", "plain-server")],
+        "default",
+        BODY,
+        &LISTEN,
+    )?[0];
     h.unlist_pod("plain-client");
     h.unlist_pod("plain-server");
-    h.add_service("server", &[("app", "server")])?;
+    h.add_service_with(
+        "server",
+        &[("app", "server")],
+        &[
+            PortSpec::named("http", 8080),
+            PortSpec::named("api", GRPC_PORT).app_protocol("grpc"),
+            PortSpec::named("mysql", DECLARED_BANNER_PORT),
+            PortSpec::new(UNDECLARED_BANNER_PORT),
+        ],
+    )?;
     h.write_cluster_manifest()?;
+    h.allow("access.yaml", "server", &["client"])?;
     h.start_control_plane()?;
     h.start_sidecar("client")?;
     h.start_sidecar("server-0")?;
 
     let direct_url = format!("http://{plain_server}:8080/");
     let mesh_url = "http://server:8080/";
-    h.load_paced("plain-client", &direct_url, 200, 1)?;
-    h.load_paced("client", mesh_url, 200, 1)?;
-    let direct = h.load_paced("plain-client", &direct_url, REQUESTS, INTERVAL_MS)?;
-    let mesh = h.load_paced("client", mesh_url, REQUESTS, INTERVAL_MS)?;
+    // Warm up: connections, certificates, pools.
+    all_ok(
+        "warm-up",
+        h.load_paced("plain-client", &direct_url, 200, 1)?,
+    )?;
+    all_ok("warm-up", h.load_paced("client", mesh_url, 200, 1)?)?;
+    let direct = all_ok(
+        "HTTP direct",
+        h.load_paced("plain-client", &direct_url, REQUESTS, INTERVAL_MS)?,
+    )?;
+    let mesh = all_ok(
+        "HTTP mesh",
+        h.load_paced("client", mesh_url, REQUESTS, INTERVAL_MS)?,
+    )?;
 
-    println!("HTTP/1.1 GET, {BODY} B responses, one request every {INTERVAL_MS} ms, keep-alive");
+    let direct_grpc_addr = format!("{plain_server}:{GRPC_PORT}");
+    let mesh_grpc_addr = format!("server:{GRPC_PORT}");
+    grpc_load(&h, "plain-client", &direct_grpc_addr, 200)?;
+    grpc_load(&h, "client", &mesh_grpc_addr, 200)?;
+    let direct_grpc = grpc_load(&h, "plain-client", &direct_grpc_addr, GRPC_CALLS)?;
+    let mesh_grpc = grpc_load(&h, "client", &mesh_grpc_addr, GRPC_CALLS)?;
+
+    let direct_banner = banners(
+        &h,
+        "plain-client",
+        &format!("{plain_server}:{DECLARED_BANNER_PORT}"),
+    )?;
+    let declared_banner = banners(&h, "client", &format!("server:{DECLARED_BANNER_PORT}"))?;
+    let undeclared_banner = banners(&h, "client", &format!("server:{UNDECLARED_BANNER_PORT}"))?;
+
     println!(
-        "| {:<28} | {:>8} | {:>10} | {:>10} | {:>6} |",
-        "path", "requests", "p50", "p99", "failed"
+        "Two meshed pods (client and server sidecars, mTLS) against two pods without sidecars, same run"
     );
-    println!(
-        "|{:-<30}|{:-<10}|{:-<12}|{:-<12}|{:-<8}|",
-        "", "", "", "", ""
+    header();
+    row("HTTP/1.1 GET 1 KB, direct", &direct);
+    row("HTTP/1.1 GET 1 KB, mTLS sidecar pair", &mesh);
+    row("gRPC unary, direct", &direct_grpc);
+    row("gRPC unary, mTLS sidecar pair", &mesh_grpc);
+    row("server-first banner, first byte, direct", &direct_banner);
+    row("banner, declared port (mysql), mesh", &declared_banner);
+    row("banner, undeclared port, mesh", &undeclared_banner);
+    added("HTTP/1.1 added by the sidecar pair", &direct, &mesh, true);
+    added(
+        "gRPC unary added by the sidecar pair",
+        &direct_grpc,
+        &mesh_grpc,
+        true,
     );
-    row("direct (no sidecars)", &direct);
-    row("mTLS sidecar pair", &mesh);
-    println!(
-        "added by the sidecar pair: p50 +{} µs, p99 +{} µs",
-        mesh.latency_micros(0.5)
-            .saturating_sub(direct.latency_micros(0.5)),
-        mesh.latency_micros(0.99)
-            .saturating_sub(direct.latency_micros(0.99))
+    added(
+        "banner on a declared port (connect + mTLS handshake through two sidecars)",
+        &direct_banner,
+        &declared_banner,
+        false,
+    );
+    added(
+        "banner on an undeclared port (detection timeout 1 s)",
+        &direct_banner,
+        &undeclared_banner,
+        false,
     );
     Ok(())
 }
