@@ -207,17 +207,35 @@ fn websocket_upgrades_pass_and_are_authorized() {
 fn grpc_and_http2_keep_their_semantics() {
     let h = mesh(33, "fidelity-grpc", IpFamilies::V4);
     let addr = format!("server:{GRPC_PORT}");
-    for call in ["unary", "server-stream", "client-stream", "bidi"] {
+    for (call, replies) in [
+        ("unary", 1),
+        ("server-stream", 5),
+        ("client-stream", 1),
+        ("bidi", 5),
+    ] {
         let v = app(
             &h,
             "client",
             &["grpc", &addr, "--call", call, "--count", "5"],
         );
-        eprintln!("gRPC {call}: {v}");
+        assert_eq!(v["name"], "server-0", "{call}: {v}");
+        assert_eq!(
+            v["messages"].as_array().map(Vec::len),
+            Some(replies),
+            "{call}: {v}"
+        );
     }
+    let v = app(
+        &h,
+        "client",
+        &["grpc", &addr, "--call", "server-stream", "--count", "5"],
+    );
+    assert_eq!(v["messages"][4], "hello-4", "{v}");
     // Status codes, messages and trailers arrive intact.
     let v = app(&h, "client", &["grpc", &addr, "--call", "error"]);
     assert_eq!(v["code"], 5, "{v}");
+    assert_eq!(v["message"], "failed as asked", "{v}");
+    assert_eq!(v["detail"], "asked", "a custom trailer: {v}");
 
     // HTTP/1.1 app: HTTP/2 between the sidecars, HTTP/1.1 to the app.
     let v = http(&h, "client", "http://server:8080/");
@@ -409,4 +427,45 @@ fn ipv6_only_and_dual_stack_pods_are_meshed() {
             report.failures()
         );
     }
+}
+
+/// Under PERMISSIVE mTLS a caller without a sidecar arrives in plaintext: the
+/// server's sidecar inspects its first bytes on an undeclared port too.
+#[test]
+fn plaintext_callers_are_detected_on_the_inbound_side() {
+    let mut h = Harness::new(38, "fidelity-plaintext").expect("harness");
+    h.add_pod_listening("plain", &[("app", "plain")], "plain", 0, &[])
+        .unwrap();
+    h.unlist_pod("plain");
+    h.add_pod_listening("server-0", &[("app", "server")], "server", 0, &LISTEN)
+        .unwrap();
+    h.add_service_with("server", &[("app", "server")], &server_ports())
+        .unwrap();
+    h.write_cluster_manifest().unwrap();
+    h.start_control_plane_with(&["--mtls", "permissive", "--access", "permissive"])
+        .unwrap();
+    h.start_sidecar("server-0").unwrap();
+    let server = h.pod_ips("server-0")[0];
+
+    let url = format!("http://{}/plain", host_port(server, UNDECLARED_HTTP_PORT));
+    let v = http(&h, "plain", &url);
+    assert_eq!(status(&v), 200, "{v}");
+    assert_eq!(header(&v, "x-weft-path"), "/plain", "{v}");
+    let inbound = format!("http.inbound_{UNDECLARED_HTTP_PORT}.downstream_rq_total");
+    assert!(
+        h.envoy_stat("server-0", &inbound).unwrap() >= 1,
+        "the server sidecar handled plaintext HTTP on an undeclared port as HTTP"
+    );
+    let banner = app(
+        &h,
+        "plain",
+        &["banner", &host_port(server, UNDECLARED_BANNER_PORT)],
+    );
+    assert_eq!(banner["banner"], "BANNER server-0", "{banner}");
+    let ms = banner["first_byte_micros"].as_f64().unwrap() / 1000.0;
+    assert!(ms < 2_500.0, "banner after {ms} ms");
+    let declared = app(&h, "plain", &["banner", &host_port(server, MYSQL_PORT)]);
+    assert_eq!(declared["echo_ok"], true, "{declared}");
+    let redis = app(&h, "plain", &["redis", &host_port(server, REDIS_PORT)]);
+    assert_eq!(redis["ok"], true, "{redis}");
 }
