@@ -13,7 +13,7 @@ use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
 use crate::XdsError;
 use crate::resource::{Resource, type_url};
-use crate::snapshot::{ResourceMap, Snapshot, TypedResources, set_version};
+use crate::snapshot::{Layer, Snapshot, TypedResources};
 
 /// A response ready to go on the wire; resource bytes are shared, not copied.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -24,19 +24,25 @@ pub struct AdsResponse {
     pub type_url: String,
     /// Nonce the proxy echoes back in its ACK or NACK.
     pub nonce: String,
-    /// The resources, by name (often the very map the snapshot holds).
-    pub resources: ResourceMap,
+    /// The resources (often the very layers the snapshot holds).
+    pub resources: TypedResources,
 }
 
 impl AdsResponse {
-    /// Names of the resources, in order.
+    /// Names of the resources, sorted.
     pub fn names(&self) -> Vec<String> {
-        self.resources.keys().cloned().collect()
+        let mut names: Vec<String> = self
+            .resources
+            .iter()
+            .map(|r| r.name().to_string())
+            .collect();
+        names.sort();
+        names
     }
 
-    /// The encoded `resources` entries, in order.
+    /// The encoded `resources` entries, layer by layer.
     pub fn entries(&self) -> impl Iterator<Item = &Bytes> {
-        self.resources.values().map(Resource::entry)
+        self.resources.iter().map(Resource::entry)
     }
 }
 
@@ -73,7 +79,7 @@ pub struct Nack {
 struct Sent {
     version: String,
     nonce: String,
-    resources: ResourceMap,
+    resources: TypedResources,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -189,27 +195,25 @@ impl AdsConnection {
             if unchanged && !state.must_respond {
                 continue;
             }
-            let removed: Vec<&Resource> = state
+            let removed: Vec<Resource> = state
                 .sent
                 .iter()
-                .flat_map(|s| s.resources.values())
-                .filter(|r| !desired.contains_key(r.name()))
+                .flat_map(|s| s.resources.iter())
+                .filter(|r| !desired.contains(r.name()))
+                .cloned()
                 .collect();
             if removed.is_empty() {
                 out.push(self.respond(&type_url, desired, version));
                 continue;
             }
             // Keep removed resources until everything that referenced them has moved on.
-            let mut union = BTreeMap::clone(&desired);
-            union.extend(
-                removed
-                    .into_iter()
-                    .map(|r| (r.name().to_string(), r.clone())),
-            );
-            let union_version = set_version(union.values());
+            let mut layers = desired.layers().to_vec();
+            layers.push(Arc::new(Layer::new(removed)));
+            let union = TypedResources::from_layers(layers);
+            let union_version = union.version().to_string();
             let sent_version = state.sent.as_ref().map(|s| s.version.clone());
             if sent_version.as_deref() != Some(union_version.as_str()) {
-                out.push(self.respond(&type_url, Arc::new(union), union_version));
+                out.push(self.respond(&type_url, union, union_version));
             }
             removals.push((type_url, desired, version));
         }
@@ -222,7 +226,7 @@ impl AdsConnection {
     fn respond(
         &mut self,
         type_url: &str,
-        resources: ResourceMap,
+        resources: TypedResources,
         version_info: String,
     ) -> AdsResponse {
         self.nonce_seq += 1;
@@ -280,24 +284,25 @@ pub(crate) fn remember_node(
 }
 
 /// What a subscription wants from what is available, and that set's version.
-/// Shares the snapshot's map when the subscription covers all of it (the usual case).
+/// Shares the snapshot's layers when the subscription covers all of them (the usual case).
 pub(crate) fn desired_resources(
     wildcard: bool,
     names: &BTreeSet<String>,
     available: Option<&TypedResources>,
-) -> (ResourceMap, String) {
+) -> (TypedResources, String) {
     let Some(available) = available else {
-        let empty = ResourceMap::default();
-        let version = set_version(empty.values());
+        let empty = TypedResources::default();
+        let version = empty.version().to_string();
         return (empty, version);
     };
-    if wildcard || available.items().keys().all(|n| names.contains(n)) {
-        return (available.items().clone(), available.version().to_string());
+    if wildcard || available.iter().all(|r| names.contains(r.name())) {
+        return (available.clone(), available.version().to_string());
     }
     let subset: BTreeMap<String, Resource> = names
         .iter()
-        .filter_map(|n| available.items().get(n).map(|r| (n.clone(), r.clone())))
+        .filter_map(|n| available.get(n).map(|r| (n.clone(), r.clone())))
         .collect();
-    let version = set_version(subset.values());
-    (Arc::new(subset), version)
+    let view = TypedResources::single(Arc::new(Layer::from_map(subset)));
+    let version = view.version().to_string();
+    (view, version)
 }

@@ -14,7 +14,7 @@ use prost::encoding::{WireType, encode_key, encode_varint};
 use crate::XdsError;
 use crate::connection::{Nack, RequestEvent, TypeSync, desired_resources, remember_node};
 use crate::resource::{Resource, type_url};
-use crate::snapshot::{ResourceMap, Snapshot};
+use crate::snapshot::{LayerRef, Snapshot, TypedResources};
 
 /// A delta response ready to go on the wire; resource bytes are shared, not copied.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -55,23 +55,24 @@ pub fn encode_delta_response(response: &DeltaResponse, dst: &mut impl BufMut) {
 /// What a proxy has of one type, as far as the stream knows.
 #[derive(Clone, Debug)]
 enum Known {
-    /// Exactly the map sent last: usually the snapshot's own map, shared, so a
-    /// thousand streams cost one map and an unchanged type costs a pointer compare.
-    Sent(ResourceMap),
+    /// Exactly the view sent last: usually the snapshot's own layers, shared, so a
+    /// thousand streams cost one set of layers and an unchanged type costs a few
+    /// pointer compares.
+    Sent(TypedResources),
     /// Name → version, as the proxy declared on reconnect or after an unsubscribe.
     Versions(BTreeMap<String, String>),
 }
 
 impl Default for Known {
     fn default() -> Self {
-        Self::Sent(ResourceMap::default())
+        Self::Sent(TypedResources::default())
     }
 }
 
 impl Known {
     fn contains(&self, name: &str) -> bool {
         match self {
-            Self::Sent(m) => m.contains_key(name),
+            Self::Sent(m) => m.contains(name),
             Self::Versions(v) => v.contains_key(name),
         }
     }
@@ -90,7 +91,7 @@ impl Known {
         let mut versions = match self {
             Self::Sent(m) => m
                 .iter()
-                .map(|(n, r)| (n.clone(), r.version().to_string()))
+                .map(|r| (r.name().to_string(), r.version().to_string()))
                 .collect(),
             Self::Versions(v) => std::mem::take(v),
         };
@@ -99,25 +100,20 @@ impl Known {
     }
 
     /// Resources of `desired` the proxy lacks or has in another version, and names it
-    /// has that `desired` does not.
-    /// `memo` is used only for maps other streams share (a stream's own subset map
-    /// would just push shared diffs out of it).
-    fn diff(&self, desired: &ResourceMap, memo: Option<&DiffMemo>) -> Arc<Diff> {
+    /// has that `desired` does not. Layers the two views share cost a pointer compare;
+    /// the diff of two shared layers is computed once for every stream (`memo`).
+    fn diff(&self, desired: &TypedResources, memo: &DiffMemo) -> Arc<Diff> {
         match self {
-            Self::Sent(sent) if Arc::ptr_eq(sent, desired) => Arc::default(),
-            Self::Sent(sent) => match memo {
-                Some(memo) => memo.diff(sent, desired),
-                None => Arc::new(diff_sorted(sent, desired)),
-            },
+            Self::Sent(sent) => diff_views(sent, desired, memo),
             Self::Versions(versions) => {
                 let changed = desired
                     .iter()
-                    .filter(|(n, r)| versions.get(*n).map(String::as_str) != Some(r.version()))
-                    .map(|(_, r)| r.clone())
+                    .filter(|r| versions.get(r.name()).map(String::as_str) != Some(r.version()))
+                    .cloned()
                     .collect();
                 let removed = versions
                     .keys()
-                    .filter(|n| !desired.contains_key(*n))
+                    .filter(|n| !desired.contains(n))
                     .cloned()
                     .collect();
                 Arc::new(Diff {
@@ -127,6 +123,43 @@ impl Known {
             }
         }
     }
+}
+
+/// The diff between two views, layer by layer when they have the same shape (the
+/// usual case: each layer replaced by its next version, or kept). A resource may move
+/// between layers: a name removed from one layer but present in the new view is not a
+/// removal, and one that moved unchanged is not re-sent.
+fn diff_views(sent: &TypedResources, desired: &TypedResources, memo: &DiffMemo) -> Arc<Diff> {
+    let (old, new) = (sent.layers(), desired.layers());
+    let empty = empty_layer();
+    let first = |layers: &[LayerRef]| layers.first().cloned().unwrap_or_else(|| empty.clone());
+    if old.len() == new.len() && old.iter().zip(new).all(|(a, b)| Arc::ptr_eq(a, b)) {
+        return Arc::default();
+    }
+    if old.len() <= 1 && new.len() <= 1 {
+        // One layer each: the memoised diff is the answer as is (shared between streams).
+        return memo.diff(&first(old), &first(new));
+    }
+    let mut changed = Vec::new();
+    let mut removed = Vec::new();
+    for i in 0..old.len().max(new.len()) {
+        let (a, b) = (old.get(i).unwrap_or(&empty), new.get(i).unwrap_or(&empty));
+        if Arc::ptr_eq(a, b) {
+            continue;
+        }
+        let d = memo.diff(a, b);
+        changed.extend(
+            d.changed
+                .iter()
+                .filter(|r| sent.get(r.name()).map(Resource::version) != Some(r.version()))
+                .cloned(),
+        );
+        removed.extend(d.removed.iter().filter(|n| !desired.contains(n)).cloned());
+    }
+    Arc::new(Diff {
+        changed: Arc::new(changed),
+        removed,
+    })
 }
 
 /// What moving a proxy from one resource set to another takes.
@@ -141,16 +174,32 @@ pub struct Diff {
 /// How many recent diffs are remembered: a few pushes in flight at once.
 const MEMO_ENTRIES: usize = 16;
 
-/// Recent diffs between shared resource maps: when a thousand streams move from the
-/// same set to the same set, the diff is computed once. Entries hold both maps, so a
+/// Diffs of smaller layers (a proxy's own, its on-demand ones) are cheaper to redo
+/// than to look up, and would only push shared diffs out of the memo.
+const MEMO_MIN_RESOURCES: usize = 64;
+
+/// The one empty layer every new stream starts from, so their first diffs share the memo.
+fn empty_layer() -> LayerRef {
+    static EMPTY: std::sync::LazyLock<LayerRef> = std::sync::LazyLock::new(LayerRef::default);
+    EMPTY.clone()
+}
+
+/// Recent diffs between shared layers: when a thousand streams move from the same
+/// layer to the same layer, the diff is computed once. Entries hold both layers, so a
 /// pointer match can never be a reused address.
 #[derive(Debug, Default)]
 pub struct DiffMemo {
-    recent: Mutex<VecDeque<(ResourceMap, ResourceMap, Arc<Diff>)>>,
+    recent: Mutex<VecDeque<(LayerRef, LayerRef, Arc<Diff>)>>,
 }
 
 impl DiffMemo {
-    fn diff(&self, from: &ResourceMap, to: &ResourceMap) -> Arc<Diff> {
+    fn diff(&self, from: &LayerRef, to: &LayerRef) -> Arc<Diff> {
+        if Arc::ptr_eq(from, to) {
+            return Arc::default();
+        }
+        if from.items().len().max(to.items().len()) < MEMO_MIN_RESOURCES {
+            return Arc::new(diff_sorted(from.items(), to.items()));
+        }
         let found = {
             let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
             recent
@@ -161,7 +210,7 @@ impl DiffMemo {
         if let Some(diff) = found {
             return diff;
         }
-        let diff = Arc::new(diff_sorted(from, to));
+        let diff = Arc::new(diff_sorted(from.items(), to.items()));
         let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
         if recent.len() == MEMO_ENTRIES {
             recent.pop_front();
@@ -299,10 +348,7 @@ impl DeltaAdsConnection {
             };
             let (desired, version) =
                 desired_resources(state.wildcard, &state.names, snapshot.resources(&type_url));
-            let shared = snapshot
-                .resources(&type_url)
-                .is_some_and(|t| Arc::ptr_eq(t.items(), &desired));
-            let diff = state.known.diff(&desired, shared.then_some(&*self.memo));
+            let diff = state.known.diff(&desired, &self.memo);
             let mut removed = diff.removed.clone();
             // Subscribed names that do not exist are answered as removed, so the proxy
             // stops waiting for them.
@@ -310,7 +356,7 @@ impl DeltaAdsConnection {
                 state
                     .unanswered
                     .iter()
-                    .filter(|n| !desired.contains_key(n.as_str()) && !state.known.contains(n))
+                    .filter(|n| !desired.contains(n) && !state.known.contains(n))
                     .cloned(),
             );
             removed.sort();
@@ -356,6 +402,14 @@ impl DeltaAdsConnection {
         }
     }
 
+    /// Names subscribed explicitly (beside any wildcard), by type URL.
+    pub fn explicit_names(&self) -> Vec<(String, String)> {
+        self.types
+            .iter()
+            .flat_map(|(t, s)| s.names.iter().map(move |n| (t.clone(), n.clone())))
+            .collect()
+    }
+
     /// Per-type sync state.
     pub fn sync_state(&self) -> Vec<TypeSync> {
         self.types
@@ -374,7 +428,7 @@ impl DeltaAdsConnection {
 
 /// Walks two name-sorted maps once, side by side (no lookups): what `desired` adds or
 /// changes, and what `sent` has that `desired` dropped.
-fn diff_sorted(sent: &ResourceMap, desired: &ResourceMap) -> Diff {
+fn diff_sorted(sent: &BTreeMap<String, Resource>, desired: &BTreeMap<String, Resource>) -> Diff {
     let (mut changed, mut removed) = (Vec::new(), Vec::new());
     let mut old = sent.iter().peekable();
     for (name, new) in desired.iter() {

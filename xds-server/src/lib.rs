@@ -13,11 +13,12 @@ pub use connection::{AdsConnection, AdsResponse, Nack, RequestEvent, TypeSync};
 pub use delta::{DeltaAdsConnection, DeltaResponse, Diff, DiffMemo, encode_delta_response};
 pub use resource::{Resource, type_url};
 pub use service::{
-    AdsProtocol, AdsService, StreamPolicy, StreamSupervisor, StreamSync, SyncRegistry,
-    WireResponse, encode_response,
+    AdsProtocol, AdsService, OnDemandResolver, StreamPolicy, StreamSupervisor, StreamSync,
+    SyncRegistry, WireResponse, encode_response,
 };
 pub use snapshot::{
-    NodeWatch, ResourceMap, Snapshot, SnapshotCache, SnapshotSource, TypedResources,
+    Admission, Layer, LayerRef, NodeDemand, NodeSnapshot, NodeWatch, Snapshot, SnapshotCache,
+    SnapshotSource, TypedResources,
 };
 
 /// Errors of the xDS server.

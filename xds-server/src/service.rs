@@ -22,8 +22,8 @@ use tonic::{Status, server::NamedService};
 use crate::XdsError;
 use crate::connection::{AdsConnection, AdsResponse, RequestEvent, TypeSync};
 use crate::delta::{DeltaAdsConnection, DeltaResponse, DiffMemo, encode_delta_response};
-use crate::resource::type_url;
-use crate::snapshot::{NodeWatch, Snapshot, SnapshotCache, SnapshotSource};
+use crate::resource::{Resource, type_url};
+use crate::snapshot::{Admission, Layer, NodeWatch, Snapshot, SnapshotCache, SnapshotSource};
 
 /// gRPC path of the SotW ADS method.
 const SOTW_PATH: &str =
@@ -94,6 +94,11 @@ pub trait AdsProtocol: Send + 'static {
     fn next_responses(&mut self, snapshot: &Snapshot) -> Vec<Self::Response>;
     /// Per-type sync state.
     fn sync_state(&self) -> Vec<TypeSync>;
+    /// Names subscribed explicitly, by type URL (candidates for on-demand resolution);
+    /// none where the variant has no on-demand discovery.
+    fn explicit_names(&self) -> Vec<(String, String)> {
+        Vec::new()
+    }
 }
 
 impl AdsProtocol for AdsConnection {
@@ -142,13 +147,25 @@ impl AdsProtocol for DeltaAdsConnection {
     fn sync_state(&self) -> Vec<TypeSync> {
         DeltaAdsConnection::sync_state(self)
     }
+    fn explicit_names(&self) -> Vec<(String, String)> {
+        DeltaAdsConnection::explicit_names(self)
+    }
 }
 
 /// Decides whether a stream may receive its node's own resources (secrets included).
 pub trait StreamPolicy: Send + Sync + std::fmt::Debug {
-    /// `Ok` when `peer` may have `node`'s own snapshot; `Err(reason)` otherwise, and the
-    /// stream gets only the fallback snapshot.
-    fn check(&self, node: &str, peer: Option<SocketAddr>) -> Result<(), String>;
+    /// [`Admission::Own`] when `peer` may have `node`'s own snapshot (the stream waits
+    /// for it), [`Admission::Fallback`] for a node the control plane does not know,
+    /// [`Admission::Denied`] with the reason when the peer may not have it.
+    fn check(&self, node: &str, peer: Option<SocketAddr>) -> Admission;
+}
+
+/// Resolves resources a proxy subscribes to by name that its snapshot does not hold:
+/// on-demand discovery (Envoy asks for a cluster when a connection first needs it).
+pub trait OnDemandResolver: Send + Sync + std::fmt::Debug {
+    /// The resource `name` of `type_url` for `node` (`own`: served its own snapshot,
+    /// so it has an identity), or `None` when there is no such resource.
+    fn resolve(&self, node: &str, own: bool, type_url: &str, name: &str) -> Option<Resource>;
 }
 
 /// What `proxy-status` shows for one connected stream.
@@ -246,6 +263,7 @@ impl StreamSupervisor {
 pub struct AdsService {
     cache: Arc<SnapshotCache>,
     policy: Option<Arc<dyn StreamPolicy>>,
+    on_demand: Option<Arc<dyn OnDemandResolver>>,
     registry: Arc<SyncRegistry>,
     next_stream: Arc<AtomicU64>,
     spawned: mpsc::UnboundedSender<JoinHandle<()>>,
@@ -259,6 +277,7 @@ impl AdsService {
         let service = Self {
             cache,
             policy: None,
+            on_demand: None,
             registry: Arc::default(),
             next_stream: Arc::default(),
             spawned,
@@ -270,6 +289,12 @@ impl AdsService {
     /// Checks every stream with `policy` before serving it its node's own resources.
     pub fn with_policy(mut self, policy: Arc<dyn StreamPolicy>) -> Self {
         self.policy = Some(policy);
+        self
+    }
+
+    /// Resolves names no snapshot holds with `resolver` (on-demand discovery).
+    pub fn with_on_demand(mut self, resolver: Arc<dyn OnDemandResolver>) -> Self {
+        self.on_demand = Some(resolver);
         self
     }
 
@@ -317,6 +342,7 @@ impl AdsService {
         let cache = self.cache.clone();
         let registry = self.registry.clone();
         let policy = self.policy.clone();
+        let on_demand = self.on_demand.clone();
         let conn = P::new_stream(&self.memo);
         let handle = tokio::spawn(async move {
             let stream = StreamContext {
@@ -325,6 +351,7 @@ impl AdsService {
                 cache: &cache,
                 registry: &registry,
                 policy: policy.as_deref(),
+                on_demand: on_demand.as_deref(),
             };
             run_stream::<P, S>(stream, conn, requests, tx).await;
             registry.remove(id);
@@ -339,9 +366,60 @@ impl AdsService {
 struct StreamContext<'a> {
     id: u64,
     peer: Option<SocketAddr>,
-    cache: &'a SnapshotCache,
+    cache: &'a Arc<SnapshotCache>,
     registry: &'a SyncRegistry,
     policy: Option<&'a dyn StreamPolicy>,
+    on_demand: Option<&'a dyn OnDemandResolver>,
+}
+
+/// A stream's on-demand resources: resolved again whenever what the proxy should have
+/// changes, and kept as the same layers while they resolve the same.
+#[derive(Default)]
+struct OnDemandLayers {
+    by_type: std::collections::BTreeMap<String, Arc<Layer>>,
+}
+
+impl OnDemandLayers {
+    /// `snapshot` plus the explicitly subscribed names it lacks, resolved.
+    fn apply<P: AdsProtocol>(
+        &mut self,
+        conn: &P,
+        resolver: Option<&dyn OnDemandResolver>,
+        source: SnapshotSource,
+        snapshot: Arc<Snapshot>,
+    ) -> Arc<Snapshot> {
+        let (Some(resolver), Some(node)) = (resolver, conn.node_id()) else {
+            return snapshot;
+        };
+        let mut wanted: std::collections::BTreeMap<String, Vec<Resource>> = Default::default();
+        for (type_url, name) in conn.explicit_names() {
+            if snapshot
+                .resources(&type_url)
+                .is_some_and(|t| t.contains(&name))
+            {
+                continue;
+            }
+            let resolved = resolver.resolve(node, source == SnapshotSource::Own, &type_url, &name);
+            let entry = wanted.entry(type_url).or_default();
+            entry.extend(resolved);
+        }
+        self.by_type.retain(|t, _| wanted.contains_key(t));
+        if wanted.values().all(Vec::is_empty) {
+            self.by_type.clear();
+            return snapshot;
+        }
+        let mut extra = Snapshot::new();
+        for (type_url, resources) in wanted {
+            let layer = Layer::new(resources);
+            let layer = match self.by_type.get(&type_url) {
+                Some(same) if **same == layer => same.clone(),
+                _ => Arc::new(layer),
+            };
+            self.by_type.insert(type_url.clone(), layer.clone());
+            extra.add_layer(&type_url, layer);
+        }
+        Arc::new(Snapshot::layered(&[&snapshot, &extra]))
+    }
 }
 
 /// Drives one stream: requests and snapshot changes in, responses out.
@@ -360,10 +438,12 @@ async fn run_stream<P, S>(
         cache,
         registry,
         policy,
+        on_demand,
     } = ctx;
     let mut denied: Option<String> = None;
     let mut snapshots: Option<NodeWatch> = None;
     let mut source = None;
+    let mut extra = OnDemandLayers::default();
     loop {
         tokio::select! {
             req = requests.next() => match req {
@@ -404,10 +484,17 @@ async fn run_stream<P, S>(
             }
         }
         if snapshots.is_none() {
-            snapshots = conn.node_id().map(|n| cache.watch(n));
+            snapshots = conn.node_id().map(|n| cache.watch(n, P::NAME));
         }
-        if let Some(node) = conn.node_id() {
-            let verdict = policy.map_or(Ok(()), |p| p.check(node, peer)).err();
+        let mut admission = Admission::OwnOrFallback;
+        if let Some(node) = conn.node_id()
+            && let Some(policy) = policy
+        {
+            admission = policy.check(node, peer);
+            let verdict = match &admission {
+                Admission::Denied(reason) => Some(reason.clone()),
+                _ => None,
+            };
             if verdict.is_some() && verdict != denied {
                 registry.denials.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
@@ -420,8 +507,8 @@ async fn run_stream<P, S>(
             }
             denied = verdict;
         }
-        let own_allowed = denied.is_none();
-        if let Some((snapshot, now)) = snapshots.as_mut().and_then(|w| w.current(own_allowed)) {
+        if let Some((snapshot, now)) = snapshots.as_mut().and_then(|w| w.current(&admission)) {
+            let snapshot = extra.apply(&conn, on_demand, now, snapshot);
             if source != Some(now) {
                 let node = conn.node_id().unwrap_or_default();
                 match now {

@@ -1,49 +1,124 @@
-//! Per-node snapshots of typed resources and the cache that publishes them.
+//! Snapshots of typed resources as shared layers, and the cache that publishes them.
+//!
+//! A proxy's view of one type is a few layers: shared ones (the outbound resources
+//! every proxy, or every proxy of one scope, gets alike) and its own small one. A
+//! layer is held once and referenced by every view that uses it, never copied, so
+//! per-proxy memory does not grow with the mesh; the server composes the layers when
+//! it sends.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 
 use crate::resource::{Resource, fnv1a};
 
-/// Resources by name, shared between snapshots and streams.
-pub type ResourceMap = Arc<BTreeMap<String, Resource>>;
+/// Resources of one type by name, with the version of the set (computed once).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Layer {
+    items: BTreeMap<String, Resource>,
+    version: String,
+}
 
-/// The resources of one type in a snapshot, by name, with the version of the set.
+/// A layer shared between views, snapshots and streams.
+pub type LayerRef = Arc<Layer>;
+
+impl Layer {
+    /// A layer of `resources` (a later one of the same name replaces an earlier one).
+    pub fn new(resources: impl IntoIterator<Item = Resource>) -> Self {
+        Self::from_map(
+            resources
+                .into_iter()
+                .map(|r| (r.name().to_string(), r))
+                .collect(),
+        )
+    }
+
+    /// A layer of an existing map.
+    pub fn from_map(items: BTreeMap<String, Resource>) -> Self {
+        let version = set_version(items.values());
+        Self { items, version }
+    }
+
+    /// Resources by name.
+    pub fn items(&self) -> &BTreeMap<String, Resource> {
+        &self.items
+    }
+
+    /// Version of the set.
+    pub fn version(&self) -> &str {
+        &self.version
+    }
+}
+
+/// What a proxy should have of one type: layers whose names do not overlap (shared
+/// ones first, its own last), and the version of the whole.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TypedResources {
-    items: ResourceMap,
+    layers: Vec<LayerRef>,
     version: String,
 }
 
 impl Default for TypedResources {
     fn default() -> Self {
-        Self::new(ResourceMap::default())
+        Self::from_layers(Vec::new())
     }
 }
 
 impl TypedResources {
-    fn new(items: ResourceMap) -> Self {
-        let version = set_version(items.values());
-        Self { items, version }
+    /// A view of `layers`; empty layers are dropped. One layer keeps its own version,
+    /// several get a hash of theirs.
+    pub fn from_layers(layers: Vec<LayerRef>) -> Self {
+        let layers: Vec<LayerRef> = layers.into_iter().filter(|l| !l.items.is_empty()).collect();
+        let version = match layers.as_slice() {
+            [] => set_version(std::iter::empty()),
+            [one] => one.version.clone(),
+            many => {
+                let joined: Vec<&str> = many.iter().map(|l| l.version.as_str()).collect();
+                format!("{:016x}", fnv1a(joined.join("+").as_bytes()))
+            }
+        };
+        Self { layers, version }
     }
 
-    /// Adds (or replaces) resources and recomputes the set's version.
-    fn extend(&mut self, resources: impl IntoIterator<Item = Resource>) {
-        let mut items = BTreeMap::clone(&self.items);
-        items.extend(resources.into_iter().map(|r| (r.name().to_string(), r)));
-        *self = Self::new(Arc::new(items));
+    /// A view of one layer.
+    pub fn single(layer: LayerRef) -> Self {
+        Self::from_layers(vec![layer])
     }
 
-    /// Resources by name.
-    pub fn items(&self) -> &ResourceMap {
-        &self.items
+    /// The layers, in order.
+    pub fn layers(&self) -> &[LayerRef] {
+        &self.layers
     }
 
-    /// Version of the whole set (computed once, when the snapshot is built).
+    /// Version of the whole view.
     pub fn version(&self) -> &str {
         &self.version
+    }
+
+    /// The resource named `name`, from whichever layer holds it.
+    pub fn get(&self, name: &str) -> Option<&Resource> {
+        self.layers.iter().find_map(|l| l.items.get(name))
+    }
+
+    /// Whether some layer holds `name`.
+    pub fn contains(&self, name: &str) -> bool {
+        self.get(name).is_some()
+    }
+
+    /// Number of resources.
+    pub fn len(&self) -> usize {
+        self.layers.iter().map(|l| l.items.len()).sum()
+    }
+
+    /// Whether the view is empty.
+    pub fn is_empty(&self) -> bool {
+        self.layers.is_empty()
+    }
+
+    /// Every resource, layer by layer.
+    pub fn iter(&self) -> impl Iterator<Item = &Resource> {
+        self.layers.iter().flat_map(|l| l.items.values())
     }
 }
 
@@ -59,22 +134,42 @@ impl Snapshot {
         Self::default()
     }
 
-    /// Adds (or replaces) resources under `type_url`.
+    /// Adds resources under `type_url` as a layer of their own.
     pub fn with(mut self, type_url: &str, resources: impl IntoIterator<Item = Resource>) -> Self {
-        self.extend_type(type_url, resources);
+        self.add_layer(type_url, Arc::new(Layer::new(resources)));
         self
     }
 
-    fn extend_type(&mut self, type_url: &str, resources: impl IntoIterator<Item = Resource>) {
-        self.types
-            .entry(type_url.to_string())
-            .or_default()
-            .extend(resources);
+    /// Adds a (possibly shared) layer under `type_url`.
+    pub fn add_layer(&mut self, type_url: &str, layer: LayerRef) {
+        let typed = self.types.entry(type_url.to_string()).or_default();
+        let mut layers = std::mem::take(&mut typed.layers);
+        layers.push(layer);
+        *typed = TypedResources::from_layers(layers);
     }
 
-    /// Resources of one type (empty when the type has none).
+    /// Resources of one type.
     pub fn resources(&self, type_url: &str) -> Option<&TypedResources> {
         self.types.get(type_url)
+    }
+
+    /// Type URLs present.
+    pub fn type_urls(&self) -> impl Iterator<Item = &String> {
+        self.types.keys()
+    }
+
+    /// The layers of `parts`, in order, type by type: shared snapshots first, then a
+    /// proxy's own. Nothing is copied but layer references.
+    pub fn layered(parts: &[&Snapshot]) -> Self {
+        let mut out = Snapshot::new();
+        for part in parts {
+            for (type_url, typed) in &part.types {
+                for layer in &typed.layers {
+                    out.add_layer(type_url, layer.clone());
+                }
+            }
+        }
+        out
     }
 }
 
@@ -90,36 +185,92 @@ pub fn set_version<'a>(resources: impl IntoIterator<Item = &'a Resource>) -> Str
     format!("{:016x}", fnv1a(text.as_bytes()))
 }
 
-type SnapshotSender = watch::Sender<Option<Arc<Snapshot>>>;
+/// What the control plane publishes for one node: its own resources, and the names of
+/// the shared snapshots layered under them (see [`SnapshotCache::set_shared`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NodeSnapshot {
+    /// Names of the shared snapshots under the node's own resources, in layer order.
+    pub shared: Vec<String>,
+    /// The node's own resources.
+    pub own: Snapshot,
+}
 
-/// Holds the latest snapshot of every node and wakes the streams of a node on change.
+/// A proxy came or went: the first stream of a node opened, or its last closed.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NodeDemand {
+    /// Node id.
+    pub node: String,
+    /// Whether a stream of the node is open now.
+    pub connected: bool,
+    /// ADS variant of the stream that opened (`delta` or `sotw`).
+    pub protocol: &'static str,
+}
+
+/// How a stream of a node is to be served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Admission {
+    /// Its node's own snapshot, once the control plane has published it: the stream
+    /// waits for it rather than take the fallback.
+    Own,
+    /// The fallback snapshot: the node is not a workload the control plane knows.
+    Fallback,
+    /// The fallback snapshot, and the reason the node was refused its own.
+    Denied(String),
+    /// No policy decides: its own snapshot when there is one, else the fallback.
+    OwnOrFallback,
+}
+
+type Sender<T> = watch::Sender<Option<Arc<T>>>;
+type Receiver<T> = watch::Receiver<Option<Arc<T>>>;
+
+#[derive(Debug)]
+struct NodeEntry {
+    own: Sender<NodeSnapshot>,
+    streams: usize,
+}
+
+/// Holds the latest snapshot of every node and of every shared layer set, and wakes
+/// the streams of a node when what it should have changes.
 ///
 /// A node with no snapshot of its own gets the fallback snapshot (what any proxy may
 /// have, e.g. outbound config for a sidecar whose pod is not known yet); until a
-/// fallback is set too, its streams wait rather than receive an empty mesh.
+/// fallback is set too, its streams wait rather than receive an empty mesh. Streams
+/// opening and closing are reported on [`SnapshotCache::demands`], so the control plane
+/// builds per-node resources only for the proxies that are connected.
 #[derive(Debug)]
 pub struct SnapshotCache {
-    nodes: Mutex<HashMap<String, SnapshotSender>>,
-    fallback: SnapshotSender,
+    nodes: Mutex<HashMap<String, NodeEntry>>,
+    shared: Mutex<HashMap<String, Sender<Snapshot>>>,
+    fallback: Sender<Snapshot>,
+    demands: Mutex<Option<mpsc::UnboundedSender<NodeDemand>>>,
+    /// Bumped when on-demand resources may resolve differently.
+    epoch: watch::Sender<u64>,
 }
 
 impl Default for SnapshotCache {
     fn default() -> Self {
         Self {
             nodes: Mutex::default(),
+            shared: Mutex::default(),
             fallback: watch::channel(None).0,
+            demands: Mutex::default(),
+            epoch: watch::channel(0).0,
         }
     }
 }
 
-fn publish(sender: &SnapshotSender, snapshot: Snapshot) -> bool {
+fn publish<T: PartialEq>(sender: &Sender<T>, value: T) -> bool {
     sender.send_if_modified(|current| {
-        if current.as_deref() == Some(&snapshot) {
+        if current.as_deref() == Some(&value) {
             return false;
         }
-        *current = Some(Arc::new(snapshot));
+        *current = Some(Arc::new(value));
         true
     })
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl SnapshotCache {
@@ -128,17 +279,69 @@ impl SnapshotCache {
         Arc::new(Self::default())
     }
 
-    fn sender(&self, node: &str) -> SnapshotSender {
-        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
-        nodes
+    fn own_sender(&self, node: &str) -> Sender<NodeSnapshot> {
+        lock(&self.nodes)
             .entry(node.to_string())
+            .or_insert_with(|| NodeEntry {
+                own: watch::channel(None).0,
+                streams: 0,
+            })
+            .own
+            .clone()
+    }
+
+    fn shared_sender(&self, name: &str) -> Sender<Snapshot> {
+        lock(&self.shared)
+            .entry(name.to_string())
             .or_insert_with(|| watch::channel(None).0)
             .clone()
     }
 
-    /// Publishes a node's snapshot; returns false (and wakes nobody) when it is unchanged.
+    /// Publishes a node's snapshot (no shared layers); returns false (and wakes
+    /// nobody) when it is unchanged.
     pub fn set(&self, node: &str, snapshot: Snapshot) -> bool {
-        publish(&self.sender(node), snapshot)
+        self.set_node(
+            node,
+            NodeSnapshot {
+                shared: Vec::new(),
+                own: snapshot,
+            },
+        )
+    }
+
+    /// Publishes a node's own resources over the shared snapshot `snapshot.shared`.
+    pub fn set_node(&self, node: &str, snapshot: NodeSnapshot) -> bool {
+        publish(&self.own_sender(node), snapshot)
+    }
+
+    /// Publishes a shared snapshot under `name`: every node layered on it sees the change.
+    pub fn set_shared(&self, name: &str, snapshot: Snapshot) -> bool {
+        publish(&self.shared_sender(name), snapshot)
+    }
+
+    /// Forgets a shared snapshot no node uses any more.
+    pub fn remove_shared(&self, name: &str) {
+        let mut shared = lock(&self.shared);
+        if let Some(sender) = shared.get(name) {
+            sender.send_replace(None);
+            if sender.receiver_count() == 0 {
+                shared.remove(name);
+            }
+        }
+    }
+
+    /// The shared snapshot published under `name`, if any.
+    pub fn shared(&self, name: &str) -> Option<Arc<Snapshot>> {
+        lock(&self.shared)
+            .get(name)
+            .and_then(|s| s.borrow().clone())
+    }
+
+    /// A node's own snapshot, if one is published.
+    pub fn node(&self, node: &str) -> Option<Arc<NodeSnapshot>> {
+        lock(&self.nodes)
+            .get(node)
+            .and_then(|e| e.own.borrow().clone())
     }
 
     /// Publishes the snapshot for nodes without one of their own.
@@ -146,12 +349,17 @@ impl SnapshotCache {
         publish(&self.fallback, snapshot)
     }
 
-    /// Forgets a node's own snapshot; its open streams move to the fallback.
+    /// Tells streams with on-demand resources to resolve them again.
+    pub fn bump_on_demand(&self) {
+        self.epoch.send_modify(|e| *e = e.wrapping_add(1));
+    }
+
+    /// Forgets a node's own snapshot; its open streams wait or take the fallback.
     pub fn remove(&self, node: &str) {
-        let mut nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(sender) = nodes.get(node) {
-            sender.send_replace(None);
-            if sender.receiver_count() == 0 {
+        let mut nodes = lock(&self.nodes);
+        if let Some(entry) = nodes.get(node) {
+            entry.own.send_replace(None);
+            if entry.own.receiver_count() == 0 && entry.streams == 0 {
                 nodes.remove(node);
             }
         }
@@ -159,30 +367,100 @@ impl SnapshotCache {
 
     /// Node ids with a snapshot of their own.
     pub fn nodes(&self) -> Vec<String> {
-        let nodes = self.nodes.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut ids: Vec<String> = nodes
+        let mut ids: Vec<String> = lock(&self.nodes)
             .iter()
-            .filter(|(_, s)| s.borrow().is_some())
+            .filter(|(_, e)| e.own.borrow().is_some())
             .map(|(id, _)| id.clone())
             .collect();
         ids.sort();
         ids
     }
 
-    /// Subscribes to what a node should have.
-    pub fn watch(&self, node: &str) -> NodeWatch {
+    /// The stream of node arrivals and departures; there is one, taken once.
+    pub fn demands(&self) -> Option<mpsc::UnboundedReceiver<NodeDemand>> {
+        let mut slot = lock(&self.demands);
+        if slot.is_some() {
+            return None;
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        *slot = Some(tx);
+        Some(rx)
+    }
+
+    fn report(&self, demand: NodeDemand) {
+        if let Some(tx) = lock(&self.demands).as_ref() {
+            // A gone receiver means nobody builds per-node resources on demand.
+            let _ = tx.send(demand);
+        }
+    }
+
+    /// Subscribes a stream of `node` (speaking `protocol`) to what the node should have.
+    pub fn watch(self: &Arc<Self>, node: &str, protocol: &'static str) -> NodeWatch {
+        let first = {
+            let mut nodes = lock(&self.nodes);
+            let entry = nodes.entry(node.to_string()).or_insert_with(|| NodeEntry {
+                own: watch::channel(None).0,
+                streams: 0,
+            });
+            entry.streams += 1;
+            entry.streams == 1
+        };
+        if first {
+            self.report(NodeDemand {
+                node: node.to_string(),
+                connected: true,
+                protocol,
+            });
+        }
         NodeWatch {
-            own: self.sender(node).subscribe(),
+            cache: self.clone(),
+            node: node.to_string(),
+            protocol,
+            own: self.own_sender(node).subscribe(),
+            shared: Vec::new(),
             fallback: self.fallback.subscribe(),
+            epoch: self.epoch.subscribe(),
+        }
+    }
+
+    fn unwatch(&self, node: &str, protocol: &'static str) {
+        let last = {
+            let mut nodes = lock(&self.nodes);
+            match nodes.get_mut(node) {
+                Some(entry) => {
+                    entry.streams = entry.streams.saturating_sub(1);
+                    entry.streams == 0
+                }
+                None => false,
+            }
+        };
+        if last {
+            self.report(NodeDemand {
+                node: node.to_string(),
+                connected: false,
+                protocol,
+            });
         }
     }
 }
 
-/// What one node should have: its own snapshot, else the fallback.
+/// What one stream's node should have: its own snapshot over its shared one, else the
+/// fallback. Dropping it tells the cache the stream is gone.
 #[derive(Debug)]
 pub struct NodeWatch {
-    own: watch::Receiver<Option<Arc<Snapshot>>>,
-    fallback: watch::Receiver<Option<Arc<Snapshot>>>,
+    cache: Arc<SnapshotCache>,
+    node: String,
+    protocol: &'static str,
+    own: Receiver<NodeSnapshot>,
+    shared: Vec<(String, Receiver<Snapshot>)>,
+    fallback: Receiver<Snapshot>,
+    epoch: watch::Receiver<u64>,
+}
+
+impl Drop for NodeWatch {
+    fn drop(&mut self) {
+        self.cache.unwatch(&self.node, self.protocol);
+    }
 }
 
 /// Which snapshot a node is being served.
@@ -190,42 +468,66 @@ pub struct NodeWatch {
 pub enum SnapshotSource {
     /// Its own.
     Own,
-    /// The fallback (the node is not known).
+    /// The fallback (the node is not known, or was refused its own).
     Fallback,
 }
 
 impl NodeWatch {
-    /// Waits until either snapshot changes; errs only if the cache is gone.
+    /// Waits until anything the node's view is made of changes; errs only if the
+    /// cache is gone.
     pub async fn changed(&mut self) -> Result<(), watch::error::RecvError> {
+        let shared = async {
+            if self.shared.is_empty() {
+                return std::future::pending().await;
+            }
+            let changes = self.shared.iter_mut().map(|(_, rx)| Box::pin(rx.changed()));
+            futures::future::select_all(changes).await.0
+        };
         tokio::select! {
             r = self.own.changed() => r,
             r = self.fallback.changed() => r,
+            r = shared => r,
+            r = self.epoch.changed() => r,
         }
     }
 
-    /// The snapshot to serve now, marking both as seen. With `own_allowed` false the
-    /// node only ever gets the fallback.
-    pub fn current(&mut self, own_allowed: bool) -> Option<(Arc<Snapshot>, SnapshotSource)> {
+    /// The snapshot to serve now under `admission`, marking everything as seen; `None`
+    /// while what the stream should get is not published yet.
+    pub fn current(&mut self, admission: &Admission) -> Option<(Arc<Snapshot>, SnapshotSource)> {
+        self.epoch.borrow_and_update();
         let fallback = self.fallback.borrow_and_update().clone();
-        match self.own.borrow_and_update().clone() {
-            Some(own) if own_allowed => Some((own, SnapshotSource::Own)),
-            _ => fallback.map(|f| (f, SnapshotSource::Fallback)),
+        let own = self.own.borrow_and_update().clone();
+        let fallback = || fallback.map(|f| (f, SnapshotSource::Fallback));
+        match admission {
+            Admission::Fallback | Admission::Denied(_) => fallback(),
+            Admission::Own => self.compose(own?).map(|s| (s, SnapshotSource::Own)),
+            Admission::OwnOrFallback => match own {
+                Some(own) => self.compose(own).map(|s| (s, SnapshotSource::Own)),
+                None => fallback(),
+            },
         }
     }
-}
 
-impl Snapshot {
-    /// Adds every resource of `other` (replacing same-named ones).
-    pub fn extend(&mut self, other: Snapshot) {
-        for (type_url, typed) in other.types {
-            match self.types.entry(type_url) {
-                std::collections::btree_map::Entry::Occupied(mut mine) => {
-                    mine.get_mut().extend(typed.items.values().cloned());
-                }
-                std::collections::btree_map::Entry::Vacant(slot) => {
-                    slot.insert(typed);
-                }
-            }
+    /// The node's own layers over its shared snapshots; `None` while one is missing.
+    fn compose(&mut self, own: Arc<NodeSnapshot>) -> Option<Arc<Snapshot>> {
+        if own.shared.is_empty() {
+            self.shared.clear();
+            return Some(Arc::new(own.own.clone()));
         }
+        let subscribed = self.shared.iter().map(|(n, _)| n);
+        if !subscribed.eq(own.shared.iter()) {
+            self.shared = own
+                .shared
+                .iter()
+                .map(|n| (n.clone(), self.cache.shared_sender(n).subscribe()))
+                .collect();
+        }
+        let mut parts = Vec::with_capacity(self.shared.len());
+        for (_, rx) in &mut self.shared {
+            parts.push(rx.borrow_and_update().clone()?);
+        }
+        let mut layers: Vec<&Snapshot> = parts.iter().map(|p| &**p).collect();
+        layers.push(&own.own);
+        Some(Arc::new(Snapshot::layered(&layers)))
     }
 }

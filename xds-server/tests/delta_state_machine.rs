@@ -258,7 +258,8 @@ fn streams_making_the_same_move_share_one_diff() {
     let mut streams: Vec<DeltaAdsConnection> = (0..2)
         .map(|_| DeltaAdsConnection::with_memo(memo.clone()))
         .collect();
-    let mut all = clusters(10, 1000);
+    // Large enough to be memoised (small layers are cheaper to diff again).
+    let mut all = clusters(100, 1000);
     let first = Snapshot::new().with(type_url::CLUSTER, all.clone());
     for conn in &mut streams {
         conn.on_request(&subscribe(type_url::CLUSTER, &[])).unwrap();

@@ -1,52 +1,63 @@
-//! Snapshot cache: per-node snapshots, the fallback for unknown nodes, no wake-up on no change.
+//! Snapshot cache: per-node snapshots over shared layers, the fallback for unknown
+//! nodes, arrivals and departures reported, no wake-up on no change.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test setup fails loudly
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use weft_xds::{Resource, Snapshot, SnapshotCache, SnapshotSource, type_url};
+use weft_xds::{
+    Admission, NodeDemand, NodeSnapshot, Resource, Snapshot, SnapshotCache, SnapshotSource,
+    type_url,
+};
 
-fn snap(cluster: &str) -> Snapshot {
-    let c = Cluster {
-        name: cluster.into(),
-        ..Default::default()
-    };
+fn snap(clusters: &[&str]) -> Snapshot {
     Snapshot::new().with(
         type_url::CLUSTER,
-        [Resource::encode(type_url::CLUSTER, cluster, &c)],
+        clusters.iter().map(|c| {
+            let cluster = Cluster {
+                name: c.to_string(),
+                ..Default::default()
+            };
+            Resource::encode(type_url::CLUSTER, *c, &cluster)
+        }),
     )
 }
 
 fn names(s: &Snapshot) -> Vec<String> {
-    s.resources(type_url::CLUSTER)
+    let mut names: Vec<String> = s
+        .resources(type_url::CLUSTER)
         .unwrap()
-        .items()
-        .keys()
-        .cloned()
-        .collect()
+        .iter()
+        .map(|r| r.name().to_string())
+        .collect();
+    names.sort();
+    names
 }
+
+const ANY: Admission = Admission::OwnOrFallback;
 
 #[tokio::test]
 async fn unknown_nodes_wait_for_the_fallback_then_switch_to_their_own_snapshot() {
     let cache = SnapshotCache::new();
-    let mut watch = cache.watch("ns/pod");
+    let mut watch = cache.watch("ns/pod", "delta");
     assert!(
-        watch.current(true).is_none(),
+        watch.current(&ANY).is_none(),
         "nothing to serve before the first publish"
     );
 
-    assert!(cache.set_fallback(snap("shared")));
+    assert!(cache.set_fallback(snap(&["shared"])));
     watch.changed().await.unwrap();
-    let (s, source) = watch.current(true).unwrap();
+    let (s, source) = watch.current(&ANY).unwrap();
     assert_eq!(
         (names(&s), source),
         (vec!["shared".to_string()], SnapshotSource::Fallback)
     );
 
-    assert!(cache.set("ns/pod", snap("own")));
+    assert!(cache.set("ns/pod", snap(&["own"])));
     watch.changed().await.unwrap();
-    let (s, source) = watch.current(true).unwrap();
+    let (s, source) = watch.current(&ANY).unwrap();
     assert_eq!(
         (names(&s), source),
         (vec!["own".to_string()], SnapshotSource::Own)
@@ -56,7 +67,7 @@ async fn unknown_nodes_wait_for_the_fallback_then_switch_to_their_own_snapshot()
     cache.remove("ns/pod");
     watch.changed().await.unwrap();
     assert_eq!(
-        watch.current(true).unwrap().1,
+        watch.current(&ANY).unwrap().1,
         SnapshotSource::Fallback,
         "a removed pod falls back"
     );
@@ -64,15 +75,124 @@ async fn unknown_nodes_wait_for_the_fallback_then_switch_to_their_own_snapshot()
 }
 
 #[tokio::test]
+async fn a_known_node_waits_for_its_own_snapshot_instead_of_taking_the_fallback() {
+    let cache = SnapshotCache::new();
+    cache.set_fallback(snap(&["plaintext"]));
+    let mut watch = cache.watch("ns/pod", "delta");
+    assert!(watch.current(&Admission::Own).is_none());
+    assert_eq!(
+        watch
+            .current(&Admission::Denied("wrong address".into()))
+            .unwrap()
+            .1,
+        SnapshotSource::Fallback
+    );
+    cache.set("ns/pod", snap(&["own"]));
+    watch.changed().await.unwrap();
+    assert_eq!(
+        names(&watch.current(&Admission::Own).unwrap().0),
+        vec!["own"]
+    );
+    assert_eq!(
+        watch.current(&Admission::Fallback).unwrap().1,
+        SnapshotSource::Fallback
+    );
+}
+
+#[tokio::test]
+async fn a_node_is_its_shared_layers_plus_its_own_and_shared_changes_reach_it() {
+    let cache = SnapshotCache::new();
+    let mesh = snap(&["svc-a", "svc-b"]);
+    cache.set_shared("mesh", mesh.clone());
+    let own = NodeSnapshot {
+        shared: vec!["mesh".into()],
+        own: snap(&["inbound"]),
+    };
+    cache.set_node("ns/pod", own.clone());
+    cache.set_node("ns/other", own);
+    let mut one = cache.watch("ns/pod", "delta");
+    let mut two = cache.watch("ns/other", "delta");
+    let (a, _) = one.current(&Admission::Own).unwrap();
+    let (b, _) = two.current(&Admission::Own).unwrap();
+    assert_eq!(names(&a), vec!["inbound", "svc-a", "svc-b"]);
+    // Nothing copied: both views hold the very layer the shared snapshot holds.
+    let shared_layer = &mesh.resources(type_url::CLUSTER).unwrap().layers()[0];
+    for view in [&a, &b] {
+        assert!(Arc::ptr_eq(
+            &view.resources(type_url::CLUSTER).unwrap().layers()[0],
+            shared_layer
+        ));
+    }
+
+    cache.set_shared("mesh", snap(&["svc-a", "svc-b", "svc-c"]));
+    tokio::time::timeout(Duration::from_millis(100), one.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    tokio::time::timeout(Duration::from_millis(100), two.changed())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        names(&one.current(&Admission::Own).unwrap().0),
+        vec!["inbound", "svc-a", "svc-b", "svc-c"]
+    );
+    // A node whose shared snapshot is not published yet waits.
+    cache.set_node(
+        "ns/pod",
+        NodeSnapshot {
+            shared: vec!["scope-x".into()],
+            own: snap(&["inbound"]),
+        },
+    );
+    one.changed().await.unwrap();
+    assert!(one.current(&Admission::Own).is_none());
+    cache.set_shared("scope-x", snap(&["svc-x"]));
+    one.changed().await.unwrap();
+    assert_eq!(
+        names(&one.current(&Admission::Own).unwrap().0),
+        vec!["inbound", "svc-x"]
+    );
+}
+
+#[tokio::test]
+async fn the_first_stream_of_a_node_and_its_last_are_reported() {
+    let cache = SnapshotCache::new();
+    let mut demands = cache.demands().unwrap();
+    assert!(cache.demands().is_none(), "one consumer");
+    let first = cache.watch("ns/pod", "delta");
+    let second = cache.watch("ns/pod", "delta");
+    assert_eq!(
+        demands.recv().await.unwrap(),
+        NodeDemand {
+            node: "ns/pod".into(),
+            connected: true,
+            protocol: "delta"
+        }
+    );
+    drop(first);
+    assert!(demands.try_recv().is_err(), "another stream is still open");
+    drop(second);
+    assert_eq!(
+        demands.recv().await.unwrap(),
+        NodeDemand {
+            node: "ns/pod".into(),
+            connected: false,
+            protocol: "delta"
+        }
+    );
+}
+
+#[tokio::test]
 async fn an_equal_snapshot_wakes_nobody() {
     let cache = SnapshotCache::new();
-    assert!(cache.set("n", snap("a")));
-    let mut watch = cache.watch("n");
-    watch.current(true);
-    assert!(!cache.set("n", snap("a")), "same content is no change");
+    assert!(cache.set("n", snap(&["a"])));
+    let mut watch = cache.watch("n", "sotw");
+    watch.current(&ANY);
+    assert!(!cache.set("n", snap(&["a"])), "same content is no change");
     let woke = tokio::time::timeout(Duration::from_millis(50), watch.changed()).await;
     assert!(woke.is_err(), "no wake-up for an unchanged snapshot");
-    assert!(cache.set("n", snap("b")));
+    assert!(cache.set("n", snap(&["b"])));
     tokio::time::timeout(Duration::from_millis(50), watch.changed())
         .await
         .unwrap()
