@@ -20,6 +20,31 @@ pub enum CrdError {
         /// The serializer's error.
         source: serde_yaml_ng::Error,
     },
+    /// An input is larger than Weft reads (see [`bounds`]).
+    #[error("{what} is larger than the {} limit", bounds::mib(*.limit))]
+    TooLarge {
+        /// What is too large, with its size when known.
+        what: String,
+        /// The limit in bytes.
+        limit: usize,
+    },
+    /// Collections nest deeper than [`bounds::MAX_NESTING`].
+    #[error("nesting deeper than {limit} levels {at}")]
+    TooDeep {
+        /// The limit.
+        limit: usize,
+        /// Where, e.g. `at line 3 column 7`.
+        at: String,
+    },
+    /// YAML aliases expand a document far beyond the text's size (an alias bomb).
+    #[error(
+        "document {document}: YAML aliases expand it to more than {} times the text's size",
+        bounds::ALIAS_EXPANSION_FACTOR
+    )]
+    AliasExpansion {
+        /// The document, counted from 1.
+        document: usize,
+    },
 }
 
 /// One status condition, shaped like `metav1.Condition`.
@@ -355,4 +380,10 @@ pub mod annotations {
     pub const APP_PROBE_PORT: u16 = 15020;
     /// Port of the proxy's readiness endpoint for the kubelet.
     pub const PROXY_HEALTH_PORT: u16 = 15021;
+    /// The services a pod calls, comma separated (`namespace/service`, `namespace/*`,
+    /// `./service`, `./*` for its own namespace, `*/service`): its proxy gets only these.
+    pub const EGRESS: &str = "weft.dev/egress";
 }
+
+/// Bounds on untrusted input, checked before any parser runs.
+pub mod bounds;

@@ -494,6 +494,11 @@ impl Harness {
             .unwrap_or_default()
     }
 
+    /// The harness's working directory (logs, bootstraps; readable by the proxy UID).
+    pub fn work_dir(&self) -> &Path {
+        &self.work
+    }
+
     /// The manifest directory `weft up` watches.
     pub fn manifests(&self) -> PathBuf {
         self.work.join("manifests")
@@ -1060,7 +1065,13 @@ impl Harness {
             c.arg("--ca-file").arg(self.state_dir().join("ca-cert.pem"));
         }
         check(c)?;
-        set_mode(&bootstrap, 0o644)?;
+        self.spawn_envoy(pod, &bootstrap)
+    }
+
+    /// Starts an Envoy in `pod` from any bootstrap (a hand-written one, say), behind the
+    /// same iptables redirect and as the same UID as a Weft sidecar.
+    pub fn spawn_envoy(&mut self, pod: &str, bootstrap: &Path) -> Result<()> {
+        set_mode(bootstrap, 0o644)?;
         let netns = self.netns(pod);
         let mut c = cmd("ip", &["netns", "exec", &netns]);
         // The same exemptions the injected init container makes: probe and health ports.

@@ -346,13 +346,15 @@ fn a_meshed_client_reaches_a_pod_ip_directly_over_mtls_under_strict() {
         peer.unwrap_or_default().contains(CLIENT_ID),
         "the server sees the client's identity"
     );
+    // The cluster for the pod's address was discovered on demand, named after it.
     let handshakes = h
-        .envoy_stat(
-            "client",
-            "cluster.outbound-pods|default|server.ssl.handshake",
-        )
+        .envoy_stat("client", &format!("cluster.pod|{server_ip}.ssl.handshake"))
         .unwrap();
     assert!(handshakes >= 1, "the client sidecar originated mTLS");
+    let discovered = h
+        .envoy_stat("client", "cluster_manager.cluster_added")
+        .unwrap();
+    assert!(discovered >= 1, "{discovered}");
     // Without a sidecar the same call stays refused.
     assert!(h.get("plain", &direct).unwrap().is_err());
 }

@@ -11,12 +11,12 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use weft_xds::{SyncRegistry, TypeSync};
 
 use crate::connections::serve_connections;
 use crate::error::WeftError;
-use crate::explain::{CallQuery, explain};
+use crate::explain::{CallQuery, Explanation, explain};
 use crate::index::{MeshModel, Problem};
 use crate::metrics::ControlPlaneMetrics;
 use crate::source::ManifestError;
@@ -142,18 +142,30 @@ pub struct AdminState {
     pub registry: Arc<SyncRegistry>,
     /// Prometheus metrics.
     pub metrics: Arc<ControlPlaneMetrics>,
-    /// The model and settings proxies have now, for `/explain`.
-    pub mesh: watch::Receiver<Arc<MeshView>>,
+    /// Asks the task that owns the model for `/explain` answers.
+    pub explain: mpsc::Sender<ExplainRequest>,
 }
 
-/// The model and the settings in effect, as last published.
-#[derive(Clone, Debug, Default)]
-pub struct MeshView {
-    /// The mesh model.
-    pub model: MeshModel,
-    /// The settings in effect (flags with any MeshConfig applied).
-    pub config: MeshConfig,
+/// A `/explain` question for the task that owns the model, and where to answer it:
+/// the model is never copied for it.
+#[derive(Debug)]
+pub struct ExplainRequest {
+    /// The call to explain.
+    pub query: CallQuery,
+    /// Where the answer goes.
+    pub reply: oneshot::Sender<Explanation>,
 }
+
+impl ExplainRequest {
+    /// Answers from `model` under `config`.
+    pub fn answer(self, model: &MeshModel, config: &MeshConfig) {
+        // The asker may have given up; nothing to do then.
+        let _ = self.reply.send(explain(model, config, &self.query));
+    }
+}
+
+/// How long `/explain` waits for the model's owner (busy applying a large change).
+const EXPLAIN_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The `/explain` query string for `query`.
 pub fn explain_path(query: &CallQuery) -> String {
@@ -249,7 +261,7 @@ fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     response
 }
 
-fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+async fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET");
     }
@@ -262,13 +274,28 @@ fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/proxy-status" => json(&state.proxy_status()),
         "/explain" => {
-            let view = state.mesh.borrow().clone();
             let query = explain_query(req.uri().query());
-            let mut answer = explain(&view.model, &view.config, &query);
-            answer
-                .lines
-                .extend(sync_lines(&answer.proxies, &state.proxy_status()));
-            json(&answer)
+            let (reply, answer) = oneshot::channel();
+            if state
+                .explain
+                .send(ExplainRequest { query, reply })
+                .await
+                .is_err()
+            {
+                return text(StatusCode::SERVICE_UNAVAILABLE, "the mesh is shutting down");
+            }
+            match tokio::time::timeout(EXPLAIN_TIMEOUT, answer).await {
+                Ok(Ok(mut answer)) => {
+                    answer
+                        .lines
+                        .extend(sync_lines(&answer.proxies, &state.proxy_status()));
+                    json(&answer)
+                }
+                _ => text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no answer from the mesh in time",
+                ),
+            }
         }
         "/metrics" => Response::builder()
             .header(
@@ -292,8 +319,8 @@ pub async fn serve(listener: TcpListener, state: AdminState) -> Result<(), WeftE
         let state = state.clone();
         async move {
             let service = hyper::service::service_fn(move |req| {
-                let response = route(&state, &req);
-                async move { Ok::<_, Infallible>(response) }
+                let state = state.clone();
+                async move { Ok::<_, Infallible>(route(&state, &req).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

@@ -66,6 +66,10 @@ enum Command {
         /// ADS variant: `delta` sends only what changed; `sotw` resends each type whole.
         #[arg(long, value_enum, default_value_t = XdsProtocol::Delta)]
         xds_protocol: XdsProtocol,
+        /// Keep every Envoy statistic (by default only the mesh's are kept: per-cluster
+        /// statistics of a large mesh cost tens of MB per sidecar).
+        #[arg(long)]
+        full_stats: bool,
         /// Write to this file instead of stdout.
         #[arg(long, short)]
         output: Option<PathBuf>,
@@ -346,6 +350,7 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
             admin_addr,
             identity,
         } => {
+            raise_open_file_limit();
             if identity.svid_ttl < std::time::Duration::from_secs(2) {
                 return Err(WeftError::Usage(
                     "--svid-ttl must be at least 2s".to_string(),
@@ -371,11 +376,13 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
             trust_domain,
             health_port,
             xds_protocol,
+            full_stats,
             output,
         } => {
             let mut opts = BootstrapOptions::parse(&pod, &xds, admin_port)?;
             opts.health_port = health_port;
             opts.protocol = xds_protocol;
+            opts.full_stats = full_stats;
             opts.xds_tls = ca_file.map(|ca_file| XdsTls {
                 ca_file,
                 control_plane_id: crate::xds_listener::control_plane_id(&trust_domain),
@@ -507,6 +514,16 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
 }
 
 /// Parses arguments, runs the command, and maps the result to an exit code.
+/// Every connected proxy holds a socket: lift the soft limit on open files to the hard
+/// one (Go programs get this from their runtime; a low default of 1,024 would refuse
+/// the 1,025th proxy).
+fn raise_open_file_limit() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(limit) => tracing::debug!(limit, "open file limit"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open file limit"),
+    }
+}
+
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_tracing();

@@ -20,6 +20,10 @@ pub enum WeftError {
         /// What is wrong, including the document number.
         reason: String,
     },
+    /// An input is beyond Weft's bounds (size, nesting, alias expansion): see
+    /// `weft_crds::bounds`.
+    #[error(transparent)]
+    Bound(weft_crds::CrdError),
     /// A listener could not be bound.
     #[error("binding {addr}: {source}")]
     Bind {
@@ -83,6 +87,7 @@ impl WeftError {
         match self {
             Self::Io { .. } => "io",
             Self::Manifest { .. } => "manifest",
+            Self::Bound(_) => "bound",
             Self::Bind { .. } => "bind",
             Self::Transport(_) => "transport",
             Self::Xds(e) => e.metric_label(),

@@ -14,12 +14,12 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use weft_xds::{AdsService, SnapshotCache};
 
-use crate::admin::{self, AdminState, MeshStatus, MeshView, ProblemReport, SettingsReport};
+use crate::admin::{self, AdminState, ExplainRequest, MeshStatus, ProblemReport, SettingsReport};
 use crate::error::WeftError;
 use crate::identity::{CaSource, CertificateAuthority, PodAddressBinding};
-use crate::index::{Index, MeshModel, Problem};
+use crate::index::{Index, ModelDelta, Problem};
 use crate::metrics::ControlPlaneMetrics;
-use crate::publish::{MeshIdentity, MeshPublisher};
+use crate::publish::{MeshIdentity, MeshPublisher, PublishStats};
 use crate::source::{DirWatch, ManifestDir};
 use crate::translate::{AccessMode, MeshConfig};
 use crate::xds_listener::{self, XdsServingCert};
@@ -49,7 +49,6 @@ pub struct LocalOptions {
 struct LocalMesh {
     manifests: ManifestDir,
     index: Index,
-    model: MeshModel,
     publisher: MeshPublisher,
     binding: Arc<PodAddressBinding>,
     metrics: Arc<ControlPlaneMetrics>,
@@ -61,28 +60,36 @@ struct LocalMesh {
     settings: Option<SettingsReport>,
     /// The xDS port's certificate, renewed here like the workloads'.
     xds_cert: XdsServingCert,
-    /// What `/explain` reasons about.
-    view: watch::Sender<Arc<MeshView>>,
 }
 
 impl LocalMesh {
-    /// Rescans the directory and republishes; a failing directory keeps the last state.
+    /// Rescans the directory and applies what changed; a failing directory keeps the
+    /// last state.
     fn reload(&mut self) {
-        if let Err(e) = self.manifests.rescan() {
-            tracing::error!(error = %e, "cannot read the manifest directory; keeping the last state");
-            return;
+        let started = std::time::Instant::now();
+        let changes = match self.manifests.rescan() {
+            Ok(changes) => changes,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read the manifest directory; keeping the last state");
+                return;
+            }
+        };
+        let delta = self.index.update(changes).unwrap_or_default();
+        self.binding
+            .update_nodes(self.index.model(), &delta.workloads);
+        if delta.problems {
+            self.report_problems();
         }
-        self.index.reset(self.manifests.objects());
-        self.model = self.index.model();
-        self.binding.update(&self.model);
-        self.report_problems();
-        let config = self.flags.effective(&self.model);
+        let config = self.flags.effective(self.index.model());
         self.report_settings(&config);
-        self.view.send_replace(Arc::new(MeshView {
-            model: self.model.clone(),
-            config,
-        }));
-        self.publish();
+        self.publish(&delta);
+        tracing::debug!(
+            services = delta.services.len(),
+            workloads = delta.workloads.len(),
+            grants = delta.grants.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "change applied"
+        );
     }
 
     /// When the next certificate (a workload's or the xDS port's) is due.
@@ -95,8 +102,8 @@ impl LocalMesh {
         Some(workloads.map_or(xds, |w| w.min(xds)))
     }
 
-    /// Renews what is due: the xDS serving certificate, then workload certificates
-    /// (publishing renews those). A failed renewal is retried at the next wake-up.
+    /// Renews what is due: the xDS serving certificate, then workload certificates.
+    /// A failed renewal is retried at the next wake-up.
     fn renew(&mut self) {
         let now = SystemTime::now();
         if self.xds_cert.renew_at() <= now
@@ -113,16 +120,37 @@ impl LocalMesh {
                 ),
             }
         }
-        self.publish();
+        match self.publisher.renew(self.index.model(), now) {
+            Ok(stats) => self.record(stats),
+            Err(e) => {
+                tracing::error!(error = %e, "renewing workload certificates failed; retrying at the next wake-up")
+            }
+        }
+    }
+
+    /// A proxy connected or left.
+    fn on_demand(&mut self, demand: &weft_xds::NodeDemand) {
+        match self
+            .publisher
+            .on_demand(self.index.model(), demand, SystemTime::now())
+        {
+            Ok(stats) => {
+                tracing::debug!(node = %demand.node, connected = demand.connected, "proxy demand");
+                self.record(stats);
+            }
+            Err(e) => {
+                tracing::error!(node = %demand.node, error = %e, "building the proxy's config failed; it waits")
+            }
+        }
     }
 
     /// Logs the mesh-wide modes when they change (a MeshConfig added, edited or removed).
     fn report_settings(&mut self, config: &MeshConfig) {
+        let model = self.index.model();
         let settings = SettingsReport {
             access: config.access.as_str().to_string(),
             mtls: config.mtls.as_str().to_string(),
-            source: self
-                .model
+            source: model
                 .settings
                 .as_ref()
                 .map_or_else(|| "flags".to_string(), |s| s.source.to_string()),
@@ -135,10 +163,8 @@ impl LocalMesh {
                 "mesh settings in effect"
             );
         }
-        let grants: usize = self.model.grants.values().map(Vec::len).sum();
-        if config.access == AccessMode::DenyByDefault
-            && grants == 0
-            && !self.model.workloads.is_empty()
+        let grants: usize = model.grants.values().map(Vec::len).sum();
+        if config.access == AccessMode::DenyByDefault && grants == 0 && !model.workloads.is_empty()
         {
             let first = self.settings.is_none();
             if first || self.status.borrow().traffic_targets > 0 {
@@ -155,8 +181,7 @@ impl LocalMesh {
     }
 
     fn report_problems(&mut self) {
-        let model = &self.model;
-        let current: BTreeSet<Problem> = model.problems.iter().cloned().collect();
+        let current: BTreeSet<Problem> = self.index.model().problems.iter().cloned().collect();
         for p in current.difference(&self.reported) {
             if p.rejected {
                 tracing::warn!(object = %p.object, reason = %p.reason, "invalid object rejected; everything else keeps working");
@@ -170,43 +195,57 @@ impl LocalMesh {
         self.reported = current;
     }
 
-    /// Publishes the current model (renewing certificates that are due).
-    fn publish(&mut self) {
-        let stats = match self.publisher.publish(&self.model, SystemTime::now()) {
+    /// Publishes what `delta` changed.
+    fn publish(&mut self, delta: &ModelDelta) {
+        let stats = match self
+            .publisher
+            .apply(self.index.model(), delta, SystemTime::now())
+        {
             Ok(stats) => stats,
             Err(e) => {
                 tracing::error!(error = %e, "publishing failed; proxies keep their last config");
                 return;
             }
         };
-        self.metrics.certificates_issued.inc_by(stats.issued as u64);
-        let invalid = i64::try_from(self.model.problems.len()).unwrap_or(i64::MAX);
-        self.metrics.invalid_objects.set(invalid);
-        let manifest_errors = self.manifests.errors();
-        let unreadable = i64::try_from(manifest_errors.len()).unwrap_or(i64::MAX);
-        self.metrics.manifest_errors.set(unreadable);
-        if stats.changed == 0 {
+        if stats.changed == 0 && stats.services == 0 {
             tracing::debug!(objects = self.index.len(), "no proxy config changed");
         } else {
             tracing::info!(
                 objects = self.index.len(),
+                services = stats.services,
                 proxies = stats.proxies,
                 changed = stats.changed,
                 certificates_issued = stats.issued,
                 "mesh model published"
             );
         }
+        self.record(stats);
+    }
+
+    /// Metrics and `weft status` after a publish.
+    fn record(&mut self, stats: PublishStats) {
+        self.metrics.certificates_issued.inc_by(stats.issued as u64);
+        let model = self.index.model();
+        let invalid = i64::try_from(model.problems.len()).unwrap_or(i64::MAX);
+        self.metrics.invalid_objects.set(invalid);
+        let manifest_errors = self.manifests.errors();
+        let unreadable = i64::try_from(manifest_errors.len()).unwrap_or(i64::MAX);
+        self.metrics.manifest_errors.set(unreadable);
+        let objects = self.index.len();
         self.status.send_modify(|status| {
-            status.objects = self.index.len();
+            status.objects = objects;
             status.proxies = stats.proxies;
-            status.problems = self
-                .model
-                .problems
-                .iter()
-                .map(ProblemReport::from)
-                .collect();
+            status.problems = model.problems.iter().map(ProblemReport::from).collect();
             status.manifest_errors = manifest_errors;
         });
+    }
+}
+
+/// Sleeps until `at` (monotonic); forever when there is nothing to wait for.
+async fn sleep_until_instant(at: Option<std::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -243,7 +282,11 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
     let mut dir_watch = DirWatch::new(&opts.dir)?;
     let cache = SnapshotCache::new();
     let (status_tx, status_rx) = watch::channel(MeshStatus::default());
-    let (view_tx, view_rx) = watch::channel(Arc::new(MeshView::default()));
+    let (explain_tx, mut explain_rx) = mpsc::channel::<ExplainRequest>(16);
+    let mut demands = cache.demands().ok_or_else(|| WeftError::TaskEnded {
+        task: "xds-demands",
+        reason: "the cache's demand stream was already taken".to_string(),
+    })?;
     let ca = CertificateAuthority::load(&opts.ca, opts.extra_trust_bundle.as_deref())?;
     let mut xds_hosts = vec!["localhost".to_string(), "weft-xds".to_string()];
     for addr in opts.xds_addrs.iter().filter(|a| !a.ip().is_unspecified()) {
@@ -262,7 +305,6 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
     let mut mesh = LocalMesh {
         manifests: ManifestDir::new(&opts.dir),
         index: Index::new(),
-        model: MeshModel::default(),
         publisher: MeshPublisher::new(cache.clone(), opts.mesh.clone(), Some(identity)),
         binding: Arc::new(PodAddressBinding::default()),
         metrics: Arc::new(ControlPlaneMetrics::default()),
@@ -271,19 +313,19 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
         flags: opts.mesh.clone(),
         settings: None,
         xds_cert,
-        view: view_tx,
     };
     // The first full read completes before any proxy is served: never push an empty mesh.
-    mesh.manifests.rescan()?;
     mesh.reload();
 
     let (ads, streams) = AdsService::new(cache);
-    let ads = ads.with_policy(mesh.binding.clone());
+    let ads = ads
+        .with_policy(mesh.binding.clone())
+        .with_on_demand(mesh.publisher.resolver());
     let admin_state = AdminState {
         status: status_rx,
         registry: ads.registry(),
         metrics: mesh.metrics.clone(),
-        mesh: view_rx,
+        explain: explain_tx,
     };
     let mut xds_listeners = Vec::new();
     for addr in &opts.xds_addrs {
@@ -337,18 +379,36 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
         admin::serve(admin_listener, admin_state),
     );
     supervised(&mut tasks, "mesh-updates", async move {
+        let mut sweep_at: Option<std::time::Instant> = None;
         loop {
             tokio::select! {
                 changed = dir_watch.changed() => match changed {
                     Some(()) => mesh.reload(),
                     None => break,
                 },
+                demand = demands.recv() => match demand {
+                    Some(demand) => {
+                        mesh.on_demand(&demand);
+                        if !demand.connected && sweep_at.is_none() {
+                            sweep_at = Some(std::time::Instant::now() + crate::publish::DEPARTED_GRACE);
+                        }
+                    }
+                    None => break,
+                },
+                Some(request) = explain_rx.recv() => {
+                    let model = mesh.index.model();
+                    let config = mesh.flags.effective(model);
+                    request.answer(model, &config);
+                }
                 () = sleep_until(mesh.next_renewal()) => mesh.renew(),
+                () = sleep_until_instant(sweep_at) => {
+                    sweep_at = mesh.publisher.sweep(std::time::Instant::now());
+                }
             }
         }
         Err(WeftError::TaskEnded {
             task: "mesh-updates",
-            reason: "file watch stopped".to_string(),
+            reason: "file watch or proxy demands stopped".to_string(),
         })
     });
 

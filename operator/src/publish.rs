@@ -1,22 +1,52 @@
-//! Publishes a mesh model as per-proxy snapshots into the xDS cache.
+//! Publishes the mesh into the xDS cache, at the cost of what changed and of who is
+//! connected:
+//!
+//! - each service is translated and encoded once, when it changes, into shared
+//!   layers: one set for the whole mesh and one per egress scope in use; every proxy
+//!   references a set (and the outbound capture listener's) and is never given a copy;
+//! - a proxy's own layer (inbound listener, its certificate) is built when it connects,
+//!   rebuilt when its workload or the grants to its identity change, and dropped a
+//!   while after it leaves; certificates are issued to connected proxies only;
+//! - calls to pod IPs resolve their cluster on demand ([`PodClusterResolver`]).
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::IpAddr;
+use std::sync::{Arc, PoisonError, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
-use weft_xds::SnapshotCache;
+use weft_xds::{
+    Layer, LayerRef, NodeDemand, NodeSnapshot, Resource, Snapshot, SnapshotCache, type_url,
+};
 
 use crate::error::WeftError;
 use crate::identity::{CertificateAuthority, WorkloadCertificates};
-use crate::index::MeshModel;
-use crate::translate::{MeshConfig, grants_for, translate_shared, translate_workload};
+use crate::index::{EgressScope, MeshModel, ModelDelta, ServiceKey, Workload};
+use crate::translate::{
+    MeshConfig, PodBlock, ServiceOutbound, capture_outbound, grants_for, passthrough_cluster,
+    pod_block_of, pod_cluster, pod_cluster_ip, translate_service, translate_workload,
+};
+
+/// How long a departed proxy's resources are kept, so a quick reconnect (a control
+/// plane restart seen from the proxy, a flapping network) costs nothing.
+pub const DEPARTED_GRACE: Duration = Duration::from_secs(60);
+
+/// Shared snapshot of the whole mesh, for proxies with an identity.
+const MESH: &str = "mesh";
+/// Shared snapshot of the whole mesh in plaintext (no identity, and the fallback).
+const MESH_PLAIN: &str = "mesh-plain";
+/// Shared outbound capture listener that discovers pod clusters on demand.
+const CAPTURE_ON_DEMAND: &str = "capture";
+/// Shared outbound capture listener without on-demand discovery.
+const CAPTURE_PLAIN: &str = "capture-plain";
 
 /// What one publish did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PublishStats {
-    /// Proxies known to the model.
+    /// Proxies connected and known (with resources of their own).
     pub proxies: usize,
-    /// Proxies whose snapshot changed (and so get a push).
+    /// Services re-translated.
+    pub services: usize,
+    /// Proxies whose own resources changed (and so get a push).
     pub changed: usize,
     /// Certificates issued or renewed.
     pub issued: usize,
@@ -39,75 +69,285 @@ impl MeshIdentity {
     }
 }
 
-/// Turns models into snapshots; remembers which nodes it published to remove stale ones.
-#[derive(Debug)]
-pub struct MeshPublisher {
-    cache: Arc<SnapshotCache>,
-    config: MeshConfig,
-    identity: Option<MeshIdentity>,
-    nodes: BTreeSet<String>,
+/// One service, translated and encoded.
+#[derive(Debug, Default)]
+struct EncodedService {
+    /// Clusters originating mTLS (for proxies with an identity).
+    clusters_tls: Vec<Resource>,
+    /// Clusters in plaintext (no identity; the fallback).
+    clusters_plain: Vec<Resource>,
+    endpoints: Vec<Resource>,
+    listeners: Vec<Resource>,
+    routes: Vec<Resource>,
 }
 
-impl MeshPublisher {
-    /// A publisher into `cache`; without identity, proxies get plaintext config.
-    pub fn new(
-        cache: Arc<SnapshotCache>,
-        config: MeshConfig,
-        identity: Option<MeshIdentity>,
-    ) -> Self {
+fn encode(type_url: &str, items: Vec<(String, impl prost::Message)>) -> Vec<Resource> {
+    items
+        .into_iter()
+        .map(|(name, m)| Resource::encode(type_url, name, &m))
+        .collect()
+}
+
+impl EncodedService {
+    fn new(tls: ServiceOutbound, plain: ServiceOutbound) -> Self {
         Self {
-            cache,
-            config,
-            identity,
-            nodes: BTreeSet::new(),
+            clusters_tls: encode(
+                type_url::CLUSTER,
+                tls.clusters
+                    .into_iter()
+                    .map(|c| (c.name.clone(), c))
+                    .collect(),
+            ),
+            clusters_plain: encode(
+                type_url::CLUSTER,
+                plain
+                    .clusters
+                    .into_iter()
+                    .map(|c| (c.name.clone(), c))
+                    .collect(),
+            ),
+            endpoints: encode(
+                type_url::ENDPOINT,
+                tls.endpoints
+                    .into_iter()
+                    .map(|e| (e.cluster_name.clone(), e))
+                    .collect(),
+            ),
+            listeners: encode(
+                type_url::LISTENER,
+                tls.listeners
+                    .into_iter()
+                    .map(|l| (l.name.clone(), l))
+                    .collect(),
+            ),
+            routes: encode(
+                type_url::ROUTE,
+                tls.routes
+                    .into_iter()
+                    .map(|r| (r.name.clone(), r))
+                    .collect(),
+            ),
         }
     }
 
-    /// Publishes `model` at time `now` (certificates due by then are renewed).
-    /// Shared resources are translated and encoded once and their bytes shared.
-    pub fn publish(
-        &mut self,
-        model: &MeshModel,
-        now: SystemTime,
-    ) -> Result<PublishStats, WeftError> {
-        let mut stats = PublishStats::default();
-        if let Some(identity) = &mut self.identity {
-            stats.issued = identity.certs.refresh(&identity.ca, model, now)?;
+    /// The resources of one part of a layer set.
+    fn part(&self, part: Part) -> &[Resource] {
+        match part {
+            Part::ClustersTls => &self.clusters_tls,
+            Part::ClustersPlain => &self.clusters_plain,
+            Part::Endpoints => &self.endpoints,
+            Part::Listeners => &self.listeners,
+            Part::Routes => &self.routes,
         }
-        let config = self.config.effective(model);
-        let plaintext = translate_shared(model, &config, false).to_snapshot();
-        let with_tls = self
-            .identity
-            .as_ref()
-            .map(|_| translate_shared(model, &config, true).to_snapshot());
-        // A sidecar without an identity (unknown pod, or one that failed the identity
-        // check) gets the outbound config, in plaintext.
-        self.cache.set_fallback(plaintext.clone());
-        let mut nodes = BTreeSet::new();
-        for (node, workload) in &model.workloads {
-            let secrets = self
-                .identity
-                .as_ref()
-                .and_then(|i| i.certs.secrets(node, &i.ca));
-            let mut snapshot = match (&secrets, &with_tls) {
-                (Some(_), Some(tls)) => tls.clone(),
-                _ => plaintext.clone(),
-            };
-            let grants = grants_for(model, workload);
-            snapshot.extend(
-                translate_workload(workload, grants, &config, secrets.as_ref()).to_snapshot(),
-            );
-            if self.cache.set(node, snapshot) {
-                stats.changed += 1;
+    }
+}
+
+/// The parts of a layer set: one layer each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Part {
+    ClustersTls,
+    ClustersPlain,
+    Endpoints,
+    Listeners,
+    Routes,
+}
+
+const PARTS: [Part; 5] = [
+    Part::ClustersTls,
+    Part::ClustersPlain,
+    Part::Endpoints,
+    Part::Listeners,
+    Part::Routes,
+];
+
+/// The outbound resources of a set of services, one layer per part.
+#[derive(Debug, Default)]
+struct LayerSet {
+    layers: BTreeMap<Part, LayerRef>,
+}
+
+impl LayerSet {
+    /// Replaces `old` resources by `new` ones in every part; returns whether any changed.
+    fn update(&mut self, changes: &[(Option<&EncodedService>, Option<&EncodedService>)]) -> bool {
+        let mut changed = false;
+        for part in PARTS {
+            // Removals first: a name one service gives up (a ClusterIP's listener) may be
+            // taken by another in the same change.
+            let mut removed: Vec<&str> = Vec::new();
+            let mut upserted: Vec<&Resource> = Vec::new();
+            for (old, new) in changes {
+                let before = old.map_or(&[][..], |s| s.part(part));
+                let after = new.map_or(&[][..], |s| s.part(part));
+                for r in before {
+                    if !after.iter().any(|n| n.name() == r.name()) {
+                        removed.push(r.name());
+                    }
+                }
+                for r in after {
+                    if before.iter().find(|o| o.name() == r.name()) != Some(r) {
+                        upserted.push(r);
+                    }
+                }
             }
-            nodes.insert(node.clone());
+            if removed.is_empty() && upserted.is_empty() {
+                continue;
+            }
+            let current = self.layers.entry(part).or_default();
+            let mut items = current.items().clone();
+            for name in removed {
+                items.remove(name);
+            }
+            for r in upserted {
+                items.insert(r.name().to_string(), r.clone());
+            }
+            *current = Arc::new(Layer::from_map(items));
+            changed = true;
         }
-        for gone in self.nodes.difference(&nodes) {
-            self.cache.remove(gone);
+        changed
+    }
+
+    /// The snapshot of one variant: mTLS clusters or plaintext ones, with the rest.
+    fn snapshot(&self, tls: bool) -> Snapshot {
+        let mut s = Snapshot::new();
+        let clusters = if tls {
+            Part::ClustersTls
+        } else {
+            Part::ClustersPlain
+        };
+        for (part, type_url) in [
+            (clusters, type_url::CLUSTER),
+            (Part::Endpoints, type_url::ENDPOINT),
+            (Part::Listeners, type_url::LISTENER),
+            (Part::Routes, type_url::ROUTE),
+        ] {
+            if let Some(layer) = self.layers.get(&part) {
+                s.add_layer(type_url, layer.clone());
+            }
         }
-        stats.proxies = nodes.len();
-        self.nodes = nodes;
-        Ok(stats)
+        s
+    }
+}
+
+/// The shared layers of one egress scope in use, and how many proxies use it.
+#[derive(Debug)]
+struct ScopeLayers {
+    scope: EgressScope,
+    layers: LayerSet,
+    users: usize,
+}
+
+/// A connected proxy with resources of its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NodeState {
+    /// Names of the shared snapshots under its own layer.
+    shared: Vec<String>,
+    /// The scope key it uses, if scoped.
+    scope: Option<String>,
+}
+
+/// Pod IPs and who runs behind them, for clusters resolved on demand.
+#[derive(Debug, Default)]
+pub struct PodDirectory {
+    pods: RwLock<DirectoryState>,
+}
+
+#[derive(Debug, Default)]
+struct DirectoryState {
+    /// Meshed pod IP → (namespace, service account).
+    meshed: HashMap<IpAddr, (String, String)>,
+    config: MeshConfig,
+}
+
+/// Answers on-demand requests for `pod|<ip>` clusters from the [`PodDirectory`].
+#[derive(Debug)]
+pub struct PodClusterResolver {
+    directory: Arc<PodDirectory>,
+}
+
+impl weft_xds::OnDemandResolver for PodClusterResolver {
+    fn resolve(&self, _node: &str, own: bool, type_url: &str, name: &str) -> Option<Resource> {
+        if type_url != type_url::CLUSTER {
+            return None;
+        }
+        let ip = pod_cluster_ip(name)?;
+        let state = self
+            .directory
+            .pods
+            .read()
+            .unwrap_or_else(PoisonError::into_inner);
+        // mTLS only from a proxy that has an identity to present, to a pod that has one.
+        let identity = state
+            .meshed
+            .get(&ip)
+            .filter(|_| own)
+            .map(|(ns, sa)| (ns.as_str(), sa.as_str()));
+        let cluster = pod_cluster(ip, identity, &state.config);
+        Some(Resource::encode(type_url::CLUSTER, name, &cluster))
+    }
+}
+
+/// Turns models and their deltas into shared layers and per-proxy snapshots.
+#[derive(Debug)]
+pub struct MeshPublisher {
+    cache: Arc<SnapshotCache>,
+    flags: MeshConfig,
+    config: MeshConfig,
+    identity: Option<MeshIdentity>,
+    directory: Arc<PodDirectory>,
+    services: BTreeMap<ServiceKey, EncodedService>,
+    mesh: LayerSet,
+    scopes: BTreeMap<String, ScopeLayers>,
+    /// Meshed pod IPs per block.
+    blocks: BTreeMap<PodBlock, usize>,
+    /// IPs of every workload published, to update blocks and the directory.
+    workload_ips: HashMap<String, (Vec<IpAddr>, bool)>,
+    /// Services with an IPv6 ClusterIP.
+    v6_services: BTreeSet<ServiceKey>,
+    /// Every connected node and its ADS variant.
+    connected: BTreeMap<String, &'static str>,
+    /// Connected nodes that are known workloads, with resources of their own.
+    nodes: BTreeMap<String, NodeState>,
+    /// Nodes whose last stream closed, and when.
+    departed: BTreeMap<String, Instant>,
+    /// The plaintext capture snapshot (under the fallback).
+    capture_plain: Snapshot,
+    primed: bool,
+}
+
+impl MeshPublisher {
+    /// A publisher into `cache` with the mesh settings of the flags (a MeshConfig in the
+    /// model overrides them); without identity, proxies get plaintext config.
+    pub fn new(
+        cache: Arc<SnapshotCache>,
+        flags: MeshConfig,
+        identity: Option<MeshIdentity>,
+    ) -> Self {
+        let directory = Arc::new(PodDirectory::default());
+        Self {
+            cache,
+            config: flags.clone(),
+            flags,
+            identity,
+            directory,
+            services: BTreeMap::new(),
+            mesh: LayerSet::default(),
+            scopes: BTreeMap::new(),
+            blocks: BTreeMap::new(),
+            workload_ips: HashMap::new(),
+            v6_services: BTreeSet::new(),
+            connected: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            departed: BTreeMap::new(),
+            capture_plain: Snapshot::new(),
+            primed: false,
+        }
+    }
+
+    /// The resolver of on-demand pod clusters, for the ADS service.
+    pub fn resolver(&self) -> Arc<PodClusterResolver> {
+        Arc::new(PodClusterResolver {
+            directory: self.directory.clone(),
+        })
     }
 
     /// The CA, when the mesh has identity.
@@ -115,8 +355,421 @@ impl MeshPublisher {
         self.identity.as_ref().map(|i| &i.ca)
     }
 
-    /// When the next certificate is due for renewal.
+    /// When the next certificate of a connected proxy is due for renewal.
     pub fn next_renewal(&self) -> Option<SystemTime> {
         self.identity.as_ref().and_then(|i| i.certs.next_renewal())
+    }
+
+    /// The mesh settings in effect (the flags, overridden by the model's MeshConfig).
+    pub fn config(&self) -> &MeshConfig {
+        &self.config
+    }
+
+    /// Brings the shared layers and every connected proxy up to `model`, given what
+    /// changed. The first call (or a settings change) translates everything.
+    pub fn apply(
+        &mut self,
+        model: &MeshModel,
+        delta: &ModelDelta,
+        now: SystemTime,
+    ) -> Result<PublishStats, WeftError> {
+        let mut stats = PublishStats::default();
+        let config = self.flags.effective(model);
+        let everything = !self.primed || config != self.config || delta.settings;
+        self.config = config;
+        self.primed = true;
+        let services: BTreeSet<ServiceKey> = if everything {
+            self.services
+                .keys()
+                .chain(model.services.keys())
+                .cloned()
+                .collect()
+        } else {
+            delta.services.clone()
+        };
+        stats.services = self.update_services(model, &services, everything);
+        let workloads: Vec<String> = if everything {
+            self.workload_ips
+                .keys()
+                .chain(model.workloads.keys())
+                .cloned()
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect()
+        } else {
+            delta.workloads.iter().cloned().collect()
+        };
+        let capture_changed = self.update_pod_directory(model, &workloads, everything);
+        if everything || capture_changed {
+            self.publish_capture();
+        }
+        // Proxies whose own resources may differ.
+        let mut affected: BTreeSet<String> = BTreeSet::new();
+        if everything {
+            affected.extend(self.connected.keys().cloned());
+        } else {
+            affected.extend(
+                delta
+                    .workloads
+                    .iter()
+                    .filter(|n| self.connected.contains_key(*n))
+                    .cloned(),
+            );
+            for node in self.nodes.keys() {
+                let Some(w) = model.workloads.get(node) else {
+                    continue;
+                };
+                if delta
+                    .grants
+                    .contains(&(w.namespace.clone(), w.service_account.clone()))
+                {
+                    affected.insert(node.clone());
+                }
+            }
+        }
+        for node in affected {
+            let (changed, issued) = self.build_node(model, &node, now)?;
+            stats.changed += usize::from(changed);
+            stats.issued += usize::from(issued);
+        }
+        stats.proxies = self.nodes.len();
+        Ok(stats)
+    }
+
+    /// A proxy came or went: builds its resources when it connects, schedules their
+    /// removal when it leaves.
+    pub fn on_demand(
+        &mut self,
+        model: &MeshModel,
+        demand: &NodeDemand,
+        now: SystemTime,
+    ) -> Result<PublishStats, WeftError> {
+        let mut stats = PublishStats::default();
+        if demand.connected {
+            self.departed.remove(&demand.node);
+            let before = self.connected.insert(demand.node.clone(), demand.protocol);
+            if before != Some(demand.protocol) || !self.nodes.contains_key(&demand.node) {
+                let (changed, issued) = self.build_node(model, &demand.node, now)?;
+                stats.changed += usize::from(changed);
+                stats.issued += usize::from(issued);
+            }
+        } else {
+            self.departed.insert(demand.node.clone(), Instant::now());
+        }
+        stats.proxies = self.nodes.len();
+        Ok(stats)
+    }
+
+    /// Drops the resources of proxies gone for longer than [`DEPARTED_GRACE`]; returns
+    /// when to call again.
+    pub fn sweep(&mut self, now: Instant) -> Option<Instant> {
+        let expired: Vec<String> = self
+            .departed
+            .iter()
+            .filter(|(_, t)| now.duration_since(**t) >= DEPARTED_GRACE)
+            .map(|(n, _)| n.clone())
+            .collect();
+        for node in expired {
+            self.departed.remove(&node);
+            self.connected.remove(&node);
+            self.drop_node(&node);
+        }
+        self.departed.values().min().map(|t| *t + DEPARTED_GRACE)
+    }
+
+    /// Renews the certificates due at `now` and republishes those proxies.
+    pub fn renew(&mut self, model: &MeshModel, now: SystemTime) -> Result<PublishStats, WeftError> {
+        let mut stats = PublishStats::default();
+        let due = self
+            .identity
+            .as_ref()
+            .map(|i| i.certs.due(now))
+            .unwrap_or_default();
+        for node in due {
+            let (changed, issued) = self.build_node(model, &node, now)?;
+            stats.changed += usize::from(changed);
+            stats.issued += usize::from(issued);
+        }
+        stats.proxies = self.nodes.len();
+        Ok(stats)
+    }
+
+    /// Re-translates `keys` and applies them to the mesh and scope layers (published
+    /// when they change, or always with `publish_all`).
+    fn update_services(
+        &mut self,
+        model: &MeshModel,
+        keys: &BTreeSet<ServiceKey>,
+        publish_all: bool,
+    ) -> usize {
+        let mut replaced: Vec<(ServiceKey, Option<EncodedService>)> = Vec::new();
+        for key in keys {
+            let next = model.services.get(key).map(|service| {
+                EncodedService::new(
+                    translate_service(service, &self.config, true),
+                    translate_service(service, &self.config, false),
+                )
+            });
+            match model.services.get(key) {
+                Some(s) if s.cluster_ips.iter().any(IpAddr::is_ipv6) => {
+                    self.v6_services.insert(key.clone());
+                }
+                _ => {
+                    self.v6_services.remove(key);
+                }
+            }
+            let old = match next {
+                Some(n) => self.services.insert(key.clone(), n),
+                None => self.services.remove(key),
+            };
+            replaced.push((key.clone(), old));
+        }
+        let changes: Vec<(Option<&EncodedService>, Option<&EncodedService>)> = replaced
+            .iter()
+            .map(|(k, old)| (old.as_ref(), self.services.get(k)))
+            .collect();
+        let mesh_changed = self.mesh.update(&changes) || publish_all;
+        if mesh_changed {
+            self.cache.set_shared(MESH, self.mesh.snapshot(true));
+            self.cache.set_shared(MESH_PLAIN, self.mesh.snapshot(false));
+        }
+        let tls = self.identity.is_some();
+        for (name, scope) in &mut self.scopes {
+            let mine: Vec<(Option<&EncodedService>, Option<&EncodedService>)> = replaced
+                .iter()
+                .zip(&changes)
+                .filter(|((k, _), _)| scope.scope.includes(k))
+                .map(|(_, c)| *c)
+                .collect();
+            if !mine.is_empty() && scope.layers.update(&mine) {
+                self.cache.set_shared(name, scope.layers.snapshot(tls));
+            }
+        }
+        drop(changes);
+        if mesh_changed {
+            self.publish_fallback();
+        }
+        replaced.len()
+    }
+
+    /// Updates pod blocks and the on-demand directory; returns whether the capture
+    /// listener changes (a block appeared or went, IPv6 came or went).
+    fn update_pod_directory(
+        &mut self,
+        model: &MeshModel,
+        nodes: &[String],
+        everything: bool,
+    ) -> bool {
+        let ipv6_before = self.ipv6();
+        let blocks_before: BTreeSet<PodBlock> = self.blocks.keys().copied().collect();
+        let mut directory = self
+            .directory
+            .pods
+            .write()
+            .unwrap_or_else(PoisonError::into_inner);
+        let mut directory_changed = everything;
+        if everything {
+            directory.config = self.config.clone();
+        }
+        for node in nodes {
+            if let Some((ips, meshed)) = self.workload_ips.remove(node) {
+                for ip in ips {
+                    if meshed {
+                        directory.meshed.remove(&ip);
+                        let block = pod_block_of(ip);
+                        if let Some(n) = self.blocks.get_mut(&block) {
+                            *n -= 1;
+                            if *n == 0 {
+                                self.blocks.remove(&block);
+                            }
+                        }
+                    }
+                }
+                directory_changed = true;
+            }
+            if let Some(w) = model.workloads.get(node) {
+                if w.meshed {
+                    for ip in &w.ips {
+                        directory
+                            .meshed
+                            .insert(*ip, (w.namespace.clone(), w.service_account.clone()));
+                        *self.blocks.entry(pod_block_of(*ip)).or_default() += 1;
+                    }
+                }
+                self.workload_ips
+                    .insert(node.clone(), (w.ips.clone(), w.meshed));
+                directory_changed = true;
+            }
+        }
+        drop(directory);
+        if directory_changed {
+            self.cache.bump_on_demand();
+        }
+        let blocks_after: BTreeSet<PodBlock> = self.blocks.keys().copied().collect();
+        blocks_before != blocks_after || ipv6_before != self.ipv6()
+    }
+
+    fn ipv6(&self) -> bool {
+        !self.v6_services.is_empty() || self.blocks.keys().any(|(ip, _)| ip.is_ipv6())
+    }
+
+    /// Publishes the two outbound capture snapshots, then the fallback.
+    fn publish_capture(&mut self) {
+        let blocks: Vec<PodBlock> = self.blocks.keys().copied().collect();
+        let ipv6 = self.ipv6();
+        let passthrough = passthrough_cluster();
+        let passthrough =
+            Resource::encode(type_url::CLUSTER, passthrough.name.clone(), &passthrough);
+        for (name, on_demand) in [(CAPTURE_ON_DEMAND, true), (CAPTURE_PLAIN, false)] {
+            let listener = capture_outbound(&blocks, on_demand, ipv6);
+            let snapshot = Snapshot::new()
+                .with(type_url::CLUSTER, [passthrough.clone()])
+                .with(
+                    type_url::LISTENER,
+                    [Resource::encode(
+                        type_url::LISTENER,
+                        listener.name.clone(),
+                        &listener,
+                    )],
+                );
+            self.cache.set_shared(name, snapshot.clone());
+            if !on_demand {
+                self.capture_plain = snapshot;
+            }
+        }
+        self.publish_fallback();
+    }
+
+    /// What a proxy without its own config gets: plaintext outbound for the whole mesh.
+    fn publish_fallback(&self) {
+        self.cache.set_fallback(Snapshot::layered(&[
+            &self.capture_plain,
+            &self.mesh.snapshot(false),
+        ]));
+    }
+
+    /// The shared snapshots a proxy uses and the scope it holds a reference to.
+    fn shared_for(
+        &mut self,
+        workload: &Workload,
+        protocol: &'static str,
+        tls: bool,
+    ) -> (Vec<String>, Option<String>) {
+        // Pod clusters on demand need delta xDS and an identity to originate mTLS with.
+        let capture = if tls && protocol == "delta" {
+            CAPTURE_ON_DEMAND
+        } else {
+            CAPTURE_PLAIN
+        };
+        let Some(scope) = &workload.egress else {
+            let mesh = if tls { MESH } else { MESH_PLAIN };
+            return (vec![capture.to_string(), mesh.to_string()], None);
+        };
+        let name = format!(
+            "{}:{}",
+            if tls { "scope" } else { "scope-plain" },
+            scope.key()
+        );
+        if !self.scopes.contains_key(&name) {
+            let mut layers = LayerSet::default();
+            let members: Vec<(Option<&EncodedService>, Option<&EncodedService>)> = self
+                .services
+                .iter()
+                .filter(|(k, _)| scope.includes(k))
+                .map(|(_, s)| (None, Some(s)))
+                .collect();
+            layers.update(&members);
+            self.cache.set_shared(&name, layers.snapshot(tls));
+            self.scopes.insert(
+                name.clone(),
+                ScopeLayers {
+                    scope: scope.clone(),
+                    layers,
+                    users: 0,
+                },
+            );
+        }
+        (vec![capture.to_string(), name.clone()], Some(name))
+    }
+
+    fn release_scope(&mut self, name: &str) {
+        if let Some(scope) = self.scopes.get_mut(name) {
+            scope.users = scope.users.saturating_sub(1);
+            if scope.users == 0 {
+                self.scopes.remove(name);
+                self.cache.remove_shared(name);
+            }
+        }
+    }
+
+    /// (Re)builds a connected node's own resources from the model: issues its
+    /// certificate if needed. Returns (whether its snapshot changed, whether a
+    /// certificate was issued). Unknown or gone workloads lose their resources.
+    fn build_node(
+        &mut self,
+        model: &MeshModel,
+        node: &str,
+        now: SystemTime,
+    ) -> Result<(bool, bool), WeftError> {
+        let (Some(protocol), Some(workload)) =
+            (self.connected.get(node).copied(), model.workloads.get(node))
+        else {
+            self.drop_node(node);
+            return Ok((false, false));
+        };
+        let mut issued = false;
+        let secrets = match &mut self.identity {
+            Some(identity) if workload.meshed => {
+                issued = identity.certs.ensure(&identity.ca, node, workload, now)?;
+                identity.certs.secrets(node, &identity.ca)
+            }
+            _ => None,
+        };
+        let (shared, scope) = self.shared_for(workload, protocol, secrets.is_some());
+        let state = NodeState { shared, scope };
+        match self.nodes.get(node) {
+            Some(old) if old.scope != state.scope => {
+                if let Some(s) = state.scope.as_deref().and_then(|s| self.scopes.get_mut(s)) {
+                    s.users += 1;
+                }
+                if let Some(old_scope) = old.scope.clone() {
+                    self.release_scope(&old_scope);
+                }
+            }
+            Some(_) => {}
+            None => {
+                if let Some(s) = state.scope.as_deref().and_then(|s| self.scopes.get_mut(s)) {
+                    s.users += 1;
+                }
+            }
+        }
+        let own = translate_workload(
+            workload,
+            grants_for(model, workload),
+            &self.config,
+            secrets.as_ref(),
+        )
+        .to_snapshot();
+        let changed = self.cache.set_node(
+            node,
+            NodeSnapshot {
+                shared: state.shared.clone(),
+                own,
+            },
+        );
+        self.nodes.insert(node.to_string(), state);
+        Ok((changed, issued))
+    }
+
+    fn drop_node(&mut self, node: &str) {
+        if let Some(state) = self.nodes.remove(node) {
+            if let Some(scope) = state.scope {
+                self.release_scope(&scope);
+            }
+            self.cache.remove(node);
+        }
+        if let Some(identity) = &mut self.identity {
+            identity.certs.forget(node);
+        }
     }
 }

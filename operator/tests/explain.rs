@@ -85,7 +85,7 @@ fn model(extra: &[&str]) -> MeshModel {
         .join("---\n");
     let mut index = Index::new();
     index.reset(parse_manifests(&text).unwrap());
-    let model = index.model();
+    let model = index.model().clone();
     assert!(model.problems.is_empty(), "{:?}", model.problems);
     model
 }

@@ -80,7 +80,11 @@ fn render(pool: &DescriptorPool, resources: &ProxyResources) -> Value {
     ] {
         let items: Vec<Value> = snapshot
             .resources(type_url)
-            .map(|t| t.items().values().collect::<Vec<_>>())
+            .map(|t| {
+                let mut all: Vec<_> = t.iter().collect();
+                all.sort_by(|a, b| a.name().cmp(b.name()));
+                all
+            })
             .unwrap_or_default()
             .into_iter()
             .map(|r| {
@@ -156,13 +160,13 @@ fn translate_matches_golden_files() {
         index.reset(parse_manifests(&text).unwrap());
         let model = index.model();
         // As the publisher does: a MeshConfig in the manifests overrides the flags.
-        let config = config_for(&text).effective(&model);
+        let config = config_for(&text).effective(model);
         let workloads: serde_json::Map<String, Value> = model
             .workloads
             .iter()
             .map(|(node, w)| {
                 let secrets = w.meshed.then(|| fake_secrets(&config, w));
-                let grants = grants_for(&model, w);
+                let grants = grants_for(model, w);
                 (
                     node.clone(),
                     render(
@@ -179,7 +183,7 @@ fn translate_matches_golden_files() {
             .collect();
         let doc = json!({
             "problems": problems,
-            "shared": render(&pool, &translate_shared(&model, &config, true)),
+            "shared": render(&pool, &translate_shared(model, &config, true)),
             "workloads": workloads,
         });
         let text = format!(
@@ -224,7 +228,7 @@ fn unchanged_input_gives_byte_identical_resources() {
         let model = |t: &str| {
             let mut index = Index::new();
             index.reset(parse_manifests(t).unwrap());
-            index.model()
+            index.model().clone()
         };
         let (a, b) = (model(&text), model(&text));
         let config = MeshConfig::default();

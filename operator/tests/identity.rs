@@ -236,30 +236,27 @@ fn during_a_root_rotation_both_roots_are_trusted() {
 }
 
 #[test]
-fn workload_certificates_are_issued_once_renewed_at_half_life_and_dropped_with_the_pod() {
+fn workload_certificates_are_issued_once_renewed_at_half_life_and_forgotten() {
     use weft::identity::WorkloadCertificates;
     use weft::index::Index;
     use weft::source::parse_manifests;
     let dir = temp_dir("workloads");
     let ca = CertificateAuthority::load(&CaSource::StateDir(dir.clone()), None).unwrap();
-    let pods = |sa: &str| {
+    let pod = |sa: &str| {
         let text = format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: web-0}}\nspec: {{serviceAccountName: {sa}, containers: [{{name: c, image: i}}]}}\nstatus: {{podIP: 198.18.0.2}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: out, annotations: {{weft.dev/inject: disabled}}}}\nspec: {{containers: [{{name: c, image: i}}]}}\n"
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: web-0}}\nspec: {{serviceAccountName: {sa}, containers: [{{name: c, image: i}}]}}\nstatus: {{podIP: 198.18.0.2}}\n"
         );
         let mut index = Index::new();
         index.reset(parse_manifests(&text).unwrap());
-        index.model()
+        index.model().workloads["default/web-0"].clone()
     };
     let ttl = Duration::from_secs(1000);
     let mut certs = WorkloadCertificates::new("cluster.local", ttl);
     let t0 = SystemTime::now();
-    assert_eq!(
-        certs.refresh(&ca, &pods("web"), t0).unwrap(),
-        1,
-        "only the meshed pod gets one"
-    );
-    assert!(certs.secrets("default/out", &ca).is_none());
-    let first = certs.secrets("default/web-0", &ca).unwrap();
+    let node = "default/web-0";
+    assert!(certs.ensure(&ca, node, &pod("web"), t0).unwrap(), "issued");
+    assert!(certs.secrets("default/other", &ca).is_none());
+    let first = certs.secrets(node, &ca).unwrap();
     assert_eq!(
         first.svid.spiffe_id,
         "spiffe://cluster.local/ns/default/sa/web"
@@ -277,39 +274,32 @@ fn workload_certificates_are_issued_once_renewed_at_half_life_and_dropped_with_t
         spread <= Duration::from_secs(61),
         "renewal {renew:?} is near half-life {half:?}"
     );
-
-    assert_eq!(
-        certs
-            .refresh(&ca, &pods("web"), t0 + Duration::from_secs(100))
+    assert!(certs.due(t0 + Duration::from_secs(100)).is_empty());
+    assert!(
+        !certs
+            .ensure(&ca, node, &pod("web"), t0 + Duration::from_secs(100))
             .unwrap(),
-        0,
         "not due yet"
     );
-    assert_eq!(
-        certs.refresh(&ca, &pods("web"), renew).unwrap(),
-        1,
+    assert_eq!(certs.due(renew), vec![node.to_string()]);
+    assert!(
+        certs.ensure(&ca, node, &pod("web"), renew).unwrap(),
         "renewed when due"
     );
     assert_ne!(
-        certs.secrets("default/web-0", &ca).unwrap().svid.serial,
+        certs.secrets(node, &ca).unwrap().svid.serial,
         first.svid.serial
     );
-    assert_eq!(
-        certs.refresh(&ca, &pods("api"), renew).unwrap(),
-        1,
+    assert!(
+        certs.ensure(&ca, node, &pod("api"), renew).unwrap(),
         "a new service account gets a new identity"
     );
     assert_eq!(
-        certs.secrets("default/web-0", &ca).unwrap().svid.spiffe_id,
+        certs.secrets(node, &ca).unwrap().svid.spiffe_id,
         "spiffe://cluster.local/ns/default/sa/api"
     );
-    let mut empty = Index::new();
-    empty.reset(Vec::new());
-    certs.refresh(&ca, &empty.model(), renew).unwrap();
-    assert!(
-        certs.secrets("default/web-0", &ca).is_none(),
-        "a deleted pod's certificate is forgotten"
-    );
+    certs.forget(node);
+    assert!(certs.secrets(node, &ca).is_none(), "forgotten");
     assert!(certs.next_renewal().is_none());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -27,15 +27,18 @@ fn index_of(text: &str) -> Index {
 fn apply_delete_and_reset_report_whether_anything_changed() {
     let objects = parse_manifests(&service("web", "198.19.0.1", "http")).unwrap();
     let mut index = Index::new();
-    assert!(index.apply(objects[0].clone()));
+    assert!(index.apply(objects[0].clone()).is_some());
     assert!(
-        !index.apply(objects[0].clone()),
+        index.apply(objects[0].clone()).is_none(),
         "identical object is no change"
     );
-    assert!(!index.reset(objects.clone()), "same set is no change");
+    assert!(
+        index.reset(objects.clone()).is_none(),
+        "same set is no change"
+    );
     let key = ObjectRef::new(Kind::Service, "default", "web");
-    assert!(index.delete(&key));
-    assert!(!index.delete(&key));
+    assert!(index.delete(&key).is_some());
+    assert!(index.delete(&key).is_none());
     assert!(index.is_empty());
 }
 
@@ -47,7 +50,7 @@ fn selector_matched_ready_pods_become_endpoints() {
         pod("other", "db", "198.18.0.3"),
     ]
     .join("---\n");
-    let model = index_of(&text).model();
+    let model = index_of(&text).model().clone();
     let web = &model.services.values().next().unwrap().ports[0];
     assert_eq!(web.endpoints, vec!["198.18.0.2:80".parse().unwrap()]);
     assert_eq!(web.protocol, AppProtocol::Http);
@@ -63,7 +66,9 @@ fn selector_matched_ready_pods_become_endpoints() {
 
 #[test]
 fn tcp_named_ports_are_proxied_as_tcp() {
-    let model = index_of(&service("db", "198.19.0.1", "tcp-postgres")).model();
+    let model = index_of(&service("db", "198.19.0.1", "tcp-postgres"))
+        .model()
+        .clone();
     assert_eq!(
         model.services.values().next().unwrap().ports[0].protocol,
         AppProtocol::Tcp
@@ -77,7 +82,7 @@ fn a_second_service_on_the_same_cluster_ip_is_rejected() {
         service("b", "198.19.0.1", "http"),
     ]
     .join("---\n");
-    let model = index_of(&text).model();
+    let model = index_of(&text).model().clone();
     assert_eq!(model.services.len(), 1);
     assert_eq!(model.problems.len(), 1);
     assert_eq!(model.problems[0].object.to_string(), "Service default/b");
@@ -285,7 +290,7 @@ metadata: {name: db-0, labels: {app: db}}
 spec: {containers: [{name: c, image: i}]}
 status: {podIP: 198.18.0.2, podIPs: [{ip: 198.18.0.2}, {ip: "fd00::2"}]}
 "#;
-    let model = index_of(text).model();
+    let model = index_of(text).model().clone();
     assert!(model.problems.is_empty(), "{:?}", model.problems);
     let endpoints = |name: &str| {
         model
@@ -328,7 +333,7 @@ status: {podIP: 198.18.0.2, podIPs: [{ip: 198.18.0.2}, {ip: "fd00::2"}]}
 #[test]
 fn two_clusterips_of_one_family_are_rejected() {
     let text = "apiVersion: v1\nkind: Service\nmetadata: {name: bad}\nspec: {clusterIP: 198.19.0.1, clusterIPs: [198.19.0.1, 198.19.0.2]}\n";
-    let model = index_of(text).model();
+    let model = index_of(text).model().clone();
     assert!(model.services.is_empty());
     assert!(
         model.problems[0]
@@ -366,7 +371,7 @@ metadata: {name: s-0, labels: {app: s}}
 spec: {containers: [{name: c, image: i}]}
 status: {podIP: 198.18.0.2}
 "#;
-    let model = index_of(text).model();
+    let model = index_of(text).model().clone();
     let ports: Vec<(u16, AppProtocol)> = model
         .services
         .values()
@@ -411,4 +416,167 @@ status: {podIP: 198.18.0.2}
             .protocol_detection_timeout
             .is_none()
     );
+}
+
+/// Ten levels of anchors, each aliasing the one before nine times: 9^10 nodes.
+fn billion_laughs() -> String {
+    let mut text = String::from("a0: &a0 [x, x, x, x, x, x, x, x, x]\n");
+    for i in 1..10 {
+        let refs = vec![format!("*a{}", i - 1); 9].join(", ");
+        text.push_str(&format!("a{i}: &a{i} [{refs}]\n"));
+    }
+    text
+}
+
+/// `levels` mappings, each indented one more space than the one before.
+fn indented(levels: usize) -> String {
+    (0..levels)
+        .map(|l| format!("{}k{l}:\n", " ".repeat(l)))
+        .collect()
+}
+
+#[test]
+fn hostile_manifests_are_rejected_with_a_reason_before_the_parser_runs() {
+    let service_with = |annotation: &str| {
+        format!(
+            "apiVersion: v1\nkind: Service\nmetadata:\n  name: big\n  annotations:\n    note: {annotation}\nspec: {{clusterIP: 198.19.0.9, ports: [{{port: 80}}]}}\n"
+        )
+    };
+    // One anchor of 20,000 cells, aliased in 20,000 cells: 4 * 10^8 nodes from 100 KB,
+    // which serde_yaml_ng's own repetition limit lets through.
+    let wide = format!(
+        "a: &a [{}]\nb: [{}]\n",
+        vec!["x"; 20_000].join(","),
+        vec!["*a"; 20_000].join(",")
+    );
+    let cases = [
+        (
+            "100,000 nested brackets",
+            "[".repeat(100_000),
+            "nesting deeper than 64 levels at line 1 column 65",
+        ),
+        (
+            "100,000 nested flow mappings",
+            "{a: ".repeat(100_000),
+            "nesting deeper than 64 levels at line 1 column 257",
+        ),
+        (
+            "10,000 nested block sequences",
+            format!("kind: Pod\nspec:\n{}x\n", "- ".repeat(10_000)),
+            "nesting deeper than 64 levels at line 3 column 127",
+        ),
+        (
+            "100 levels of indentation",
+            indented(100),
+            "nesting deeper than 64 levels at line 65 column 65",
+        ),
+        (
+            // 48 MiB: one more space per level adds up.
+            "10,000 levels of indentation",
+            indented(10_000),
+            "is larger than the 16.0 MiB limit",
+        ),
+        ("a billion laughs", billion_laughs(), "YAML aliases expand"),
+        ("an anchor aliased everywhere", wide, "YAML aliases expand"),
+        (
+            "an object larger than the API server takes",
+            service_with(&"x".repeat(4 << 20)),
+            "the document at line 1 is larger than the 3.0 MiB limit",
+        ),
+    ];
+    for (what, text, reason) in cases {
+        let started = std::time::Instant::now();
+        let err = parse_manifests(&text).unwrap_err().to_string();
+        let took = started.elapsed();
+        assert!(err.contains(reason), "{what}: {err}");
+        // A generous bound that only guards against a hang (the parser alone spends
+        // minutes on the nested flow mappings).
+        assert!(took < std::time::Duration::from_secs(2), "{what}: {took:?}");
+    }
+    // Within the bounds, the same shapes parse as before.
+    assert_eq!(
+        parse_manifests(&service_with(&"x".repeat(1 << 20)))
+            .unwrap()
+            .len(),
+        1
+    );
+    let anchored = "apiVersion: v1\nkind: Service\nmetadata: {name: anchored, labels: &labels {app: web}}\nspec: {clusterIP: 198.19.0.8, selector: *labels, ports: [{port: 80}]}\n";
+    assert_eq!(parse_manifests(anchored).unwrap().len(), 1);
+    let deep = weft::source::parse_manifest_documents(&indented(64)).unwrap();
+    assert_eq!(deep.rejected[0].reason, "document 1: no kind");
+}
+
+#[test]
+fn a_hostile_file_is_reported_like_a_broken_one_and_the_others_keep_serving() {
+    let dir = std::env::temp_dir().join(format!("weft-manifest-hostile-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("a.yaml"), service("a", "198.19.0.1", "http")).unwrap();
+    std::fs::write(
+        dir.join("b.json"),
+        serde_json_line(&service("b", "198.19.0.2", "http")),
+    )
+    .unwrap();
+    std::fs::write(dir.join("c.yaml"), service("c", "198.19.0.3", "http")).unwrap();
+    let mut manifests = ManifestDir::new(&dir);
+    manifests.rescan().unwrap();
+    assert_eq!(manifests.objects().len(), 3);
+
+    // c turns hostile; d is an alias bomb; e is larger than any manifest file may be
+    // (it is refused before it is read).
+    std::fs::write(dir.join("c.yaml"), "[".repeat(100_000)).unwrap();
+    std::fs::write(dir.join("d.yaml"), billion_laughs()).unwrap();
+    let e = std::fs::File::create(dir.join("e.yaml")).unwrap();
+    e.set_len(17 << 20).unwrap();
+    let started = std::time::Instant::now();
+    manifests.rescan().unwrap();
+    let took = started.elapsed();
+    assert!(took < std::time::Duration::from_secs(2), "{took:?}");
+
+    let names: Vec<String> = manifests
+        .objects()
+        .iter()
+        .map(|o| o.object_ref().name)
+        .collect();
+    assert_eq!(names, vec!["a", "b", "c"], "c keeps its last good version");
+    let errors: Vec<(String, String)> = manifests
+        .errors()
+        .into_iter()
+        .map(|e| {
+            (
+                e.file.file_name().unwrap().to_string_lossy().into_owned(),
+                e.reason,
+            )
+        })
+        .collect();
+    assert_eq!(
+        errors,
+        vec![
+            (
+                "c.yaml".to_string(),
+                "nesting deeper than 64 levels at line 1 column 65".to_string()
+            ),
+            (
+                "d.yaml".to_string(),
+                "document 1: YAML aliases expand it to more than 2 times the text's size"
+                    .to_string()
+            ),
+            (
+                "e.yaml".to_string(),
+                "the file (17.0 MiB) is larger than the 16.0 MiB limit".to_string()
+            ),
+        ]
+    );
+
+    // Fixed, c serves its new version and its error clears.
+    std::fs::write(dir.join("c.yaml"), service("c2", "198.19.0.3", "http")).unwrap();
+    manifests.rescan().unwrap();
+    assert_eq!(manifests.errors().len(), 2);
+    assert!(
+        manifests
+            .objects()
+            .iter()
+            .any(|o| o.object_ref().name == "c2")
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
 }

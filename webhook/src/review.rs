@@ -1,12 +1,17 @@
 //! AdmissionReview v1 in, AdmissionReview v1 out. Never panics on input: a malformed
-//! body is a 400 with the reason; a pod Weft cannot read is admitted with a warning
-//! (unless fail-closed) so the mesh never blocks pod creation by accident.
+//! body (or one beyond Weft's input bounds) is a 400 with the reason; a pod Weft cannot
+//! read is admitted with a warning (unless fail-closed) so the mesh never blocks pod
+//! creation by accident.
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::DynamicObject;
 use kube::core::admission::{AdmissionRequest, AdmissionResponse, AdmissionReview, Operation};
 
 use crate::inject::{InjectConfig, inject};
+
+/// Largest AdmissionReview body read: it carries the object and, for an update, the old
+/// one too, each bounded by the API server's 3 MiB request limit (1.5 MiB in etcd).
+pub const MAX_REVIEW_BYTES: usize = 8 << 20;
 
 /// An HTTP status and a JSON body.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -30,6 +35,13 @@ fn add_warning(mut response: AdmissionResponse, warning: String) -> AdmissionRes
 
 /// Handles one AdmissionReview request body.
 pub fn handle_review(body: &[u8], config: &InjectConfig) -> ReviewReply {
+    // Bounded before any decoder runs (see `weft_crds::bounds`).
+    if let Err(e) = weft_crds::bounds::check_json(body, MAX_REVIEW_BYTES) {
+        return reply(
+            400,
+            AdmissionResponse::invalid(format!("body is not an AdmissionReview Weft reads: {e}")),
+        );
+    }
     let review: AdmissionReview<DynamicObject> = match serde_json::from_slice(body) {
         Ok(r) => r,
         Err(e) => {

@@ -20,10 +20,8 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::WebhookError;
 use crate::inject::InjectConfig;
-use crate::review::handle_review;
+use crate::review::{MAX_REVIEW_BYTES, handle_review};
 
-/// Largest AdmissionReview accepted (the API server's own limit is about 3 MiB).
-const MAX_BODY: usize = 8 << 20;
 /// How often the certificate files are checked for changes.
 const RELOAD_CHECK: Duration = Duration::from_secs(1);
 
@@ -137,7 +135,10 @@ async fn route(
     };
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
-        (&Method::POST, _) => match Limited::new(req.into_body(), MAX_BODY).collect().await {
+        (&Method::POST, _) => match Limited::new(req.into_body(), MAX_REVIEW_BYTES)
+            .collect()
+            .await
+        {
             Ok(body) => {
                 let reply = handle_review(&body.to_bytes(), config);
                 json(reply.status, reply.body)

@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{PoisonError, RwLock};
 
-use weft_xds::StreamPolicy;
+use weft_xds::{Admission, StreamPolicy};
 
 use crate::index::MeshModel;
 
@@ -24,6 +24,21 @@ impl PodAddressBinding {
             .collect();
         *self.pods.write().unwrap_or_else(PoisonError::into_inner) = pods;
     }
+
+    /// Takes the pods `nodes` (changed, added or gone) from the model.
+    pub fn update_nodes<'a>(&self, model: &MeshModel, nodes: impl IntoIterator<Item = &'a String>) {
+        let mut pods = self.pods.write().unwrap_or_else(PoisonError::into_inner);
+        for node in nodes {
+            match model.workloads.get(node) {
+                Some(w) => {
+                    pods.insert(node.clone(), w.ips.iter().copied().map(canonical).collect());
+                }
+                None => {
+                    pods.remove(node);
+                }
+            }
+        }
+    }
 }
 
 /// IPv4 peers may show up as IPv4-mapped IPv6 addresses on a dual-stack listener.
@@ -35,11 +50,23 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 impl StreamPolicy for PodAddressBinding {
-    fn check(&self, node: &str, peer: Option<SocketAddr>) -> Result<(), String> {
+    fn check(&self, node: &str, peer: Option<SocketAddr>) -> Admission {
+        match self.verify(node, peer) {
+            Ok(true) => Admission::Own,
+            Ok(false) => Admission::Fallback,
+            Err(reason) => Admission::Denied(reason),
+        }
+    }
+}
+
+impl PodAddressBinding {
+    /// `Ok(true)` when `peer` is the pod `node`'s address, `Ok(false)` when no such pod
+    /// is known, `Err(reason)` when the address does not match.
+    fn verify(&self, node: &str, peer: Option<SocketAddr>) -> Result<bool, String> {
         let pods = self.pods.read().unwrap_or_else(PoisonError::into_inner);
         // An unknown node has no workload config or secrets to protect.
         let Some(expected) = pods.get(node) else {
-            return Ok(());
+            return Ok(false);
         };
         let peer_ip = peer.map(|p| canonical(p.ip()));
         let listed = || {
@@ -54,7 +81,7 @@ impl StreamPolicy for PodAddressBinding {
                 "pod {node} has no IP yet, so no stream can be bound to it"
             )),
             // A dual-stack pod may connect from either of its addresses.
-            Some(ip) if expected.contains(&ip) => Ok(()),
+            Some(ip) if expected.contains(&ip) => Ok(true),
             Some(ip) => Err(format!(
                 "pod {node} has IP {} but the stream comes from {ip}",
                 listed()
@@ -78,7 +105,7 @@ mod tests {
         let mut index = Index::new();
         index.reset(parse_manifests(text).unwrap());
         let b = PodAddressBinding::default();
-        b.update(&index.model());
+        b.update(index.model());
         b
     }
 
@@ -86,30 +113,33 @@ mod tests {
     fn only_the_pods_own_address_may_have_its_config() {
         let b = binding();
         let from = |ip: &str| Some(SocketAddr::new(ip.parse().unwrap(), 40000));
-        assert!(b.check("default/a", from("198.18.0.2")).is_ok());
+        assert!(b.verify("default/a", from("198.18.0.2")) == Ok(true));
         assert!(
-            b.check("default/a", from("::ffff:198.18.0.2")).is_ok(),
+            b.verify("default/a", from("::ffff:198.18.0.2")) == Ok(true),
             "v4-mapped peers match"
         );
-        let err = b.check("default/a", from("198.18.0.9")).unwrap_err();
+        let err = b.verify("default/a", from("198.18.0.9")).unwrap_err();
         assert!(
             err.contains("198.18.0.2") && err.contains("198.18.0.9"),
             "{err}"
         );
-        assert!(b.check("default/a", None).is_err());
+        assert!(b.verify("default/a", None).is_err());
         assert!(
-            b.check("default/pending", from("198.18.0.3")).is_err(),
+            b.verify("default/pending", from("198.18.0.3")).is_err(),
             "no IP, no binding"
         );
         assert!(
-            b.check("default/unknown", from("198.18.0.3")).is_ok(),
+            b.check("default/unknown", from("198.18.0.3")) == Admission::Fallback,
             "unknown nodes get the fallback anyway"
         );
-        assert!(b.check("default/dual", from("198.18.0.4")).is_ok());
+        assert!(b.check("default/dual", from("198.18.0.4")) == Admission::Own);
         assert!(
-            b.check("default/dual", from("fd00::4")).is_ok(),
+            b.verify("default/dual", from("fd00::4")) == Ok(true),
             "a dual-stack pod may connect over IPv6"
         );
-        assert!(b.check("default/dual", from("fd00::5")).is_err());
+        assert!(matches!(
+            b.check("default/dual", from("fd00::5")),
+            Admission::Denied(_)
+        ));
     }
 }

@@ -1,11 +1,12 @@
-//! The certificate of every workload: issued on first sight, renewed at half-life.
+//! The certificates of connected workloads: issued when a proxy connects, renewed at
+//! half-life (spread by a jitter, so a batch issued together is not renewed together).
 
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 use super::{CertificateAuthority, Svid, renewal_time, spiffe_id};
 use crate::error::WeftError;
-use crate::index::MeshModel;
+use crate::index::Workload;
 
 /// What one proxy receives over SDS.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -46,37 +47,58 @@ impl WorkloadCertificates {
         }
     }
 
-    /// Issues for new meshed workloads (or ones whose service account changed), renews
-    /// those due at `now`, forgets workloads that are gone. Returns how many were issued.
-    pub fn refresh(
+    /// Makes sure `node` (running `workload`) holds a current certificate: issues one
+    /// if it has none, if its service account changed, or if renewal is due at `now`.
+    /// Returns whether a certificate was issued.
+    pub fn ensure(
         &mut self,
         ca: &CertificateAuthority,
-        model: &MeshModel,
+        node: &str,
+        workload: &Workload,
         now: SystemTime,
-    ) -> Result<usize, WeftError> {
-        self.issued
-            .retain(|node, _| model.workloads.get(node).is_some_and(|w| w.meshed));
-        let mut count = 0;
-        for (node, workload) in model.workloads.iter().filter(|(_, w)| w.meshed) {
-            let id = spiffe_id(
-                &self.trust_domain,
-                &workload.namespace,
-                &workload.service_account,
-            );
-            let due = match self.issued.get(node) {
-                None => true,
-                Some(i) => i.svid.spiffe_id != id || i.renew_at <= now,
-            };
-            if !due {
-                continue;
-            }
-            let svid = ca.issue(&id, self.ttl, now)?;
-            let renew_at = renewal_time(svid.not_before, svid.not_after, jitter(&svid.serial));
-            tracing::debug!(node = %node, spiffe_id = %id, serial = %svid.serial, "issued workload certificate");
-            self.issued.insert(node.clone(), Issued { svid, renew_at });
-            count += 1;
+    ) -> Result<bool, WeftError> {
+        let id = spiffe_id(
+            &self.trust_domain,
+            &workload.namespace,
+            &workload.service_account,
+        );
+        let due = match self.issued.get(node) {
+            None => true,
+            Some(i) => i.svid.spiffe_id != id || i.renew_at <= now,
+        };
+        if !due {
+            return Ok(false);
         }
-        Ok(count)
+        let svid = ca.issue(&id, self.ttl, now)?;
+        let renew_at = renewal_time(svid.not_before, svid.not_after, jitter(&svid.serial));
+        tracing::debug!(node = %node, spiffe_id = %id, serial = %svid.serial, "issued workload certificate");
+        self.issued
+            .insert(node.to_string(), Issued { svid, renew_at });
+        Ok(true)
+    }
+
+    /// Forgets a node's certificate (its proxy left, or its pod is gone).
+    pub fn forget(&mut self, node: &str) {
+        self.issued.remove(node);
+    }
+
+    /// Nodes whose renewal is due at `now`.
+    pub fn due(&self, now: SystemTime) -> Vec<String> {
+        self.issued
+            .iter()
+            .filter(|(_, i)| i.renew_at <= now)
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Number of certificates held.
+    pub fn len(&self) -> usize {
+        self.issued.len()
+    }
+
+    /// Whether no certificate is held.
+    pub fn is_empty(&self) -> bool {
+        self.issued.is_empty()
     }
 
     /// The secrets of one node, if it has a certificate.

@@ -6,7 +6,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use weft_crds::{HTTPRouteGroup, IdentityBinding, TCPRoute, TrafficTarget};
 
-use super::model::{AccessGrant, HttpRequestMatch, MeshModel, Problem, TcpGrant};
+use super::model::{
+    AccessGrant, GrantsByDestination, HttpRequestMatch, Identity, Problem, TcpGrant,
+};
 use super::{Kind, ObjectRef};
 
 const SERVICE_ACCOUNT: &str = "ServiceAccount";
@@ -19,18 +21,17 @@ fn meta_name(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) 
     meta.name.as_deref().unwrap_or_default()
 }
 
-/// Service accounts that exist, by (namespace, name).
-#[derive(Default)]
-pub(super) struct KnownAccounts(BTreeSet<(String, String)>);
+/// Whether a service account exists (an object, or a pod running as it, or `default`).
+pub(super) struct KnownAccounts<'a>(Box<dyn Fn(&Identity) -> bool + 'a>);
 
-impl KnownAccounts {
-    pub fn insert(&mut self, namespace: &str, name: &str) {
-        self.0.insert((namespace.to_string(), name.to_string()));
+impl<'a> KnownAccounts<'a> {
+    /// Accounts `exists` says exist.
+    pub fn new(exists: impl Fn(&Identity) -> bool + 'a) -> Self {
+        Self(Box::new(exists))
     }
 
-    /// Whether the account exists; the API server creates `default` in every namespace.
-    fn contains(&self, (namespace, name): &(String, String)) -> bool {
-        name == "default" || self.0.contains(&(namespace.clone(), name.clone()))
+    fn contains(&self, account: &(String, String)) -> bool {
+        (self.0)(account)
     }
 }
 
@@ -42,11 +43,14 @@ pub(super) struct Routes<'a> {
 }
 
 impl<'a> Routes<'a> {
-    pub fn new(http: &[&'a HTTPRouteGroup], tcp: &[&'a TCPRoute]) -> Self {
+    pub fn new(
+        http: impl IntoIterator<Item = &'a HTTPRouteGroup>,
+        tcp: impl IntoIterator<Item = &'a TCPRoute>,
+    ) -> Self {
         let key = |m| (meta_ns(m).to_string(), meta_name(m).to_string());
         Self {
-            http: http.iter().map(|g| (key(&g.metadata), *g)).collect(),
-            tcp: tcp.iter().map(|r| (key(&r.metadata), *r)).collect(),
+            http: http.into_iter().map(|g| (key(&g.metadata), g)).collect(),
+            tcp: tcp.into_iter().map(|r| (key(&r.metadata), r)).collect(),
         }
     }
 }
@@ -225,13 +229,15 @@ fn missing_accounts(
     out
 }
 
-/// Resolves every TrafficTarget into `model.grants`; invalid ones become problems.
+/// Resolves every TrafficTarget into grants by destination identity; invalid ones
+/// become problems.
 pub(super) fn resolve_access(
     targets: &[&TrafficTarget],
     routes: &Routes<'_>,
-    accounts: &KnownAccounts,
-    model: &mut MeshModel,
-) {
+    accounts: &KnownAccounts<'_>,
+) -> (GrantsByDestination, Vec<Problem>) {
+    let mut grants = GrantsByDestination::new();
+    let mut problems = Vec::new();
     for target in targets {
         let object = ObjectRef::new(
             Kind::TrafficTarget,
@@ -241,22 +247,23 @@ pub(super) fn resolve_access(
         match resolve_target(target, routes) {
             Ok((destination, grant)) => {
                 for reason in missing_accounts(&destination, &grant, accounts) {
-                    model.problems.push(Problem {
+                    problems.push(Problem {
                         object: object.clone(),
                         rejected: false,
                         reason,
                     });
                 }
-                model.grants.entry(destination).or_default().push(grant);
+                grants.entry(destination).or_default().push(grant);
             }
-            Err(reason) => model.problems.push(Problem {
+            Err(reason) => problems.push(Problem {
                 object,
                 rejected: true,
                 reason,
             }),
         }
     }
-    for grants in model.grants.values_mut() {
-        grants.sort_by(|a, b| a.source.cmp(&b.source));
+    for list in grants.values_mut() {
+        list.sort_by(|a, b| a.source.cmp(&b.source));
     }
+    (grants, problems)
 }

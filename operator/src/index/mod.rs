@@ -5,9 +5,11 @@ mod access;
 mod model;
 mod protocol;
 mod resolve;
+mod store;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
+use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -15,12 +17,18 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use weft_crds::{HTTPRouteGroup, MeshConfig, TCPRoute, TrafficSplit, TrafficTarget};
 
 pub use model::{
-    AccessGrant, AppProtocol, HttpRequestMatch, MeshModel, MeshService, MeshSettings, ProbeForward,
-    Problem, ProtocolSource, ServiceKey, ServicePortModel, SplitBackend, SplitModel, TcpGrant,
-    Workload, WorkloadPort,
+    AccessGrant, AppProtocol, EgressEntry, EgressScope, GrantsByDestination, HttpRequestMatch,
+    Identity, MeshModel, MeshService, MeshSettings, ProbeForward, Problem, ProtocolSource,
+    ServiceKey, ServicePortModel, SplitBackend, SplitModel, TcpGrant, Workload, WorkloadPort,
 };
 pub use protocol::{DEFAULT_OPAQUE_PORTS, select_protocol};
 pub use resolve::parse_gateway_duration;
+
+use resolve::{
+    clusterip_owners, creation_order, endpoint_ips, resolve_grants, resolve_mesh_config,
+    resolve_service_base, resolve_splits, resolve_workload, split_references,
+};
+use store::{Key, Store, key_of, pod_service_account};
 
 /// The kinds of object the index understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -157,10 +165,85 @@ impl MeshObject {
     }
 }
 
-/// All input objects, keyed by [`ObjectRef`]. Sources call `apply`, `delete` and `reset`.
+/// One change of an input object, as every source reports them (the manifest
+/// directory, the API server's watches).
+#[derive(Clone, Debug, PartialEq)]
+pub enum ObjectChange {
+    /// The object is new or different.
+    Upsert(MeshObject),
+    /// The object is gone.
+    Delete(ObjectRef),
+}
+
+/// What a change did to the model: the entities whose resolved form differs.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ModelDelta {
+    /// Services added, changed or removed.
+    pub services: BTreeSet<ServiceKey>,
+    /// Workloads (node ids) added, changed or removed.
+    pub workloads: BTreeSet<String>,
+    /// Destination identities whose grants changed.
+    pub grants: BTreeSet<(String, String)>,
+    /// The mesh-wide settings changed.
+    pub settings: bool,
+    /// The list of problems changed.
+    pub problems: bool,
+}
+
+impl ModelDelta {
+    /// Whether nothing in the model changed.
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+            && self.workloads.is_empty()
+            && self.grants.is_empty()
+            && !self.settings
+            && !self.problems
+    }
+
+    fn merge(&mut self, other: ModelDelta) {
+        self.services.extend(other.services);
+        self.workloads.extend(other.workloads);
+        self.grants.extend(other.grants);
+        self.settings |= other.settings;
+        self.problems |= other.problems;
+    }
+}
+
+/// What a set of object changes makes stale.
+#[derive(Debug, Default)]
+struct Dirty {
+    services: BTreeSet<ServiceKey>,
+    pods: BTreeSet<Key>,
+    splits: bool,
+    access: bool,
+    config: bool,
+    everything: bool,
+}
+
+/// All input objects and the mesh model resolved from them, kept current one change at
+/// a time: a change recomputes the services, workloads, splits and grants it can
+/// affect, found through the store's lookups, and reports what actually changed.
 #[derive(Clone, Debug, Default)]
 pub struct Index {
-    objects: BTreeMap<ObjectRef, MeshObject>,
+    store: Store,
+    model: MeshModel,
+    /// Every service's resolution before splits and ClusterIP conflicts.
+    bases: BTreeMap<ServiceKey, Result<MeshService, String>>,
+    /// Endpoint IP → services with an endpoint there (whose `meshed` depends on the pod).
+    by_endpoint_ip: HashMap<IpAddr, BTreeSet<ServiceKey>>,
+    /// ClusterIP → services claiming it.
+    claims: HashMap<IpAddr, BTreeSet<ServiceKey>>,
+    /// Services some TrafficSplit names.
+    split_refs: BTreeSet<ServiceKey>,
+    splits: BTreeMap<ServiceKey, SplitModel>,
+    service_problems: BTreeMap<ServiceKey, Problem>,
+    pod_problems: BTreeMap<Key, Vec<Problem>>,
+    conflict_problems: BTreeMap<Key, Vec<Problem>>,
+    split_problems: Vec<Problem>,
+    access_problems: Vec<Problem>,
+    config_problems: Vec<Problem>,
+    /// Ports the MeshConfig in effect adds to the well-known opaque ports.
+    opaque_ports: Vec<u16>,
 }
 
 impl Index {
@@ -169,44 +252,547 @@ impl Index {
         Self::default()
     }
 
-    /// Adds or replaces an object; returns whether anything changed.
-    pub fn apply(&mut self, object: MeshObject) -> bool {
-        let key = object.object_ref();
-        if self.objects.get(&key) == Some(&object) {
-            return false;
-        }
-        self.objects.insert(key, object);
-        true
-    }
-
-    /// Removes an object; returns whether it was there.
-    pub fn delete(&mut self, key: &ObjectRef) -> bool {
-        self.objects.remove(key).is_some()
-    }
-
-    /// Replaces every object (a full relist); returns whether anything changed.
-    pub fn reset(&mut self, objects: impl IntoIterator<Item = MeshObject>) -> bool {
-        let next: BTreeMap<ObjectRef, MeshObject> =
-            objects.into_iter().map(|o| (o.object_ref(), o)).collect();
-        if next == self.objects {
-            return false;
-        }
-        self.objects = next;
-        true
+    /// The current model.
+    pub fn model(&self) -> &MeshModel {
+        &self.model
     }
 
     /// Number of objects held.
     pub fn len(&self) -> usize {
-        self.objects.len()
+        self.store.len()
     }
 
     /// Whether the index holds nothing.
     pub fn is_empty(&self) -> bool {
-        self.objects.is_empty()
+        self.store.len() == 0
     }
 
-    /// Resolves references and validates everything into a mesh model.
-    pub fn model(&self) -> MeshModel {
-        resolve::resolve(self.objects.values())
+    /// Every object held (cloned).
+    pub fn objects(&self) -> Vec<MeshObject> {
+        self.store.objects()
     }
+
+    /// Adds or replaces an object: `None` when an equal object was already there,
+    /// otherwise what the change did to the model.
+    pub fn apply(&mut self, object: MeshObject) -> Option<ModelDelta> {
+        if self.store.holds(&object) {
+            return None;
+        }
+        let mut dirty = Dirty::default();
+        let key = object.object_ref();
+        let new = object.clone();
+        let old = self.store.insert(object);
+        self.mark(&key, old.as_ref(), Some(&new), &mut dirty);
+        Some(self.recompute(dirty))
+    }
+
+    /// Removes an object: `None` when it was not there.
+    pub fn delete(&mut self, key: &ObjectRef) -> Option<ModelDelta> {
+        let old = self.store.remove(key)?;
+        let mut dirty = Dirty::default();
+        self.mark(key, Some(&old), None, &mut dirty);
+        Some(self.recompute(dirty))
+    }
+
+    /// Applies a batch of changes with one recomputation; `None` when none changed anything.
+    pub fn update(
+        &mut self,
+        changes: impl IntoIterator<Item = ObjectChange>,
+    ) -> Option<ModelDelta> {
+        let mut dirty = Dirty {
+            // From empty (a start), everything is new: one full pass is cheaper.
+            everything: self.store.len() == 0,
+            ..Dirty::default()
+        };
+        let mut any = false;
+        for change in changes {
+            let (key, old, new) = match change {
+                ObjectChange::Upsert(object) => {
+                    if self.store.holds(&object) {
+                        continue;
+                    }
+                    let key = object.object_ref();
+                    let new = object.clone();
+                    (key, self.store.insert(object), Some(new))
+                }
+                ObjectChange::Delete(key) => match self.store.remove(&key) {
+                    Some(old) => (key, Some(old), None),
+                    None => continue,
+                },
+            };
+            any = true;
+            self.mark(&key, old.as_ref(), new.as_ref(), &mut dirty);
+        }
+        any.then(|| self.recompute(dirty))
+    }
+
+    /// Replaces every object (a full relist): applies what differs; `None` when nothing did.
+    pub fn reset(&mut self, objects: impl IntoIterator<Item = MeshObject>) -> Option<ModelDelta> {
+        let mut next: BTreeMap<ObjectRef, MeshObject> = BTreeMap::new();
+        for o in objects {
+            next.insert(o.object_ref(), o);
+        }
+        let gone: Vec<ObjectChange> = self
+            .store
+            .refs()
+            .into_iter()
+            .filter(|r| !next.contains_key(r))
+            .map(ObjectChange::Delete)
+            .collect();
+        self.update(
+            gone.into_iter()
+                .chain(next.into_values().map(ObjectChange::Upsert)),
+        )
+    }
+
+    /// Marks what a change of one object (from `old` to `new`) can affect.
+    fn mark(
+        &self,
+        key: &ObjectRef,
+        old: Option<&MeshObject>,
+        new: Option<&MeshObject>,
+        dirty: &mut Dirty,
+    ) {
+        if dirty.everything {
+            return;
+        }
+        let versions = || old.into_iter().chain(new);
+        match key.kind {
+            Kind::Service => {
+                dirty
+                    .services
+                    .insert(ServiceKey::new(&key.namespace, &key.name));
+                for o in versions() {
+                    if let MeshObject::Service(svc) = o {
+                        dirty.pods.extend(
+                            self.store
+                                .selected_pods(svc)
+                                .into_iter()
+                                .map(|p| key_of(&p.metadata)),
+                        );
+                    }
+                }
+            }
+            Kind::Pod => {
+                dirty.pods.insert((key.namespace.clone(), key.name.clone()));
+                for o in versions() {
+                    if let MeshObject::Pod(pod) = o {
+                        dirty
+                            .services
+                            .extend(self.store.services_selecting(pod).into_iter().map(|s| {
+                                let (n, m) = key_of(&s.metadata);
+                                ServiceKey::new(&n, &m)
+                            }));
+                        for ip in store::pod_ips(pod) {
+                            dirty.services.extend(
+                                self.by_endpoint_ip.get(&ip).into_iter().flatten().cloned(),
+                            );
+                        }
+                    }
+                }
+                // Whether a service account exists may have changed (target warnings).
+                let account_of = |o: Option<&MeshObject>| match o {
+                    Some(MeshObject::Pod(p)) => {
+                        Some((key.namespace.clone(), pod_service_account(p)))
+                    }
+                    _ => None,
+                };
+                let (was, is) = (account_of(old), account_of(new));
+                if was != is {
+                    let pod_name = &key.name;
+                    // The old account may have lost its last pod; the new one may have
+                    // gained its first (the store holds the new version already).
+                    let lost = was.as_ref().is_some_and(|a| !self.store.account_exists(a));
+                    let gained = is.as_ref().is_some_and(|a| {
+                        a.1 != "default"
+                            && !self.store.service_accounts.contains_key(a)
+                            && self
+                                .store
+                                .pods_running_as(a)
+                                .iter()
+                                .all(|(_, n)| n == pod_name)
+                    });
+                    dirty.access |= lost || gained;
+                }
+            }
+            Kind::EndpointSlice => {
+                for o in versions() {
+                    if let MeshObject::EndpointSlice(slice) = o
+                        && let Some(service) = slice
+                            .metadata
+                            .labels
+                            .as_ref()
+                            .and_then(|l| l.get(store::SERVICE_NAME_LABEL))
+                    {
+                        dirty
+                            .services
+                            .insert(ServiceKey::new(&key.namespace, service));
+                    }
+                }
+            }
+            Kind::TrafficSplit => dirty.splits = true,
+            Kind::HTTPRouteGroup => {
+                dirty.splits = true;
+                dirty.access = true;
+            }
+            Kind::TCPRoute | Kind::TrafficTarget | Kind::ServiceAccount => dirty.access = true,
+            Kind::MeshConfig => dirty.config = true,
+        }
+    }
+
+    /// Recomputes what `dirty` names and applies it to the model.
+    fn recompute(&mut self, mut dirty: Dirty) -> ModelDelta {
+        let mut delta = ModelDelta::default();
+        if dirty.config {
+            let (settings, problems) = resolve_mesh_config(&self.store);
+            let opaque = settings
+                .as_ref()
+                .map(|s| s.spec.opaque_ports.clone())
+                .unwrap_or_default();
+            if opaque != self.opaque_ports {
+                // Port protocols of every service and pod may differ.
+                self.opaque_ports = opaque;
+                dirty.everything = true;
+            }
+            if settings != self.model.settings {
+                self.model.settings = settings;
+                delta.settings = true;
+            }
+            if problems != self.config_problems {
+                self.config_problems = problems;
+                delta.problems = true;
+            }
+        }
+        if dirty.everything {
+            delta.merge(self.rebuild());
+            return delta;
+        }
+        delta.merge(self.recompute_services(&dirty.services, &mut dirty.pods, dirty.splits));
+        delta.merge(self.recompute_workloads(&dirty.pods));
+        if dirty.access {
+            delta.merge(self.recompute_access());
+        }
+        if delta.problems {
+            self.collect_problems();
+        }
+        delta
+    }
+
+    /// Resolves everything again from the store.
+    fn rebuild(&mut self) -> ModelDelta {
+        let before = std::mem::take(&mut self.model);
+        let (settings, config_problems) = resolve_mesh_config(&self.store);
+        self.opaque_ports = settings
+            .as_ref()
+            .map(|s| s.spec.opaque_ports.clone())
+            .unwrap_or_default();
+        self.model.settings = settings;
+        self.config_problems = config_problems;
+        self.bases.clear();
+        self.by_endpoint_ip.clear();
+        self.claims.clear();
+        self.splits.clear();
+        self.service_problems.clear();
+        self.pod_problems.clear();
+        self.conflict_problems.clear();
+        let all: BTreeSet<ServiceKey> = self
+            .store
+            .services
+            .keys()
+            .map(|(n, m)| ServiceKey::new(n, m))
+            .collect();
+        let mut pods = BTreeSet::new();
+        self.recompute_services(&all, &mut pods, true);
+        let every_pod: BTreeSet<Key> = self.store.pods.keys().cloned().collect();
+        self.recompute_workloads(&every_pod);
+        self.recompute_access();
+        self.collect_problems();
+        let mut delta = ModelDelta {
+            settings: before.settings != self.model.settings,
+            problems: before.problems != self.model.problems,
+            ..ModelDelta::default()
+        };
+        diff_maps(&before.services, &self.model.services, &mut delta.services);
+        diff_maps(
+            &before.workloads,
+            &self.model.workloads,
+            &mut delta.workloads,
+        );
+        diff_maps(&before.grants, &self.model.grants, &mut delta.grants);
+        delta
+    }
+
+    /// Resolves `keys` again (their bases, ClusterIP ownership, splits), updates the
+    /// model's services, and adds to `pods` the pods of services whose acceptance flipped.
+    fn recompute_services(
+        &mut self,
+        keys: &BTreeSet<ServiceKey>,
+        pods: &mut BTreeSet<Key>,
+        splits_dirty: bool,
+    ) -> ModelDelta {
+        let mut delta = ModelDelta::default();
+        if keys.is_empty() && !splits_dirty {
+            return delta;
+        }
+        let mut touched_ips: BTreeSet<IpAddr> = BTreeSet::new();
+        for key in keys {
+            let old = self.bases.remove(key);
+            if let Some(Ok(old)) = &old {
+                for ip in endpoint_ips(old) {
+                    if let Some(set) = self.by_endpoint_ip.get_mut(&ip) {
+                        set.remove(key);
+                        if set.is_empty() {
+                            self.by_endpoint_ip.remove(&ip);
+                        }
+                    }
+                }
+                for ip in &old.cluster_ips {
+                    touched_ips.insert(*ip);
+                    if let Some(set) = self.claims.get_mut(ip) {
+                        set.remove(key);
+                        if set.is_empty() {
+                            self.claims.remove(ip);
+                        }
+                    }
+                }
+            }
+            let svc = self
+                .store
+                .services
+                .get(&(key.namespace.clone(), key.name.clone()));
+            let Some(svc) = svc else {
+                continue;
+            };
+            let base = resolve_service_base(svc, &self.store, &self.opaque_ports);
+            if let Ok(b) = &base {
+                for ip in endpoint_ips(b) {
+                    self.by_endpoint_ip
+                        .entry(ip)
+                        .or_default()
+                        .insert(key.clone());
+                }
+                for ip in &b.cluster_ips {
+                    touched_ips.insert(*ip);
+                    self.claims.entry(*ip).or_default().insert(key.clone());
+                }
+            }
+            self.bases.insert(key.clone(), base);
+        }
+        // ClusterIP ownership: every service sharing an address with a changed one.
+        let mut group: BTreeSet<ServiceKey> = keys.clone();
+        let mut frontier: Vec<IpAddr> = touched_ips.into_iter().collect();
+        let mut seen_ips = BTreeSet::new();
+        while let Some(ip) = frontier.pop() {
+            if !seen_ips.insert(ip) {
+                continue;
+            }
+            for key in self.claims.get(&ip).into_iter().flatten() {
+                if group.insert(key.clone())
+                    && let Some(Ok(b)) = self.bases.get(key)
+                {
+                    frontier.extend(b.cluster_ips.iter().copied());
+                }
+            }
+        }
+        let mut ordered: Vec<(&ServiceKey, &[IpAddr])> = group
+            .iter()
+            .filter_map(|k| match self.bases.get(k) {
+                Some(Ok(b)) => Some((k, b.cluster_ips.as_slice())),
+                _ => None,
+            })
+            .collect();
+        let order = |k: &ServiceKey| {
+            self.store
+                .services
+                .get(&(k.namespace.clone(), k.name.clone()))
+                .map(|s| creation_order(&s.metadata))
+        };
+        ordered.sort_by_key(|(k, _)| order(k));
+        let owners = clusterip_owners(&ordered);
+        let mut accepted_changed = BTreeSet::new();
+        for key in &group {
+            let object = ObjectRef::new(Kind::Service, &key.namespace, &key.name);
+            let problem = match self.bases.get(key) {
+                Some(Err(reason)) => Some(Problem {
+                    object,
+                    rejected: true,
+                    reason: reason.clone(),
+                }),
+                Some(Ok(_)) => match owners.get(key) {
+                    Some(Err((ip, owner))) => Some(Problem {
+                        object,
+                        rejected: true,
+                        reason: format!("clusterIP {ip} is already used by Service {owner}"),
+                    }),
+                    _ => None,
+                },
+                None => None,
+            };
+            if self.service_problems.get(key) != problem.as_ref() {
+                delta.problems = true;
+                match problem {
+                    Some(p) => self.service_problems.insert(key.clone(), p),
+                    None => self.service_problems.remove(key),
+                };
+            }
+            let accepted = matches!(self.bases.get(key), Some(Ok(_)))
+                && matches!(owners.get(key), Some(Ok(())));
+            if accepted != self.model.services.contains_key(key) {
+                accepted_changed.insert(key.clone());
+            }
+        }
+        // Pods of services that appeared or disappeared serve different ports now.
+        for key in &accepted_changed {
+            if let Some(svc) = self
+                .store
+                .services
+                .get(&(key.namespace.clone(), key.name.clone()))
+            {
+                pods.extend(
+                    self.store
+                        .selected_pods(svc)
+                        .into_iter()
+                        .map(|p| key_of(&p.metadata)),
+                );
+            }
+        }
+        let accepted_base = |index: &Self, key: &ServiceKey| -> Option<MeshService> {
+            match (index.bases.get(key), owners.get(key)) {
+                (Some(Ok(b)), Some(Ok(()))) => Some(b.clone()),
+                // Untouched by this change: keeps its acceptance.
+                (Some(Ok(b)), None) if index.model.services.contains_key(key) => Some(b.clone()),
+                _ => None,
+            }
+        };
+        // Splits: again when a split, a route group or a service a split names changed.
+        let mut candidates: BTreeSet<ServiceKey> = group.clone();
+        if splits_dirty || group.iter().any(|k| self.split_refs.contains(k)) {
+            self.split_refs = split_references(&self.store);
+            // Splits see the group's new state and everyone else's current one.
+            let overlay: BTreeMap<ServiceKey, Option<MeshService>> = group
+                .iter()
+                .map(|k| (k.clone(), accepted_base(self, k)))
+                .collect();
+            let model_services = &self.model.services;
+            let lookup = |k: &ServiceKey| match overlay.get(k) {
+                Some(s) => s.as_ref(),
+                None => model_services.get(k),
+            };
+            let (splits, problems) = resolve_splits(&self.store, &lookup);
+            for (key, _) in self.splits.iter().chain(splits.iter()) {
+                candidates.insert(key.clone());
+            }
+            if problems != self.split_problems {
+                self.split_problems = problems;
+                delta.problems = true;
+            }
+            self.splits = splits;
+        }
+        for key in candidates {
+            let next = accepted_base(self, &key).map(|mut s| {
+                s.split = self.splits.get(&key).cloned();
+                s
+            });
+            if next.as_ref() != self.model.services.get(&key) {
+                delta.services.insert(key.clone());
+                match next {
+                    Some(s) => self.model.services.insert(key, s),
+                    None => self.model.services.remove(&key),
+                };
+            }
+        }
+        delta
+    }
+
+    /// Resolves the workloads of `pods` again.
+    fn recompute_workloads(&mut self, pods: &BTreeSet<Key>) -> ModelDelta {
+        let mut delta = ModelDelta::default();
+        for key in pods {
+            let node = format!("{}/{}", key.0, key.1);
+            let Some(pod) = self.store.pods.get(key) else {
+                if self.model.workloads.remove(&node).is_some() {
+                    delta.workloads.insert(node);
+                }
+                if self.pod_problems.remove(key).is_some()
+                    | self.conflict_problems.remove(key).is_some()
+                {
+                    delta.problems = true;
+                }
+                continue;
+            };
+            let mut services: Vec<&Service> = self
+                .store
+                .services_selecting(pod)
+                .into_iter()
+                .filter(|s| {
+                    let (n, m) = key_of(&s.metadata);
+                    self.model.services.contains_key(&ServiceKey::new(&n, &m))
+                })
+                .collect();
+            services.sort_by_key(|s| creation_order(&s.metadata));
+            let (workload, problems, conflicts) =
+                resolve_workload(pod, &services, &self.opaque_ports);
+            if self.model.workloads.get(&node) != Some(&workload) {
+                self.model.workloads.insert(node.clone(), workload);
+                delta.workloads.insert(node);
+            }
+            for (map, list) in [
+                (&mut self.pod_problems, problems),
+                (&mut self.conflict_problems, conflicts),
+            ] {
+                let changed = if list.is_empty() {
+                    map.remove(key).is_some()
+                } else if map.get(key) != Some(&list) {
+                    map.insert(key.clone(), list);
+                    true
+                } else {
+                    false
+                };
+                delta.problems |= changed;
+            }
+        }
+        delta
+    }
+
+    /// Resolves every TrafficTarget again; reports the destinations whose grants changed.
+    fn recompute_access(&mut self) -> ModelDelta {
+        let mut delta = ModelDelta::default();
+        let (grants, problems) = resolve_grants(&self.store);
+        diff_maps(&self.model.grants, &grants, &mut delta.grants);
+        self.model.grants = grants;
+        if problems != self.access_problems {
+            self.access_problems = problems;
+            delta.problems = true;
+        }
+        delta
+    }
+
+    /// The model's problem list, from every producer, sorted and without repeats.
+    fn collect_problems(&mut self) {
+        let all: BTreeSet<Problem> = self
+            .service_problems
+            .values()
+            .cloned()
+            .chain(self.pod_problems.values().flatten().cloned())
+            .chain(self.conflict_problems.values().flatten().cloned())
+            .chain(self.split_problems.iter().cloned())
+            .chain(self.access_problems.iter().cloned())
+            .chain(self.config_problems.iter().cloned())
+            .collect();
+        self.model.problems = all.into_iter().collect();
+    }
+}
+
+/// Keys whose values differ between two maps (added, removed or changed).
+fn diff_maps<K: Ord + Clone, V: PartialEq>(
+    before: &BTreeMap<K, V>,
+    after: &BTreeMap<K, V>,
+    out: &mut BTreeSet<K>,
+) {
+    for (k, v) in after {
+        if before.get(k) != Some(v) {
+            out.insert(k.clone());
+        }
+    }
+    out.extend(before.keys().filter(|k| !after.contains_key(*k)).cloned());
 }

@@ -181,6 +181,50 @@ pub struct Workload {
     pub inbound_ports: Vec<WorkloadPort>,
     /// Kubelet probes the proxy forwards to the app (from the injection annotation), sorted.
     pub probes: Vec<ProbeForward>,
+    /// The services it calls, when it says so: its proxy gets only these.
+    pub egress: Option<EgressScope>,
+}
+
+/// One entry of an egress scope: a service, or every service, of a namespace (or of
+/// every namespace).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct EgressEntry {
+    /// The namespace; `None` for every namespace.
+    pub namespace: Option<String>,
+    /// The service; `None` for every service.
+    pub service: Option<String>,
+}
+
+/// The services a workload calls (`weft.dev/egress`).
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct EgressScope {
+    /// Entries, sorted, without repeats.
+    pub entries: Vec<EgressEntry>,
+}
+
+impl EgressScope {
+    /// Whether the scope includes `service`.
+    pub fn includes(&self, service: &ServiceKey) -> bool {
+        self.entries.iter().any(|e| {
+            e.namespace.as_ref().is_none_or(|n| *n == service.namespace)
+                && e.service.as_ref().is_none_or(|s| *s == service.name)
+        })
+    }
+
+    /// A stable name for the scope, the same for every workload with the same entries.
+    pub fn key(&self) -> String {
+        self.entries
+            .iter()
+            .map(|e| {
+                format!(
+                    "{}/{}",
+                    e.namespace.as_deref().unwrap_or("*"),
+                    e.service.as_deref().unwrap_or("*")
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
 }
 
 /// A rewritten kubelet probe: the proxy's path and where the app answers it.
@@ -270,6 +314,12 @@ pub struct AccessGrant {
     /// Connections allowed whole.
     pub tcp: TcpGrant,
 }
+
+/// A workload identity: (namespace, service account).
+pub type Identity = (String, String);
+
+/// Access grants by destination identity.
+pub type GrantsByDestination = BTreeMap<Identity, Vec<AccessGrant>>;
 
 /// Everything translate needs, validated.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]

@@ -1,56 +1,33 @@
-//! Resolves input objects into a [`MeshModel`]; invalid objects become [`Problem`]s
+//! Resolution of input objects into the parts of a [`MeshModel`], one entity at a
+//! time (a service, a pod, the splits, the access grants, the mesh settings), so the
+//! index recomputes only what a change touches. Invalid objects become [`Problem`]s
 //! and never affect valid ones.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
-use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount, ServicePort};
+use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
-use weft_crds::{HTTPRouteGroup, MeshConfig, TCPRoute, TrafficSplit, TrafficTarget, annotations};
+use weft_crds::{MeshConfig, TrafficSplit, annotations};
 
 use super::access::{KnownAccounts, Routes, http_matches, resolve_access};
-
 use super::model::{
-    AppProtocol, MeshModel, MeshService, MeshSettings, ProbeForward, Problem, ProtocolSource,
-    ServiceKey, ServicePortModel, SplitBackend, SplitModel, Workload, WorkloadPort,
+    AppProtocol, EgressEntry, EgressScope, GrantsByDestination, MeshService, MeshSettings,
+    ProbeForward, Problem, ProtocolSource, ServiceKey, ServicePortModel, SplitBackend, SplitModel,
+    Workload, WorkloadPort,
 };
 use super::protocol::select_protocol;
-use super::{Kind, MeshObject, ObjectRef};
+use super::store::{Store, key_of, name, ns, pod_ips, pod_service_account, selects};
+use super::{Kind, ObjectRef};
 
-const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 /// Label or annotation that opts a pod out of the mesh when set to `disabled`.
 const INJECT_KEY: &str = annotations::INJECT;
 
-#[derive(Default)]
-struct Inputs<'a> {
-    services: Vec<&'a Service>,
-    pods: Vec<&'a Pod>,
-    slices: Vec<&'a EndpointSlice>,
-    splits: Vec<&'a TrafficSplit>,
-    targets: Vec<&'a TrafficTarget>,
-    route_groups: Vec<&'a HTTPRouteGroup>,
-    tcp_routes: Vec<&'a TCPRoute>,
-    service_accounts: Vec<&'a ServiceAccount>,
-    mesh_configs: Vec<&'a MeshConfig>,
-    /// Pods by IP: endpoints are matched back to the pods behind them.
-    pods_by_ip: HashMap<IpAddr, Vec<&'a Pod>>,
-    /// Ports the MeshConfig in effect adds to the well-known opaque ports.
-    opaque_ports: Vec<u16>,
-}
-
-fn ns(meta: &ObjectMeta) -> &str {
-    meta.namespace.as_deref().unwrap_or("default")
-}
-
-fn name(meta: &ObjectMeta) -> &str {
-    meta.name.as_deref().unwrap_or_default()
-}
-
 /// Sort key: oldest first, then namespace/name, so the winner of a conflict is stable.
 /// An object without a creation time (a hand-written manifest) counts as the newest.
-fn creation_order(
+pub(super) fn creation_order(
     meta: &ObjectMeta,
 ) -> (bool, Option<k8s_openapi::jiff::Timestamp>, String, String) {
     let created = meta.creation_timestamp.as_ref().map(|t| t.0);
@@ -62,111 +39,19 @@ fn creation_order(
     )
 }
 
-/// Builds the model from every object in the index.
-pub(super) fn resolve<'a>(objects: impl Iterator<Item = &'a MeshObject>) -> MeshModel {
-    let mut inputs = Inputs::default();
-    for o in objects {
-        match o {
-            MeshObject::Service(s) => inputs.services.push(s),
-            MeshObject::Pod(p) => inputs.pods.push(p),
-            MeshObject::EndpointSlice(e) => inputs.slices.push(e),
-            MeshObject::TrafficSplit(t) => inputs.splits.push(t),
-            MeshObject::TrafficTarget(t) => inputs.targets.push(t),
-            MeshObject::HTTPRouteGroup(g) => inputs.route_groups.push(g),
-            MeshObject::TCPRoute(r) => inputs.tcp_routes.push(r),
-            MeshObject::ServiceAccount(a) => inputs.service_accounts.push(a),
-            MeshObject::MeshConfig(c) => inputs.mesh_configs.push(c),
-        }
-    }
-    for pod in &inputs.pods {
-        for ip in pod_ips(pod) {
-            inputs.pods_by_ip.entry(ip).or_default().push(pod);
-        }
-    }
-    let mut model = MeshModel::default();
-    // First: the MeshConfig decides which undeclared ports are opaque.
-    resolve_mesh_config(&inputs.mesh_configs, &mut model);
-    inputs.opaque_ports = model
-        .settings
-        .as_ref()
-        .map(|s| s.spec.opaque_ports.clone())
-        .unwrap_or_default();
-    // Oldest first, so when two services claim one ClusterIP the newer one is rejected.
-    let mut services = inputs.services.clone();
-    services.sort_by_key(|s| creation_order(&s.metadata));
-    let mut ip_owners: BTreeMap<IpAddr, ServiceKey> = BTreeMap::new();
-    for svc in services {
-        let Some(service) = resolve_service(svc, &inputs, &mut model.problems) else {
-            continue;
-        };
-        if let Some((ip, owner)) = service
-            .cluster_ips
-            .iter()
-            .find_map(|ip| ip_owners.get(ip).map(|owner| (ip, owner)))
-        {
-            model.problems.push(Problem {
-                object: ObjectRef::new(Kind::Service, &service.key.namespace, &service.key.name),
-                rejected: true,
-                reason: format!("clusterIP {ip} is already used by Service {owner}"),
-            });
-            continue;
-        }
-        for ip in &service.cluster_ips {
-            ip_owners.insert(*ip, service.key.clone());
-        }
-        model.services.insert(service.key.clone(), service);
-    }
-    // Services that decide inbound protocols: accepted ones, oldest first.
-    let mut deciding: Vec<&Service> = inputs
-        .services
-        .iter()
-        .copied()
-        .filter(|s| {
-            model
-                .services
-                .contains_key(&ServiceKey::new(ns(&s.metadata), name(&s.metadata)))
-        })
-        .collect();
-    deciding.sort_by_key(|s| creation_order(&s.metadata));
-    let mut conflicts = BTreeSet::new();
-    for pod in &inputs.pods {
-        let workload =
-            resolve_workload(pod, &deciding, &inputs, &mut conflicts, &mut model.problems);
-        model.workloads.insert(workload.node_id(), workload);
-    }
-    model.problems.extend(conflicts);
-    let routes = Routes::new(&inputs.route_groups, &inputs.tcp_routes);
-    resolve_splits(&inputs.splits, &routes, &mut model);
-    let accounts = known_accounts(&inputs);
-    resolve_access(&inputs.targets, &routes, &accounts, &mut model);
-    model.problems.sort();
-    model
-}
-
-/// Service accounts that exist: declared as objects, or run as by a pod (`default`
-/// exists in every namespace, as the API server creates it).
-fn known_accounts(inputs: &Inputs<'_>) -> KnownAccounts {
-    let mut accounts = KnownAccounts::default();
-    for sa in &inputs.service_accounts {
-        accounts.insert(ns(&sa.metadata), name(&sa.metadata));
-    }
-    for pod in &inputs.pods {
-        accounts.insert(ns(&pod.metadata), &pod_service_account(pod));
-    }
-    accounts
-}
-
-/// The oldest MeshConfig applies; any other is rejected, naming the one in effect.
-fn resolve_mesh_config(configs: &[&MeshConfig], model: &mut MeshModel) {
-    let mut configs = configs.to_vec();
+/// The MeshConfig in effect (the oldest) and problems: the others are rejected, and an
+/// unparsable detection timeout is dropped with a warning.
+pub(super) fn resolve_mesh_config(store: &Store) -> (Option<MeshSettings>, Vec<Problem>) {
+    let mut configs: Vec<&MeshConfig> = store.mesh_configs.values().collect();
     configs.sort_by_key(|c| creation_order(&c.metadata));
     let mut configs = configs.into_iter();
+    let mut problems = Vec::new();
     let Some(first) = configs.next() else {
-        return;
+        return (None, problems);
     };
     let source = ObjectRef::new(Kind::MeshConfig, "", name(&first.metadata));
     for other in configs {
-        model.problems.push(Problem {
+        problems.push(Problem {
             object: ObjectRef::new(Kind::MeshConfig, "", name(&other.metadata)),
             rejected: true,
             reason: format!(
@@ -178,7 +63,7 @@ fn resolve_mesh_config(configs: &[&MeshConfig], model: &mut MeshModel) {
     if let Some(text) = &spec.protocol_detection_timeout
         && let Err(reason) = parse_gateway_duration(text)
     {
-        model.problems.push(Problem {
+        problems.push(Problem {
             object: source.clone(),
             rejected: false,
             reason: format!(
@@ -187,7 +72,7 @@ fn resolve_mesh_config(configs: &[&MeshConfig], model: &mut MeshModel) {
         });
         spec.protocol_detection_timeout = None;
     }
-    model.settings = Some(MeshSettings { source, spec });
+    (Some(MeshSettings { source, spec }), problems)
 }
 
 /// A Gateway API duration (`1h`, `500ms`, `1m30s`: up to four number+unit parts).
@@ -262,42 +147,14 @@ fn is_ready(pod: &Pod) -> bool {
         .is_none_or(|c| c.status == "True")
 }
 
-fn is_meshed(pod: &Pod) -> bool {
+/// Whether the pod runs a sidecar (not opted out by label or annotation).
+pub(super) fn is_meshed(pod: &Pod) -> bool {
     let opted_out = |m: &Option<BTreeMap<String, String>>| {
         m.as_ref()
             .and_then(|m| m.get(INJECT_KEY))
             .is_some_and(|v| v == "disabled")
     };
     !opted_out(&pod.metadata.labels) && !opted_out(&pod.metadata.annotations)
-}
-
-fn pod_service_account(pod: &Pod) -> String {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.clone())
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "default".to_string())
-}
-
-/// The pod's IPs, primary first: `status.podIPs`, or `status.podIP` alone.
-fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
-    let Some(status) = pod.status.as_ref() else {
-        return Vec::new();
-    };
-    let mut ips: Vec<IpAddr> = status
-        .pod_ip
-        .as_deref()
-        .and_then(|ip| ip.parse().ok())
-        .into_iter()
-        .collect();
-    for ip in status.pod_ips.iter().flatten() {
-        if let Ok(ip) = ip.ip.parse::<IpAddr>()
-            && !ips.contains(&ip)
-        {
-            ips.push(ip);
-        }
-    }
-    ips
 }
 
 /// The pod's address in `family` (IPv6 or not), or its primary one when the family
@@ -308,20 +165,6 @@ fn pod_ip_in(pod: &Pod, family: Option<bool>) -> Option<IpAddr> {
         Some(v6) => ips.into_iter().find(|ip| ip.is_ipv6() == v6),
         None => ips.into_iter().next(),
     }
-}
-
-fn selects(svc: &Service, pod: &Pod) -> bool {
-    if ns(&svc.metadata) != ns(&pod.metadata) {
-        return false;
-    }
-    let Some(selector) = svc.spec.as_ref().and_then(|s| s.selector.as_ref()) else {
-        return false;
-    };
-    let labels = pod.metadata.labels.as_ref();
-    !selector.is_empty()
-        && selector
-            .iter()
-            .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
 }
 
 /// The container port a service port reaches on one pod.
@@ -343,50 +186,30 @@ fn is_tcp_family(port: &ServicePort) -> bool {
     port.protocol.as_deref().is_none_or(|p| p == "TCP")
 }
 
-fn resolve_service(
+/// A service's model before TrafficSplits and ClusterIP conflicts are applied, or why
+/// it is rejected. Endpoints come from its EndpointSlices when it has any, else from
+/// the ready pods its selector picks.
+pub(super) fn resolve_service_base(
     svc: &Service,
-    inputs: &Inputs<'_>,
-    problems: &mut Vec<Problem>,
-) -> Option<MeshService> {
-    let key = ServiceKey::new(ns(&svc.metadata), name(&svc.metadata));
-    let object = ObjectRef::new(Kind::Service, &key.namespace, &key.name);
-    if key.name.is_empty() {
-        return None;
-    }
+    store: &Store,
+    opaque_ports: &[u16],
+) -> Result<MeshService, String> {
+    let (namespace, svc_name) = key_of(&svc.metadata);
+    let key = ServiceKey::new(&namespace, &svc_name);
     let spec = svc.spec.as_ref();
-    let cluster_ips = match cluster_ips(spec) {
-        Ok(ips) => ips,
-        Err(reason) => {
-            problems.push(Problem {
-                object,
-                rejected: true,
-                reason,
-            });
-            return None;
-        }
-    };
+    let cluster_ips = cluster_ips(spec)?;
     // Endpoints come from the primary family, as the EndpointSlice controller's do.
     let family = primary_family(spec, &cluster_ips);
-    let slices: Vec<&EndpointSlice> = inputs
-        .slices
-        .iter()
-        .copied()
-        .filter(|s| {
-            ns(&s.metadata) == key.namespace
-                && s.metadata
-                    .labels
-                    .as_ref()
-                    .and_then(|l| l.get(SERVICE_NAME_LABEL))
-                    == Some(&key.name)
-        })
-        .collect();
-    let selected: Vec<&Pod> = inputs
-        .pods
-        .iter()
-        .copied()
-        .filter(|p| is_ready(p) && selects(svc, p))
-        .collect();
-
+    let slices = store.slices_of(&(namespace.clone(), svc_name));
+    let selected: Vec<&Pod> = if slices.is_empty() {
+        store
+            .selected_pods(svc)
+            .into_iter()
+            .filter(|p| is_ready(p))
+            .collect()
+    } else {
+        Vec::new()
+    };
     let mut ports = Vec::new();
     for port in spec.iter().flat_map(|s| s.ports.iter().flatten()) {
         let Some(number) = to_port(port.port) else {
@@ -400,7 +223,7 @@ fn resolve_service(
         } else {
             endpoints_from_slices(port, &slices, family)
         };
-        let (protocol, protocol_source) = protocol_of(port, &inputs.opaque_ports);
+        let (protocol, protocol_source) = protocol_of(port, opaque_ports);
         ports.push(ServicePortModel {
             name: port.name.clone().unwrap_or_default(),
             port: number,
@@ -418,15 +241,18 @@ fn resolve_service(
         .iter()
         .flat_map(|p| p.endpoints.iter().map(|e| e.ip()))
     {
-        let behind = inputs.pods_by_ip.get(&ip).into_iter().flatten();
-        match behind.copied().find(|p| ns(&p.metadata) == key.namespace) {
+        match store
+            .pods_at(ip)
+            .into_iter()
+            .find(|p| ns(&p.metadata) == namespace)
+        {
             Some(pod) if is_meshed(pod) => {
-                service_accounts.insert((key.namespace.clone(), pod_service_account(pod)));
+                service_accounts.insert((namespace.clone(), pod_service_account(pod)));
             }
             _ => meshed = false,
         }
     }
-    Some(MeshService {
+    Ok(MeshService {
         key,
         cluster_ips,
         ports,
@@ -434,6 +260,39 @@ fn resolve_service(
         meshed,
         service_accounts: service_accounts.into_iter().collect(),
     })
+}
+
+/// The endpoint IPs of a service model (the pods behind them decide whether it is meshed).
+pub(super) fn endpoint_ips(service: &MeshService) -> BTreeSet<IpAddr> {
+    service
+        .ports
+        .iter()
+        .flat_map(|p| p.endpoints.iter().map(SocketAddr::ip))
+        .collect()
+}
+
+/// Which of `claims` (services by creation order, each with its ClusterIPs) win their
+/// addresses: oldest first, a service whose address an accepted older one holds is
+/// rejected (and claims nothing).
+pub(super) fn clusterip_owners<'a>(
+    claims: &[(&'a ServiceKey, &'a [IpAddr])],
+) -> BTreeMap<&'a ServiceKey, Result<(), (IpAddr, &'a ServiceKey)>> {
+    let mut owners: BTreeMap<IpAddr, &ServiceKey> = BTreeMap::new();
+    let mut out = BTreeMap::new();
+    for (key, ips) in claims {
+        match ips.iter().find_map(|ip| owners.get(ip).map(|o| (*ip, *o))) {
+            Some(taken) => {
+                out.insert(*key, Err(taken));
+            }
+            None => {
+                for ip in *ips {
+                    owners.insert(*ip, key);
+                }
+                out.insert(*key, Ok(()));
+            }
+        }
+    }
+    out
 }
 
 /// `spec.clusterIPs` (or `spec.clusterIP`), primary first; empty when headless.
@@ -560,7 +419,14 @@ fn probe_forwards(pod: &Pod, problems: &mut Vec<Problem>) -> Vec<ProbeForward> {
     else {
         return Vec::new();
     };
-    match serde_json::from_str::<BTreeMap<String, Original>>(text) {
+    // An annotation is input too: bounded before it is parsed.
+    let parsed =
+        weft_crds::bounds::check_json(text.as_bytes(), weft_crds::bounds::MAX_DOCUMENT_BYTES)
+            .map_err(|e| e.to_string())
+            .and_then(|()| {
+                serde_json::from_str::<BTreeMap<String, Original>>(text).map_err(|e| e.to_string())
+            });
+    match parsed {
         Ok(originals) => originals
             .into_iter()
             .filter(|(_, o)| o.scheme.is_empty() || o.scheme.eq_ignore_ascii_case("HTTP"))
@@ -586,16 +452,17 @@ fn probe_forwards(pod: &Pod, problems: &mut Vec<Problem>) -> Vec<ProbeForward> {
     }
 }
 
-/// A pod as its sidecar serves it. The protocol of each inbound port comes from the
-/// Services that target it: a declared protocol wins over an undeclared one, and when
-/// two Services declare different ones the oldest Service wins (the other is reported).
-fn resolve_workload(
+/// A pod as its sidecar serves it, with problems about it and protocol conflicts
+/// between the Services that target it. `services` are the accepted Services
+/// selecting it, oldest first: a declared protocol wins over an undeclared one, and
+/// when two Services declare different ones the oldest wins (the other is reported).
+pub(super) fn resolve_workload(
     pod: &Pod,
     services: &[&Service],
-    inputs: &Inputs<'_>,
-    conflicts: &mut BTreeSet<Problem>,
-    problems: &mut Vec<Problem>,
-) -> Workload {
+    opaque_ports: &[u16],
+) -> (Workload, Vec<Problem>, Vec<Problem>) {
+    let mut problems = Vec::new();
+    let mut conflicts = Vec::new();
     let mut inbound: BTreeMap<u16, (AppProtocol, ProtocolSource, &Service)> = BTreeMap::new();
     for svc in services.iter().copied().filter(|s| selects(s, pod)) {
         for port in svc.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
@@ -605,7 +472,7 @@ fn resolve_workload(
             let Some(target) = target_port(port, pod) else {
                 continue;
             };
-            let (protocol, source) = protocol_of(port, &inputs.opaque_ports);
+            let (protocol, source) = protocol_of(port, opaque_ports);
             match inbound.get(&target) {
                 None => {
                     inbound.insert(target, (protocol, source, svc));
@@ -614,7 +481,7 @@ fn resolve_workload(
                     inbound.insert(target, (protocol, source, svc));
                 }
                 Some((p, _, owner)) if *p != protocol && protocol != AppProtocol::Detect => {
-                    conflicts.insert(Problem {
+                    conflicts.push(Problem {
                         object: ObjectRef::new(Kind::Service, ns(&svc.metadata), name(&svc.metadata)),
                         rejected: false,
                         reason: format!(
@@ -632,7 +499,7 @@ fn resolve_workload(
             }
         }
     }
-    Workload {
+    let workload = Workload {
         namespace: ns(&pod.metadata).to_string(),
         name: name(&pod.metadata).to_string(),
         ips: pod_ips(pod),
@@ -646,8 +513,70 @@ fn resolve_workload(
                 protocol_source,
             })
             .collect(),
-        probes: probe_forwards(pod, problems),
+        probes: probe_forwards(pod, &mut problems),
+        egress: egress_scope(pod, &mut problems),
+    };
+    (workload, problems, conflicts)
+}
+
+/// The pod's egress scope from its annotation; bad entries are reported and skipped,
+/// and a scope with no good entry is no scope (the whole mesh), never an empty one.
+fn egress_scope(pod: &Pod, problems: &mut Vec<Problem>) -> Option<EgressScope> {
+    let text = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(annotations::EGRESS))?;
+    let own = ns(&pod.metadata);
+    let mut entries = BTreeSet::new();
+    let mut bad = Vec::new();
+    for item in text.split(',').map(str::trim).filter(|i| !i.is_empty()) {
+        let Some((namespace, service)) = item.split_once('/') else {
+            bad.push(item);
+            continue;
+        };
+        let namespace = match namespace {
+            "." => Some(own.to_string()),
+            "*" => None,
+            n if !n.is_empty() && !n.contains(['/', '*']) => Some(n.to_string()),
+            _ => {
+                bad.push(item);
+                continue;
+            }
+        };
+        let service = match service {
+            "*" => None,
+            s if !s.is_empty() && !s.contains(['/', '*']) => Some(s.to_string()),
+            _ => {
+                bad.push(item);
+                continue;
+            }
+        };
+        entries.insert(EgressEntry { namespace, service });
     }
+    if !bad.is_empty() {
+        problems.push(Problem {
+            object: ObjectRef::new(Kind::Pod, own, name(&pod.metadata)),
+            rejected: false,
+            reason: format!(
+                "annotation {} has entries that are not NAMESPACE/SERVICE (., * allowed): {}; they are ignored",
+                annotations::EGRESS,
+                bad.join(", ")
+            ),
+        });
+    }
+    (!entries.is_empty()).then(|| EgressScope {
+        entries: entries.into_iter().collect(),
+    })
+}
+
+/// Access grants by destination identity from every TrafficTarget, and problems
+/// (invalid targets, and accounts that do not exist yet).
+pub(super) fn resolve_grants(store: &Store) -> (GrantsByDestination, Vec<Problem>) {
+    let routes = Routes::new(store.route_groups.values(), store.tcp_routes.values());
+    let accounts = KnownAccounts::new(|account| store.account_exists(account));
+    let targets: Vec<_> = store.targets.values().collect();
+    resolve_access(&targets, &routes, &accounts)
 }
 
 /// `website`, `website.ns`, `website.ns.svc` or `website.ns.svc.cluster.local` → key.
@@ -666,44 +595,60 @@ fn service_ref(split_ns: &str, reference: &str) -> Result<ServiceKey, String> {
     Ok(ServiceKey::new(split_ns, name))
 }
 
-fn resolve_splits(splits: &[&TrafficSplit], routes: &Routes<'_>, model: &mut MeshModel) {
-    let mut splits: Vec<&TrafficSplit> = splits.to_vec();
+/// Resolves every TrafficSplit against the accepted services: the split of each root
+/// service, and problems for invalid splits. Oldest first: only accepted splits
+/// constrain later ones, so a newer invalid split never takes out an older valid one.
+pub(super) fn resolve_splits<'s>(
+    store: &Store,
+    services: &dyn Fn(&ServiceKey) -> Option<&'s MeshService>,
+) -> (BTreeMap<ServiceKey, SplitModel>, Vec<Problem>) {
+    let routes = Routes::new(store.route_groups.values(), store.tcp_routes.values());
+    let mut splits: Vec<&TrafficSplit> = store.splits.values().collect();
     splits.sort_by_key(|s| creation_order(&s.metadata));
-    // Only accepted splits constrain later ones, so a newer invalid split never
-    // takes out an older valid one.
     let mut accepted = AcceptedSplits::default();
+    let mut out = BTreeMap::new();
+    let mut problems = Vec::new();
     for split in splits {
         let object = ObjectRef::new(
             Kind::TrafficSplit,
             ns(&split.metadata),
             name(&split.metadata),
         );
-        match resolve_split(split, &object, &accepted, routes, model) {
+        match resolve_split(split, &object, &accepted, &routes, services) {
             Ok((root, resolved, warnings)) => {
-                model
-                    .problems
-                    .extend(warnings.into_iter().map(|reason| Problem {
-                        object: object.clone(),
-                        rejected: false,
-                        reason,
-                    }));
+                problems.extend(warnings.into_iter().map(|reason| Problem {
+                    object: object.clone(),
+                    rejected: false,
+                    reason,
+                }));
                 accepted.roots.insert(root.clone(), object.clone());
                 for backend in resolved.backends_by_port.values().flatten() {
                     accepted
                         .backends
                         .insert(backend.service.clone(), object.clone());
                 }
-                if let Some(service) = model.services.get_mut(&root) {
-                    service.split = Some(resolved);
-                }
+                out.insert(root, resolved);
             }
-            Err(reason) => model.problems.push(Problem {
+            Err(reason) => problems.push(Problem {
                 object,
                 rejected: true,
                 reason,
             }),
         }
     }
+    (out, problems)
+}
+
+/// Every service a TrafficSplit names (root and backends), existing or not.
+pub(super) fn split_references(store: &Store) -> BTreeSet<ServiceKey> {
+    let mut out = BTreeSet::new();
+    for split in store.splits.values() {
+        let split_ns = ns(&split.metadata);
+        let names = std::iter::once(&split.spec.service)
+            .chain(split.spec.backends.iter().map(|b| &b.service));
+        out.extend(names.filter_map(|r| service_ref(split_ns, r).ok()));
+    }
+    out
 }
 
 /// Roots and backends of the splits accepted so far, with the split that claims them.
@@ -715,12 +660,12 @@ struct AcceptedSplits {
 
 type ResolvedSplit = (ServiceKey, SplitModel, Vec<String>);
 
-fn resolve_split(
+fn resolve_split<'s>(
     split: &TrafficSplit,
     object: &ObjectRef,
     accepted: &AcceptedSplits,
     routes: &Routes<'_>,
-    model: &MeshModel,
+    services: &dyn Fn(&ServiceKey) -> Option<&'s MeshService>,
 ) -> Result<ResolvedSplit, String> {
     let split_ns = ns(&split.metadata);
     let root_key = service_ref(split_ns, &split.spec.service)?;
@@ -735,10 +680,8 @@ fn resolve_split(
         }
         matches.extend(http_matches(routes, split_ns, &m.name, &[])?);
     }
-    let root = model
-        .services
-        .get(&root_key)
-        .ok_or_else(|| format!("root service {root_key} does not exist"))?;
+    let root =
+        services(&root_key).ok_or_else(|| format!("root service {root_key} does not exist"))?;
     if let Some(other) = accepted.roots.get(&root_key) {
         return Err(format!(
             "service {root_key} is already split by {other}; only one TrafficSplit per root service applies"
@@ -765,7 +708,7 @@ fn resolve_split(
         }
         let weight = u32::try_from(b.weight)
             .map_err(|_| format!("backend {key} has invalid weight {}", b.weight))?;
-        match model.services.get(&key) {
+        match services(&key) {
             Some(svc) => backends.push((svc, weight)),
             None if weight == 0 => {}
             None => warnings.push(format!(

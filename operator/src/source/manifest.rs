@@ -147,8 +147,11 @@ fn document_objects(doc: Value, n: usize, out: &mut ParsedManifest) {
 
 /// Parses every document of a YAML (or JSON) text. A document that is not a valid
 /// object is rejected on its own, as the API server would; a YAML syntax error fails
-/// the whole text (the file is most likely being written).
+/// the whole text (the file is most likely being written), and so does a text beyond
+/// Weft's input bounds (too large, nested too deep, aliases expanding too far), checked
+/// before the parser runs so that the cost stays in proportion to the text's size.
 pub fn parse_manifest_documents(text: &str) -> Result<ParsedManifest, WeftError> {
+    weft_crds::bounds::check_yaml(text).map_err(WeftError::Bound)?;
     let mut out = ParsedManifest::default();
     for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
         let n = i + 1;

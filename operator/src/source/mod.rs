@@ -1,19 +1,26 @@
-//! Sources feed the index. Local mode reads a directory of manifests; every change
-//! becomes a `reset` of the index with the union of the files' last good objects.
+//! Sources feed the index. Local mode reads a directory of manifests: a rescan re-reads
+//! only the files that changed and yields object changes (the effective object of each
+//! name: the last file defining it wins), applied to the index one by one.
+//!
+//! Every source bounds its input with `weft_crds::bounds` before any parser sees it:
+//! the manifest directory in [`parse_manifest_documents`] (and by file size before it
+//! reads a file); the Kubernetes source must call `bounds::check_value` on each object
+//! a watcher yields (or `bounds::check_json` on raw bytes) before the index sees it.
 
 mod manifest;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use notify::Watcher;
 use tokio::sync::mpsc;
+use weft_crds::bounds;
 
 pub use manifest::{ParsedManifest, RejectedDocument, parse_manifest_documents, parse_manifests};
 
 use crate::error::WeftError;
-use crate::index::MeshObject;
+use crate::index::{MeshObject, ObjectChange, ObjectRef};
 
 /// One manifest file that could not be used, and why.
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -28,25 +35,52 @@ pub struct ManifestError {
 struct FileState {
     /// The usable objects of the current version, plus the last good version of any
     /// object whose current document is rejected.
-    objects: Vec<MeshObject>,
+    objects: BTreeMap<ObjectRef, MeshObject>,
     /// Why the current version (or some of its documents) cannot be used.
     errors: Vec<String>,
+    /// What the file looked like when last read: a rescan skips it while unchanged.
+    stamp: Option<FileStamp>,
+}
+
+/// Enough of a file's metadata to tell that it changed (an editor's atomic rename
+/// gives a new inode; an in-place write a new mtime and usually a new size).
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct FileStamp {
+    modified: Option<std::time::SystemTime>,
+    len: u64,
+    inode: u64,
+}
+
+impl FileStamp {
+    fn of(path: &Path) -> Option<Self> {
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(path).ok()?;
+        Some(Self {
+            modified: meta.modified().ok(),
+            len: meta.len(),
+            inode: meta.ino(),
+        })
+    }
 }
 
 impl FileState {
     /// Takes a new version of the file; rejected documents keep their object's last
     /// good version.
     fn update(&mut self, parsed: ParsedManifest) {
-        let mut objects = parsed.objects;
+        // A later document of the same name wins, as a later `kubectl apply` would.
+        let mut objects: BTreeMap<ObjectRef, MeshObject> = parsed
+            .objects
+            .into_iter()
+            .map(|o| (o.object_ref(), o))
+            .collect();
         for rejected in &parsed.rejected {
             let Some(key) = &rejected.object else {
                 continue;
             };
-            let kept = self.objects.iter().find(|o| &o.object_ref() == key);
-            if let Some(old) = kept
-                && !objects.iter().any(|o| &o.object_ref() == key)
+            if let Some(old) = self.objects.get(key)
+                && !objects.contains_key(key)
             {
-                objects.push(old.clone());
+                objects.insert(key.clone(), old.clone());
             }
         }
         self.objects = objects;
@@ -87,48 +121,80 @@ impl ManifestDir {
         &self.dir
     }
 
-    /// Re-reads every file. A file that does not parse keeps its last good objects, and so
-    /// does an object whose document is invalid; a deleted file's objects go away. Fails
-    /// only when the directory itself cannot be listed.
-    pub fn rescan(&mut self) -> Result<(), WeftError> {
+    /// Re-reads the files that changed since the last rescan (all of them the first
+    /// time) and returns the object changes. A file that does not parse keeps its last
+    /// good objects, and so does an object whose document is invalid; a deleted file's
+    /// objects go away. When several files define one object, the last file (by path)
+    /// wins. Fails only when the directory itself cannot be listed.
+    pub fn rescan(&mut self) -> Result<Vec<ObjectChange>, WeftError> {
         let entries = std::fs::read_dir(&self.dir).map_err(|e| WeftError::io(&self.dir, e))?;
-        let mut present = Vec::new();
+        let mut present = BTreeSet::new();
         for entry in entries {
             let path = entry.map_err(|e| WeftError::io(&self.dir, e))?.path();
             if path.is_file() && is_manifest(&path) {
-                present.push(path);
+                present.insert(path);
             }
         }
-        self.files.retain(|p, _| present.contains(p));
+        // Names whose effective object may differ: those of changed and removed files.
+        let mut touched: BTreeSet<ObjectRef> = BTreeSet::new();
+        let removed: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !present.contains(*p))
+            .cloned()
+            .collect();
+        for path in removed {
+            if let Some(state) = self.files.remove(&path) {
+                touched.extend(state.objects.keys().cloned());
+            }
+        }
         for path in present {
+            let stamp = FileStamp::of(&path);
             let state = self.files.entry(path.clone()).or_default();
-            let parsed = std::fs::read_to_string(&path)
-                .map_err(|e| WeftError::io(&path, e))
-                .and_then(|text| parse_manifest_documents(&text));
-            let before = state.errors.clone();
+            if stamp.is_some() && state.stamp == stamp {
+                continue;
+            }
+            touched.extend(state.objects.keys().cloned());
+            state.stamp = stamp;
+            let parsed = read_manifest(&path).and_then(|text| parse_manifest_documents(&text));
+            let errors_before = state.errors.clone();
             match parsed {
                 Ok(parsed) => state.update(parsed),
                 Err(e) => state.errors = vec![e.to_string()],
             }
-            for reason in state.errors.iter().filter(|e| !before.contains(e)) {
+            touched.extend(state.objects.keys().cloned());
+            for reason in state.errors.iter().filter(|e| !errors_before.contains(e)) {
                 tracing::error!(
                     file = %path.display(),
                     error = %reason,
                     "manifest rejected; the last good version of what it defines keeps serving"
                 );
             }
-            if !before.is_empty() && state.errors.is_empty() {
+            if !errors_before.is_empty() && state.errors.is_empty() {
                 tracing::info!(file = %path.display(), "manifest is valid again");
             }
         }
-        Ok(())
+        let mut changes = Vec::new();
+        for key in touched {
+            match self.effective(&key) {
+                Some(object) => changes.push(ObjectChange::Upsert(object.clone())),
+                None => changes.push(ObjectChange::Delete(key)),
+            }
+        }
+        Ok(changes)
+    }
+
+    /// The object `key` names, from the last file (by path) that defines it (files are
+    /// few; each lookup is by name).
+    fn effective(&self, key: &ObjectRef) -> Option<&MeshObject> {
+        self.files.values().rev().find_map(|f| f.objects.get(key))
     }
 
     /// The last good objects of every file.
     pub fn objects(&self) -> Vec<MeshObject> {
         self.files
             .values()
-            .flat_map(|f| f.objects.iter().cloned())
+            .flat_map(|f| f.objects.values().cloned())
             .collect()
     }
 
@@ -144,6 +210,21 @@ impl ManifestDir {
             })
             .collect()
     }
+}
+
+/// Reads a manifest file, refusing one beyond `MAX_FILE_BYTES` before reading it (a log
+/// or an image saved into the directory by mistake must not be read into memory).
+fn read_manifest(path: &Path) -> Result<String, WeftError> {
+    use std::io::Read;
+    let file = std::fs::File::open(path).map_err(|e| WeftError::io(path, e))?;
+    let size = file.metadata().map_err(|e| WeftError::io(path, e))?.len();
+    bounds::check_file_size(size).map_err(WeftError::Bound)?;
+    // `take` also bounds a file that grows while it is read; parsing then rejects it.
+    let mut text = String::new();
+    file.take(bounds::MAX_FILE_BYTES as u64 + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| WeftError::io(path, e))?;
+    Ok(text)
 }
 
 /// How long to wait after a file event for more events before rescanning: editors

@@ -14,10 +14,8 @@ use super::envoy::{address_of, ads_config_source, millis, socket_address, u32_va
 use super::http::{UpstreamHttp, upstream_protocol_options};
 use super::settings::MeshConfig;
 use super::tls::{upstream_tls_to, upstream_transport_socket};
-use super::{
-    PodIpsByIdentity, ProxyResources, outbound_cluster_name, pod_identity_cluster_name, treated_as,
-};
-use crate::index::{AppProtocol, MeshModel, Workload};
+use super::{ProxyResources, outbound_cluster_name, treated_as};
+use crate::index::{AppProtocol, MeshService, Workload};
 
 /// Cluster for outbound traffic to destinations the mesh does not know.
 pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
@@ -126,50 +124,77 @@ fn load_assignment(
     }
 }
 
-/// One EDS cluster (and its load assignment) per service port, plus the passthrough.
-/// Clusters of meshed services originate mTLS when the proxy has an identity.
-pub fn translate_outbound_clusters(
-    model: &MeshModel,
+/// The cluster for outbound traffic to destinations the mesh does not know.
+pub fn passthrough_cluster() -> Cluster {
+    original_dst_cluster(PASSTHROUGH_CLUSTER)
+}
+
+/// One EDS cluster (and its load assignment) per port of `service`. Clusters of meshed
+/// services originate mTLS when the proxy has an identity (`client_tls`).
+pub fn service_clusters(
+    service: &MeshService,
     config: &MeshConfig,
     client_tls: bool,
-    pod_ips: &PodIpsByIdentity,
-    out: &mut ProxyResources,
-) {
-    out.clusters.push(original_dst_cluster(PASSTHROUGH_CLUSTER));
-    for service in model.services.values() {
-        let mtls = client_tls && service.meshed;
-        for port in &service.ports {
-            let name = outbound_cluster_name(&service.key, port.port);
-            // No ALPN is configured: Envoy's HTTP pools offer `h2` or `http/1.1`, its
-            // TCP proxy nothing, which tells the server sidecar how to handle the stream.
-            let http = outbound_http(treated_as(port.protocol, config), mtls);
-            out.clusters.push(Cluster {
-                eds_cluster_config: Some(cluster::EdsClusterConfig {
-                    eds_config: Some(ads_config_source()),
-                    service_name: String::new(),
-                }),
-                lb_policy: cluster::LbPolicy::RoundRobin as i32,
-                transport_socket: mtls.then(|| upstream_transport_socket(config, service)),
-                typed_extension_protocol_options: http
-                    .map(upstream_protocol_options)
-                    .unwrap_or_default(),
-                upstream_connection_options: Some(keepalive()),
-                ..base_cluster(name.clone(), cluster::DiscoveryType::Eds)
-            });
-            out.endpoints
-                .push(load_assignment(&name, port.endpoints.iter().copied()));
-        }
-    }
-    // Calls straight to a meshed pod's IP (headless services, StatefulSet peers) keep
-    // their destination and get mTLS to that pod's identity.
-    for (ns, sa) in pod_ips.keys() {
-        let name = pod_identity_cluster_name(ns, sa);
-        let sni = format!("{sa}.{ns}.sa.weft");
-        out.clusters.push(Cluster {
-            transport_socket: Some(upstream_tls_to(config, &[(ns.clone(), sa.clone())], sni)),
+) -> (Vec<Cluster>, Vec<ClusterLoadAssignment>) {
+    let mtls = client_tls && service.meshed;
+    let mut clusters = Vec::new();
+    let mut endpoints = Vec::new();
+    for port in &service.ports {
+        let name = outbound_cluster_name(&service.key, port.port);
+        // No ALPN is configured: Envoy's HTTP pools offer `h2` or `http/1.1`, its
+        // TCP proxy nothing, which tells the server sidecar how to handle the stream.
+        let http = outbound_http(treated_as(port.protocol, config), mtls);
+        clusters.push(Cluster {
+            eds_cluster_config: Some(cluster::EdsClusterConfig {
+                eds_config: Some(ads_config_source()),
+                service_name: String::new(),
+            }),
+            lb_policy: cluster::LbPolicy::RoundRobin as i32,
+            transport_socket: mtls.then(|| upstream_transport_socket(config, service)),
+            typed_extension_protocol_options: http
+                .map(upstream_protocol_options)
+                .unwrap_or_default(),
             upstream_connection_options: Some(keepalive()),
-            ..original_dst_cluster(&name)
+            ..base_cluster(name.clone(), cluster::DiscoveryType::Eds)
         });
+        endpoints.push(load_assignment(&name, port.endpoints.iter().copied()));
+    }
+    (clusters, endpoints)
+}
+
+/// Prefix of the names of on-demand clusters for calls straight to a pod IP.
+pub const POD_CLUSTER_PREFIX: &str = "pod|";
+
+/// Name of the on-demand cluster for calls to `ip`.
+pub fn pod_cluster_name(ip: IpAddr) -> String {
+    format!("{POD_CLUSTER_PREFIX}{ip}")
+}
+
+/// The IP an on-demand pod cluster name stands for.
+pub fn pod_cluster_ip(name: &str) -> Option<IpAddr> {
+    name.strip_prefix(POD_CLUSTER_PREFIX)?.parse().ok()
+}
+
+/// The on-demand cluster for calls straight to `ip` (a headless service's pod, a
+/// StatefulSet peer): the original destination, over mTLS to the pod's identity when
+/// it is a meshed pod (`identity`: namespace, service account) and the caller has one,
+/// else in plaintext, as any unknown destination.
+pub fn pod_cluster(ip: IpAddr, identity: Option<(&str, &str)>, config: &MeshConfig) -> Cluster {
+    let name = pod_cluster_name(ip);
+    match identity {
+        Some((ns, sa)) => {
+            let sni = format!("{sa}.{ns}.sa.weft");
+            Cluster {
+                transport_socket: Some(upstream_tls_to(
+                    config,
+                    &[(ns.to_string(), sa.to_string())],
+                    sni,
+                )),
+                upstream_connection_options: Some(keepalive()),
+                ..original_dst_cluster(&name)
+            }
+        }
+        None => original_dst_cluster(&name),
     }
 }
 

@@ -26,9 +26,20 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy;
 
-use super::clusters::{INBOUND_PASSTHROUGH_CLUSTER, PASSTHROUGH_CLUSTER, inbound_cluster_name};
+use envoy_types::pb::envoy::config::core::v3::{
+    DataSource, SubstitutionFormatString, data_source, substitution_format_string,
+};
+use envoy_types::pb::envoy::extensions::filters::common::set_filter_state::v3::{
+    FilterStateValue, filter_state_value,
+};
+use envoy_types::pb::envoy::extensions::filters::network::set_filter_state::v3::Config as SetFilterStateConfig;
+use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
+
+use super::clusters::{
+    INBOUND_PASSTHROUGH_CLUSTER, PASSTHROUGH_CLUSTER, POD_CLUSTER_PREFIX, inbound_cluster_name,
+};
 use super::envoy::{
-    ads_config_source, any, bool_value, socket_address, tcp_proxy_filter, u32_value,
+    ads_config_source, any, bool_value, network_filter, socket_address, tcp_proxy_filter, u32_value,
 };
 use super::http::{hcm_filter, http_connection_manager, no_timeout};
 use super::rbac::{
@@ -39,10 +50,10 @@ use super::routes::tcp_destination;
 use super::settings::{AccessMode, DEFAULT_DETECTION_TIMEOUT, MeshConfig, MtlsMode};
 use super::tls::downstream_transport_socket;
 use super::{
-    INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, PodIpsByIdentity, ProxyResources, model_has_ipv6,
-    outbound_route_name, pod_identity_cluster_name, treated_as,
+    INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, PodBlock, ProxyResources, outbound_route_name,
+    treated_as,
 };
-use crate::index::{AccessGrant, AppProtocol, MeshModel, Workload, WorkloadPort};
+use crate::index::{AccessGrant, AppProtocol, MeshService, Workload, WorkloadPort};
 use weft_crds::annotations::APP_PROBE_PORT;
 
 /// Name of the listener that captures outbound connections.
@@ -82,14 +93,6 @@ fn protobuf_duration(d: Duration) -> envoy_types::pb::google::protobuf::Duration
     super::envoy::millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// A one-address CIDR range.
-fn cidr_of(ip: IpAddr) -> CidrRange {
-    CidrRange {
-        address_prefix: ip.to_string(),
-        prefix_len: Some(u32_value(if ip.is_ipv4() { 32 } else { 128 })),
-    }
-}
-
 fn strings(items: &[&str]) -> Vec<String> {
     items.iter().map(|s| s.to_string()).collect()
 }
@@ -112,37 +115,31 @@ fn wildcard_listener(name: &str, port: u16, direction: TrafficDirection, ipv6: b
     }
 }
 
-/// `virtualOutbound` on 15001 hands connections to the listener of their original
-/// destination; one non-binding listener per service ClusterIP (each family) and port.
-/// Connections to a meshed pod's own IP (`pod_ips`, empty without an identity) go over
-/// mTLS to that pod's identity; anything else passes through.
-pub fn translate_outbound_listeners(
-    model: &MeshModel,
-    config: &MeshConfig,
-    pod_ips: &PodIpsByIdentity,
-    out: &mut ProxyResources,
-) {
-    // One chain per pod: a pod coming or going changes (and drains) only its own chain,
-    // never the open connections to its peers.
+/// `virtualOutbound` on 15001 (and `[::]:15001` with `ipv6`) hands connections to the
+/// listener of their original destination (one per service ClusterIP and port). Calls
+/// to addresses in `pod_blocks` (ranges holding meshed pods) ask the control plane for
+/// a cluster of their own when `on_demand` (delta xDS with an identity): mTLS to that
+/// pod's identity, or plaintext if it has no sidecar; the cluster is named after the
+/// address, so this listener never grows with the number of pods. Anything else
+/// passes through.
+pub fn capture_outbound(pod_blocks: &[PodBlock], on_demand: bool, ipv6: bool) -> Listener {
     let mut chains = Vec::new();
-    for ((ns, sa), ips) in pod_ips {
-        let cluster = pod_identity_cluster_name(ns, sa);
-        for ip in ips {
+    if on_demand {
+        for (ip, len) in pod_blocks {
             chains.push(FilterChain {
-                name: format!("outbound-pod|{ip}"),
+                name: format!("pods|{ip}/{len}"),
                 filter_chain_match: Some(FilterChainMatch {
-                    prefix_ranges: vec![cidr_of(*ip)],
+                    prefix_ranges: vec![CidrRange {
+                        address_prefix: ip.to_string(),
+                        prefix_len: Some(u32_value(u32::from(*len))),
+                    }],
                     ..Default::default()
                 }),
-                filters: vec![tcp_proxy_filter(
-                    &cluster,
-                    tcp_proxy::ClusterSpecifier::Cluster(cluster.clone()),
-                )],
+                filters: vec![pod_cluster_filter(), on_demand_tcp_proxy()],
                 ..Default::default()
             });
         }
     }
-    chains.sort_by(|a, b| a.name.cmp(&b.name));
     chains.push(FilterChain {
         name: PASSTHROUGH_CLUSTER.to_string(),
         filters: vec![tcp_proxy_filter(
@@ -151,7 +148,7 @@ pub fn translate_outbound_listeners(
         )],
         ..Default::default()
     });
-    out.listeners.push(Listener {
+    Listener {
         use_original_dst: Some(bool_value(true)),
         filter_chains: chains,
         listener_filters: vec![original_dst_filter()],
@@ -159,70 +156,128 @@ pub fn translate_outbound_listeners(
             VIRTUAL_OUTBOUND,
             OUTBOUND_CAPTURE_PORT,
             TrafficDirection::Outbound,
-            model_has_ipv6(model),
+            ipv6,
         )
-    });
-    for service in model.services.values() {
-        for ip in &service.cluster_ips {
-            for port in &service.ports {
-                let name = format!("{ip}_{}", port.port);
-                let stat_prefix = format!("outbound_{name}");
-                let http = || {
-                    hcm_filter(&http_connection_manager(
-                        &stat_prefix,
-                        http_connection_manager::RouteSpecifier::Rds(Rds {
-                            config_source: Some(ads_config_source()),
-                            route_config_name: outbound_route_name(&service.key, port.port),
-                        }),
-                        config,
-                    ))
-                };
-                let tcp = || tcp_proxy_filter(&stat_prefix, tcp_destination(service, port.port));
-                let base = Listener {
-                    name: name.clone(),
-                    address: Some(socket_address(*ip, port.port)),
-                    bind_to_port: Some(bool_value(false)),
-                    traffic_direction: TrafficDirection::Outbound as i32,
-                    ..Default::default()
-                };
-                let chain = |filter: Filter| FilterChain {
-                    filters: vec![filter],
-                    ..Default::default()
-                };
-                out.listeners.push(match treated_as(port.protocol, config) {
-                    AppProtocol::Http | AppProtocol::Http2 => Listener {
-                        filter_chains: vec![chain(http())],
-                        ..base
-                    },
-                    AppProtocol::Tcp => Listener {
-                        filter_chains: vec![chain(tcp())],
-                        ..base
-                    },
-                    // The app's first bytes decide; a server-first protocol (the
-                    // client sends nothing) falls to TCP when the timeout passes.
-                    AppProtocol::Detect => Listener {
-                        listener_filters: vec![http_inspector()],
-                        listener_filters_timeout: Some(protobuf_duration(config.detection_timeout)),
-                        continue_on_listener_filters_timeout: true,
-                        filter_chains: vec![FilterChain {
-                            name: "http".to_string(),
-                            filter_chain_match: Some(FilterChainMatch {
-                                application_protocols: strings(&CLEARTEXT_HTTP),
+    }
+}
+
+/// Names the connection's cluster after its destination address (`pod|<ip>`), for
+/// the TCP proxy to discover on demand.
+fn pod_cluster_filter() -> Filter {
+    network_filter(
+        "envoy.filters.network.set_filter_state",
+        &SetFilterStateConfig {
+            on_new_connection: vec![FilterStateValue {
+                key: Some(filter_state_value::Key::ObjectKey(
+                    "envoy.tcp_proxy.cluster".to_string(),
+                )),
+                value: Some(filter_state_value::Value::FormatString(
+                    SubstitutionFormatString {
+                        format: Some(substitution_format_string::Format::TextFormatSource(
+                            DataSource {
+                                specifier: Some(data_source::Specifier::InlineString(format!(
+                                    "{POD_CLUSTER_PREFIX}%DOWNSTREAM_LOCAL_ADDRESS_WITHOUT_PORT%"
+                                ))),
                                 ..Default::default()
-                            }),
-                            filters: vec![http()],
-                            ..Default::default()
-                        }],
-                        default_filter_chain: Some(FilterChain {
-                            name: "tcp".to_string(),
-                            ..chain(tcp())
-                        }),
-                        ..base
+                            },
+                        )),
+                        ..Default::default()
                     },
-                });
-            }
+                )),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    )
+}
+
+/// A TCP proxy whose cluster (named by the filter state) is fetched over ADS when the
+/// proxy does not have it yet.
+fn on_demand_tcp_proxy() -> Filter {
+    network_filter(
+        "envoy.filters.network.tcp_proxy",
+        &TcpProxy {
+            stat_prefix: "outbound_pods".to_string(),
+            cluster_specifier: Some(tcp_proxy::ClusterSpecifier::Cluster(
+                PASSTHROUGH_CLUSTER.to_string(),
+            )),
+            idle_timeout: Some(envoy_types::pb::google::protobuf::Duration::default()),
+            on_demand: Some(tcp_proxy::OnDemand {
+                odcds_config: Some(ads_config_source()),
+                timeout: Some(protobuf_duration(ON_DEMAND_TIMEOUT)),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    )
+}
+
+/// How long a connection to a pod IP waits for its cluster.
+const ON_DEMAND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One non-binding listener per ClusterIP (each family) and port of `service`.
+pub fn service_listeners(service: &MeshService, config: &MeshConfig) -> Vec<Listener> {
+    let mut out = Vec::new();
+    for ip in &service.cluster_ips {
+        for port in &service.ports {
+            let name = format!("{ip}_{}", port.port);
+            let stat_prefix = format!("outbound_{name}");
+            let http = || {
+                hcm_filter(&http_connection_manager(
+                    &stat_prefix,
+                    http_connection_manager::RouteSpecifier::Rds(Rds {
+                        config_source: Some(ads_config_source()),
+                        route_config_name: outbound_route_name(&service.key, port.port),
+                    }),
+                    config,
+                ))
+            };
+            let tcp = || tcp_proxy_filter(&stat_prefix, tcp_destination(service, port.port));
+            let base = Listener {
+                name: name.clone(),
+                address: Some(socket_address(*ip, port.port)),
+                bind_to_port: Some(bool_value(false)),
+                traffic_direction: TrafficDirection::Outbound as i32,
+                ..Default::default()
+            };
+            let chain = |filter: Filter| FilterChain {
+                filters: vec![filter],
+                ..Default::default()
+            };
+            out.push(match treated_as(port.protocol, config) {
+                AppProtocol::Http | AppProtocol::Http2 => Listener {
+                    filter_chains: vec![chain(http())],
+                    ..base
+                },
+                AppProtocol::Tcp => Listener {
+                    filter_chains: vec![chain(tcp())],
+                    ..base
+                },
+                // The app's first bytes decide; a server-first protocol (the
+                // client sends nothing) falls to TCP when the timeout passes.
+                AppProtocol::Detect => Listener {
+                    listener_filters: vec![http_inspector()],
+                    listener_filters_timeout: Some(protobuf_duration(config.detection_timeout)),
+                    continue_on_listener_filters_timeout: true,
+                    filter_chains: vec![FilterChain {
+                        name: "http".to_string(),
+                        filter_chain_match: Some(FilterChainMatch {
+                            application_protocols: strings(&CLEARTEXT_HTTP),
+                            ..Default::default()
+                        }),
+                        filters: vec![http()],
+                        ..Default::default()
+                    }],
+                    default_filter_chain: Some(FilterChain {
+                        name: "tcp".to_string(),
+                        ..chain(tcp())
+                    }),
+                    ..base
+                },
+            });
         }
     }
+    out
 }
 
 /// The HTTP filter of one inbound port: routes over RDS (authorization is a per-route

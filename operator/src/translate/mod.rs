@@ -19,14 +19,20 @@ use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use weft_xds::{Resource, Snapshot, type_url};
 
-pub use clusters::{INBOUND_PASSTHROUGH_SOURCE_V4, INBOUND_PASSTHROUGH_SOURCE_V6};
+pub use clusters::{
+    INBOUND_PASSTHROUGH_SOURCE_V4, INBOUND_PASSTHROUGH_SOURCE_V6, POD_CLUSTER_PREFIX,
+    passthrough_cluster, pod_cluster, pod_cluster_ip, pod_cluster_name,
+};
 pub use http::{PathOutcome, normalize_request_path};
+pub use listeners::capture_outbound;
 pub use rbac::path_prefix_regex;
 pub use settings::{AccessMode, DEFAULT_DETECTION_TIMEOUT, MeshConfig, MtlsMode};
 pub use tls::{IDENTITY_SECRET, TRUST_BUNDLE_SECRET};
 
 use crate::identity::WorkloadSecrets;
-use crate::index::{AccessGrant, AppProtocol, MeshModel, ServiceKey, Workload};
+use std::net::IpAddr;
+
+use crate::index::{AccessGrant, AppProtocol, MeshModel, MeshService, ServiceKey, Workload};
 
 /// How a port is handled under `config`: with detection turned off (a zero timeout),
 /// undeclared ports are plain TCP.
@@ -40,7 +46,7 @@ pub fn treated_as(protocol: AppProtocol, config: &MeshConfig) -> AppProtocol {
 
 /// Whether the mesh uses IPv6 anywhere: then the capture listeners also bind `[::]`.
 /// IP families are a property of the cluster, so this holds for every proxy in it.
-fn model_has_ipv6(model: &MeshModel) -> bool {
+pub fn model_has_ipv6(model: &MeshModel) -> bool {
     model
         .services
         .values()
@@ -56,30 +62,64 @@ pub const OUTBOUND_CAPTURE_PORT: u16 = 15001;
 /// Port of the listener that captures inbound traffic.
 pub const INBOUND_CAPTURE_PORT: u16 = 15006;
 
-/// Meshed pod IPs by identity (namespace, service account).
-type PodIpsByIdentity = std::collections::BTreeMap<(String, String), Vec<std::net::IpAddr>>;
+/// An address range holding meshed pods (network address and prefix length): calls
+/// into it discover their cluster on demand.
+pub type PodBlock = (IpAddr, u8);
 
-/// Meshed pods with an IP, by identity: a client reaches them by pod IP over mTLS, as
-/// it reaches them through a service.
-fn meshed_pod_ips(model: &MeshModel) -> PodIpsByIdentity {
-    let mut out = PodIpsByIdentity::new();
-    for w in model.workloads.values().filter(|w| w.meshed) {
-        if !w.ips.is_empty() {
-            out.entry((w.namespace.clone(), w.service_account.clone()))
-                .or_default()
-                .extend(&w.ips);
-        }
+/// The block of `ip`: its /24 (IPv4) or /64 (IPv6), the size a node's pod range has.
+pub fn pod_block_of(ip: IpAddr) -> PodBlock {
+    match ip {
+        IpAddr::V4(v4) => (
+            IpAddr::V4(std::net::Ipv4Addr::from(u32::from(v4) & 0xffff_ff00)),
+            24,
+        ),
+        IpAddr::V6(v6) => (
+            IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+            64,
+        ),
     }
-    for ips in out.values_mut() {
-        ips.sort();
-        ips.dedup();
-    }
-    out
 }
 
-/// Name of the cluster that reaches pods of one identity by their IP, over mTLS.
-pub fn pod_identity_cluster_name(namespace: &str, service_account: &str) -> String {
-    format!("outbound-pods|{namespace}|{service_account}")
+/// The blocks holding meshed pods, sorted.
+pub fn pod_blocks(model: &MeshModel) -> Vec<PodBlock> {
+    let blocks: std::collections::BTreeSet<PodBlock> = model
+        .workloads
+        .values()
+        .filter(|w| w.meshed)
+        .flat_map(|w| w.ips.iter().map(|ip| pod_block_of(*ip)))
+        .collect();
+    blocks.into_iter().collect()
+}
+
+/// The outbound resources of one service: a proxy that may call it holds these.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ServiceOutbound {
+    /// One cluster per port.
+    pub clusters: Vec<Cluster>,
+    /// The endpoints of each cluster.
+    pub endpoints: Vec<ClusterLoadAssignment>,
+    /// One listener per ClusterIP and port.
+    pub listeners: Vec<Listener>,
+    /// One route configuration per port that may carry HTTP.
+    pub routes: Vec<RouteConfiguration>,
+}
+
+/// Translates one service: a pure function of the service and the mesh settings, so a
+/// change to one service re-translates that service alone.
+pub fn translate_service(
+    service: &MeshService,
+    config: &MeshConfig,
+    client_tls: bool,
+) -> ServiceOutbound {
+    let (clusters, endpoints) = clusters::service_clusters(service, config, client_tls);
+    ServiceOutbound {
+        clusters,
+        endpoints,
+        listeners: listeners::service_listeners(service, config),
+        routes: routes::service_route_configs(service, config),
+    }
 }
 
 /// The Envoy resources of one proxy.
@@ -154,24 +194,29 @@ pub fn outbound_route_name(service: &ServiceKey, port: u16) -> String {
     format!("{}:{port}", service.fqdn())
 }
 
-/// Resources every proxy gets alike: outbound clusters, endpoints, listeners, routes.
-/// Translated (and encoded) once per model change, then shared by all proxies.
-/// `client_tls` says whether the proxies have an identity to originate mTLS with.
+/// Resources every proxy gets alike: the outbound capture listener, the passthrough,
+/// and every service's outbound resources (the whole mesh, unscoped). `client_tls`
+/// says whether the proxies have an identity to originate mTLS with (and so discover
+/// pod clusters on demand).
 pub fn translate_shared(
     model: &MeshModel,
     config: &MeshConfig,
     client_tls: bool,
 ) -> ProxyResources {
     let mut out = ProxyResources::default();
-    // Only a proxy with an identity can originate mTLS to pods it calls by IP.
-    let pod_ips = if client_tls {
-        meshed_pod_ips(model)
-    } else {
-        PodIpsByIdentity::new()
-    };
-    clusters::translate_outbound_clusters(model, config, client_tls, &pod_ips, &mut out);
-    listeners::translate_outbound_listeners(model, config, &pod_ips, &mut out);
-    routes::translate_outbound_routes(model, config, &mut out);
+    out.clusters.push(clusters::passthrough_cluster());
+    out.listeners.push(listeners::capture_outbound(
+        &pod_blocks(model),
+        client_tls,
+        model_has_ipv6(model),
+    ));
+    for service in model.services.values() {
+        let s = translate_service(service, config, client_tls);
+        out.clusters.extend(s.clusters);
+        out.endpoints.extend(s.endpoints);
+        out.listeners.extend(s.listeners);
+        out.routes.extend(s.routes);
+    }
     out.sorted()
 }
 

@@ -12,8 +12,8 @@ use super::envoy::u32_value;
 use super::http::no_timeout;
 use super::rbac::{path_prefix_regex, request_headers};
 use super::settings::MeshConfig;
-use super::{ProxyResources, outbound_cluster_name, outbound_route_name, treated_as};
-use crate::index::{AppProtocol, MeshModel, MeshService, SplitBackend};
+use super::{outbound_cluster_name, outbound_route_name, treated_as};
+use crate::index::{AppProtocol, MeshService, SplitBackend};
 
 /// Retried by default: failures where the request certainly did not reach the app.
 const DEFAULT_RETRY_ON: &str = "connect-failure,refused-stream,reset-before-request";
@@ -161,28 +161,32 @@ fn domains(service: &MeshService, port: u16) -> Vec<String> {
     hosts
 }
 
-/// One route configuration per service port with a ClusterIP that may carry HTTP.
-pub fn translate_outbound_routes(model: &MeshModel, config: &MeshConfig, out: &mut ProxyResources) {
-    for service in model.services.values() {
-        if service.cluster_ips.is_empty() {
-            continue;
-        }
-        for port in service
-            .ports
-            .iter()
-            .filter(|p| treated_as(p.protocol, config) != AppProtocol::Tcp)
-        {
-            let name = outbound_route_name(&service.key, port.port);
-            out.routes.push(RouteConfiguration {
-                name: name.clone(),
-                virtual_hosts: vec![VirtualHost {
-                    name,
-                    domains: domains(service, port.port),
-                    routes: service_routes(service, port.port),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            });
-        }
+/// One route configuration per port of `service` that may carry HTTP (none for a
+/// service without a ClusterIP: nothing reaches it through a listener).
+pub fn service_route_configs(
+    service: &MeshService,
+    config: &MeshConfig,
+) -> Vec<RouteConfiguration> {
+    let mut out = Vec::new();
+    if service.cluster_ips.is_empty() {
+        return out;
     }
+    for port in service
+        .ports
+        .iter()
+        .filter(|p| treated_as(p.protocol, config) != AppProtocol::Tcp)
+    {
+        let name = outbound_route_name(&service.key, port.port);
+        out.push(RouteConfiguration {
+            name: name.clone(),
+            virtual_hosts: vec![VirtualHost {
+                name,
+                domains: domains(service, port.port),
+                routes: service_routes(service, port.port),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+    }
+    out
 }

@@ -1,0 +1,356 @@
+//! The incremental index and publisher equal a full rebuild and a full translation,
+//! after every step of random sequences of changes over generated meshes (services
+//! with conflicting ClusterIPs, EndpointSlices, pods sharing IPs, splits, targets,
+//! route groups, MeshConfigs, egress scopes).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test setup fails loudly
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use weft::index::{Index, MeshModel, MeshObject, ModelDelta, ObjectRef};
+use weft::publish::MeshPublisher;
+use weft::source::parse_manifests;
+use weft::translate::{MeshConfig, translate_shared};
+use weft_xds::{NodeDemand, SnapshotCache, type_url};
+
+/// xorshift64*: small, deterministic, good enough to pick test cases.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n as u64) as usize
+    }
+
+    fn pick<'a>(&mut self, items: &[&'a str]) -> &'a str {
+        items[self.below(items.len())]
+    }
+
+    fn chance(&mut self, percent: u64) -> bool {
+        self.next() % 100 < percent
+    }
+}
+
+const NAMESPACES: [&str; 2] = ["ns-a", "ns-b"];
+const APPS: [&str; 3] = ["a", "b", "c"];
+const ACCOUNTS: [&str; 3] = ["sa1", "sa2", "default"];
+const SERVICES: [&str; 5] = ["s1", "s2", "s3", "s4", "s5"];
+const PODS: [&str; 6] = ["p1", "p2", "p3", "p4", "p5", "p6"];
+
+fn service(rng: &mut Rng) -> String {
+    let ns = rng.pick(&NAMESPACES);
+    let name = rng.pick(&SERVICES);
+    // A small pool of ClusterIPs, so services collide and conflicts resolve.
+    let ip = match rng.below(5) {
+        0 => "None".to_string(),
+        1 => "fd00::7".to_string(),
+        n => format!("10.96.0.{n}"),
+    };
+    let ports = [
+        "{name: http, port: 80, targetPort: 8080}",
+        "{port: 8081}",
+        "{name: mysql, port: 3306}",
+        "{name: tcp-x, port: 9000, appProtocol: tcp}",
+        "{name: grpc, port: 50051, appProtocol: grpc}",
+    ];
+    let chosen: Vec<&str> = ports.iter().copied().filter(|_| rng.chance(50)).collect();
+    let created = if rng.chance(50) {
+        format!(
+            ", creationTimestamp: \"2026-01-0{}T00:00:00Z\"",
+            1 + rng.below(8)
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}{created}}}\nspec: {{clusterIP: \"{ip}\", selector: {{app: {}}}, ports: [{}]}}\n",
+        rng.pick(&APPS),
+        chosen.join(", ")
+    )
+}
+
+fn pod(rng: &mut Rng) -> String {
+    let ns = rng.pick(&NAMESPACES);
+    let name = rng.pick(&PODS);
+    // Pods may share an IP (one replacing another).
+    let ip = format!("10.1.0.{}", 1 + rng.below(8));
+    let mut annotations = Vec::new();
+    if rng.chance(15) {
+        annotations.push("weft.dev/inject: disabled".to_string());
+    }
+    if rng.chance(25) {
+        let scope = rng.pick(&["./*", "ns-a/s1,ns-b/*", "*/s2", "bad"]);
+        annotations.push(format!("weft.dev/egress: \"{scope}\""));
+    }
+    let ready = if rng.chance(20) { "False" } else { "True" };
+    let ips = if rng.chance(20) {
+        format!(
+            ", podIPs: [{{ip: {ip}}}, {{ip: \"fd00::{}\"}}]",
+            1 + rng.below(8)
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {}}}, annotations: {{{}}}}}\nspec: {{serviceAccountName: {}, containers: [{{name: c, image: i}}]}}\nstatus: {{phase: Running, podIP: {ip}{ips}, conditions: [{{type: Ready, status: \"{ready}\"}}]}}\n",
+        rng.pick(&APPS),
+        annotations.join(", "),
+        rng.pick(&ACCOUNTS)
+    )
+}
+
+fn slice(rng: &mut Rng) -> String {
+    let ns = rng.pick(&NAMESPACES);
+    let service = rng.pick(&SERVICES);
+    format!(
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-{}, namespace: {ns}, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}, {{port: 8081}}]\nendpoints: [{{addresses: [10.1.0.{}], conditions: {{ready: {}}}}}]\n",
+        rng.below(2),
+        1 + rng.below(8),
+        rng.chance(80)
+    )
+}
+
+fn split(rng: &mut Rng) -> String {
+    let ns = rng.pick(&NAMESPACES);
+    format!(
+        "apiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata: {{name: split-{}, namespace: {ns}}}\nspec:\n  service: {}\n  backends: [{{service: {}, weight: {}}}, {{service: {}, weight: 10}}]\n{}",
+        rng.below(3),
+        rng.pick(&SERVICES),
+        rng.pick(&SERVICES),
+        rng.below(3) * 45,
+        rng.pick(&SERVICES),
+        if rng.chance(30) {
+            "  matches: [{kind: HTTPRouteGroup, name: routes}]\n"
+        } else {
+            ""
+        }
+    )
+}
+
+fn target(rng: &mut Rng) -> String {
+    let ns = rng.pick(&NAMESPACES);
+    let rules = match rng.below(4) {
+        0 => "",
+        1 => "  rules: [{kind: HTTPRouteGroup, name: routes, matches: [metrics]}]\n",
+        2 => "  rules: [{kind: TCPRoute, name: tcp}]\n",
+        _ => "  rules: [{kind: HTTPRouteGroup, name: missing}]\n",
+    };
+    format!(
+        "apiVersion: access.smi-spec.io/v1alpha3\nkind: TrafficTarget\nmetadata: {{name: t-{}, namespace: {ns}}}\nspec:\n  destination: {{kind: ServiceAccount, name: {}, namespace: {ns}}}\n  sources: [{{kind: ServiceAccount, name: {}, namespace: {}}}]\n{rules}",
+        rng.below(3),
+        rng.pick(&["sa1", "sa2", "ghost"]),
+        rng.pick(&["sa1", "sa2", "nobody"]),
+        rng.pick(&NAMESPACES)
+    )
+}
+
+fn other(rng: &mut Rng) -> String {
+    let ns = rng.pick(&NAMESPACES);
+    match rng.below(4) {
+        0 => format!(
+            "apiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {{name: routes, namespace: {ns}}}\nspec:\n  matches: [{{name: metrics, pathRegex: {}}}]\n",
+            rng.pick(&["/metrics", "/m.*", "\"[\""])
+        ),
+        1 => format!(
+            "apiVersion: specs.smi-spec.io/v1alpha4\nkind: TCPRoute\nmetadata: {{name: tcp, namespace: {ns}}}\nspec: {{matches: {{ports: [{}]}}}}\n",
+            rng.pick(&["9000", "3306"])
+        ),
+        2 => format!(
+            "apiVersion: v1\nkind: ServiceAccount\nmetadata: {{name: {}, namespace: {ns}}}\n",
+            rng.pick(&["ghost", "nobody"])
+        ),
+        _ => format!(
+            "apiVersion: config.weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: weft-{}}}\nspec: {{access: {}, opaquePorts: [{}]}}\n",
+            rng.below(2),
+            rng.pick(&["Permissive", "DenyByDefault"]),
+            rng.pick(&["8081", "80", "7000"])
+        ),
+    }
+}
+
+fn random_object(rng: &mut Rng) -> MeshObject {
+    let text = match rng.below(10) {
+        0..=1 => service(rng),
+        2..=4 => pod(rng),
+        5 => slice(rng),
+        6 => split(rng),
+        7 => target(rng),
+        _ => other(rng),
+    };
+    parse_manifests(&text)
+        .unwrap_or_else(|e| panic!("generated manifest does not parse: {e}\n{text}"))
+        .remove(0)
+}
+
+fn full(objects: Vec<MeshObject>) -> MeshModel {
+    let mut index = Index::new();
+    index.reset(objects);
+    index.model().clone()
+}
+
+/// Keys whose values differ between two maps.
+fn changed<K: Ord + Clone, V: PartialEq>(a: &BTreeMap<K, V>, b: &BTreeMap<K, V>) -> BTreeSet<K> {
+    a.keys()
+        .chain(b.keys())
+        .filter(|k| a.get(*k) != b.get(*k))
+        .cloned()
+        .collect()
+}
+
+/// Names and versions of a snapshot's resources of one type.
+fn contents(snapshot: Option<&weft_xds::TypedResources>) -> BTreeMap<String, String> {
+    snapshot
+        .into_iter()
+        .flat_map(|t| t.iter())
+        .map(|r| (r.name().to_string(), r.version().to_string()))
+        .collect()
+}
+
+#[test]
+fn incremental_model_equals_a_full_rebuild_after_every_change() {
+    for seed in 1..=40u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+        let mut index = Index::new();
+        let mut before = MeshModel::default();
+        for step in 0..120 {
+            let delta = if !index.is_empty() && rng.chance(25) {
+                let objects = index.objects();
+                let victim = objects[rng.below(objects.len())].object_ref();
+                index.delete(&victim)
+            } else {
+                index.apply(random_object(&mut rng))
+            };
+            let expected = full(index.objects());
+            let now = index.model();
+            assert_eq!(
+                now, &expected,
+                "seed {seed} step {step}: the incremental model differs from a full rebuild"
+            );
+            if let Some(delta) = delta {
+                check_delta(&before, now, &delta, seed, step);
+            }
+            before = now.clone();
+        }
+    }
+}
+
+/// The delta names exactly what changed between two models.
+fn check_delta(before: &MeshModel, after: &MeshModel, delta: &ModelDelta, seed: u64, step: usize) {
+    assert_eq!(
+        delta.services,
+        changed(&before.services, &after.services),
+        "seed {seed} step {step}: services in the delta"
+    );
+    assert_eq!(
+        delta.workloads,
+        changed(&before.workloads, &after.workloads),
+        "seed {seed} step {step}: workloads in the delta"
+    );
+    assert_eq!(
+        delta.grants,
+        changed(&before.grants, &after.grants),
+        "seed {seed} step {step}: grants in the delta"
+    );
+    assert_eq!(
+        delta.problems,
+        before.problems != after.problems,
+        "seed {seed} step {step}: problems flag"
+    );
+}
+
+#[test]
+fn incremental_publishing_equals_a_full_translation_after_every_change() {
+    for seed in 1..=15u64 {
+        let mut rng = Rng(seed.wrapping_mul(0x2545_f491_4f6c_dd1d).wrapping_add(7));
+        let cache = SnapshotCache::new();
+        let flags = MeshConfig::default();
+        let mut publisher = MeshPublisher::new(cache.clone(), flags.clone(), None);
+        let mut index = Index::new();
+        publisher
+            .apply(index.model(), &ModelDelta::default(), SystemTime::now())
+            .unwrap();
+        for step in 0..80 {
+            let delta = if !index.is_empty() && rng.chance(25) {
+                let objects = index.objects();
+                let victim: ObjectRef = objects[rng.below(objects.len())].object_ref();
+                index.delete(&victim)
+            } else {
+                index.apply(random_object(&mut rng))
+            };
+            let Some(delta) = delta else {
+                continue;
+            };
+            let model = index.model();
+            publisher.apply(model, &delta, SystemTime::now()).unwrap();
+            // Connect a proxy now and then, as a running mesh would.
+            if let Some(node) = model.workloads.keys().nth(step % 7) {
+                publisher
+                    .on_demand(
+                        model,
+                        &NodeDemand {
+                            node: node.clone(),
+                            connected: true,
+                            protocol: "delta",
+                        },
+                        SystemTime::now(),
+                    )
+                    .unwrap();
+            }
+            let config = flags.effective(model);
+            // Without identity the mesh layers are the plaintext translation.
+            let full = translate_shared(model, &config, false).to_snapshot();
+            let mesh = cache.shared("mesh-plain").expect("mesh layers published");
+            for type_url in [type_url::ENDPOINT, type_url::ROUTE] {
+                assert_eq!(
+                    contents(mesh.resources(type_url)),
+                    contents(full.resources(type_url)),
+                    "seed {seed} step {step}: {type_url}"
+                );
+            }
+            // Clusters and listeners also hold the capture listener and the passthrough.
+            let capture = cache.shared("capture-plain").expect("capture published");
+            for type_url in [type_url::CLUSTER, type_url::LISTENER] {
+                let mut got = contents(mesh.resources(type_url));
+                got.extend(contents(capture.resources(type_url)));
+                let mut want = contents(full.resources(type_url));
+                // The full translation's capture listener discovers pod clusters only
+                // with an identity; compare it by name.
+                if type_url == type_url::LISTENER {
+                    got.remove("virtualOutbound");
+                    want.remove("virtualOutbound");
+                }
+                assert_eq!(got, want, "seed {seed} step {step}: {type_url}");
+            }
+            // Every connected known proxy's own layer is its workload's translation.
+            for node in cache.nodes() {
+                let Some(workload) = model.workloads.get(&node) else {
+                    continue;
+                };
+                let own = cache.node(&node).unwrap();
+                let want = weft::translate::translate_workload(
+                    workload,
+                    weft::translate::grants_for(model, workload),
+                    &config,
+                    None,
+                )
+                .to_snapshot();
+                for type_url in [type_url::CLUSTER, type_url::LISTENER, type_url::ROUTE] {
+                    assert_eq!(
+                        contents(own.own.resources(type_url)),
+                        contents(want.resources(type_url)),
+                        "seed {seed} step {step}: {node} {type_url}"
+                    );
+                }
+            }
+            let _ = Arc::clone(&cache);
+        }
+    }
+}
