@@ -1,13 +1,17 @@
 //! Latency an mTLS sidecar pair adds, each row against the same exchange between two
 //! pods without sidecars (direct), measured in the same run. Needs root.
 //!
-//! - HTTP/1.1 GET, 1 KB responses, at a fixed rate over keep-alive;
+//! - HTTP/1.1 GET, 1 KB responses, at a fixed rate over keep-alive, also through two
+//!   Envoys with a minimal hand-written static mTLS config (the floor Weft's generated
+//!   config is measured against);
 //! - gRPC unary calls (HTTP/2 end to end), one at a time on one channel;
 //! - the first byte of a server-first protocol (a MySQL-style banner) on a declared
 //!   port (`mysql`) and on an undeclared one, where the sidecar waits for the
 //!   protocol detection timeout (1 s) before it treats the connection as TCP.
 //!
 //! Any failed request or exchange makes the run fail instead of printing numbers.
+
+mod static_pair;
 
 use std::process::ExitCode;
 
@@ -127,6 +131,15 @@ fn run() -> Result<(), HarnessError> {
     h.add_pod("client", &[("app", "client")], "client")?;
     h.add_pod_listening("server-0", &[("app", "server")], "server", BODY, &LISTEN)?;
     h.add_pod("plain-client", &[("app", "plain-client")], "default")?;
+    h.add_pod("static-client", &[("app", "static-client")], "default")?;
+    let static_server = h.add_pod_with_body(
+        "static-server",
+        &[("app", "static-server")],
+        "default",
+        BODY,
+    )?;
+    h.unlist_pod("static-client");
+    h.unlist_pod("static-server");
     let plain_server = h.add_pod_listening(
         "plain-server",
         &[("app", "plain-server")],
@@ -151,6 +164,26 @@ fn run() -> Result<(), HarnessError> {
     h.start_control_plane()?;
     h.start_sidecar("client")?;
     h.start_sidecar("server-0")?;
+    // The floor: the same two Envoys, hand-configured, same redirect, same protocols.
+    let dir = h.work_dir().to_path_buf();
+    static_pair::write_certificates(&dir, &["client", "server"])?;
+    let boot = |name: &str, text: String| -> Result<std::path::PathBuf, HarnessError> {
+        let path = dir.join(format!("{name}-static.yaml"));
+        std::fs::write(&path, text).map_err(|source| HarnessError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(path)
+    };
+    let client_boot = boot(
+        "client",
+        static_pair::client_bootstrap(&dir, &static_server.to_string()),
+    )?;
+    let server_boot = boot("server", static_pair::server_bootstrap(&dir))?;
+    h.spawn_envoy("static-client", &client_boot)?;
+    h.spawn_envoy("static-server", &server_boot)?;
+    h.wait_sidecar_live("static-client")?;
+    h.wait_sidecar_live("static-server")?;
 
     let direct_url = format!("http://{plain_server}:8080/");
     let mesh_url = "http://server:8080/";
@@ -167,6 +200,15 @@ fn run() -> Result<(), HarnessError> {
     let mesh = all_ok(
         "HTTP mesh",
         h.load_paced("client", mesh_url, REQUESTS, INTERVAL_MS)?,
+    )?;
+    let static_url = format!("http://{static_server}:8080/");
+    all_ok(
+        "warm-up",
+        h.load_paced("static-client", &static_url, 200, 1)?,
+    )?;
+    let minimal = all_ok(
+        "HTTP static",
+        h.load_paced("static-client", &static_url, REQUESTS, INTERVAL_MS)?,
     )?;
 
     let direct_grpc_addr = format!("{plain_server}:{GRPC_PORT}");
@@ -189,6 +231,7 @@ fn run() -> Result<(), HarnessError> {
     );
     header();
     row("HTTP/1.1 GET 1 KB, direct", &direct);
+    row("HTTP/1.1 GET 1 KB, minimal static Envoy pair", &minimal);
     row("HTTP/1.1 GET 1 KB, mTLS sidecar pair", &mesh);
     row("gRPC unary, direct", &direct_grpc);
     row("gRPC unary, mTLS sidecar pair", &mesh_grpc);
@@ -196,6 +239,24 @@ fn run() -> Result<(), HarnessError> {
     row("banner, declared port (mysql), mesh", &declared_banner);
     row("banner, undeclared port, mesh", &undeclared_banner);
     added("HTTP/1.1 added by the sidecar pair", &direct, &mesh, true);
+    added(
+        "HTTP/1.1 added by a minimal static pair",
+        &direct,
+        &minimal,
+        true,
+    );
+    let over = |p: f64| {
+        let (m, s) = (
+            mesh.latency_micros(p) as f64,
+            minimal.latency_micros(p).max(1) as f64,
+        );
+        (m / s - 1.0) * 100.0
+    };
+    println!(
+        "Weft's generated config over the minimal static one: p50 {:+.1}%, p99 {:+.1}%",
+        over(0.5),
+        over(0.99)
+    );
     added(
         "gRPC unary added by the sidecar pair",
         &direct_grpc,
