@@ -817,6 +817,7 @@ impl Harness {
     /// Adds an annotation to a pod's manifest (written by [`Harness::write_cluster_manifest`]).
     pub fn annotate_pod(&mut self, pod: &str, key: &str, value: &str) {
         if let Some(p) = self.pods.get_mut(pod) {
+            p.annotations.retain(|(k, _)| k != key);
             p.annotations.push((key.to_string(), value.to_string()));
         }
     }
@@ -1485,7 +1486,7 @@ impl Drop for Harness {
                     eprintln!("{line}");
                 }
             }
-        } else {
+        } else if std::env::var_os("WEFT_E2E_KEEP").is_none() {
             let _ = fs::remove_dir_all(&self.work);
         }
         for pod in self.pods.values() {

@@ -6,7 +6,8 @@
 use std::path::Path;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, PKCS_ECDSA_P256_SHA256, SanType,
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    PKCS_ECDSA_P256_SHA256, SanType,
 };
 use weft_e2e::HarnessError;
 
@@ -31,11 +32,19 @@ fn write(path: &Path, text: &str) -> Result<(), HarnessError> {
     })
 }
 
+fn distinguished_name(common_name: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, common_name);
+    dn
+}
+
 /// A CA and one certificate per name (SPIFFE-like URI SANs), written under `dir` as
 /// `ca.pem`, `<name>.pem` and `<name>.key`.
 pub fn write_certificates(dir: &Path, names: &[&str]) -> Result<(), HarnessError> {
     let ca_key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| err("ca key", e))?;
     let mut ca = CertificateParams::default();
+    // Distinct names: a leaf named like its CA would look self-issued to the verifier.
+    ca.distinguished_name = distinguished_name("weft-latency static CA");
     ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca_cert = ca.self_signed(&ca_key).map_err(|e| err("ca cert", e))?;
     write(&dir.join("ca.pem"), &ca_cert.pem())?;
@@ -43,6 +52,7 @@ pub fn write_certificates(dir: &Path, names: &[&str]) -> Result<(), HarnessError
     for name in names {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| err("key", e))?;
         let mut params = CertificateParams::default();
+        params.distinguished_name = distinguished_name(name);
         let uri = format!("spiffe://static/{name}")
             .try_into()
             .map_err(|e| err("uri", e))?;
