@@ -125,7 +125,12 @@ pub fn render_bootstrap(opts: &BootstrapOptions) -> Result<String, WeftError> {
                 "api_type": opts.protocol.api_type(),
                 "transport_api_version": "V3",
                 "set_node_on_first_message_only": true,
-                "grpc_services": [ { "envoy_grpc": { "cluster_name": XDS_CLUSTER } } ],
+                                // Reconnect within a second of a control-plane restart (Envoy's default
+                // backoff grows to 30 s, leaving proxies on old config that long).
+                "grpc_services": [ { "envoy_grpc": {
+                    "cluster_name": XDS_CLUSTER,
+                    "retry_policy": { "retry_back_off": { "base_interval": "0.1s", "max_interval": "1s" } },
+                } } ],
             },
             "cds_config": ads,
             "lds_config": ads,
@@ -284,8 +289,17 @@ mod tests {
         assert_eq!(cluster["type"], "STATIC");
         let sa = &cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
             ["socket_address"];
-        assert_eq!(sa["address"], "198.18.0.1");
+                assert_eq!(sa["address"], "198.18.0.1");
         assert_eq!(sa["port_value"], 15010);
+        let backoff = &v["dynamic_resources"]["ads_config"]["grpc_services"][0]["envoy_grpc"]
+            ["retry_policy"]["retry_back_off"];
+        assert_eq!(backoff["max_interval"], "1s", "reconnects within a second");
+        assert!(
+            v["stats_config"]["stats_matcher"]["inclusion_list"]["patterns"]
+                .as_array()
+                .is_some_and(|p| p.len() > 5),
+            "only the mesh's statistics are kept"
+        );
     }
 
     #[test]
