@@ -5,6 +5,7 @@
 //! wire, not a thousand. Additions go out in make-before-break order, removals last.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::ops::Range;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use bytes::BufMut;
@@ -25,10 +26,43 @@ pub struct DeltaResponse {
     pub type_url: String,
     /// Nonce the proxy echoes back in its ACK or NACK.
     pub nonce: String,
-    /// Added or changed resources (often shared with every stream making the same move).
-    pub resources: Arc<Vec<Resource>>,
+    /// Added or changed resources: `span` of a vector often shared with every stream
+    /// making the same move.
+    shared: Arc<Vec<Resource>>,
+    span: Range<usize>,
     /// Names of resources the proxy must drop (or that do not exist).
     pub removed: Vec<String>,
+}
+
+impl DeltaResponse {
+    /// The added or changed resources this response carries.
+    pub fn resources(&self) -> &[Resource] {
+        &self.shared[self.span.clone()]
+    }
+}
+
+/// Encoded size above which a type's changes are split over several responses, so a
+/// stream holds at most about this much beyond what the proxy has read: a thousand
+/// proxies connecting at once must not each pin a whole mesh's worth of bytes.
+pub const MAX_RESPONSE_BYTES: usize = 256 * 1024;
+
+/// Splits `resources` into consecutive spans of at most [`MAX_RESPONSE_BYTES`] each
+/// (a single larger resource gets a span of its own).
+fn spans(resources: &[Resource]) -> Vec<Range<usize>> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, r) in resources.iter().enumerate() {
+        let len = r.delta_entry().len();
+        if i > start && bytes + len > MAX_RESPONSE_BYTES {
+            out.push(start..i);
+            (start, bytes) = (i, 0);
+        }
+        bytes += len;
+    }
+    if start < resources.len() {
+        out.push(start..resources.len());
+    }
+    out
 }
 
 fn put_string(field: u32, value: &str, dst: &mut impl BufMut) {
@@ -42,7 +76,7 @@ pub fn encode_delta_response(response: &DeltaResponse, dst: &mut impl BufMut) {
     // DeltaDiscoveryResponse: system_version_info = 1, resources = 2, type_url = 4,
     // nonce = 5, removed_resources = 6.
     put_string(1, &response.system_version_info, dst);
-    for r in response.resources.iter() {
+    for r in response.resources() {
         dst.put_slice(r.delta_entry());
     }
     put_string(4, &response.type_url, dst);
@@ -246,6 +280,8 @@ pub struct DeltaAdsConnection {
     types: BTreeMap<String, DeltaTypeState>,
     nonce_seq: u64,
     memo: Arc<DiffMemo>,
+    /// Bumped whenever an explicit subscription is added or dropped.
+    subscriptions: u64,
 }
 
 impl DeltaAdsConnection {
@@ -289,14 +325,15 @@ impl DeltaAdsConnection {
                 state.wildcard = true;
             } else if state.names.insert(name.clone()) {
                 state.unanswered.insert(name.clone());
+                self.subscriptions += 1;
             }
         }
         for name in &req.resource_names_unsubscribe {
             if name == "*" {
                 state.wildcard = false;
-            } else {
-                state.names.remove(name);
+            } else if state.names.remove(name) {
                 state.unanswered.remove(name);
+                self.subscriptions += 1;
             }
             // The proxy drops what it unsubscribed from; it must not hear of it again.
             state.known.forget(name);
@@ -365,17 +402,20 @@ impl DeltaAdsConnection {
             let must_respond = std::mem::take(&mut state.must_respond);
             // After this round the proxy has exactly `desired`.
             state.known = Known::Sent(desired);
-            if !diff.changed.is_empty() || (removed.is_empty() && must_respond) {
+            if diff.changed.is_empty() && removed.is_empty() && must_respond {
+                out.push(self.respond(&type_url, Arc::default(), 0..0, vec![], &version));
+            }
+            for span in spans(&diff.changed) {
                 // The memo's vector, shared with every stream making this move.
                 let changed = diff.changed.clone();
-                out.push(self.respond(&type_url, changed, Vec::new(), version.clone()));
+                out.push(self.respond(&type_url, changed, span, Vec::new(), &version));
             }
             if !removed.is_empty() {
                 removals.push((type_url, removed, version));
             }
         }
         for (type_url, removed, version) in removals {
-            out.push(self.respond(&type_url, Arc::default(), removed, version));
+            out.push(self.respond(&type_url, Arc::default(), 0..0, removed, &version));
         }
         out
     }
@@ -383,10 +423,12 @@ impl DeltaAdsConnection {
     fn respond(
         &mut self,
         type_url: &str,
-        resources: Arc<Vec<Resource>>,
+        shared: Arc<Vec<Resource>>,
+        span: Range<usize>,
         removed: Vec<String>,
-        version: String,
+        version: &str,
     ) -> DeltaResponse {
+        let version = version.to_string();
         self.nonce_seq += 1;
         let nonce = self.nonce_seq.to_string();
         let state = self.types.entry(type_url.to_string()).or_default();
@@ -397,17 +439,25 @@ impl DeltaAdsConnection {
             system_version_info: version,
             type_url: type_url.to_string(),
             nonce,
-            resources,
+            shared,
+            span,
             removed,
         }
     }
 
-    /// Names subscribed explicitly (beside any wildcard), by type URL.
-    pub fn explicit_names(&self) -> Vec<(String, String)> {
-        self.types
-            .iter()
-            .flat_map(|(t, s)| s.names.iter().map(move |n| (t.clone(), n.clone())))
-            .collect()
+    /// Calls `visit(type_url, name)` for every name subscribed explicitly (beside any
+    /// wildcard).
+    pub fn visit_explicit_names(&self, visit: &mut dyn FnMut(&str, &str)) {
+        for (type_url, state) in &self.types {
+            for name in &state.names {
+                visit(type_url, name);
+            }
+        }
+    }
+
+    /// Changes whenever an explicit subscription is added or dropped.
+    pub fn subscription_generation(&self) -> u64 {
+        self.subscriptions
     }
 
     /// Per-type sync state.

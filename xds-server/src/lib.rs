@@ -10,7 +10,9 @@ pub mod service;
 pub mod snapshot;
 
 pub use connection::{AdsConnection, AdsResponse, Nack, RequestEvent, TypeSync};
-pub use delta::{DeltaAdsConnection, DeltaResponse, Diff, DiffMemo, encode_delta_response};
+pub use delta::{
+    DeltaAdsConnection, DeltaResponse, Diff, DiffMemo, MAX_RESPONSE_BYTES, encode_delta_response,
+};
 pub use resource::{Resource, type_url};
 pub use service::{
     AdsProtocol, AdsService, OnDemandResolver, StreamPolicy, StreamSupervisor, StreamSync,

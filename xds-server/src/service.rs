@@ -67,7 +67,7 @@ impl WireResponse for DeltaResponse {
         &self.system_version_info
     }
     fn resource_count(&self) -> usize {
-        self.resources.len() + self.removed.len()
+        self.resources().len() + self.removed.len()
     }
     fn encode_wire(&self, dst: &mut impl BufMut) {
         encode_delta_response(self, dst);
@@ -94,10 +94,12 @@ pub trait AdsProtocol: Send + 'static {
     fn next_responses(&mut self, snapshot: &Snapshot) -> Vec<Self::Response>;
     /// Per-type sync state.
     fn sync_state(&self) -> Vec<TypeSync>;
-    /// Names subscribed explicitly, by type URL (candidates for on-demand resolution);
-    /// none where the variant has no on-demand discovery.
-    fn explicit_names(&self) -> Vec<(String, String)> {
-        Vec::new()
+    /// Calls `visit(type_url, name)` for each name subscribed explicitly (candidates for
+    /// on-demand resolution); none where the variant has no on-demand discovery.
+    fn visit_explicit_names(&self, _visit: &mut dyn FnMut(&str, &str)) {}
+    /// Changes whenever the explicit subscriptions change.
+    fn subscription_generation(&self) -> u64 {
+        0
     }
 }
 
@@ -147,8 +149,11 @@ impl AdsProtocol for DeltaAdsConnection {
     fn sync_state(&self) -> Vec<TypeSync> {
         DeltaAdsConnection::sync_state(self)
     }
-    fn explicit_names(&self) -> Vec<(String, String)> {
-        DeltaAdsConnection::explicit_names(self)
+    fn visit_explicit_names(&self, visit: &mut dyn FnMut(&str, &str)) {
+        DeltaAdsConnection::visit_explicit_names(self, visit)
+    }
+    fn subscription_generation(&self) -> u64 {
+        DeltaAdsConnection::subscription_generation(self)
     }
 }
 
@@ -377,6 +382,11 @@ struct StreamContext<'a> {
 #[derive(Default)]
 struct OnDemandLayers {
     by_type: std::collections::BTreeMap<String, Arc<Layer>>,
+    /// Subscribed names the snapshot lacked, and what that was computed against: a
+    /// proxy subscribes to thousands of names, and walking them all on every wake of
+    /// every stream (each pod change wakes them all) would cost more than the push.
+    missing: Vec<(String, String)>,
+    missing_for: Option<(Arc<Snapshot>, u64)>,
 }
 
 impl OnDemandLayers {
@@ -391,16 +401,27 @@ impl OnDemandLayers {
         let (Some(resolver), Some(node)) = (resolver, conn.node_id()) else {
             return snapshot;
         };
+        let generation = conn.subscription_generation();
+        let current = self
+            .missing_for
+            .as_ref()
+            .is_some_and(|(s, g)| Arc::ptr_eq(s, &snapshot) && *g == generation);
+        if !current {
+            self.missing.clear();
+            conn.visit_explicit_names(&mut |type_url, name| {
+                if !snapshot
+                    .resources(type_url)
+                    .is_some_and(|t| t.contains(name))
+                {
+                    self.missing.push((type_url.to_string(), name.to_string()));
+                }
+            });
+            self.missing_for = Some((snapshot.clone(), generation));
+        }
         let mut wanted: std::collections::BTreeMap<String, Vec<Resource>> = Default::default();
-        for (type_url, name) in conn.explicit_names() {
-            if snapshot
-                .resources(&type_url)
-                .is_some_and(|t| t.contains(&name))
-            {
-                continue;
-            }
-            let resolved = resolver.resolve(node, source == SnapshotSource::Own, &type_url, &name);
-            let entry = wanted.entry(type_url).or_default();
+        for (type_url, name) in &self.missing {
+            let resolved = resolver.resolve(node, source == SnapshotSource::Own, type_url, name);
+            let entry = wanted.entry(type_url.clone()).or_default();
             entry.extend(resolved);
         }
         self.by_type.retain(|t, _| wanted.contains_key(t));

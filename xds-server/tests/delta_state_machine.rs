@@ -69,7 +69,7 @@ fn decode(r: &DeltaResponse) -> DeltaDiscoveryResponse {
 }
 
 fn names(r: &DeltaResponse) -> Vec<&str> {
-    r.resources.iter().map(Resource::name).collect()
+    r.resources().iter().map(Resource::name).collect()
 }
 
 fn clusters(n: usize, timeout_ms: i64) -> Vec<Resource> {
@@ -115,7 +115,7 @@ fn only_changed_resources_are_sent_and_removals_come_last() {
             .with(type_url::ROUTE, [route("r", "one")]),
     );
     assert_eq!(first.len(), 2);
-    assert_eq!(first[0].resources.len(), 100, "initial: everything");
+    assert_eq!(first[0].resources().len(), 100, "initial: everything");
     assert_eq!(names(&first[1]), vec!["r"]);
     for r in &first {
         conn.on_request(&ack(&r.type_url, &r.nonce)).unwrap();
@@ -135,7 +135,7 @@ fn only_changed_resources_are_sent_and_removals_come_last() {
     assert_eq!(names(&next[0]), vec!["c7", "new"]);
     assert!(next[0].removed.is_empty());
     assert_eq!(names(&next[1]), vec!["r"]);
-    assert!(next[2].resources.is_empty());
+    assert!(next[2].resources().is_empty());
     assert_eq!(next[2].removed, vec!["c3"]);
     assert_eq!(next[2].type_url, type_url::CLUSTER);
 
@@ -246,7 +246,7 @@ fn an_empty_wildcard_subscription_is_still_answered() {
         .unwrap();
     let out = conn.next_responses(&Snapshot::new());
     assert_eq!(out.len(), 1, "Envoy waits for the first LDS response");
-    assert!(out[0].resources.is_empty() && out[0].removed.is_empty());
+    assert!(out[0].resources().is_empty() && out[0].removed.is_empty());
     conn.on_request(&ack(type_url::LISTENER, &out[0].nonce))
         .unwrap();
     assert!(conn.next_responses(&Snapshot::new()).is_empty());
@@ -275,7 +275,58 @@ fn streams_making_the_same_move_share_one_diff() {
         .collect();
     assert_eq!(names(&moves[0]), vec!["c5"]);
     assert!(
-        std::sync::Arc::ptr_eq(&moves[0].resources, &moves[1].resources),
+        std::ptr::eq(moves[0].resources(), moves[1].resources()),
         "the second stream reuses the first one's diff"
+    );
+}
+
+#[test]
+fn a_large_initial_push_is_split_into_bounded_responses_that_each_need_an_ack() {
+    // Clusters with ~2 KiB of metadata each: 1000 of them are ~2 MiB on the wire.
+    let big = |i: usize| {
+        let c = Cluster {
+            name: format!("c{i:04}"),
+            alt_stat_name: "x".repeat(2048),
+            ..Default::default()
+        };
+        Resource::encode(type_url::CLUSTER, &c.name, &c)
+    };
+    let all: Vec<Resource> = (0..1000).map(big).collect();
+    let mut conn = DeltaAdsConnection::new();
+    conn.on_request(&subscribe(type_url::CLUSTER, &[])).unwrap();
+    let out = conn.next_responses(&Snapshot::new().with(type_url::CLUSTER, all.clone()));
+    assert!(out.len() >= 8, "~2 MiB in {} responses", out.len());
+    let mut seen = Vec::new();
+    for r in &out {
+        let mut wire = Vec::new();
+        encode_delta_response(r, &mut wire);
+        assert!(
+            wire.len() <= weft_xds::MAX_RESPONSE_BYTES + 1024,
+            "{} bytes",
+            wire.len()
+        );
+        seen.extend(decode(r).resources.into_iter().map(|x| x.name));
+    }
+    let expected: Vec<String> = all.iter().map(|r| r.name().to_string()).collect();
+    assert_eq!(seen, expected, "every cluster exactly once, in order");
+
+    // The type counts as in sync only once the last part is ACKed.
+    for r in &out[..out.len() - 1] {
+        assert!(matches!(
+            conn.on_request(&ack(type_url::CLUSTER, &r.nonce)).unwrap(),
+            RequestEvent::Ack { .. }
+        ));
+    }
+    let last = out.last().unwrap();
+    assert_eq!(
+        conn.on_request(&ack(type_url::CLUSTER, &last.nonce))
+            .unwrap(),
+        RequestEvent::Ack {
+            version: last.system_version_info.clone()
+        }
+    );
+    assert!(
+        conn.next_responses(&Snapshot::new().with(type_url::CLUSTER, all))
+            .is_empty()
     );
 }
