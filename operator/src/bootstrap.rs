@@ -289,10 +289,10 @@ mod tests {
         assert_eq!(cluster["type"], "STATIC");
         let sa = &cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
             ["socket_address"];
-                assert_eq!(sa["address"], "198.18.0.1");
+        assert_eq!(sa["address"], "198.18.0.1");
         assert_eq!(sa["port_value"], 15010);
-        let backoff = &v["dynamic_resources"]["ads_config"]["grpc_services"][0]["envoy_grpc"]
-            ["retry_policy"]["retry_back_off"];
+        let backoff = &v["dynamic_resources"]["ads_config"]["grpc_services"][0]["envoy_grpc"]["retry_policy"]
+            ["retry_back_off"];
         assert_eq!(backoff["max_interval"], "1s", "reconnects within a second");
         assert!(
             v["stats_config"]["stats_matcher"]["inclusion_list"]["patterns"]
