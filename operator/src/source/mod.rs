@@ -227,9 +227,13 @@ fn read_manifest(path: &Path) -> Result<String, WeftError> {
     Ok(text)
 }
 
-/// How long to wait after a file event for more events before rescanning: editors
-/// write a file in several steps.
-const DEBOUNCE: Duration = Duration::from_millis(100);
+/// How long the directory must be quiet after a file event before rescanning: editors
+/// and `cp -r` write in several steps, but an atomic rename is one event and should
+/// not wait long.
+const QUIET: Duration = Duration::from_millis(20);
+
+/// A directory that never goes quiet is rescanned at least this often.
+const MAX_DEBOUNCE: Duration = Duration::from_millis(250);
 
 /// File events of a watched directory.
 #[derive(Debug)]
@@ -267,7 +271,16 @@ impl DirWatch {
                 }
             }
         }
-        tokio::time::sleep(DEBOUNCE).await;
+        let deadline = tokio::time::Instant::now() + MAX_DEBOUNCE;
+        loop {
+            let quiet_until = (tokio::time::Instant::now() + QUIET).min(deadline);
+            match tokio::time::timeout_at(quiet_until, self.events.recv()).await {
+                // More events of the same burst: wait for quiet again.
+                Ok(Some(_)) if tokio::time::Instant::now() < deadline => {}
+                Ok(None) => return None,
+                _ => break,
+            }
+        }
         while self.events.try_recv().is_ok() {}
         Some(())
     }
