@@ -55,8 +55,11 @@ impl<'a> Routes<'a> {
     }
 }
 
+/// Checks the syntax only: Envoy compiles the pattern (RE2), and building a matcher
+/// here would cost more than the rest of resolving a TrafficTarget.
 fn check_regex(what: &str, pattern: &str) -> Result<(), String> {
-    regex::Regex::new(pattern)
+    regex_syntax::Parser::new()
+        .parse(pattern)
         .map(|_| ())
         .map_err(|e| format!("{what} {pattern:?} is not a valid regex: {e}"))
 }
@@ -130,10 +133,11 @@ fn identity(
     ))
 }
 
-fn resolve_target(
-    target: &TrafficTarget,
-    routes: &Routes<'_>,
-) -> Result<((String, String), AccessGrant), String> {
+/// What one TrafficTarget grants, to which destination identity, or why it is invalid.
+pub(super) type TargetResolution = Result<((String, String), AccessGrant), String>;
+
+/// Resolves one TrafficTarget against the route groups of its namespace.
+pub(super) fn resolve_target(target: &TrafficTarget, routes: &Routes<'_>) -> TargetResolution {
     let ns = meta_ns(&target.metadata);
     let destination = identity(ns, &target.spec.destination, "destination")?;
     let sources: BTreeSet<(String, String)> = target
@@ -229,22 +233,17 @@ fn missing_accounts(
     out
 }
 
-/// Resolves every TrafficTarget into grants by destination identity; invalid ones
-/// become problems.
-pub(super) fn resolve_access(
-    targets: &[&TrafficTarget],
-    routes: &Routes<'_>,
+/// Gathers resolved TrafficTargets (by namespace and name) into grants by destination
+/// identity; invalid ones become problems.
+pub(super) fn resolve_access<'t>(
+    targets: impl IntoIterator<Item = (&'t (String, String), &'t TargetResolution)>,
     accounts: &KnownAccounts<'_>,
 ) -> (GrantsByDestination, Vec<Problem>) {
     let mut grants = GrantsByDestination::new();
     let mut problems = Vec::new();
-    for target in targets {
-        let object = ObjectRef::new(
-            Kind::TrafficTarget,
-            meta_ns(&target.metadata),
-            meta_name(&target.metadata),
-        );
-        match resolve_target(target, routes) {
+    for ((namespace, name), resolution) in targets {
+        let object = ObjectRef::new(Kind::TrafficTarget, namespace, name);
+        match resolution.clone() {
             Ok((destination, grant)) => {
                 for reason in missing_accounts(&destination, &grant, accounts) {
                     problems.push(Problem {

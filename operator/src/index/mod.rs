@@ -24,6 +24,7 @@ pub use model::{
 pub use protocol::{DEFAULT_OPAQUE_PORTS, select_protocol};
 pub use resolve::parse_gateway_duration;
 
+use access::TargetResolution;
 use resolve::{
     clusterip_owners, creation_order, endpoint_ips, resolve_grants, resolve_mesh_config,
     resolve_service_base, resolve_splits, resolve_workload, split_references,
@@ -216,6 +217,10 @@ struct Dirty {
     pods: BTreeSet<Key>,
     splits: bool,
     access: bool,
+    /// TrafficTargets to resolve again (they changed).
+    targets: BTreeSet<Key>,
+    /// Namespaces whose route groups changed: their TrafficTargets resolve again.
+    route_namespaces: BTreeSet<String>,
     config: bool,
     everything: bool,
 }
@@ -241,6 +246,9 @@ pub struct Index {
     conflict_problems: BTreeMap<Key, Vec<Problem>>,
     split_problems: Vec<Problem>,
     access_problems: Vec<Problem>,
+    /// Every TrafficTarget resolved, kept until it or a route group of its namespace
+    /// changes: resolving checks each route's regexes, and a mesh has thousands.
+    resolved_targets: BTreeMap<Key, TargetResolution>,
     config_problems: Vec<Problem>,
     /// Ports the MeshConfig in effect adds to the well-known opaque ports.
     opaque_ports: Vec<u16>,
@@ -434,8 +442,19 @@ impl Index {
             Kind::HTTPRouteGroup => {
                 dirty.splits = true;
                 dirty.access = true;
+                dirty.route_namespaces.insert(key.namespace.clone());
             }
-            Kind::TCPRoute | Kind::TrafficTarget | Kind::ServiceAccount => dirty.access = true,
+            Kind::TCPRoute => {
+                dirty.access = true;
+                dirty.route_namespaces.insert(key.namespace.clone());
+            }
+            Kind::TrafficTarget => {
+                dirty.access = true;
+                dirty
+                    .targets
+                    .insert((key.namespace.clone(), key.name.clone()));
+            }
+            Kind::ServiceAccount => dirty.access = true,
             Kind::MeshConfig => dirty.config = true,
         }
     }
@@ -470,6 +489,9 @@ impl Index {
         delta.merge(self.recompute_services(&dirty.services, &mut dirty.pods, dirty.splits));
         delta.merge(self.recompute_workloads(&dirty.pods));
         if dirty.access {
+            self.resolved_targets.retain(|key, _| {
+                !dirty.targets.contains(key) && !dirty.route_namespaces.contains(&key.0)
+            });
             delta.merge(self.recompute_access());
         }
         if delta.problems {
@@ -495,6 +517,7 @@ impl Index {
         self.service_problems.clear();
         self.pod_problems.clear();
         self.conflict_problems.clear();
+        self.resolved_targets.clear();
         let all: BTreeSet<ServiceKey> = self
             .store
             .services
@@ -757,7 +780,7 @@ impl Index {
     /// Resolves every TrafficTarget again; reports the destinations whose grants changed.
     fn recompute_access(&mut self) -> ModelDelta {
         let mut delta = ModelDelta::default();
-        let (grants, problems) = resolve_grants(&self.store);
+        let (grants, problems) = resolve_grants(&self.store, &mut self.resolved_targets);
         diff_maps(&self.model.grants, &grants, &mut delta.grants);
         self.model.grants = grants;
         if problems != self.access_problems {

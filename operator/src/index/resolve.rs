@@ -12,14 +12,16 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use weft_crds::{MeshConfig, TrafficSplit, annotations};
 
-use super::access::{KnownAccounts, Routes, http_matches, resolve_access};
+use super::access::{
+    KnownAccounts, Routes, TargetResolution, http_matches, resolve_access, resolve_target,
+};
 use super::model::{
     AppProtocol, EgressEntry, EgressScope, GrantsByDestination, MeshService, MeshSettings,
     ProbeForward, Problem, ProtocolSource, ServiceKey, ServicePortModel, SplitBackend, SplitModel,
     Workload, WorkloadPort,
 };
 use super::protocol::select_protocol;
-use super::store::{Store, key_of, name, ns, pod_ips, pod_service_account, selects};
+use super::store::{Key, Store, key_of, name, ns, pod_ips, pod_service_account, selects};
 use super::{Kind, ObjectRef};
 
 /// Label or annotation that opts a pod out of the mesh when set to `disabled`.
@@ -572,11 +574,19 @@ fn egress_scope(pod: &Pod, problems: &mut Vec<Problem>) -> Option<EgressScope> {
 
 /// Access grants by destination identity from every TrafficTarget, and problems
 /// (invalid targets, and accounts that do not exist yet).
-pub(super) fn resolve_grants(store: &Store) -> (GrantsByDestination, Vec<Problem>) {
+pub(super) fn resolve_grants(
+    store: &Store,
+    resolved: &mut BTreeMap<Key, TargetResolution>,
+) -> (GrantsByDestination, Vec<Problem>) {
     let routes = Routes::new(store.route_groups.values(), store.tcp_routes.values());
+    resolved.retain(|key, _| store.targets.contains_key(key));
+    for (key, target) in &store.targets {
+        if !resolved.contains_key(key) {
+            resolved.insert(key.clone(), resolve_target(target, &routes));
+        }
+    }
     let accounts = KnownAccounts::new(|account| store.account_exists(account));
-    let targets: Vec<_> = store.targets.values().collect();
-    resolve_access(&targets, &routes, &accounts)
+    resolve_access(resolved.iter(), &accounts)
 }
 
 /// `website`, `website.ns`, `website.ns.svc` or `website.ns.svc.cluster.local` → key.
