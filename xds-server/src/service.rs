@@ -390,6 +390,11 @@ struct OnDemandLayers {
 }
 
 impl OnDemandLayers {
+    /// Whether the proxy subscribed to names its snapshot lacks (resolved on demand).
+    fn has_missing(&self) -> bool {
+        !self.missing.is_empty()
+    }
+
     /// `snapshot` plus the explicitly subscribed names it lacks, resolved.
     fn apply<P: AdsProtocol>(
         &mut self,
@@ -528,8 +533,11 @@ async fn run_stream<P, S>(
             }
             denied = verdict;
         }
-        if let Some((snapshot, now)) = snapshots.as_mut().and_then(|w| w.current(&admission)) {
+        if let Some(w) = snapshots.as_mut()
+            && let Some((snapshot, now)) = w.current(&admission)
+        {
             let snapshot = extra.apply(&conn, on_demand, now, snapshot);
+            w.set_on_demand(extra.has_missing());
             if source != Some(now) {
                 let node = conn.node_id().unwrap_or_default();
                 match now {

@@ -420,6 +420,9 @@ impl SnapshotCache {
             shared: Vec::new(),
             fallback: self.fallback.subscribe(),
             epoch: self.epoch.subscribe(),
+            on_demand: true,
+            serving: None,
+            composed: None,
         }
     }
 
@@ -455,6 +458,20 @@ pub struct NodeWatch {
     shared: Vec<(String, Receiver<Snapshot>)>,
     fallback: Receiver<Snapshot>,
     epoch: watch::Receiver<u64>,
+    /// Whether the stream has on-demand resources to resolve again when told to.
+    on_demand: bool,
+    /// What the last [`NodeWatch::current`] served.
+    serving: Option<SnapshotSource>,
+    /// The last composition and what it was made of, so an unchanged view is the same
+    /// `Arc` (streams compare views by pointer).
+    composed: Option<Composed>,
+}
+
+#[derive(Debug)]
+struct Composed {
+    own: Arc<NodeSnapshot>,
+    shared: Vec<Arc<Snapshot>>,
+    view: Arc<Snapshot>,
 }
 
 impl Drop for NodeWatch {
@@ -473,9 +490,18 @@ pub enum SnapshotSource {
 }
 
 impl NodeWatch {
+    /// Whether the stream has on-demand resources, which it resolves again on
+    /// [`SnapshotCache::bump_on_demand`]; streams without any are not woken by it.
+    pub fn set_on_demand(&mut self, on_demand: bool) {
+        self.on_demand = on_demand;
+    }
+
     /// Waits until anything the node's view is made of changes; errs only if the
-    /// cache is gone.
+    /// cache is gone. A stream served its own snapshot does not wake for fallback
+    /// changes, nor one without on-demand resources for on-demand bumps: with ten
+    /// thousand proxies, each needless wake is ten thousand tasks.
     pub async fn changed(&mut self) -> Result<(), watch::error::RecvError> {
+        let watch_fallback = self.serving != Some(SnapshotSource::Own);
         let shared = async {
             if self.shared.is_empty() {
                 return std::future::pending().await;
@@ -484,10 +510,10 @@ impl NodeWatch {
             futures::future::select_all(changes).await.0
         };
         tokio::select! {
-            r = self.own.changed() => r,
-            r = self.fallback.changed() => r,
+                        r = self.own.changed() => r,
+            r = self.fallback.changed(), if watch_fallback => r,
             r = shared => r,
-            r = self.epoch.changed() => r,
+            r = self.epoch.changed(), if self.on_demand => r,
         }
     }
 
@@ -498,22 +524,22 @@ impl NodeWatch {
         let fallback = self.fallback.borrow_and_update().clone();
         let own = self.own.borrow_and_update().clone();
         let fallback = || fallback.map(|f| (f, SnapshotSource::Fallback));
-        match admission {
+        let current = match admission {
             Admission::Fallback | Admission::Denied(_) => fallback(),
-            Admission::Own => self.compose(own?).map(|s| (s, SnapshotSource::Own)),
+            Admission::Own => own
+                .and_then(|own| self.compose(own))
+                .map(|s| (s, SnapshotSource::Own)),
             Admission::OwnOrFallback => match own {
                 Some(own) => self.compose(own).map(|s| (s, SnapshotSource::Own)),
                 None => fallback(),
             },
-        }
+        };
+        self.serving = current.as_ref().map(|(_, source)| *source);
+        current
     }
 
     /// The node's own layers over its shared snapshots; `None` while one is missing.
     fn compose(&mut self, own: Arc<NodeSnapshot>) -> Option<Arc<Snapshot>> {
-        if own.shared.is_empty() {
-            self.shared.clear();
-            return Some(Arc::new(own.own.clone()));
-        }
         let subscribed = self.shared.iter().map(|(n, _)| n);
         if !subscribed.eq(own.shared.iter()) {
             self.shared = own
@@ -526,8 +552,21 @@ impl NodeWatch {
         for (_, rx) in &mut self.shared {
             parts.push(rx.borrow_and_update().clone()?);
         }
+        if let Some(c) = &self.composed
+            && Arc::ptr_eq(&c.own, &own)
+            && c.shared.len() == parts.len()
+            && c.shared.iter().zip(&parts).all(|(a, b)| Arc::ptr_eq(a, b))
+        {
+            return Some(c.view.clone());
+        }
         let mut layers: Vec<&Snapshot> = parts.iter().map(|p| &**p).collect();
         layers.push(&own.own);
-        Some(Arc::new(Snapshot::layered(&layers)))
+        let view = Arc::new(Snapshot::layered(&layers));
+        self.composed = Some(Composed {
+            own,
+            shared: parts,
+            view: view.clone(),
+        });
+        Some(view)
     }
 }

@@ -198,3 +198,51 @@ async fn an_equal_snapshot_wakes_nobody() {
         .unwrap()
         .unwrap();
 }
+
+/// Whether `watch.changed()` resolves within a short while.
+async fn wakes(watch: &mut weft_xds::NodeWatch) -> bool {
+    tokio::time::timeout(Duration::from_millis(50), watch.changed())
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn a_stream_wakes_only_for_what_it_is_served() {
+    let cache = SnapshotCache::new();
+    cache.set_fallback(snap(&["fallback"]));
+    cache.set_shared("mesh", snap(&["svc-a"]));
+    cache.set_node(
+        "ns/pod",
+        NodeSnapshot {
+            shared: vec!["mesh".into()],
+            own: snap(&["inbound"]),
+        },
+    );
+    let mut watch = cache.watch("ns/pod", "delta");
+    let (first, _) = watch.current(&ANY).unwrap();
+    let (again, _) = watch.current(&ANY).unwrap();
+    assert!(
+        Arc::ptr_eq(&first, &again),
+        "an unchanged view is the same view, so streams skip it by pointer"
+    );
+
+    // Served its own snapshot: fallback changes and on-demand bumps do not concern it.
+    watch.set_on_demand(false);
+    cache.set_fallback(snap(&["fallback", "more"]));
+    cache.bump_on_demand();
+    assert!(!wakes(&mut watch).await, "woken for nothing it is served");
+
+    // With on-demand resources, a bump wakes it.
+    watch.set_on_demand(true);
+    cache.bump_on_demand();
+    assert!(wakes(&mut watch).await);
+    let (after_bump, _) = watch.current(&ANY).unwrap();
+    assert!(Arc::ptr_eq(&first, &after_bump));
+
+    // Served the fallback, fallback changes wake it.
+    cache.remove("ns/pod");
+    assert!(wakes(&mut watch).await);
+    assert_eq!(watch.current(&ANY).unwrap().1, SnapshotSource::Fallback);
+    cache.set_fallback(snap(&["fallback"]));
+    assert!(wakes(&mut watch).await);
+}
