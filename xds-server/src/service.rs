@@ -7,16 +7,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll};
 
-use bytes::BufMut;
+use bytes::{BufMut, Bytes, BytesMut};
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use futures::{Stream, StreamExt};
+use http_body::Frame;
+use http_body_util::StreamBody;
 use prost::Message;
-use prost::encoding::{WireType, encode_key, encode_varint};
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
+use tonic::codec::{BufferSettings, DecodeBuf, Decoder};
 use tonic::codegen::{BoxFuture, http};
+use tonic::transport::server::TcpConnectInfo;
 use tonic::{Status, server::NamedService};
 
 use crate::XdsError;
@@ -42,6 +44,13 @@ pub trait WireResponse: Send + 'static {
     fn resource_count(&self) -> usize;
     /// Writes the protobuf message.
     fn encode_wire(&self, dst: &mut impl BufMut);
+    /// Length of what [`WireResponse::encode_wire`] writes.
+    fn encoded_len(&self) -> usize;
+}
+
+/// Encoded length of a string field (numbers below 16: a one-byte key).
+fn string_field_len(value: &str) -> usize {
+    1 + encoded_len_varint(value.len() as u64) + value.len()
 }
 
 impl WireResponse for AdsResponse {
@@ -57,6 +66,13 @@ impl WireResponse for AdsResponse {
     fn encode_wire(&self, dst: &mut impl BufMut) {
         encode_response(self, dst);
     }
+    fn encoded_len(&self) -> usize {
+        [&self.version_info, &self.type_url, &self.nonce]
+            .into_iter()
+            .map(|s| string_field_len(s))
+            .sum::<usize>()
+            + self.entries().map(Bytes::len).sum::<usize>()
+    }
 }
 
 impl WireResponse for DeltaResponse {
@@ -71,6 +87,18 @@ impl WireResponse for DeltaResponse {
     }
     fn encode_wire(&self, dst: &mut impl BufMut) {
         encode_delta_response(self, dst);
+    }
+    fn encoded_len(&self) -> usize {
+        [&self.system_version_info, &self.type_url, &self.nonce]
+            .into_iter()
+            .chain(&self.removed)
+            .map(|s| string_field_len(s))
+            .sum::<usize>()
+            + self
+                .resources()
+                .iter()
+                .map(|r| r.delta_entry().len())
+                .sum::<usize>()
     }
 }
 
@@ -582,48 +610,9 @@ async fn run_stream<P, S>(
     }
 }
 
-/// Codec that decodes requests with prost and splices pre-encoded resources into responses.
+/// Decodes ADS requests with prost.
 #[derive(Debug)]
-pub struct AdsCodec<P>(std::marker::PhantomData<P>);
-
-impl<P> Default for AdsCodec<P> {
-    fn default() -> Self {
-        Self(std::marker::PhantomData)
-    }
-}
-
-/// Encoder half of [`AdsCodec`].
-#[derive(Debug)]
-pub struct AdsEncoder<P>(std::marker::PhantomData<P>);
-
-/// Decoder half of [`AdsCodec`].
-#[derive(Debug)]
-pub struct AdsDecoder<P>(std::marker::PhantomData<P>);
-
-impl<P: AdsProtocol> Codec for AdsCodec<P> {
-    type Encode = P::Response;
-    type Decode = P::Request;
-    type Encoder = AdsEncoder<P>;
-    type Decoder = AdsDecoder<P>;
-
-    fn encoder(&mut self) -> AdsEncoder<P> {
-        AdsEncoder(std::marker::PhantomData)
-    }
-
-    fn decoder(&mut self) -> AdsDecoder<P> {
-        AdsDecoder(std::marker::PhantomData)
-    }
-}
-
-impl<P: AdsProtocol> Encoder for AdsEncoder<P> {
-    type Item = P::Response;
-    type Error = Status;
-
-    fn encode(&mut self, item: P::Response, dst: &mut EncodeBuf<'_>) -> Result<(), Status> {
-        item.encode_wire(dst);
-        Ok(())
-    }
-}
+struct AdsDecoder<P>(std::marker::PhantomData<P>);
 
 /// Writes `response` as a `DiscoveryResponse` protobuf message.
 pub fn encode_response(response: &AdsResponse, dst: &mut impl BufMut) {
@@ -651,37 +640,84 @@ impl<P: AdsProtocol> Decoder for AdsDecoder<P> {
             .map(Some)
             .map_err(|e| Status::invalid_argument(format!("malformed discovery request: {e}")))
     }
-}
 
-impl NamedService for AdsService {
-    const NAME: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
-}
-
-/// Adapter giving tonic's `Grpc::streaming` the stream handler it expects.
-struct StreamMethod<P>(AdsService, std::marker::PhantomData<P>);
-
-impl<P: AdsProtocol> tonic::server::StreamingService<P::Request> for StreamMethod<P> {
-    type Response = P::Response;
-    type ResponseStream = ReceiverStream<Result<P::Response, Status>>;
-    type Future = BoxFuture<tonic::Response<Self::ResponseStream>, Status>;
-
-    fn call(&mut self, request: tonic::Request<tonic::Streaming<P::Request>>) -> Self::Future {
-        let peer = request.remote_addr();
-        let rx = self.0.open::<P, _>(peer, request.into_inner());
-        Box::pin(async move { Ok(tonic::Response::new(ReceiverStream::new(rx))) })
+    fn buffer_settings(&self) -> BufferSettings {
+        // Requests are ACKs and subscriptions, mostly small; the buffer grows for a
+        // large one. Ten thousand streams at tonic's 8 KiB default are 80 MB.
+        BufferSettings::new(1024, 32 * 1024)
     }
+}
+
+/// Largest request accepted (a reconnect lists every resource the proxy has).
+const MAX_REQUEST_BYTES: usize = 64 << 20;
+
+/// One response as a gRPC length-prefixed message, in a buffer of its own that is
+/// freed once written. (tonic's encoder keeps one buffer per stream as large as the
+/// largest batch it ever sent: with ten thousand streams, most of the server's memory.)
+fn grpc_message(response: &impl WireResponse) -> Bytes {
+    let mut buf = BytesMut::with_capacity(GRPC_HEADER + response.encoded_len());
+    buf.put_bytes(0, GRPC_HEADER);
+    response.encode_wire(&mut buf);
+    debug_assert_eq!(buf.len() - GRPC_HEADER, response.encoded_len());
+    let len = u32::try_from(buf.len() - GRPC_HEADER).unwrap_or(u32::MAX);
+    buf[1..GRPC_HEADER].copy_from_slice(&len.to_be_bytes());
+    buf.freeze()
+}
+
+/// Compression flag and message length.
+const GRPC_HEADER: usize = 5;
+
+/// The response body of one stream: its messages, then the trailers with the status.
+fn response_body<R: WireResponse>(
+    rx: mpsc::Receiver<Result<R, Status>>,
+) -> impl Stream<Item = Result<Frame<Bytes>, Status>> + Send {
+    futures::stream::unfold(Some(rx), |rx| async move {
+        let mut rx = rx?;
+        let (status, rest) = match rx.recv().await {
+            Some(Ok(response)) => {
+                return Some((Ok(Frame::data(grpc_message(&response))), Some(rx)));
+            }
+            Some(Err(status)) => (status, None),
+            None => (Status::ok(""), None),
+        };
+        let mut trailers = http::HeaderMap::new();
+        if let Err(e) = status.add_header(&mut trailers) {
+            tracing::warn!(error = %e, "ADS status does not fit in trailers");
+        }
+        Some((Ok(Frame::trailers(trailers)), rest))
+    })
 }
 
 fn serve_method<P: AdsProtocol>(
     service: AdsService,
     req: http::Request<tonic::body::Body>,
 ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible> {
-    let method = StreamMethod::<P>(service, std::marker::PhantomData);
-    Box::pin(async move {
-        let mut grpc = tonic::server::Grpc::new(AdsCodec::<P>::default())
-            .apply_max_message_size_config(Some(64 << 20), Some(256 << 20));
-        Ok(grpc.streaming(method, req).await)
-    })
+    let peer = req
+        .extensions()
+        .get::<TcpConnectInfo>()
+        .and_then(TcpConnectInfo::remote_addr);
+    if req.headers().contains_key("grpc-encoding") {
+        let status = Status::unimplemented("compressed ADS requests are not supported");
+        return Box::pin(async { Ok(status.into_http()) });
+    }
+    let requests = tonic::Streaming::new_request(
+        AdsDecoder::<P>(std::marker::PhantomData),
+        req.into_body(),
+        None,
+        Some(MAX_REQUEST_BYTES),
+    );
+    let rx = service.open::<P, _>(peer, requests);
+    let body = tonic::body::Body::new(StreamBody::new(response_body(rx)));
+    let mut response = http::Response::new(body);
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    Box::pin(async { Ok(response) })
+}
+
+impl NamedService for AdsService {
+    const NAME: &'static str = "envoy.service.discovery.v3.AggregatedDiscoveryService";
 }
 
 impl tower_service::Service<http::Request<tonic::body::Body>> for AdsService {

@@ -65,6 +65,11 @@ fn nack(type_url: &str, nonce: &str, msg: &str) -> DeltaDiscoveryRequest {
 fn decode(r: &DeltaResponse) -> DeltaDiscoveryResponse {
     let mut buf = Vec::new();
     encode_delta_response(r, &mut buf);
+    assert_eq!(
+        buf.len(),
+        weft_xds::WireResponse::encoded_len(r),
+        "length known up front"
+    );
     DeltaDiscoveryResponse::decode(buf.as_slice()).expect("response decodes")
 }
 
