@@ -6,13 +6,13 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
-use crate::admin::{self, MeshStatus, ProxyStatus};
-use crate::bootstrap::{BootstrapOptions, XdsProtocol, XdsTls, render_bootstrap};
 use crate::error::WeftError;
 use crate::explain::{CallQuery, Explanation};
 use crate::identity::CaSource;
-use crate::iptables::{self, Backend, Cidr, RedirectPlan, TablesChoice};
-use crate::local::{self, LocalOptions};
+use crate::runtime::admin::{self, MeshStatus, ProxyStatus};
+use crate::runtime::local::{self, LocalOptions};
+use crate::sidecar::bootstrap::{BootstrapOptions, XdsProtocol, XdsTls, render_bootstrap};
+use crate::sidecar::iptables::{self, Backend, Cidr, RedirectPlan, TablesChoice};
 use crate::translate::{AccessMode, MeshConfig, MtlsMode};
 
 const DEFAULT_ADMIN: &str = "127.0.0.1:15090";
@@ -385,7 +385,7 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
             opts.full_stats = full_stats;
             opts.xds_tls = ca_file.map(|ca_file| XdsTls {
                 ca_file,
-                control_plane_id: crate::xds_listener::control_plane_id(&trust_domain),
+                control_plane_id: crate::runtime::xds_listener::control_plane_id(&trust_domain),
             });
             let yaml = render_bootstrap(&opts)?;
             match output {

@@ -55,6 +55,6 @@ fn every_manifest_in_the_repository_is_within_bounds() {
     assert!(!examples.is_empty());
     for example in &examples {
         weft_crds::bounds::check_yaml(example).unwrap();
-        weft::source::parse_manifests(example).unwrap();
+        weft::sources::parse_manifests(example).unwrap();
     }
 }

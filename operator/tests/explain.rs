@@ -5,7 +5,7 @@
 
 use weft::explain::{CallQuery, Explanation, explain};
 use weft::index::{Index, MeshModel};
-use weft::source::parse_manifests;
+use weft::sources::parse_manifests;
 use weft::translate::{AccessMode, MeshConfig, MtlsMode};
 
 const MESH: &str = r#"
@@ -262,7 +262,7 @@ fn unknown_callers_and_destinations_are_reported_not_guessed() {
 
 #[test]
 fn the_involved_proxies_are_listed_with_their_sync_state() {
-    use weft::admin::{ProxyStatus, TypeStatus, sync_lines};
+    use weft::runtime::admin::{ProxyStatus, TypeStatus, sync_lines};
     let m = model(&[METRICS_FOR_A]);
     let answer = ask(
         &m,

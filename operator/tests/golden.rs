@@ -11,7 +11,7 @@ use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 use serde_json::{Value, json};
 use weft::identity::{Svid, WorkloadSecrets, spiffe_id};
 use weft::index::{Index, Workload};
-use weft::source::parse_manifests;
+use weft::sources::parse_manifests;
 use weft::translate::{
     AccessMode, MeshConfig, MtlsMode, ProxyResources, grants_for, translate_shared,
     translate_workload,

@@ -239,7 +239,7 @@ fn during_a_root_rotation_both_roots_are_trusted() {
 fn workload_certificates_are_issued_once_renewed_at_half_life_and_forgotten() {
     use weft::identity::WorkloadCertificates;
     use weft::index::Index;
-    use weft::source::parse_manifests;
+    use weft::sources::parse_manifests;
     let dir = temp_dir("workloads");
     let ca = CertificateAuthority::load(&CaSource::StateDir(dir.clone()), None).unwrap();
     let pod = |sa: &str| {
@@ -339,7 +339,7 @@ async fn the_xds_serving_certificate_is_renewed_live_at_half_life() {
     let ca = CertificateAuthority::load(&CaSource::StateDir(dir.clone()), None).unwrap();
     let now = SystemTime::now();
     let ttl = Duration::from_secs(3600);
-    let mut cert = weft::xds_listener::XdsServingCert::issue(
+    let mut cert = weft::runtime::xds_listener::XdsServingCert::issue(
         &ca,
         "cluster.local",
         &["localhost".to_string()],

@@ -10,8 +10,8 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use weft::index::{Index, MeshModel, MeshObject, ModelDelta, ObjectRef};
-use weft::publish::MeshPublisher;
-use weft::source::parse_manifests;
+use weft::runtime::publish::MeshPublisher;
+use weft::sources::parse_manifests;
 use weft::translate::{MeshConfig, translate_shared};
 use weft_xds::{NodeDemand, SnapshotCache, type_url};
 

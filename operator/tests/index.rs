@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test setup fails loudly
 
 use weft::index::{AppProtocol, Index, Kind, ObjectRef};
-use weft::source::{ManifestDir, parse_manifests};
+use weft::sources::{ManifestDir, parse_manifests};
 
 fn service(name: &str, ip: &str, port_name: &str) -> String {
     format!(
@@ -502,7 +502,7 @@ fn hostile_manifests_are_rejected_with_a_reason_before_the_parser_runs() {
     );
     let anchored = "apiVersion: v1\nkind: Service\nmetadata: {name: anchored, labels: &labels {app: web}}\nspec: {clusterIP: 198.19.0.8, selector: *labels, ports: [{port: 80}]}\n";
     assert_eq!(parse_manifests(anchored).unwrap().len(), 1);
-    let deep = weft::source::parse_manifest_documents(&indented(64)).unwrap();
+    let deep = weft::sources::parse_manifest_documents(&indented(64)).unwrap();
     assert_eq!(deep.rejected[0].reason, "document 1: no kind");
 }
 

@@ -8,8 +8,8 @@ use std::time::{Duration, Instant, SystemTime};
 
 use weft::identity::{CaSource, CertificateAuthority};
 use weft::index::{Index, ModelDelta};
-use weft::publish::{DEPARTED_GRACE, MeshIdentity, MeshPublisher};
-use weft::source::parse_manifests;
+use weft::runtime::publish::{DEPARTED_GRACE, MeshIdentity, MeshPublisher};
+use weft::sources::parse_manifests;
 use weft::translate::MeshConfig;
 use weft_xds::{NodeDemand, SnapshotCache, type_url};
 

@@ -98,7 +98,7 @@ impl PodAddressBinding {
 mod tests {
     use super::*;
     use crate::index::Index;
-    use crate::source::parse_manifests;
+    use crate::sources::parse_manifests;
 
     fn binding() -> PodAddressBinding {
         let text = "apiVersion: v1\nkind: Pod\nmetadata: {name: a}\nstatus: {podIP: 198.18.0.2}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: pending}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: dual}\nstatus: {podIP: 198.18.0.4, podIPs: [{ip: 198.18.0.4}, {ip: 'fd00::4'}]}\n";

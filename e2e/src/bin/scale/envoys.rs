@@ -38,7 +38,7 @@ struct EnvoyProcess {
     child: Child,
 }
 
-/// `/proxy-status` as far as this bench reads it (operator/src/admin.rs ProxyStatus).
+/// `/proxy-status` as far as this bench reads it (operator/src/runtime/admin.rs ProxyStatus).
 #[derive(Debug, Deserialize)]
 struct ProxyStatus {
     node: String,

@@ -14,15 +14,17 @@ use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
 use weft_xds::{AdsService, SnapshotCache};
 
-use crate::admin::{self, AdminState, ExplainRequest, MeshStatus, ProblemReport, SettingsReport};
 use crate::error::WeftError;
 use crate::identity::{CaSource, CertificateAuthority, PodAddressBinding};
 use crate::index::{Index, ModelDelta, Problem};
-use crate::metrics::ControlPlaneMetrics;
-use crate::publish::{MeshIdentity, MeshPublisher, PublishStats};
-use crate::source::{DirWatch, ManifestDir};
+use crate::runtime::admin::{
+    self, AdminState, ExplainRequest, MeshStatus, ProblemReport, SettingsReport,
+};
+use crate::runtime::metrics::ControlPlaneMetrics;
+use crate::runtime::publish::{MeshIdentity, MeshPublisher, PublishStats};
+use crate::runtime::xds_listener::{self, XdsServingCert};
+use crate::sources::{DirWatch, ManifestDir};
 use crate::translate::{AccessMode, MeshConfig};
-use crate::xds_listener::{self, XdsServingCert};
 
 /// Settings of `weft up`.
 #[derive(Clone, Debug)]
@@ -390,7 +392,7 @@ pub async fn run(opts: LocalOptions) -> Result<(), WeftError> {
                     Some(demand) => {
                         mesh.on_demand(&demand);
                         if !demand.connected && sweep_at.is_none() {
-                            sweep_at = Some(std::time::Instant::now() + crate::publish::DEPARTED_GRACE);
+                            sweep_at = Some(std::time::Instant::now() + crate::runtime::publish::DEPARTED_GRACE);
                         }
                     }
                     None => break,

@@ -1,13 +1,6 @@
-//! Sources feed the index. Local mode reads a directory of manifests: a rescan re-reads
-//! only the files that changed and yields object changes (the effective object of each
-//! name: the last file defining it wins), applied to the index one by one.
-//!
-//! Every source bounds its input with `weft_crds::bounds` before any parser sees it:
-//! the manifest directory in [`parse_manifest_documents`] (and by file size before it
-//! reads a file); the Kubernetes source must call `bounds::check_value` on each object
-//! a watcher yields (or `bounds::check_json` on raw bytes) before the index sees it.
-
-mod manifest;
+//! The manifest directory of local mode: a rescan re-reads only the files that changed
+//! and yields object changes (the effective object of each name: the last file
+//! defining it wins). Files are bounded by size before they are read.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -17,7 +10,7 @@ use notify::Watcher;
 use tokio::sync::mpsc;
 use weft_crds::bounds;
 
-pub use manifest::{ParsedManifest, RejectedDocument, parse_manifest_documents, parse_manifests};
+use super::manifest::{ParsedManifest, parse_manifest_documents};
 
 use crate::error::WeftError;
 use crate::index::{MeshObject, ObjectChange, ObjectRef};

@@ -14,12 +14,12 @@ use tokio::net::TcpListener;
 use tokio::sync::{mpsc, oneshot, watch};
 use weft_xds::{SyncRegistry, TypeSync};
 
-use crate::connections::serve_connections;
 use crate::error::WeftError;
 use crate::explain::{CallQuery, Explanation, explain};
 use crate::index::{MeshModel, Problem};
-use crate::metrics::ControlPlaneMetrics;
-use crate::source::ManifestError;
+use crate::runtime::connections::serve_connections;
+use crate::runtime::metrics::ControlPlaneMetrics;
+use crate::sources::ManifestError;
 use crate::translate::MeshConfig;
 
 /// What `/status` reports: the state of the inputs.

@@ -16,9 +16,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-use crate::connections::serve_connections;
 use crate::error::WeftError;
 use crate::identity::{CertificateAuthority, spiffe_id};
+use crate::runtime::connections::serve_connections;
 
 /// Namespace and service account the control plane's own identity names.
 pub const CONTROL_PLANE_NAMESPACE: &str = "weft-system";

@@ -1,0 +1,9 @@
+//! What runs: the publisher that turns models into xDS snapshots, the xDS and admin
+//! listeners, metrics, and the local-mode loop that ties them to a source.
+
+pub mod admin;
+pub mod connections;
+pub mod local;
+pub mod metrics;
+pub mod publish;
+pub mod xds_listener;
