@@ -107,7 +107,7 @@ async fn spawn_client(
     match protocol {
         Protocol::Sotw => {
             let (req_tx, req_rx) = mpsc::channel::<Result<DiscoveryRequest, tonic::Status>>(4);
-            let mut responses = ads.open_stream(None, ReceiverStream::new(req_rx));
+            let mut responses = ads.open_stream(Default::default(), ReceiverStream::new(req_rx));
             req_tx
                 .send(Ok(DiscoveryRequest {
                     node,
@@ -139,7 +139,7 @@ async fn spawn_client(
         }
         Protocol::Delta => {
             let (req_tx, req_rx) = mpsc::channel::<Result<DeltaDiscoveryRequest, tonic::Status>>(4);
-            let mut responses = ads.open_delta_stream(None, ReceiverStream::new(req_rx));
+            let mut responses = ads.open_delta_stream(Default::default(), ReceiverStream::new(req_rx));
             req_tx
                 .send(Ok(DeltaDiscoveryRequest {
                     node,

@@ -15,8 +15,8 @@ pub use delta::{
 };
 pub use resource::{Resource, type_url};
 pub use service::{
-    AdsProtocol, AdsService, OnDemandResolver, StreamPolicy, StreamSupervisor, StreamSync,
-    SyncRegistry, WireResponse, encode_response,
+    AdsProtocol, AdsService, OnDemandResolver, StreamCredentials, StreamPolicy, StreamSupervisor,
+    StreamSync, SyncRegistry, WireResponse, encode_response,
 };
 pub use snapshot::{
     Admission, Layer, LayerRef, NodeDemand, NodeSnapshot, NodeWatch, Snapshot, SnapshotCache,

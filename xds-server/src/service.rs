@@ -14,7 +14,7 @@ use http_body::Frame;
 use http_body_util::StreamBody;
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tonic::codec::{BufferSettings, DecodeBuf, Decoder};
 use tonic::codegen::{BoxFuture, http};
@@ -185,12 +185,26 @@ impl AdsProtocol for DeltaAdsConnection {
     }
 }
 
+/// What a stream presented about who is at the other end.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StreamCredentials {
+    /// The peer's address.
+    pub peer: Option<SocketAddr>,
+    /// The bearer token of the stream's `authorization` metadata, if any.
+    pub bearer_token: Option<String>,
+}
+
 /// Decides whether a stream may receive its node's own resources (secrets included).
 pub trait StreamPolicy: Send + Sync + std::fmt::Debug {
-    /// [`Admission::Own`] when `peer` may have `node`'s own snapshot (the stream waits
-    /// for it), [`Admission::Fallback`] for a node the control plane does not know,
-    /// [`Admission::Denied`] with the reason when the peer may not have it.
-    fn check(&self, node: &str, peer: Option<SocketAddr>) -> Admission;
+    /// [`Admission::Own`] when the stream may have `node`'s own snapshot (it waits for
+    /// it), [`Admission::Fallback`] for a node the control plane does not know,
+    /// [`Admission::Denied`] with the reason when it may not have it. Asked on every
+    /// wake of the stream: a policy that asks elsewhere caches its answers.
+    fn check<'a>(
+        &'a self,
+        node: &'a str,
+        credentials: &'a StreamCredentials,
+    ) -> futures::future::BoxFuture<'a, Admission>;
 }
 
 /// Resolves resources a proxy subscribes to by name that its snapshot does not hold:
@@ -301,6 +315,7 @@ pub struct AdsService {
     next_stream: Arc<AtomicU64>,
     spawned: mpsc::UnboundedSender<JoinHandle<()>>,
     memo: Arc<DiffMemo>,
+    closing: Arc<watch::Sender<bool>>,
 }
 
 impl AdsService {
@@ -315,6 +330,7 @@ impl AdsService {
             next_stream: Arc::default(),
             spawned,
             memo: Arc::default(),
+            closing: Arc::new(watch::channel(false).0),
         };
         (service, StreamSupervisor { handles })
     }
@@ -336,34 +352,40 @@ impl AdsService {
         self.registry.clone()
     }
 
+    /// Ends every open stream with `UNAVAILABLE` so that proxies reconnect (to another
+    /// replica, or to this one after a restart); streams opened later end at once.
+    pub fn close_streams(&self) {
+        self.closing.send_replace(true);
+    }
+
     /// Starts a state-of-the-world stream task for `requests`; responses arrive on the
     /// returned channel.
     pub fn open_stream<S>(
         &self,
-        peer: Option<SocketAddr>,
+        credentials: StreamCredentials,
         requests: S,
     ) -> mpsc::Receiver<Result<AdsResponse, Status>>
     where
         S: Stream<Item = Result<DiscoveryRequest, Status>> + Send + Unpin + 'static,
     {
-        self.open::<AdsConnection, S>(peer, requests)
+        self.open::<AdsConnection, S>(credentials, requests)
     }
 
     /// Starts an incremental (delta) stream task for `requests`.
     pub fn open_delta_stream<S>(
         &self,
-        peer: Option<SocketAddr>,
+        credentials: StreamCredentials,
         requests: S,
     ) -> mpsc::Receiver<Result<DeltaResponse, Status>>
     where
         S: Stream<Item = Result<DeltaDiscoveryRequest, Status>> + Send + Unpin + 'static,
     {
-        self.open::<DeltaAdsConnection, S>(peer, requests)
+        self.open::<DeltaAdsConnection, S>(credentials, requests)
     }
 
     fn open<P, S>(
         &self,
-        peer: Option<SocketAddr>,
+        credentials: StreamCredentials,
         requests: S,
     ) -> mpsc::Receiver<Result<P::Response, Status>>
     where
@@ -376,11 +398,13 @@ impl AdsService {
         let registry = self.registry.clone();
         let policy = self.policy.clone();
         let on_demand = self.on_demand.clone();
+        let closing = self.closing.subscribe();
         let conn = P::new_stream(&self.memo);
         let handle = tokio::spawn(async move {
             let stream = StreamContext {
                 id,
-                peer,
+                credentials,
+                closing,
                 cache: &cache,
                 registry: &registry,
                 policy: policy.as_deref(),
@@ -398,7 +422,8 @@ impl AdsService {
 /// What a stream task works with besides its requests and responses.
 struct StreamContext<'a> {
     id: u64,
-    peer: Option<SocketAddr>,
+    credentials: StreamCredentials,
+    closing: watch::Receiver<bool>,
     cache: &'a Arc<SnapshotCache>,
     registry: &'a SyncRegistry,
     policy: Option<&'a dyn StreamPolicy>,
@@ -488,18 +513,29 @@ async fn run_stream<P, S>(
 {
     let StreamContext {
         id,
-        peer,
+        credentials,
+        mut closing,
         cache,
         registry,
         policy,
         on_demand,
     } = ctx;
+    let peer = credentials.peer;
     let mut denied: Option<String> = None;
     let mut snapshots: Option<NodeWatch> = None;
     let mut source = None;
     let mut extra = OnDemandLayers::default();
     loop {
+        if *closing.borrow_and_update() {
+            let _ = tx
+                .send(Err(Status::unavailable(
+                    "the control plane is shutting down; reconnect",
+                )))
+                .await;
+            return;
+        }
         tokio::select! {
+            _ = closing.changed() => continue,
             req = requests.next() => match req {
                 None => return,
                 Some(Err(status)) => {
@@ -544,7 +580,7 @@ async fn run_stream<P, S>(
         if let Some(node) = conn.node_id()
             && let Some(policy) = policy
         {
-            admission = policy.check(node, peer);
+            admission = policy.check(node, &credentials).await;
             let verdict = match &admission {
                 Admission::Denied(reason) => Some(reason.clone()),
                 _ => None,
@@ -692,10 +728,18 @@ fn serve_method<P: AdsProtocol>(
     service: AdsService,
     req: http::Request<tonic::body::Body>,
 ) -> BoxFuture<http::Response<tonic::body::Body>, Infallible> {
-    let peer = req
-        .extensions()
-        .get::<TcpConnectInfo>()
-        .and_then(TcpConnectInfo::remote_addr);
+    let credentials = StreamCredentials {
+        peer: req
+            .extensions()
+            .get::<TcpConnectInfo>()
+            .and_then(TcpConnectInfo::remote_addr),
+        bearer_token: req
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| t.trim().to_string()),
+    };
     if req.headers().contains_key("grpc-encoding") {
         let status = Status::unimplemented("compressed ADS requests are not supported");
         return Box::pin(async { Ok(status.into_http()) });
@@ -706,7 +750,7 @@ fn serve_method<P: AdsProtocol>(
         None,
         Some(MAX_REQUEST_BYTES),
     );
-    let rx = service.open::<P, _>(peer, requests);
+    let rx = service.open::<P, _>(credentials, requests);
     let body = tonic::body::Body::new(StreamBody::new(response_body(rx)));
     let mut response = http::Response::new(body);
     response.headers_mut().insert(

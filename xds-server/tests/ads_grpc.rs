@@ -95,3 +95,73 @@ async fn delta_responses_and_errors_travel_as_grpc() {
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     drop(tx);
 }
+
+/// Remembers the bearer tokens streams present; admits everyone to the fallback.
+#[derive(Debug, Default)]
+struct TokenRecorder(std::sync::Mutex<Vec<Option<String>>>);
+
+impl weft_xds::StreamPolicy for TokenRecorder {
+    fn check<'a>(
+        &'a self,
+        _node: &'a str,
+        credentials: &'a weft_xds::StreamCredentials,
+    ) -> futures::future::BoxFuture<'a, weft_xds::Admission> {
+        self.0.lock().unwrap().push(credentials.bearer_token.clone());
+        Box::pin(async { weft_xds::Admission::Fallback })
+    }
+}
+
+#[tokio::test]
+async fn the_bearer_token_reaches_the_policy_and_closing_ends_streams_with_unavailable() {
+    let cache = SnapshotCache::new();
+    cache.set_fallback(Snapshot::new().with(type_url::CLUSTER, [cluster("a", 250)]));
+    let (ads, supervisor) = AdsService::new(cache.clone());
+    let recorder = std::sync::Arc::new(TokenRecorder::default());
+    let ads = ads.with_policy(recorder.clone());
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ads.clone())
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    tokio::spawn(supervisor.run());
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(subscribe(Some("ns/pod"))).await.unwrap();
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer t0k3n".parse().unwrap());
+    let mut responses = client
+        .delta_aggregated_resources(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(5), responses.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .expect("a response");
+    assert_eq!(first.resources.len(), 1);
+    assert!(
+        recorder
+            .0
+            .lock()
+            .unwrap()
+            .contains(&Some("t0k3n".to_string())),
+        "the policy saw the stream's token"
+    );
+
+    ads.close_streams();
+    let ended = tokio::time::timeout(Duration::from_secs(5), responses.message())
+        .await
+        .unwrap()
+        .expect_err("the stream ends with a status");
+    assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
+    drop(tx);
+}

@@ -4,9 +4,23 @@ use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{PoisonError, RwLock};
 
-use weft_xds::{Admission, StreamPolicy};
+use futures::future::BoxFuture;
+use weft_xds::{Admission, StreamCredentials, StreamPolicy};
 
 use crate::index::MeshModel;
+
+/// Decides which ADS stream may have which node's own config and secrets, kept
+/// current with the model.
+pub trait NodeBinding: StreamPolicy {
+    /// Takes the pods `nodes` (changed, added or gone) from the model.
+    fn update_nodes(&self, model: &MeshModel, nodes: &std::collections::BTreeSet<String>);
+}
+
+impl NodeBinding for PodAddressBinding {
+    fn update_nodes(&self, model: &MeshModel, nodes: &std::collections::BTreeSet<String>) {
+        PodAddressBinding::update_nodes(self, model, nodes);
+    }
+}
 
 /// Pod IPs by node id, checked against the peer address of every ADS stream.
 #[derive(Debug, Default)]
@@ -50,16 +64,25 @@ fn canonical(ip: IpAddr) -> IpAddr {
 }
 
 impl StreamPolicy for PodAddressBinding {
-    fn check(&self, node: &str, peer: Option<SocketAddr>) -> Admission {
+    fn check<'a>(
+        &'a self,
+        node: &'a str,
+        credentials: &'a StreamCredentials,
+    ) -> BoxFuture<'a, Admission> {
+        Box::pin(std::future::ready(self.admission(node, credentials.peer)))
+    }
+}
+
+impl PodAddressBinding {
+    /// What a stream from `peer` claiming to be `node` may have.
+    fn admission(&self, node: &str, peer: Option<SocketAddr>) -> Admission {
         match self.verify(node, peer) {
             Ok(true) => Admission::Own,
             Ok(false) => Admission::Fallback,
             Err(reason) => Admission::Denied(reason),
         }
     }
-}
 
-impl PodAddressBinding {
     /// `Ok(true)` when `peer` is the pod `node`'s address, `Ok(false)` when no such pod
     /// is known, `Err(reason)` when the address does not match.
     fn verify(&self, node: &str, peer: Option<SocketAddr>) -> Result<bool, String> {
@@ -129,16 +152,16 @@ mod tests {
             "no IP, no binding"
         );
         assert!(
-            b.check("default/unknown", from("198.18.0.3")) == Admission::Fallback,
+            b.admission("default/unknown", from("198.18.0.3")) == Admission::Fallback,
             "unknown nodes get the fallback anyway"
         );
-        assert!(b.check("default/dual", from("198.18.0.4")) == Admission::Own);
+        assert!(b.admission("default/dual", from("198.18.0.4")) == Admission::Own);
         assert!(
             b.verify("default/dual", from("fd00::4")) == Ok(true),
             "a dual-stack pod may connect over IPv6"
         );
         assert!(matches!(
-            b.check("default/dual", from("fd00::5")),
+            b.admission("default/dual", from("fd00::5")),
             Admission::Denied(_)
         ));
     }

@@ -6,7 +6,7 @@ mod workloads;
 
 use std::time::{Duration, SystemTime};
 
-pub use binding::PodAddressBinding;
+pub use binding::{NodeBinding, PodAddressBinding};
 pub use ca::{CaSource, CertificateAuthority, Svid};
 pub use workloads::{WorkloadCertificates, WorkloadSecrets};
 

@@ -336,6 +336,17 @@ impl Index {
 
     /// Replaces every object (a full relist): applies what differs; `None` when nothing did.
     pub fn reset(&mut self, objects: impl IntoIterator<Item = MeshObject>) -> Option<ModelDelta> {
+        self.reset_kinds(None, objects)
+    }
+
+    /// Replaces every object of `kinds` (all kinds when `None`) with `objects`, as a
+    /// source reports after listing them afresh: applies only what differs, so a relist
+    /// that finds nothing new changes nothing.
+    pub fn reset_kinds(
+        &mut self,
+        kinds: Option<&[Kind]>,
+        objects: impl IntoIterator<Item = MeshObject>,
+    ) -> Option<ModelDelta> {
         let mut next: BTreeMap<ObjectRef, MeshObject> = BTreeMap::new();
         for o in objects {
             next.insert(o.object_ref(), o);
@@ -344,7 +355,7 @@ impl Index {
             .store
             .refs()
             .into_iter()
-            .filter(|r| !next.contains_key(r))
+            .filter(|r| kinds.is_none_or(|k| k.contains(&r.kind)) && !next.contains_key(r))
             .map(ObjectChange::Delete)
             .collect();
         self.update(

@@ -42,6 +42,9 @@ pub struct MeshStatus {
     /// Valid TrafficTargets (each grants access to one destination).
     #[serde(default)]
     pub traffic_targets: usize,
+    /// The source's first full read is applied: config is being served.
+    #[serde(default)]
+    pub synced: bool,
 }
 
 /// The access and mTLS modes in effect and where they come from.
@@ -144,6 +147,8 @@ pub struct AdminState {
     pub metrics: Arc<ControlPlaneMetrics>,
     /// Asks the task that owns the model for `/explain` answers.
     pub explain: mpsc::Sender<ExplainRequest>,
+    /// Set at shutdown: not ready any more.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A `/explain` question for the task that owns the model, and where to answer it:
@@ -266,7 +271,20 @@ async fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byt
         return text(StatusCode::METHOD_NOT_ALLOWED, "only GET");
     }
     match req.uri().path() {
-        "/ready" => text(StatusCode::OK, "ready"),
+        "/healthz" => text(StatusCode::OK, "ok"),
+        // Ready once the first full read of the source is served, until shutdown.
+        "/ready" | "/readyz" => {
+            if state.draining.load(std::sync::atomic::Ordering::Relaxed) {
+                text(StatusCode::SERVICE_UNAVAILABLE, "shutting down")
+            } else if state.status.borrow().synced {
+                text(StatusCode::OK, "ready")
+            } else {
+                text(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "waiting for the first full read of the source",
+                )
+            }
+        }
         "/status" => {
             let mut status = state.status.borrow().clone();
             status.identity_check_failures = state.registry.denials();
@@ -308,7 +326,7 @@ async fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byt
             .unwrap_or_default(),
         _ => text(
             StatusCode::NOT_FOUND,
-            "endpoints: /ready /status /proxy-status /explain /metrics",
+            "endpoints: /healthz /readyz /status /proxy-status /explain /metrics",
         ),
     }
 }

@@ -4,6 +4,8 @@
 pub mod admin;
 pub mod connections;
 pub mod local;
+pub mod mesh;
 pub mod metrics;
 pub mod publish;
+pub mod serve;
 pub mod xds_listener;

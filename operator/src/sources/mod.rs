@@ -11,3 +11,36 @@ mod manifest;
 
 pub use directory::{DirWatch, ManifestDir, ManifestError};
 pub use manifest::{ParsedManifest, RejectedDocument, parse_manifest_documents, parse_manifests};
+
+use crate::index::{Index, Kind, MeshObject, ModelDelta, ObjectChange};
+
+/// What a source reports: the one seam between where objects come from (a manifest
+/// directory, the API server) and the index.
+#[derive(Debug)]
+pub enum SourceEvent {
+    /// Objects added, changed or removed.
+    Changes(Vec<ObjectChange>),
+    /// Every object of `kinds` (all kinds when `None`) as listed afresh, at the first
+    /// sync or a relist: objects of those kinds that are not here are gone.
+    Reset {
+        /// The kinds listed.
+        kinds: Option<Vec<Kind>>,
+        /// All their objects.
+        objects: Vec<MeshObject>,
+    },
+    /// The inputs the source cannot read right now (their last good objects stay),
+    /// replacing the previous list.
+    Unreadable(Vec<ManifestError>),
+}
+
+impl SourceEvent {
+    /// Applies the event to `index`: what changed in the model, `None` when nothing did
+    /// (or the event carries no objects).
+    pub fn apply_to(self, index: &mut Index) -> Option<ModelDelta> {
+        match self {
+            Self::Changes(changes) => index.update(changes),
+            Self::Reset { kinds, objects } => index.reset_kinds(kinds.as_deref(), objects),
+            Self::Unreadable(_) => None,
+        }
+    }
+}
