@@ -8,6 +8,7 @@
 //! on-link route for ClusterIPs and no default route, so nothing leaves the bridge.
 //! Everything created is removed on drop, also after a panic.
 
+pub mod apiserver;
 mod command;
 mod error;
 mod harness;
