@@ -424,9 +424,10 @@ pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Exp
             }
         }
         for (svc, via) in routed {
-            let endpoints = svc
+            // Draining endpoints take no new requests.
+            let endpoints: Vec<SocketAddr> = svc
                 .port(port.port)
-                .map(|p| p.endpoints.clone())
+                .map(|p| p.ready_endpoints().collect())
                 .unwrap_or_default();
             if endpoints.is_empty() {
                 lines.push(format!("{via}: no ready endpoints (503)"));

@@ -376,3 +376,26 @@ fn undeclared_ports_are_explained_as_detected_and_paths_as_normalized() {
     assert_eq!(rejected.verdict, "denied", "{rejected:?}");
     assert!(says(&rejected, "answers 400"), "{rejected:?}");
 }
+
+#[test]
+fn draining_endpoints_take_no_new_calls() {
+    let deleted = r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: b-2, labels: {app: b, version: v1}, deletionTimestamp: "2025-01-01T00:00:00Z"}
+spec: {serviceAccountName: b, containers: [{name: c, image: i}]}
+status: {podIP: 198.18.9.6}
+"#;
+    let m = model(&[deleted]);
+    let permissive = MeshConfig {
+        access: AccessMode::Permissive,
+        ..MeshConfig::default()
+    };
+    let answer = ask(&m, &permissive, "default/a-0", "http://b:8080/", "GET");
+    assert_eq!(answer.verdict, "allowed", "{answer:?}");
+    assert!(says(&answer, "198.18.9.2:8080"), "{answer:?}");
+    assert!(
+        !says(&answer, "198.18.9.6"),
+        "the pod being deleted only finishes what it has: {answer:?}"
+    );
+}

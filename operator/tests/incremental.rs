@@ -91,6 +91,12 @@ fn pod(rng: &mut Rng) -> String {
         annotations.push(format!("weft.dev/egress: \"{scope}\""));
     }
     let ready = if rng.chance(20) { "False" } else { "True" };
+    // A pod being deleted that is still Ready drains.
+    let deleted = if rng.chance(15) {
+        ", deletionTimestamp: \"2025-01-01T00:00:00Z\""
+    } else {
+        ""
+    };
     let ips = if rng.chance(20) {
         format!(
             ", podIPs: [{{ip: {ip}}}, {{ip: \"fd00::{}\"}}]",
@@ -100,7 +106,7 @@ fn pod(rng: &mut Rng) -> String {
         String::new()
     };
     format!(
-        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {}}}, annotations: {{{}}}}}\nspec: {{serviceAccountName: {}, containers: [{{name: c, image: i}}]}}\nstatus: {{phase: Running, podIP: {ip}{ips}, conditions: [{{type: Ready, status: \"{ready}\"}}]}}\n",
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, labels: {{app: {}}}, annotations: {{{}}}{deleted}}}\nspec: {{serviceAccountName: {}, containers: [{{name: c, image: i}}]}}\nstatus: {{phase: Running, podIP: {ip}{ips}, conditions: [{{type: Ready, status: \"{ready}\"}}]}}\n",
         rng.pick(&APPS),
         annotations.join(", "),
         rng.pick(&ACCOUNTS)
@@ -110,11 +116,28 @@ fn pod(rng: &mut Rng) -> String {
 fn slice(rng: &mut Rng) -> String {
     let ns = rng.pick(&NAMESPACES);
     let service = rng.pick(&SERVICES);
+    // Ready, unset, serving-terminating (draining), not serving: two slices of a service
+    // may name one address in different states.
+    let conditions = [
+        "{ready: true}",
+        "{}",
+        "{ready: false, serving: true, terminating: true}",
+        "{ready: false, serving: false, terminating: true}",
+        "{ready: false}",
+    ];
+    let endpoints: Vec<String> = (0..1 + rng.below(2))
+        .map(|_| {
+            format!(
+                "{{addresses: [10.1.0.{}], conditions: {}}}",
+                1 + rng.below(8),
+                rng.pick(&conditions)
+            )
+        })
+        .collect();
     format!(
-        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-{}, namespace: {ns}, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}, {{port: 8081}}]\nendpoints: [{{addresses: [10.1.0.{}], conditions: {{ready: {}}}}}]\n",
+        "apiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata: {{name: {service}-{}, namespace: {ns}, labels: {{kubernetes.io/service-name: {service}}}}}\naddressType: IPv4\nports: [{{name: http, port: 8080}}, {{port: 8081}}]\nendpoints: [{}]\n",
         rng.below(2),
-        1 + rng.below(8),
-        rng.chance(80)
+        endpoints.join(", ")
     )
 }
 

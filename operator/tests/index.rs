@@ -2,7 +2,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test setup fails loudly
 
-use weft::index::{AppProtocol, Index, Kind, ObjectRef};
+use weft::index::{AppProtocol, Index, Kind, ObjectRef, ServiceEndpoint};
 use weft::sources::{ManifestDir, parse_manifests};
 
 fn service(name: &str, ip: &str, port_name: &str) -> String {
@@ -52,7 +52,10 @@ fn selector_matched_ready_pods_become_endpoints() {
     .join("---\n");
     let model = index_of(&text).model().clone();
     let web = &model.services.values().next().unwrap().ports[0];
-    assert_eq!(web.endpoints, vec!["198.18.0.2:80".parse().unwrap()]);
+    assert_eq!(
+        web.endpoints,
+        vec![ServiceEndpoint::ready("198.18.0.2:80".parse().unwrap())]
+    );
     assert_eq!(web.protocol, AppProtocol::Http);
     let workload = &model.workloads["default/web-0"];
     assert_eq!(workload.service_account, "default");
@@ -299,8 +302,8 @@ status: {podIP: 198.18.0.2, podIPs: [{ip: 198.18.0.2}, {ip: "fd00::2"}]}
             .find(|s| s.key.name == name)
             .unwrap()
             .ports[0]
-            .endpoints
-            .clone()
+            .ready_endpoints()
+            .collect::<Vec<_>>()
     };
     assert_eq!(
         endpoints("v6first"),

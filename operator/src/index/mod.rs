@@ -19,7 +19,8 @@ use weft_crds::{HTTPRouteGroup, MeshConfig, TCPRoute, TrafficSplit, TrafficTarge
 pub use model::{
     AccessGrant, AppProtocol, EgressEntry, EgressScope, GrantsByDestination, HttpRequestMatch,
     Identity, MeshModel, MeshService, MeshSettings, ProbeForward, Problem, ProtocolSource,
-    ServiceKey, ServicePortModel, SplitBackend, SplitModel, TcpGrant, Workload, WorkloadPort,
+    ServiceEndpoint, ServiceKey, ServicePortModel, SplitBackend, SplitModel, TcpGrant, Workload,
+    WorkloadPort,
 };
 pub use protocol::{DEFAULT_OPAQUE_PORTS, select_protocol};
 pub use resolve::parse_gateway_duration;
@@ -176,6 +177,17 @@ pub enum ObjectChange {
     Delete(ObjectRef),
 }
 
+/// An object Weft reports a status on.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusSubject {
+    /// Which object.
+    pub object: ObjectRef,
+    /// Its uid, when it came from an API server.
+    pub uid: Option<String>,
+    /// Its `metadata.generation`, when it came from an API server.
+    pub generation: Option<i64>,
+}
+
 /// What a change did to the model: the entities whose resolved form differs.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ModelDelta {
@@ -278,6 +290,40 @@ impl Index {
     /// Every object held (cloned).
     pub fn objects(&self) -> Vec<MeshObject> {
         self.store.objects()
+    }
+
+    /// The objects Weft reports a status on (SMI kinds and MeshConfig), each with its
+    /// uid and generation.
+    pub fn status_subjects(&self) -> Vec<StatusSubject> {
+        fn subjects<'a, T: 'a + kube::Resource>(
+            kind: Kind,
+            objects: impl Iterator<Item = &'a T>,
+        ) -> impl Iterator<Item = StatusSubject> {
+            objects.map(move |o| {
+                let meta = o.meta();
+                StatusSubject {
+                    object: ObjectRef::new(
+                        kind,
+                        meta.namespace.as_deref().unwrap_or(""),
+                        meta.name.as_deref().unwrap_or(""),
+                    ),
+                    uid: meta.uid.clone(),
+                    generation: meta.generation,
+                }
+            })
+        }
+        let s = &self.store;
+        let mut out: Vec<StatusSubject> = subjects(Kind::TrafficSplit, s.splits.values()).collect();
+        out.extend(subjects(Kind::TrafficTarget, s.targets.values()));
+        out.extend(subjects(Kind::HTTPRouteGroup, s.route_groups.values()));
+        out.extend(subjects(Kind::TCPRoute, s.tcp_routes.values()));
+        out.extend(
+            subjects(Kind::MeshConfig, s.mesh_configs.values()).map(|mut o| {
+                o.object.namespace.clear();
+                o
+            }),
+        );
+        out
     }
 
     /// Adds or replaces an object: `None` when an equal object was already there,

@@ -94,7 +94,35 @@ impl fmt::Display for ProtocolSource {
     }
 }
 
-/// One port of a service, with its ready endpoints.
+/// One endpoint of a service port: where a pod answers, and whether it takes new requests.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+pub struct ServiceEndpoint {
+    /// Pod IP (of the service's primary family) and target port.
+    pub addr: SocketAddr,
+    /// Terminating but still serving: in-flight requests and open connections finish,
+    /// new requests go to the other endpoints (Envoy health status DRAINING).
+    pub draining: bool,
+}
+
+impl ServiceEndpoint {
+    /// An endpoint that takes new requests.
+    pub fn ready(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            draining: false,
+        }
+    }
+
+    /// An endpoint that only finishes what it has.
+    pub fn draining(addr: SocketAddr) -> Self {
+        Self {
+            addr,
+            draining: true,
+        }
+    }
+}
+
+/// One port of a service, with its serving endpoints.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ServicePortModel {
     /// Port name (may be empty).
@@ -105,8 +133,19 @@ pub struct ServicePortModel {
     pub protocol: AppProtocol,
     /// Why the port has that protocol.
     pub protocol_source: ProtocolSource,
-    /// Ready endpoints (pod IP of the service's primary family and target port), sorted.
-    pub endpoints: Vec<SocketAddr>,
+    /// Ready and draining endpoints, sorted by address, one per address. Draining ones
+    /// appear only next to a ready one: with none ready, they are sent as ready.
+    pub endpoints: Vec<ServiceEndpoint>,
+}
+
+impl ServicePortModel {
+    /// The endpoints that take new requests.
+    pub fn ready_endpoints(&self) -> impl Iterator<Item = SocketAddr> + '_ {
+        self.endpoints
+            .iter()
+            .filter(|e| !e.draining)
+            .map(|e| e.addr)
+    }
 }
 
 /// One weighted backend of a split, on a given port.

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
 use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
-use k8s_openapi::api::discovery::v1::EndpointSlice;
+use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use weft_crds::{MeshConfig, TrafficSplit, annotations};
@@ -17,8 +17,8 @@ use super::access::{
 };
 use super::model::{
     AppProtocol, EgressEntry, EgressScope, GrantsByDestination, MeshService, MeshSettings,
-    ProbeForward, Problem, ProtocolSource, ServiceKey, ServicePortModel, SplitBackend, SplitModel,
-    Workload, WorkloadPort,
+    ProbeForward, Problem, ProtocolSource, ServiceEndpoint, ServiceKey, ServicePortModel,
+    SplitBackend, SplitModel, Workload, WorkloadPort,
 };
 use super::protocol::select_protocol;
 use super::store::{Key, Store, key_of, name, ns, pod_ips, pod_service_account, selects};
@@ -130,23 +130,59 @@ fn to_port(n: i32) -> Option<u16> {
     u16::try_from(n).ok().filter(|p| *p != 0)
 }
 
-fn is_ready(pod: &Pod) -> bool {
-    if pod.metadata.deletion_timestamp.is_some() {
-        return false;
-    }
-    let Some(status) = &pod.status else {
-        return false;
-    };
+/// How a pod serves, by the EndpointSlice controller's rules: `None` when it does not
+/// (finished, or not Ready), `Some(true)` when it serves while being deleted (draining),
+/// `Some(false)` when it takes new requests.
+fn pod_endpoint_state(pod: &Pod) -> Option<bool> {
+    let status = pod.status.as_ref()?;
     if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
-        return false;
+        return None;
     }
     // Manifests written by hand often give only podIP: no Ready condition means ready.
-    status
+    // The kubelet keeps probing a terminating pod, so Ready then means "still serving".
+    let serving = status
         .conditions
         .iter()
         .flatten()
         .find(|c| c.type_ == "Ready")
-        .is_none_or(|c| c.status == "True")
+        .is_none_or(|c| c.status == "True");
+    serving.then_some(pod.metadata.deletion_timestamp.is_some())
+}
+
+/// How an EndpointSlice endpoint serves: `Some(false)` when ready (true, or unset, which
+/// the API says to read as ready), `Some(true)` when not ready but serving and
+/// terminating (a pod shutting down that still answers: draining), else `None`.
+fn slice_endpoint_state(conditions: Option<&EndpointConditions>) -> Option<bool> {
+    if conditions.and_then(|c| c.ready).unwrap_or(true) {
+        return Some(false);
+    }
+    let c = conditions?;
+    // Controllers older than the serving condition leave it unset; it then equals ready.
+    (c.serving.unwrap_or(false) && c.terminating.unwrap_or(false)).then_some(true)
+}
+
+/// The endpoints of one port as they are collected: one per address, ready winning
+/// when two sources disagree (a pod moving between slices, a stale slice).
+#[derive(Default)]
+struct PortEndpoints(BTreeMap<SocketAddr, bool>);
+
+impl PortEndpoints {
+    fn add(&mut self, addr: SocketAddr, draining: bool) {
+        *self.0.entry(addr).or_insert(draining) &= draining;
+    }
+
+    /// Sorted by address. With no ready endpoint the draining ones take new requests
+    /// (KEP-1669, as kube-proxy does): better a pod on its way out than a 503.
+    fn finish(self) -> Vec<ServiceEndpoint> {
+        let any_ready = self.0.values().any(|draining| !draining);
+        self.0
+            .into_iter()
+            .map(|(addr, draining)| ServiceEndpoint {
+                addr,
+                draining: draining && any_ready,
+            })
+            .collect()
+    }
 }
 
 /// Whether the pod runs a sidecar (not opted out by label or annotation).
@@ -190,7 +226,7 @@ fn is_tcp_family(port: &ServicePort) -> bool {
 
 /// A service's model before TrafficSplits and ClusterIP conflicts are applied, or why
 /// it is rejected. Endpoints come from its EndpointSlices when it has any, else from
-/// the ready pods its selector picks.
+/// the serving pods its selector picks (a deleted pod still serving drains).
 pub(super) fn resolve_service_base(
     svc: &Service,
     store: &Store,
@@ -203,11 +239,11 @@ pub(super) fn resolve_service_base(
     // Endpoints come from the primary family, as the EndpointSlice controller's do.
     let family = primary_family(spec, &cluster_ips);
     let slices = store.slices_of(&(namespace.clone(), svc_name));
-    let selected: Vec<&Pod> = if slices.is_empty() {
+    let selected: Vec<(&Pod, bool)> = if slices.is_empty() {
         store
             .selected_pods(svc)
             .into_iter()
-            .filter(|p| is_ready(p))
+            .filter_map(|p| Some((p, pod_endpoint_state(p)?)))
             .collect()
     } else {
         Vec::new()
@@ -241,7 +277,7 @@ pub(super) fn resolve_service_base(
     let mut service_accounts = BTreeSet::new();
     for ip in ports
         .iter()
-        .flat_map(|p| p.endpoints.iter().map(|e| e.ip()))
+        .flat_map(|p| p.endpoints.iter().map(|e| e.addr.ip()))
     {
         match store
             .pods_at(ip)
@@ -269,7 +305,7 @@ pub(super) fn endpoint_ips(service: &MeshService) -> BTreeSet<IpAddr> {
     service
         .ports
         .iter()
-        .flat_map(|p| p.endpoints.iter().map(SocketAddr::ip))
+        .flat_map(|p| p.endpoints.iter().map(|e| e.addr.ip()))
         .collect()
 }
 
@@ -350,25 +386,28 @@ fn primary_family(
     cluster_ips.first().map(IpAddr::is_ipv6)
 }
 
-fn endpoints_from_pods(port: &ServicePort, pods: &[&Pod], family: Option<bool>) -> Vec<SocketAddr> {
-    let set: BTreeSet<SocketAddr> = pods
-        .iter()
-        .filter_map(|p| {
-            Some(SocketAddr::new(
-                pod_ip_in(p, family)?,
-                target_port(port, p)?,
-            ))
-        })
-        .collect();
-    set.into_iter().collect()
+/// A port's endpoints from the serving pods the selector picks (`(pod, draining)`).
+fn endpoints_from_pods(
+    port: &ServicePort,
+    pods: &[(&Pod, bool)],
+    family: Option<bool>,
+) -> Vec<ServiceEndpoint> {
+    let mut out = PortEndpoints::default();
+    for (pod, draining) in pods {
+        if let (Some(ip), Some(target)) = (pod_ip_in(pod, family), target_port(port, pod)) {
+            out.add(SocketAddr::new(ip, target), *draining);
+        }
+    }
+    out.finish()
 }
 
+/// A port's endpoints from every EndpointSlice of the service in its primary family.
 fn endpoints_from_slices(
     port: &ServicePort,
     slices: &[&EndpointSlice],
     family: Option<bool>,
-) -> Vec<SocketAddr> {
-    let mut set = BTreeSet::new();
+) -> Vec<ServiceEndpoint> {
+    let mut out = PortEndpoints::default();
     for slice in slices {
         let slice_v6 = match slice.address_type.as_str() {
             "IPv4" => false,
@@ -389,19 +428,17 @@ fn endpoints_from_slices(
             continue;
         };
         for ep in slice.endpoints.iter().flatten() {
-            let ready = ep.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
-            if !ready {
+            let Some(draining) = slice_endpoint_state(ep.conditions.as_ref()) else {
                 continue;
+            };
+            let addresses = ep.addresses.iter().filter_map(|a| a.parse::<IpAddr>().ok());
+            // An address of the other family in a slice is invalid input: skipped.
+            for ip in addresses.filter(|ip| ip.is_ipv6() == slice_v6) {
+                out.add(SocketAddr::new(ip, slice_port), draining);
             }
-            set.extend(
-                ep.addresses
-                    .iter()
-                    .filter_map(|a| a.parse::<IpAddr>().ok())
-                    .map(|ip| SocketAddr::new(ip, slice_port)),
-            );
         }
     }
-    set.into_iter().collect()
+    out.finish()
 }
 
 /// The probes the webhook rewrote, from its annotation; HTTPS probes are not forwarded.
@@ -760,4 +797,288 @@ fn resolve_split<'s>(
         },
         warnings,
     ))
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // test setup fails loudly
+mod tests {
+    use k8s_openapi::api::core::v1::{PodCondition, PodStatus, ServiceSpec};
+    use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+    use k8s_openapi::jiff::Timestamp;
+
+    use super::*;
+    use crate::index::MeshObject;
+
+    /// Conditions as (ready, serving, terminating); `None` leaves a field unset.
+    type Conds = (Option<bool>, Option<bool>, Option<bool>);
+
+    const READY: Conds = (Some(true), Some(true), Some(false));
+    const DRAINING: Conds = (Some(false), Some(true), Some(true));
+    const GONE: Conds = (Some(false), Some(false), Some(true));
+    const NOT_READY: Conds = (Some(false), Some(false), Some(false));
+
+    fn mk_slice(name: &str, address_type: &str, endpoints: &[(&str, Conds)]) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("default".into()),
+                labels: Some(BTreeMap::from([(
+                    "kubernetes.io/service-name".to_string(),
+                    "web".to_string(),
+                )])),
+                ..Default::default()
+            },
+            address_type: address_type.into(),
+            ports: Some(vec![EndpointPort {
+                name: Some("http".into()),
+                port: Some(8080),
+                ..Default::default()
+            }]),
+            endpoints: Some(
+                endpoints
+                    .iter()
+                    .map(|(address, (ready, serving, terminating))| Endpoint {
+                        addresses: vec![(*address).to_string()],
+                        conditions: Some(EndpointConditions {
+                            ready: *ready,
+                            serving: *serving,
+                            terminating: *terminating,
+                        }),
+                        ..Default::default()
+                    })
+                    .collect(),
+            ),
+        }
+    }
+
+    fn mk_port() -> ServicePort {
+        ServicePort {
+            name: Some("http".into()),
+            port: 80,
+            target_port: Some(IntOrString::Int(8080)),
+            ..Default::default()
+        }
+    }
+
+    fn mk_service() -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some("web".into()),
+                namespace: Some("default".into()),
+                ..Default::default()
+            },
+            spec: Some(ServiceSpec {
+                cluster_ip: Some("198.19.0.1".into()),
+                selector: Some(BTreeMap::from([("app".into(), "web".into())])),
+                ports: Some(vec![mk_port()]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// A pod of the `web` service; `ready` sets its Ready condition, `deleted` its
+    /// deletionTimestamp.
+    fn mk_pod(name: &str, ip: &str, ready: Option<bool>, deleted: bool) -> Pod {
+        Pod {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("default".into()),
+                labels: Some(BTreeMap::from([("app".into(), "web".into())])),
+                deletion_timestamp: deleted.then_some(Time(Timestamp::UNIX_EPOCH)),
+                ..Default::default()
+            },
+            status: Some(PodStatus {
+                pod_ip: Some(ip.into()),
+                conditions: ready.map(|r| {
+                    vec![PodCondition {
+                        type_: "Ready".into(),
+                        status: if r { "True" } else { "False" }.into(),
+                        ..Default::default()
+                    }]
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn ready(addr: &str) -> ServiceEndpoint {
+        ServiceEndpoint::ready(addr.parse().unwrap())
+    }
+
+    fn draining(addr: &str) -> ServiceEndpoint {
+        ServiceEndpoint::draining(addr.parse().unwrap())
+    }
+
+    fn from_slices(slices: &[EndpointSlice], family: Option<bool>) -> Vec<ServiceEndpoint> {
+        let slices: Vec<&EndpointSlice> = slices.iter().collect();
+        endpoints_from_slices(&mk_port(), &slices, family)
+    }
+
+    /// The endpoints of the `web` service's one port, resolved from `objects`.
+    fn resolved(objects: Vec<MeshObject>) -> Vec<ServiceEndpoint> {
+        let mut store = Store::default();
+        let mut svc = None;
+        for o in objects {
+            if let MeshObject::Service(s) = &o {
+                svc = Some((**s).clone());
+            }
+            store.insert(o);
+        }
+        let base = resolve_service_base(&svc.unwrap(), &store, &[]).unwrap();
+        base.ports[0].endpoints.clone()
+    }
+
+    #[test]
+    fn slice_conditions_decide_ready_draining_or_left_out() {
+        let unset = (None, None, None);
+        let slice = mk_slice(
+            "web-a",
+            "IPv4",
+            &[
+                ("198.18.0.5", GONE),
+                ("198.18.0.4", NOT_READY),
+                ("198.18.0.3", DRAINING),
+                ("198.18.0.2", unset),
+                ("198.18.0.1", READY),
+            ],
+        );
+        assert_eq!(
+            from_slices(&[slice], Some(false)),
+            vec![
+                ready("198.18.0.1:8080"),
+                ready("198.18.0.2:8080"),
+                draining("198.18.0.3:8080"),
+            ],
+            "sorted; unset conditions mean ready; not serving is left out"
+        );
+    }
+
+    #[test]
+    fn terminating_without_a_serving_condition_is_left_out() {
+        // Controllers older than `serving` report a terminating pod as not ready only.
+        let old = (Some(false), None, Some(true));
+        let slice = mk_slice(
+            "web-a",
+            "IPv4",
+            &[("198.18.0.1", READY), ("198.18.0.2", old)],
+        );
+        assert_eq!(
+            from_slices(&[slice], Some(false)),
+            vec![ready("198.18.0.1:8080")]
+        );
+    }
+
+    #[test]
+    fn slices_merge_without_doubling_and_ready_wins_over_draining() {
+        let a = mk_slice(
+            "web-a",
+            "IPv4",
+            &[("198.18.0.1", READY), ("198.18.0.2", DRAINING)],
+        );
+        let b = mk_slice(
+            "web-b",
+            "IPv4",
+            &[
+                ("198.18.0.1", READY),
+                ("198.18.0.2", READY),
+                ("198.18.0.3", DRAINING),
+            ],
+        );
+        let expected = vec![
+            ready("198.18.0.1:8080"),
+            ready("198.18.0.2:8080"),
+            draining("198.18.0.3:8080"),
+        ];
+        assert_eq!(from_slices(&[a.clone(), b.clone()], Some(false)), expected);
+        assert_eq!(
+            from_slices(&[b, a], Some(false)),
+            expected,
+            "the order of slices does not matter"
+        );
+    }
+
+    #[test]
+    fn with_no_ready_endpoint_draining_ones_take_new_requests() {
+        let a = mk_slice(
+            "web-a",
+            "IPv4",
+            &[
+                ("198.18.0.1", DRAINING),
+                ("198.18.0.2", NOT_READY),
+                ("198.18.0.3", DRAINING),
+            ],
+        );
+        assert_eq!(
+            from_slices(&[a], Some(false)),
+            vec![ready("198.18.0.1:8080"), ready("198.18.0.3:8080")]
+        );
+        let none = mk_slice("web-a", "IPv4", &[("198.18.0.2", NOT_READY)]);
+        assert!(from_slices(&[none], Some(false)).is_empty());
+    }
+
+    #[test]
+    fn slices_of_another_family_and_fqdn_slices_are_ignored() {
+        let v4 = mk_slice("web-a", "IPv4", &[("198.18.0.1", DRAINING)]);
+        let v6 = mk_slice("web-b", "IPv6", &[("fd00::1", READY)]);
+        let fqdn = mk_slice("web-c", "FQDN", &[("web.example.com", READY)]);
+        let mixed = mk_slice("web-d", "IPv4", &[("fd00::2", READY)]);
+        assert_eq!(
+            from_slices(&[v4.clone(), v6.clone(), fqdn.clone()], Some(false)),
+            vec![ready("198.18.0.1:8080")],
+            "the IPv6 slice's ready endpoint does not keep the IPv4 one draining"
+        );
+        assert_eq!(
+            from_slices(&[v4, v6, fqdn, mixed], Some(true)),
+            vec![ready("[fd00::1]:8080")],
+            "an IPv6 address in an IPv4 slice is skipped"
+        );
+    }
+
+    #[test]
+    fn slices_win_over_pods_and_keep_their_conditions() {
+        let objects = vec![
+            MeshObject::Service(Box::new(mk_service())),
+            MeshObject::Pod(Box::new(mk_pod("web-0", "198.18.0.9", None, false))),
+            MeshObject::EndpointSlice(Box::new(mk_slice(
+                "web-a",
+                "IPv4",
+                &[("198.18.0.1", READY), ("198.18.0.2", DRAINING)],
+            ))),
+        ];
+        assert_eq!(
+            resolved(objects),
+            vec![ready("198.18.0.1:8080"), draining("198.18.0.2:8080")]
+        );
+    }
+
+    #[test]
+    fn deleted_pods_that_still_serve_drain() {
+        let service = || MeshObject::Service(Box::new(mk_service()));
+        let pod =
+            |name, ip, ready, deleted| MeshObject::Pod(Box::new(mk_pod(name, ip, ready, deleted)));
+        let objects = vec![
+            service(),
+            pod("web-0", "198.18.0.1", None, false),
+            pod("web-1", "198.18.0.2", Some(true), true),
+            pod("web-2", "198.18.0.3", Some(false), true),
+            pod("web-3", "198.18.0.4", Some(false), false),
+        ];
+        assert_eq!(
+            resolved(objects),
+            vec![ready("198.18.0.1:8080"), draining("198.18.0.2:8080")]
+        );
+        let objects = vec![
+            service(),
+            pod("web-1", "198.18.0.2", None, true),
+            pod("web-3", "198.18.0.4", Some(false), false),
+        ];
+        assert_eq!(
+            resolved(objects),
+            vec![ready("198.18.0.2:8080")],
+            "the last pod serving takes new requests while it is deleted"
+        );
+    }
 }

@@ -4,7 +4,7 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use envoy_types::pb::envoy::config::cluster::v3::{Cluster, UpstreamConnectionOptions, cluster};
 use envoy_types::pb::envoy::config::core::v3::{
-    BindConfig, ExtraSourceAddress, SocketAddress, TcpKeepalive, socket_address,
+    BindConfig, ExtraSourceAddress, HealthStatus, SocketAddress, TcpKeepalive, socket_address,
 };
 use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
@@ -15,7 +15,7 @@ use super::http::{UpstreamHttp, upstream_protocol_options};
 use super::settings::MeshConfig;
 use super::tls::{upstream_tls_to, upstream_transport_socket};
 use super::{ProxyResources, outbound_cluster_name, treated_as};
-use crate::index::{AppProtocol, MeshService, Workload};
+use crate::index::{AppProtocol, MeshService, ServiceEndpoint, Workload};
 
 /// Cluster for outbound traffic to destinations the mesh does not know.
 pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
@@ -96,17 +96,23 @@ fn original_dst_cluster(name: &str) -> Cluster {
     }
 }
 
-fn load_assignment(
-    cluster_name: &str,
-    endpoints: impl IntoIterator<Item = std::net::SocketAddr>,
-) -> ClusterLoadAssignment {
+/// The load assignment of a cluster. Draining endpoints are sent as DRAINING: Envoy
+/// excludes them from load balancing (no new requests, and they do not count towards
+/// the panic threshold) while requests and connections already on them finish.
+fn load_assignment(cluster_name: &str, endpoints: &[ServiceEndpoint]) -> ClusterLoadAssignment {
     let lb_endpoints: Vec<LbEndpoint> = endpoints
-        .into_iter()
-        .map(|addr| LbEndpoint {
+        .iter()
+        .map(|e| LbEndpoint {
             host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
-                address: Some(address_of(addr)),
+                address: Some(address_of(e.addr)),
                 ..Default::default()
             })),
+            // Ready ones stay unset (UNKNOWN counts as healthy without health checks).
+            health_status: if e.draining {
+                HealthStatus::Draining as i32
+            } else {
+                HealthStatus::Unknown as i32
+            },
             ..Default::default()
         })
         .collect();
@@ -157,7 +163,7 @@ pub fn service_clusters(
             upstream_connection_options: Some(keepalive()),
             ..base_cluster(name.clone(), cluster::DiscoveryType::Eds)
         });
-        endpoints.push(load_assignment(&name, port.endpoints.iter().copied()));
+        endpoints.push(load_assignment(&name, &port.endpoints));
     }
     (clusters, endpoints)
 }
@@ -233,7 +239,7 @@ pub fn translate_inbound_clusters(proxy: &Workload, config: &MeshConfig, out: &m
     );
     for (port, protocol) in ports {
         let name = inbound_cluster_name(port);
-        let mut assignment = load_assignment(&name, []);
+        let mut assignment = load_assignment(&name, &[]);
         assignment.endpoints = vec![LocalityLbEndpoints {
             lb_endpoints: vec![LbEndpoint {
                 host_identifier: Some(lb_endpoint::HostIdentifier::Endpoint(Endpoint {
