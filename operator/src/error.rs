@@ -71,6 +71,14 @@ pub enum WeftError {
     /// Creating or loading the CA, or issuing a certificate, failed.
     #[error("identity: {0}")]
     Identity(String),
+    /// A request to the Kubernetes API server failed.
+    #[error("Kubernetes API: {what}: {source}")]
+    Kube {
+        /// What was being done.
+        what: String,
+        /// The client's error.
+        source: Box<kube::Error>,
+    },
     /// A supervised task ended although it should run forever.
     #[error("task {task} ended unexpectedly: {reason}")]
     TaskEnded {
@@ -98,6 +106,15 @@ impl WeftError {
             Self::Usage(_) => "usage",
             Self::Identity(_) => "identity",
             Self::TaskEnded { .. } => "task_ended",
+            Self::Kube { .. } => "kube",
+        }
+    }
+
+    /// A failed Kubernetes API request, saying what it was for.
+    pub fn kube(what: impl Into<String>, source: kube::Error) -> Self {
+        Self::Kube {
+            what: what.into(),
+            source: Box::new(source),
         }
     }
 

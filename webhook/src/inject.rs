@@ -5,8 +5,8 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapVolumeSource, Container, ContainerPort, DownwardAPIVolumeFile,
     DownwardAPIVolumeSource, EnvVar, EnvVarSource, ExecAction, HTTPGetAction, Lifecycle,
-    LifecycleHandler, ObjectFieldSelector, Pod, Probe, ResourceRequirements, SecurityContext,
-    Volume, VolumeMount,
+    LifecycleHandler, ObjectFieldSelector, Pod, Probe, ProjectedVolumeSource, ResourceRequirements,
+    SecurityContext, ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -26,6 +26,17 @@ pub use weft_crds::annotations::{
 pub const INIT_CONTAINER: &str = "weft-init";
 /// Name of the proxy container.
 pub const PROXY_CONTAINER: &str = "weft-proxy";
+/// Volume of the proxy's ServiceAccount token, with which it proves its pod to the
+/// control plane (`weft bootstrap --token-file` [`TOKEN_PATH`]).
+pub const TOKEN_VOLUME: &str = "weft-token";
+/// Where the proxy container finds the token volume.
+pub const TOKEN_DIR: &str = "/var/run/secrets/weft";
+/// The token file the proxy's bootstrap reads.
+pub const TOKEN_PATH: &str = "/var/run/secrets/weft/token";
+/// The token's audience: the control plane reviews tokens for this one only.
+pub const TOKEN_AUDIENCE: &str = "weft";
+/// The token's lifetime; the kubelet replaces it at 80% of that.
+pub const TOKEN_EXPIRATION_SECONDS: i64 = 3600;
 
 /// What injection adds, set by the platform team (Helm values).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -39,7 +50,8 @@ pub struct InjectConfig {
     pub init_image: String,
     /// UID (and GID) the proxy runs as.
     pub proxy_uid: i64,
-    /// ConfigMap holding `envoy.yaml` (from `weft bootstrap`).
+    /// ConfigMap holding `envoy.yaml` (from `weft bootstrap --ca-file ... --token-file
+    /// /var/run/secrets/weft/token`: the proxy proves its pod with the token volume).
     pub bootstrap_config_map: String,
     /// ConfigMap holding `root.pem`, the mesh's trust bundle.
     pub root_ca_config_map: String,
@@ -363,6 +375,8 @@ fn proxy_container(config: &InjectConfig) -> Container {
             mount("weft-bootstrap", "/etc/weft/bootstrap"),
             mount("weft-root-ca", "/etc/weft/ca"),
             mount("weft-podinfo", "/etc/weft/podinfo"),
+            // Only the proxy mounts the token, so the kubelet makes it the proxy UID's.
+            mount(TOKEN_VOLUME, TOKEN_DIR),
         ]),
         ..Default::default()
     }
@@ -397,6 +411,22 @@ fn volumes(config: &InjectConfig) -> Vec<Volume> {
                     field("name"),
                     field("namespace"),
                 ]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        Volume {
+            name: TOKEN_VOLUME.to_string(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(TOKEN_AUDIENCE.to_string()),
+                        expiration_seconds: Some(TOKEN_EXPIRATION_SECONDS),
+                        path: "token".to_string(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }]),
                 ..Default::default()
             }),
             ..Default::default()

@@ -172,9 +172,38 @@ fn a_deployment_pod_gets_a_native_sidecar_behind_the_iptables_init() {
         "weft-bootstrap",
         "weft-root-ca",
         "weft-podinfo",
+        "weft-token",
         "kube-api-access-x7k2p",
     ] {
         container(&pod["spec"]["volumes"], volume);
+    }
+    // The proxy proves its pod with a token for the control plane alone, which the
+    // kubelet renews; the app containers never see it.
+    assert_eq!(
+        container(&pod["spec"]["volumes"], "weft-token")["projected"],
+        serde_json::json!({"sources": [{"serviceAccountToken": {
+            "audience": "weft", "expirationSeconds": 3600, "path": "token",
+        }}]})
+    );
+    let token_mount = container(&proxy["volumeMounts"], "weft-token");
+    assert_eq!(
+        (&token_mount["mountPath"], &token_mount["readOnly"]),
+        (
+            &serde_json::json!("/var/run/secrets/weft"),
+            &serde_json::json!(true)
+        )
+    );
+    assert_eq!(
+        weft_webhook::inject::TOKEN_PATH,
+        format!("{}/token", token_mount["mountPath"].as_str().unwrap()),
+        "the path `weft bootstrap --token-file` is given"
+    );
+    for app in pod["spec"]["containers"].as_array().unwrap() {
+        assert!(
+            !app["volumeMounts"].to_string().contains("weft-token"),
+            "{}",
+            app["name"]
+        );
     }
 
     // Probes now go through the proxy's probe port; the originals are kept.

@@ -2,12 +2,17 @@
 
 mod binding;
 mod ca;
+mod token;
 mod workloads;
 
 use std::time::{Duration, SystemTime};
 
 pub use binding::{NodeBinding, PodAddressBinding};
 pub use ca::{CaSource, CertificateAuthority, Svid};
+pub use token::{
+    KubeTokenReviewer, POD_NAME_EXTRA, POD_UID_EXTRA, ReviewedToken, TOKEN_AUDIENCE, TokenBinding,
+    TokenReviewer, TokenVerdict,
+};
 pub use workloads::{WorkloadCertificates, WorkloadSecrets};
 
 /// Default trust domain of SPIFFE IDs.
