@@ -10,6 +10,7 @@ use crate::error::WeftError;
 use crate::explain::{CallQuery, Explanation};
 use crate::identity::CaSource;
 use crate::runtime::admin::{self, MeshStatus, ProxyStatus};
+use crate::runtime::controller::{self, ControllerOptions, ProxyIdentity};
 use crate::runtime::local::{self, LocalOptions};
 use crate::sidecar::bootstrap::{BootstrapOptions, XdsProtocol, XdsTls, render_bootstrap};
 use crate::sidecar::iptables::{self, Backend, Cidr, RedirectPlan, TablesChoice};
@@ -41,14 +42,19 @@ enum Command {
         #[command(flatten)]
         identity: IdentityArgs,
     },
+    /// Run the control plane in a cluster, from the Kubernetes API server.
+    Controller(ControllerArgs),
+    /// Print every API permission `weft controller` uses (its RBAC), as JSON.
+    ControllerAccess,
     /// Print the Envoy bootstrap of a pod's sidecar.
     Bootstrap {
         /// The pod, as NAMESPACE/NAME.
         #[arg(long)]
         pod: String,
-        /// The control plane's xDS address, HOST:PORT.
-        #[arg(long)]
-        xds: String,
+        /// The control plane's xDS address, HOST:PORT; repeat it for replicas that have
+        /// no load-balancing Service in front (tried in turn).
+        #[arg(long, required = true)]
+        xds: Vec<String>,
         /// Envoy admin port (bound to 127.0.0.1).
         #[arg(long, default_value_t = 15000)]
         admin_port: u16,
@@ -70,6 +76,11 @@ enum Command {
         /// statistics of a large mesh cost tens of MB per sidecar).
         #[arg(long)]
         full_stats: bool,
+        /// Send this token (the pod's projected ServiceAccount token, audience `weft`) as
+        /// `authorization: Bearer` on every xDS stream, read anew for each stream so a
+        /// rotated token is used. Needs --ca-file.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
         /// Write to this file instead of stdout.
         #[arg(long, short)]
         output: Option<PathBuf>,
@@ -191,6 +202,87 @@ struct IdentityArgs {
     /// More roots proxies trust besides the CA's own (PEM), e.g. the old root during a rotation.
     #[arg(long)]
     extra_trust_bundle: Option<PathBuf>,
+    #[command(flatten)]
+    mesh: MeshArgs,
+}
+
+/// Arguments of `weft controller`.
+#[derive(Debug, clap::Args)]
+struct ControllerArgs {
+    /// Kubeconfig file (default: KUBECONFIG, the in-cluster config, then ~/.kube/config).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context to use.
+    #[arg(long)]
+    context: Option<String>,
+    /// The controller's namespace (its CA Secret and Lease live there).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "weft-system")]
+    namespace: String,
+    /// This replica's name, the Lease holder identity (default: the host name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Address of the ADS (xDS) server; repeat it to listen on several.
+    #[arg(long = "xds-addr", default_value = "0.0.0.0:15010")]
+    xds_addrs: Vec<SocketAddr>,
+    /// Address of the admin endpoint (/healthz, /readyz, /metrics, /status).
+    #[arg(long, default_value = "0.0.0.0:15090")]
+    admin_addr: SocketAddr,
+    /// DNS names sidecars reach the xDS server by (its Service), for its certificate.
+    #[arg(long = "xds-name")]
+    xds_names: Vec<String>,
+    /// Weft's own CA Secret in --namespace (created on first start).
+    #[arg(long, default_value = "weft-ca")]
+    ca_secret: String,
+    /// A `kubernetes.io/tls` Secret in --namespace holding your CA (root or
+    /// intermediate with `ca.crt`); used instead of Weft's own when it exists.
+    #[arg(long)]
+    user_ca_secret: Option<String>,
+    /// Name of the leader-election Lease in --namespace.
+    #[arg(long, default_value = "weft-controller")]
+    lease_name: String,
+    /// How long a leader that stops renewing keeps the Lease.
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: std::time::Duration,
+    /// How a sidecar's xDS stream proves its pod: its ServiceAccount token (TokenReview)
+    /// or its peer address.
+    #[arg(long, value_enum, default_value_t = ProxyIdentity::Token)]
+    proxy_identity: ProxyIdentity,
+    #[command(flatten)]
+    mesh: MeshArgs,
+}
+
+impl ControllerArgs {
+    fn options(self) -> ControllerOptions {
+        let identity = self.identity.unwrap_or_else(|| {
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .map(|h| h.trim().to_string())
+                .ok()
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| format!("weft-{}", std::process::id()))
+        });
+        ControllerOptions {
+            kubeconfig: self.kubeconfig,
+            context: self.context,
+            namespace: self.namespace,
+            identity,
+            xds_addrs: self.xds_addrs,
+            admin_addr: self.admin_addr,
+            mesh: self.mesh.mesh_config(),
+            svid_ttl: self.mesh.svid_ttl,
+            require_xds_tls: self.mesh.require_xds_tls,
+            xds_names: self.xds_names,
+            ca_secret: self.ca_secret,
+            user_ca_secret: self.user_ca_secret,
+            lease_name: self.lease_name,
+            lease_duration: self.lease_duration,
+            proxy_identity: self.proxy_identity,
+        }
+    }
+}
+
+/// Mesh settings every mode takes.
+#[derive(Debug, clap::Args)]
+struct MeshArgs {
     /// SPIFFE trust domain.
     #[arg(long, default_value = crate::identity::DEFAULT_TRUST_DOMAIN)]
     trust_domain: String,
@@ -236,6 +328,17 @@ enum MtlsArg {
     Permissive,
 }
 
+impl MeshArgs {
+    fn check(&self) -> Result<(), WeftError> {
+        if self.svid_ttl < std::time::Duration::from_secs(2) {
+            return Err(WeftError::Usage(
+                "--svid-ttl must be at least 2s".to_string(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 impl IdentityArgs {
     fn ca_source(&self) -> Result<CaSource, WeftError> {
         if let (Some(cert), Some(key)) = (&self.ca_cert, &self.ca_key) {
@@ -257,7 +360,9 @@ impl IdentityArgs {
         };
         Ok(CaSource::StateDir(dir))
     }
+}
 
+impl MeshArgs {
     fn mesh_config(&self) -> MeshConfig {
         MeshConfig {
             trust_domain: self.trust_domain.clone(),
@@ -351,22 +456,29 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
             identity,
         } => {
             raise_open_file_limit();
-            if identity.svid_ttl < std::time::Duration::from_secs(2) {
-                return Err(WeftError::Usage(
-                    "--svid-ttl must be at least 2s".to_string(),
-                ));
-            }
+            identity.mesh.check()?;
             local::run(LocalOptions {
                 dir,
                 xds_addrs,
                 admin_addr,
                 ca: identity.ca_source()?,
                 extra_trust_bundle: identity.extra_trust_bundle.clone(),
-                mesh: identity.mesh_config(),
-                svid_ttl: identity.svid_ttl,
-                require_xds_tls: identity.require_xds_tls,
+                mesh: identity.mesh.mesh_config(),
+                svid_ttl: identity.mesh.svid_ttl,
+                require_xds_tls: identity.mesh.require_xds_tls,
             })
             .await
+        }
+        Command::ControllerAccess => {
+            let text = serde_json::to_string_pretty(&controller::access::access_json())
+                .map_err(|e| WeftError::Usage(e.to_string()))?;
+            println!("{text}");
+            Ok(())
+        }
+        Command::Controller(args) => {
+            raise_open_file_limit();
+            args.mesh.check()?;
+            controller::run(args.options()).await
         }
         Command::Bootstrap {
             pod,
@@ -377,12 +489,20 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
             health_port,
             xds_protocol,
             full_stats,
+            token_file,
             output,
         } => {
-            let mut opts = BootstrapOptions::parse(&pod, &xds, admin_port)?;
+            let (first, more) = xds
+                .split_first()
+                .ok_or_else(|| WeftError::Usage("--xds is required".to_string()))?;
+            let mut opts = BootstrapOptions::parse(&pod, first, admin_port)?;
+            for extra in more {
+                opts.add_xds(extra)?;
+            }
             opts.health_port = health_port;
             opts.protocol = xds_protocol;
             opts.full_stats = full_stats;
+            opts.token_file = token_file;
             opts.xds_tls = ca_file.map(|ca_file| XdsTls {
                 ca_file,
                 control_plane_id: crate::runtime::xds_listener::control_plane_id(&trust_domain),

@@ -15,6 +15,11 @@ impl Harness {
 
     /// Writes the Services and Pods (what an API server would hold) as `cluster.yaml`.
     pub fn write_cluster_manifest(&self) -> Result<()> {
+        self.write_manifest("cluster.yaml", &self.cluster_manifest())
+    }
+
+    /// The Services and Pods as YAML documents.
+    pub(crate) fn cluster_manifest(&self) -> String {
         let mut docs = Vec::new();
         for (name, svc) in &self.services {
             let selector: String = svc
@@ -79,10 +84,10 @@ impl Harness {
                 "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n{labels}{annotations}spec:\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: weft-e2e-app\n    ports:\n    - containerPort: {APP_PORT}\nstatus:\n  phase: Running\n  podIP: \"{}\"\n  podIPs: [{}]\n",
                 pod.service_account,
                 pod.ips.first().map(ToString::to_string).unwrap_or_default(),
-                pod_ips.join(", ")
+                                pod_ips.join(", ")
             ));
         }
-        self.write_manifest("cluster.yaml", &docs.join("---\n"))
+        docs.join("---\n")
     }
 
     /// Writes a manifest file atomically (write + rename), as an editor would.

@@ -1,5 +1,6 @@
 //! The [`Harness`]: one mesh on one bridge, its state, its creation and its teardown.
 
+pub(crate) mod cluster;
 mod inspect;
 mod manifests;
 pub(crate) mod network;
@@ -60,6 +61,12 @@ pub struct Harness {
     forward_rule: bool,
     forward_rule_v6: bool,
     families: IpFamilies,
+    /// More xDS addresses for sidecars started from now on (other controller replicas).
+    extra_xds: Vec<String>,
+    /// Sidecars started from now on present `<dir>/<pod>.token` on their xDS stream.
+    token_dir: Option<PathBuf>,
+    /// The control plane's admin address when it is not the first replica's.
+    admin_override: Option<String>,
 }
 
 impl Harness {
@@ -88,6 +95,9 @@ impl Harness {
             forward_rule: false,
             forward_rule_v6: false,
             families: IpFamilies::V4,
+            extra_xds: Vec::new(),
+            token_dir: None,
+            admin_override: None,
         };
         harness.remove_leftovers();
         let _ = fs::remove_dir_all(&harness.work);

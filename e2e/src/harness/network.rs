@@ -80,7 +80,9 @@ impl Harness {
 
     /// The control plane's admin address.
     pub fn admin_addr(&self) -> String {
-        format!("{}:{ADMIN_PORT}", self.gateway())
+        self.admin_override
+            .clone()
+            .unwrap_or_else(|| format!("{}:{ADMIN_PORT}", self.gateway()))
     }
 
     pub(crate) fn xds_addr(&self) -> String {

@@ -154,6 +154,13 @@ impl Harness {
         if xds_tls {
             c.arg("--ca-file").arg(self.state_dir().join("ca-cert.pem"));
         }
+        for extra in &self.extra_xds {
+            c.args(["--xds", extra]);
+        }
+        if let Some(dir) = &self.token_dir {
+            c.arg("--token-file")
+                .arg(dir.join(format!("{claimed_pod}.token")));
+        }
         check(c)?;
         self.spawn_envoy(pod, &bootstrap)
     }

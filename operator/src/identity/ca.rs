@@ -114,17 +114,31 @@ impl CertificateAuthority {
                 (read(cert)?, read(key)?, chain)
             }
         };
-        let key = KeyPair::from_pem(&key_pem).map_err(|e| identity_err("CA key", e))?;
+        let extra = match extra_trust {
+            Some(path) => read(path)?,
+            None => String::new(),
+        };
+        Self::from_pem(&cert_pem, &key_pem, &chain, &extra)
+    }
+
+    /// A CA from PEM text: its certificate and key, the chain up to the root (empty
+    /// when the certificate is the root), and extra roots to trust (may be empty).
+    pub fn from_pem(
+        cert_pem: &str,
+        key_pem: &str,
+        chain: &str,
+        extra_trust_pem: &str,
+    ) -> Result<Self, WeftError> {
+        let (cert_pem, chain) = (cert_pem.to_string(), chain.to_string());
+        let key = KeyPair::from_pem(key_pem).map_err(|e| identity_err("CA key", e))?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
             .map_err(|e| identity_err("CA certificate", e))?;
         // The root is the last certificate of the chain, or the CA certificate itself.
         let root_pem = split_pem(&chain).pop().unwrap_or_else(|| cert_pem.clone());
         let mut trust_bundle_pem = root_pem.clone();
-        if let Some(extra) = extra_trust {
-            for cert in split_pem(&read(extra)?) {
-                if cert != root_pem {
-                    trust_bundle_pem.push_str(&cert);
-                }
+        for cert in split_pem(extra_trust_pem) {
+            if cert != root_pem {
+                trust_bundle_pem.push_str(&cert);
             }
         }
         let chain_pem = if chain.is_empty() {
@@ -150,6 +164,17 @@ impl CertificateAuthority {
             return Ok((read(&cert_path)?, read(&key_path)?, String::new()));
         }
         std::fs::create_dir_all(dir).map_err(|e| WeftError::io(dir, e))?;
+        let (cert_pem, key_pem) = Self::generate_root()?;
+        // Key first: a crash in between leaves a key without a certificate, which fails
+        // loudly on the next start instead of silently creating a second root.
+        write_private(&key_path, &key_pem)?;
+        std::fs::write(&cert_path, &cert_pem).map_err(|e| WeftError::io(&cert_path, e))?;
+        tracing::info!(dir = %dir.display(), "created a new root CA");
+        Ok((cert_pem, key_pem, String::new()))
+    }
+
+    /// A new self-signed root: its certificate and private key (PEM).
+    pub fn generate_root() -> Result<(String, String), WeftError> {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| identity_err("root key", e))?;
         let mut params = CertificateParams::default();
@@ -170,13 +195,7 @@ impl CertificateAuthority {
         let cert = params
             .self_signed(&key)
             .map_err(|e| identity_err("root certificate", e))?;
-        let (cert_pem, key_pem) = (cert.pem(), key.serialize_pem());
-        // Key first: a crash in between leaves a key without a certificate, which fails
-        // loudly on the next start instead of silently creating a second root.
-        write_private(&key_path, &key_pem)?;
-        std::fs::write(&cert_path, &cert_pem).map_err(|e| WeftError::io(&cert_path, e))?;
-        tracing::info!(dir = %dir.display(), "created a new root CA");
-        Ok((cert_pem, key_pem, String::new()))
+        Ok((cert.pem(), key.serialize_pem()))
     }
 
     /// PEM of this CA's root certificate.

@@ -8,7 +8,7 @@ use std::time::SystemTime;
 use tokio::sync::watch;
 
 use crate::identity::NodeBinding;
-use crate::index::{Index, ModelDelta, Problem};
+use crate::index::{Index, Kind, ModelDelta, Problem};
 use crate::runtime::admin::{ExplainRequest, MeshStatus, ProblemReport, SettingsReport};
 use crate::runtime::metrics::ControlPlaneMetrics;
 use crate::runtime::publish::{MeshPublisher, PublishStats};
@@ -42,8 +42,9 @@ pub struct MeshRuntime {
 /// Something that follows the index as changes are applied (runs on the mesh task:
 /// it must hand work off, not block).
 pub trait ModelObserver: Send + std::fmt::Debug {
-    /// Called after `delta` was applied to `index` and published.
-    fn applied(&mut self, index: &Index, delta: &ModelDelta);
+    /// Called after `delta` was applied to `index` and published; `touched` holds the
+    /// kinds of the objects the event named (`None`: every kind, a full reset).
+    fn applied(&mut self, index: &Index, delta: &ModelDelta, touched: Option<&BTreeSet<Kind>>);
 }
 
 impl MeshRuntime {
@@ -96,6 +97,7 @@ impl MeshRuntime {
             self.record_status();
             return;
         }
+        let touched = event.touched_kinds();
         let delta = event.apply_to(&mut self.index).unwrap_or_default();
         let first = !self.synced;
         self.synced = true;
@@ -107,8 +109,14 @@ impl MeshRuntime {
         let config = self.flags.effective(self.index.model());
         self.report_settings(&config);
         self.publish(&delta);
+        if !delta.is_empty() {
+            self.metrics.pushes.inc();
+            self.metrics
+                .push_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
         for observer in &mut self.observers {
-            observer.applied(&self.index, &delta);
+            observer.applied(&self.index, &delta, touched.as_ref());
         }
         if first {
             self.status.send_modify(|s| s.synced = true);

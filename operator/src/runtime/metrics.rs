@@ -2,7 +2,9 @@
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 use weft_xds::SyncRegistry;
 
@@ -19,6 +21,18 @@ pub struct ControlPlaneMetrics {
     identity_check_failures: Counter,
     nacks: Counter,
     connected_proxies: Gauge,
+    /// Model changes published to proxies.
+    pub pushes: Counter,
+    /// Seconds from a source event to its config being in the cache (translate and publish).
+    pub push_seconds: Histogram,
+    /// Watch failures and re-lists, by watched kind (Kubernetes mode).
+    watch_restarts: Family<Vec<(String, String)>, Counter>,
+    /// Status writes, Events, Secrets or ConfigMaps that failed (Kubernetes mode).
+    pub reconcile_errors: Counter,
+    /// Status subresources written (Kubernetes mode).
+    pub status_writes: Counter,
+    /// 1 while this replica holds the leader Lease (Kubernetes mode).
+    pub leader: Gauge,
 }
 
 impl Default for ControlPlaneMetrics {
@@ -31,8 +45,44 @@ impl Default for ControlPlaneMetrics {
             identity_check_failures: Counter::default(),
             nacks: Counter::default(),
             connected_proxies: Gauge::default(),
+            pushes: Counter::default(),
+            push_seconds: Histogram::new(exponential_buckets(0.0005, 2.0, 16)),
+            watch_restarts: Family::default(),
+            reconcile_errors: Counter::default(),
+            status_writes: Counter::default(),
+            leader: Gauge::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "pushes",
+            "Model changes published to proxies",
+            m.pushes.clone(),
+        );
+        registry.register(
+            "push_seconds",
+            "Time from a source event to its config being served (translate and publish)",
+            m.push_seconds.clone(),
+        );
+        registry.register(
+            "watch_restarts",
+            "Kubernetes watch failures and re-lists, by kind",
+            m.watch_restarts.clone(),
+        );
+        registry.register(
+            "reconcile_errors",
+            "Writes to the API server (status, Events, Secrets, ConfigMaps) that failed",
+            m.reconcile_errors.clone(),
+        );
+        registry.register(
+            "status_writes",
+            "Status subresources written",
+            m.status_writes.clone(),
+        );
+        registry.register(
+            "leader",
+            "1 while this replica holds the leader Lease",
+            m.leader.clone(),
+        );
         registry.register(
             "certificates_issued",
             "Workload certificates issued or renewed",
@@ -68,6 +118,13 @@ impl Default for ControlPlaneMetrics {
 }
 
 impl ControlPlaneMetrics {
+    /// Counts a failed or re-listed watch of `kind`.
+    pub fn watch_restarted(&self, kind: &str) {
+        self.watch_restarts
+            .get_or_create(&vec![("kind".to_string(), kind.to_string())])
+            .inc();
+    }
+
     /// Text exposition, with the xDS layer's counters brought up to date first.
     pub fn render(&self, xds: &SyncRegistry) -> String {
         catch_up(&self.identity_check_failures, xds.denials());

@@ -3,6 +3,8 @@
 
 pub mod admin;
 pub mod connections;
+pub mod controller;
+
 pub mod local;
 pub mod mesh;
 pub mod metrics;

@@ -3,10 +3,12 @@
 //!
 //! Every source bounds its input with `weft_crds::bounds` before any parser sees it:
 //! the manifest directory in [`parse_manifest_documents`] (and by file size before it
-//! reads a file); the Kubernetes source calls `bounds::check_value` on each object a
-//! watcher yields before the index sees it.
+//! reads a file). The Kubernetes source reads objects the API server has validated and
+//! size-limited (1.5 MiB in etcd), decoded by serde_json (recursion limit 128) into
+//! fixed-shape types, so no unbounded input reaches a parser there.
 
 mod directory;
+pub mod kube;
 mod manifest;
 
 pub use directory::{DirWatch, ManifestDir, ManifestError};
@@ -34,6 +36,23 @@ pub enum SourceEvent {
 }
 
 impl SourceEvent {
+    /// The kinds of the objects this event names; `None` for a reset of every kind.
+    pub fn touched_kinds(&self) -> Option<std::collections::BTreeSet<Kind>> {
+        match self {
+            Self::Changes(changes) => Some(
+                changes
+                    .iter()
+                    .map(|c| match c {
+                        ObjectChange::Upsert(o) => o.kind(),
+                        ObjectChange::Delete(r) => r.kind,
+                    })
+                    .collect(),
+            ),
+            Self::Reset { kinds, .. } => kinds.as_ref().map(|k| k.iter().copied().collect()),
+            Self::Unreadable(_) => Some(std::collections::BTreeSet::new()),
+        }
+    }
+
     /// Applies the event to `index`: what changed in the model, `None` when nothing did
     /// (or the event carries no objects).
     pub fn apply_to(self, index: &mut Index) -> Option<ModelDelta> {
