@@ -22,13 +22,12 @@ kubectl config use-context "kind-$CLUSTER"
 step "images $REGISTRY/weft:$TAG and $REGISTRY/weft-proxy:$TAG, loaded into kind"
 make images IMAGE_REGISTRY="$REGISTRY" IMAGE_TAG="$TAG"
 kind load docker-image --name "$CLUSTER" "$REGISTRY/weft:$TAG" "$REGISTRY/weft-proxy:$TAG"
-cargo build -q -p weft --bin weft   # the CLI on this machine: bootstrap and explain
+cargo build -q -p weft --bin weft   # the CLI on this machine: explain
 weft=target/debug/weft
 
 step "helm install weft helm/weft"
-# proxyIdentity=address: injected sidecars carry no projected ServiceAccount token yet.
 helm upgrade --install weft helm/weft -n weft-system --create-namespace \
-  --set images.tag="$TAG" --set controller.proxyIdentity=address --wait --timeout 5m
+  --set images.tag="$TAG" --wait --timeout 5m
 kubectl -n weft-system get deploy,svc,pdb
 kubectl get mutatingwebhookconfiguration weft-sidecar-injector \
   -o jsonpath='{.webhooks[0].clientConfig.caBundle}' | grep -q . \
@@ -37,12 +36,11 @@ kubectl get mutatingwebhookconfiguration weft-sidecar-injector \
 step "namespace shop, meshed"
 kubectl create namespace shop --dry-run=client -o yaml | kubectl apply -f -
 kubectl label namespace shop weft.dev/inject=enabled --overwrite
-# The injected proxy reads its Envoy bootstrap from ConfigMap weft-bootstrap in its namespace
-# (Envoy's --service-node names the pod, so one bootstrap serves every pod there).
-"$weft" bootstrap --pod shop/any --xds weft-xds.weft-system.svc:15012 \
-  --ca-file /etc/weft/ca/ca.crt --health-port 15021 -o /tmp/weft-envoy.yaml
-kubectl -n shop create configmap weft-bootstrap --from-file=envoy.yaml=/tmp/weft-envoy.yaml \
-  --dry-run=client -o yaml | kubectl apply -f -
+# The controller publishes weft-bootstrap and weft-root-ca into the labelled namespace.
+for cm in weft-bootstrap weft-root-ca; do
+  for _ in $(seq 30); do kubectl -n shop get configmap "$cm" >/dev/null 2>&1 && break; sleep 1; done
+done
+
 kubectl apply -f e2e/kind/shop.yaml
 for d in frontend backend-v1 backend-v2; do kubectl -n shop rollout status "deploy/$d" --timeout 180s; done
 kubectl -n shop get pods -o custom-columns='POD:.metadata.name,CONTAINERS:.spec.containers[*].name,SIDECAR:.spec.initContainers[*].name'

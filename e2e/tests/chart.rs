@@ -537,14 +537,26 @@ fn the_chart_crds_are_crdgen_output() {
 // ---------------------------------------------------------------------------------------
 // RBAC
 
-type Grant = (String, String, String, String); // group, resource, verb, scope
+/// group, resource, verb, scope, and the one object it is limited to ("": any object).
+type Grant = (String, String, String, String, String);
+
+/// `resourceNames` of a rule or access entry, or `[""]` (any object) when absent or empty.
+fn names_of(v: &Value) -> Vec<String> {
+    let names = if v.is_null() { Vec::new() } else { strings(v) };
+    if names.is_empty() {
+        vec![String::new()]
+    } else {
+        assert!(names.iter().all(|n| !n.is_empty()), "{v}");
+        names
+    }
+}
 
 fn grants_of(role: &Value, scope: &str) -> BTreeSet<Grant> {
     let mut grants = BTreeSet::new();
     for rule in role["rules"].as_array().unwrap() {
         assert!(
-            rule.get("resourceNames").is_none() && rule.get("nonResourceURLs").is_none(),
-            "the access list has no resourceNames or nonResourceURLs: {rule}"
+            rule.get("nonResourceURLs").is_none(),
+            "the access list has no nonResourceURLs: {rule}"
         );
         for group in strings(&rule["apiGroups"]) {
             for resource in strings(&rule["resources"]) {
@@ -553,7 +565,15 @@ fn grants_of(role: &Value, scope: &str) -> BTreeSet<Grant> {
                         group != "*" && resource != "*" && verb != "*",
                         "no wildcards: {rule}"
                     );
-                    grants.insert((group.clone(), resource.clone(), verb, scope.to_string()));
+                    for name in names_of(&rule["resourceNames"]) {
+                        grants.insert((
+                            group.clone(),
+                            resource.clone(),
+                            verb.clone(),
+                            scope.to_string(),
+                            name,
+                        ));
+                    }
                 }
             }
         }
@@ -561,7 +581,14 @@ fn grants_of(role: &Value, scope: &str) -> BTreeSet<Grant> {
     grants
 }
 
-fn controller_access() -> BTreeSet<Grant> {
+/// The controller's arguments in a rendering.
+fn controller_args(objects: &[Value]) -> Vec<String> {
+    strings(&container(find(objects, "Deployment", "weft-controller"), "controller")["args"])
+}
+
+/// What `weft controller-access` lists, less what the controller's `args` make
+/// unnecessary (an entry's `unless` flag).
+fn controller_access(args: &[String]) -> BTreeSet<Grant> {
     let out = run(&workspace_binary("weft"), &["controller-access"]);
     assert!(
         out.status.success(),
@@ -573,13 +600,23 @@ fn controller_access() -> BTreeSet<Grant> {
     for entry in list.as_array().unwrap() {
         let scope = entry["scope"].as_str().unwrap();
         assert!(scope == "cluster" || scope == "namespace", "{entry}");
+        if let Some(flag) = entry["unless"].as_str() {
+            if args.iter().any(|a| a == flag) {
+                continue;
+            }
+        } else {
+            assert!(entry["unless"].is_null(), "{entry}");
+        }
         for verb in strings(&entry["verbs"]) {
-            grants.insert((
-                entry["group"].as_str().unwrap().to_string(),
-                entry["resource"].as_str().unwrap().to_string(),
-                verb,
-                scope.to_string(),
-            ));
+            for name in names_of(&entry["resourceNames"]) {
+                grants.insert((
+                    entry["group"].as_str().unwrap().to_string(),
+                    entry["resource"].as_str().unwrap().to_string(),
+                    verb.clone(),
+                    scope.to_string(),
+                    name,
+                ));
+            }
         }
     }
     assert!(grants.len() > 10, "{list}");
@@ -588,9 +625,9 @@ fn controller_access() -> BTreeSet<Grant> {
 
 #[test]
 fn cluster_role_and_role_grant_exactly_what_the_controller_uses() {
-    let expected = controller_access();
     for values in Values::ALL {
         let objects = render(values, "1.33.0", &[]);
+        let expected = controller_access(&controller_args(&objects));
         let cluster_roles = all_of(&objects, "ClusterRole");
         let roles = all_of(&objects, "Role");
         assert_eq!(cluster_roles.len(), 1, "one ClusterRole");
@@ -634,8 +671,8 @@ fn cluster_role_and_role_grant_exactly_what_the_controller_uses() {
 
 #[test]
 fn the_rbac_comparison_fails_on_a_missing_or_extra_verb() {
-    let expected = controller_access();
     let objects = render(Values::Default, "1.33.0", &[]);
+    let expected = controller_access(&controller_args(&objects));
     let mut cluster_role = find(&objects, "ClusterRole", "weft-controller").clone();
     let role = find(&objects, "Role", "weft-controller");
     let rules = cluster_role["rules"].as_array_mut().unwrap();
@@ -645,6 +682,21 @@ fn the_rbac_comparison_fails_on_a_missing_or_extra_verb() {
     granted.extend(grants_of(role, "namespace"));
     assert!(expected.difference(&granted).next().is_some());
     assert!(granted.difference(&expected).next().is_some());
+    // A rule narrowed to one object does not stand for one on every object, nor the reverse.
+    let mut role = role.clone();
+    for rule in role["rules"].as_array_mut().unwrap() {
+        if rule.get("resourceNames").is_some() {
+            rule.as_object_mut().unwrap().remove("resourceNames");
+        }
+    }
+    let mut granted = grants_of(find(&objects, "ClusterRole", "weft-controller"), "cluster");
+    granted.extend(grants_of(&role, "namespace"));
+    assert!(expected.difference(&granted).next().is_some());
+    assert!(granted.difference(&expected).next().is_some());
+    // With cert-manager the controller needs less: the webhook rules are left out.
+    let with_cert_manager = controller_access(&["--no-webhook-certificate".to_string()]);
+    assert!(with_cert_manager.len() < expected.len());
+    assert!(with_cert_manager.is_subset(&expected));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -824,13 +876,66 @@ fn the_webhook_serving_certificate_comes_from_the_controller_or_cert_manager() {
         );
         let annotation = &config["metadata"]["annotations"]["cert-manager.io/inject-ca-from"];
         let certificates = all_of(&objects, "Certificate");
+        let args = controller_args(&objects);
+        let arg = |flag: &str| {
+            args.iter()
+                .find_map(|a| a.strip_prefix(&format!("{flag}=")))
+                .map(str::to_string)
+        };
+        let webhook_flags: Vec<&String> = args.iter().filter(|a| a.contains("-webhook")).collect();
         match values {
             Values::Default => {
                 assert!(annotation.is_null(), "{config}");
                 assert!(certificates.is_empty());
                 assert!(all_of(&objects, "Issuer").is_empty());
+                // The controller issues it: into the Secret the webhook mounts, for the
+                // Service the configuration calls, with the caBundle of that configuration.
+                assert_eq!(
+                    arg("--webhook-secret").as_deref(),
+                    tls["secret"]["secretName"].as_str(),
+                    "{args:?}"
+                );
+                let service = &config["webhooks"][0]["clientConfig"]["service"];
+                assert_eq!(service["namespace"], NAMESPACE);
+                assert_eq!(
+                    arg("--webhook-service").as_deref(),
+                    service["name"].as_str()
+                );
+                find(&objects, "Service", service["name"].as_str().unwrap());
+                assert_eq!(
+                    arg("--webhook-configuration").as_deref(),
+                    config["metadata"]["name"].as_str()
+                );
+                assert_eq!(arg("--cluster-domain").as_deref(), Some("cluster.local"));
+                assert!(!args.contains(&"--no-webhook-certificate".to_string()));
+                assert!(
+                    config["webhooks"][0]["clientConfig"]["caBundle"].is_null(),
+                    "the controller patches it in"
+                );
+                // Its RBAC names exactly those objects.
+                let named = |kind: &str, resource: &str| -> Vec<String> {
+                    let role = find(&objects, kind, "weft-controller");
+                    role["rules"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .filter(|r| strings(&r["resources"]).contains(&resource.to_string()))
+                        .filter(|r| r.get("resourceNames").is_some())
+                        .flat_map(|r| strings(&r["resourceNames"]))
+                        .collect()
+                };
+                assert_eq!(named("Role", "secrets"), [arg("--webhook-secret").unwrap()]);
+                assert_eq!(
+                    named("ClusterRole", "mutatingwebhookconfigurations"),
+                    [arg("--webhook-configuration").unwrap()]
+                );
             }
             Values::Custom | Values::Issuer => {
+                assert_eq!(
+                    webhook_flags,
+                    [&"--no-webhook-certificate".to_string()],
+                    "cert-manager does it: {args:?}"
+                );
                 assert_eq!(annotation, &json!(format!("{NAMESPACE}/weft-webhook")));
                 let serving = find(&objects, "Certificate", "weft-webhook");
                 assert_eq!(serving["apiVersion"], "cert-manager.io/v1");
@@ -1541,12 +1646,30 @@ fn the_kind_walkthrough_is_valid_and_matches_the_chart() {
     assert!(out.status.success(), "run.sh: {}", text(&out));
     let script = std::fs::read_to_string(kind.join("run.sh")).unwrap();
     let objects = render(Values::Default, "1.33.0", &[]);
-    // Names and ports the script relies on.
+    // Names and ports the script relies on. Sidecars reach the xDS Service through the
+    // bootstrap the controller publishes: its address is the Service's.
     let xds = find(&objects, "Service", "weft-xds");
-    assert!(script.contains(&format!(
-        "weft-xds.{NAMESPACE}.svc:{}",
+    let controller_args = container(
+        find(&objects, "Deployment", "weft-controller"),
+        "controller",
+    )["args"]
+        .clone();
+    let sidecar_xds = format!(
+        "--sidecar-xds-address=weft-xds.{NAMESPACE}.svc:{}",
         xds["spec"]["ports"][0]["port"]
-    )));
+    );
+    assert!(
+        controller_args
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a.as_str() == Some(sidecar_xds.as_str())),
+        "{controller_args}"
+    );
+    assert!(
+        script.contains("weft-bootstrap"),
+        "the script waits for the published bootstrap"
+    );
     find(
         &objects,
         "MutatingWebhookConfiguration",

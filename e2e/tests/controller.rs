@@ -506,18 +506,10 @@ fn the_ca_secret_and_trust_bundle_configmaps_are_written_once() {
     let mut h = split_mesh(65, "ctl-ca");
     let c = cluster(&h);
     // Two replicas start together: one root.
-    h.start_controller(
-        1,
-        &c.kubeconfig,
-        &["--proxy-identity", "address", "--lease-duration", "4s"],
-    )
-    .unwrap();
-    h.start_controller(
-        2,
-        &c.kubeconfig,
-        &["--proxy-identity", "address", "--lease-duration", "4s"],
-    )
-    .unwrap();
+    h.start_controller(1, &c.kubeconfig, &["--lease-duration", "4s"])
+        .unwrap();
+    h.start_controller(2, &c.kubeconfig, &["--lease-duration", "4s"])
+        .unwrap();
     h.wait_controller_ready(1).unwrap();
     h.wait_controller_ready(2).unwrap();
     let created: Vec<bool> = [1, 2]
@@ -571,6 +563,24 @@ fn the_ca_secret_and_trust_bundle_configmaps_are_written_once() {
             .is_none(),
         "no meshed pods there"
     );
+    // With it, the bootstrap the injected proxies mount: TLS to the xDS Service, the
+    // pod's token, the health port.
+    let boot = c
+        .api
+        .get("v1", "ConfigMap", Some("default"), "weft-bootstrap")
+        .unwrap();
+    let yaml = boot["data"]["envoy.yaml"].as_str().unwrap();
+    for needle in [
+        "weft-xds.weft-system.svc",
+        "/etc/weft/ca/ca.crt",
+        "/var/run/secrets/weft/token",
+        "15021",
+    ] {
+        assert!(
+            yaml.contains(needle),
+            "the bootstrap lacks {needle}: {yaml}"
+        );
+    }
     // Deleted by someone: written again.
     c.api
         .delete_object("v1", "ConfigMap", Some("default"), "weft-root-ca")

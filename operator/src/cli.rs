@@ -247,12 +247,24 @@ struct ControllerArgs {
     /// or its peer address.
     #[arg(long, value_enum, default_value_t = ProxyIdentity::Token)]
     proxy_identity: ProxyIdentity,
+    /// Where injected sidecars reach the xDS server, HOST:PORT, for the bootstrap
+    /// ConfigMap (default: weft-xds.NAMESPACE.svc:15012).
+    #[arg(long)]
+    sidecar_xds_address: Option<String>,
+    /// The webhook's serving certificate and caBundle (`--webhook-*`, `--cluster-domain`,
+    /// `--no-webhook-certificate`).
+    #[command(flatten)]
+    webhook: Box<controller::webhook_cert::WebhookCertArgs>,
     #[command(flatten)]
     mesh: MeshArgs,
 }
 
 impl ControllerArgs {
     fn options(self) -> ControllerOptions {
+        let sidecar_xds = self
+            .sidecar_xds_address
+            .clone()
+            .unwrap_or_else(|| format!("weft-xds.{}.svc:15012", self.namespace));
         let identity = self.identity.unwrap_or_else(|| {
             std::fs::read_to_string("/proc/sys/kernel/hostname")
                 .map(|h| h.trim().to_string())
@@ -260,7 +272,9 @@ impl ControllerArgs {
                 .filter(|h| !h.is_empty())
                 .unwrap_or_else(|| format!("weft-{}", std::process::id()))
         });
+        let webhook_certificate = self.webhook.settings();
         ControllerOptions {
+            webhook_certificate,
             kubeconfig: self.kubeconfig,
             context: self.context,
             namespace: self.namespace,
@@ -276,6 +290,7 @@ impl ControllerArgs {
             lease_name: self.lease_name,
             lease_duration: self.lease_duration,
             proxy_identity: self.proxy_identity,
+            sidecar_xds,
         }
     }
 }

@@ -50,10 +50,10 @@ pub struct InjectConfig {
     pub init_image: String,
     /// UID (and GID) the proxy runs as.
     pub proxy_uid: i64,
-    /// ConfigMap holding `envoy.yaml` (from `weft bootstrap --ca-file ... --token-file
-    /// /var/run/secrets/weft/token`: the proxy proves its pod with the token volume).
+    /// ConfigMap holding `envoy.yaml`; `weft controller` publishes it in every namespace
+    /// with meshed pods (TLS to the xDS Service, the token volume as proof of the pod).
     pub bootstrap_config_map: String,
-    /// ConfigMap holding `root.pem`, the mesh's trust bundle.
+    /// ConfigMap holding `ca.crt`, the mesh's trust bundle (published by `weft controller`).
     pub root_ca_config_map: String,
     /// CPU request of the proxy.
     pub proxy_cpu_request: String,

@@ -17,7 +17,8 @@ use super::select::Filter;
 use super::tokens::IssuedToken;
 
 /// The served kinds, one a line: apiVersion, plural, kind, flags (`n`: namespaced,
-/// `s`: status subresource; pods, services and namespaces have one as in a cluster).
+/// `s`: status subresource; pods, services and namespaces have one as in a cluster;
+/// `-`: neither).
 const TABLE: &str = "
     v1 namespaces Namespace s
     v1 services Service ns
@@ -33,6 +34,7 @@ const TABLE: &str = "
     specs.smi-spec.io/v1alpha4 httproutegroups HTTPRouteGroup ns
     specs.smi-spec.io/v1alpha4 tcproutes TCPRoute ns
     config.weft.dev/v1alpha1 meshconfigs MeshConfig s
+    admissionregistration.k8s.io/v1 mutatingwebhookconfigurations MutatingWebhookConfiguration -
 ";
 
 /// One served resource type.

@@ -59,8 +59,8 @@ pub enum Decoded {
     Object(MeshObject),
     /// A custom resource that does not decode: what it is and why.
     Unreadable(ObjectRef, String),
-    /// A namespace: its name and whether it is being deleted.
-    Namespace(String, bool),
+    /// A namespace.
+    Namespace(NamespaceState),
 }
 
 /// One step of one watch, as kube-runtime's watcher reports it.
@@ -162,10 +162,36 @@ fn decode_account(mut o: ServiceAccount) -> Decoded {
     Decoded::Object(MeshObject::ServiceAccount(Box::new(o)))
 }
 
-fn decode_namespace(o: Namespace) -> Decoded {
-    let name = o.metadata.name.unwrap_or_default();
-    Decoded::Namespace(name, o.metadata.deletion_timestamp.is_some())
+/// The label a namespace opts into sidecar injection with (the webhook's selector).
+pub const INJECTION_LABEL: (&str, &str) = ("weft.dev/inject", "enabled");
+
+/// What the controller needs of a namespace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NamespaceState {
+    /// Its name.
+    pub name: String,
+    /// Being deleted: nothing new is written into it.
+    pub terminating: bool,
+    /// Labelled for injection: sidecars will need their ConfigMaps there.
+    pub injection: bool,
 }
+
+fn decode_namespace(o: Namespace) -> Decoded {
+    let injection = o
+        .metadata
+        .labels
+        .as_ref()
+        .and_then(|l| l.get(INJECTION_LABEL.0))
+        .is_some_and(|v| v == INJECTION_LABEL.1);
+    Decoded::Namespace(NamespaceState {
+        name: o.metadata.name.unwrap_or_default(),
+        terminating: o.metadata.deletion_timestamp.is_some(),
+        injection,
+    })
+}
+
+/// Live namespaces (not being deleted), each with whether it is labelled for injection.
+pub type LiveNamespaces = BTreeMap<String, bool>;
 
 /// The custom resources Weft reads: kind, group, version, plural.
 const CUSTOM: [(Kind, &str, &str, &str, &str); 5] = [
@@ -338,9 +364,9 @@ pub struct WatchAggregator {
     initial: BTreeMap<ObjectRef, MeshObject>,
     /// Custom resources that do not decode, with the reason.
     unreadable: BTreeMap<ObjectRef, String>,
-    /// Namespaces and whether each is being deleted.
-    namespaces: BTreeMap<String, bool>,
-    namespaces_out: watch::Sender<Arc<BTreeSet<String>>>,
+    /// Namespaces by name.
+    namespaces: BTreeMap<String, NamespaceState>,
+    namespaces_out: watch::Sender<Arc<LiveNamespaces>>,
     metrics: Arc<ControlPlaneMetrics>,
 }
 
@@ -364,7 +390,7 @@ impl WatchAggregator {
     /// Waits for the watches in `pending`; live namespaces go to `namespaces_out`.
     pub fn new(
         pending: BTreeSet<Watched>,
-        namespaces_out: watch::Sender<Arc<BTreeSet<String>>>,
+        namespaces_out: watch::Sender<Arc<LiveNamespaces>>,
         metrics: Arc<ControlPlaneMetrics>,
     ) -> Self {
         Self {
@@ -389,11 +415,11 @@ impl WatchAggregator {
     }
 
     fn publish_namespaces(&self) {
-        let live: BTreeSet<String> = self
+        let live: LiveNamespaces = self
             .namespaces
-            .iter()
-            .filter(|(_, terminating)| !**terminating)
-            .map(|(n, _)| n.clone())
+            .values()
+            .filter(|n| !n.terminating)
+            .map(|n| (n.name.clone(), n.injection))
             .collect();
         self.namespaces_out.send_if_modified(|current| {
             if **current == live {
@@ -461,8 +487,8 @@ impl WatchAggregator {
                 Decoded::Unreadable(object, reason) => {
                     self.unreadable.insert(object, reason);
                 }
-                Decoded::Namespace(name, terminating) => {
-                    self.namespaces.insert(name, terminating);
+                Decoded::Namespace(state) => {
+                    self.namespaces.insert(state.name.clone(), state);
                 }
             }
         }
@@ -506,11 +532,11 @@ impl WatchAggregator {
 
     fn changed(&mut self, decoded: Decoded, deleted: bool) -> Vec<SourceEvent> {
         let change = match decoded {
-            Decoded::Namespace(name, terminating) => {
+            Decoded::Namespace(state) => {
                 if deleted {
-                    self.namespaces.remove(&name);
+                    self.namespaces.remove(&state.name);
                 } else {
-                    self.namespaces.insert(name, terminating);
+                    self.namespaces.insert(state.name.clone(), state);
                 }
                 self.publish_namespaces();
                 return Vec::new();
@@ -640,9 +666,7 @@ mod tests {
         decode_pod(p)
     }
 
-    fn aggregator(
-        pending: &[Watched],
-    ) -> (WatchAggregator, watch::Receiver<Arc<BTreeSet<String>>>) {
+    fn aggregator(pending: &[Watched]) -> (WatchAggregator, watch::Receiver<Arc<LiveNamespaces>>) {
         let (tx, rx) = watch::channel(Arc::default());
         (
             WatchAggregator::new(pending.iter().copied().collect(), tx, Arc::default()),
@@ -781,23 +805,41 @@ mod tests {
 
     #[test]
     fn live_namespaces_are_published() {
+        let ns = |name: &str, terminating: bool, injection: bool| {
+            Decoded::Namespace(NamespaceState {
+                name: name.into(),
+                terminating,
+                injection,
+            })
+        };
         let (mut agg, rx) = aggregator(&[Watched::Namespace]);
         agg.step(Watched::Namespace, WatchStep::Init);
         agg.step(
             Watched::Namespace,
-            WatchStep::InitApply(Decoded::Namespace("a".into(), false)),
+            WatchStep::InitApply(ns("a", false, false)),
         );
         agg.step(
             Watched::Namespace,
-            WatchStep::InitApply(Decoded::Namespace("gone".into(), true)),
+            WatchStep::InitApply(ns("gone", true, true)),
         );
         agg.step(Watched::Namespace, WatchStep::InitDone);
-        assert_eq!(rx.borrow().iter().collect::<Vec<_>>(), vec!["a"]);
-        agg.step(
-            Watched::Namespace,
-            WatchStep::Apply(Decoded::Namespace("b".into(), false)),
+        assert_eq!(
+            rx.borrow().iter().collect::<Vec<_>>(),
+            vec![(&"a".to_string(), &false)]
         );
-        assert_eq!(rx.borrow().len(), 2);
+        agg.step(Watched::Namespace, WatchStep::Apply(ns("b", false, true)));
+        assert_eq!(rx.borrow().get("b"), Some(&true), "labelled for injection");
+        let mut labelled = Namespace::default();
+        labelled.metadata.name = Some("shop".into());
+        labelled.metadata.labels =
+            Some([("weft.dev/inject".to_string(), "enabled".to_string())].into());
+        assert!(matches!(
+            decode_namespace(labelled),
+            Decoded::Namespace(NamespaceState {
+                injection: true,
+                ..
+            })
+        ));
     }
 
     #[test]

@@ -23,11 +23,20 @@ pub struct ApiAccess {
     pub verbs: &'static [&'static str],
     /// Cluster-wide or in the controller's namespace.
     pub scope: Scope,
+    /// The only objects it applies to (RBAC `resourceNames`); empty: any object.
+    pub names: &'static [&'static str],
+    /// A `weft controller` flag with which none of these calls is made (the chart
+    /// leaves the rule out when it passes that flag).
+    pub unless: Option<&'static str>,
     /// Why the controller needs it.
     pub why: &'static str,
 }
 
 const WATCH: &[&str] = &["list", "watch"];
+/// Any object of the resource.
+const ANY: &[&str] = &[];
+/// The flag that leaves the webhook's certificate to cert-manager.
+pub const NO_WEBHOOK_CERTIFICATE: &str = "--no-webhook-certificate";
 
 /// What the controller calls, and why.
 pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
@@ -36,6 +45,8 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         resource: "services",
         verbs: WATCH,
         scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
         why: "the model's services",
     },
     ApiAccess {
@@ -43,6 +54,8 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         resource: "endpointslices",
         verbs: WATCH,
         scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
         why: "endpoints and their conditions",
     },
     ApiAccess {
@@ -50,6 +63,8 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         resource: "pods",
         verbs: WATCH,
         scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
         why: "workloads: IPs, ports, ServiceAccounts",
     },
     ApiAccess {
@@ -57,6 +72,8 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         resource: "namespaces",
         verbs: WATCH,
         scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
         why: "where the trust bundle goes",
     },
     ApiAccess {
@@ -64,6 +81,8 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         resource: "serviceaccounts",
         verbs: WATCH,
         scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
         why: "TrafficTarget identities",
     },
     ApiAccess {
@@ -71,6 +90,8 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         resource: "trafficsplits",
         verbs: WATCH,
         scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
         why: "SMI input",
     },
     ApiAccess {
@@ -78,6 +99,8 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         resource: "traffictargets",
         verbs: WATCH,
         scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
         why: "SMI input",
     },
     ApiAccess {
@@ -85,6 +108,8 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         resource: "httproutegroups",
         verbs: WATCH,
         scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
         why: "SMI input",
     },
     ApiAccess {
@@ -92,6 +117,8 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         resource: "tcproutes",
         verbs: WATCH,
         scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
         why: "SMI input",
     },
     ApiAccess {
@@ -99,6 +126,8 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         resource: "meshconfigs",
         verbs: WATCH,
         scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
         why: "mesh-wide settings",
     },
     ApiAccess {
@@ -106,6 +135,8 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         resource: "trafficsplits/status",
         verbs: &["patch"],
         scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
         why: "status conditions (server-side apply)",
     },
     ApiAccess {
@@ -113,6 +144,8 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         resource: "traffictargets/status",
         verbs: &["patch"],
         scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
         why: "status conditions (server-side apply)",
     },
     ApiAccess {
@@ -120,6 +153,8 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         resource: "httproutegroups/status",
         verbs: &["patch"],
         scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
         why: "status conditions (server-side apply)",
     },
     ApiAccess {
@@ -127,6 +162,8 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         resource: "tcproutes/status",
         verbs: &["patch"],
         scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
         why: "status conditions (server-side apply)",
     },
     ApiAccess {
@@ -134,6 +171,8 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         resource: "meshconfigs/status",
         verbs: &["patch"],
         scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
         why: "status conditions (server-side apply)",
     },
     ApiAccess {
@@ -141,6 +180,8 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         resource: "events",
         verbs: &["create", "patch"],
         scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
         why: "an Event per status transition (patch: repeats of one)",
     },
     ApiAccess {
@@ -148,6 +189,8 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         resource: "configmaps",
         verbs: &["create", "list", "patch", "watch"],
         scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
         why: "the weft-root-ca trust bundle (server-side apply; watched by name to rewrite it)",
     },
     ApiAccess {
@@ -155,6 +198,8 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         resource: "tokenreviews",
         verbs: &["create"],
         scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
         why: "sidecar ServiceAccount tokens on xDS streams",
     },
     ApiAccess {
@@ -162,18 +207,42 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         resource: "secrets",
         verbs: &["create", "get"],
         scope: Scope::OwnNamespace,
-        why: "the CA Secret: read, or create once",
+        names: ANY,
+        unless: None,
+        why: "the CA Secret (read, or created once) and the webhook's serving certificate",
+    },
+    ApiAccess {
+        group: "",
+        resource: "secrets",
+        verbs: &["update"],
+        scope: Scope::OwnNamespace,
+        names: &[super::webhook_cert::DEFAULT_SECRET],
+        unless: Some(NO_WEBHOOK_CERTIFICATE),
+        why: "the webhook's serving certificate, renewed in place",
+    },
+    ApiAccess {
+        group: "admissionregistration.k8s.io",
+        resource: "mutatingwebhookconfigurations",
+        verbs: &["get", "patch"],
+        scope: Scope::Cluster,
+        names: &[super::webhook_cert::DEFAULT_CONFIGURATION],
+        unless: Some(NO_WEBHOOK_CERTIFICATE),
+        why: "the sidecar injector's caBundle (Weft's trust bundle)",
     },
     ApiAccess {
         group: "coordination.k8s.io",
         resource: "leases",
         verbs: &["create", "get", "update"],
         scope: Scope::OwnNamespace,
+        names: ANY,
+        unless: None,
         why: "leader election",
     },
 ];
 
-/// The list as JSON: `[{group, resource, verbs, scope: "cluster"|"namespace", why}]`.
+/// The list as JSON: `[{group, resource, verbs, scope: "cluster"|"namespace",
+/// resourceNames, unless, why}]` (`resourceNames` empty: any object; `unless`: null or
+/// the flag that makes the calls unnecessary).
 pub fn access_json() -> serde_json::Value {
     CONTROLLER_ACCESS
         .iter()
@@ -183,6 +252,8 @@ pub fn access_json() -> serde_json::Value {
                 "resource": a.resource,
                 "verbs": a.verbs,
                 "scope": match a.scope { Scope::Cluster => "cluster", Scope::OwnNamespace => "namespace" },
+                "resourceNames": a.names,
+                "unless": a.unless,
                 "why": a.why,
             })
         })
@@ -208,9 +279,20 @@ mod tests {
             assert_eq!(sorted, a.verbs, "{a:?}");
             let same = CONTROLLER_ACCESS
                 .iter()
-                .filter(|b| b.group == a.group && b.resource == a.resource && b.scope == a.scope)
+                .filter(|b| {
+                    b.group == a.group
+                        && b.resource == a.resource
+                        && b.scope == a.scope
+                        && b.names == a.names
+                })
                 .count();
             assert_eq!(same, 1, "{a:?}");
+            // RBAC cannot narrow these by name.
+            if !a.names.is_empty() {
+                for verb in ["create", "list", "watch", "deletecollection"] {
+                    assert!(!a.verbs.contains(&verb), "{a:?}");
+                }
+            }
         }
         assert!(allowed("", "pods", "watch"));
         assert!(!allowed("", "pods", "delete"));

@@ -38,10 +38,39 @@ fn certificates(pem: &str) -> Vec<String> {
         .collect()
 }
 
+/// The PEM text a [`CertificateAuthority`] is made from, so that the tasks that sign
+/// (the xDS server, the webhook certificate) each get their own instance of one CA.
+#[derive(Clone)]
+pub struct CaMaterial {
+    cert: String,
+    key: String,
+    chain: String,
+}
+
+impl std::fmt::Debug for CaMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key.
+        f.debug_struct("CaMaterial").finish_non_exhaustive()
+    }
+}
+
+impl CaMaterial {
+    /// The CA; checked once by [`load_ca_material`], so this fails only if that did.
+    pub fn authority(&self) -> Result<CertificateAuthority, WeftError> {
+        CertificateAuthority::from_pem(&self.cert, &self.key, &self.chain, "")
+    }
+
+    fn checked(cert: String, key: String, chain: String) -> Result<Self, WeftError> {
+        let material = Self { cert, key, chain };
+        material.authority()?;
+        Ok(material)
+    }
+}
+
 /// A CA from a `kubernetes.io/tls` Secret: `tls.crt` (the CA certificate, possibly
 /// followed by its chain), `tls.key`, and `ca.crt` (the root) when it is an
 /// intermediate.
-fn from_tls_secret(name: &str, secret: &Secret) -> Result<CertificateAuthority, WeftError> {
+fn from_tls_secret(name: &str, secret: &Secret) -> Result<CaMaterial, WeftError> {
     let certs = certificates(&text(secret, "tls.crt").ok_or_else(|| missing(name, "tls.crt"))?);
     let key = text(secret, "tls.key").ok_or_else(|| missing(name, "tls.key"))?;
     let (cert, rest) = certs
@@ -55,17 +84,29 @@ fn from_tls_secret(name: &str, secret: &Secret) -> Result<CertificateAuthority, 
             }
         }
     }
-    CertificateAuthority::from_pem(cert, &key, &chain, "")
+    CaMaterial::checked(cert.clone(), key, chain)
 }
 
-/// Loads the CA: the user's Secret `user_secret` when given and present, else Weft's
-/// own Secret `own_secret`, created with a new root if it does not exist yet.
+/// Loads the CA: see [`load_ca_material`].
 pub async fn load_ca(
     client: kube::Client,
     namespace: &str,
     own_secret: &str,
     user_secret: Option<&str>,
 ) -> Result<CertificateAuthority, WeftError> {
+    load_ca_material(client, namespace, own_secret, user_secret)
+        .await?
+        .authority()
+}
+
+/// Loads the CA: the user's Secret `user_secret` when given and present, else Weft's
+/// own Secret `own_secret`, created with a new root if it does not exist yet.
+pub async fn load_ca_material(
+    client: kube::Client,
+    namespace: &str,
+    own_secret: &str,
+    user_secret: Option<&str>,
+) -> Result<CaMaterial, WeftError> {
     let api: Api<Secret> = Api::namespaced(client, namespace);
     if let Some(name) = user_secret {
         match api.get_opt(name).await {
@@ -84,10 +125,10 @@ pub async fn load_ca(
             }
         }
     }
-    let own = |secret: &Secret| -> Result<CertificateAuthority, WeftError> {
+    let own = |secret: &Secret| -> Result<CaMaterial, WeftError> {
         let cert = text(secret, CERT_KEY).ok_or_else(|| missing(own_secret, CERT_KEY))?;
         let key = text(secret, KEY_KEY).ok_or_else(|| missing(own_secret, KEY_KEY))?;
-        CertificateAuthority::from_pem(&cert, &key, "", "")
+        CaMaterial::checked(cert, key, String::new())
     };
     let what = format!("Secret {namespace}/{own_secret}");
     if let Some(secret) = api
@@ -118,7 +159,7 @@ pub async fn load_ca(
     match api.create(&PostParams::default(), &secret).await {
         Ok(_) => {
             tracing::info!(secret = %what, "created a new root CA");
-            CertificateAuthority::from_pem(&cert, &key, "", "")
+            CaMaterial::checked(cert, key, String::new())
         }
         Err(kube::Error::Api(e)) if e.code == 409 => {
             // Another replica created it first: everyone signs with the winner's root.

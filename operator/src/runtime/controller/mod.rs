@@ -1,12 +1,14 @@
 //! Kubernetes mode (`weft controller`): the control plane fed by the API server, with
 //! the writes a cluster expects from it — status, Events, the CA Secret, the trust
-//! bundle ConfigMaps — made by the leader only.
+//! bundle ConfigMaps, the webhook's serving certificate and caBundle — made by the
+//! leader only.
 
 pub mod access;
 pub mod ca_secret;
+pub mod configmaps;
 pub mod lease;
 pub mod status;
-pub mod trust_bundle;
+pub mod webhook_cert;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -23,9 +25,9 @@ use crate::runtime::metrics::ControlPlaneMetrics;
 use crate::runtime::serve::{ControlPlane, ServeOptions, serve};
 use crate::sources::kube::{WatchAggregator, all_watched, cluster_watches, run_watches};
 use crate::translate::MeshConfig;
+use configmaps::{ConfigMapPublisher, MeshedNamespaces, PublishedConfigMap};
 use lease::{LeaderElector, LeaseSettings};
 use status::{StatusObserver, StatusWriter};
-use trust_bundle::{MeshedNamespaces, TrustBundlePublisher};
 
 /// How a sidecar's xDS stream proves which pod it is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -69,6 +71,48 @@ pub struct ControllerOptions {
     pub lease_duration: Duration,
     /// How sidecars prove their pod.
     pub proxy_identity: ProxyIdentity,
+    /// Where injected sidecars reach the xDS server (its Service), `HOST:PORT`.
+    pub sidecar_xds: String,
+    /// The webhook's serving certificate and caBundle, kept by the leader; `None` when
+    /// cert-manager does it (`--no-webhook-certificate`).
+    pub webhook_certificate: Option<webhook_cert::WebhookCertSettings>,
+}
+
+/// Where the injected proxy mounts the trust bundle ConfigMap (webhook/src/inject.rs).
+const SIDECAR_CA_DIR: &str = "/etc/weft/ca";
+/// The projected ServiceAccount token the injected proxy presents.
+const SIDECAR_TOKEN_PATH: &str = "/var/run/secrets/weft/token";
+/// The injected proxy's health port, probed by the kubelet.
+const SIDECAR_HEALTH_PORT: u16 = 15021;
+
+/// What every meshed namespace gets: the trust bundle, and a bootstrap that reaches
+/// the xDS Service over verified TLS with the pod's token (the proxy's command line
+/// sets its node id, so one bootstrap serves every pod).
+fn sidecar_configmaps(
+    opts: &ControllerOptions,
+    bundle_pem: String,
+) -> Result<Vec<PublishedConfigMap>, WeftError> {
+    use crate::sidecar::bootstrap::{BootstrapOptions, XdsTls, render_bootstrap};
+    let mut boot = BootstrapOptions::parse("weft/sidecar", &opts.sidecar_xds, 15000)?;
+    boot.xds_tls = Some(XdsTls {
+        ca_file: PathBuf::from(SIDECAR_CA_DIR).join(configmaps::TRUST_BUNDLE_KEY),
+        control_plane_id: crate::runtime::xds_listener::control_plane_id(&opts.mesh.trust_domain),
+    });
+    boot.health_port = Some(SIDECAR_HEALTH_PORT);
+    if opts.proxy_identity == ProxyIdentity::Token {
+        boot.token_file = Some(PathBuf::from(SIDECAR_TOKEN_PATH));
+    }
+    let bootstrap = render_bootstrap(&boot)?;
+    Ok(vec![
+        PublishedConfigMap {
+            name: configmaps::TRUST_BUNDLE_CONFIGMAP,
+            data: [(configmaps::TRUST_BUNDLE_KEY.to_string(), bundle_pem)].into(),
+        },
+        PublishedConfigMap {
+            name: configmaps::BOOTSTRAP_CONFIGMAP,
+            data: [(configmaps::BOOTSTRAP_KEY.to_string(), bootstrap)].into(),
+        },
+    ])
 }
 
 /// A client from the kubeconfig flag, or inferred (KUBECONFIG, in-cluster, ~/.kube).
@@ -98,13 +142,14 @@ async fn client(opts: &ControllerOptions) -> Result<kube::Client, WeftError> {
 /// Runs Kubernetes mode until SIGINT/SIGTERM (Ok) or until any task fails (Err).
 pub async fn run(opts: ControllerOptions) -> Result<(), WeftError> {
     let client = client(&opts).await?;
-    let ca = ca_secret::load_ca(
+    let ca_material = ca_secret::load_ca_material(
         client.clone(),
         &opts.namespace,
         &opts.ca_secret,
         opts.user_ca_secret.as_deref(),
     )
     .await?;
+    let ca = ca_material.authority()?;
     let bundle_pem = ca.trust_bundle_pem().to_string();
     let metrics = Arc::new(ControlPlaneMetrics::default());
     let (events, source) = mpsc::channel(16);
@@ -128,9 +173,32 @@ pub async fn run(opts: ControllerOptions) -> Result<(), WeftError> {
         opts.identity.clone(),
         metrics.clone(),
     );
-    let bundle = TrustBundlePublisher::new(
+    let webhook_certificate = match opts.webhook_certificate.clone() {
+        Some(settings) => Some(webhook_cert::WebhookCertificate::new(
+            client.clone(),
+            ca_material.authority()?,
+            &opts.namespace,
+            &opts.mesh.trust_domain,
+            settings,
+            leadership.clone(),
+            metrics.clone(),
+        )),
+        None => {
+            tracing::info!(
+                "webhook serving certificate: left to cert-manager (--no-webhook-certificate)"
+            );
+            None
+        }
+    };
+    let webhook_certificate = async move {
+        match webhook_certificate {
+            Some(task) => task.run().await,
+            None => std::future::pending().await,
+        }
+    };
+    let bundle = ConfigMapPublisher::new(
         client.clone(),
-        bundle_pem,
+        sidecar_configmaps(&opts, bundle_pem)?,
         meshed,
         namespaces,
         leadership,
@@ -157,7 +225,8 @@ pub async fn run(opts: ControllerOptions) -> Result<(), WeftError> {
             ("kubernetes-watches", Box::pin(watches)),
             ("leader-election", Box::pin(elector.run())),
             ("status-writer", Box::pin(writer.run())),
-            ("trust-bundle", Box::pin(bundle.run())),
+            ("webhook-certificate", Box::pin(webhook_certificate)),
+            ("sidecar-configmaps", Box::pin(bundle.run())),
         ],
         metrics,
         started: format!(

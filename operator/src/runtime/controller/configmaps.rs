@@ -1,5 +1,6 @@
-//! The trust bundle as a ConfigMap `weft-root-ca` in every namespace with meshed pods,
-//! written by the leader and rewritten when someone changes or deletes it.
+//! What injected sidecars mount, as ConfigMaps in every namespace with meshed pods: the
+//! trust bundle (`weft-root-ca`) and the Envoy bootstrap (`weft-bootstrap`), written by
+//! the leader and rewritten when someone changes or deletes them.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -19,11 +20,27 @@ use crate::runtime::controller::lease::Leadership;
 use crate::runtime::controller::status::FIELD_MANAGER;
 use crate::runtime::mesh::ModelObserver;
 use crate::runtime::metrics::ControlPlaneMetrics;
+use crate::sources::kube::LiveNamespaces;
 
-/// Name of the ConfigMap (the sidecar mounts it).
+/// Name of the trust bundle ConfigMap (the sidecar mounts it at /etc/weft/ca).
 pub const TRUST_BUNDLE_CONFIGMAP: &str = "weft-root-ca";
 /// Its key holding the PEM roots.
 pub const TRUST_BUNDLE_KEY: &str = "ca.crt";
+/// Name of the bootstrap ConfigMap (the sidecar mounts it at /etc/weft/bootstrap).
+pub const BOOTSTRAP_CONFIGMAP: &str = "weft-bootstrap";
+/// Its key holding Envoy's bootstrap.
+pub const BOOTSTRAP_KEY: &str = "envoy.yaml";
+/// The label on every ConfigMap Weft publishes (and watches to keep them current).
+const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "weft");
+
+/// One ConfigMap published into every namespace with meshed pods.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PublishedConfigMap {
+    /// Its name.
+    pub name: &'static str,
+    /// Its data.
+    pub data: BTreeMap<String, String>,
+}
 
 /// Namespaces with meshed pods, kept current one changed workload at a time.
 #[derive(Debug)]
@@ -89,20 +106,21 @@ impl ModelObserver for MeshedNamespaces {
 }
 
 /// Writes the ConfigMaps while this replica leads.
-pub struct TrustBundlePublisher {
+pub struct ConfigMapPublisher {
     client: Client,
-    bundle_pem: String,
+    maps: Vec<PublishedConfigMap>,
     meshed: watch::Receiver<Arc<BTreeSet<String>>>,
-    live: watch::Receiver<Arc<BTreeSet<String>>>,
+    live: watch::Receiver<Arc<LiveNamespaces>>,
     leadership: Leadership,
     metrics: Arc<ControlPlaneMetrics>,
-    /// Namespaces whose ConfigMap holds the bundle (as written, or as seen).
-    current: BTreeSet<String>,
+    /// (namespace, name) of the ConfigMaps that hold what they should (as written, or
+    /// as seen).
+    current: BTreeSet<(String, &'static str)>,
 }
 
-impl std::fmt::Debug for TrustBundlePublisher {
+impl std::fmt::Debug for ConfigMapPublisher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TrustBundlePublisher")
+        f.debug_struct("ConfigMapPublisher")
             .field("current", &self.current)
             .finish_non_exhaustive()
     }
@@ -110,20 +128,21 @@ impl std::fmt::Debug for TrustBundlePublisher {
 
 const RETRY: Duration = Duration::from_secs(2);
 
-impl TrustBundlePublisher {
-    /// A publisher of `bundle_pem` into the namespaces that are in both `meshed` and
-    /// `live` (existing, not being deleted).
+impl ConfigMapPublisher {
+    /// A publisher of `maps` into the `live` namespaces (existing, not being deleted)
+    /// that have meshed pods or are labelled for injection (a pod's first proxy needs
+    /// them before the pod exists).
     pub fn new(
         client: Client,
-        bundle_pem: String,
+        maps: Vec<PublishedConfigMap>,
         meshed: watch::Receiver<Arc<BTreeSet<String>>>,
-        live: watch::Receiver<Arc<BTreeSet<String>>>,
+        live: watch::Receiver<Arc<LiveNamespaces>>,
         leadership: Leadership,
         metrics: Arc<ControlPlaneMetrics>,
     ) -> Self {
         Self {
             client,
-            bundle_pem,
+            maps,
             meshed,
             live,
             leadership,
@@ -132,49 +151,67 @@ impl TrustBundlePublisher {
         }
     }
 
-    async fn write(&self, namespace: &str) -> Result<(), kube::Error> {
+    async fn write(&self, namespace: &str, map: &PublishedConfigMap) -> Result<(), kube::Error> {
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
         let body = json!({
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": {
-                "name": TRUST_BUNDLE_CONFIGMAP,
+                "name": map.name,
                 "namespace": namespace,
-                "labels": {"app.kubernetes.io/managed-by": "weft"},
+                "labels": { MANAGED_BY.0: MANAGED_BY.1 },
             },
-            "data": { TRUST_BUNDLE_KEY: self.bundle_pem },
+            "data": map.data,
         });
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        api.patch(TRUST_BUNDLE_CONFIGMAP, &params, &Patch::Apply(&body))
+        api.patch(map.name, &params, &Patch::Apply(&body))
             .await
             .map(|_| ())
     }
 
+    /// Whether a ConfigMap seen in the cluster holds what Weft publishes under its name.
+    fn holds(&self, cm: &ConfigMap) -> Option<(String, &'static str)> {
+        let name = cm.metadata.name.as_deref()?;
+        let map = self.maps.iter().find(|m| m.name == name)?;
+        let namespace = cm.metadata.namespace.clone()?;
+        (cm.data.as_ref() == Some(&map.data)).then_some((namespace, map.name))
+    }
+
+    /// Forgets a ConfigMap that changed or went away, so it is written again.
+    fn forget(&mut self, cm: &ConfigMap) {
+        if let (Some(ns), Some(name)) = (&cm.metadata.namespace, &cm.metadata.name) {
+            self.current
+                .retain(|(n, m)| !(n == ns && *m == name.as_str()));
+        }
+    }
+
     /// Writes what is missing; whether a write failed.
     async fn reconcile(&mut self) -> bool {
-        let wanted: Vec<String> = {
+        let wanted: Vec<(String, usize)> = {
             let meshed = self.meshed.borrow_and_update().clone();
             let live = self.live.borrow_and_update().clone();
-            meshed
-                .intersection(&live)
-                .filter(|ns| !self.current.contains(*ns))
-                .cloned()
+            live.iter()
+                .filter(|(ns, injection)| **injection || meshed.contains(*ns))
+                .map(|(ns, _)| ns)
+                .flat_map(|ns| (0..self.maps.len()).map(move |i| (ns.clone(), i)))
+                .filter(|(ns, i)| !self.current.contains(&(ns.clone(), self.maps[*i].name)))
                 .collect()
         };
         let mut failed = false;
-        for namespace in wanted {
+        for (namespace, i) in wanted {
             if !self.leadership.is_leader() {
                 return false;
             }
-            match self.write(&namespace).await {
+            let map = &self.maps[i];
+            match self.write(&namespace, map).await {
                 Ok(()) => {
-                    tracing::info!(%namespace, "trust bundle ConfigMap written");
-                    self.current.insert(namespace);
+                    tracing::info!(%namespace, configmap = map.name, "ConfigMap written");
+                    self.current.insert((namespace, map.name));
                 }
                 Err(error) => {
                     failed = true;
                     self.metrics.reconcile_errors.inc();
-                    tracing::warn!(%error, %namespace, "writing the trust bundle ConfigMap failed; retrying");
+                    tracing::warn!(%error, %namespace, configmap = map.name, "writing the ConfigMap failed; retrying");
                 }
             }
         }
@@ -186,7 +223,7 @@ impl TrustBundlePublisher {
     pub async fn run(mut self) -> Result<(), WeftError> {
         let api: Api<ConfigMap> = Api::all(self.client.clone());
         let config =
-            watcher::Config::default().fields(&format!("metadata.name={TRUST_BUNDLE_CONFIGMAP}"));
+            watcher::Config::default().labels(&format!("{}={}", MANAGED_BY.0, MANAGED_BY.1));
         let mut seen = watcher(api, config).default_backoff().boxed();
         let mut retry_at: Option<tokio::time::Instant> = None;
         loop {
@@ -202,28 +239,27 @@ impl TrustBundlePublisher {
             };
             tokio::select! {
                 r = self.meshed.changed() => if r.is_err() {
-                    return Err(WeftError::TaskEnded { task: "trust-bundle", reason: "the mesh task stopped".to_string() });
+                    return Err(WeftError::TaskEnded { task: "sidecar-configmaps", reason: "the mesh task stopped".to_string() });
                 },
                 r = self.live.changed() => if r.is_err() {
-                    return Err(WeftError::TaskEnded { task: "trust-bundle", reason: "the namespace watch stopped".to_string() });
+                    return Err(WeftError::TaskEnded { task: "sidecar-configmaps", reason: "the namespace watch stopped".to_string() });
                 },
                 () = self.leadership.changed() => {}
                 () = retry => {}
                 event = seen.next() => match event {
-                    Some(Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm))) => {
-                        let ns = cm.metadata.namespace.clone().unwrap_or_default();
-                        let holds = cm.data.as_ref().and_then(|d| d.get(TRUST_BUNDLE_KEY)) == Some(&self.bundle_pem);
-                        if holds { self.current.insert(ns); } else { self.current.remove(&ns); }
+                                        Some(Ok(watcher::Event::Apply(cm) | watcher::Event::InitApply(cm))) => {
+                        match self.holds(&cm) {
+                            Some(key) => { self.current.insert(key); }
+                            None => self.forget(&cm),
+                        }
                     }
-                    Some(Ok(watcher::Event::Delete(cm))) => {
-                        self.current.remove(&cm.metadata.namespace.unwrap_or_default());
-                    }
+                    Some(Ok(watcher::Event::Delete(cm))) => self.forget(&cm),
                     Some(Ok(watcher::Event::Init | watcher::Event::InitDone)) => {}
                     Some(Err(error)) => {
                         self.metrics.watch_restarted("ConfigMap");
-                        tracing::warn!(%error, "trust bundle ConfigMap watch failed; retrying after a backoff");
+                        tracing::warn!(%error, "published ConfigMaps watch failed; retrying after a backoff");
                     }
-                    None => return Err(WeftError::TaskEnded { task: "trust-bundle", reason: "the ConfigMap watch ended".to_string() }),
+                    None => return Err(WeftError::TaskEnded { task: "sidecar-configmaps", reason: "the ConfigMap watch ended".to_string() }),
                 },
             }
         }
