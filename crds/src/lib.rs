@@ -327,19 +327,107 @@ pub enum MtlsPolicy {
     Permissive,
 }
 
-/// Every CRD Weft installs, as `(file stem, CRD)`.
+/// Every CRD Weft installs, as `(file stem, CRD)`: each serves every version of
+/// [`conversion::SERVED_KINDS`], newest first, and stores the newest; kinds whose
+/// versions' schemas differ convert through `weft-webhook`'s `/convert` (the
+/// `weft-webhook` Service in `weft-system`: the chart's controller points it at the
+/// release namespace and fills in the `caBundle`).
 pub fn all_crds() -> Vec<(
     &'static str,
     k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
 )> {
     use kube::CustomResourceExt;
+    use versions::{
+        access_v1alpha2, hoist_spec, int_or_string_types, specs_v1alpha1, specs_v1alpha2,
+        specs_v1alpha3, split_v1alpha1, split_v1alpha2, split_v1alpha3,
+    };
     vec![
-        ("trafficsplits.split.smi-spec.io", TrafficSplit::crd()),
-        ("traffictargets.access.smi-spec.io", TrafficTarget::crd()),
-        ("httproutegroups.specs.smi-spec.io", HTTPRouteGroup::crd()),
-        ("tcproutes.specs.smi-spec.io", TCPRoute::crd()),
+        (
+            "trafficsplits.split.smi-spec.io",
+            multi_version(vec![
+                TrafficSplit::crd(),
+                split_v1alpha3::TrafficSplit::crd(),
+                split_v1alpha2::TrafficSplit::crd(),
+                int_or_string_types(split_v1alpha1::TrafficSplit::crd()),
+            ]),
+        ),
+        (
+            "traffictargets.access.smi-spec.io",
+            multi_version(vec![
+                TrafficTarget::crd(),
+                access_v1alpha2::TrafficTarget::crd(),
+            ]),
+        ),
+        (
+            "httproutegroups.specs.smi-spec.io",
+            multi_version(vec![
+                HTTPRouteGroup::crd(),
+                specs_v1alpha3::HTTPRouteGroup::crd(),
+                hoist_spec(specs_v1alpha2::HTTPRouteGroup::crd()),
+                hoist_spec(specs_v1alpha1::HTTPRouteGroup::crd()),
+            ]),
+        ),
+        (
+            "tcproutes.specs.smi-spec.io",
+            multi_version(vec![
+                TCPRoute::crd(),
+                specs_v1alpha3::TCPRoute::crd(),
+                hoist_spec(specs_v1alpha2::TCPRoute::crd()),
+                hoist_spec(specs_v1alpha1::TCPRoute::crd()),
+            ]),
+        ),
         ("meshconfigs.config.weft.dev", MeshConfig::crd()),
     ]
+}
+
+/// One CRD serving the versions of `crds` (single-version CRDs of one kind, the stored
+/// version first), in that order, with the conversion strategy
+/// [`conversion::SERVED_KINDS`] gives the kind.
+fn multi_version(
+    crds: Vec<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>,
+) -> k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition {
+    use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::{
+        CustomResourceConversion, ServiceReference, WebhookClientConfig, WebhookConversion,
+    };
+    let mut crds = crds.into_iter();
+    let Some(mut merged) = crds.next() else {
+        return Default::default();
+    };
+    for crd in crds {
+        merged
+            .spec
+            .versions
+            .extend(crd.spec.versions.into_iter().map(|mut v| {
+                v.storage = false;
+                v
+            }));
+    }
+    let webhook = conversion::SERVED_KINDS
+        .iter()
+        .any(|k| k.kind == merged.spec.names.kind && k.webhook);
+    merged.spec.conversion = Some(if webhook {
+        CustomResourceConversion {
+            strategy: "Webhook".to_string(),
+            webhook: Some(WebhookConversion {
+                conversion_review_versions: vec!["v1".to_string()],
+                client_config: Some(WebhookClientConfig {
+                    service: Some(ServiceReference {
+                        name: conversion::WEBHOOK_SERVICE.to_string(),
+                        namespace: conversion::WEBHOOK_NAMESPACE.to_string(),
+                        path: Some(conversion::WEBHOOK_PATH.to_string()),
+                        port: Some(443),
+                    }),
+                    ..Default::default()
+                }),
+            }),
+        }
+    } else {
+        CustomResourceConversion {
+            strategy: "None".to_string(),
+            webhook: None,
+        }
+    });
+    merged
 }
 
 /// Renders every CRD as `(file name, YAML text)`, as `crdgen` writes them.
@@ -383,7 +471,16 @@ pub mod annotations {
     /// The services a pod calls, comma separated (`namespace/service`, `namespace/*`,
     /// `./service`, `./*` for its own namespace, `*/service`): its proxy gets only these.
     pub const EGRESS: &str = "weft.dev/egress";
+    /// On an SMI object: what its apiVersion cannot express, kept for the versions that
+    /// can (JSON; see [`crate::conversion`]).
+    pub const CONVERSION_DATA: &str = "weft.dev/conversion-data";
 }
 
 /// Bounds on untrusted input, checked before any parser runs.
 pub mod bounds;
+
+/// Conversion between the SMI versions Weft serves.
+pub mod conversion;
+
+/// The older versions' schemas.
+mod versions;

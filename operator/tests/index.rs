@@ -98,10 +98,10 @@ fn a_second_service_on_the_same_cluster_ip_is_rejected() {
 
 #[test]
 fn manifest_errors_name_the_document_and_the_reason() {
-    let bad_version = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n---\napiVersion: split.smi-spec.io/v1alpha2\nkind: TrafficSplit\nmetadata: {name: s}\nspec: {service: a, backends: []}\n";
+    let bad_version = "apiVersion: v1\nkind: Service\nmetadata: {name: a}\n---\napiVersion: split.smi-spec.io/v1alpha5\nkind: TrafficSplit\nmetadata: {name: s}\nspec: {service: a, backends: []}\n";
     let err = parse_manifests(bad_version).unwrap_err().to_string();
     assert!(
-        err.contains("document 2") && err.contains("v1alpha2"),
+        err.contains("document 2") && err.contains("v1alpha5"),
         "{err}"
     );
     let no_name = "apiVersion: v1\nkind: Pod\nmetadata: {}\n";

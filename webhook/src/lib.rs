@@ -1,12 +1,15 @@
 //! Weft's sidecar injection: a pure [`inject`] that turns a pod into a JSON patch,
-//! and an HTTPS server for `admission.k8s.io/v1` AdmissionReviews.
+//! and an HTTPS server for `admission.k8s.io/v1` AdmissionReviews; and the SMI CRDs'
+//! conversion webhook ([`handle_conversion`], on `/convert`).
 
+pub mod convert;
 pub mod inject;
 pub mod review;
 pub mod server;
 
 use std::path::PathBuf;
 
+pub use convert::handle_conversion;
 pub use inject::{InjectConfig, Skip, inject};
 pub use review::{ReviewReply, handle_review};
 

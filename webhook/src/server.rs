@@ -1,5 +1,6 @@
-//! The HTTPS AdmissionReview server. Its certificate is re-read when the files change,
-//! so the CA can rotate it without a restart.
+//! The HTTPS server: AdmissionReviews (sidecar injection) and, on `/convert`,
+//! ConversionReviews (the SMI CRDs' versions). Its certificate is re-read when the files
+//! change, so the CA can rotate it without a restart.
 
 use std::convert::Infallible;
 use std::path::{Path, PathBuf};
@@ -18,7 +19,10 @@ use tokio::net::TcpListener;
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
+use weft_crds::conversion::WEBHOOK_PATH;
+
 use crate::WebhookError;
+use crate::convert::{MAX_CONVERSION_REVIEW_BYTES, handle_conversion};
 use crate::inject::InjectConfig;
 use crate::review::{MAX_REVIEW_BYTES, handle_review};
 
@@ -133,8 +137,31 @@ async fn route(
             .body(Full::new(Bytes::from(body)))
             .unwrap_or_default()
     };
+    let read_error = |e: &dyn std::fmt::Display| {
+        json(
+            StatusCode::BAD_REQUEST.as_u16(),
+            format!(
+                r#"{{"error":"reading the request body: {}"}}"#,
+                e.to_string().replace('"', "'")
+            )
+            .into_bytes(),
+        )
+    };
     match (req.method(), req.uri().path()) {
         (&Method::GET, "/healthz") => Response::new(Full::new(Bytes::from_static(b"ok\n"))),
+        // CRD conversion (ConversionReview); every other POST is an AdmissionReview.
+        (&Method::POST, WEBHOOK_PATH) => {
+            match Limited::new(req.into_body(), MAX_CONVERSION_REVIEW_BYTES)
+                .collect()
+                .await
+            {
+                Ok(body) => {
+                    let reply = handle_conversion(&body.to_bytes());
+                    json(reply.status, reply.body)
+                }
+                Err(e) => read_error(&e),
+            }
+        }
         (&Method::POST, _) => match Limited::new(req.into_body(), MAX_REVIEW_BYTES)
             .collect()
             .await
@@ -143,18 +170,11 @@ async fn route(
                 let reply = handle_review(&body.to_bytes(), config);
                 json(reply.status, reply.body)
             }
-            Err(e) => json(
-                StatusCode::BAD_REQUEST.as_u16(),
-                format!(
-                    r#"{{"error":"reading the request body: {}"}}"#,
-                    e.to_string().replace('"', "'")
-                )
-                .into_bytes(),
-            ),
+            Err(e) => read_error(&e),
         },
         _ => json(
             StatusCode::METHOD_NOT_ALLOWED.as_u16(),
-            br#"{"error":"POST an AdmissionReview"}"#.to_vec(),
+            br#"{"error":"POST an AdmissionReview (or a ConversionReview to /convert)"}"#.to_vec(),
         ),
     }
 }
@@ -209,7 +229,7 @@ pub async fn serve(
     }
 }
 
-/// `weft-webhook`: serve AdmissionReviews over HTTPS.
+/// `weft-webhook`: serve AdmissionReviews and ConversionReviews over HTTPS.
 #[derive(Debug, clap::Parser)]
 #[command(name = "weft-webhook", version)]
 struct Args {

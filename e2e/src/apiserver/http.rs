@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::combinators::BoxBody;
+use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue, USER_AGENT};
@@ -21,11 +21,13 @@ use tokio::sync::mpsc::UnboundedReceiver;
 use tokio::task::JoinSet;
 
 use super::Shared;
+use super::conversion::{VIEWS, View, find_view};
 use super::select::Filter;
 use super::store::{ApiError, KINDS, Kind, ListRequest, Store, Target, WatchMsg, WatchRequest};
 use super::tokens;
 
-type Body = BoxBody<Bytes, io::Error>;
+/// Not `Sync`: a watch's stream may await a conversion webhook call.
+type Body = UnsyncBoxBody<Bytes, io::Error>;
 
 /// Serves connections until the task is aborted; aborting drops every connection too.
 pub(crate) async fn serve(listener: TcpListener, shared: Arc<Shared>) {
@@ -59,7 +61,7 @@ async fn handle(shared: Arc<Shared>, req: Request<Incoming>) -> Result<Response<
 fn json_response(code: u16, value: &Value) -> Response<Body> {
     let bytes = serde_json::to_vec(value).unwrap_or_default();
     let body = Full::new(Bytes::from(bytes)).map_err(|never| match never {});
-    let mut response = Response::new(body.boxed());
+    let mut response = Response::new(body.boxed_unsync());
     *response.status_mut() =
         StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (response.headers_mut()).insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
@@ -127,21 +129,38 @@ fn parse_rv(rv: &str) -> Result<u64, ApiError> {
 /// A resource path: a kind, the namespace and object if named, `/status` or not.
 struct ResourcePath {
     kind: usize,
+    /// Requested in another served version than the stored one (an index into
+    /// [`VIEWS`]).
+    view: Option<usize>,
     namespace: Option<String>,
     name: Option<String>,
     status: bool,
 }
 
+impl ResourcePath {
+    fn target(&self) -> Target {
+        Target {
+            kind: self.kind,
+            namespace: self.namespace.clone().unwrap_or_default(),
+            name: self.name.clone().unwrap_or_default(),
+            status: self.status,
+        }
+    }
+}
+
 fn resolve(group: &str, version: &str, rest: &[&str]) -> Option<ResourcePath> {
     let find = |plural: &str| {
-        KINDS
+        let stored = KINDS
             .iter()
-            .position(|k| (k.group, k.version, k.plural) == (group, version, plural))
+            .position(|k| (k.group, k.version, k.plural) == (group, version, plural));
+        stored
+            .map(|k| (k, None))
+            .or_else(|| find_view(group, version, plural).map(|v| (VIEWS[v].kind, Some(v))))
     };
     let namespaced = |plural: Option<&&str>| {
         plural
             .and_then(|p| find(p))
-            .is_some_and(|k| KINDS[k].namespaced)
+            .is_some_and(|(k, _)| KINDS[k].namespaced)
     };
     let (namespace, rest) = match rest {
         ["namespaces", ns, tail @ ..] if namespaced(tail.first()) => (Some(ns.to_string()), tail),
@@ -153,7 +172,7 @@ fn resolve(group: &str, version: &str, rest: &[&str]) -> Option<ResourcePath> {
         [plural, name, sub] => (*plural, Some(*name), Some(*sub)),
         _ => return None,
     };
-    let kind = find(plural)?;
+    let (kind, view) = find(plural)?;
     // A namespaced object is only addressable within its namespace.
     if KINDS[kind].namespaced && namespace.is_none() && name.is_some() {
         return None;
@@ -165,6 +184,7 @@ fn resolve(group: &str, version: &str, rest: &[&str]) -> Option<ResourcePath> {
     };
     Some(ResourcePath {
         kind,
+        view,
         namespace,
         name: name.map(String::from),
         status,
@@ -195,7 +215,7 @@ struct Call {
     body: Bytes,
 }
 
-async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn route(shared: &Arc<Shared>, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let header = |name| {
         req.headers()
             .get(name)
@@ -251,20 +271,170 @@ async fn route(shared: &Shared, req: Request<Incoming>) -> Result<Response<Body>
         ));
     }
     let target = resolve(group, version, rest).ok_or_else(|| not_found_path(&path))?;
-    resource(&mut shared.lock(), &target, call, &path)
+    match target.view {
+        None => {
+            let reply = resource(&mut shared.lock(), &target, call, &path)?;
+            Ok(render(&KINDS[target.kind], reply, None))
+        }
+        Some(view) => in_view(shared, &target, &VIEWS[view], call, &path).await,
+    }
 }
 
-/// A request on a served kind. Watches return at once with a streaming body.
-fn resource(
-    store: &mut Store,
+/// What a request on a served kind answers: an object or list, or a watch.
+enum Reply {
+    Json(u16, Value),
+    Watch {
+        backlog: VecDeque<WatchMsg>,
+        rx: Option<UnboundedReceiver<WatchMsg>>,
+        timeout: Duration,
+    },
+}
+
+/// The response of a reply; watch events are converted to `view`'s version if given.
+fn render(
+    kind: &'static Kind,
+    reply: Reply,
+    view: Option<(Arc<Shared>, &'static View)>,
+) -> Response<Body> {
+    match reply {
+        Reply::Json(code, value) => json_response(code, &value),
+        Reply::Watch {
+            backlog,
+            rx,
+            timeout,
+        } => {
+            let api_version = view
+                .as_ref()
+                .map_or(kind.api_version, |(_, v)| v.api_version);
+            watch_response(api_version, kind.kind, backlog, rx, timeout, view)
+        }
+    }
+}
+
+/// A request in another served version than the stored one: a body to store is
+/// converted to the stored version first, and the answer to the requested version; a
+/// merge or JSON patch applies to the object in the requested version.
+async fn in_view(
+    shared: &Arc<Shared>,
     path: &ResourcePath,
-    call: Call,
+    view: &'static View,
+    mut call: Call,
     raw_path: &str,
 ) -> Result<Response<Body>, ApiError> {
     let kind = &KINDS[path.kind];
+    let apply = call.content_type == "application/apply-patch+yaml";
+    if call.method == Method::PATCH && path.name.is_some() && !apply {
+        return patch_in_view(shared, path, view, &call).await;
+    }
+    let writes = matches!(call.method, Method::POST | Method::PUT)
+        || (call.method == Method::PATCH && apply);
+    if writes && path.name.is_some() != (call.method == Method::POST) {
+        let mut body: Value = if apply {
+            serde_json::from_slice(&call.body)
+                .or_else(|_| serde_yaml_ng::from_slice::<Value>(&call.body))
+                .map_err(|e| {
+                    ApiError::bad_request(format!("the apply configuration is not valid YAML: {e}"))
+                })?
+        } else {
+            parse_json(&call.body)?
+        };
+        let Some(fields) = body.as_object_mut() else {
+            return Err(ApiError::bad_request(
+                "the body must be an object with object metadata",
+            ));
+        };
+        for (field, want) in [("apiVersion", view.api_version), ("kind", kind.kind)] {
+            match fields.get(field).and_then(Value::as_str) {
+                None => {
+                    fields.insert(field.to_string(), json!(want));
+                }
+                Some(have) if have != want => {
+                    return Err(ApiError::bad_request(format!(
+                        "the {field} in the data ({have}) does not match the expected {field} ({want})"
+                    )));
+                }
+                Some(_) => {}
+            }
+        }
+        let stored = match shared
+            .convert_one(kind, view.webhook, body, kind.api_version)
+            .await
+        {
+            Ok(stored) => stored,
+            Err(e) => {
+                // Refused before the store, but made (RBAC sees it): counted.
+                let verb = verb(path, &call, raw_path)?;
+                let subresource = if path.status { "status" } else { "" };
+                shared
+                    .lock()
+                    .count(verb, kind.group, kind.plural, subresource);
+                return Err(e);
+            }
+        };
+        call.body = Bytes::from(serde_json::to_vec(&stored).unwrap_or_default());
+    }
+    let reply = resource(&mut shared.lock(), path, call, raw_path)?;
+    match reply {
+        Reply::Json(code, value) => Ok(json_response(
+            code,
+            &shared.convert_answer(view, value).await?,
+        )),
+        watch => Ok(render(kind, watch, Some((shared.clone(), view)))),
+    }
+}
+
+/// A merge or JSON patch in another served version: the stored object converted to it,
+/// patched, converted back and stored (again on a conflict with a concurrent write,
+/// unless the patch names a resourceVersion).
+async fn patch_in_view(
+    shared: &Arc<Shared>,
+    path: &ResourcePath,
+    view: &'static View,
+    call: &Call,
+) -> Result<Response<Body>, ApiError> {
+    let kind = &KINDS[path.kind];
+    let target = path.target();
+    shared.lock().count(
+        "patch",
+        kind.group,
+        kind.plural,
+        if target.status { "status" } else { "" },
+    );
+    if call.query.flag("force") {
+        return Err(ApiError::invalid(
+            "force: Forbidden: may not be specified for non-apply patch",
+        ));
+    }
+    let pinned = call.body.windows(17).any(|w| w == b"\"resourceVersion\"");
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let current = shared
+            .lock()
+            .get(target.kind, &target.namespace, &target.name)?;
+        let mut object = shared
+            .convert_one(kind, view.webhook, current, view.api_version)
+            .await?;
+        apply_patch(&mut object, call)?;
+        let stored = shared
+            .convert_one(kind, view.webhook, object, kind.api_version)
+            .await?;
+        let result = shared.lock().replace(&target, stored, &call.manager);
+        match result {
+            Err(e) if e.code == 409 && !pinned && attempt < 5 => continue,
+            result => {
+                let answer = shared.convert_answer(view, result?).await?;
+                return Ok(json_response(200, &answer));
+            }
+        }
+    }
+}
+
+/// The verb of a request on a resource path, as RBAC names it.
+fn verb(path: &ResourcePath, call: &Call, raw_path: &str) -> Result<&'static str, ApiError> {
     // Creating a namespaced object needs its namespace in the path.
-    let creatable = path.namespace.is_some() || !kind.namespaced;
-    let verb = match (&call.method, path.name.is_some()) {
+    let creatable = path.namespace.is_some() || !KINDS[path.kind].namespaced;
+    Ok(match (&call.method, path.name.is_some()) {
         (&Method::GET, false) if call.query.flag("watch") => "watch",
         (&Method::GET, false) => "list",
         (&Method::GET, true) => "get",
@@ -274,20 +444,27 @@ fn resource(
         (&Method::DELETE, true) if !path.status => "delete",
         (&Method::DELETE, false) => "deletecollection",
         _ => return Err(method_not_allowed(&call.method, raw_path)),
-    };
+    })
+}
+
+/// A request on a served kind, in its stored version. Watches return at once with
+/// their first events and the receiver of later ones.
+fn resource(
+    store: &mut Store,
+    path: &ResourcePath,
+    call: Call,
+    raw_path: &str,
+) -> Result<Reply, ApiError> {
+    let kind = &KINDS[path.kind];
+    let verb = verb(path, &call, raw_path)?;
     let subresource = if path.status { "status" } else { "" };
     store.count(verb, kind.group, kind.plural, subresource);
-    let target = Target {
-        kind: path.kind,
-        namespace: path.namespace.clone().unwrap_or_default(),
-        name: path.name.clone().unwrap_or_default(),
-        status: path.status,
-    };
+    let target = path.target();
     let query = &call.query;
     match verb {
-        "get" => Ok(json_response(
+        "get" => Ok(Reply::Json(
             200,
-            &store.get(target.kind, &target.namespace, &target.name)?,
+            store.get(target.kind, &target.namespace, &target.name)?,
         )),
         "list" => {
             let limit = query.get("limit").map_or(Ok(0), |l| {
@@ -308,7 +485,7 @@ fn resource(
                 continue_token: query.get("continue").map(String::from),
                 exact,
             };
-            Ok(json_response(200, &store.list(&request)?))
+            Ok(Reply::Json(200, store.list(&request)?))
         }
         "watch" => {
             let from = match query.get("resourceVersion") {
@@ -326,7 +503,11 @@ fn resource(
             let (backlog, rx) = store.watch(request);
             // The API server's default is a random 30 to 60 minutes.
             let timeout = Duration::from_secs(seconds.unwrap_or(1800));
-            Ok(watch_response(kind, backlog, rx, timeout))
+            Ok(Reply::Watch {
+                backlog,
+                rx,
+                timeout,
+            })
         }
         "create" => {
             let object = store.create(
@@ -335,15 +516,15 @@ fn resource(
                 parse_json(&call.body)?,
                 &call.manager,
             )?;
-            Ok(json_response(201, &object))
+            Ok(Reply::Json(201, object))
         }
-        "update" => Ok(json_response(
+        "update" => Ok(Reply::Json(
             200,
-            &store.replace(&target, parse_json(&call.body)?, &call.manager)?,
+            store.replace(&target, parse_json(&call.body)?, &call.manager)?,
         )),
         "patch" => {
             let (code, object) = patch(store, &target, &call)?;
-            Ok(json_response(code, &object))
+            Ok(Reply::Json(code, object))
         }
         "delete" => {
             let options = if call.body.is_empty() {
@@ -351,13 +532,13 @@ fn resource(
             } else {
                 parse_json(&call.body)?
             };
-            Ok(json_response(200, &store.delete(&target, &options)?))
+            Ok(Reply::Json(200, store.delete(&target, &options)?))
         }
         _ => {
             let filter = query.filter(path.namespace.clone())?;
-            Ok(json_response(
+            Ok(Reply::Json(
                 200,
-                &store.delete_collection(path.kind, &filter)?,
+                store.delete_collection(path.kind, &filter)?,
             ))
         }
     }
@@ -383,6 +564,12 @@ fn patch(store: &mut Store, target: &Target, call: &Call) -> Result<(u16, Value)
         ));
     }
     let mut object = store.get(target.kind, &target.namespace, &target.name)?;
+    apply_patch(&mut object, call)?;
+    Ok((200, store.replace(target, object, &call.manager)?))
+}
+
+/// Applies a merge, strategic-merge or JSON patch to `object`.
+fn apply_patch(object: &mut Value, call: &Call) -> Result<(), ApiError> {
     match call.content_type.as_str() {
         // Strategic merge differs from a merge patch in how it merges lists (by key
         // instead of replacing): close enough here, once its directives are gone.
@@ -392,20 +579,19 @@ fn patch(store: &mut Store, target: &Target, call: &Call) -> Result<(u16, Value)
                 return Err(ApiError::bad_request("a merge patch must be a JSON object"));
             }
             strip_directives(&mut patch);
-            json_patch::merge(&mut object, &patch);
+            json_patch::merge(object, &patch);
         }
         "application/json-patch+json" => {
             let patch: json_patch::Patch = serde_json::from_slice(&call.body)
                 .map_err(|e| ApiError::bad_request(format!("the body is not a JSON patch: {e}")))?;
-            json_patch::patch(&mut object, &patch.0)
-                .map_err(|e| ApiError::invalid(e.to_string()))?;
+            json_patch::patch(object, &patch.0).map_err(|e| ApiError::invalid(e.to_string()))?;
         }
         other => {
             let message = format!("the body of the request was in an unknown format: {other:?}");
             return Err(ApiError::new(415, "UnsupportedMediaType", message));
         }
     }
-    Ok((200, store.replace(target, object, &call.manager)?))
+    Ok(())
 }
 
 /// Drops strategic-merge directives (`$patch`, `$setElementOrder/...`, ...), which a
@@ -421,7 +607,7 @@ fn strip_directives(value: &mut Value) {
     }
 }
 
-fn event_line(kind: &Kind, msg: WatchMsg) -> Bytes {
+fn event_line(api_version: &str, kind: &str, msg: WatchMsg) -> Bytes {
     let (event_type, object) = match msg {
         WatchMsg::Event(t, object) => (t, object),
         WatchMsg::Bookmark { rv, initial_end } => {
@@ -429,8 +615,7 @@ fn event_line(kind: &Kind, msg: WatchMsg) -> Bytes {
             if initial_end {
                 metadata["annotations"] = json!({"k8s.io/initial-events-end": "true"});
             }
-            let object =
-                json!({"apiVersion": kind.api_version, "kind": kind.kind, "metadata": metadata});
+            let object = json!({"apiVersion": api_version, "kind": kind, "metadata": metadata});
             ("BOOKMARK", Arc::new(object))
         }
         WatchMsg::Gone(error) => ("ERROR", Arc::new(error.status())),
@@ -442,34 +627,62 @@ fn event_line(kind: &Kind, msg: WatchMsg) -> Bytes {
 }
 
 /// A watch response: newline-delimited events until the timeout (a clean end) or
-/// until the double drops the watch (an abrupt end, as when a connection breaks).
+/// until the double drops the watch (an abrupt end, as when a connection breaks). With a
+/// view, each event's object is converted to its version first; a failed conversion is
+/// an ERROR event that ends the watch, as the API server's.
 fn watch_response(
-    kind: &'static Kind,
+    api_version: &'static str,
+    kind: &'static str,
     backlog: VecDeque<WatchMsg>,
     rx: Option<UnboundedReceiver<WatchMsg>>,
     timeout: Duration,
+    view: Option<(Arc<Shared>, &'static View)>,
 ) -> Response<Body> {
     struct State {
-        kind: &'static Kind,
+        api_version: &'static str,
+        kind: &'static str,
         backlog: VecDeque<WatchMsg>,
         rx: Option<UnboundedReceiver<WatchMsg>>,
         deadline: tokio::time::Instant,
+        view: Option<(Arc<Shared>, &'static View)>,
         cut: bool,
+        done: bool,
+    }
+    impl State {
+        async fn line(&mut self, msg: WatchMsg) -> Bytes {
+            let msg = match (msg, &self.view) {
+                (WatchMsg::Event(t, object), Some((shared, view))) => {
+                    match shared.convert_answer(view, Value::clone(&object)).await {
+                        Ok(converted) => WatchMsg::Event(t, Arc::new(converted)),
+                        Err(e) => {
+                            self.done = true;
+                            WatchMsg::Gone(e)
+                        }
+                    }
+                }
+                (msg, _) => msg,
+            };
+            event_line(self.api_version, self.kind, msg)
+        }
     }
     let deadline = tokio::time::Instant::now() + timeout;
     let state = State {
+        api_version,
         kind,
         backlog,
         rx,
         deadline,
+        view,
         cut: false,
+        done: false,
     };
     let stream = futures::stream::unfold(state, |mut s| async move {
-        if s.cut {
+        if s.cut || s.done {
             return None;
         }
         if let Some(msg) = s.backlog.pop_front() {
-            return Some((Ok(Frame::data(event_line(s.kind, msg))), s));
+            let line = s.line(msg).await;
+            return Some((Ok(Frame::data(line)), s));
         }
         let rx = s.rx.as_mut()?;
         let next = tokio::select! {
@@ -477,7 +690,10 @@ fn watch_response(
             msg = rx.recv() => msg,
         };
         match next {
-            Some(msg) => Some((Ok(Frame::data(event_line(s.kind, msg))), s)),
+            Some(msg) => {
+                let line = s.line(msg).await;
+                Some((Ok(Frame::data(line)), s))
+            }
             None => {
                 // A body error makes hyper abort the connection mid-stream.
                 s.cut = true;
@@ -488,7 +704,7 @@ fn watch_response(
             }
         }
     });
-    let mut response = Response::new(BodyExt::boxed(StreamBody::new(stream)));
+    let mut response = Response::new(BodyExt::boxed_unsync(StreamBody::new(stream)));
     (response.headers_mut()).insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
     response
 }
@@ -496,12 +712,19 @@ fn watch_response(
 /// `/version`, `/api`, `/apis` and the resource lists of each group version, as far as
 /// `kube`'s discovery reads them.
 fn discovery(segments: &[&str]) -> Option<Value> {
+    // Each group's versions by priority: the stored version first (the preferred one),
+    // then the other served versions, newest first.
     let versions = || {
         let mut seen: Vec<(&str, &str)> = KINDS.iter().map(|k| (k.group, k.version)).collect();
+        seen.extend(VIEWS.iter().map(|v| (v.group, v.version)));
         seen.push(("authentication.k8s.io", "v1"));
-        seen.sort_unstable();
-        seen.dedup();
-        seen
+        let mut unique: Vec<(&str, &str)> = Vec::new();
+        for gv in seen {
+            if !unique.contains(&gv) {
+                unique.push(gv);
+            }
+        }
+        unique
     };
     let document = match segments {
         ["version"] => json!({
@@ -548,10 +771,13 @@ fn resource_list(group: &str, version: &str) -> Option<Value> {
                "verbs": verbs})
     };
     let mut resources = Vec::new();
-    for k in KINDS
+    let stored = KINDS
         .iter()
-        .filter(|k| (k.group, k.version) == (group, version))
-    {
+        .filter(|k| (k.group, k.version) == (group, version));
+    let viewed = (VIEWS.iter())
+        .filter(|v| (v.group, v.version) == (group, version))
+        .map(|v| &KINDS[v.kind]);
+    for k in stored.chain(viewed) {
         let singular = k.kind.to_lowercase();
         resources.push(entry(k.plural, &singular, k.namespaced, k.kind, &VERBS));
         if k.status {

@@ -9,12 +9,17 @@
 //! and TokenReview for tokens the test issues. It is plain HTTP with a bearer token:
 //! the `kube` client talks to `http://` servers from a kubeconfig.
 //!
+//! The custom kinds are served in every version their CRDs serve, stored in the stored
+//! version and converted as the API server does: through the real conversion webhook
+//! when the CRD says so ([`ApiServerDouble::use_conversion_webhook`]; see `conversion`).
+//!
 //! Simplifications: every kind gets `metadata.generation` (bumped on changes outside
 //! metadata and a status subresource); strategic merge patches merge like merge
 //! patches (lists are replaced, not merged by key); server-side apply treats lists as
 //! atomic; no validation beyond what the code needs; no garbage collection.
 
 mod apply;
+mod conversion;
 mod http;
 mod select;
 mod store;
@@ -29,6 +34,7 @@ use serde_json::Value;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
+pub use conversion::{ConversionWebhook, custom_resource_versions};
 pub use store::ApiError;
 use store::{KINDS, Store, find_kind};
 use tokens::IssuedToken;
@@ -42,6 +48,10 @@ pub(crate) struct Shared {
     store: Mutex<Store>,
     /// The bearer token every request must carry.
     token: String,
+    /// The conversion webhook, once configured.
+    webhook: Mutex<Option<Arc<conversion::Webhook>>>,
+    /// The runtime the double serves on (conversions from synchronous callers run here).
+    runtime: tokio::runtime::Handle,
 }
 
 impl Shared {
@@ -90,6 +100,8 @@ impl ApiServerDouble {
         let shared = Arc::new(Shared {
             store: Mutex::new(Store::default()),
             token: random_token(),
+            webhook: Mutex::new(None),
+            runtime: tokio::runtime::Handle::current(),
         });
         let ticker = {
             let shared = shared.clone();
@@ -146,9 +158,52 @@ impl ApiServerDouble {
 
     /// Creates or wholly replaces an object, status included, without HTTP (for
     /// fixtures). Its `apiVersion` and `kind` pick the resource; a namespaced object
-    /// without a namespace goes to `default`. Watches see the change.
+    /// without a namespace goes to `default`. Watches see the change. An object in a
+    /// custom kind's other served version is converted to the stored one first (and
+    /// the stored object returned); through the webhook that waits for the conversion,
+    /// so it is refused from async code (write such objects over HTTP there).
     pub fn apply_object(&self, object: Value) -> Result<Value, ApiError> {
-        self.shared.lock().put_fixture(object)
+        let (api_version, kind) = (object["apiVersion"].as_str(), object["kind"].as_str());
+        let Some(view) = conversion::find_view_of(api_version.unwrap_or(""), kind.unwrap_or(""))
+        else {
+            return self.shared.lock().put_fixture(object);
+        };
+        let view = &conversion::VIEWS[view];
+        let kind = &store::KINDS[view.kind];
+        if !view.webhook {
+            // Strategy None: only apiVersion changes.
+            let mut object = object;
+            object["apiVersion"] = Value::from(kind.api_version);
+            return self.shared.lock().put_fixture(object);
+        }
+        if tokio::runtime::Handle::try_current().is_ok() {
+            return Err(ApiError::bad_request(
+                "apply_object cannot wait for a conversion in async code; write other versions over HTTP",
+            ));
+        }
+        let stored = self.shared.runtime.block_on(self.shared.convert_one(
+            kind,
+            view.webhook,
+            object,
+            kind.api_version,
+        ))?;
+        self.shared.lock().put_fixture(stored)
+    }
+
+    /// Makes the double convert custom resources through the conversion webhook at
+    /// `url` (`https://HOST:PORT/PATH`, as a CRD's `clientConfig` names it), trusting
+    /// `ca_pem` (the CRD's `caBundle`): every request in a version other than the
+    /// stored one of a kind whose CRD converts with `strategy: Webhook` calls it with
+    /// ConversionReviews, as the API server does.
+    pub fn use_conversion_webhook(&self, url: &str, ca_pem: &str) -> Result<(), ApiError> {
+        let _entered = self.shared.runtime.enter();
+        let webhook = conversion::Webhook::new(url, ca_pem).map_err(ApiError::bad_request)?;
+        *self
+            .shared
+            .webhook
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(webhook));
+        Ok(())
     }
 
     /// Deletes an object at once, finalizers or not; returns its last state.

@@ -28,20 +28,40 @@ fn field<'a>(doc: &'a Value, key: &str) -> Option<&'a str> {
     doc.get(key).and_then(Value::as_str)
 }
 
-/// The kind an `apiVersion`/`kind` pair names, if Weft reads it.
+/// The kind an `apiVersion`/`kind` pair names, if Weft reads it: every version the
+/// CRDs serve for Weft's custom kinds (see [`weft_crds::conversion::SERVED_KINDS`]).
 fn kind_of(api_version: &str, kind: &str) -> Option<Kind> {
     Some(match (api_version, kind) {
         ("v1", "Service") => Kind::Service,
         ("v1", "Pod") => Kind::Pod,
         ("v1", "ServiceAccount") => Kind::ServiceAccount,
         ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
-        ("split.smi-spec.io/v1alpha4", "TrafficSplit") => Kind::TrafficSplit,
-        ("access.smi-spec.io/v1alpha3", "TrafficTarget") => Kind::TrafficTarget,
-        ("specs.smi-spec.io/v1alpha4", "HTTPRouteGroup") => Kind::HTTPRouteGroup,
-        ("specs.smi-spec.io/v1alpha4", "TCPRoute") => Kind::TCPRoute,
-        ("config.weft.dev/v1alpha1", "MeshConfig") => Kind::MeshConfig,
-        _ => return None,
+        _ => match weft_crds::conversion::served_kind(api_version, kind)?.kind {
+            "TrafficSplit" => Kind::TrafficSplit,
+            "TrafficTarget" => Kind::TrafficTarget,
+            "HTTPRouteGroup" => Kind::HTTPRouteGroup,
+            "TCPRoute" => Kind::TCPRoute,
+            "MeshConfig" => Kind::MeshConfig,
+            _ => return None,
+        },
     })
+}
+
+/// A custom resource written in an older served version, converted to the stored one
+/// (the version Weft decodes) as the API server would through the conversion webhook;
+/// other documents are returned as they are.
+fn to_stored_version(api_version: &str, kind: &str, doc: Value) -> Result<Value, String> {
+    let Some(served) = weft_crds::conversion::served_kind(api_version, kind) else {
+        return Ok(doc);
+    };
+    let stored = served.storage_api_version();
+    if api_version == stored {
+        return Ok(doc);
+    }
+    let json: serde_json::Value = serde_json::to_value(&doc).map_err(|e| e.to_string())?;
+    let converted = weft_crds::conversion::convert(json, &stored)
+        .map_err(|e| format!("converting it to {stored}: {e}"))?;
+    serde_yaml_ng::to_value(converted).map_err(|e| e.to_string())
 }
 
 fn typed<T: DeserializeOwned>(doc: Value) -> Result<Box<T>, String> {
@@ -118,15 +138,20 @@ fn document_objects(doc: Value, n: usize, out: &mut ParsedManifest) {
         return;
     }
     let Some(kind) = kind_of(&api_version, &kind_name) else {
-        match kind_name.as_str() {
-            "" => reject(out, None, "no kind".to_string()),
-            "TrafficSplit" | "TrafficTarget" | "HTTPRouteGroup" | "TCPRoute" | "MeshConfig" => {
-                reject(
-                    out,
-                    None,
-                    format!("{kind_name} apiVersion {api_version:?} is not supported"),
-                )
-            }
+        let served = weft_crds::conversion::SERVED_KINDS
+            .iter()
+            .find(|k| k.kind == kind_name);
+        match (kind_name.as_str(), served) {
+            ("", _) => reject(out, None, "no kind".to_string()),
+            (_, Some(served)) => reject(
+                out,
+                None,
+                format!(
+                    "{kind_name} apiVersion {api_version:?} is not supported (Weft reads {} {})",
+                    served.group,
+                    served.versions.join(", ")
+                ),
+            ),
             _ => tracing::debug!(
                 api_version,
                 kind = kind_name,
@@ -139,7 +164,7 @@ fn document_objects(doc: Value, n: usize, out: &mut ParsedManifest) {
         reject(out, None, format!("{kind_name} has no metadata.name"));
         return;
     };
-    match decode(kind, doc) {
+    match to_stored_version(&api_version, &kind_name, doc).and_then(|doc| decode(kind, doc)) {
         Ok(decoded) => out.objects.push(decoded),
         Err(e) => reject(out, Some(object), format!("invalid {kind_name}: {e}")),
     }
@@ -172,5 +197,105 @@ pub fn parse_manifests(text: &str) -> Result<Vec<MeshObject>, WeftError> {
             reason: rejected.reason,
         }),
         None => Ok(parsed.objects),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+
+    fn split_of(text: &str) -> weft_crds::TrafficSplit {
+        match parse_manifests(text).unwrap().as_slice() {
+            [MeshObject::TrafficSplit(split)] => (**split).clone(),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_v1alpha1_split_with_quantity_weights_reads_like_its_v1alpha4_twin() {
+        let old = split_of(
+            "apiVersion: split.smi-spec.io/v1alpha1\nkind: TrafficSplit\nmetadata: {name: s, namespace: shop}\n\
+             spec:\n  service: web\n  backends:\n  - {service: web-v1, weight: 1500m}\n  - {service: web-v2, weight: 500m}\n",
+        );
+        let twin = split_of(
+            "apiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata: {name: s, namespace: shop}\n\
+             spec:\n  service: web\n  backends:\n  - {service: web-v1, weight: 1500}\n  - {service: web-v2, weight: 500}\n",
+        );
+        assert_eq!(old.spec, twin.spec);
+        assert_eq!(old.metadata, twin.metadata);
+        // Argo Rollouts' "80"/"20" and plain numbers: whole quantities in milli-units.
+        let argo = split_of(
+            "apiVersion: split.smi-spec.io/v1alpha1\nkind: TrafficSplit\nmetadata: {name: s}\n\
+             spec:\n  service: web\n  backends:\n  - {service: web-v1, weight: \"80\"}\n  - {service: web-v2, weight: 20}\n",
+        );
+        let weights: Vec<i64> = argo.spec.backends.iter().map(|b| b.weight).collect();
+        assert_eq!(weights, [80_000, 20_000]);
+    }
+
+    #[test]
+    fn older_spec_and_access_versions_are_read_in_their_stored_form() {
+        let text = "apiVersion: specs.smi-spec.io/v1alpha2\nkind: HTTPRouteGroup\nmetadata: {name: r}\n\
+                    matches:\n- name: firefox\n  headers: {user-agent: \".*Firefox.*\"}\n\
+                    ---\napiVersion: specs.smi-spec.io/v1alpha1\nkind: TCPRoute\nmetadata: {name: t}\n\
+                    ---\napiVersion: access.smi-spec.io/v1alpha2\nkind: TrafficTarget\nmetadata: {name: a}\n\
+                    spec:\n  destination: {kind: ServiceAccount, name: api, port: 8080}\n  sources: [{kind: ServiceAccount, name: web}]\n\
+                    ---\napiVersion: split.smi-spec.io/v1alpha3\nkind: TrafficSplit\nmetadata: {name: s}\n\
+                    spec:\n  service: web\n  matches: [{kind: HTTPRouteGroup, name: r}]\n  backends: [{service: web-v2, weight: 1}]\n";
+        let objects = parse_manifests(text).unwrap();
+        let [
+            MeshObject::HTTPRouteGroup(group),
+            MeshObject::TCPRoute(tcp),
+            MeshObject::TrafficTarget(target),
+            MeshObject::TrafficSplit(split),
+        ] = objects.as_slice()
+        else {
+            panic!("{objects:?}");
+        };
+        assert_eq!(
+            group.spec.matches[0]
+                .headers
+                .get("user-agent")
+                .map(String::as_str),
+            Some(".*Firefox.*")
+        );
+        assert!(tcp.spec.matches.ports.is_empty());
+        assert_eq!(target.spec.destination.port, Some(8080));
+        assert_eq!(split.spec.matches[0].name, "r");
+    }
+
+    #[test]
+    fn what_an_older_version_cannot_hold_is_rejected_on_its_own_with_the_reason() {
+        let text = "apiVersion: split.smi-spec.io/v1alpha1\nkind: TrafficSplit\nmetadata: {name: fine}\n\
+                    spec: {service: web, backends: [{service: web-v1, weight: 1}]}\n\
+                    ---\napiVersion: split.smi-spec.io/v1alpha1\nkind: TrafficSplit\nmetadata: {name: tiny}\n\
+                    spec: {service: web, backends: [{service: web-v1, weight: 1u}]}\n\
+                    ---\napiVersion: split.smi-spec.io/v1alpha2\nkind: TrafficSplit\nmetadata: {name: early}\n\
+                    spec: {service: web, matches: [{kind: HTTPRouteGroup, name: r}], backends: [{service: web-v1, weight: 1}]}\n\
+                    ---\napiVersion: split.smi-spec.io/v1alpha5\nkind: TrafficSplit\nmetadata: {name: future}\n";
+        let parsed = parse_manifest_documents(text).unwrap();
+        assert_eq!(parsed.objects.len(), 1);
+        let reasons: Vec<&str> = parsed.rejected.iter().map(|r| r.reason.as_str()).collect();
+        assert!(
+            reasons[0].starts_with(
+                "document 2: invalid TrafficSplit: converting it to split.smi-spec.io/v1alpha4"
+            ) && reasons[0].contains("spec.backends[0].weight")
+                && reasons[0].contains("finer than a milli-unit"),
+            "{reasons:?}"
+        );
+        assert_eq!(
+            parsed.rejected[0]
+                .object
+                .as_ref()
+                .map(ToString::to_string)
+                .as_deref(),
+            Some("TrafficSplit default/tiny")
+        );
+        assert!(reasons[1].contains("from v1alpha3 on"), "{reasons:?}");
+        assert!(
+            reasons[2].contains("is not supported (Weft reads split.smi-spec.io v1alpha4, v1alpha3, v1alpha2, v1alpha1)"),
+            "{reasons:?}"
+        );
     }
 }
