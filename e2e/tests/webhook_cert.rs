@@ -474,6 +474,21 @@ fn assert_calls_are_listed(api: &ApiServerDouble, group: &str, resource: &str) {
 #[test]
 fn the_controller_issues_the_webhook_certificate_and_sets_the_ca_bundle() {
     let c = cluster("issue");
+    // The chart's CRDs, as if installed for another namespace and without a caBundle.
+    let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../helm/weft/crds");
+    let mut converted = Vec::new();
+    for entry in std::fs::read_dir(&crds).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        let mut crd: Value = serde_yaml_ng::from_str(&text).unwrap();
+        if crd["spec"]["conversion"]["strategy"] == "Webhook" {
+            crd["spec"]["conversion"]["webhook"]["clientConfig"]["service"]["namespace"] =
+                json!("elsewhere");
+            converted.push(crd["metadata"]["name"].as_str().unwrap().to_string());
+        }
+        c.api.apply_object(crd).unwrap();
+    }
+    converted.sort();
+    assert_eq!(converted.len(), 3, "{converted:?}");
     // The configuration is installed after the controller starts.
     let controller = c.start_controller("weft-1", "controller-1", &[]);
     wait_until(Duration::from_secs(30), "the webhook Secret", || {
@@ -498,6 +513,28 @@ fn the_controller_issues_the_webhook_certificate_and_sets_the_ca_bundle() {
     }
     assert_eq!(stored["webhooks"], expected["webhooks"]);
     assert_eq!(stored["metadata"]["labels"], expected["metadata"]["labels"]);
+    // The SMI CRDs' conversion webhook: this namespace's Service, trusting the root.
+    let encoded_root = json!(base64::engine::general_purpose::STANDARD.encode(&root));
+    wait_until(
+        Duration::from_secs(15),
+        "the CRDs' conversion webhooks set",
+        || {
+            converted.iter().all(|name| {
+                c.api
+                    .get(
+                        "apiextensions.k8s.io/v1",
+                        "CustomResourceDefinition",
+                        None,
+                        name,
+                    )
+                    .is_some_and(|crd| {
+                        let client = &crd["spec"]["conversion"]["webhook"]["clientConfig"];
+                        client["caBundle"] == encoded_root
+                            && client["service"]["namespace"] == NAMESPACE
+                    })
+            })
+        },
+    );
 
     // The Secret: a kubernetes.io/tls certificate from Weft's root for the Service.
     let secret = c.secret(SECRET).unwrap();
@@ -596,6 +633,7 @@ fn the_controller_issues_the_webhook_certificate_and_sets_the_ca_bundle() {
             "admissionregistration.k8s.io",
             "mutatingwebhookconfigurations",
         ),
+        ("apiextensions.k8s.io", "customresourcedefinitions"),
     ] {
         assert_calls_are_listed(&c.api, group, resource);
     }

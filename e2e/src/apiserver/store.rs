@@ -35,6 +35,7 @@ const TABLE: &str = "
     specs.smi-spec.io/v1alpha4 tcproutes TCPRoute ns
     config.weft.dev/v1alpha1 meshconfigs MeshConfig s
     admissionregistration.k8s.io/v1 mutatingwebhookconfigurations MutatingWebhookConfiguration -
+    apiextensions.k8s.io/v1 customresourcedefinitions CustomResourceDefinition -
 ";
 
 /// One served resource type.

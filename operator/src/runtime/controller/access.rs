@@ -230,6 +230,15 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         why: "the sidecar injector's caBundle (Weft's trust bundle)",
     },
     ApiAccess {
+        group: "apiextensions.k8s.io",
+        resource: "customresourcedefinitions",
+        verbs: &["get", "patch"],
+        scope: Scope::Cluster,
+        names: super::webhook_cert::CONVERSION_CRDS,
+        unless: Some(NO_WEBHOOK_CERTIFICATE),
+        why: "the SMI CRDs' conversion webhook: this namespace's Service and Weft's trust bundle",
+    },
+    ApiAccess {
         group: "coordination.k8s.io",
         resource: "leases",
         verbs: &["create", "get", "update"],

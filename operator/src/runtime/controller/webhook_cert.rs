@@ -356,6 +356,65 @@ pub fn ca_bundle_patch(
     Ok(ops)
 }
 
+/// The CRDs whose versions differ, so the API server converts them through
+/// `weft-webhook` (`weft_crds::conversion::SERVED_KINDS` with `webhook`).
+pub const CONVERSION_CRDS: &[&str] = &[
+    "trafficsplits.split.smi-spec.io",
+    "httproutegroups.specs.smi-spec.io",
+    "tcproutes.specs.smi-spec.io",
+];
+
+/// JSON patch operations pointing a CRD's conversion webhook at the webhook Service in
+/// `namespace` with `bundle_pem` as its caBundle; empty when it already does or when
+/// the CRD converts no other way than by webhook (then nothing is Weft's to change).
+/// Guarded by a test of the strategy, so a CRD re-applied meanwhile fails the patch.
+pub fn conversion_patch(crd: &Value, namespace: &str, bundle_pem: &str) -> Vec<Value> {
+    let conversion = &crd["spec"]["conversion"];
+    if conversion["strategy"] != "Webhook" || !conversion["webhook"]["clientConfig"].is_object() {
+        return Vec::new();
+    }
+    let client = &conversion["webhook"]["clientConfig"];
+    let encoded =
+        serde_json::to_value(ByteString(bundle_pem.as_bytes().to_vec())).unwrap_or(Value::Null);
+    let mut ops = Vec::new();
+    if client["service"].is_object() && client["service"]["namespace"] != namespace {
+        ops.push(json!({"op": "add", "path": "/spec/conversion/webhook/clientConfig/service/namespace", "value": namespace}));
+    }
+    if client["caBundle"] != encoded {
+        ops.push(json!({"op": "add", "path": "/spec/conversion/webhook/clientConfig/caBundle", "value": encoded}));
+    }
+    if !ops.is_empty() {
+        ops.insert(
+            0,
+            json!({"op": "test", "path": "/spec/conversion/strategy", "value": "Webhook"}),
+        );
+    }
+    ops
+}
+
+/// Sends a JSON patch (kube's typed `Patch::Json` needs a feature this crate does not
+/// enable): only the fields the operations name change.
+async fn json_patch(
+    client: &Client,
+    uri: &str,
+    ops: &[Value],
+    what: &str,
+) -> Result<(), WeftError> {
+    let body = serde_json::to_vec(ops).map_err(|e| WeftError::Identity(format!("{what}: {e}")))?;
+    let request = hyper::Request::builder()
+        .method(hyper::Method::PATCH)
+        .uri(format!("{uri}?fieldManager={FIELD_MANAGER}"))
+        .header(hyper::header::CONTENT_TYPE, "application/json-patch+json")
+        .header(hyper::header::ACCEPT, "application/json")
+        .body(body)
+        .map_err(|e| WeftError::Identity(format!("{what}: {e}")))?;
+    client
+        .request::<Value>(request)
+        .await
+        .map(|_| ())
+        .map_err(|e| WeftError::kube(what.to_string(), e))
+}
+
 fn time_text(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
@@ -542,25 +601,55 @@ impl WebhookCertificate {
         if !self.leadership.is_leader() {
             return Ok(Bundle::Current);
         }
-        let body = serde_json::to_vec(&ops)
-            .map_err(|e| WeftError::Identity(format!("caBundle patch: {e}")))?;
-        // A JSON patch (kube's typed Patch::Json needs a feature this crate does not
-        // enable): only the caBundle fields change, nothing else of the object.
-        let request = hyper::Request::builder()
-            .method(hyper::Method::PATCH)
-            .uri(format!(
-                "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{name}?fieldManager={FIELD_MANAGER}"
-            ))
-            .header(hyper::header::CONTENT_TYPE, "application/json-patch+json")
-            .header(hyper::header::ACCEPT, "application/json")
-            .body(body)
-            .map_err(|e| WeftError::Identity(format!("caBundle patch request: {e}")))?;
-        self.client
-            .request::<Value>(request)
-            .await
-            .map_err(|e| WeftError::kube(format!("patching the caBundle of {what}"), e))?;
+        json_patch(
+            &self.client,
+            &format!("/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations/{name}"),
+            &ops,
+            &format!("patching the caBundle of {what}"),
+        )
+        .await?;
         tracing::info!(configuration = %name, webhooks = ops.len() / 2, "caBundle set to Weft's trust bundle");
         Ok(Bundle::Current)
+    }
+
+    /// Points the SMI CRDs' conversion webhooks at this namespace's webhook Service,
+    /// trusting Weft's bundle; whether one is still missing.
+    async fn ensure_conversion(&self) -> Result<Bundle, WeftError> {
+        let mut missing = false;
+        for name in CONVERSION_CRDS {
+            let uri = format!("/apis/apiextensions.k8s.io/v1/customresourcedefinitions/{name}");
+            let request = hyper::Request::builder()
+                .method(hyper::Method::GET)
+                .uri(&uri)
+                .header(hyper::header::ACCEPT, "application/json")
+                .body(Vec::new())
+                .map_err(|e| WeftError::Identity(format!("reading CRD {name}: {e}")))?;
+            let crd = match self.client.request::<Value>(request).await {
+                Ok(crd) => crd,
+                Err(kube::Error::Api(e)) if e.code == 404 => {
+                    missing = true;
+                    continue;
+                }
+                Err(e) => return Err(WeftError::kube(format!("reading CRD {name}"), e)),
+            };
+            let ops = conversion_patch(&crd, &self.namespace, self.ca.trust_bundle_pem());
+            if ops.is_empty() || !self.leadership.is_leader() {
+                continue;
+            }
+            json_patch(
+                &self.client,
+                &uri,
+                &ops,
+                &format!("patching the conversion webhook of CRD {name}"),
+            )
+            .await?;
+            tracing::info!(crd = %name, namespace = %self.namespace, "conversion webhook pointed at weft-webhook with Weft's trust bundle");
+        }
+        Ok(if missing {
+            Bundle::Missing
+        } else {
+            Bundle::Current
+        })
     }
 
     /// One pass over the Secret and the configuration; how long until the next.
@@ -585,6 +674,15 @@ impl WebhookCertificate {
             Err(error) => {
                 self.metrics.reconcile_errors.inc();
                 tracing::warn!(%error, "webhook caBundle: retrying in {}s", RETRY.as_secs());
+                wait = wait.min(RETRY);
+            }
+        }
+        match self.ensure_conversion().await {
+            Ok(Bundle::Current) => {}
+            Ok(Bundle::Missing) => wait = wait.min(RETRY),
+            Err(error) => {
+                self.metrics.reconcile_errors.inc();
+                tracing::warn!(%error, "conversion webhook caBundle: retrying in {}s", RETRY.as_secs());
                 wait = wait.min(RETRY);
             }
         }
@@ -993,6 +1091,45 @@ mod tests {
             ca_bundle_patch(&MutatingWebhookConfiguration::default(), bundle)
                 .unwrap()
                 .is_empty()
+        );
+    }
+
+    #[test]
+    fn the_conversion_crds_are_those_weft_converts_by_webhook() {
+        let by_webhook: Vec<String> = weft_crds::conversion::SERVED_KINDS
+            .iter()
+            .filter(|k| k.webhook)
+            .map(|k| format!("{}.{}", k.plural, k.group))
+            .collect();
+        assert_eq!(by_webhook, CONVERSION_CRDS);
+    }
+
+    #[test]
+    fn conversion_webhooks_are_pointed_at_this_namespace_with_the_bundle() {
+        let crd = json!({"spec": {"conversion": {"strategy": "Webhook", "webhook": {
+            "conversionReviewVersions": ["v1"],
+            "clientConfig": {"service": {"name": "weft-webhook", "namespace": "weft-system", "path": "/convert", "port": 443}}}}}});
+        let ops = conversion_patch(&crd, "mesh", "PEM");
+        assert_eq!(ops[0]["op"], "test");
+        assert_eq!(ops.len(), 3, "{ops:?}");
+        let mut patched = crd.clone();
+        patched["spec"]["conversion"]["webhook"]["clientConfig"]["service"]["namespace"] =
+            json!("mesh");
+        patched["spec"]["conversion"]["webhook"]["clientConfig"]["caBundle"] =
+            serde_json::to_value(ByteString(b"PEM".to_vec())).unwrap();
+        assert!(
+            conversion_patch(&patched, "mesh", "PEM").is_empty(),
+            "current: nothing to do"
+        );
+        assert_eq!(
+            conversion_patch(&patched, "mesh", "NEW").len(),
+            2,
+            "a new bundle is set"
+        );
+        let none = json!({"spec": {"conversion": {"strategy": "None"}}});
+        assert!(
+            conversion_patch(&none, "mesh", "PEM").is_empty(),
+            "no webhook, nothing of Weft's"
         );
     }
 }
