@@ -17,7 +17,7 @@ mod report;
 pub use command::envoy_binary;
 pub use error::HarnessError;
 pub use harness::Harness;
-pub use harness::cluster::{CONTROLLER_NAMESPACE, EndpointState};
+pub use harness::cluster::{CONTROLLER_NAMESPACE, EndpointState, KubeCluster};
 pub use harness::network::{IpFamilies, host_port};
 pub use harness::topology::PortSpec;
 pub use harness::traffic::RunningLoad;

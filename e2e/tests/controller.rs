@@ -4,7 +4,6 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step should fail the test loudly
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -12,30 +11,6 @@ use weft_e2e::apiserver::ApiServerDouble;
 use weft_e2e::{CONTROLLER_NAMESPACE, EndpointState, Harness, now_ms};
 
 const BACKEND_URL: &str = "http://backend:8080/";
-
-/// The API-server double on its own runtime, which the test thread does not block.
-struct Cluster {
-    api: ApiServerDouble,
-    _runtime: tokio::runtime::Runtime,
-    kubeconfig: PathBuf,
-}
-
-fn cluster(h: &Harness) -> Cluster {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let api = runtime.block_on(ApiServerDouble::start()).unwrap();
-    let kubeconfig = h.work_dir().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    h.sync_to(&api).unwrap();
-    Cluster {
-        api,
-        _runtime: runtime,
-        kubeconfig,
-    }
-}
 
 fn split(v1: u32, v2: u32) -> Value {
     json!({
@@ -90,31 +65,14 @@ fn wait_until(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) ->
 /// client → backend split over backend-v1 and backend-v2, one pod each, all meshed.
 fn split_mesh(id: u8, name: &str) -> Harness {
     let mut h = Harness::new(id, name).expect("harness");
-    h.add_pod("client", &[("app", "client")], "client").unwrap();
-    h.add_pod(
-        "backend-v1-0",
-        &[("app", "backend"), ("version", "v1")],
-        "backend",
-    )
-    .unwrap();
-    h.add_pod(
-        "backend-v2-0",
-        &[("app", "backend"), ("version", "v2")],
-        "backend",
-    )
-    .unwrap();
-    h.add_service("backend", &[("app", "backend")]).unwrap();
-    h.add_service("backend-v1", &[("app", "backend"), ("version", "v1")])
-        .unwrap();
-    h.add_service("backend-v2", &[("app", "backend"), ("version", "v2")])
-        .unwrap();
+    h.add_split_topology().unwrap();
     h
 }
 
 #[test]
 fn the_controller_serves_a_split_from_the_api_server_and_shifts_it_under_load() {
     let mut h = split_mesh(60, "ctl-split");
-    let c = cluster(&h);
+    let c = h.start_cluster().unwrap();
     c.api.apply_object(split(80, 20)).unwrap();
     c.api.apply_object(allow("backend", &["client"])).unwrap();
     h.start_controller(1, &c.kubeconfig, &["--proxy-identity", "address"])
@@ -220,7 +178,7 @@ fn a_traffic_target_from_the_api_server_grants_and_revokes_access() {
     h.add_pod("backend-0", &[("app", "backend")], "backend")
         .unwrap();
     h.add_service("backend", &[("app", "backend")]).unwrap();
-    let c = cluster(&h);
+    let c = h.start_cluster().unwrap();
     h.start_controller(1, &c.kubeconfig, &["--proxy-identity", "address"])
         .unwrap();
     h.wait_controller_ready(1).unwrap();
@@ -262,7 +220,7 @@ fn a_rolling_update_through_endpoint_slices_loses_no_request() {
     h.add_pod("backend-new", &[("app", "backend")], "backend")
         .unwrap();
     h.add_service("backend", &[("app", "backend")]).unwrap();
-    let c = cluster(&h);
+    let c = h.start_cluster().unwrap();
     c.api.apply_object(allow("backend", &["client"])).unwrap();
     // Before the update only the old pod is an endpoint; the new one is starting.
     c.api
@@ -348,7 +306,7 @@ fn a_rolling_update_through_endpoint_slices_loses_no_request() {
 #[test]
 fn a_cut_watch_resumes_without_losing_an_update_and_a_relist_pushes_nothing() {
     let mut h = split_mesh(63, "ctl-watch");
-    let c = cluster(&h);
+    let c = h.start_cluster().unwrap();
     c.api.apply_object(split(100, 0)).unwrap();
     c.api.apply_object(allow("backend", &["client"])).unwrap();
     h.start_controller(1, &c.kubeconfig, &["--proxy-identity", "address"])
@@ -412,7 +370,7 @@ fn a_cut_watch_resumes_without_losing_an_update_and_a_relist_pushes_nothing() {
 #[test]
 fn status_reports_an_invalid_split_with_one_event_and_no_op_reconciles_write_nothing() {
     let mut h = split_mesh(64, "ctl-status");
-    let c = cluster(&h);
+    let c = h.start_cluster().unwrap();
     // A split of the root service itself is invalid.
     let mut bad = split(50, 50);
     bad["spec"]["backends"][1]["service"] = json!("backend");
@@ -504,7 +462,7 @@ fn status_reports_an_invalid_split_with_one_event_and_no_op_reconciles_write_not
 #[test]
 fn the_ca_secret_and_trust_bundle_configmaps_are_written_once() {
     let mut h = split_mesh(65, "ctl-ca");
-    let c = cluster(&h);
+    let c = h.start_cluster().unwrap();
     // Two replicas start together: one root.
     h.start_controller(1, &c.kubeconfig, &["--lease-duration", "4s"])
         .unwrap();
@@ -615,7 +573,7 @@ fn leader(h: &Harness, replicas: &[u16]) -> Option<u16> {
 #[test]
 fn two_replicas_serve_one_writes_and_the_other_takes_over_when_it_dies() {
     let mut h = split_mesh(66, "ctl-failover");
-    let c = cluster(&h);
+    let c = h.start_cluster().unwrap();
     c.api.apply_object(split(100, 0)).unwrap();
     c.api.apply_object(allow("backend", &["client"])).unwrap();
     let flags = ["--proxy-identity", "address", "--lease-duration", "3s"];
@@ -726,7 +684,7 @@ fn sidecars_prove_their_pod_with_a_service_account_token() {
         h.add_pod(pod, &[("app", pod)], "backend").unwrap();
     }
     h.add_service("backend", &[("app", "backend")]).unwrap();
-    let c = cluster(&h);
+    let c = h.start_cluster().unwrap();
     c.api.apply_object(allow("backend", &["client"])).unwrap();
     // The default: streams prove their pod with a token.
     h.start_controller(1, &c.kubeconfig, &[]).unwrap();

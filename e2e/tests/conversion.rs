@@ -18,7 +18,7 @@ use kube::api::{
 };
 use serde_json::{Value, json};
 use weft_e2e::apiserver::{ApiServerDouble, ConversionWebhook, custom_resource_versions};
-use weft_e2e::{Harness, LoadReport, now_ms};
+use weft_e2e::{Harness, KubeCluster, LoadReport, now_ms};
 
 const BACKEND_URL: &str = "http://backend:8080/";
 const TWIN_URL: &str = "http://twin:8080/";
@@ -277,25 +277,8 @@ async fn the_double_converts_older_versions_through_the_real_webhook() {
 /// v1alpha4 twin), both over backend-v1 and backend-v2, one pod each, all meshed.
 fn twin_mesh(id: u8, name: &str) -> Harness {
     let mut h = Harness::new(id, name).expect("harness");
-    h.add_pod("client", &[("app", "client")], "client").unwrap();
-    h.add_pod(
-        "backend-v1-0",
-        &[("app", "backend"), ("version", "v1")],
-        "backend",
-    )
-    .unwrap();
-    h.add_pod(
-        "backend-v2-0",
-        &[("app", "backend"), ("version", "v2")],
-        "backend",
-    )
-    .unwrap();
-    h.add_service("backend", &[("app", "backend")]).unwrap();
+    h.add_split_topology().unwrap();
     h.add_service("twin", &[("app", "backend")]).unwrap();
-    h.add_service("backend-v1", &[("app", "backend"), ("version", "v1")])
-        .unwrap();
-    h.add_service("backend-v2", &[("app", "backend"), ("version", "v2")])
-        .unwrap();
     h
 }
 
@@ -403,28 +386,19 @@ fn local_mode_a_v1alpha1_split_with_quantity_weights_splits_like_its_v1alpha4_tw
 #[test]
 fn kubernetes_mode_a_v1alpha1_split_written_like_argo_rollouts_splits_like_its_twin() {
     let mut h = twin_mesh(71, "conv-k8s");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let api = runtime.block_on(ApiServerDouble::start()).unwrap();
-    let kubeconfig = h.work_dir().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).unwrap();
-    h.sync_to(&api).unwrap();
+    let KubeCluster { api, kubeconfig } = h.start_cluster().unwrap();
     let webhook = ConversionWebhook::start(&h.work_dir().join("webhook")).unwrap();
     api.use_conversion_webhook(webhook.url(), webhook.ca_pem())
         .unwrap();
 
     // Argo Rollouts creates its split with the typed v1alpha1 client: over HTTP.
-    let client = runtime.block_on(api.client()).unwrap();
+    let client = api.block_on(api.client()).unwrap();
     let v1: Api<DynamicObject> =
         Api::namespaced_with(client.clone(), "default", &split_resource("v1alpha1"));
     let written: Value = serde_yaml_ng::from_str(V1ALPHA1_SPLIT).unwrap();
     let split = DynamicObject::new("backend-rollout", &split_resource("v1alpha1"))
         .data(json!({"spec": written["spec"]}));
-    runtime
-        .block_on(v1.create(&PostParams::default(), &split))
+    api.block_on(v1.create(&PostParams::default(), &split))
         .unwrap();
     api.apply_object(serde_yaml_ng::from_str(V1ALPHA4_TWIN).unwrap())
         .unwrap();
@@ -448,7 +422,7 @@ fn kubernetes_mode_a_v1alpha1_split_written_like_argo_rollouts_splits_like_its_t
     // The controller's status shows through the v1alpha1 view Argo Rollouts reads.
     let deadline = Instant::now() + Duration::from_secs(10);
     let accepted = loop {
-        let read = runtime.block_on(v1.get("backend-rollout")).unwrap();
+        let read = api.block_on(v1.get("backend-rollout")).unwrap();
         let conditions = read.data["status"]["conditions"]
             .as_array()
             .cloned()
@@ -470,13 +444,12 @@ fn kubernetes_mode_a_v1alpha1_split_written_like_argo_rollouts_splits_like_its_t
     std::thread::sleep(Duration::from_secs(2));
     let promote = json!({"spec": {"backends": [
         {"service": "backend-v1", "weight": "0"}, {"service": "backend-v2", "weight": "1"}]}});
-    runtime
-        .block_on(v1.patch(
-            "backend-rollout",
-            &PatchParams::default(),
-            &Patch::Merge(&promote),
-        ))
-        .unwrap();
+    api.block_on(v1.patch(
+        "backend-rollout",
+        &PatchParams::default(),
+        &Patch::Merge(&promote),
+    ))
+    .unwrap();
     h.wait_for_new_ack("client", "RDS", before.as_deref())
         .unwrap();
     let applied_ms = now_ms();

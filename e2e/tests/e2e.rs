@@ -25,24 +25,7 @@ fn split_mesh(id: u8, name: &str, v1: u32, v2: u32) -> Harness {
 fn split_mesh_over(id: u8, name: &str, v1: u32, v2: u32, protocol: &'static str) -> Harness {
     let mut h = Harness::new(id, name).expect("harness");
     h.use_xds_protocol(protocol);
-    h.add_pod("client", &[("app", "client")], "client").unwrap();
-    h.add_pod(
-        "backend-v1-0",
-        &[("app", "backend"), ("version", "v1")],
-        "backend",
-    )
-    .unwrap();
-    h.add_pod(
-        "backend-v2-0",
-        &[("app", "backend"), ("version", "v2")],
-        "backend",
-    )
-    .unwrap();
-    h.add_service("backend", &[("app", "backend")]).unwrap();
-    h.add_service("backend-v1", &[("app", "backend"), ("version", "v1")])
-        .unwrap();
-    h.add_service("backend-v2", &[("app", "backend"), ("version", "v2")])
-        .unwrap();
+    h.add_split_topology().unwrap();
     h.write_cluster_manifest().unwrap();
     h.write_manifest("split.yaml", &split(v1, v2)).unwrap();
     h.allow("access.yaml", "backend", &["client"]).unwrap();

@@ -25,7 +25,7 @@ use base64::Engine as _;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
-use weft_e2e::apiserver::ApiServerDouble;
+use weft_e2e::apiserver::{ApiServerDouble, BackgroundDouble};
 
 const NAMESPACE: &str = "weft-system";
 const SECRET: &str = "weft-webhook-tls";
@@ -148,19 +148,13 @@ fn wait_until(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) {
 
 /// The API-server double on its own runtime, which the test thread does not block.
 struct Cluster {
-    api: ApiServerDouble,
-    _runtime: tokio::runtime::Runtime,
+    api: BackgroundDouble,
     dir: TempDir,
     kubeconfig: PathBuf,
 }
 
 fn cluster(name: &str) -> Cluster {
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let api = runtime.block_on(ApiServerDouble::start()).unwrap();
+    let api = BackgroundDouble::start().unwrap();
     let dir = TempDir::new(name);
     let kubeconfig = dir.path("kubeconfig");
     api.write_kubeconfig(&kubeconfig).unwrap();
@@ -172,7 +166,6 @@ fn cluster(name: &str) -> Cluster {
     }
     Cluster {
         api,
-        _runtime: runtime,
         dir,
         kubeconfig,
     }

@@ -91,6 +91,43 @@ impl Drop for ApiServerDouble {
     }
 }
 
+/// A double on a runtime of its own, for tests whose thread blocks (the harness's
+/// helpers do): it serves while the test waits. Derefs to the double.
+pub struct BackgroundDouble {
+    api: ApiServerDouble,
+    runtime: tokio::runtime::Runtime,
+}
+
+impl std::fmt::Debug for BackgroundDouble {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.api.fmt(f)
+    }
+}
+
+impl std::ops::Deref for BackgroundDouble {
+    type Target = ApiServerDouble;
+    fn deref(&self) -> &ApiServerDouble {
+        &self.api
+    }
+}
+
+impl BackgroundDouble {
+    /// Starts a double on two worker threads of its own.
+    pub fn start() -> std::io::Result<Self> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let api = runtime.block_on(ApiServerDouble::start())?;
+        Ok(Self { api, runtime })
+    }
+
+    /// Runs `future` (say, a kube client call) to completion on the double's runtime.
+    pub fn block_on<F: std::future::Future>(&self, future: F) -> F::Output {
+        self.runtime.block_on(future)
+    }
+}
+
 impl ApiServerDouble {
     /// Starts the double on an ephemeral port of 127.0.0.1. Watches that allow
     /// bookmarks get one every second.

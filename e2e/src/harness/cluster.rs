@@ -3,7 +3,7 @@
 //! `weft controller` replicas pointed at it.
 
 use std::fs;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use super::Harness;
 use super::wait::wait_for;
-use crate::apiserver::ApiServerDouble;
+use crate::apiserver::{ApiServerDouble, BackgroundDouble};
 use crate::command::{cmd, output, render};
 use crate::error::{HarnessError, Result, io};
 use crate::{ADMIN_PORT, XDS_PORT};
@@ -30,7 +30,48 @@ pub enum EndpointState {
     NotReady,
 }
 
+/// The harness's cluster in an API-server double, and a kubeconfig for it.
+#[derive(Debug)]
+pub struct KubeCluster {
+    /// The double, serving on its own runtime.
+    pub api: BackgroundDouble,
+    /// A kubeconfig file for `weft controller --kubeconfig`.
+    pub kubeconfig: PathBuf,
+}
+
 impl Harness {
+    /// Starts an API-server double holding the harness's Services, Pods, EndpointSlices,
+    /// namespaces and ServiceAccounts ([`Harness::sync_to`]), with a kubeconfig for it in
+    /// the work directory.
+    pub fn start_cluster(&self) -> Result<KubeCluster> {
+        let api = BackgroundDouble::start().map_err(io(Path::new("API-server double")))?;
+        let kubeconfig = self.work.join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig).map_err(io(&kubeconfig))?;
+        self.sync_to(&api)?;
+        Ok(KubeCluster { api, kubeconfig })
+    }
+
+    /// client → backend, split over backend-v1 and backend-v2 (one pod each, all meshed,
+    /// ServiceAccounts `client` and `backend`): the topology of the split scenarios.
+    pub fn add_split_topology(&mut self) -> Result<()> {
+        self.add_pod("client", &[("app", "client")], "client")?;
+        for version in ["v1", "v2"] {
+            self.add_pod(
+                &format!("backend-{version}-0"),
+                &[("app", "backend"), ("version", version)],
+                "backend",
+            )?;
+        }
+        self.add_service("backend", &[("app", "backend")])?;
+        for version in ["v1", "v2"] {
+            self.add_service(
+                &format!("backend-{version}"),
+                &[("app", "backend"), ("version", version)],
+            )?;
+        }
+        Ok(())
+    }
+
     /// The Services and Pods as API objects (YAML of `cluster.yaml`, as JSON).
     pub fn cluster_objects(&self) -> Result<Vec<Value>> {
         let text = self.cluster_manifest();

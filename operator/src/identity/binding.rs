@@ -7,7 +7,7 @@ use std::sync::{PoisonError, RwLock};
 use futures::future::BoxFuture;
 use weft_xds::{Admission, StreamCredentials, StreamPolicy};
 
-use crate::index::MeshModel;
+use crate::index::{MeshModel, Workload};
 
 /// Decides which ADS stream may have which node's own config and secrets, kept
 /// current with the model.
@@ -22,36 +22,85 @@ impl NodeBinding for PodAddressBinding {
     }
 }
 
-/// Pod IPs by node id, checked against the peer address of every ADS stream.
-#[derive(Debug, Default)]
-pub struct PodAddressBinding {
-    pods: RwLock<HashMap<String, Vec<IpAddr>>>,
+/// What a binding knows of each pod, by node id, kept current with the model.
+#[derive(Debug)]
+pub(crate) struct NodeTable<T> {
+    pods: RwLock<HashMap<String, T>>,
+    /// What to keep of a workload.
+    of: fn(&Workload) -> T,
 }
 
-impl PodAddressBinding {
-    /// Takes the pods and their IPs from a new model.
-    pub fn update(&self, model: &MeshModel) {
+impl<T: Clone> NodeTable<T> {
+    /// An empty table keeping `of(workload)` per pod.
+    pub(crate) fn new(of: fn(&Workload) -> T) -> Self {
+        Self {
+            pods: RwLock::default(),
+            of,
+        }
+    }
+
+    /// Takes every pod from a new model.
+    pub(crate) fn update(&self, model: &MeshModel) {
         let pods = model
             .workloads
             .iter()
-            .map(|(node, w)| (node.clone(), w.ips.iter().copied().map(canonical).collect()))
+            .map(|(node, w)| (node.clone(), (self.of)(w)))
             .collect();
         *self.pods.write().unwrap_or_else(PoisonError::into_inner) = pods;
     }
 
     /// Takes the pods `nodes` (changed, added or gone) from the model.
-    pub fn update_nodes<'a>(&self, model: &MeshModel, nodes: impl IntoIterator<Item = &'a String>) {
+    pub(crate) fn update_nodes<'a>(
+        &self,
+        model: &MeshModel,
+        nodes: impl IntoIterator<Item = &'a String>,
+    ) {
         let mut pods = self.pods.write().unwrap_or_else(PoisonError::into_inner);
         for node in nodes {
             match model.workloads.get(node) {
                 Some(w) => {
-                    pods.insert(node.clone(), w.ips.iter().copied().map(canonical).collect());
+                    pods.insert(node.clone(), (self.of)(w));
                 }
                 None => {
                     pods.remove(node);
                 }
             }
         }
+    }
+
+    /// What is known of `node`.
+    pub(crate) fn get(&self, node: &str) -> Option<T> {
+        self.pods
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(node)
+            .cloned()
+    }
+}
+
+/// Pod IPs by node id, checked against the peer address of every ADS stream.
+#[derive(Debug)]
+pub struct PodAddressBinding {
+    pods: NodeTable<Vec<IpAddr>>,
+}
+
+impl Default for PodAddressBinding {
+    fn default() -> Self {
+        Self {
+            pods: NodeTable::new(|w| w.ips.iter().copied().map(canonical).collect()),
+        }
+    }
+}
+
+impl PodAddressBinding {
+    /// Takes the pods and their IPs from a new model.
+    pub fn update(&self, model: &MeshModel) {
+        self.pods.update(model);
+    }
+
+    /// Takes the pods `nodes` (changed, added or gone) from the model.
+    pub fn update_nodes<'a>(&self, model: &MeshModel, nodes: impl IntoIterator<Item = &'a String>) {
+        self.pods.update_nodes(model, nodes);
     }
 }
 
@@ -86,9 +135,8 @@ impl PodAddressBinding {
     /// `Ok(true)` when `peer` is the pod `node`'s address, `Ok(false)` when no such pod
     /// is known, `Err(reason)` when the address does not match.
     fn verify(&self, node: &str, peer: Option<SocketAddr>) -> Result<bool, String> {
-        let pods = self.pods.read().unwrap_or_else(PoisonError::into_inner);
         // An unknown node has no workload config or secrets to protect.
-        let Some(expected) = pods.get(node) else {
+        let Some(expected) = self.pods.get(node) else {
             return Ok(false);
         };
         let peer_ip = peer.map(|p| canonical(p.ip()));

@@ -6,7 +6,7 @@
 //! so a sidecar can only ever claim its own pod, whatever its network looks like.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::future::BoxFuture;
@@ -14,6 +14,7 @@ use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenRe
 use weft_xds::{Admission, StreamCredentials, StreamPolicy};
 
 use super::NodeBinding;
+use super::binding::NodeTable;
 use crate::error::WeftError;
 use crate::index::MeshModel;
 
@@ -86,7 +87,7 @@ type Clock = Arc<dyn Fn() -> SystemTime + Send + Sync>;
 pub struct TokenBinding<R> {
     reviewer: R,
     audience: String,
-    pods: RwLock<HashMap<String, PodIdentity>>,
+    pods: NodeTable<PodIdentity>,
     cache: Mutex<ReviewCache>,
     clock: Clock,
 }
@@ -95,14 +96,6 @@ impl<R> std::fmt::Debug for TokenBinding<R> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenBinding")
             .field("audience", &self.audience)
-            .field(
-                "pods",
-                &self
-                    .pods
-                    .read()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .len(),
-            )
             .field(
                 "cached_reviews",
                 &self
@@ -122,7 +115,11 @@ impl<R: TokenReviewer> TokenBinding<R> {
         Self {
             reviewer,
             audience: TOKEN_AUDIENCE.to_string(),
-            pods: RwLock::default(),
+            pods: NodeTable::new(|w| PodIdentity {
+                namespace: w.namespace.clone(),
+                name: w.name.clone(),
+                service_account: w.service_account.clone(),
+            }),
             cache: Mutex::new(ReviewCache::new(MAX_CACHED)),
             clock: Arc::new(SystemTime::now),
         }
@@ -130,49 +127,17 @@ impl<R: TokenReviewer> TokenBinding<R> {
 
     /// Takes the pods and their service accounts from a new model.
     pub fn update(&self, model: &MeshModel) {
-        let pods = model
-            .workloads
-            .iter()
-            .map(|(node, w)| {
-                let pod = PodIdentity {
-                    namespace: w.namespace.clone(),
-                    name: w.name.clone(),
-                    service_account: w.service_account.clone(),
-                };
-                (node.clone(), pod)
-            })
-            .collect();
-        *self.pods.write().unwrap_or_else(PoisonError::into_inner) = pods;
+        self.pods.update(model);
     }
 
     /// Takes the pods `nodes` (changed, added or gone) from the model.
     pub fn update_nodes<'a>(&self, model: &MeshModel, nodes: impl IntoIterator<Item = &'a String>) {
-        let mut pods = self.pods.write().unwrap_or_else(PoisonError::into_inner);
-        for node in nodes {
-            match model.workloads.get(node) {
-                Some(w) => {
-                    let pod = PodIdentity {
-                        namespace: w.namespace.clone(),
-                        name: w.name.clone(),
-                        service_account: w.service_account.clone(),
-                    };
-                    pods.insert(node.clone(), pod);
-                }
-                None => {
-                    pods.remove(node);
-                }
-            }
-        }
+        self.pods.update_nodes(model, nodes);
     }
 
     /// What a stream presenting `credentials` and claiming to be `node` may have.
     async fn admission(&self, node: &str, credentials: &StreamCredentials) -> Admission {
-        let pod = self
-            .pods
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .get(node)
-            .cloned();
+        let pod = self.pods.get(node);
         // An unknown node has no workload config or secrets to protect.
         let Some(pod) = pod else {
             return Admission::Fallback;
