@@ -479,6 +479,10 @@ pub mod annotations {
 /// Bounds on untrusted input, checked before any parser runs.
 pub mod bounds;
 
+/// Gateway API types for the mesh (GAMMA): HTTPRoute, GRPCRoute, ReferenceGrant.
+pub mod gateway;
+pub use gateway::{GRPCRoute, HTTPRoute, ReferenceGrant};
+
 /// Conversion between the SMI versions Weft serves.
 pub mod conversion;
 

@@ -521,17 +521,40 @@ fn the_chart_crds_are_crdgen_output() {
         generated.insert(crd["metadata"]["name"].as_str().unwrap().to_string(), crd);
     }
     assert!(!generated.is_empty());
-    let rendered: BTreeMap<String, Value> = render(Values::Default, "1.33.0", &[])
-        .into_iter()
-        .filter(|o| o["kind"] == "CustomResourceDefinition")
-        .map(|o| (o["metadata"]["name"].as_str().unwrap().to_string(), o))
-        .collect();
+    let crds = |extra: &[&str]| -> BTreeMap<String, Value> {
+        render(Values::Default, "1.33.0", extra)
+            .into_iter()
+            .filter(|o| o["kind"] == "CustomResourceDefinition")
+            .map(|o| (o["metadata"]["name"].as_str().unwrap().to_string(), o))
+            .collect()
+    };
+    // With `gatewayAPI.installCRDs=false`: crdgen's CRDs, nothing else.
+    let own = crds(&["--set", "gatewayAPI.installCRDs=false"]);
     assert_eq!(
-        rendered.keys().collect::<Vec<_>>(),
+        own.keys().collect::<Vec<_>>(),
         generated.keys().collect::<Vec<_>>(),
         "the chart installs exactly crdgen's CRDs"
     );
-    assert_eq!(rendered, generated);
+    assert_eq!(own, generated);
+    // By default also the upstream Gateway API CRDs, unchanged but for the keep policy.
+    let mut expected = generated;
+    for file in ["httproutes.yaml", "grpcroutes.yaml", "referencegrants.yaml"] {
+        let text = std::fs::read_to_string(chart().join("crds-gateway").join(file)).unwrap();
+        let mut crd = parse_documents(&text).remove(0);
+        crd["metadata"]["annotations"]["helm.sh/resource-policy"] = Value::from("keep");
+        expected.insert(crd["metadata"]["name"].as_str().unwrap().to_string(), crd);
+    }
+    let upstream = repo().join("../shared/gateway-api-v1.6.1");
+    if upstream.exists() {
+        for file in ["httproutes.yaml", "grpcroutes.yaml", "referencegrants.yaml"] {
+            assert_eq!(
+                std::fs::read_to_string(upstream.join(file)).unwrap(),
+                std::fs::read_to_string(chart().join("crds-gateway").join(file)).unwrap(),
+                "helm/weft/crds-gateway/{file} is the upstream v1.6.1 file"
+            );
+        }
+    }
+    assert_eq!(crds(&[]), expected);
 }
 
 // ---------------------------------------------------------------------------------------

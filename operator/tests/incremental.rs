@@ -158,6 +158,24 @@ fn split(rng: &mut Rng) -> String {
     )
 }
 
+fn http_route(rng: &mut Rng) -> String {
+    let ns = rng.pick(&NAMESPACES);
+    let port = match rng.below(3) {
+        0 => "",
+        1 => ", port: 80",
+        _ => ", port: 3306",
+    };
+    format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: route-{}, namespace: {ns}}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: {}{port}}}]\n  rules:\n  - matches: [{{path: {{type: PathPrefix, value: /{}}}}}]\n    backendRefs: [{{name: {}, port: 80, weight: {}}}, {{name: {}, port: 8081}}]\n",
+        rng.below(3),
+        rng.pick(&SERVICES),
+        rng.pick(&["", "api", "v2"]),
+        rng.pick(&SERVICES),
+        rng.below(3) * 45,
+        rng.pick(&SERVICES),
+    )
+}
+
 fn target(rng: &mut Rng) -> String {
     let ns = rng.pick(&NAMESPACES);
     let rules = match rng.below(4) {
@@ -204,7 +222,8 @@ fn random_object(rng: &mut Rng) -> MeshObject {
         0..=1 => service(rng),
         2..=4 => pod(rng),
         5 => slice(rng),
-        6 => split(rng),
+        6 if rng.chance(50) => split(rng),
+        6 => http_route(rng),
         7 => target(rng),
         _ => other(rng),
     };

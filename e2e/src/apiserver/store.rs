@@ -34,6 +34,7 @@ const TABLE: &str = "
     specs.smi-spec.io/v1alpha4 httproutegroups HTTPRouteGroup ns
     specs.smi-spec.io/v1alpha4 tcproutes TCPRoute ns
     config.weft.dev/v1alpha1 meshconfigs MeshConfig s
+    gateway.networking.k8s.io/v1 httproutes HTTPRoute ns
     admissionregistration.k8s.io/v1 mutatingwebhookconfigurations MutatingWebhookConfiguration -
     apiextensions.k8s.io/v1 customresourcedefinitions CustomResourceDefinition -
 ";

@@ -2,6 +2,7 @@
 //! validated [`MeshModel`]. Plain synchronous code; no I/O.
 
 mod access;
+mod gateway;
 mod model;
 mod protocol;
 mod resolve;
@@ -14,13 +15,14 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use weft_crds::{HTTPRouteGroup, MeshConfig, TCPRoute, TrafficSplit, TrafficTarget};
+use weft_crds::{HTTPRoute, HTTPRouteGroup, MeshConfig, TCPRoute, TrafficSplit, TrafficTarget};
 
 pub use model::{
-    AccessGrant, AppProtocol, EgressEntry, EgressScope, GrantsByDestination, HttpRequestMatch,
-    Identity, MeshModel, MeshService, MeshSettings, ProbeForward, Problem, ProtocolSource,
-    ServiceEndpoint, ServiceKey, ServicePortModel, SplitBackend, SplitModel, TcpGrant, Workload,
-    WorkloadPort,
+    AccessGrant, AppProtocol, EgressEntry, EgressScope, GrantsByDestination, HeaderChanges,
+    HttpRequestMatch, HttpRouteEntry, Identity, MeshModel, MeshService, MeshSettings, MirrorModel,
+    PathChange, PathMatch, ProbeForward, Problem, ProtocolSource, RedirectModel, RewriteModel,
+    RouteActionModel, RouteBackend, RouteMatchModel, ServiceEndpoint, ServiceKey, ServicePortModel,
+    SplitBackend, SplitModel, TcpGrant, ValueMatch, Workload, WorkloadPort,
 };
 pub use protocol::{DEFAULT_OPAQUE_PORTS, select_protocol};
 pub use resolve::parse_gateway_duration;
@@ -53,6 +55,8 @@ pub enum Kind {
     ServiceAccount,
     /// config.weft.dev MeshConfig (cluster-scoped).
     MeshConfig,
+    /// gateway.networking.k8s.io HTTPRoute.
+    HTTPRoute,
 }
 
 impl fmt::Display for Kind {
@@ -120,6 +124,8 @@ pub enum MeshObject {
     ServiceAccount(Box<ServiceAccount>),
     /// The mesh-wide settings.
     MeshConfig(Box<MeshConfig>),
+    /// A Gateway API HTTPRoute.
+    HTTPRoute(Box<HTTPRoute>),
 }
 
 impl MeshObject {
@@ -134,6 +140,7 @@ impl MeshObject {
             Self::TCPRoute(o) => &o.metadata,
             Self::ServiceAccount(o) => &o.metadata,
             Self::MeshConfig(o) => &o.metadata,
+            Self::HTTPRoute(o) => &o.metadata,
         }
     }
 
@@ -149,6 +156,7 @@ impl MeshObject {
             Self::TCPRoute(_) => Kind::TCPRoute,
             Self::ServiceAccount(_) => Kind::ServiceAccount,
             Self::MeshConfig(_) => Kind::MeshConfig,
+            Self::HTTPRoute(_) => Kind::HTTPRoute,
         }
     }
 
@@ -252,6 +260,11 @@ pub struct Index {
     claims: HashMap<IpAddr, BTreeSet<ServiceKey>>,
     /// Services some TrafficSplit names.
     split_refs: BTreeSet<ServiceKey>,
+    /// Services some HTTPRoute names (parents, backends, mirrors).
+    route_refs: BTreeSet<ServiceKey>,
+    /// HTTPRoutes per service port.
+    http_routes: gateway::ServiceRoutes,
+    route_problems: Vec<Problem>,
     splits: BTreeMap<ServiceKey, SplitModel>,
     service_problems: BTreeMap<ServiceKey, Problem>,
     pod_problems: BTreeMap<Key, Vec<Problem>>,
@@ -317,6 +330,7 @@ impl Index {
         out.extend(subjects(Kind::TrafficTarget, s.targets.values()));
         out.extend(subjects(Kind::HTTPRouteGroup, s.route_groups.values()));
         out.extend(subjects(Kind::TCPRoute, s.tcp_routes.values()));
+        out.extend(subjects(Kind::HTTPRoute, s.http_routes.values()));
         out.extend(
             subjects(Kind::MeshConfig, s.mesh_configs.values()).map(|mut o| {
                 o.object.namespace.clear();
@@ -495,7 +509,7 @@ impl Index {
                     }
                 }
             }
-            Kind::TrafficSplit => dirty.splits = true,
+            Kind::TrafficSplit | Kind::HTTPRoute => dirty.splits = true,
             Kind::HTTPRouteGroup => {
                 dirty.splits = true;
                 dirty.access = true;
@@ -571,6 +585,7 @@ impl Index {
         self.by_endpoint_ip.clear();
         self.claims.clear();
         self.splits.clear();
+        self.http_routes.clear();
         self.service_problems.clear();
         self.pod_problems.clear();
         self.conflict_problems.clear();
@@ -744,10 +759,16 @@ impl Index {
                 _ => None,
             }
         };
-        // Splits: again when a split, a route group or a service a split names changed.
+        // Splits and HTTPRoutes: again when a split, a route group, a route or a service
+        // one of them names changed.
         let mut candidates: BTreeSet<ServiceKey> = group.clone();
-        if splits_dirty || group.iter().any(|k| self.split_refs.contains(k)) {
+        if splits_dirty
+            || group
+                .iter()
+                .any(|k| self.split_refs.contains(k) || self.route_refs.contains(k))
+        {
             self.split_refs = split_references(&self.store);
+            self.route_refs = gateway::route_references(&self.store);
             // Splits see the group's new state and everyone else's current one.
             let overlay: BTreeMap<ServiceKey, Option<MeshService>> = group
                 .iter()
@@ -758,19 +779,66 @@ impl Index {
                 Some(s) => s.as_ref(),
                 None => model_services.get(k),
             };
-            let (splits, problems) = resolve_splits(&self.store, &lookup);
-            for (key, _) in self.splits.iter().chain(splits.iter()) {
+            let (mut splits, mut problems) = resolve_splits(&self.store, &lookup);
+            let (routes, mut route_problems) = gateway::resolve_http_routes(&self.store, &lookup);
+            // An HTTPRoute and a TrafficSplit on one service port: the HTTPRoute wins.
+            for (key, split) in &mut splits {
+                let Some(routed) = routes.get(key) else {
+                    continue;
+                };
+                let lost: Vec<u16> = split
+                    .backends_by_port
+                    .keys()
+                    .copied()
+                    .filter(|p| routed.contains_key(p))
+                    .collect();
+                if lost.is_empty() {
+                    continue;
+                }
+                for port in &lost {
+                    split.backends_by_port.remove(port);
+                }
+                let by: BTreeSet<String> = lost
+                    .iter()
+                    .flat_map(|p| routed[p].iter().map(|e| e.source.to_string()))
+                    .collect();
+                route_problems.push(Problem {
+                    object: split.source.clone(),
+                    rejected: split.backends_by_port.is_empty(),
+                    reason: format!(
+                        "Conflicted: {} routes port {} of service {key}; the HTTPRoute wins there",
+                        by.into_iter().collect::<Vec<_>>().join(", "),
+                        lost.iter()
+                            .map(u16::to_string)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                });
+            }
+            splits.retain(|_, s| !s.backends_by_port.is_empty());
+            problems.sort();
+            route_problems.sort();
+            for key in self
+                .splits
+                .keys()
+                .chain(splits.keys())
+                .chain(self.http_routes.keys())
+                .chain(routes.keys())
+            {
                 candidates.insert(key.clone());
             }
-            if problems != self.split_problems {
+            if problems != self.split_problems || route_problems != self.route_problems {
                 self.split_problems = problems;
+                self.route_problems = route_problems;
                 delta.problems = true;
             }
             self.splits = splits;
+            self.http_routes = routes;
         }
         for key in candidates {
             let next = accepted_base(self, &key).map(|mut s| {
                 s.split = self.splits.get(&key).cloned();
+                s.http_routes = self.http_routes.get(&key).cloned().unwrap_or_default();
                 s
             });
             if next.as_ref() != self.model.services.get(&key) {
@@ -856,6 +924,7 @@ impl Index {
             .chain(self.pod_problems.values().flatten().cloned())
             .chain(self.conflict_problems.values().flatten().cloned())
             .chain(self.split_problems.iter().cloned())
+            .chain(self.route_problems.iter().cloned())
             .chain(self.access_problems.iter().cloned())
             .chain(self.config_problems.iter().cloned())
             .collect();

@@ -179,6 +179,10 @@ pub struct MeshService {
     pub ports: Vec<ServicePortModel>,
     /// The TrafficSplit rooted at this service, if any.
     pub split: Option<SplitModel>,
+    /// Gateway API HTTPRoute entries per service port (GAMMA producer routes), in
+    /// precedence order: where a port has some, they decide its routing (a TrafficSplit
+    /// on that port gives way).
+    pub http_routes: BTreeMap<u16, Vec<HttpRouteEntry>>,
     /// Whether every endpoint is a meshed pod (so clients must use mTLS to reach it).
     pub meshed: bool,
     /// Service accounts (namespace, name) of the pods behind it, sorted.
@@ -382,4 +386,149 @@ pub struct MeshSettings {
     pub source: ObjectRef,
     /// Its spec.
     pub spec: weft_crds::MeshConfigSpec,
+}
+
+/// A path condition of an HTTPRoute match.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub enum PathMatch {
+    /// The path, exactly.
+    Exact(String),
+    /// Whole path segments (`/foo` matches `/foo` and `/foo/bar`, not `/foobar`).
+    Prefix(String),
+    /// An RE2 regex the whole path must match.
+    Regex(String),
+}
+
+/// A header or query parameter condition.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct ValueMatch {
+    /// Name (headers: lower case).
+    pub name: String,
+    /// The value, or a regex matching the whole value.
+    pub value: String,
+    /// Whether `value` is a regex.
+    pub regex: bool,
+}
+
+/// One HTTPRoute match: every condition must hold.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RouteMatchModel {
+    /// Path condition.
+    pub path: PathMatch,
+    /// Method, if any.
+    pub method: Option<String>,
+    /// Header conditions.
+    pub headers: Vec<ValueMatch>,
+    /// Query parameter conditions.
+    pub query: Vec<ValueMatch>,
+}
+
+/// Header changes of a RequestHeaderModifier or ResponseHeaderModifier filter.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct HeaderChanges {
+    /// Set (replacing any value).
+    pub set: Vec<(String, String)>,
+    /// Added (appended to any value).
+    pub add: Vec<(String, String)>,
+    /// Removed.
+    pub remove: Vec<String>,
+}
+
+impl HeaderChanges {
+    /// Whether nothing changes.
+    pub fn is_empty(&self) -> bool {
+        self.set.is_empty() && self.add.is_empty() && self.remove.is_empty()
+    }
+}
+
+/// A path change of a redirect or rewrite.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum PathChange {
+    /// Replace the whole path.
+    Full(String),
+    /// Replace the matched prefix.
+    Prefix(String),
+}
+
+/// A RequestRedirect filter.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RedirectModel {
+    /// New scheme.
+    pub scheme: Option<String>,
+    /// New host.
+    pub hostname: Option<String>,
+    /// New port.
+    pub port: Option<u16>,
+    /// New path.
+    pub path: Option<PathChange>,
+    /// 301, 302, 303, 307 or 308.
+    pub status: u16,
+}
+
+/// A URLRewrite filter.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RewriteModel {
+    /// New Host header.
+    pub hostname: Option<String>,
+    /// New path.
+    pub path: Option<PathChange>,
+}
+
+/// A RequestMirror filter.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct MirrorModel {
+    /// The service mirrored to.
+    pub service: ServiceKey,
+    /// Its port.
+    pub port: u16,
+    /// Share mirrored, in millionths (1,000,000: every request).
+    pub per_million: u32,
+}
+
+/// A backend of an HTTPRoute rule.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RouteBackend {
+    /// The service; `None` when the reference does not resolve (its share answers 500).
+    pub service: Option<ServiceKey>,
+    /// The service port.
+    pub port: u16,
+    /// Relative weight (positive).
+    pub weight: u32,
+}
+
+/// What an HTTPRoute rule does with a matching request.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct RouteActionModel {
+    /// Request header changes.
+    pub request_headers: HeaderChanges,
+    /// Response header changes.
+    pub response_headers: HeaderChanges,
+    /// Answer with a redirect instead of forwarding.
+    pub redirect: Option<RedirectModel>,
+    /// Rewrite before forwarding.
+    pub rewrite: Option<RewriteModel>,
+    /// Mirrors.
+    pub mirrors: Vec<MirrorModel>,
+    /// Backends with a positive weight; empty: every request answers 500.
+    pub backends: Vec<RouteBackend>,
+    /// `timeouts.request`.
+    pub timeout: Option<std::time::Duration>,
+    /// `timeouts.backendRequest`.
+    pub backend_timeout: Option<std::time::Duration>,
+}
+
+/// One match of one HTTPRoute rule, ready to translate: a port's entries are sorted by
+/// the Gateway API's precedence.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HttpRouteEntry {
+    /// The HTTPRoute.
+    pub source: ObjectRef,
+    /// Index of the rule in the route.
+    pub rule: usize,
+    /// The rule's name, if any.
+    pub rule_name: Option<String>,
+    /// The match.
+    pub r#match: RouteMatchModel,
+    /// What happens to matching requests.
+    pub action: RouteActionModel,
 }

@@ -295,6 +295,7 @@ pub(super) fn resolve_service_base(
         cluster_ips,
         ports,
         split: None,
+        http_routes: BTreeMap::new(),
         meshed,
         service_accounts: service_accounts.into_iter().collect(),
     })

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
-use weft_crds::{HTTPRouteGroup, MeshConfig, TCPRoute, TrafficSplit, TrafficTarget};
+use weft_crds::{HTTPRoute, HTTPRouteGroup, MeshConfig, TCPRoute, TrafficSplit, TrafficTarget};
 
 use super::{Kind, MeshObject, ObjectRef};
 
@@ -109,6 +109,7 @@ pub(super) struct Store {
     pub tcp_routes: BTreeMap<Key, TCPRoute>,
     pub service_accounts: BTreeMap<Key, ServiceAccount>,
     pub mesh_configs: BTreeMap<String, MeshConfig>,
+    pub http_routes: BTreeMap<Key, HTTPRoute>,
     /// (namespace, label key, label value) → pod names.
     pods_by_label: HashMap<(String, String, String), BTreeSet<String>>,
     /// Namespace → pod names.
@@ -178,6 +179,9 @@ impl Store {
             MeshObject::MeshConfig(o) => {
                 self.mesh_configs.insert(name(&o.metadata).to_string(), *o);
             }
+            MeshObject::HTTPRoute(o) => {
+                self.http_routes.insert(key_of(&o.metadata), *o);
+            }
         }
         old
     }
@@ -228,6 +232,7 @@ impl Store {
                 MeshObject::ServiceAccount(Box::new(self.service_accounts.remove(&k)?))
             }
             Kind::MeshConfig => MeshObject::MeshConfig(Box::new(self.mesh_configs.remove(&k.1)?)),
+            Kind::HTTPRoute => MeshObject::HTTPRoute(Box::new(self.http_routes.remove(&k)?)),
         })
     }
 
@@ -245,6 +250,7 @@ impl Store {
             MeshObject::TCPRoute(o) => self.tcp_routes.get(&k) == Some(o),
             MeshObject::ServiceAccount(o) => self.service_accounts.get(&k) == Some(o),
             MeshObject::MeshConfig(o) => self.mesh_configs.get(&k.1) == Some(o),
+            MeshObject::HTTPRoute(o) => self.http_routes.get(&k) == Some(o),
         }
     }
 
@@ -262,6 +268,7 @@ impl Store {
         out.extend(named(Kind::TrafficTarget, &mut self.targets.keys()));
         out.extend(named(Kind::HTTPRouteGroup, &mut self.route_groups.keys()));
         out.extend(named(Kind::TCPRoute, &mut self.tcp_routes.keys()));
+        out.extend(named(Kind::HTTPRoute, &mut self.http_routes.keys()));
         out.extend(named(
             Kind::ServiceAccount,
             &mut self.service_accounts.keys(),
@@ -285,6 +292,7 @@ impl Store {
             + self.tcp_routes.len()
             + self.service_accounts.len()
             + self.mesh_configs.len()
+            + self.http_routes.len()
     }
 
     /// Every object, cloned (for a full rebuild elsewhere).
@@ -334,6 +342,11 @@ impl Store {
             self.mesh_configs
                 .values()
                 .map(|o| MeshObject::MeshConfig(Box::new(o.clone()))),
+        );
+        out.extend(
+            self.http_routes
+                .values()
+                .map(|o| MeshObject::HTTPRoute(Box::new(o.clone()))),
         );
         out
     }

@@ -194,7 +194,7 @@ fn decode_namespace(o: Namespace) -> Decoded {
 pub type LiveNamespaces = BTreeMap<String, bool>;
 
 /// The custom resources Weft reads: kind, group, version, plural.
-const CUSTOM: [(Kind, &str, &str, &str, &str); 5] = [
+const CUSTOM: [(Kind, &str, &str, &str, &str); 6] = [
     (
         Kind::TrafficSplit,
         "split.smi-spec.io",
@@ -229,6 +229,13 @@ const CUSTOM: [(Kind, &str, &str, &str, &str); 5] = [
         "v1alpha1",
         "MeshConfig",
         "meshconfigs",
+    ),
+    (
+        Kind::HTTPRoute,
+        "gateway.networking.k8s.io",
+        "v1",
+        "HTTPRoute",
+        "httproutes",
     ),
 ];
 
@@ -277,6 +284,7 @@ fn decode_custom(kind: Kind, object: DynamicObject) -> Decoded {
         Kind::HTTPRouteGroup => typed(value).map(MeshObject::HTTPRouteGroup),
         Kind::TCPRoute => typed(value).map(MeshObject::TCPRoute),
         Kind::MeshConfig => typed(value).map(MeshObject::MeshConfig),
+        Kind::HTTPRoute => typed(value).map(MeshObject::HTTPRoute),
         other => Err(format!("{other} is not a custom resource")),
     };
     match decoded {

@@ -36,6 +36,7 @@ fn kind_of(api_version: &str, kind: &str) -> Option<Kind> {
         ("v1", "Pod") => Kind::Pod,
         ("v1", "ServiceAccount") => Kind::ServiceAccount,
         ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
+        ("gateway.networking.k8s.io/v1", "HTTPRoute") => Kind::HTTPRoute,
         _ => match weft_crds::conversion::served_kind(api_version, kind)?.kind {
             "TrafficSplit" => Kind::TrafficSplit,
             "TrafficTarget" => Kind::TrafficTarget,
@@ -99,6 +100,7 @@ fn decode(kind: Kind, mut doc: Value) -> Result<MeshObject, String> {
         Kind::HTTPRouteGroup => MeshObject::HTTPRouteGroup(typed(doc)?),
         Kind::TCPRoute => MeshObject::TCPRoute(typed(doc)?),
         Kind::MeshConfig => MeshObject::MeshConfig(typed(doc)?),
+        Kind::HTTPRoute => MeshObject::HTTPRoute(typed(doc)?),
     })
 }
 

@@ -5,6 +5,7 @@
 
 mod clusters;
 mod envoy;
+mod gateway;
 mod http;
 mod listeners;
 mod rbac;
@@ -23,6 +24,7 @@ pub use clusters::{
     INBOUND_PASSTHROUGH_SOURCE_V4, INBOUND_PASSTHROUGH_SOURCE_V6, POD_CLUSTER_PREFIX,
     passthrough_cluster, pod_cluster, pod_cluster_ip, pod_cluster_name,
 };
+pub use gateway::INVALID_BACKEND_CLUSTER;
 pub use http::{PathOutcome, normalize_request_path};
 pub use listeners::capture_outbound;
 pub use rbac::path_prefix_regex;

@@ -83,6 +83,10 @@ fn prefix_all() -> RouteMatch {
 /// The routes of one service port. A split with `matches` (SMI v1alpha4) sends only
 /// matching requests to its backends; everything else goes to the root service.
 fn service_routes(service: &MeshService, port: u16) -> Vec<Route> {
+    // Gateway API routes on this port decide everything (a split there gave way).
+    if let Some(entries) = service.http_routes.get(&port).filter(|e| !e.is_empty()) {
+        return super::gateway::http_route_routes(entries);
+    }
     let own = route_action::ClusterSpecifier::Cluster(outbound_cluster_name(&service.key, port));
     let Some(split) = service.split.as_ref().filter(|s| !s.matches.is_empty()) else {
         return vec![route(

@@ -112,6 +112,9 @@ async fn route(app: &HttpApp, req: Request<Incoming>) -> Response<Body> {
     if path == "/ws" {
         return ws::accept(req);
     }
+    if path == "/echo" || path.starts_with("/echo/") {
+        return echo(app, &req);
+    }
     if let Some(ms) = path.strip_prefix("/delay/") {
         return match ms.parse::<u64>() {
             Ok(ms) => {
@@ -127,6 +130,36 @@ async fn route(app: &HttpApp, req: Request<Incoming>) -> Response<Body> {
         "/upload" => upload(req.into_body()).await,
         _ => full(StatusCode::OK, app.body.clone()),
     }
+}
+
+/// `/echo[/...]`: what the app received, as JSON: method, path, query, request headers
+/// (names lowercase; repeated ones joined with `, `) and the pod's name.
+fn echo(app: &HttpApp, req: &Request<Incoming>) -> Response<Body> {
+    let mut headers = serde_json::Map::new();
+    for (name, value) in req.headers() {
+        let value = String::from_utf8_lossy(value.as_bytes()).to_string();
+        let entry = headers
+            .entry(name.as_str().to_string())
+            .or_insert_with(|| serde_json::Value::String(String::new()));
+        if let serde_json::Value::String(v) = entry {
+            if !v.is_empty() {
+                v.push_str(", ");
+            }
+            v.push_str(&value);
+        }
+    }
+    let body = serde_json::json!({
+        "method": req.method().as_str(),
+        "path": req.uri().path(),
+        "query": req.uri().query().unwrap_or(""),
+        "headers": headers,
+        "pod": app.name,
+    });
+    let mut response = full(StatusCode::OK, Bytes::from(body.to_string()));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
 }
 
 /// `/stream?chunks=N&interval_ms=M`: N lines `chunk <i>\n`, M ms apart.

@@ -122,6 +122,15 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         why: "SMI input",
     },
     ApiAccess {
+        group: "gateway.networking.k8s.io",
+        resource: "httproutes",
+        verbs: WATCH,
+        scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
+        why: "Gateway API mesh routes (GAMMA)",
+    },
+    ApiAccess {
         group: "config.weft.dev",
         resource: "meshconfigs",
         verbs: WATCH,
@@ -165,6 +174,15 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         names: ANY,
         unless: None,
         why: "status conditions (server-side apply)",
+    },
+    ApiAccess {
+        group: "gateway.networking.k8s.io",
+        resource: "httproutes/status",
+        verbs: &["patch"],
+        scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
+        why: "route status per parent (server-side apply)",
     },
     ApiAccess {
         group: "config.weft.dev",

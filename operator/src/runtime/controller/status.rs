@@ -108,6 +108,9 @@ pub fn desired_statuses(index: &Index) -> DesiredStatuses {
     index
         .status_subjects()
         .into_iter()
+        // HTTPRoutes carry per-parent status (`status.parents[]`), not SMI conditions:
+        // not written yet.
+        .filter(|s| has_status(s.object.kind))
         .map(
             |StatusSubject {
                  object,
