@@ -98,8 +98,15 @@ impl MeshRuntime {
             return;
         }
         let touched = event.touched_kinds();
-        let delta = event.apply_to(&mut self.index).unwrap_or_default();
+        let applied = event.apply_to(&mut self.index);
         let first = !self.synced;
+        if applied.is_none() && !first {
+            // Every object was already held as it is (a relist, the echo of a status
+            // write): nothing to publish, nothing for the observers.
+            tracing::debug!("no object changed");
+            return;
+        }
+        let delta = applied.unwrap_or_default();
         self.synced = true;
         self.binding
             .update_nodes(self.index.model(), &delta.workloads);

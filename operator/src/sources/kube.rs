@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{
-    Container, Namespace, Pod, PodSpec, PodStatus, Service, ServiceAccount,
+    Container, Namespace, Pod, PodCondition, PodSpec, PodStatus, Service, ServiceAccount,
 };
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -103,6 +103,9 @@ const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
 /// whole manifests (a real pod object is 5-20 KB, mostly managed fields, env and
 /// volumes).
 fn slim_meta(meta: &mut ObjectMeta) {
+    // The resourceVersion changes with every write, status writes included: kept, every
+    // echo of Weft's own status writes would look like a change of the object.
+    meta.resource_version = None;
     meta.managed_fields = None;
     meta.owner_references = None;
     meta.finalizers = None;
@@ -115,6 +118,13 @@ fn slim_meta(meta: &mut ObjectMeta) {
 /// container ports, ServiceAccount, addresses, phase and readiness.
 pub fn slim_pod(mut pod: Pod) -> Pod {
     slim_meta(&mut pod.metadata);
+    // Of a pod's annotations the mesh reads only its own (probes, egress, opt-out).
+    if let Some(annotations) = &mut pod.metadata.annotations {
+        annotations.retain(|k, _| k.starts_with("weft.dev/"));
+        if annotations.is_empty() {
+            pod.metadata.annotations = None;
+        }
+    }
     pod.spec = pod.spec.map(|spec| PodSpec {
         containers: spec
             .containers
@@ -132,9 +142,20 @@ pub fn slim_pod(mut pod: Pod) -> Pod {
         phase: status.phase,
         pod_ip: status.pod_ip,
         pod_ips: status.pod_ips,
-        conditions: status
-            .conditions
-            .map(|c| c.into_iter().filter(|c| c.type_ == "Ready").collect()),
+        // Readiness only, without its times and messages (the kubelet rewrites them).
+        conditions: status.conditions.map(|c| {
+            let mut ready: Vec<PodCondition> = c
+                .into_iter()
+                .filter(|c| c.type_ == "Ready")
+                .map(|c| PodCondition {
+                    type_: c.type_,
+                    status: c.status,
+                    ..PodCondition::default()
+                })
+                .collect();
+            ready.shrink_to_fit();
+            ready
+        }),
         ..PodStatus::default()
     });
     pod
@@ -194,7 +215,7 @@ fn decode_namespace(o: Namespace) -> Decoded {
 pub type LiveNamespaces = BTreeMap<String, bool>;
 
 /// The custom resources Weft reads: kind, group, version, plural.
-const CUSTOM: [(Kind, &str, &str, &str, &str); 6] = [
+const CUSTOM: [(Kind, &str, &str, &str, &str); 8] = [
     (
         Kind::TrafficSplit,
         "split.smi-spec.io",
@@ -237,6 +258,20 @@ const CUSTOM: [(Kind, &str, &str, &str, &str); 6] = [
         "HTTPRoute",
         "httproutes",
     ),
+    (
+        Kind::GRPCRoute,
+        "gateway.networking.k8s.io",
+        "v1",
+        "GRPCRoute",
+        "grpcroutes",
+    ),
+    (
+        Kind::ReferenceGrant,
+        "gateway.networking.k8s.io",
+        "v1",
+        "ReferenceGrant",
+        "referencegrants",
+    ),
 ];
 
 /// The API resource of a custom kind Weft reads.
@@ -268,6 +303,7 @@ fn decode_custom(kind: Kind, object: DynamicObject) -> Decoded {
         map.entry("spec").or_insert_with(|| serde_json::json!({}));
         if let Some(meta) = map.get_mut("metadata").and_then(|m| m.as_object_mut()) {
             meta.remove("managedFields");
+            meta.remove("resourceVersion");
             if let Some(a) = meta.get_mut("annotations").and_then(|a| a.as_object_mut()) {
                 a.remove(LAST_APPLIED);
             }
@@ -285,6 +321,8 @@ fn decode_custom(kind: Kind, object: DynamicObject) -> Decoded {
         Kind::TCPRoute => typed(value).map(MeshObject::TCPRoute),
         Kind::MeshConfig => typed(value).map(MeshObject::MeshConfig),
         Kind::HTTPRoute => typed(value).map(MeshObject::HTTPRoute),
+        Kind::GRPCRoute => typed(value).map(MeshObject::GRPCRoute),
+        Kind::ReferenceGrant => typed(value).map(MeshObject::ReferenceGrant),
         other => Err(format!("{other} is not a custom resource")),
     };
     match decoded {
@@ -812,6 +850,39 @@ mod tests {
     }
 
     #[test]
+    fn the_echo_of_a_status_write_is_the_same_object() {
+        let split = |rv: &str, status: serde_json::Value| DynamicObject {
+            types: None,
+            metadata: ObjectMeta {
+                name: Some("s".into()),
+                namespace: Some("shop".into()),
+                resource_version: Some(rv.into()),
+                generation: Some(2),
+                ..ObjectMeta::default()
+            },
+            data: serde_json::json!({"spec": {"service": "web", "backends": [{"service": "web-v1", "weight": 1}]}, "status": status}),
+        };
+        let before = decode_custom(Kind::TrafficSplit, split("10", serde_json::json!({})));
+        let after = decode_custom(
+            Kind::TrafficSplit,
+            split(
+                "11",
+                serde_json::json!({"conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted"}]}),
+            ),
+        );
+        let (Decoded::Object(a), Decoded::Object(b)) = (before, after) else {
+            panic!("both decode");
+        };
+        assert_eq!(
+            a, b,
+            "a status write must not look like a change to the index"
+        );
+        let mut index = crate::index::Index::new();
+        index.update([ObjectChange::Upsert(a)]);
+        assert!(index.update([ObjectChange::Upsert(b)]).is_none());
+    }
+
+    #[test]
     fn live_namespaces_are_published() {
         let ns = |name: &str, terminating: bool, injection: bool| {
             Decoded::Namespace(NamespaceState {
@@ -853,7 +924,7 @@ mod tests {
     #[test]
     fn pods_keep_only_what_the_model_reads() {
         let text = r#"{"metadata": {"name": "p", "namespace": "d", "managedFields": [{"manager": "kubelet"}],
-            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}", "keep": "1"}},
+            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}", "other": "1", "weft.dev/egress": "./*"}},
           "spec": {"serviceAccountName": "web", "volumes": [{"name": "v"}],
             "containers": [{"name": "app", "image": "x", "env": [{"name": "A", "value": "B"}], "ports": [{"containerPort": 8080, "name": "http"}]}]},
           "status": {"podIP": "10.0.0.1", "phase": "Running", "containerStatuses": [],
@@ -862,7 +933,10 @@ mod tests {
         let slim = slim_pod(pod);
         assert!(slim.metadata.managed_fields.is_none());
         let annotations = slim.metadata.annotations.as_ref().unwrap();
-        assert!(annotations.contains_key("keep") && !annotations.contains_key(LAST_APPLIED));
+        assert_eq!(
+            annotations.keys().collect::<Vec<_>>(),
+            vec!["weft.dev/egress"]
+        );
         let spec = slim.spec.as_ref().unwrap();
         assert!(spec.volumes.is_none());
         assert_eq!(spec.service_account_name.as_deref(), Some("web"));
