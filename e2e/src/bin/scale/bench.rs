@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::client::{CDS, EDS, Fleet, LDS, Proxy, RDS, Watch, short_type};
-use crate::control_plane::{ControlPlane, FdLimit, Launch, free_ports, gib, mib};
+use crate::control_plane::{ControlPlane, FdLimit, Launch, Source, free_ports, gib, mib};
 use crate::mesh::{Mesh, PORT, namespace_of, service_fqdn};
 use crate::report::{
     ChangeRow, ChangeSample, ChangeStats, Measured, Ready, Restarted, RunReport, Synced,
@@ -25,6 +25,11 @@ pub mod watched {
     /// RDS name of the inbound HTTP routes (where TrafficTarget authorization lives).
     pub fn inbound_routes() -> String {
         format!("inbound|{PORT}")
+    }
+
+    /// RDS name of a service's outbound routes (where TrafficSplit weights live).
+    pub fn outbound_routes(fqdn: &str) -> String {
+        format!("{fqdn}:{PORT}")
     }
 }
 
@@ -82,7 +87,7 @@ pub struct Binary {
 }
 
 /// How long the control plane may take to settle (CPU quiet) after a step.
-const SETTLE_MAX: Duration = Duration::from_secs(20);
+pub const SETTLE_MAX: Duration = Duration::from_secs(20);
 
 /// Prints one step's numbers, with the machine's 1-minute load average: the two cores
 /// may be shared with other work, which the numbers should be read against.
@@ -95,12 +100,13 @@ pub fn log_step(label: &str, size: &Size, text: &str) {
     );
 }
 
-/// Starts `weft up` and waits for it to serve. On the binary's first start, checks that
-/// its open-file limit fits `needed` connections; if it does not raise its own limit,
-/// restarts it through prlimit and remembers that for later starts.
+/// Starts the control plane (`weft up` or `weft controller`, by `source`) and waits for
+/// it to serve. On the binary's first start, checks that its open-file limit fits
+/// `needed` connections; if it does not raise its own limit, restarts it through
+/// prlimit and remembers that for later starts.
 pub async fn start_control_plane(
     binary: &mut Binary,
-    manifests: &Path,
+    source: Source,
     run_dir: &Path,
     settings: &Settings,
     needed_fds: u64,
@@ -110,11 +116,14 @@ pub async fn start_control_plane(
         Ok(_) => return (None, Err("picking ports".to_string())),
         Err(e) => return (None, Err(format!("picking ports: {e}"))),
     };
+    let log = match source {
+        Source::Files { .. } => run_dir.join("weft.log"),
+        Source::ApiServer { .. } => run_dir.join("weft-controller.log"),
+    };
     let mut launch = Launch {
         binary: binary.path.clone(),
-        manifests: manifests.to_path_buf(),
-        state_dir: run_dir.join("state"),
-        log: run_dir.join("weft.log"),
+        source,
+        log,
         xds,
         admin,
         fd_limit: binary.fd_limit.unwrap_or(FdLimit::Inherited),
@@ -131,6 +140,7 @@ pub async fn start_control_plane(
             Ok(t) => t,
             Err(e) => return (None, Err(e)),
         };
+        let cpu_to_ready_ms = cp.cpu_ms();
         let nofile = cp.nofile_soft();
         if binary.fd_limit.is_none() {
             if nofile.is_some_and(|n| n < needed_fds) && launch.fd_limit == FdLimit::Inherited {
@@ -138,8 +148,9 @@ pub async fn start_control_plane(
                 // container's root may lack ("Operation not permitted").
                 let limit = settings.shell_nofile.1;
                 println!(
-                    "  {}: weft up kept an open-file limit of {} (needs ~{needed_fds}); restarting it through prlimit --nofile={limit}:{limit}",
+                    "  {}: {} kept an open-file limit of {} (needs ~{needed_fds}); restarting it through prlimit --nofile={limit}:{limit}",
                     binary.label,
+                    launch.source.command(),
                     nofile.unwrap_or(0)
                 );
                 let _ = cp.terminate(Duration::from_secs(10)).await;
@@ -157,6 +168,7 @@ pub async fn start_control_plane(
             Some(cp),
             Ok(Ready {
                 ready,
+                cpu_to_ready_ms,
                 idle_rss,
                 nofile,
                 fd_limit,
@@ -211,7 +223,11 @@ pub async fn run_size(binary: &mut Binary, size: &Size, settings: &Settings) -> 
 
     // 1. Start and time to ready.
     let needed_fds = (proxies + sample) as u64 + 1024;
-    let (cp, ready) = start_control_plane(binary, &manifests, &run_dir, settings, needed_fds).await;
+    let source = Source::Files {
+        manifests: manifests.clone(),
+        state_dir: run_dir.join("state"),
+    };
+    let (cp, ready) = start_control_plane(binary, source, &run_dir, settings, needed_fds).await;
     match &ready {
         Ok(r) => log_step(
             &label,
@@ -237,56 +253,7 @@ pub async fn run_size(binary: &mut Binary, size: &Size, settings: &Settings) -> 
 
     // 2. Connect the simulated proxies.
     let pods: Vec<usize> = mesh.connect_order[..proxies].to_vec();
-    let cpu0 = cp.cpu_ms().unwrap_or(0);
-    let own0 = own_cpu_ms();
-    let started = Instant::now();
-    let fleet = Fleet::start(proxies_for(&mesh, &pods), cp.launch.xds);
-    let floors = vec![0; fleet.proxies.len()];
-    let synced = match fleet
-        .wait_in_sync(&floors, settings.sync_timeout, cp.failure_flag())
-        .await
-    {
-        Ok(last) => {
-            let time = last.saturating_duration_since(started);
-            let cpu1 = cp.wait_quiet(SETTLE_MAX).await.unwrap_or(cpu0);
-            let n = fleet.proxies.len().max(1) as f64;
-            let s = Synced {
-                proxies: fleet.proxies.len(),
-                time,
-                rss: cp.rss_bytes().unwrap_or(0),
-                hwm: cp.hwm_bytes().unwrap_or(0),
-                bytes_per_proxy: fleet.total_bytes() as f64 / n,
-                resources_per_proxy: fleet
-                    .proxies
-                    .iter()
-                    .map(|p| p.resource_count())
-                    .sum::<usize>() as f64
-                    / n,
-                cpu_ms: cpu1.saturating_sub(cpu0),
-            };
-            log_step(
-                &label,
-                size,
-                &format!(
-                    "{} proxies in sync in {}; RSS {}, VmHWM {}, {:.1} KiB and {:.0} resources per proxy, CPU {} ms (weft-scale's own: {} ms)",
-                    s.proxies,
-                    secs(s.time),
-                    mib(s.rss),
-                    mib(s.hwm),
-                    s.bytes_per_proxy / 1024.0,
-                    s.resources_per_proxy,
-                    s.cpu_ms,
-                    own_cpu_ms().saturating_sub(own0)
-                ),
-            );
-            Ok(s)
-        }
-        Err(e) => {
-            let e = cp.failure().map_or(e.clone(), |f| format!("{e}; {f}"));
-            log_step(&label, size, &format!("FAILED to sync: {e}"));
-            Err(e)
-        }
-    };
+    let (fleet, synced) = connect_proxies(&mesh, &pods, &mut cp, settings, &label, size).await;
     let synced_ok = synced.is_ok();
     report.synced = Some(synced);
     if !synced_ok {
@@ -302,7 +269,8 @@ pub async fn run_size(binary: &mut Binary, size: &Size, settings: &Settings) -> 
             ChangeKind::NewService,
         ] {
             let own0 = own_cpu_ms();
-            let row = run_changes(kind, &mut mesh, &manifests, &fleet, &mut cp, settings).await;
+            let mut files = FileChanges { dir: &manifests };
+            let row = run_changes(kind, &mut mesh, &mut files, &fleet, &mut cp, settings).await;
             match &row.outcome {
                 Ok(stats) => log_step(
                     &label,
@@ -387,11 +355,75 @@ pub async fn run_size(binary: &mut Binary, size: &Size, settings: &Settings) -> 
     report
 }
 
+/// Connects simulated proxies for `pods` and waits until every one is in sync: time,
+/// RSS and VmHWM of the control plane once quiet, bytes and resources per proxy.
+pub async fn connect_proxies(
+    mesh: &Mesh,
+    pods: &[usize],
+    cp: &mut ControlPlane,
+    settings: &Settings,
+    label: &str,
+    size: &Size,
+) -> (Fleet, Measured<Synced>) {
+    let cpu0 = cp.cpu_ms().unwrap_or(0);
+    let own0 = own_cpu_ms();
+    let started = Instant::now();
+    let fleet = Fleet::start(proxies_for(mesh, pods), cp.launch.xds);
+    let floors = vec![0; fleet.proxies.len()];
+    let synced = match fleet
+        .wait_in_sync(&floors, settings.sync_timeout, cp.failure_flag())
+        .await
+    {
+        Ok(last) => {
+            let time = last.saturating_duration_since(started);
+            let cpu1 = cp.wait_quiet(SETTLE_MAX).await.unwrap_or(cpu0);
+            let n = fleet.proxies.len().max(1) as f64;
+            let s = Synced {
+                proxies: fleet.proxies.len(),
+                time,
+                rss: cp.rss_bytes().unwrap_or(0),
+                hwm: cp.hwm_bytes().unwrap_or(0),
+                bytes_per_proxy: fleet.total_bytes() as f64 / n,
+                resources_per_proxy: fleet
+                    .proxies
+                    .iter()
+                    .map(|p| p.resource_count())
+                    .sum::<usize>() as f64
+                    / n,
+                cpu_ms: cpu1.saturating_sub(cpu0),
+            };
+            log_step(
+                label,
+                size,
+                &format!(
+                    "{} proxies in sync in {}; RSS {}, VmHWM {}, {:.1} KiB and {:.0} resources per proxy, CPU {} ms (weft-scale's own: {} ms)",
+                    s.proxies,
+                    secs(s.time),
+                    mib(s.rss),
+                    mib(s.hwm),
+                    s.bytes_per_proxy / 1024.0,
+                    s.resources_per_proxy,
+                    s.cpu_ms,
+                    own_cpu_ms().saturating_sub(own0)
+                ),
+            );
+            Ok(s)
+        }
+        Err(e) => {
+            let e = cp.failure().map_or(e.clone(), |f| format!("{e}; {f}"));
+            log_step(label, size, &format!("FAILED to sync: {e}"));
+            Err(e)
+        }
+    };
+    (fleet, synced)
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChangeKind {
     Endpoint,
     TrafficTarget,
     NewService,
+    TrafficSplit,
 }
 
 impl ChangeKind {
@@ -400,6 +432,7 @@ impl ChangeKind {
             ChangeKind::Endpoint => "endpoint (+1 pod)",
             ChangeKind::TrafficTarget => "TrafficTarget (+1 source)",
             ChangeKind::NewService => "new Service",
+            ChangeKind::TrafficSplit => "TrafficSplit (weights)",
         }
     }
 }
@@ -416,6 +449,10 @@ pub enum Target {
     },
     NewService {
         ns: usize,
+    },
+    /// The TrafficSplit whose root is this service.
+    Split {
+        service: usize,
     },
 }
 
@@ -493,7 +530,7 @@ pub fn plan_change(
             let mut services: Vec<usize> = connected
                 .iter()
                 .filter_map(|m| pods.get(*m).map(|p| p.service))
-                .filter(|s| Mesh::has_traffic_target(*s))
+                .filter(|s| mesh.has_traffic_target(*s))
                 .collect();
             services.sort();
             services.dedup();
@@ -511,6 +548,46 @@ pub fn plan_change(
                 watch_name: watched::inbound_routes(),
             })
         }
+        ChangeKind::TrafficSplit => {
+            // Roots of splits in namespaces some connected proxy sees; its callers are
+            // every proxy that sees the namespace (the whole fleet when unscoped).
+            let roots: Vec<usize> = (0..mesh.services)
+                .filter(|i| mesh.has_traffic_split(*i) && !sees(namespace_of(*i)).is_empty())
+                .collect();
+            let service = pick(&roots, r, repeats)
+                .ok_or("no TrafficSplit in a namespace a connected proxy sees")?;
+            let fqdn = service_fqdn(&Mesh::service_name(service), namespace_of(service));
+            Ok(ChangePlan {
+                target: Target::Split { service },
+                affected_pods: sees(namespace_of(service)),
+                watch_type: RDS,
+                watch_name: watched::outbound_routes(&fqdn),
+            })
+        }
+    }
+}
+
+/// How a change reaches the control plane: a manifest file, or an API object.
+pub trait ChangeWriter {
+    /// Untimed work before the change, while the control plane still settles (a pod
+    /// created before the EndpointSlice lists it, as in a cluster).
+    fn prepare(&mut self, _target: &Target, _mesh: &mut Mesh) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// Makes the change; returns the instant it was handed over (where latency starts).
+    fn write(&mut self, target: &Target, mesh: &mut Mesh) -> Result<Instant, String>;
+}
+
+/// Changes as files in the manifest directory of `weft up`.
+#[derive(Debug)]
+pub struct FileChanges<'a> {
+    pub dir: &'a Path,
+}
+
+impl ChangeWriter for FileChanges<'_> {
+    fn write(&mut self, target: &Target, mesh: &mut Mesh) -> Result<Instant, String> {
+        apply_change(target, mesh, self.dir)
     }
 }
 
@@ -520,15 +597,16 @@ pub fn apply_change(target: &Target, mesh: &mut Mesh, dir: &Path) -> Result<Inst
         Target::Endpoint { service } => mesh.add_pod(dir, *service).map(|(_, at)| at),
         Target::Access { service } => mesh.add_traffic_target_source(dir, *service),
         Target::NewService { ns } => mesh.add_service(dir, *ns).map(|(_, at)| at),
+        Target::Split { .. } => return Err("TrafficSplit changes are not written as files".into()),
     };
     renamed.map_err(|e| format!("writing the change: {e}"))
 }
 
 /// Repeats one kind of change `settings.repeats` times on the simulated proxies.
-async fn run_changes(
+pub async fn run_changes(
     kind: ChangeKind,
     mesh: &mut Mesh,
-    dir: &Path,
+    writer: &mut dyn ChangeWriter,
     fleet: &Fleet,
     cp: &mut ControlPlane,
     settings: &Settings,
@@ -543,6 +621,9 @@ async fn run_changes(
             Ok(p) => p,
             Err(e) => return change_row(kind, watched, Err(e)),
         };
+        if let Err(e) = writer.prepare(&plan.target, mesh) {
+            return change_row(kind, watched, Err(e));
+        }
         // Start from a quiet control plane so the CPU time belongs to this change.
         let cpu0 = cp.wait_quiet(SETTLE_MAX).await.unwrap_or(0);
         // No response in flight either: a late push of the previous change must not
@@ -579,7 +660,12 @@ async fn run_changes(
         }
         what.sort();
         what.dedup();
-        if kind != ChangeKind::TrafficTarget {
+        if kind == ChangeKind::TrafficSplit {
+            what = vec![format!(
+                "{} <root service>.<ns>.svc.cluster.local:{PORT}",
+                short_type(plan.watch_type)
+            )];
+        } else if kind != ChangeKind::TrafficTarget {
             // The name pattern, not this repetition's service.
             what = vec![format!(
                 "{} outbound|{PORT}||<service>.<ns>.svc.cluster.local",
@@ -587,7 +673,7 @@ async fn run_changes(
             )];
         }
         watched = what.join(" + ");
-        let renamed = match apply_change(&plan.target, mesh, dir) {
+        let renamed = match writer.write(&plan.target, mesh) {
             Ok(t) => t,
             Err(e) => return change_row(kind, watched, Err(e)),
         };

@@ -1,5 +1,6 @@
-//! `weft up` as a separate process, measured from outside: readiness over its admin
-//! endpoint, memory and CPU time from /proc, a memory cap enforced by a watchdog.
+//! `weft up` (or `weft controller`) as a separate process, measured from outside:
+//! readiness over its admin endpoint, memory and CPU time from /proc, a memory cap
+//! enforced by a watchdog.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
@@ -33,12 +34,62 @@ impl std::fmt::Display for FdLimit {
     }
 }
 
-/// Parameters of one `weft up` instance.
+/// Where the control plane reads the mesh from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// `weft up MANIFESTS --state-dir STATE_DIR`: local mode.
+    Files {
+        manifests: PathBuf,
+        state_dir: PathBuf,
+    },
+    /// `weft controller --kubeconfig KUBECONFIG`: Kubernetes mode, proxies identified
+    /// by their pod address (the simulated proxies have no ServiceAccount token).
+    ApiServer { kubeconfig: PathBuf },
+}
+
+impl Source {
+    /// The command, for messages: `weft up` or `weft controller`.
+    pub fn command(&self) -> &'static str {
+        match self {
+            Source::Files { .. } => "weft up",
+            Source::ApiServer { .. } => "weft controller",
+        }
+    }
+
+    fn args(&self) -> Vec<std::ffi::OsString> {
+        match self {
+            Source::Files {
+                manifests,
+                state_dir,
+            } => vec![
+                "up".into(),
+                manifests.into(),
+                "--state-dir".into(),
+                state_dir.into(),
+            ],
+            Source::ApiServer { kubeconfig } => vec![
+                "controller".into(),
+                "--kubeconfig".into(),
+                kubeconfig.into(),
+                "--namespace".into(),
+                CONTROLLER_NAMESPACE.into(),
+                "--identity".into(),
+                "weft-scale-0".into(),
+                "--proxy-identity".into(),
+                "address".into(),
+            ],
+        }
+    }
+}
+
+/// The namespace `weft controller` runs in (its CA Secret, Lease and Events).
+pub const CONTROLLER_NAMESPACE: &str = "weft-system";
+
+/// Parameters of one control plane instance.
 #[derive(Clone, Debug)]
 pub struct Launch {
     pub binary: PathBuf,
-    pub manifests: PathBuf,
-    pub state_dir: PathBuf,
+    pub source: Source,
     pub log: PathBuf,
     pub xds: SocketAddr,
     pub admin: SocketAddr,
@@ -48,7 +99,7 @@ pub struct Launch {
     pub memory_cap_bytes: u64,
 }
 
-/// A running `weft up`; killed when dropped.
+/// A running control plane; killed when dropped.
 #[derive(Debug)]
 pub struct ControlPlane {
     pub launch: Launch,
@@ -80,10 +131,12 @@ pub fn free_ports(n: usize) -> std::io::Result<Vec<SocketAddr>> {
 }
 
 impl ControlPlane {
-    /// Starts `weft up`; does not wait for it to serve.
+    /// Starts the control plane; does not wait for it to serve.
     pub fn spawn(launch: Launch) -> Result<ControlPlane, String> {
-        std::fs::create_dir_all(&launch.state_dir)
-            .map_err(|e| format!("creating {}: {e}", launch.state_dir.display()))?;
+        if let Source::Files { state_dir, .. } = &launch.source {
+            std::fs::create_dir_all(state_dir)
+                .map_err(|e| format!("creating {}: {e}", state_dir.display()))?;
+        }
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -102,14 +155,11 @@ impl ControlPlane {
             .arg(format!("--nofile={soft}:{hard}"))
             .arg("--")
             .arg(&launch.binary)
-            .arg("up")
-            .arg(&launch.manifests)
+            .args(launch.source.args())
             .arg("--xds-addr")
             .arg(launch.xds.to_string())
             .arg("--admin-addr")
             .arg(launch.admin.to_string())
-            .arg("--state-dir")
-            .arg(&launch.state_dir)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
             .stdout(log)
@@ -120,7 +170,7 @@ impl ControlPlane {
             .map_err(|e| format!("starting {}: {e}", launch.binary.display()))?;
         let pid = child
             .id()
-            .ok_or_else(|| "weft up exited at once".to_string())?;
+            .ok_or_else(|| format!("{} exited at once", launch.source.command()))?;
         let watchdog = Arc::new(Watchdog::default());
         let task = tokio::spawn(watch_memory(pid, launch.memory_cap_bytes, watchdog.clone()));
         Ok(ControlPlane {
@@ -148,7 +198,8 @@ impl ControlPlane {
             && let Ok(Some(status)) = child.try_wait()
         {
             let why = format!(
-                "weft up exited ({status}): {} (log: {})",
+                "{} exited ({status}): {} (log: {})",
+                self.launch.source.command(),
                 log_tail(&self.launch.log, 1),
                 self.launch.log.display()
             );
@@ -269,7 +320,7 @@ impl ControlPlane {
         send_signal(self.pid, "TERM").await?;
         match tokio::time::timeout(grace, child.wait()).await {
             Ok(Ok(_)) => Ok((started.elapsed(), false)),
-            Ok(Err(e)) => Err(format!("waiting for weft up: {e}")),
+            Ok(Err(e)) => Err(format!("waiting for {}: {e}", self.launch.source.command())),
             Err(_) => {
                 let _ = child.start_kill();
                 let _ = child.wait().await;
@@ -330,7 +381,7 @@ async fn watch_memory(pid: u32, cap: u64, watchdog: Arc<Watchdog>) {
     loop {
         let Some(rss) = proc_status_kib(pid, "VmRSS").map(|k| k * 1024) else {
             let mut gone = watchdog.gone.lock().unwrap_or_else(PoisonError::into_inner);
-            gone.get_or_insert_with(|| "weft up is gone".to_string());
+            gone.get_or_insert_with(|| "the control plane is gone".to_string());
             return;
         };
         watchdog.peak_rss.fetch_max(rss, Ordering::AcqRel);

@@ -16,7 +16,7 @@ use crate::bench::{
 };
 use crate::client::short_type;
 use crate::control_plane::{
-    ControlPlane, free_ports, log_tail, mem_available, mib, proc_status_kib,
+    ControlPlane, Source, free_ports, log_tail, mem_available, mib, proc_status_kib,
 };
 use crate::mesh::Mesh;
 use crate::report::{
@@ -259,8 +259,12 @@ pub async fn run_envoys(
         report.envoys = Some(Err(format!("writing the mesh: {e}")));
         return report;
     }
+    let source = Source::Files {
+        manifests: manifests.clone(),
+        state_dir: run_dir.join("state"),
+    };
     let (cp, ready) =
-        start_control_plane(binary, &manifests, &run_dir, settings, count as u64 + 1024).await;
+        start_control_plane(binary, source, &run_dir, settings, count as u64 + 1024).await;
     report.ready = Some(ready);
     let Some(mut cp) = cp else {
         report.envoys = Some(Err("the control plane did not start".into()));

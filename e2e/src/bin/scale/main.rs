@@ -7,7 +7,18 @@
 //!                [--memory-cap-gb 12] [--unscoped-sample 50]
 //!                [--envoys 100] [--envoy-size 1000:2000] [--envoys-only]
 //!                [--no-proxies] [--no-changes] [--no-restart] [--no-unscoped] [--work DIR]
+//! weft-scale kube [--services 1000] [--pods 5000] [--smi 500] [--proxies 100] [--repeats 20]
+//!                 [--weft PATH] [--scoped] [--no-local] [--no-changes] [--rss-goal-mib 64]
+//!                 [--change-timeout 30] [--ready-timeout 600] [--sync-timeout 600]
+//!                 [--memory-cap-gb 12] [--work DIR]
 //! ```
+//!
+//! `kube` measures Kubernetes mode instead (see `kube.rs`): `weft controller` fed by the
+//! in-process API-server double holding the mesh as API objects (with EndpointSlices,
+//! Namespaces, ServiceAccounts, realistic pods), time to `/readyz`, RSS idle and with
+//! the proxies in sync, and TrafficTarget, EndpointSlice and TrafficSplit changes
+//! written to the double; then `weft up` on the same objects as files, for the ratios.
+//! The rest of this comment is about `run`.
 //!
 //! Default sizes: 1,000 services / 2,000 pods with 1,000 simulated proxies (unscoped) and
 //! 10,000 / 20,000 with 10,000 (every pod annotated `weft.dev/egress: "./*"`). Per binary
@@ -44,6 +55,7 @@ mod bench;
 mod client;
 mod control_plane;
 mod envoys;
+mod kube;
 mod mesh;
 mod report;
 
@@ -85,6 +97,8 @@ enum Command {
     },
     /// Run the benchmark.
     Run(RunArgs),
+    /// Kubernetes mode: `weft controller` on the API-server double, beside `weft up`.
+    Kube(kube::KubeArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -209,30 +223,39 @@ fn main() -> ExitCode {
         }
         Command::Run(args) => {
             let shell_nofile = raise_nofile();
-            // Two workers: the machine has two cores, shared with the control plane.
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("error: tokio runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            runtime.block_on(async move {
-                tokio::select! {
-                    code = run(args, shell_nofile) => code,
-                    // Dropping `run` drops every guard: control planes and Envoys are killed.
-                    signal = interrupted() => {
-                        eprintln!("interrupted by {signal}; stopping the control plane and Envoys");
-                        ExitCode::from(130)
-                    }
-                }
-            })
+            block_on(run(args, shell_nofile))
+        }
+        Command::Kube(args) => {
+            let shell_nofile = raise_nofile();
+            block_on(kube::run(args, shell_nofile))
         }
     }
+}
+
+/// Runs `bench` on a two-worker runtime (the machine has two cores, shared with the
+/// control plane) until it ends or SIGINT/SIGTERM arrives.
+fn block_on(bench: impl Future<Output = ExitCode>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: tokio runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async move {
+        tokio::select! {
+            code = bench => code,
+            // Dropping the bench drops every guard: control planes and Envoys are killed.
+            signal = interrupted() => {
+                eprintln!("interrupted by {signal}; stopping the control plane and Envoys");
+                ExitCode::from(130)
+            }
+        }
+    })
 }
 
 /// Resolves on SIGINT or SIGTERM (a signal whose handler cannot be installed never fires).

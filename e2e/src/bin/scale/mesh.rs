@@ -53,11 +53,16 @@ pub struct Mesh {
     /// over every namespace before a namespace gets its second service.
     pub connect_order: Vec<usize>,
     pub scope: bool,
+    /// Services whose account is a TrafficTarget's destination (by default every even
+    /// service; fewer with an SMI budget, see [`Mesh::with_smi`]).
+    traffic_targets: Vec<bool>,
     /// Extra TrafficTarget sources added by changes, per destination service.
     extra_sources: BTreeMap<usize, Vec<usize>>,
+    /// TrafficSplit weights changed by changes, per root service (default 80/20).
+    split_weights: BTreeMap<usize, (u32, u32)>,
     /// Services added by changes (`svc-new-<n>`), and pods added by changes.
     added_services: usize,
-    added_pods: usize,
+    added: Vec<PodSpec>,
 }
 
 pub fn namespace_of(service: usize) -> usize {
@@ -107,9 +112,11 @@ impl Mesh {
             connect_order: Vec::new(),
             pods: specs,
             scope,
+            traffic_targets: (0..services).map(|i| i.is_multiple_of(2)).collect(),
             extra_sources: BTreeMap::new(),
+            split_weights: BTreeMap::new(),
             added_services: 0,
-            added_pods: 0,
+            added: Vec::new(),
         };
         mesh.connect_order = mesh.spread_order();
         if scope {
@@ -154,8 +161,68 @@ impl Mesh {
         format!("svc-{service}")
     }
 
-    pub fn has_traffic_target(service: usize) -> bool {
-        service.is_multiple_of(2)
+    /// Whether `sa-<service>` is the destination of a TrafficTarget (`to-svc-<service>`).
+    pub fn has_traffic_target(&self, service: usize) -> bool {
+        self.traffic_targets.get(service).copied().unwrap_or(false)
+    }
+
+    /// Whether `svc-<service>` is the root of a TrafficSplit (`split-svc-<service>`,
+    /// over the next two services): every 20th service, when both are in its namespace.
+    pub fn has_traffic_split(&self, service: usize) -> bool {
+        service.is_multiple_of(20)
+            && self
+                .services_of_namespace(namespace_of(service))
+                .contains(&(service + 2))
+    }
+
+    /// SMI objects of the mesh: one HTTPRouteGroup per namespace, the TrafficTargets
+    /// and the TrafficSplits.
+    pub fn smi_count(&self) -> usize {
+        let targets = self.traffic_targets.iter().filter(|t| **t).count();
+        let splits = (0..self.services)
+            .filter(|i| self.has_traffic_split(*i))
+            .count();
+        self.namespaces() + targets + splits
+    }
+
+    /// The same mesh with exactly `smi` SMI objects: the HTTPRouteGroups and
+    /// TrafficSplits stay, and TrafficTargets go to as many even services as the rest
+    /// of the budget allows, spread over the namespaces (position 0 of every namespace,
+    /// then position 2, ...), so the first proxies to connect are still destinations.
+    pub fn with_smi(mut self, smi: usize) -> Result<Mesh, String> {
+        let even: Vec<usize> = (0..SERVICES_PER_NAMESPACE)
+            .step_by(2)
+            .flat_map(|pos| (0..self.namespaces()).map(move |ns| ns * SERVICES_PER_NAMESPACE + pos))
+            .filter(|i| *i < self.services)
+            .collect();
+        let fixed = self.smi_count() - self.traffic_targets.iter().filter(|t| **t).count();
+        if smi < fixed || smi > fixed + even.len() {
+            return Err(format!(
+                "{smi} SMI objects do not fit {} services: {} HTTPRouteGroups and TrafficSplits, plus 0 to {} TrafficTargets",
+                self.services,
+                fixed,
+                even.len()
+            ));
+        }
+        self.traffic_targets = vec![false; self.services];
+        for i in &even[..smi - fixed] {
+            self.traffic_targets[*i] = true;
+        }
+        Ok(self)
+    }
+
+    /// The generated pods of `service`, then the pods changes added to it.
+    pub fn pods_of_service(&self, service: usize) -> impl Iterator<Item = &PodSpec> {
+        let generated = self.pods.iter().skip(service).step_by(self.services.max(1));
+        generated.chain(self.added.iter().filter(move |p| p.service == service))
+    }
+
+    /// The text of every manifest file [`Mesh::write`] writes, Services and Pods first.
+    pub fn texts(&self) -> Vec<String> {
+        let files = self.namespaces().div_ceil(NAMESPACES_PER_FILE);
+        let mut out: Vec<String> = (0..files).map(|f| self.mesh_file_text(f)).collect();
+        out.extend((0..files).map(|f| self.smi_file_text(f)));
+        out
     }
 
     /// Writes the whole mesh into `dir` (created if missing).
@@ -205,61 +272,110 @@ impl Mesh {
     fn smi_file_text(&self, file: usize) -> String {
         let mut out = String::new();
         for ns in self.namespaces_of_file(file) {
-            let namespace = namespace_name(ns);
-            let _ = write!(
-                out,
-                "---\napiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {{name: routes, namespace: {namespace}}}\nspec:\n  matches:\n  - {{name: read, pathRegex: \"/api/.*\", methods: [GET, HEAD]}}\n  - {{name: write, pathRegex: \"/api/.*\", methods: [POST, PUT]}}\n"
-            );
-            let services = self.services_of_namespace(ns);
-            for i in services.clone() {
-                if Self::has_traffic_target(i) {
-                    let mut sources = vec![i + 1];
-                    sources.extend(self.extra_sources.get(&i).into_iter().flatten().copied());
-                    let sources = sources
-                        .iter()
-                        .filter(|s| services.contains(s))
-                        .map(|s| {
-                            format!(
-                                "{{kind: ServiceAccount, name: sa-{s}, namespace: {namespace}}}"
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                        .join(", ");
-                    // Half of the targets allow only the `read` route, half everything.
-                    let rules = if i.is_multiple_of(4) {
-                        "  rules: [{kind: HTTPRouteGroup, name: routes, matches: [read]}]\n"
-                    } else {
-                        ""
-                    };
-                    let _ = write!(
-                        out,
-                        "---\napiVersion: access.smi-spec.io/v1alpha3\nkind: TrafficTarget\nmetadata: {{name: to-svc-{i}, namespace: {namespace}}}\nspec:\n  destination: {{kind: ServiceAccount, name: sa-{i}, namespace: {namespace}}}\n  sources: [{sources}]\n{rules}"
-                    );
+            out.push_str(&route_group_text(ns));
+            for i in self.services_of_namespace(ns) {
+                if let Some(text) = self.traffic_target_text(i) {
+                    out.push_str(&text);
                 }
-                if i.is_multiple_of(20) && services.contains(&(i + 2)) {
-                    let _ = write!(
-                        out,
-                        "---\napiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata: {{name: split-svc-{i}, namespace: {namespace}}}\nspec:\n  service: svc-{i}\n  backends:\n  - {{service: svc-{}, weight: 80}}\n  - {{service: svc-{}, weight: 20}}\n",
-                        i + 1,
-                        i + 2
-                    );
+                if let Some(text) = self.traffic_split_text(i) {
+                    out.push_str(&text);
                 }
             }
         }
         out
     }
 
-    /// Change: one more pod for `service`, in a file of its own. Returns its spec and
-    /// the instant of the rename.
-    pub fn add_pod(&mut self, dir: &Path, service: usize) -> std::io::Result<(PodSpec, Instant)> {
-        let n = self.added_pods;
-        self.added_pods += 1;
+    /// The TrafficTarget `to-svc-<service>` (if it has one) as a YAML document.
+    pub fn traffic_target_text(&self, i: usize) -> Option<String> {
+        if !self.has_traffic_target(i) {
+            return None;
+        }
+        let ns = namespace_of(i);
+        let namespace = namespace_name(ns);
+        let services = self.services_of_namespace(ns);
+        let mut sources = vec![i + 1];
+        sources.extend(self.extra_sources.get(&i).into_iter().flatten().copied());
+        let sources = sources
+            .iter()
+            .filter(|s| services.contains(s))
+            .map(|s| format!("{{kind: ServiceAccount, name: sa-{s}, namespace: {namespace}}}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        // Half of the targets allow only the `read` route, half everything.
+        let rules = if i.is_multiple_of(4) {
+            "  rules: [{kind: HTTPRouteGroup, name: routes, matches: [read]}]\n"
+        } else {
+            ""
+        };
+        Some(format!(
+            "---\napiVersion: access.smi-spec.io/v1alpha3\nkind: TrafficTarget\nmetadata: {{name: to-svc-{i}, namespace: {namespace}}}\nspec:\n  destination: {{kind: ServiceAccount, name: sa-{i}, namespace: {namespace}}}\n  sources: [{sources}]\n{rules}"
+        ))
+    }
+
+    /// The TrafficSplit `split-svc-<service>` (if it has one) as a YAML document.
+    pub fn traffic_split_text(&self, i: usize) -> Option<String> {
+        if !self.has_traffic_split(i) {
+            return None;
+        }
+        let namespace = namespace_name(namespace_of(i));
+        let (a, b) = self.split_weights(i);
+        Some(format!(
+            "---\napiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata: {{name: split-svc-{i}, namespace: {namespace}}}\nspec:\n  service: svc-{i}\n  backends:\n  - {{service: svc-{}, weight: {a}}}\n  - {{service: svc-{}, weight: {b}}}\n",
+            i + 1,
+            i + 2
+        ))
+    }
+
+    /// The weights of the TrafficSplit of `service` (80/20 until a change).
+    pub fn split_weights(&self, service: usize) -> (u32, u32) {
+        self.split_weights
+            .get(&service)
+            .copied()
+            .unwrap_or((80, 20))
+    }
+
+    /// Change: the TrafficSplit of `service` moves 10 points of weight (80/20 → 70/30 →
+    /// 80/20 ...). Returns the new weights; the caller writes the object.
+    pub fn shift_split(&mut self, service: usize) -> (u32, u32) {
+        let weights = match self.split_weights(service) {
+            (80, 20) => (70, 30),
+            _ => (80, 20),
+        };
+        self.split_weights.insert(service, weights);
+        weights
+    }
+
+    /// A new pod for `service` (`svc-<service>-x<n>`, the next free pod IP), remembered
+    /// as part of the mesh; the caller writes it.
+    pub fn new_pod(&mut self, service: usize) -> PodSpec {
+        let n = self.added.len();
         let pod = PodSpec {
             name: format!("svc-{service}-x{n}"),
             service,
             ip: pod_ip(self.pods.len() + n),
             scoped: self.scope,
         };
+        self.added.push(pod.clone());
+        pod
+    }
+
+    /// Change: the TrafficTarget of `sa-<service>` gets one more source (another service
+    /// account of its namespace). The caller writes the object.
+    pub fn add_source(&mut self, service: usize) {
+        let services = self.services_of_namespace(namespace_of(service));
+        let taken = self.extra_sources.entry(service).or_default();
+        let source = services
+            .clone()
+            .find(|s| *s != service && *s != service + 1 && !taken.contains(s))
+            .unwrap_or(service);
+        taken.push(source);
+    }
+
+    /// Change: one more pod for `service`, in a file of its own. Returns its spec and
+    /// the instant of the rename.
+    pub fn add_pod(&mut self, dir: &Path, service: usize) -> std::io::Result<(PodSpec, Instant)> {
+        let n = self.added.len();
+        let pod = self.new_pod(service);
         let mut text = String::new();
         push_pod(&mut text, &pod);
         let at = write_atomically(&dir.join(format!("change-pod-{n}.yaml")), &text)?;
@@ -274,15 +390,8 @@ impl Mesh {
         dir: &Path,
         service: usize,
     ) -> std::io::Result<Instant> {
-        let ns = namespace_of(service);
-        let services = self.services_of_namespace(ns);
-        let taken = self.extra_sources.entry(service).or_default();
-        let source = services
-            .clone()
-            .find(|s| *s != service && *s != service + 1 && !taken.contains(s))
-            .unwrap_or(service);
-        taken.push(source);
-        let file = ns / NAMESPACES_PER_FILE;
+        self.add_source(service);
+        let file = namespace_of(service) / NAMESPACES_PER_FILE;
         write_atomically(&dir.join(smi_file(file)), &self.smi_file_text(file))
     }
 
@@ -312,12 +421,27 @@ fn smi_file(file: usize) -> String {
     format!("smi-{file:03}.yaml")
 }
 
+/// The namespace's HTTPRouteGroup `routes` as a YAML document.
+fn route_group_text(ns: usize) -> String {
+    let namespace = namespace_name(ns);
+    format!(
+        "---\napiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {{name: routes, namespace: {namespace}}}\nspec:\n  matches:\n  - {{name: read, pathRegex: \"/api/.*\", methods: [GET, HEAD]}}\n  - {{name: write, pathRegex: \"/api/.*\", methods: [POST, PUT]}}\n"
+    )
+}
+
 fn push_service(out: &mut String, name: &str, ns: usize, ip: Ipv4Addr) {
     let namespace = namespace_name(ns);
     let _ = write!(
         out,
         "---\napiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  clusterIP: {ip}\n  selector: {{app: {name}}}\n  ports: [{{name: http, port: {PORT}}}]\n"
     );
+}
+
+/// A pod as a YAML document.
+pub fn pod_text(pod: &PodSpec) -> String {
+    let mut out = String::new();
+    push_pod(&mut out, pod);
+    out
 }
 
 fn push_pod(out: &mut String, pod: &PodSpec) {
@@ -379,5 +503,27 @@ mod tests {
         assert_eq!(sorted.len(), 200);
         let unscoped = mesh.pods.iter().filter(|p| !p.scoped).count();
         assert_eq!(unscoped, 5);
+    }
+
+    #[test]
+    fn an_smi_budget_keeps_routes_and_splits_and_spreads_the_targets() {
+        let mesh = Mesh::new(1000, 5000, false, 0);
+        // 100 HTTPRouteGroups, 500 TrafficTargets, 50 TrafficSplits.
+        assert_eq!(mesh.smi_count(), 650);
+        let mesh = mesh.with_smi(500).unwrap();
+        assert_eq!(mesh.smi_count(), 500);
+        let docs: usize = mesh
+            .texts()
+            .iter()
+            .map(|t| {
+                t.matches("\nkind: Traffic").count() + t.matches("\nkind: HTTPRouteGroup").count()
+            })
+            .sum();
+        assert_eq!(docs, 500);
+        // Position 0 of every namespace (the first proxies to connect) is a destination.
+        assert!((0..100).all(|ns| mesh.has_traffic_target(ns * SERVICES_PER_NAMESPACE)));
+        assert!(Mesh::new(1000, 5000, false, 0).with_smi(100).is_err());
+        assert_eq!(mesh.pods_of_service(7).count(), 5);
+        assert!(mesh.pods_of_service(7).all(|p| p.service == 7));
     }
 }

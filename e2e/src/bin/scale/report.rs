@@ -11,6 +11,8 @@ pub type Measured<T> = Result<T, String>;
 #[derive(Clone, Debug)]
 pub struct Ready {
     pub ready: Duration,
+    /// Control plane CPU time (utime+stime) from spawn to ready.
+    pub cpu_to_ready_ms: Option<u64>,
     pub idle_rss: u64,
     pub nofile: Option<u64>,
     pub fd_limit: FdLimit,
