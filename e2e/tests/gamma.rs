@@ -4,8 +4,10 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step should fail the test loudly
 
-use serde_json::Value;
-use weft_e2e::Harness;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use weft_e2e::{Harness, LoadReport, PortSpec};
 
 const BACKEND: &str = "http://backend:8080";
 
@@ -289,4 +291,347 @@ fn an_httproute_wins_over_a_traffic_split_on_the_same_port() {
                 && r.contains("HTTPRoute default/wins")),
         "{problems:?}"
     );
+}
+
+fn wait_until(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while !ready() {
+        assert!(
+            start.elapsed() < timeout,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// An HTTPRoute on Service `backend` (and on a Gateway, another controller's business)
+/// sending everything to `backend`; with another controller's status entry.
+fn route_object(backend: &str) -> Value {
+    json!({
+        "apiVersion": "gateway.networking.k8s.io/v1", "kind": "HTTPRoute",
+        "metadata": {"name": "to-backend", "namespace": "default", "generation": 1},
+        "spec": {
+            "parentRefs": [
+                {"group": "", "kind": "Service", "name": "backend", "port": 8080},
+                {"name": "edge"},
+            ],
+            "rules": [{"backendRefs": [{"name": backend, "port": 8080}]}],
+        },
+        "status": {"parents": [{
+            "controllerName": "example.com/gateway",
+            "parentRef": {"name": "edge"},
+            "conditions": [{"type": "Accepted", "status": "True", "reason": "Accepted",
+                            "message": "", "lastTransitionTime": "2026-01-01T00:00:00Z"}],
+        }]},
+    })
+}
+
+#[test]
+fn route_status_per_parent_is_written_in_kubernetes_mode_and_only_when_it_changes() {
+    let mut h = Harness::new(87, "gamma-status").expect("harness");
+    h.add_split_topology().unwrap();
+    let c = h.start_cluster().unwrap();
+    const V1: &str = "gateway.networking.k8s.io/v1";
+    c.api.apply_object(route_object("backend-v9")).unwrap();
+    h.start_controller(1, &c.kubeconfig, &["--proxy-identity", "address"])
+        .unwrap();
+    h.wait_controller_ready(1).unwrap();
+    let route = || {
+        c.api
+            .get(V1, "HTTPRoute", Some("default"), "to-backend")
+            .unwrap()
+    };
+    let ours = |route: &Value| -> Option<Value> {
+        route["status"]["parents"]
+            .as_array()?
+            .iter()
+            .find(|p| p["controllerName"] == "weft.dev/mesh")
+            .cloned()
+    };
+    let condition = |entry: &Value, type_: &str| -> Value {
+        entry["conditions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|c| c["type"] == type_)
+            .cloned()
+            .unwrap_or(Value::Null)
+    };
+    wait_until(Duration::from_secs(10), "Weft's status entry", || {
+        ours(&route()).is_some()
+    });
+    let stored = route();
+    let parents = stored["status"]["parents"].as_array().unwrap();
+    assert_eq!(
+        parents.len(),
+        2,
+        "the other controller's entry stays: {stored}"
+    );
+    assert!(
+        parents
+            .iter()
+            .any(|p| p["controllerName"] == "example.com/gateway"),
+        "{stored}"
+    );
+    let entry = ours(&stored).unwrap();
+    assert_eq!(
+        entry["parentRef"],
+        json!({"group": "", "kind": "Service", "name": "backend", "port": 8080})
+    );
+    let accepted = condition(&entry, "Accepted");
+    assert_eq!(
+        (&accepted["status"], &accepted["reason"]),
+        (&json!("True"), &json!("Accepted")),
+        "{entry}"
+    );
+    let resolved = condition(&entry, "ResolvedRefs");
+    assert_eq!(
+        (&resolved["status"], &resolved["reason"]),
+        (&json!("False"), &json!("BackendNotFound")),
+        "{entry}"
+    );
+    assert!(
+        resolved["message"].as_str().unwrap().contains("backend-v9"),
+        "{resolved}"
+    );
+    assert!(
+        resolved["observedGeneration"].is_number() && resolved["lastTransitionTime"].is_string()
+    );
+    let accepted_since = accepted["lastTransitionTime"].clone();
+
+    // Fixed: ResolvedRefs turns True; Accepted did not change, nor does its time.
+    let mut fixed = route();
+    fixed["spec"]["rules"][0]["backendRefs"][0]["name"] = json!("backend-v2");
+    c.api.apply_object(fixed).unwrap();
+    wait_until(Duration::from_secs(10), "ResolvedRefs=True", || {
+        ours(&route()).is_some_and(|e| condition(&e, "ResolvedRefs")["status"] == "True")
+    });
+    let entry = ours(&route()).unwrap();
+    assert_eq!(
+        condition(&entry, "ResolvedRefs")["reason"],
+        "ResolvedRefs",
+        "{entry}"
+    );
+    assert_eq!(
+        condition(&entry, "Accepted")["lastTransitionTime"],
+        accepted_since
+    );
+    assert_eq!(route()["status"]["parents"].as_array().unwrap().len(), 2);
+
+    // Changes that change no status write nothing.
+    std::thread::sleep(Duration::from_secs(1));
+    let patches = c.api.requests("patch", "httproutes", "status");
+    assert!(patches >= 2, "{patches} status patches");
+    for i in 0..200 {
+        let mut same = route();
+        same["metadata"]["labels"] = json!({"touch": i.to_string()});
+        c.api.apply_object(same).unwrap();
+    }
+    let mut last = h.controller_metric(1, "weft_pushes_total");
+    for _ in 0..20 {
+        std::thread::sleep(Duration::from_millis(250));
+        let now = h.controller_metric(1, "weft_pushes_total");
+        if now == last {
+            break;
+        }
+        last = now;
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        c.api.requests("patch", "httproutes", "status"),
+        patches,
+        "no-op reconciles wrote a route status"
+    );
+}
+
+#[test]
+fn a_grpc_route_splits_calls_by_weight_between_two_grpc_backends() {
+    const GRPC: u16 = 50051;
+    let mut h = Harness::new(88, "gamma-grpc").expect("harness");
+    h.add_pod_listening("client", &[("app", "client")], "client", 0, &[])
+        .unwrap();
+    for version in ["v1", "v2"] {
+        h.add_pod_listening(
+            &format!("echo-{version}-0"),
+            &[("app", "echo"), ("version", version)],
+            "echo",
+            0,
+            &[("grpc", GRPC)],
+        )
+        .unwrap();
+    }
+    let port = [PortSpec::named("grpc", GRPC).app_protocol("grpc")];
+    h.add_service_with("echo", &[("app", "echo")], &port)
+        .unwrap();
+    for version in ["v1", "v2"] {
+        h.add_service_with(
+            &format!("echo-{version}"),
+            &[("app", "echo"), ("version", version)],
+            &port,
+        )
+        .unwrap();
+    }
+    h.write_cluster_manifest().unwrap();
+    h.allow("access.yaml", "echo", &["client"]).unwrap();
+    h.write_manifest(
+        "grpcroute.yaml",
+        &format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: echo-split, namespace: default}}\nspec:\n  parentRefs: [{{group: \"\", kind: Service, name: echo, port: {GRPC}}}]\n  rules:\n  - matches: [{{method: {{service: weft.test.Echo, method: Unary}}}}]\n    filters:\n    - type: RequestHeaderModifier\n      requestHeaderModifier: {{set: [{{name: x-route, value: grpc}}]}}\n    backendRefs:\n    - {{name: echo-v1, port: {GRPC}, weight: 80}}\n    - {{name: echo-v2, port: {GRPC}, weight: 20}}\n  - backendRefs: [{{name: echo-v2, port: {GRPC}}}]\n"
+        ),
+    )
+    .unwrap();
+    h.start_control_plane().unwrap();
+    for pod in ["client", "echo-v1-0", "echo-v2-0"] {
+        h.start_sidecar(pod).unwrap();
+    }
+    let addr = format!("echo:{GRPC}");
+    let v = h
+        .app(
+            "client",
+            &["grpc-load", &addr, "--count", "1000", "--concurrency", "8"],
+        )
+        .unwrap()
+        .unwrap_or_else(|e| panic!("grpc-load: {e}"));
+    let report: LoadReport = serde_json::from_value(v).unwrap();
+    assert!(report.failures().is_empty(), "{:?}", report.failures());
+    let v1 = report.answered_by("echo-v1") as f64 / 10.0;
+    let v2 = report.answered_by("echo-v2") as f64 / 10.0;
+    eprintln!("GRPCRoute 80/20 on Unary: v1 {v1:.1}%, v2 {v2:.1}%");
+    assert!((75.0..=85.0).contains(&v1), "v1 got {v1}%, expected 80 ± 5");
+    // Other methods take the second rule: echo-v2 only.
+    for _ in 0..5 {
+        let v = h
+            .app("client", &["grpc", &addr, "--call", "server-stream"])
+            .unwrap()
+            .unwrap();
+        assert_eq!(v["name"], "echo-v2-0", "{v}");
+    }
+    assert!(problems(&h).is_empty(), "{:?}", problems(&h));
+}
+
+/// One request from `pod`: (status, response headers, body).
+fn call_from(h: &Harness, pod: &str, url: &str) -> (u16, Value, String) {
+    let v = h
+        .app(pod, &["http", url])
+        .unwrap()
+        .unwrap_or_else(|e| panic!("{pod}: GET {url}: {e}"));
+    (
+        u16::try_from(v["status"].as_u64().unwrap()).unwrap(),
+        v["headers"].clone(),
+        v["body"].as_str().unwrap_or_default().trim().to_string(),
+    )
+}
+
+/// GEP-1426 consumer routes: an HTTPRoute in `shop` on `default/backend` routes the calls
+/// of `shop`'s pods (a delta and a state-of-the-world sidecar) and nobody else's: the
+/// producer route in `default` still decides for `default` and `other` callers. The
+/// consumer route replaces the producer's for its namespace (a path it does not match is
+/// 404 there), and removing it gives `shop` the producer route back, live.
+#[test]
+fn a_consumer_route_steers_only_its_namespace_and_wins_over_the_producer_route() {
+    let mut h = Harness::new(90, "gamma-consumer").expect("harness");
+    h.add_split_topology().unwrap();
+    for (pod, app, ns) in [
+        ("shopper", "shopper", "shop"),
+        ("shopper-sotw", "shopper", "shop"),
+        ("local-0", "local", "shop"),
+        ("visitor", "visitor", "other"),
+    ] {
+        h.add_pod(pod, &[("app", app)], app).unwrap();
+        h.set_namespace(pod, ns).unwrap();
+    }
+    h.add_service("local", &[("app", "local")]).unwrap();
+    h.set_namespace("local", "shop").unwrap();
+    h.write_cluster_manifest().unwrap();
+    let target = |name: &str, ns: &str, dest: &str, sources: &[(&str, &str)]| {
+        let sources: String = sources
+            .iter()
+            .map(|(ns, sa)| format!("  - {{kind: ServiceAccount, name: {sa}, namespace: {ns}}}\n"))
+            .collect();
+        format!(
+            "apiVersion: access.smi-spec.io/v1alpha3\nkind: TrafficTarget\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  destination: {{kind: ServiceAccount, name: {dest}, namespace: {ns}}}\n  sources:\n{sources}"
+        )
+    };
+    let access = [
+        target(
+            "to-backend",
+            "default",
+            "backend",
+            &[
+                ("default", "client"),
+                ("shop", "shopper"),
+                ("other", "visitor"),
+            ],
+        ),
+        target("to-local", "shop", "local", &[("shop", "shopper")]),
+    ]
+    .join("---\n");
+    h.write_manifest("access.yaml", &access).unwrap();
+    h.write_manifest(
+        "producer.yaml",
+        &route(
+            "producer",
+            "  - backendRefs: [{name: backend-v1, port: 8080}]\n",
+        ),
+    )
+    .unwrap();
+    let consumer = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: mine, namespace: shop}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: backend, namespace: default, port: 8080}]\n  rules:\n  - matches: [{path: {type: PathPrefix, value: /api}}]\n    filters:\n    - type: ResponseHeaderModifier\n      responseHeaderModifier: {set: [{name: x-route, value: consumer}]}\n    backendRefs: [{name: local, port: 8080}]\n";
+    h.write_manifest("consumer.yaml", consumer).unwrap();
+    h.start_control_plane().unwrap();
+    for pod in [
+        "client",
+        "backend-v1-0",
+        "backend-v2-0",
+        "local-0",
+        "shopper",
+        "visitor",
+    ] {
+        h.start_sidecar(pod).unwrap();
+    }
+    h.use_xds_protocol("sotw");
+    h.start_sidecar("shopper-sotw").unwrap();
+    assert!(problems(&h).is_empty(), "{:?}", problems(&h));
+
+    for shopper in ["shopper", "shopper-sotw"] {
+        for _ in 0..5 {
+            let (status, headers, body) = call_from(&h, shopper, &format!("{BACKEND}/api/x"));
+            assert_eq!((status, body.as_str()), (200, "local-0"), "{shopper}");
+            assert_eq!(headers["x-route"], "consumer", "{shopper}: {headers}");
+        }
+        let (status, _, body) = call_from(&h, shopper, &format!("{BACKEND}/other"));
+        assert_eq!(
+            status, 404,
+            "{shopper}: the producer route does not apply: {body}"
+        );
+    }
+    for caller in ["client", "visitor"] {
+        for path in ["/api/x", "/other"] {
+            let (status, headers, body) = call_from(&h, caller, &format!("{BACKEND}{path}"));
+            assert_eq!(
+                (status, body.as_str()),
+                (200, "backend-v1-0"),
+                "{caller} {path}"
+            );
+            assert!(headers.get("x-route").is_none(), "{caller}: {headers}");
+        }
+    }
+
+    // The consumer route goes: shop's callers follow the producer route again.
+    h.remove_manifest("consumer.yaml").unwrap();
+    for shopper in ["shopper", "shopper-sotw"] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let (status, _, body) = call_from(&h, shopper, &format!("{BACKEND}/api/x"));
+            if (status, body.as_str()) == (200, "backend-v1-0") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{shopper} still answered by {status} {body}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+    let (status, _, body) = call_from(&h, "client", &format!("{BACKEND}/api/x"));
+    assert_eq!((status, body.as_str()), (200, "backend-v1-0"));
 }

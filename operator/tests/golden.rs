@@ -13,8 +13,8 @@ use weft::identity::{Svid, WorkloadSecrets, spiffe_id};
 use weft::index::{Index, Workload};
 use weft::sources::parse_manifests;
 use weft::translate::{
-    AccessMode, MeshConfig, MtlsMode, ProxyResources, grants_for, translate_shared,
-    translate_workload,
+    AccessMode, MeshConfig, MtlsMode, ProxyResources, grants_for, translate_consumer,
+    translate_shared, translate_workload,
 };
 use weft_xds::type_url;
 
@@ -181,11 +181,20 @@ fn translate_matches_golden_files() {
             .iter()
             .map(|p| json!({ "object": p.object.to_string(), "rejected": p.rejected, "reason": p.reason }))
             .collect();
-        let doc = json!({
+        let mut doc = json!({
             "problems": problems,
             "shared": render(&pool, &translate_shared(model, &config, true)),
             "workloads": workloads,
         });
+        // Consumer routes: per caller namespace, the route configurations its proxies
+        // get instead of the shared ones of the same names.
+        let consumer: serde_json::Map<String, Value> = translate_consumer(model, &config)
+            .iter()
+            .map(|(ns, r)| (ns.clone(), render(&pool, r)))
+            .collect();
+        if !consumer.is_empty() {
+            doc["consumer"] = Value::Object(consumer);
+        }
         let text = format!(
             "# Generated from in/{}; regenerate with WEFT_UPDATE_GOLDEN=1 cargo test -p weft --test golden\n{}",
             input.file_name().unwrap().to_string_lossy(),

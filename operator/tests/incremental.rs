@@ -166,12 +166,17 @@ fn http_route(rng: &mut Rng) -> String {
         _ => ", port: 3306",
     };
     format!(
-        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: route-{}, namespace: {ns}}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: {}{port}}}]\n  rules:\n  - matches: [{{path: {{type: PathPrefix, value: /{}}}}}]\n    backendRefs: [{{name: {}, port: 80, weight: {}}}, {{name: {}, port: 8081}}]\n",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: route-{}, namespace: {ns}}}\nspec:\n  parentRefs: [{{group: '', kind: Service, name: {}{port}}}]\n  rules:\n  - matches: [{{path: {{type: PathPrefix, value: /{}}}}}]\n    backendRefs: [{{name: {}, port: 80, weight: {}{}}}, {{name: {}, port: 8081}}]\n",
         rng.below(3),
         rng.pick(&SERVICES),
         rng.pick(&["", "api", "v2"]),
         rng.pick(&SERVICES),
         rng.below(3) * 45,
+        if rng.chance(30) {
+            format!(", namespace: {}", rng.pick(&NAMESPACES))
+        } else {
+            String::new()
+        },
         rng.pick(&SERVICES),
     )
 }
@@ -195,7 +200,17 @@ fn target(rng: &mut Rng) -> String {
 
 fn other(rng: &mut Rng) -> String {
     let ns = rng.pick(&NAMESPACES);
-    match rng.below(4) {
+    match rng.below(5) {
+        4 => format!(
+            "apiVersion: gateway.networking.k8s.io/v1\nkind: ReferenceGrant\nmetadata: {{name: grant-{}, namespace: {ns}}}\nspec:\n  from: [{{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: {}}}]\n  to: [{{group: '', kind: Service{}}}]\n",
+            rng.below(2),
+            rng.pick(&NAMESPACES),
+            if rng.chance(50) {
+                format!(", name: {}", rng.pick(&SERVICES))
+            } else {
+                String::new()
+            }
+        ),
         0 => format!(
             "apiVersion: specs.smi-spec.io/v1alpha4\nkind: HTTPRouteGroup\nmetadata: {{name: routes, namespace: {ns}}}\nspec:\n  matches: [{{name: metrics, pathRegex: {}}}]\n",
             rng.pick(&["/metrics", "/m.*", "\"[\""])

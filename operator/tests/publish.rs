@@ -176,3 +176,73 @@ fn proxies_with_the_same_scope_share_one_set_of_layers() {
     publisher.sweep(Instant::now() + DEPARTED_GRACE + Duration::from_secs(1));
     assert!(cache.shared(&name).is_none(), "an unused scope is dropped");
 }
+
+#[test]
+fn a_consumer_route_is_one_small_layer_before_the_mesh_for_its_namespace_only() {
+    let (cache, mut publisher, mut index) = publisher("consumer");
+    let now = SystemTime::now();
+    let pods = "apiVersion: v1\nkind: Pod\nmetadata: {name: shop-0, namespace: shop}\nspec: {serviceAccountName: shop}\nstatus: {podIP: 10.1.0.7}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: api-local, namespace: shop}\nspec: {clusterIP: 10.96.0.7, selector: {app: api}, ports: [{name: http, port: 80}]}\n";
+    let delta = index
+        .update(
+            parse_manifests(pods)
+                .unwrap()
+                .into_iter()
+                .map(weft::index::ObjectChange::Upsert),
+        )
+        .unwrap();
+    publisher.apply(index.model(), &delta, now).unwrap();
+    for node in ["shop/shop-0", "data/db-0"] {
+        publisher
+            .on_demand(index.model(), &demand(node, true), now)
+            .unwrap();
+    }
+    let mesh = vec!["capture".to_string(), "mesh".to_string()];
+    assert_eq!(cache.node("shop/shop-0").unwrap().shared, mesh);
+
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: mine, namespace: shop}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: api, namespace: default}]\n  rules:\n  - backendRefs: [{name: api-local, port: 80}]\n";
+    let route = parse_manifests(route).unwrap().remove(0);
+    let key = route.object_ref();
+    let delta = index.apply(route).unwrap();
+    assert!(
+        index.model().problems.is_empty(),
+        "{:?}",
+        index.model().problems
+    );
+    publisher.apply(index.model(), &delta, now).unwrap();
+    let shop = cache.node("shop/shop-0").unwrap();
+    assert_eq!(
+        shop.shared,
+        vec!["capture".to_string(), "consumer:shop".into(), "mesh".into()],
+        "the consumer layer goes before the mesh's"
+    );
+    assert_eq!(
+        cache.node("data/db-0").unwrap().shared,
+        mesh,
+        "others keep the mesh's"
+    );
+    let layer = cache.shared("consumer:shop").expect("published");
+    let routes = layer.resources(type_url::ROUTE).unwrap();
+    let names: Vec<&str> = routes.iter().map(|r| r.name()).collect();
+    assert_eq!(
+        names,
+        vec!["api.default.svc.cluster.local:80"],
+        "just the routed port"
+    );
+    let shared = cache.shared("mesh").unwrap();
+    let shared_route = shared
+        .resources(type_url::ROUTE)
+        .unwrap()
+        .get("api.default.svc.cluster.local:80")
+        .unwrap()
+        .clone();
+    assert_ne!(
+        routes.get("api.default.svc.cluster.local:80"),
+        Some(&shared_route)
+    );
+
+    // The route goes: so do the layer and shop's reference to it.
+    let delta = index.delete(&key).unwrap();
+    publisher.apply(index.model(), &delta, now).unwrap();
+    assert_eq!(cache.node("shop/shop-0").unwrap().shared, mesh);
+    assert!(cache.shared("consumer:shop").is_none(), "unpublished");
+}

@@ -139,7 +139,8 @@ async fn spawn_client(
         }
         Protocol::Delta => {
             let (req_tx, req_rx) = mpsc::channel::<Result<DeltaDiscoveryRequest, tonic::Status>>(4);
-            let mut responses = ads.open_delta_stream(Default::default(), ReceiverStream::new(req_rx));
+            let mut responses =
+                ads.open_delta_stream(Default::default(), ReceiverStream::new(req_rx));
             req_tx
                 .send(Ok(DeltaDiscoveryRequest {
                     node,

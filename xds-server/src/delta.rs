@@ -165,7 +165,9 @@ impl Known {
 /// The diff between two views, layer by layer when they have the same shape (the
 /// usual case: each layer replaced by its next version, or kept). A resource may move
 /// between layers: a name removed from one layer but present in the new view is not a
-/// removal, and one that moved unchanged is not re-sent.
+/// removal, and one that moved unchanged is not re-sent. Every name a changed layer
+/// touches is judged by what the whole view shows (a layer may shadow another's
+/// resource): what `desired` shows there is sent when the proxy has another version.
 fn diff_views(sent: &TypedResources, desired: &TypedResources, memo: &DiffMemo) -> Arc<Diff> {
     let (old, new) = (sent.layers(), desired.layers());
     let empty = empty_layer();
@@ -179,19 +181,35 @@ fn diff_views(sent: &TypedResources, desired: &TypedResources, memo: &DiffMemo) 
     }
     let mut changed = Vec::new();
     let mut removed = Vec::new();
+    let mut pairs = 0;
     for i in 0..old.len().max(new.len()) {
         let (a, b) = (old.get(i).unwrap_or(&empty), new.get(i).unwrap_or(&empty));
         if Arc::ptr_eq(a, b) {
             continue;
         }
+        pairs += 1;
         let d = memo.diff(a, b);
-        changed.extend(
-            d.changed
-                .iter()
-                .filter(|r| sent.get(r.name()).map(Resource::version) != Some(r.version()))
-                .cloned(),
-        );
-        removed.extend(d.removed.iter().filter(|n| !desired.contains(n)).cloned());
+        let names = d
+            .changed
+            .iter()
+            .map(Resource::name)
+            .chain(d.removed.iter().map(String::as_str));
+        for name in names {
+            match desired.get(name) {
+                None => removed.push(name.to_string()),
+                Some(r) if sent.get(name).map(Resource::version) != Some(r.version()) => {
+                    changed.push(r.clone());
+                }
+                Some(_) => {}
+            }
+        }
+    }
+    if pairs > 1 {
+        // A name that moved between layers (or is shadowed) is met more than once.
+        changed.sort_by(|a, b| a.name().cmp(b.name()));
+        changed.dedup_by(|a, b| a.name() == b.name());
+        removed.sort();
+        removed.dedup();
     }
     Arc::new(Diff {
         changed: Arc::new(changed),

@@ -51,12 +51,20 @@ impl Layer {
     }
 }
 
-/// What a proxy should have of one type: layers whose names do not overlap (shared
-/// ones first, its own last), and the version of the whole.
+/// What a proxy should have of one type: layers (shared ones first, its own last), and
+/// the version of the whole.
+///
+/// Layers usually hold disjoint names. When they do not, the first layer holding a name
+/// decides it and the same name in later layers is shadowed: that is how a small layer
+/// placed before a big shared one overrides a few of its resources (the route
+/// configurations of a namespace's consumer routes over the mesh's) without copying the
+/// big one. Views without overlap (the common case) pay one flag test per walk.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TypedResources {
     layers: Vec<LayerRef>,
     version: String,
+    /// Whether some name is held by more than one layer.
+    overlap: bool,
 }
 
 impl Default for TypedResources {
@@ -78,7 +86,12 @@ impl TypedResources {
                 format!("{:016x}", fnv1a(joined.join("+").as_bytes()))
             }
         };
-        Self { layers, version }
+        let overlap = overlapping(&layers);
+        Self {
+            layers,
+            version,
+            overlap,
+        }
     }
 
     /// A view of one layer.
@@ -106,8 +119,11 @@ impl TypedResources {
         self.get(name).is_some()
     }
 
-    /// Number of resources.
+    /// Number of resources (shadowed ones not counted).
     pub fn len(&self) -> usize {
+        if self.overlap {
+            return self.iter().count();
+        }
         self.layers.iter().map(|l| l.items.len()).sum()
     }
 
@@ -116,10 +132,31 @@ impl TypedResources {
         self.layers.is_empty()
     }
 
-    /// Every resource, layer by layer.
+    /// Every resource, layer by layer (a name shadowed by an earlier layer is skipped).
     pub fn iter(&self) -> impl Iterator<Item = &Resource> {
-        self.layers.iter().flat_map(|l| l.items.values())
+        let overlap = self.overlap;
+        self.layers.iter().enumerate().flat_map(move |(i, l)| {
+            let earlier = &self.layers[..i];
+            l.items.values().filter(move |r| {
+                !overlap || !earlier.iter().any(|e| e.items.contains_key(r.name()))
+            })
+        })
     }
+}
+
+/// Whether two of `layers` hold the same name. Walks the smaller side of each pair, so a
+/// small layer next to a mesh-sized one costs its own size in lookups.
+fn overlapping(layers: &[LayerRef]) -> bool {
+    layers.iter().enumerate().any(|(i, a)| {
+        layers[i + 1..].iter().any(|b| {
+            let (small, big) = if a.items.len() <= b.items.len() {
+                (a, b)
+            } else {
+                (b, a)
+            };
+            small.items.keys().any(|n| big.items.contains_key(n))
+        })
+    })
 }
 
 /// Everything one proxy should have, by type URL.

@@ -106,7 +106,10 @@ impl weft_xds::StreamPolicy for TokenRecorder {
         _node: &'a str,
         credentials: &'a weft_xds::StreamCredentials,
     ) -> futures::future::BoxFuture<'a, weft_xds::Admission> {
-        self.0.lock().unwrap().push(credentials.bearer_token.clone());
+        self.0
+            .lock()
+            .unwrap()
+            .push(credentials.bearer_token.clone());
         Box::pin(async { weft_xds::Admission::Fallback })
     }
 }

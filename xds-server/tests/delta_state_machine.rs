@@ -335,3 +335,79 @@ fn a_large_initial_push_is_split_into_bounded_responses_that_each_need_an_ack() 
             .is_empty()
     );
 }
+
+/// A view of route layers, first one deciding a name several hold.
+fn routes(layers: &[&std::sync::Arc<weft_xds::Layer>]) -> Snapshot {
+    let mut s = Snapshot::new();
+    for l in layers {
+        s.add_layer(type_url::ROUTE, (*l).clone());
+    }
+    s
+}
+
+#[test]
+fn an_overriding_layer_shadows_a_shared_name_and_its_removal_restores_it() {
+    use std::sync::Arc;
+    use weft_xds::Layer;
+    let mut conn = DeltaAdsConnection::new();
+    conn.on_request(&subscribe(type_url::ROUTE, &["a", "b"]))
+        .unwrap();
+    let shared = Arc::new(Layer::new([route("a", "shared-a"), route("b", "shared-b")]));
+    let consumer = Arc::new(Layer::new([route("b", "consumer-b")]));
+    let view = routes(&[&consumer, &shared]);
+    let typed = view.resources(type_url::ROUTE).unwrap();
+    assert_eq!(typed.len(), 2, "a shadowed name counts once");
+    assert_eq!(typed.iter().count(), 2);
+    let first = conn.next_responses(&view);
+    let mut sent: Vec<(String, String)> = first
+        .iter()
+        .flat_map(|r| decode(r).resources)
+        .map(|r| {
+            let rc = RouteConfiguration::decode(r.resource.unwrap().value.as_slice()).unwrap();
+            (rc.name, rc.virtual_hosts[0].name.clone())
+        })
+        .collect();
+    sent.sort();
+    assert_eq!(
+        sent,
+        vec![
+            ("a".to_string(), "shared-a".to_string()),
+            ("b".to_string(), "consumer-b".to_string())
+        ]
+    );
+    for r in &first {
+        conn.on_request(&ack(&r.type_url, &r.nonce)).unwrap();
+    }
+    // The shared layer changes under the override: only what shows changes is sent.
+    let shared2 = Arc::new(Layer::new([
+        route("a", "shared-a"),
+        route("b", "shared-b2"),
+    ]));
+    let next = conn.next_responses(&routes(&[&consumer, &shared2]));
+    assert!(next.is_empty(), "a shadowed change is invisible: {next:?}");
+    // The override goes: the shared resource is sent again, nothing is removed.
+    let next = conn.next_responses(&routes(&[&shared2]));
+    assert_eq!(next.len(), 1, "{next:?}");
+    assert_eq!(names(&next[0]), vec!["b"]);
+    assert!(next[0].removed.is_empty());
+    let vh = RouteConfiguration::decode(
+        decode(&next[0]).resources[0]
+            .resource
+            .as_ref()
+            .unwrap()
+            .value
+            .as_slice(),
+    )
+    .unwrap()
+    .virtual_hosts[0]
+        .name
+        .clone();
+    assert_eq!(vh, "shared-b2");
+    for r in &next {
+        conn.on_request(&ack(&r.type_url, &r.nonce)).unwrap();
+    }
+    // And comes back: its version replaces the shared one.
+    let back = conn.next_responses(&routes(&[&consumer, &shared2]));
+    assert_eq!(back.len(), 1, "{back:?}");
+    assert_eq!(names(&back[0]), vec!["b"]);
+}

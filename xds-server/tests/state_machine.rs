@@ -285,3 +285,30 @@ fn requests_without_node_or_type_are_errors() {
     r.type_url.clear();
     assert!(conn.on_request(&r).is_err());
 }
+
+#[test]
+fn a_name_two_layers_hold_is_sent_once_as_the_first_layer_has_it() {
+    use std::sync::Arc;
+    use weft_xds::Layer;
+    let mut conn = AdsConnection::new();
+    conn.on_request(&request(type_url::CLUSTER, &[], "", ""))
+        .unwrap();
+    let mut view = Snapshot::new();
+    view.add_layer(type_url::CLUSTER, Arc::new(Layer::new([cluster("b", 200)])));
+    view.add_layer(
+        type_url::CLUSTER,
+        Arc::new(Layer::new([cluster("a", 100), cluster("b", 100)])),
+    );
+    let out = conn.next_responses(&view);
+    assert_eq!(out.len(), 1);
+    assert_eq!(out[0].names(), vec!["a", "b"]);
+    let wire = decode(&out[0]);
+    assert_eq!(wire.resources.len(), 2, "the shadowed b is not sent");
+    let b = wire
+        .resources
+        .iter()
+        .map(|r| Cluster::decode(r.value.as_slice()).unwrap())
+        .find(|c| c.name == "b")
+        .unwrap();
+    assert_eq!(b.connect_timeout.unwrap().nanos, 200_000_000);
+}

@@ -35,6 +35,8 @@ const TABLE: &str = "
     specs.smi-spec.io/v1alpha4 tcproutes TCPRoute ns
     config.weft.dev/v1alpha1 meshconfigs MeshConfig s
     gateway.networking.k8s.io/v1 httproutes HTTPRoute ns
+    gateway.networking.k8s.io/v1 grpcroutes GRPCRoute ns
+    gateway.networking.k8s.io/v1 referencegrants ReferenceGrant n
     admissionregistration.k8s.io/v1 mutatingwebhookconfigurations MutatingWebhookConfiguration -
     apiextensions.k8s.io/v1 customresourcedefinitions CustomResourceDefinition -
 ";

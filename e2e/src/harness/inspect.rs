@@ -48,7 +48,7 @@ impl Harness {
         url: &str,
         headers: &[&str],
     ) -> Result<serde_json::Value> {
-        let from = format!("default/{pod}");
+        let from = format!("{}/{pod}", self.pod_namespace(pod));
         let mut args = vec!["--from", &from, url, "-X", method];
         for h in headers {
             args.extend(["-H", h]);
@@ -86,7 +86,7 @@ impl Harness {
     /// The version of `type_name` (`RDS`, ...) that `pod`'s proxy last ACKed.
     pub fn acked_version(&self, pod: &str, type_name: &str) -> Result<Option<String>> {
         let status = self.proxy_status()?;
-        let node = format!("default/{pod}");
+        let node = format!("{}/{pod}", self.pod_namespace(pod));
         Ok(status
             .as_array()
             .into_iter()

@@ -53,7 +53,8 @@ impl Harness {
                 })
                 .collect();
             docs.push(format!(
-                "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  clusterIP: {}\n  clusterIPs: [{}]\n  ipFamilies: [{}]\n  selector:\n{selector}  ports:\n{ports}",
+                "apiVersion: v1\nkind: Service\nmetadata:\n  name: {name}\n  namespace: {}\nspec:\n  clusterIP: {}\n  clusterIPs: [{}]\n  ipFamilies: [{}]\n  selector:\n{selector}  ports:\n{ports}",
+                svc.namespace,
                 ips.first().cloned().unwrap_or_default(),
                 ips.join(", "),
                 families.join(", "),
@@ -81,7 +82,8 @@ impl Harness {
                 .map(|ip| format!("{{ip: \"{ip}\"}}"))
                 .collect();
             docs.push(format!(
-                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: default\n  labels:\n{labels}{annotations}spec:\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: weft-e2e-app\n    ports:\n    - containerPort: {APP_PORT}\nstatus:\n  phase: Running\n  podIP: \"{}\"\n  podIPs: [{}]\n",
+                "apiVersion: v1\nkind: Pod\nmetadata:\n  name: {name}\n  namespace: {}\n  labels:\n{labels}{annotations}spec:\n  serviceAccountName: {}\n  containers:\n  - name: app\n    image: weft-e2e-app\n    ports:\n    - containerPort: {APP_PORT}\nstatus:\n  phase: Running\n  podIP: \"{}\"\n  podIPs: [{}]\n",
+                pod.namespace,
                 pod.service_account,
                 pod.ips.first().map(ToString::to_string).unwrap_or_default(),
                                 pod_ips.join(", ")

@@ -32,6 +32,8 @@ struct PodNet {
     /// Left out of `cluster.yaml`: the control plane does not know this pod.
     unlisted: bool,
     annotations: Vec<(String, String)>,
+    /// Kubernetes namespace (`default` unless [`Harness::set_namespace`] says otherwise).
+    namespace: String,
 }
 
 #[derive(Debug)]
@@ -40,6 +42,8 @@ struct ServiceDef {
     cluster_ips: Vec<IpAddr>,
     selector: Vec<(String, String)>,
     ports: Vec<PortSpec>,
+    /// Kubernetes namespace (`default` unless [`Harness::set_namespace`] says otherwise).
+    namespace: String,
 }
 
 /// A running mesh on one bridge. Dropping it removes everything it created.

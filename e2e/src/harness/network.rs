@@ -147,9 +147,10 @@ impl Harness {
                 hosts.push_str(&format!("{ip} {name}\n"));
             }
             for (svc, def) in &self.services {
+                let ns = &def.namespace;
                 for ip in &def.cluster_ips {
                     hosts.push_str(&format!(
-                        "{ip} {svc} {svc}.default {svc}.default.svc {svc}.default.svc.cluster.local\n"
+                        "{ip} {svc} {svc}.{ns} {svc}.{ns}.svc {svc}.{ns}.svc.cluster.local\n"
                     ));
                 }
             }

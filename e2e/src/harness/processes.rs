@@ -141,7 +141,7 @@ impl Harness {
         c.args([
             "bootstrap",
             "--pod",
-            &format!("default/{claimed_pod}"),
+            &format!("{}/{claimed_pod}", self.pod_namespace(claimed_pod)),
             "--xds",
             &xds,
             "--health-port",

@@ -154,6 +154,7 @@ impl Harness {
                 service_account: service_account.to_string(),
                 unlisted: false,
                 annotations: Vec::new(),
+                namespace: "default".into(),
             },
         );
         check(cmd(
@@ -294,6 +295,7 @@ impl Harness {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect(),
                 ports: ports.to_vec(),
+                namespace: "default".into(),
             },
         );
         self.write_hosts()?;
@@ -306,6 +308,26 @@ impl Harness {
             p.annotations.retain(|(k, _)| k != key);
             p.annotations.push((key.to_string(), value.to_string()));
         }
+    }
+
+    /// Puts a pod or a Service (by name; names are unique across namespaces in the
+    /// harness) in `namespace` instead of `default`: its manifest, its sidecar's node id
+    /// and the host names of a Service follow. Call before writing `cluster.yaml`.
+    pub fn set_namespace(&mut self, object: &str, namespace: &str) -> Result<()> {
+        if let Some(p) = self.pods.get_mut(object) {
+            p.namespace = namespace.to_string();
+        }
+        if let Some(s) = self.services.get_mut(object) {
+            s.namespace = namespace.to_string();
+        }
+        self.write_hosts()
+    }
+
+    /// The namespace of a pod (`default` for one the harness does not know).
+    pub fn pod_namespace(&self, pod: &str) -> &str {
+        self.pods
+            .get(pod)
+            .map_or("default", |p| p.namespace.as_str())
     }
 
     /// Keeps a pod out of `cluster.yaml`, as if the control plane had never heard of it.

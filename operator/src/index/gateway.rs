@@ -2,14 +2,19 @@
 //! Service, resolved into per-port [`HttpRouteEntry`] lists in precedence order.
 //!
 //! A route in the Service's namespace is a producer route and applies to every meshed
-//! caller. Problems carry the Gateway API condition reason first (`BackendNotFound: ...`)
+//! caller; a route in another namespace (its parentRef names the Service's namespace)
+//! is a consumer route and applies only to callers in the route's namespace, instead of
+//! the producer routes of that port. Both land in the same per-port list, told apart by
+//! the entry's `source` namespace (see `translate::routes`). Problems carry the Gateway API condition reason first (`BackendNotFound: ...`)
 //! so the status writer and `weft status` say the same thing.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet};
 
 use weft_crds::gateway::{
-    BackendObjectReference, HTTPHeaderFilter, HTTPPathModifier, HTTPRoute, HTTPRouteFilter,
-    HTTPRouteMatch, HTTPRouteRule, HTTPValueMatch, ParentReference,
+    BackendObjectReference, GATEWAY_GROUP, GRPCRoute, GRPCRouteMatch, HTTPHeaderFilter,
+    HTTPPathMatch, HTTPPathModifier, HTTPRoute, HTTPRouteFilter, HTTPRouteMatch, HTTPRouteRule,
+    HTTPRouteSpec, HTTPValueMatch, ParentReference,
 };
 
 use super::model::{
@@ -21,13 +26,160 @@ use super::resolve::{creation_order, parse_gateway_duration};
 use super::store::{Store, name, ns};
 use super::{AppProtocol, Kind, ObjectRef};
 
+/// One condition of a route's status for one parent: (ok, reason, message).
+pub type RouteCondition = (bool, &'static str, String);
+
+/// Weft's status of a route for one of its Service parents (`status.parents[]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RouteParentState {
+    /// The parentRef as written.
+    pub parent_ref: ParentReference,
+    /// `Accepted`: Accepted, NoMatchingParent or UnsupportedValue.
+    pub accepted: RouteCondition,
+    /// `ResolvedRefs`: ResolvedRefs, BackendNotFound, RefNotPermitted or InvalidKind.
+    pub resolved_refs: RouteCondition,
+}
+
+/// Per route, its status for each Service parent.
+pub type RouteStatuses = BTreeMap<ObjectRef, Vec<RouteParentState>>;
+
 /// Routes per service and port, in precedence order.
 pub(super) type ServiceRoutes = BTreeMap<ServiceKey, BTreeMap<u16, Vec<HttpRouteEntry>>>;
 
-/// Every service an HTTPRoute names (Service parents and backends), existing or not.
+/// One route as the index resolves it: HTTPRoutes as written, GRPCRoutes as the
+/// equivalent HTTPRoute (gRPC calls are `POST /package.Service/Method`), with why a
+/// GRPCRoute cannot be expressed so.
+struct AnyRoute<'a> {
+    object: ObjectRef,
+    route: Cow<'a, HTTPRoute>,
+    invalid: Option<String>,
+}
+
+fn all_routes(store: &Store) -> Vec<AnyRoute<'_>> {
+    let http = store.http_routes.values().map(|r| AnyRoute {
+        object: ObjectRef::new(Kind::HTTPRoute, ns(&r.metadata), name(&r.metadata)),
+        route: Cow::Borrowed(r),
+        invalid: None,
+    });
+    let grpc = store.grpc_routes.values().map(|g| {
+        let (route, invalid) = grpc_as_http(g);
+        AnyRoute {
+            object: ObjectRef::new(Kind::GRPCRoute, ns(&g.metadata), name(&g.metadata)),
+            route: Cow::Owned(route),
+            invalid,
+        }
+    });
+    http.chain(grpc).collect()
+}
+
+/// A GRPCRoute as the HTTPRoute that routes the same calls, and why it cannot be if
+/// it cannot.
+fn grpc_as_http(g: &GRPCRoute) -> (HTTPRoute, Option<String>) {
+    let mut invalid = None;
+    let rules = g.spec.rules.as_ref().map(|rules| {
+        rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| HTTPRouteRule {
+                name: r.name.clone(),
+                matches: r.matches.as_ref().map(|list| {
+                    list.iter()
+                        .enumerate()
+                        .map(|(j, m)| {
+                            grpc_match(m).unwrap_or_else(|e| {
+                                invalid.get_or_insert(format!("spec.rules[{i}].matches[{j}]: {e}"));
+                                HTTPRouteMatch::default()
+                            })
+                        })
+                        .collect()
+                }),
+                filters: r.filters.clone(),
+                backend_refs: r.backend_refs.clone(),
+                ..HTTPRouteRule::default()
+            })
+            .collect()
+    });
+    let route = HTTPRoute {
+        metadata: g.metadata.clone(),
+        spec: HTTPRouteSpec {
+            parent_refs: g.spec.parent_refs.clone(),
+            hostnames: None,
+            rules,
+        },
+        status: None,
+    };
+    (route, invalid)
+}
+
+/// A gRPC service/method match as a path match on `/service/method`.
+fn grpc_match(m: &GRPCRouteMatch) -> Result<HTTPRouteMatch, String> {
+    let path = match &m.method {
+        None => None,
+        Some(mm) => {
+            let service = mm.service.as_deref().filter(|s| !s.is_empty());
+            let method = mm.method.as_deref().filter(|s| !s.is_empty());
+            let (type_, value) = match (mm.type_.as_deref().unwrap_or("Exact"), service, method) {
+                (_, None, None) => ("PathPrefix", "/".to_string()),
+                ("Exact", Some(s), Some(m)) => ("Exact", format!("/{s}/{m}")),
+                ("Exact", Some(s), None) => ("PathPrefix", format!("/{s}/")),
+                ("Exact", None, Some(m)) => (
+                    "RegularExpression",
+                    format!("/[^/]+/{}", regex_syntax::escape(m)),
+                ),
+                ("RegularExpression", s, m) => {
+                    for r in [s, m].into_iter().flatten() {
+                        check_regex(r)?;
+                    }
+                    (
+                        "RegularExpression",
+                        format!("/(?:{})/(?:{})", s.unwrap_or("[^/]+"), m.unwrap_or("[^/]+")),
+                    )
+                }
+                (other, _, _) => {
+                    return Err(format!("method match type {other:?} is not supported"));
+                }
+            };
+            Some(HTTPPathMatch {
+                type_: Some(type_.to_string()),
+                value: Some(value),
+            })
+        }
+    };
+    Ok(HTTPRouteMatch {
+        path,
+        headers: m.headers.clone(),
+        query_params: None,
+        method: None,
+    })
+}
+
+/// Whether a ReferenceGrant in `to`'s namespace lets routes of `from`'s kind in its
+/// namespace name Service `to`.
+fn permitted(store: &Store, from: &ObjectRef, to: &ServiceKey) -> bool {
+    let kind = match from.kind {
+        Kind::GRPCRoute => "GRPCRoute",
+        _ => "HTTPRoute",
+    };
+    store
+        .reference_grants
+        .values()
+        .filter(|g| ns(&g.metadata) == to.namespace)
+        .any(|g| {
+            g.spec.from.iter().any(|f| {
+                f.group == GATEWAY_GROUP && f.kind == kind && f.namespace == from.namespace
+            }) && g.spec.to.iter().any(|t| {
+                t.group.is_empty()
+                    && t.kind == "Service"
+                    && t.name.as_ref().is_none_or(|n| *n == to.name)
+            })
+        })
+}
+
+/// Every service a route names (Service parents and backends), existing or not.
 pub(super) fn route_references(store: &Store) -> BTreeSet<ServiceKey> {
     let mut out = BTreeSet::new();
-    for route in store.http_routes.values() {
+    for any in all_routes(store) {
+        let route = &*any.route;
         let route_ns = ns(&route.metadata);
         for parent in route.spec.parent_refs.iter().flatten() {
             if parent.is_service() {
@@ -65,7 +217,7 @@ pub(super) fn route_references(store: &Store) -> BTreeSet<ServiceKey> {
 
 /// A route's problem: `rejected` routes (Accepted=False) do nothing; others apply with
 /// the unresolved parts answering 500.
-fn problem(route: &ObjectRef, rejected: bool, reason: &str, message: String) -> Problem {
+fn problem(route: &ObjectRef, rejected: bool, reason: &'static str, message: String) -> Problem {
     Problem {
         object: route.clone(),
         rejected,
@@ -114,18 +266,70 @@ fn precedence(
 pub(super) fn resolve_http_routes<'s>(
     store: &Store,
     services: &dyn Fn(&ServiceKey) -> Option<&'s MeshService>,
-) -> (ServiceRoutes, Vec<Problem>) {
+) -> (ServiceRoutes, Vec<Problem>, RouteStatuses) {
     let mut problems = Vec::new();
+    let mut statuses = RouteStatuses::new();
     let mut entries: BTreeMap<ServiceKey, BTreeMap<u16, Vec<(Precedence, HttpRouteEntry)>>> =
         BTreeMap::new();
-    for route in store.http_routes.values() {
-        let object = ObjectRef::new(Kind::HTTPRoute, ns(&route.metadata), name(&route.metadata));
-        let rules = match resolve_rules(route, &object, services) {
+    for any in all_routes(store) {
+        let route = &*any.route;
+        let object = any.object;
+        let service_parents = || {
+            route
+                .spec
+                .parent_refs
+                .iter()
+                .flatten()
+                .filter(|p| p.is_service())
+        };
+        let resolved = match any.invalid {
+            Some(message) => Err((
+                "UnsupportedValue",
+                problem(&object, true, "UnsupportedValue", message),
+            )),
+            None => resolve_rules(store, route, &object, services),
+        };
+        let rules = match resolved {
             Ok((rules, warnings)) => {
-                problems.extend(warnings);
+                let resolved: RouteCondition = match warnings.first() {
+                    Some((reason, _)) => (
+                        false,
+                        reason,
+                        warnings
+                            .iter()
+                            .map(|(_, p)| unprefixed(&p.reason))
+                            .collect::<Vec<_>>()
+                            .join("; "),
+                    ),
+                    None => (true, "ResolvedRefs", "every reference resolves".to_string()),
+                };
+                let list = statuses.entry(object.clone()).or_default();
+                for parent in service_parents() {
+                    list.push(RouteParentState {
+                        parent_ref: parent.clone(),
+                        accepted: (true, "Accepted", "applied".to_string()),
+                        resolved_refs: resolved.clone(),
+                    });
+                }
+                problems.extend(warnings.into_iter().map(|(_, p)| p));
                 rules
             }
-            Err(p) => {
+            Err((reason, p)) => {
+                let message = unprefixed(&p.reason).to_string();
+                statuses.insert(
+                    object.clone(),
+                    service_parents()
+                        .map(|parent| RouteParentState {
+                            parent_ref: parent.clone(),
+                            accepted: (false, reason, message.clone()),
+                            resolved_refs: (
+                                true,
+                                "ResolvedRefs",
+                                "every reference resolves".to_string(),
+                            ),
+                        })
+                        .collect(),
+                );
                 problems.push(p);
                 continue;
             }
@@ -158,7 +362,15 @@ pub(super) fn resolve_http_routes<'s>(
                     }
                 }
                 Ok(None) => {}
-                Err((reason, message)) => problems.push(problem(&object, false, reason, message)),
+                Err((reason, message)) => {
+                    if let Some(state) = statuses
+                        .get_mut(&object)
+                        .and_then(|l| l.iter_mut().find(|s| s.parent_ref == *parent))
+                    {
+                        state.accepted = (false, reason, message.clone());
+                    }
+                    problems.push(problem(&object, false, reason, message));
+                }
             }
         }
         if !attached
@@ -188,7 +400,12 @@ pub(super) fn resolve_http_routes<'s>(
             (key, ports)
         })
         .collect();
-    (out, problems)
+    (out, problems, statuses)
+}
+
+/// A problem's message without its condition reason.
+fn unprefixed(reason: &str) -> &str {
+    reason.split_once(": ").map_or(reason, |(_, m)| m)
 }
 
 /// The service and ports a parentRef attaches to; `None` for parents that are not
@@ -207,14 +424,8 @@ fn parent_ports<'s>(
         parent.namespace.as_deref().unwrap_or(route_ns),
         &parent.name,
     );
-    if key.namespace != route_ns {
-        return Err((
-            "UnsupportedValue",
-            format!(
-                "parent Service {key} is in another namespace: consumer routes are not supported yet"
-            ),
-        ));
-    }
+    // A parent in another namespace makes a consumer route: its entries keep the
+    // route's namespace as `source`, and only callers in that namespace follow them.
     let service = services(&key).ok_or_else(|| {
         (
             "NoMatchingParent",
@@ -257,6 +468,12 @@ fn parent_ports<'s>(
     Ok(Some((key, ports)))
 }
 
+/// An unresolved reference: its ResolvedRefs reason and the problem.
+type Warning = (&'static str, Problem);
+
+/// Why a route is not accepted: its Accepted reason and the problem.
+type Rejection = (&'static str, Problem);
+
 type ResolvedRule = (
     usize,
     Option<String>,
@@ -266,11 +483,17 @@ type ResolvedRule = (
 
 /// The rules of a route, or why it is rejected; warnings for unresolved backends.
 fn resolve_rules<'s>(
+    store: &Store,
     route: &HTTPRoute,
     object: &ObjectRef,
     services: &dyn Fn(&ServiceKey) -> Option<&'s MeshService>,
-) -> Result<(Vec<ResolvedRule>, Vec<Problem>), Problem> {
-    let reject = |message: String| problem(object, true, "UnsupportedValue", message);
+) -> Result<(Vec<ResolvedRule>, Vec<Warning>), Rejection> {
+    let reject = |message: String| {
+        (
+            "UnsupportedValue",
+            problem(object, true, "UnsupportedValue", message),
+        )
+    };
     let default_rule = [HTTPRouteRule::default()];
     let rules: &[HTTPRouteRule] = route.spec.rules.as_deref().unwrap_or(&default_rule);
     let mut out = Vec::new();
@@ -296,10 +519,10 @@ fn resolve_rules<'s>(
         let mut action = RouteActionModel::default();
         for (i, f) in rule.filters.iter().flatten().enumerate() {
             apply_filter(
+                store,
                 f,
                 &matches,
                 &mut action,
-                route,
                 object,
                 services,
                 &mut warnings,
@@ -336,20 +559,23 @@ fn resolve_rules<'s>(
             if weight == 0 {
                 continue;
             }
-            match resolve_backend(route, &b.backend, services) {
+            match resolve_backend(store, object, &b.backend, services) {
                 Ok((service, port)) => action.backends.push(RouteBackend {
                     service: Some(service),
                     port,
                     weight,
                 }),
                 Err((reason, message)) => {
-                    warnings.push(problem(
-                        object,
-                        false,
+                    warnings.push((
                         reason,
-                        format!(
-                            "{}: {message}; its share of requests answers 500",
-                            at(&format!("backendRefs[{i}]"))
+                        problem(
+                            object,
+                            false,
+                            reason,
+                            format!(
+                                "{}: {message}; its share of requests answers 500",
+                                at(&format!("backendRefs[{i}]"))
+                            ),
                         ),
                     ));
                     action.backends.push(RouteBackend {
@@ -477,13 +703,13 @@ fn path_change(m: &HTTPPathModifier, matches: &[RouteMatchModel]) -> Result<Path
 }
 
 fn apply_filter<'s>(
+    store: &Store,
     f: &HTTPRouteFilter,
     matches: &[RouteMatchModel],
     action: &mut RouteActionModel,
-    route: &HTTPRoute,
     object: &ObjectRef,
     services: &dyn Fn(&ServiceKey) -> Option<&'s MeshService>,
-    warnings: &mut Vec<Problem>,
+    warnings: &mut Vec<Warning>,
 ) -> Result<(), String> {
     let missing = || format!("filter {} has no configuration", f.type_);
     match f.type_.as_str() {
@@ -538,17 +764,20 @@ fn apply_filter<'s>(
                 }
                 (None, None) => 1_000_000,
             };
-            match resolve_backend(route, &m.backend_ref, services) {
+            match resolve_backend(store, object, &m.backend_ref, services) {
                 Ok((service, port)) => action.mirrors.push(MirrorModel {
                     service,
                     port,
                     per_million,
                 }),
-                Err((reason, message)) => warnings.push(problem(
-                    object,
-                    false,
+                Err((reason, message)) => warnings.push((
                     reason,
-                    format!("mirror: {message}; nothing is mirrored"),
+                    problem(
+                        object,
+                        false,
+                        reason,
+                        format!("mirror: {message}; nothing is mirrored"),
+                    ),
                 )),
             }
         }
@@ -559,7 +788,8 @@ fn apply_filter<'s>(
 
 /// A backend reference → (service, port), or (reason, message).
 fn resolve_backend<'s>(
-    route: &HTTPRoute,
+    store: &Store,
+    object: &ObjectRef,
     b: &BackendObjectReference,
     services: &dyn Fn(&ServiceKey) -> Option<&'s MeshService>,
 ) -> Result<(ServiceKey, u16), (&'static str, String)> {
@@ -573,13 +803,14 @@ fn resolve_backend<'s>(
             ),
         ));
     }
-    let route_ns = ns(&route.metadata);
+    let route_ns = object.namespace.as_str();
     let key = ServiceKey::new(b.namespace.as_deref().unwrap_or(route_ns), &b.name);
-    if key.namespace != route_ns {
+    if key.namespace != route_ns && !permitted(store, object, &key) {
         return Err((
             "RefNotPermitted",
             format!(
-                "backend Service {key} is in another namespace and no ReferenceGrant is honoured yet"
+                "backend Service {key} is in another namespace and no ReferenceGrant there permits {}s from {route_ns}",
+                object.kind
             ),
         ));
     }

@@ -15,8 +15,10 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use weft_crds::gateway::{GRPCRoute, ReferenceGrant};
 use weft_crds::{HTTPRoute, HTTPRouteGroup, MeshConfig, TCPRoute, TrafficSplit, TrafficTarget};
 
+pub use gateway::{RouteCondition, RouteParentState, RouteStatuses};
 pub use model::{
     AccessGrant, AppProtocol, EgressEntry, EgressScope, GrantsByDestination, HeaderChanges,
     HttpRequestMatch, HttpRouteEntry, Identity, MeshModel, MeshService, MeshSettings, MirrorModel,
@@ -57,6 +59,10 @@ pub enum Kind {
     MeshConfig,
     /// gateway.networking.k8s.io HTTPRoute.
     HTTPRoute,
+    /// gateway.networking.k8s.io GRPCRoute.
+    GRPCRoute,
+    /// gateway.networking.k8s.io ReferenceGrant.
+    ReferenceGrant,
 }
 
 impl fmt::Display for Kind {
@@ -126,6 +132,10 @@ pub enum MeshObject {
     MeshConfig(Box<MeshConfig>),
     /// A Gateway API HTTPRoute.
     HTTPRoute(Box<HTTPRoute>),
+    /// A Gateway API GRPCRoute.
+    GRPCRoute(Box<GRPCRoute>),
+    /// A Gateway API ReferenceGrant.
+    ReferenceGrant(Box<ReferenceGrant>),
 }
 
 impl MeshObject {
@@ -141,6 +151,8 @@ impl MeshObject {
             Self::ServiceAccount(o) => &o.metadata,
             Self::MeshConfig(o) => &o.metadata,
             Self::HTTPRoute(o) => &o.metadata,
+            Self::GRPCRoute(o) => &o.metadata,
+            Self::ReferenceGrant(o) => &o.metadata,
         }
     }
 
@@ -157,6 +169,8 @@ impl MeshObject {
             Self::ServiceAccount(_) => Kind::ServiceAccount,
             Self::MeshConfig(_) => Kind::MeshConfig,
             Self::HTTPRoute(_) => Kind::HTTPRoute,
+            Self::GRPCRoute(_) => Kind::GRPCRoute,
+            Self::ReferenceGrant(_) => Kind::ReferenceGrant,
         }
     }
 
@@ -265,6 +279,7 @@ pub struct Index {
     /// HTTPRoutes per service port.
     http_routes: gateway::ServiceRoutes,
     route_problems: Vec<Problem>,
+    route_statuses: gateway::RouteStatuses,
     splits: BTreeMap<ServiceKey, SplitModel>,
     service_problems: BTreeMap<ServiceKey, Problem>,
     pod_problems: BTreeMap<Key, Vec<Problem>>,
@@ -283,6 +298,11 @@ impl Index {
     /// An empty index.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Every Gateway API route's status per Service parent.
+    pub fn route_statuses(&self) -> &RouteStatuses {
+        &self.route_statuses
     }
 
     /// The current model.
@@ -331,6 +351,7 @@ impl Index {
         out.extend(subjects(Kind::HTTPRouteGroup, s.route_groups.values()));
         out.extend(subjects(Kind::TCPRoute, s.tcp_routes.values()));
         out.extend(subjects(Kind::HTTPRoute, s.http_routes.values()));
+        out.extend(subjects(Kind::GRPCRoute, s.grpc_routes.values()));
         out.extend(
             subjects(Kind::MeshConfig, s.mesh_configs.values()).map(|mut o| {
                 o.object.namespace.clear();
@@ -509,7 +530,9 @@ impl Index {
                     }
                 }
             }
-            Kind::TrafficSplit | Kind::HTTPRoute => dirty.splits = true,
+            Kind::TrafficSplit | Kind::HTTPRoute | Kind::GRPCRoute | Kind::ReferenceGrant => {
+                dirty.splits = true
+            }
             Kind::HTTPRouteGroup => {
                 dirty.splits = true;
                 dirty.access = true;
@@ -780,17 +803,25 @@ impl Index {
                 None => model_services.get(k),
             };
             let (mut splits, mut problems) = resolve_splits(&self.store, &lookup);
-            let (routes, mut route_problems) = gateway::resolve_http_routes(&self.store, &lookup);
+            let (routes, mut route_problems, route_statuses) =
+                gateway::resolve_http_routes(&self.store, &lookup);
             // An HTTPRoute and a TrafficSplit on one service port: the HTTPRoute wins.
             for (key, split) in &mut splits {
                 let Some(routed) = routes.get(key) else {
                     continue;
                 };
+                // Only producer routes take a port from every caller; a consumer route
+                // (another namespace's) leaves the split to everyone else.
+                let producer = |e: &&HttpRouteEntry| e.source.namespace == key.namespace;
                 let lost: Vec<u16> = split
                     .backends_by_port
                     .keys()
                     .copied()
-                    .filter(|p| routed.contains_key(p))
+                    .filter(|p| {
+                        routed
+                            .get(p)
+                            .is_some_and(|l| l.iter().any(|e| producer(&e)))
+                    })
                     .collect();
                 if lost.is_empty() {
                     continue;
@@ -800,7 +831,12 @@ impl Index {
                 }
                 let by: BTreeSet<String> = lost
                     .iter()
-                    .flat_map(|p| routed[p].iter().map(|e| e.source.to_string()))
+                    .flat_map(|p| {
+                        routed[p]
+                            .iter()
+                            .filter(producer)
+                            .map(|e| e.source.to_string())
+                    })
                     .collect();
                 route_problems.push(Problem {
                     object: split.source.clone(),
@@ -827,9 +863,13 @@ impl Index {
             {
                 candidates.insert(key.clone());
             }
-            if problems != self.split_problems || route_problems != self.route_problems {
+            if problems != self.split_problems
+                || route_problems != self.route_problems
+                || route_statuses != self.route_statuses
+            {
                 self.split_problems = problems;
                 self.route_problems = route_problems;
+                self.route_statuses = route_statuses;
                 delta.problems = true;
             }
             self.splits = splits;

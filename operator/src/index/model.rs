@@ -179,9 +179,11 @@ pub struct MeshService {
     pub ports: Vec<ServicePortModel>,
     /// The TrafficSplit rooted at this service, if any.
     pub split: Option<SplitModel>,
-    /// Gateway API HTTPRoute entries per service port (GAMMA producer routes), in
-    /// precedence order: where a port has some, they decide its routing (a TrafficSplit
-    /// on that port gives way).
+    /// Gateway API HTTPRoute entries per service port, in precedence order. Entries
+    /// whose `source` is in the service's namespace are producer routes: where a port
+    /// has some, they decide its routing (a TrafficSplit on that port gives way). Entries
+    /// from another namespace are that namespace's consumer routes: they decide the port
+    /// for callers in that namespace only, instead of the producer routes.
     pub http_routes: BTreeMap<u16, Vec<HttpRouteEntry>>,
     /// Whether every endpoint is a meshed pod (so clients must use mTLS to reach it).
     pub meshed: bool,

@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use weft_crds::gateway::{GRPCRoute, ReferenceGrant};
 use weft_crds::{HTTPRoute, HTTPRouteGroup, MeshConfig, TCPRoute, TrafficSplit, TrafficTarget};
 
 use super::{Kind, MeshObject, ObjectRef};
@@ -110,6 +111,8 @@ pub(super) struct Store {
     pub service_accounts: BTreeMap<Key, ServiceAccount>,
     pub mesh_configs: BTreeMap<String, MeshConfig>,
     pub http_routes: BTreeMap<Key, HTTPRoute>,
+    pub grpc_routes: BTreeMap<Key, GRPCRoute>,
+    pub reference_grants: BTreeMap<Key, ReferenceGrant>,
     /// (namespace, label key, label value) → pod names.
     pods_by_label: HashMap<(String, String, String), BTreeSet<String>>,
     /// Namespace → pod names.
@@ -182,6 +185,12 @@ impl Store {
             MeshObject::HTTPRoute(o) => {
                 self.http_routes.insert(key_of(&o.metadata), *o);
             }
+            MeshObject::GRPCRoute(o) => {
+                self.grpc_routes.insert(key_of(&o.metadata), *o);
+            }
+            MeshObject::ReferenceGrant(o) => {
+                self.reference_grants.insert(key_of(&o.metadata), *o);
+            }
         }
         old
     }
@@ -233,6 +242,10 @@ impl Store {
             }
             Kind::MeshConfig => MeshObject::MeshConfig(Box::new(self.mesh_configs.remove(&k.1)?)),
             Kind::HTTPRoute => MeshObject::HTTPRoute(Box::new(self.http_routes.remove(&k)?)),
+            Kind::GRPCRoute => MeshObject::GRPCRoute(Box::new(self.grpc_routes.remove(&k)?)),
+            Kind::ReferenceGrant => {
+                MeshObject::ReferenceGrant(Box::new(self.reference_grants.remove(&k)?))
+            }
         })
     }
 
@@ -251,6 +264,8 @@ impl Store {
             MeshObject::ServiceAccount(o) => self.service_accounts.get(&k) == Some(o),
             MeshObject::MeshConfig(o) => self.mesh_configs.get(&k.1) == Some(o),
             MeshObject::HTTPRoute(o) => self.http_routes.get(&k) == Some(o),
+            MeshObject::GRPCRoute(o) => self.grpc_routes.get(&k) == Some(o),
+            MeshObject::ReferenceGrant(o) => self.reference_grants.get(&k) == Some(o),
         }
     }
 
@@ -269,6 +284,11 @@ impl Store {
         out.extend(named(Kind::HTTPRouteGroup, &mut self.route_groups.keys()));
         out.extend(named(Kind::TCPRoute, &mut self.tcp_routes.keys()));
         out.extend(named(Kind::HTTPRoute, &mut self.http_routes.keys()));
+        out.extend(named(Kind::GRPCRoute, &mut self.grpc_routes.keys()));
+        out.extend(named(
+            Kind::ReferenceGrant,
+            &mut self.reference_grants.keys(),
+        ));
         out.extend(named(
             Kind::ServiceAccount,
             &mut self.service_accounts.keys(),
@@ -293,6 +313,8 @@ impl Store {
             + self.service_accounts.len()
             + self.mesh_configs.len()
             + self.http_routes.len()
+            + self.grpc_routes.len()
+            + self.reference_grants.len()
     }
 
     /// Every object, cloned (for a full rebuild elsewhere).
@@ -347,6 +369,16 @@ impl Store {
             self.http_routes
                 .values()
                 .map(|o| MeshObject::HTTPRoute(Box::new(o.clone()))),
+        );
+        out.extend(
+            self.grpc_routes
+                .values()
+                .map(|o| MeshObject::GRPCRoute(Box::new(o.clone()))),
+        );
+        out.extend(
+            self.reference_grants
+                .values()
+                .map(|o| MeshObject::ReferenceGrant(Box::new(o.clone()))),
         );
         out
     }

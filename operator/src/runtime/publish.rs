@@ -7,7 +7,26 @@
 //! - a proxy's own layer (inbound listener, its certificate) is built when it connects,
 //!   rebuilt when its workload or the grants to its identity change, and dropped a
 //!   while after it leaves; certificates are issued to connected proxies only;
-//! - calls to pod IPs resolve their cluster on demand ([`PodClusterResolver`]).
+//! - calls to pod IPs resolve their cluster on demand ([`PodClusterResolver`]);
+//! - consumer routes (GAMMA: an HTTPRoute in namespace N on a Service of another
+//!   namespace) apply to N's callers only. The listeners stay shared and name the same
+//!   route configuration for every caller; what differs is that configuration. So each
+//!   namespace with consumer routes gets one more shared layer, `consumer:N`, holding
+//!   just the route configurations its consumer routes change (one per Service port they
+//!   attach to), placed before the mesh (or scope) layer in N's proxies' views: the first
+//!   layer holding a name decides it (see `weft_xds::TypedResources`), so these replace
+//!   the shared ones of the same name without copying the shared layer.
+//!
+//!   Cost at 10,000 services: the consumer layers hold one route configuration per
+//!   (namespace, Service port) pair with consumer routes, so memory grows with consumer
+//!   routes only, never with services or proxies (a proxy's view gains one layer
+//!   reference). A change to a service re-translates its shared configuration plus one
+//!   variant per namespace routing it, and rewrites only those namespaces' small layers
+//!   (the mesh layers are untouched by consumer routes); a namespace's first or last
+//!   consumer route re-layers its connected proxies (their own snapshots, not their
+//!   config). The xDS server composes views as before; a view whose layers share a name
+//!   filters shadowed ones when walked whole (a map lookup per resource into the small
+//!   layer), and delta diffs judge a changed name by what the whole view shows.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
@@ -38,6 +57,8 @@ const MESH_PLAIN: &str = "mesh-plain";
 const CAPTURE_ON_DEMAND: &str = "capture";
 /// Shared outbound capture listener without on-demand discovery.
 const CAPTURE_PLAIN: &str = "capture-plain";
+/// Prefix of a namespace's consumer route configurations (`consumer:NAMESPACE`).
+const CONSUMER: &str = "consumer:";
 
 /// What one publish did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -79,6 +100,8 @@ struct EncodedService {
     endpoints: Vec<Resource>,
     listeners: Vec<Resource>,
     routes: Vec<Resource>,
+    /// Route configurations of callers' namespaces with consumer routes on it.
+    consumer: BTreeMap<String, Vec<Resource>>,
 }
 
 fn encode(type_url: &str, items: Vec<(String, impl prost::Message)>) -> Vec<Resource> {
@@ -90,7 +113,16 @@ fn encode(type_url: &str, items: Vec<(String, impl prost::Message)>) -> Vec<Reso
 
 impl EncodedService {
     fn new(tls: ServiceOutbound, plain: ServiceOutbound) -> Self {
+        let mut consumer: BTreeMap<String, Vec<Resource>> = BTreeMap::new();
+        for (ns, r) in tls.consumer_routes {
+            consumer.entry(ns).or_default().push(Resource::encode(
+                type_url::ROUTE,
+                r.name.clone(),
+                &r,
+            ));
+        }
         Self {
+            consumer,
             clusters_tls: encode(
                 type_url::CLUSTER,
                 tls.clusters
@@ -297,6 +329,11 @@ pub struct MeshPublisher {
     services: BTreeMap<ServiceKey, EncodedService>,
     mesh: LayerSet,
     scopes: BTreeMap<String, ScopeLayers>,
+    /// Per namespace with consumer routes: its route configurations (never empty).
+    consumers: BTreeMap<String, LayerRef>,
+    /// Namespaces whose consumer layer appeared or went in this change: their proxies
+    /// are re-layered, then a gone layer is unpublished.
+    consumers_moved: BTreeSet<String>,
     /// Meshed pod IPs per block.
     blocks: BTreeMap<PodBlock, usize>,
     /// IPs of every workload published, to update blocks and the directory.
@@ -332,6 +369,8 @@ impl MeshPublisher {
             services: BTreeMap::new(),
             mesh: LayerSet::default(),
             scopes: BTreeMap::new(),
+            consumers: BTreeMap::new(),
+            consumers_moved: BTreeSet::new(),
             blocks: BTreeMap::new(),
             workload_ips: HashMap::new(),
             v6_services: BTreeSet::new(),
@@ -408,6 +447,16 @@ impl MeshPublisher {
         if everything {
             affected.extend(self.connected.keys().cloned());
         } else {
+            // A namespace's consumer layer appeared or went: its proxies' views change.
+            for node in self.nodes.keys() {
+                if model
+                    .workloads
+                    .get(node)
+                    .is_some_and(|w| self.consumers_moved.contains(&w.namespace))
+                {
+                    affected.insert(node.clone());
+                }
+            }
             affected.extend(
                 delta
                     .workloads
@@ -431,6 +480,12 @@ impl MeshPublisher {
             let (changed, issued) = self.build_node(model, &node, now)?;
             stats.changed += usize::from(changed);
             stats.issued += usize::from(issued);
+        }
+        // Gone consumer layers, now that no proxy's view names them.
+        for ns in std::mem::take(&mut self.consumers_moved) {
+            if !self.consumers.contains_key(&ns) {
+                self.cache.remove_shared(&format!("{CONSUMER}{ns}"));
+            }
         }
         stats.proxies = self.nodes.len();
         Ok(stats)
@@ -545,6 +600,12 @@ impl MeshPublisher {
                 self.cache.set_shared(name, scope.layers.snapshot(tls));
             }
         }
+        update_consumers(
+            &mut self.consumers,
+            &mut self.consumers_moved,
+            &self.cache,
+            &changes,
+        );
         drop(changes);
         if mesh_changed {
             self.publish_fallback();
@@ -661,9 +722,15 @@ impl MeshPublisher {
         } else {
             CAPTURE_PLAIN
         };
+        // A namespace's consumer routes go before the mesh's (or scope's): first wins.
+        let mut shared = vec![capture.to_string()];
+        if self.consumers.contains_key(&workload.namespace) {
+            shared.push(format!("{CONSUMER}{}", workload.namespace));
+        }
         let Some(scope) = &workload.egress else {
             let mesh = if tls { MESH } else { MESH_PLAIN };
-            return (vec![capture.to_string(), mesh.to_string()], None);
+            shared.push(mesh.to_string());
+            return (shared, None);
         };
         let name = format!(
             "{}:{}",
@@ -689,7 +756,8 @@ impl MeshPublisher {
                 },
             );
         }
-        (vec![capture.to_string(), name.clone()], Some(name))
+        shared.push(name.clone());
+        (shared, Some(name))
     }
 
     fn release_scope(&mut self, name: &str) {
@@ -770,6 +838,64 @@ impl MeshPublisher {
         }
         if let Some(identity) = &mut self.identity {
             identity.certs.forget(node);
+        }
+    }
+}
+
+/// Applies changed services to the consumer layers of the namespaces that route
+/// them (before or after), publishing the layers that changed.
+fn update_consumers(
+    consumers: &mut BTreeMap<String, LayerRef>,
+    moved: &mut BTreeSet<String>,
+    cache: &SnapshotCache,
+    changes: &[(Option<&EncodedService>, Option<&EncodedService>)],
+) {
+    let mut edits: BTreeMap<&str, (Vec<&str>, Vec<&Resource>)> = BTreeMap::new();
+    let none = BTreeMap::new();
+    for (old, new) in changes {
+        let before = old.map_or(&none, |s| &s.consumer);
+        let after = new.map_or(&none, |s| &s.consumer);
+        for (ns, resources) in before {
+            let kept = after.get(ns).map_or(&[][..], Vec::as_slice);
+            for r in resources {
+                if !kept.iter().any(|k| k.name() == r.name()) {
+                    edits.entry(ns).or_default().0.push(r.name());
+                }
+            }
+        }
+        for (ns, resources) in after {
+            let had = before.get(ns).map_or(&[][..], Vec::as_slice);
+            for r in resources {
+                if had.iter().find(|o| o.name() == r.name()) != Some(r) {
+                    edits.entry(ns).or_default().1.push(r);
+                }
+            }
+        }
+    }
+    for (ns, (removed, upserted)) in edits {
+        let mut items = consumers
+            .get(ns)
+            .map(|l| l.items().clone())
+            .unwrap_or_default();
+        for name in removed {
+            items.remove(name);
+        }
+        for r in upserted {
+            items.insert(r.name().to_string(), r.clone());
+        }
+        let name = format!("{CONSUMER}{ns}");
+        if items.is_empty() {
+            if consumers.remove(ns).is_some() {
+                moved.insert(ns.to_string());
+            }
+            continue;
+        }
+        let layer = Arc::new(Layer::from_map(items));
+        let mut snapshot = Snapshot::new();
+        snapshot.add_layer(type_url::ROUTE, layer.clone());
+        cache.set_shared(&name, snapshot);
+        if consumers.insert(ns.to_string(), layer).is_none() {
+            moved.insert(ns.to_string());
         }
     }
 }

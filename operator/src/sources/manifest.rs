@@ -37,6 +37,11 @@ fn kind_of(api_version: &str, kind: &str) -> Option<Kind> {
         ("v1", "ServiceAccount") => Kind::ServiceAccount,
         ("discovery.k8s.io/v1", "EndpointSlice") => Kind::EndpointSlice,
         ("gateway.networking.k8s.io/v1", "HTTPRoute") => Kind::HTTPRoute,
+        ("gateway.networking.k8s.io/v1", "GRPCRoute") => Kind::GRPCRoute,
+        (
+            "gateway.networking.k8s.io/v1" | "gateway.networking.k8s.io/v1beta1",
+            "ReferenceGrant",
+        ) => Kind::ReferenceGrant,
         _ => match weft_crds::conversion::served_kind(api_version, kind)?.kind {
             "TrafficSplit" => Kind::TrafficSplit,
             "TrafficTarget" => Kind::TrafficTarget,
@@ -101,6 +106,8 @@ fn decode(kind: Kind, mut doc: Value) -> Result<MeshObject, String> {
         Kind::TCPRoute => MeshObject::TCPRoute(typed(doc)?),
         Kind::MeshConfig => MeshObject::MeshConfig(typed(doc)?),
         Kind::HTTPRoute => MeshObject::HTTPRoute(typed(doc)?),
+        Kind::GRPCRoute => MeshObject::GRPCRoute(typed(doc)?),
+        Kind::ReferenceGrant => MeshObject::ReferenceGrant(typed(doc)?),
     })
 }
 

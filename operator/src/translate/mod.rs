@@ -106,6 +106,9 @@ pub struct ServiceOutbound {
     pub listeners: Vec<Listener>,
     /// One route configuration per port that may carry HTTP.
     pub routes: Vec<RouteConfiguration>,
+    /// Variants of some of `routes` for callers in namespaces with consumer routes on
+    /// the service: (caller namespace, configuration of the same name).
+    pub consumer_routes: Vec<(String, RouteConfiguration)>,
 }
 
 /// Translates one service: a pure function of the service and the mesh settings, so a
@@ -121,7 +124,23 @@ pub fn translate_service(
         endpoints,
         listeners: listeners::service_listeners(service, config),
         routes: routes::service_route_configs(service, config),
+        consumer_routes: routes::consumer_route_configs(service, config),
     }
+}
+
+/// The consumer route configurations of every service, per caller namespace: what a
+/// proxy in that namespace gets instead of the shared configurations of the same names.
+pub fn translate_consumer(
+    model: &MeshModel,
+    config: &MeshConfig,
+) -> std::collections::BTreeMap<String, ProxyResources> {
+    let mut out: std::collections::BTreeMap<String, ProxyResources> = Default::default();
+    for service in model.services.values() {
+        for (ns, route) in routes::consumer_route_configs(service, config) {
+            out.entry(ns).or_default().routes.push(route);
+        }
+    }
+    out.into_iter().map(|(ns, r)| (ns, r.sorted())).collect()
 }
 
 /// The Envoy resources of one proxy.
@@ -256,6 +275,18 @@ pub fn translate_proxy(
     secrets: Option<&WorkloadSecrets>,
 ) -> ProxyResources {
     let mut out = translate_shared(model, config, secrets.is_some());
+    // The proxy's namespace's consumer routes replace the shared configurations.
+    for (ns, route) in model
+        .services
+        .values()
+        .flat_map(|s| routes::consumer_route_configs(s, config))
+    {
+        if ns == proxy.namespace
+            && let Some(slot) = out.routes.iter_mut().find(|r| r.name == route.name)
+        {
+            *slot = route;
+        }
+    }
     let own = translate_workload(proxy, grants_for(model, proxy), config, secrets);
     out.clusters.extend(own.clusters);
     out.endpoints.extend(own.endpoints);

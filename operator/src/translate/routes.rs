@@ -13,7 +13,7 @@ use super::http::no_timeout;
 use super::rbac::{path_prefix_regex, request_headers};
 use super::settings::MeshConfig;
 use super::{outbound_cluster_name, outbound_route_name, treated_as};
-use crate::index::{AppProtocol, MeshService, SplitBackend};
+use crate::index::{AppProtocol, HttpRouteEntry, MeshService, SplitBackend};
 
 /// Retried by default: failures where the request certainly did not reach the app.
 const DEFAULT_RETRY_ON: &str = "connect-failure,refused-stream,reset-before-request";
@@ -83,9 +83,11 @@ fn prefix_all() -> RouteMatch {
 /// The routes of one service port. A split with `matches` (SMI v1alpha4) sends only
 /// matching requests to its backends; everything else goes to the root service.
 fn service_routes(service: &MeshService, port: u16) -> Vec<Route> {
-    // Gateway API routes on this port decide everything (a split there gave way).
-    if let Some(entries) = service.http_routes.get(&port).filter(|e| !e.is_empty()) {
-        return super::gateway::http_route_routes(entries);
+    // Gateway API producer routes on this port decide everything (a split there gave
+    // way); consumer routes are the namespaces' variants (`consumer_route_configs`).
+    let producer = route_entries(service, port, &service.key.namespace);
+    if !producer.is_empty() {
+        return super::gateway::http_route_routes(&producer);
     }
     let own = route_action::ClusterSpecifier::Cluster(outbound_cluster_name(&service.key, port));
     let Some(split) = service.split.as_ref().filter(|s| !s.matches.is_empty()) else {
@@ -165,32 +167,78 @@ fn domains(service: &MeshService, port: u16) -> Vec<String> {
     hosts
 }
 
+/// The Gateway API entries of one port whose route lives in `namespace` (the service's
+/// own: producer routes; another: that namespace's consumer routes), in precedence order.
+fn route_entries(service: &MeshService, port: u16, namespace: &str) -> Vec<HttpRouteEntry> {
+    service
+        .http_routes
+        .get(&port)
+        .into_iter()
+        .flatten()
+        .filter(|e| e.source.namespace == namespace)
+        .cloned()
+        .collect()
+}
+
+fn route_config(service: &MeshService, port: u16, routes: Vec<Route>) -> RouteConfiguration {
+    let name = outbound_route_name(&service.key, port);
+    RouteConfiguration {
+        name: name.clone(),
+        virtual_hosts: vec![VirtualHost {
+            name,
+            domains: domains(service, port),
+            routes,
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+}
+
+/// The ports of `service` that may carry HTTP and are reached through a listener (none
+/// without a ClusterIP).
+fn http_ports<'s>(service: &'s MeshService, config: &'s MeshConfig) -> impl Iterator<Item = u16> {
+    service
+        .ports
+        .iter()
+        .filter(move |p| {
+            !service.cluster_ips.is_empty() && treated_as(p.protocol, config) != AppProtocol::Tcp
+        })
+        .map(|p| p.port)
+}
+
 /// One route configuration per port of `service` that may carry HTTP (none for a
 /// service without a ClusterIP: nothing reaches it through a listener).
 pub fn service_route_configs(
     service: &MeshService,
     config: &MeshConfig,
 ) -> Vec<RouteConfiguration> {
+    http_ports(service, config)
+        .map(|port| route_config(service, port, service_routes(service, port)))
+        .collect()
+}
+
+/// The variants of `service`'s route configurations for callers in namespaces with
+/// consumer routes on it: (caller namespace, configuration), only for the ports that
+/// namespace routes, named as the shared configuration they replace for its callers.
+/// Its consumer routes decide those ports for them; the producer routes do not apply.
+pub fn consumer_route_configs(
+    service: &MeshService,
+    config: &MeshConfig,
+) -> Vec<(String, RouteConfiguration)> {
     let mut out = Vec::new();
-    if service.cluster_ips.is_empty() {
-        return out;
-    }
-    for port in service
-        .ports
-        .iter()
-        .filter(|p| treated_as(p.protocol, config) != AppProtocol::Tcp)
-    {
-        let name = outbound_route_name(&service.key, port.port);
-        out.push(RouteConfiguration {
-            name: name.clone(),
-            virtual_hosts: vec![VirtualHost {
-                name,
-                domains: domains(service, port.port),
-                routes: service_routes(service, port.port),
-                ..Default::default()
-            }],
-            ..Default::default()
-        });
+    for port in http_ports(service, config) {
+        let namespaces: std::collections::BTreeSet<&str> = service
+            .http_routes
+            .get(&port)
+            .into_iter()
+            .flatten()
+            .map(|e| e.source.namespace.as_str())
+            .filter(|ns| *ns != service.key.namespace)
+            .collect();
+        for ns in namespaces {
+            let routes = super::gateway::http_route_routes(&route_entries(service, port, ns));
+            out.push((ns.to_string(), route_config(service, port, routes)));
+        }
     }
     out
 }

@@ -5,6 +5,12 @@
 //! writes only the difference, by server-side apply on the status subresource with
 //! field manager `weft`. An object whose `Accepted` condition changes also gets one
 //! `events.k8s.io/v1` Event for that transition.
+//!
+//! Gateway API routes carry their status per parent (`status.parents[]`, entries with
+//! `controllerName: weft.dev/mesh`). The upstream CRD makes that list atomic, so
+//! server-side apply would take other controllers' entries away: those routes are
+//! written by read-modify-write instead (a merge patch pinned to the resourceVersion
+//! read, again on a conflict), replacing only Weft's entries.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -16,6 +22,7 @@ use kube::runtime::events::{Event, EventType, Recorder};
 use kube::{Api, Client};
 use serde_json::json;
 use tokio::sync::watch;
+use weft_crds::gateway::{CONTROLLER_NAME, ParentReference, RouteParentStatus};
 use weft_crds::{Condition, SmiStatus};
 
 use crate::error::WeftError;
@@ -50,6 +57,19 @@ pub struct DesiredStatus {
     pub accepted: ConditionState,
     /// `ResolvedRefs`: whether everything it names exists.
     pub resolved_refs: ConditionState,
+    /// Gateway API routes: the status per Service parent (the two above summarise it).
+    pub parents: Vec<DesiredParent>,
+}
+
+/// What a route's status for one parent should be.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DesiredParent {
+    /// The parentRef as the route writes it.
+    pub parent_ref: ParentReference,
+    /// `Accepted`.
+    pub accepted: ConditionState,
+    /// `ResolvedRefs`.
+    pub resolved_refs: ConditionState,
 }
 
 /// Desired statuses by object.
@@ -64,7 +84,57 @@ pub fn has_status(kind: Kind) -> bool {
             | Kind::HTTPRouteGroup
             | Kind::TCPRoute
             | Kind::MeshConfig
+            | Kind::HTTPRoute
+            | Kind::GRPCRoute
     )
+}
+
+/// Kinds whose status is per parent (`status.parents[]`).
+pub fn is_route(kind: Kind) -> bool {
+    matches!(kind, Kind::HTTPRoute | Kind::GRPCRoute)
+}
+
+fn state(c: &crate::index::RouteCondition) -> ConditionState {
+    ConditionState {
+        ok: c.0,
+        reason: c.1,
+        message: truncated(c.2.clone()),
+    }
+}
+
+/// A route's desired status, from the index's per-parent statuses.
+fn route_status(index: &Index, subject: StatusSubject) -> (ObjectRef, DesiredStatus) {
+    let parents: Vec<DesiredParent> = index
+        .route_statuses()
+        .get(&subject.object)
+        .into_iter()
+        .flatten()
+        .map(|p| DesiredParent {
+            parent_ref: p.parent_ref.clone(),
+            accepted: state(&p.accepted),
+            resolved_refs: state(&p.resolved_refs),
+        })
+        .collect();
+    let summary = |pick: fn(&DesiredParent) -> &ConditionState, ok: &'static str| {
+        parents
+            .iter()
+            .map(pick)
+            .find(|c| !c.ok)
+            .cloned()
+            .unwrap_or(ConditionState {
+                ok: true,
+                reason: ok,
+                message: String::new(),
+            })
+    };
+    let desired = DesiredStatus {
+        uid: subject.uid,
+        generation: subject.generation,
+        accepted: summary(|p| &p.accepted, "Accepted"),
+        resolved_refs: summary(|p| &p.resolved_refs, "ResolvedRefs"),
+        parents,
+    };
+    (subject.object, desired)
 }
 
 /// Whether a problem says that something the object names is missing. Problems carry
@@ -84,7 +154,10 @@ fn is_missing_reference(reason: &str) -> bool {
 const MAX_MESSAGE: usize = 4096;
 
 fn joined(reasons: &[&str]) -> String {
-    let mut text = reasons.join("; ");
+    truncated(reasons.join("; "))
+}
+
+fn truncated(mut text: String) -> String {
     if text.len() > MAX_MESSAGE {
         let mut cut = MAX_MESSAGE;
         while !text.is_char_boundary(cut) {
@@ -108,15 +181,17 @@ pub fn desired_statuses(index: &Index) -> DesiredStatuses {
     index
         .status_subjects()
         .into_iter()
-        // HTTPRoutes carry per-parent status (`status.parents[]`), not SMI conditions:
-        // not written yet.
         .filter(|s| has_status(s.object.kind))
-        .map(
-            |StatusSubject {
-                 object,
-                 uid,
-                 generation,
-             }| {
+        .map(|subject| {
+            if is_route(subject.object.kind) {
+                return route_status(index, subject);
+            }
+            let StatusSubject {
+                object,
+                uid,
+                generation,
+            } = subject;
+            {
                 let found = problems.get(&object).map(Vec::as_slice).unwrap_or_default();
                 let rejected: Vec<&str> = found.iter().filter(|p| p.0).map(|p| p.1).collect();
                 let missing: Vec<&str> = found
@@ -160,10 +235,11 @@ pub fn desired_statuses(index: &Index) -> DesiredStatuses {
                     generation,
                     accepted,
                     resolved_refs,
+                    parents: Vec::new(),
                 };
                 (object, desired)
-            },
-        )
+            }
+        })
         .collect()
 }
 
@@ -204,6 +280,24 @@ impl ModelObserver for StatusObserver {
 /// The conditions to write for `desired`, keeping each condition's transition time
 /// from `previous` while its status is the same.
 pub fn conditions(desired: &DesiredStatus, previous: &[Condition], now: &str) -> Vec<Condition> {
+    pair(
+        &desired.accepted,
+        &desired.resolved_refs,
+        desired.generation,
+        previous,
+        now,
+    )
+}
+
+/// `Accepted` and `ResolvedRefs`, each keeping its transition time from `previous`
+/// while its status is the same.
+fn pair(
+    accepted: &ConditionState,
+    resolved_refs: &ConditionState,
+    generation: Option<i64>,
+    previous: &[Condition],
+    now: &str,
+) -> Vec<Condition> {
     let one = |type_: &str, state: &ConditionState| {
         let status = if state.ok { "True" } else { "False" };
         let since = previous
@@ -216,14 +310,57 @@ pub fn conditions(desired: &DesiredStatus, previous: &[Condition], now: &str) ->
             status: status.to_string(),
             reason: state.reason.to_string(),
             message: state.message.clone(),
-            observed_generation: desired.generation,
+            observed_generation: generation,
             last_transition_time: Some(since),
         }
     };
     vec![
-        one("Accepted", &desired.accepted),
-        one("ResolvedRefs", &desired.resolved_refs),
+        one("Accepted", accepted),
+        one("ResolvedRefs", resolved_refs),
     ]
+}
+
+/// Weft's `status.parents[]` entries for `desired`, each keeping its conditions'
+/// transition times from the entry for the same parentRef in `previous`.
+pub fn parent_statuses(
+    desired: &DesiredStatus,
+    previous: &[RouteParentStatus],
+    now: &str,
+) -> Vec<RouteParentStatus> {
+    desired
+        .parents
+        .iter()
+        .map(|p| {
+            let before = previous
+                .iter()
+                .find(|s| s.parent_ref == p.parent_ref)
+                .map(|s| s.conditions.as_slice())
+                .unwrap_or_default();
+            RouteParentStatus {
+                parent_ref: p.parent_ref.clone(),
+                controller_name: CONTROLLER_NAME.to_string(),
+                conditions: pair(
+                    &p.accepted,
+                    &p.resolved_refs,
+                    desired.generation,
+                    before,
+                    now,
+                ),
+            }
+        })
+        .collect()
+}
+
+/// Weft's entries of a route's `status.parents[]`.
+fn ours(status: Option<&serde_json::Value>) -> Vec<RouteParentStatus> {
+    status
+        .and_then(|s| s.get("parents"))
+        .and_then(|p| p.as_array())
+        .into_iter()
+        .flatten()
+        .filter(|p| p["controllerName"] == CONTROLLER_NAME)
+        .filter_map(|p| serde_json::from_value(p.clone()).ok())
+        .collect()
 }
 
 /// A status as the cluster holds it.
@@ -231,6 +368,8 @@ pub fn conditions(desired: &DesiredStatus, previous: &[Condition], now: &str) ->
 struct Stored {
     uid: Option<String>,
     conditions: Vec<Condition>,
+    /// Routes: Weft's `status.parents[]` entries.
+    parents: Vec<RouteParentStatus>,
 }
 
 /// Writes statuses and their Events while this replica leads.
@@ -309,12 +448,20 @@ impl StatusWriter {
             Kind::HTTPRouteGroup,
             Kind::TCPRoute,
             Kind::MeshConfig,
+            Kind::HTTPRoute,
+            Kind::GRPCRoute,
         ] {
             let Some(resource) = custom_resource(kind) else {
                 continue;
             };
             let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &resource);
-            for item in api.list(&ListParams::default()).await? {
+            let items = match api.list(&ListParams::default()).await {
+                Ok(items) => items,
+                // The Gateway API CRDs are optional: without them there are no routes.
+                Err(kube::Error::Api(e)) if e.code == 404 && is_route(kind) => continue,
+                Err(e) => return Err(e),
+            };
+            for item in items {
                 let namespace = match kind {
                     Kind::MeshConfig => String::new(),
                     _ => item.metadata.namespace.clone().unwrap_or_default(),
@@ -331,12 +478,64 @@ impl StatusWriter {
                     Stored {
                         uid: item.metadata.uid.clone(),
                         conditions: status.conditions,
+                        parents: ours(item.data.get("status")),
                     },
                 );
             }
         }
         self.stored = stored;
         Ok(())
+    }
+
+    /// Replaces Weft's `status.parents[]` entries of a route, keeping every other
+    /// controller's; `Ok(false)` when the route is gone.
+    async fn write_parents(
+        &self,
+        object: &ObjectRef,
+        parents: &[RouteParentStatus],
+    ) -> Result<bool, kube::Error> {
+        let Some((api, _)) = api_for(&self.client, object) else {
+            return Ok(false);
+        };
+        let mut attempt = 0;
+        loop {
+            let live = match api.get_status(&object.name).await {
+                Ok(live) => live,
+                Err(kube::Error::Api(e)) if e.code == 404 => return Ok(false),
+                Err(e) => return Err(e),
+            };
+            let mut list: Vec<serde_json::Value> = live
+                .data
+                .pointer("/status/parents")
+                .and_then(|p| p.as_array())
+                .into_iter()
+                .flatten()
+                .filter(|p| p["controllerName"] != CONTROLLER_NAME)
+                .cloned()
+                .collect();
+            list.extend(parents.iter().map(|p| json!(p)));
+            let body = json!({
+                "metadata": { "resourceVersion": live.metadata.resource_version },
+                "status": { "parents": list },
+            });
+            match api
+                .patch_status(
+                    &object.name,
+                    &PatchParams {
+                        field_manager: Some(FIELD_MANAGER.to_string()),
+                        ..PatchParams::default()
+                    },
+                    &Patch::Merge(&body),
+                )
+                .await
+            {
+                Ok(_) => return Ok(true),
+                Err(kube::Error::Api(e)) if e.code == 404 => return Ok(false),
+                // Someone wrote in between: read again.
+                Err(kube::Error::Api(e)) if e.code == 409 && attempt < 5 => attempt += 1,
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Writes one status; `Ok(false)` when the object is gone.
@@ -413,6 +612,36 @@ impl StatusWriter {
                 .stored
                 .get(object)
                 .filter(|s| want.uid.is_none() || s.uid == want.uid);
+            if is_route(object.kind) {
+                let before: &[RouteParentStatus] =
+                    previous.map(|s| s.parents.as_slice()).unwrap_or_default();
+                let next = parent_statuses(want, before, &now);
+                if previous.is_some_and(|s| s.parents == next)
+                    || (previous.is_none() && next.is_empty())
+                {
+                    continue;
+                }
+                match self.write_parents(object, &next).await {
+                    Ok(true) => {
+                        self.metrics.status_writes.inc();
+                        self.stored.insert(
+                            object.clone(),
+                            Stored {
+                                uid: want.uid.clone(),
+                                conditions: Vec::new(),
+                                parents: next,
+                            },
+                        );
+                    }
+                    Ok(false) => {}
+                    Err(error) => {
+                        failed = true;
+                        self.metrics.reconcile_errors.inc();
+                        tracing::warn!(%error, %object, "writing the route status failed; retrying");
+                    }
+                }
+                continue;
+            }
             let before: &[Condition] = previous
                 .map(|s| s.conditions.as_slice())
                 .unwrap_or_default();
@@ -441,6 +670,7 @@ impl StatusWriter {
                         Stored {
                             uid: want.uid.clone(),
                             conditions: next,
+                            parents: Vec::new(),
                         },
                     );
                 }
@@ -574,5 +804,146 @@ mod tests {
             !rx.has_changed().unwrap(),
             "the same statuses are not sent again"
         );
+    }
+}
+
+#[cfg(test)]
+mod route_tests {
+    use super::*;
+    use crate::sources::parse_manifests;
+
+    const SERVICES: &str = "---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {clusterIP: 10.96.0.10, ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web-v1, namespace: shop}\nspec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: data}\nspec: {clusterIP: 10.96.0.12, ports: [{port: 80}]}\n";
+
+    fn route(name: &str, parent: &str, backend: &str) -> String {
+        format!(
+            "---\napiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {{name: {name}, namespace: shop, generation: 4}}\nspec:\n  parentRefs: [{parent}, {{name: a-gateway}}]\n  rules: [{{backendRefs: [{backend}]}}]\n"
+        )
+    }
+
+    const GRANT: &str = "---\napiVersion: gateway.networking.k8s.io/v1\nkind: ReferenceGrant\nmetadata: {name: shop-to-db, namespace: data}\nspec:\n  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]\n  to: [{group: '', kind: Service}]\n";
+
+    fn index(text: &str) -> Index {
+        let mut index = Index::new();
+        index.reset(parse_manifests(text).unwrap());
+        index
+    }
+
+    fn parents(index: &Index, name: &str) -> Vec<DesiredParent> {
+        desired_statuses(index)[&ObjectRef::new(Kind::HTTPRoute, "shop", name)]
+            .parents
+            .clone()
+    }
+
+    const WEB: &str = "{group: '', kind: Service, name: web, port: 80}";
+
+    #[test]
+    fn a_route_has_one_entry_per_service_parent_with_the_spec_reasons() {
+        let text = format!(
+            "{SERVICES}{}{}{}",
+            route("good", WEB, "{name: web-v1, port: 80}"),
+            route("missing", WEB, "{name: web-v9, port: 80}"),
+            route(
+                "orphan",
+                "{group: '', kind: Service, name: ghost}",
+                "{name: web-v1, port: 80}"
+            ),
+        );
+        let index = index(&text);
+        let good = parents(&index, "good");
+        assert_eq!(good.len(), 1, "the Gateway parent is another controller's");
+        assert_eq!(good[0].parent_ref.name, "web");
+        assert_eq!(good[0].parent_ref.port, Some(80));
+        assert!(good[0].accepted.ok && good[0].resolved_refs.ok, "{good:?}");
+        let missing = &parents(&index, "missing")[0];
+        assert!(missing.accepted.ok, "{missing:?}");
+        assert_eq!(
+            (missing.resolved_refs.ok, missing.resolved_refs.reason),
+            (false, "BackendNotFound")
+        );
+        assert!(
+            missing.resolved_refs.message.contains("shop/web-v9"),
+            "{missing:?}"
+        );
+        let orphan = &parents(&index, "orphan")[0];
+        assert_eq!(
+            (orphan.accepted.ok, orphan.accepted.reason),
+            (false, "NoMatchingParent")
+        );
+        let all = desired_statuses(&index);
+        let status = &all[&ObjectRef::new(Kind::HTTPRoute, "shop", "missing")];
+        assert_eq!(status.generation, Some(4));
+        let written = parent_statuses(status, &[], "2026-01-01T00:00:00Z");
+        assert_eq!(written[0].controller_name, "weft.dev/mesh");
+        assert_eq!(written[0].conditions[1].type_, "ResolvedRefs");
+        assert_eq!(written[0].conditions[1].reason, "BackendNotFound");
+        assert_eq!(written[0].conditions[1].observed_generation, Some(4));
+        let again = parent_statuses(status, &written, "2026-01-02T00:00:00Z");
+        assert_eq!(written, again, "nothing changed, nothing moves");
+    }
+
+    #[test]
+    fn unsupported_kinds_and_values_get_their_reasons() {
+        let text = format!(
+            "{SERVICES}{}{}",
+            route("kind", WEB, "{group: example.com, kind: Bucket, name: b}"),
+            route("regex", WEB, "{name: web-v1, port: 80}").replace(
+                "rules: [{backendRefs",
+                "rules: [{matches: [{path: {type: RegularExpression, value: '['}}], backendRefs"
+            ),
+        );
+        let index = index(&text);
+        let kind = &parents(&index, "kind")[0];
+        assert_eq!(
+            (kind.resolved_refs.ok, kind.resolved_refs.reason),
+            (false, "InvalidKind")
+        );
+        let regex = &parents(&index, "regex")[0];
+        assert_eq!(
+            (regex.accepted.ok, regex.accepted.reason),
+            (false, "UnsupportedValue")
+        );
+    }
+
+    #[test]
+    fn a_reference_grant_permits_a_cross_namespace_backend_and_its_removal_refuses_it() {
+        let cross = route("cross", WEB, "{name: db, namespace: data, port: 80}");
+        let mut index = index(&format!("{SERVICES}{cross}"));
+        let refused = &parents(&index, "cross")[0];
+        assert_eq!(
+            (refused.resolved_refs.ok, refused.resolved_refs.reason),
+            (false, "RefNotPermitted")
+        );
+        // The grant arrives: the route resolves, incrementally.
+        let grant = parse_manifests(GRANT).unwrap().remove(0);
+        assert!(index.apply(grant.clone()).is_some_and(|d| d.problems));
+        assert!(parents(&index, "cross")[0].resolved_refs.ok);
+        let full = self::index(&format!("{SERVICES}{cross}{GRANT}"));
+        assert_eq!(index.model(), full.model());
+        // A grant for another name, or from another kind, does not.
+        for other in [
+            GRANT.replace("kind: Service}", "kind: Service, name: cache}"),
+            GRANT.replace("kind: HTTPRoute", "kind: GRPCRoute"),
+            GRANT.replace("namespace: shop", "namespace: elsewhere"),
+        ] {
+            index.apply(parse_manifests(&other).unwrap().remove(0));
+            let refused = &parents(&index, "cross")[0];
+            assert_eq!(refused.resolved_refs.reason, "RefNotPermitted", "{other}");
+        }
+        index.delete(&grant.object_ref());
+        assert_eq!(
+            parents(&index, "cross")[0].resolved_refs.reason,
+            "RefNotPermitted"
+        );
+    }
+
+    #[test]
+    fn a_grpc_route_gets_a_status_per_parent_too() {
+        let text = format!(
+            "{SERVICES}---\napiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {{name: g, namespace: shop}}\nspec:\n  parentRefs: [{WEB}]\n  rules: [{{matches: [{{method: {{service: a.B, method: C}}}}], backendRefs: [{{name: web-v9, port: 80}}]}}]\n"
+        );
+        let statuses = desired_statuses(&index(&text));
+        let g = &statuses[&ObjectRef::new(Kind::GRPCRoute, "shop", "g")].parents[0];
+        assert!(g.accepted.ok);
+        assert_eq!(g.resolved_refs.reason, "BackendNotFound");
     }
 }
