@@ -41,8 +41,10 @@ impl Leadership {
     /// Waits until leadership may have changed (gained, renewed, lost, or ran out).
     pub async fn changed(&mut self) {
         let until = *self.until.borrow_and_update();
+        // A deadline already past is no news: waiting on it would return at once, and
+        // callers loop on this, so they would spin until the next renewal lands.
         let expiry = async {
-            match until {
+            match until.filter(|t| *t > Instant::now()) {
                 Some(t) => tokio::time::sleep_until(t.into()).await,
                 None => std::future::pending().await,
             }
@@ -311,6 +313,27 @@ mod tests {
         tx.send_replace(None);
         assert!(!leadership.is_leader());
         assert!(Leadership::always().is_leader());
+        // A deadline that has passed without a renewal (a slow API server): changed()
+        // waits for the next message instead of returning at once, again and again.
+        tx.send_replace(Some(Instant::now() - Duration::from_millis(1)));
+        assert!(!leadership.is_leader());
+        assert!(
+            tokio::time::timeout(Duration::from_millis(200), leadership.changed())
+                .await
+                .is_err(),
+            "a past deadline must not wake the caller again"
+        );
+        // A renewal arriving while it waits wakes it.
+        let renew = async {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            tx.send_replace(Some(Instant::now() + Duration::from_secs(60)));
+        };
+        let (woke, ()) = tokio::join!(
+            tokio::time::timeout(Duration::from_secs(1), leadership.changed()),
+            renew
+        );
+        woke.expect("a renewal wakes it");
+        assert!(leadership.is_leader());
     }
 
     #[test]
