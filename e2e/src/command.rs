@@ -46,7 +46,7 @@ pub(crate) fn cmd(program: impl AsRef<std::ffi::OsStr>, args: &[&str]) -> Comman
 }
 
 /// Finds a binary built by this workspace next to the running executable.
-pub(crate) fn workspace_binary(name: &str) -> Result<PathBuf> {
+pub fn workspace_binary(name: &str) -> Result<PathBuf> {
     if let Ok(p) = std::env::var(format!(
         "WEFT_BIN_{}",
         name.to_uppercase().replace('-', "_")

@@ -128,21 +128,10 @@ fn kubernetes_validate() -> PathBuf {
     dir
 }
 
-/// A workspace binary: `WEFT_BIN_<NAME>`, else next to this test (as the harness finds them).
+/// A workspace binary (`WEFT_BIN_<NAME>`, else next to this test), as the harness finds them.
 fn workspace_binary(name: &str) -> PathBuf {
-    let var = format!("WEFT_BIN_{}", name.to_uppercase().replace('-', "_"));
-    if let Ok(p) = std::env::var(&var) {
-        return PathBuf::from(p);
-    }
-    let exe = std::env::current_exe().expect("current_exe");
-    exe.ancestors()
-        .skip(1)
-        .take(2)
-        .map(|dir| dir.join(name))
-        .find(|candidate| candidate.is_file())
-        .unwrap_or_else(|| {
-            panic!("{name} is not built: run `cargo build --workspace --bins` first (or set {var})")
-        })
+    weft_e2e::workspace_binary(name)
+        .unwrap_or_else(|e| panic!("{e}: run `cargo build --workspace --bins` first"))
 }
 
 fn run(program: &Path, args: &[&str]) -> Output {
