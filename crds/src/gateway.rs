@@ -90,6 +90,24 @@ pub struct HTTPRouteRule {
     /// Timeouts.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeouts: Option<HTTPRouteTimeouts>,
+    /// Retries (GEP-1731; in the experimental channel of v1.6, absent from standard).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<HTTPRouteRetry>,
+}
+
+/// When and how often a request is retried (GEP-1731).
+#[derive(Clone, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct HTTPRouteRetry {
+    /// Response codes (400-599) that are retried.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub codes: Option<Vec<i32>>,
+    /// Retries after the first try.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempts: Option<i32>,
+    /// Base wait between tries (a Gateway API duration).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<String>,
 }
 
 /// Request and backend-request timeouts (Gateway API durations, e.g. `10s`, `500ms`).

@@ -635,3 +635,77 @@ fn a_consumer_route_steers_only_its_namespace_and_wins_over_the_producer_route()
     let (status, _, body) = call_from(&h, "client", &format!("{BACKEND}/api/x"));
     assert_eq!((status, body.as_str()), (200, "backend-v1-0"));
 }
+
+/// The address decides which Service's routes apply, not the Host header; timeouts
+/// answer 504 in time, `retry` turns a flaky backend's 503s into a success (and without
+/// it the 503 reaches the caller), a backend's own header filter applies to requests sent
+/// to it only, and `weft explain` names the rule that matched.
+#[test]
+fn timeouts_retries_backend_filters_and_the_address_not_the_host_decide() {
+    let rules = "  - name: slow\n    matches: [{path: {type: PathPrefix, value: /slow}}]\n    timeouts: {request: 500ms}\n    backendRefs: [{name: backend-v2, port: 8080}]\n\
+                 \x20 - name: flaky\n    matches: [{path: {type: PathPrefix, value: /flaky}}]\n    retry: {codes: [503], attempts: 3, backoff: 10ms}\n    backendRefs: [{name: backend-v2, port: 8080}]\n\
+                 \x20 - name: tagged\n    matches: [{path: {type: PathPrefix, value: /echo}}]\n    backendRefs:\n    - name: backend-v2\n      port: 8080\n      filters:\n      - {type: RequestHeaderModifier, requestHeaderModifier: {set: [{name: X-Backend, value: v2}]}}\n      - {type: ResponseHeaderModifier, responseHeaderModifier: {set: [{name: X-Served-By, value: v2}]}}\n\
+                 \x20 - backendRefs: [{name: backend-v2, port: 8080}]\n";
+    let h = gamma_mesh(
+        89,
+        "gamma-resilience",
+        &[("route.yaml", route("resilience", rules))],
+    );
+
+    // Sent to backend's address with backend-v1's name in Host: backend's route applies.
+    let (status, _, body) = call(&h, "GET", &format!("{BACKEND}/echo"), &["Host: backend-v1"]);
+    assert_eq!(status, 200, "{body}");
+    let seen: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(
+        (&seen["headers"]["host"], &seen["pod"]),
+        (&json!("backend-v1"), &json!("backend-v2-0")),
+        "{seen}"
+    );
+    // And the other way round: backend-v1's address, backend's name: no route, v1 answers.
+    assert_eq!(
+        answered_by(&h, "GET", "http://backend-v1:8080/", &["Host: backend"]),
+        "backend-v1-0"
+    );
+
+    let started = Instant::now();
+    let (status, _, body) = call(&h, "GET", &format!("{BACKEND}/slow/x?delay_ms=3000"), &[]);
+    let took = started.elapsed();
+    assert_eq!(status, 504, "{body}");
+    assert!(took < Duration::from_millis(2500), "the 504 took {took:?}");
+    let (status, _, body) = call(&h, "GET", &format!("{BACKEND}/slow/x?delay_ms=50"), &[]);
+    assert_eq!(status, 200, "{body}");
+
+    // The backend fails the first two tries of each key: 3 retries on 503 succeed.
+    for key in ["a", "b", "c"] {
+        let url = format!("{BACKEND}/flaky/x?fail_first=2&key=flaky-{key}");
+        let (status, _, body) = call(&h, "GET", &url, &[]);
+        assert_eq!(status, 200, "{url}: {body}");
+    }
+    // Without a retry on the rule, the mesh retries failed connections only.
+    let (status, _, body) = call(
+        &h,
+        "GET",
+        &format!("{BACKEND}/other?fail_first=1&key=plain"),
+        &[],
+    );
+    assert_eq!(status, 503, "{body}");
+
+    let (status, headers, body) = call(&h, "GET", &format!("{BACKEND}/echo"), &[]);
+    assert_eq!(status, 200, "{body}");
+    let seen: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["headers"]["x-backend"], "v2", "{seen}");
+    assert_eq!(headers["x-served-by"], "v2", "{headers}");
+    let (_, headers, _) = call(&h, "GET", &format!("{BACKEND}/"), &[]);
+    assert!(headers.get("x-served-by").is_none(), "{headers}");
+
+    let explained = h
+        .explain("client", "GET", &format!("{BACKEND}/flaky/x"), &[])
+        .unwrap();
+    let lines = explained["lines"].to_string();
+    assert!(
+        lines.contains("HTTPRoute default/resilience rule 1 (flaky) matched"),
+        "{explained}"
+    );
+    assert!(lines.contains("retries: 3"), "{explained}");
+    assert!(problems(&h).is_empty(), "{:?}", problems(&h));
+}

@@ -6,7 +6,10 @@ use std::net::{IpAddr, SocketAddr};
 
 use serde::{Deserialize, Serialize};
 
-use crate::index::{AccessGrant, AppProtocol, HttpRequestMatch, MeshModel, MeshService, Workload};
+use crate::index::{
+    AccessGrant, AppProtocol, HttpRequestMatch, HttpRouteEntry, MeshModel, MeshService, PathMatch,
+    RouteMatchModel, ValueMatch, Workload,
+};
 use crate::translate::{
     AccessMode, MeshConfig, MtlsMode, PathOutcome, normalize_request_path, path_prefix_regex,
     treated_as,
@@ -31,7 +34,9 @@ pub struct CallQuery {
 /// The answer: a verdict and the reasoning, one line per step.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Explanation {
-    /// `allowed`, `denied`, `partly allowed` (some destinations only) or `unknown`.
+    /// `allowed`, `denied`, `partly allowed` (some destinations only), `redirected`,
+    /// `not found` (no HTTPRoute rule matches), `server error` (a rule without a usable
+    /// backend) or `unknown`.
     pub verdict: String,
     /// The steps, for a person.
     pub lines: Vec<String>,
@@ -44,6 +49,8 @@ struct Target {
     host: String,
     port: u16,
     path: String,
+    /// The query string, without `?`.
+    query: String,
     /// An `http://` URL (the caller speaks HTTP), not `tcp://` or `host:port`.
     http: bool,
 }
@@ -69,11 +76,12 @@ fn parse_url(url: &str) -> Result<Target, String> {
     if host.is_empty() {
         return Err(format!("{url:?} has no host"));
     }
-    let path = path.split('?').next().unwrap_or("/").to_string();
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
     Ok(Target {
         host: host.to_string(),
         port,
-        path,
+        path: path.to_string(),
+        query: query.to_string(),
         http: url.starts_with("http://"),
     })
 }
@@ -120,6 +128,179 @@ fn request_matches(
             .is_some_and(|v| full_match(regex, v).unwrap_or(false))
     });
     path_ok && method_ok && headers_ok
+}
+
+/// Whether a request matches one HTTPRoute match, as the caller's sidecar decides it.
+fn route_match_applies(
+    m: &RouteMatchModel,
+    method: &str,
+    target: &Target,
+    headers: &BTreeMap<String, String>,
+) -> bool {
+    let path = target.path.as_str();
+    let path_ok = match &m.path {
+        PathMatch::Exact(p) => path == p,
+        PathMatch::Prefix(p) => {
+            let p = p.trim_end_matches('/');
+            p.is_empty()
+                || path == p
+                || path
+                    .strip_prefix(p)
+                    .is_some_and(|rest| rest.starts_with('/'))
+        }
+        PathMatch::Regex(r) => full_match(r, path).unwrap_or(false),
+    };
+    let value_ok = |v: &ValueMatch, got: Option<&str>| {
+        got.is_some_and(|got| {
+            if v.regex {
+                full_match(&v.value, got).unwrap_or(false)
+            } else {
+                got == v.value
+            }
+        })
+    };
+    let query: Vec<(&str, &str)> = target
+        .query
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| kv.split_once('=').unwrap_or((kv, "")))
+        .collect();
+    path_ok
+        && m.method.as_deref().is_none_or(|x| x == method)
+        && m.headers
+            .iter()
+            .all(|h| value_ok(h, headers.get(&h.name).map(String::as_str)))
+        && m.query
+            .iter()
+            .all(|q| value_ok(q, query.iter().find(|(k, _)| *k == q.name).map(|(_, v)| *v)))
+}
+
+fn describe_route_match(m: &RouteMatchModel) -> String {
+    let mut parts = vec![match &m.path {
+        PathMatch::Exact(p) => format!("path = {p}"),
+        PathMatch::Prefix(p) => format!("path prefix {p}"),
+        PathMatch::Regex(r) => format!("path ~ {r}"),
+    }];
+    if let Some(method) = &m.method {
+        parts.push(method.clone());
+    }
+    let value =
+        |v: &ValueMatch| format!("{} {} {}", v.name, if v.regex { "~" } else { "=" }, v.value);
+    parts.extend(m.headers.iter().map(|h| format!("header {}", value(h))));
+    parts.extend(m.query.iter().map(|q| format!("query {}", value(q))));
+    parts.join(", ")
+}
+
+/// What the HTTPRoutes on a service port do with a request.
+enum RouteOutcome<'m> {
+    /// No HTTPRoute applies to this port for this caller.
+    NotRouted,
+    /// Forwarded to these (service, how it was chosen).
+    Backends(Vec<(&'m MeshService, String)>),
+    /// Answered by the caller's sidecar: the verdict.
+    Answered(&'static str),
+}
+
+/// The HTTPRoute entries of `service` port `port` that decide for a caller in
+/// `namespace` (its consumer routes if it has any, else the producer routes), and the
+/// first one matching the request.
+fn route_outcome<'m>(
+    model: &'m MeshModel,
+    service: &'m MeshService,
+    port: u16,
+    namespace: &str,
+    request: (&str, &Target, &BTreeMap<String, String>),
+    lines: &mut Vec<String>,
+) -> RouteOutcome<'m> {
+    let entries = service
+        .http_routes
+        .get(&port)
+        .map_or(&[][..], Vec::as_slice);
+    let of = |ns: &str| -> Vec<&HttpRouteEntry> {
+        entries
+            .iter()
+            .filter(|e| e.source.namespace == ns)
+            .collect()
+    };
+    let (deciding, kind) = match of(namespace) {
+        own if !own.is_empty() && namespace != service.key.namespace => (
+            own,
+            "consumer route of the caller's namespace (wins over producer routes)",
+        ),
+        _ => (of(&service.key.namespace), "producer route"),
+    };
+    if deciding.is_empty() {
+        return RouteOutcome::NotRouted;
+    }
+    let (method, target, headers) = request;
+    let Some(entry) = deciding
+        .iter()
+        .find(|e| route_match_applies(&e.r#match, method, target, headers))
+    else {
+        let routes: std::collections::BTreeSet<String> =
+            deciding.iter().map(|e| e.source.to_string()).collect();
+        lines.push(format!(
+            "no rule of {} matches this request: the caller's sidecar answers 404",
+            routes.into_iter().collect::<Vec<_>>().join(", ")
+        ));
+        return RouteOutcome::Answered("not found");
+    };
+    let rule = match &entry.rule_name {
+        Some(name) => format!("rule {} ({name})", entry.rule),
+        None => format!("rule {}", entry.rule),
+    };
+    lines.push(format!(
+        "{} {rule} matched ({kind}): {}; earlier rules in precedence order did not",
+        entry.source,
+        describe_route_match(&entry.r#match)
+    ));
+    let action = &entry.action;
+    if let Some(r) = &action.redirect {
+        lines.push(format!(
+            "redirect {}{}{}{}: the caller's sidecar answers it",
+            r.status,
+            r.scheme
+                .as_deref()
+                .map(|s| format!(" scheme {s}"))
+                .unwrap_or_default(),
+            r.hostname
+                .as_deref()
+                .map(|h| format!(" host {h}"))
+                .unwrap_or_default(),
+            r.port.map(|p| format!(" port {p}")).unwrap_or_default(),
+        ));
+        return RouteOutcome::Answered("redirected");
+    }
+    if action.backends.is_empty() {
+        lines.push("the rule has no usable backend: the caller's sidecar answers 500".into());
+        return RouteOutcome::Answered("server error");
+    }
+    if let Some(t) = action.timeout {
+        lines.push(format!("request timeout {}", humantime::format_duration(t)));
+    }
+    if let Some(r) = &action.retry {
+        lines.push(format!(
+            "retries: {} on connection failures{}",
+            r.attempts,
+            if r.codes.is_empty() {
+                String::new()
+            } else {
+                format!(" and {:?}", r.codes)
+            }
+        ));
+    }
+    let total: u32 = action.backends.iter().map(|b| b.weight).sum();
+    let mut out = Vec::new();
+    for b in &action.backends {
+        let share = format!("{} weight {}/{total}", entry.source, b.weight);
+        match b.service.as_ref().and_then(|s| model.services.get(s)) {
+            Some(s) => out.push((s, format!("{share} → {}", s.key))),
+            None => lines.push(format!(
+                "{share}: the backend does not resolve, its share answers 500"
+            )),
+        }
+    }
+    RouteOutcome::Backends(out)
 }
 
 fn describe_match(m: &HttpRequestMatch) -> String {
@@ -393,6 +574,32 @@ pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Exp
             .as_ref()
             .and_then(|s| s.backends_by_port.get(&port.port).map(|b| (s, b)));
         let mut routed: Vec<(&MeshService, String)> = vec![(service, "no TrafficSplit".into())];
+        let by_route = if http {
+            route_outcome(
+                model,
+                service,
+                port.port,
+                &source.namespace,
+                (&method, &target, &headers),
+                &mut lines,
+            )
+        } else {
+            RouteOutcome::NotRouted
+        };
+        let split = match by_route {
+            RouteOutcome::NotRouted => split,
+            RouteOutcome::Backends(backends) => {
+                routed = backends;
+                None
+            }
+            RouteOutcome::Answered(verdict) => {
+                return Explanation {
+                    verdict: verdict.into(),
+                    lines,
+                    proxies: vec![source.node_id()],
+                };
+            }
+        };
         if let Some((split, backends)) = split {
             let applies = split.matches.is_empty()
                 || (http

@@ -399,3 +399,72 @@ status: {podIP: 198.18.9.6}
         "the pod being deleted only finishes what it has: {answer:?}"
     );
 }
+
+const B_ROUTE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: b-route}
+spec:
+  parentRefs: [{group: "", kind: Service, name: b, port: 8080}]
+  rules:
+  - name: canary
+    matches: [{path: {type: PathPrefix, value: /api}, headers: [{name: x-canary, value: "yes"}], queryParams: [{name: v, value: "2"}]}]
+    backendRefs: [{name: b-v2, port: 8080}]
+  - name: moved
+    matches: [{path: {type: Exact, value: /old}}]
+    filters: [{type: RequestRedirect, requestRedirect: {hostname: example.com, statusCode: 301}}]
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    retry: {codes: [503], attempts: 3}
+    backendRefs: [{name: b, port: 8080}]
+"#;
+
+#[test]
+fn an_httproute_rule_is_named_with_why_it_matched_and_where_it_sends() {
+    let m = model(&[B_ROUTE]);
+    let permissive = MeshConfig {
+        access: AccessMode::Permissive,
+        ..MeshConfig::default()
+    };
+    let call = |url: &str, headers: &[&str]| {
+        explain(
+            &m,
+            &permissive,
+            &CallQuery {
+                from: "default/a-0".into(),
+                url: url.into(),
+                method: None,
+                headers: headers.iter().map(|h| h.to_string()).collect(),
+            },
+        )
+    };
+    let canary = call("http://b:8080/api/x?v=2", &["X-Canary: yes"]);
+    assert_eq!(canary.verdict, "allowed", "{canary:?}");
+    assert!(
+        says(
+            &canary,
+            "HTTPRoute default/b-route rule 0 (canary) matched (producer route)"
+        ),
+        "{canary:?}"
+    );
+    assert!(
+        says(&canary, "default/b-1") && !says(&canary, "default/b-0"),
+        "{canary:?}"
+    );
+    // Without the query parameter the canary rule does not match; the next /api one does.
+    let plain = call("http://b:8080/api/x", &["X-Canary: yes"]);
+    assert!(says(&plain, "rule 2 matched"), "{plain:?}");
+    assert!(
+        says(&plain, "retries: 3 on connection failures and [503]"),
+        "{plain:?}"
+    );
+    // `/apix` is not under the `/api` prefix: no rule matches.
+    let none = call("http://b:8080/apix", &[]);
+    assert_eq!(none.verdict, "not found", "{none:?}");
+    assert!(says(&none, "answers 404"), "{none:?}");
+    let moved = call("http://b:8080/old", &[]);
+    assert_eq!(moved.verdict, "redirected", "{moved:?}");
+    assert!(
+        says(&moved, "rule 1 (moved)") && says(&moved, "redirect 301 host example.com"),
+        "{moved:?}"
+    );
+}

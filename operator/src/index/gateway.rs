@@ -19,8 +19,8 @@ use weft_crds::gateway::{
 
 use super::model::{
     HeaderChanges, HttpRouteEntry, MeshService, MirrorModel, PathChange, PathMatch, Problem,
-    RedirectModel, RewriteModel, RouteActionModel, RouteBackend, RouteMatchModel, ServiceKey,
-    ValueMatch,
+    RedirectModel, RetryModel, RewriteModel, RouteActionModel, RouteBackend, RouteMatchModel,
+    ServiceKey, ValueMatch,
 };
 use super::resolve::{creation_order, parse_gateway_duration};
 use super::store::{Store, name, ns};
@@ -542,6 +542,10 @@ fn resolve_rules<'s>(
             action.backend_timeout =
                 parse("timeouts.backendRequest", &t.backend_request)?.filter(|d| !d.is_zero());
         }
+        if let Some(r) = &rule.retry {
+            action.retry =
+                Some(resolve_retry(r).map_err(|e| reject(format!("{}: {e}", at("retry"))))?);
+        }
         for (i, b) in rule.backend_refs.iter().flatten().enumerate() {
             let weight = b.weight.unwrap_or(1);
             let weight = u32::try_from(weight).map_err(|_| {
@@ -550,12 +554,8 @@ fn resolve_rules<'s>(
                     at("backendRefs")
                 ))
             })?;
-            if b.filters.as_ref().is_some_and(|f| !f.is_empty()) {
-                return Err(reject(format!(
-                    "{}: per-backend filters are not supported yet",
-                    at(&format!("backendRefs[{i}]"))
-                )));
-            }
+            let (request_headers, response_headers) = backend_header_changes(b)
+                .map_err(|e| reject(format!("{}: {e}", at(&format!("backendRefs[{i}]")))))?;
             if weight == 0 {
                 continue;
             }
@@ -564,6 +564,8 @@ fn resolve_rules<'s>(
                     service: Some(service),
                     port,
                     weight,
+                    request_headers,
+                    response_headers,
                 }),
                 Err((reason, message)) => {
                     warnings.push((
@@ -582,6 +584,8 @@ fn resolve_rules<'s>(
                         service: None,
                         port: u16::try_from(b.backend.port.unwrap_or(0)).unwrap_or(0),
                         weight,
+                        request_headers,
+                        response_headers,
                     });
                 }
             }
@@ -667,6 +671,66 @@ fn resolve_match(m: &HTTPRouteMatch) -> Result<RouteMatchModel, String> {
         headers: value_matches(&m.headers, true)?,
         query: value_matches(&m.query_params, false)?,
     })
+}
+
+/// A rule's `retry`: codes 400-599 (Envoy retries any listed code), attempts ≥ 0.
+fn resolve_retry(r: &weft_crds::gateway::HTTPRouteRetry) -> Result<RetryModel, String> {
+    let codes = r
+        .codes
+        .iter()
+        .flatten()
+        .map(|&c| {
+            u32::try_from(c)
+                .ok()
+                .filter(|c| (400..=599).contains(c))
+                .ok_or_else(|| format!("code {c} is not between 400 and 599"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let attempts = match r.attempts {
+        None => DEFAULT_RETRY_ATTEMPTS,
+        Some(a) => u32::try_from(a).map_err(|_| format!("attempts {a} is negative"))?,
+    };
+    let backoff = r
+        .backoff
+        .as_deref()
+        .map(|b| parse_gateway_duration(b).map_err(|e| format!("backoff {b:?}: {e}")))
+        .transpose()?;
+    Ok(RetryModel {
+        codes,
+        attempts,
+        backoff,
+    })
+}
+
+/// Retries when a `retry` names no attempts (GEP-1731 leaves it to the implementation).
+const DEFAULT_RETRY_ATTEMPTS: u32 = 2;
+
+/// A backend's own filters: header modifiers only (the others act on the whole
+/// request, before a backend is picked).
+fn backend_header_changes(
+    b: &weft_crds::gateway::HTTPBackendRef,
+) -> Result<(HeaderChanges, HeaderChanges), String> {
+    let mut request = HeaderChanges::default();
+    let mut response = HeaderChanges::default();
+    for (i, f) in b.filters.iter().flatten().enumerate() {
+        let missing = || format!("filters[{i}]: filter {} has no configuration", f.type_);
+        match f.type_.as_str() {
+            "RequestHeaderModifier" => header_changes(
+                f.request_header_modifier.as_ref().ok_or_else(missing)?,
+                &mut request,
+            ),
+            "ResponseHeaderModifier" => header_changes(
+                f.response_header_modifier.as_ref().ok_or_else(missing)?,
+                &mut response,
+            ),
+            other => {
+                return Err(format!(
+                    "filters[{i}]: {other:?} is not supported on a backend (only header modifiers)"
+                ));
+            }
+        }
+    }
+    Ok((request, response))
 }
 
 fn header_changes(f: &HTTPHeaderFilter, into: &mut HeaderChanges) {

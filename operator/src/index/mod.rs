@@ -22,9 +22,9 @@ pub use gateway::{RouteCondition, RouteParentState, RouteStatuses};
 pub use model::{
     AccessGrant, AppProtocol, EgressEntry, EgressScope, GrantsByDestination, HeaderChanges,
     HttpRequestMatch, HttpRouteEntry, Identity, MeshModel, MeshService, MeshSettings, MirrorModel,
-    PathChange, PathMatch, ProbeForward, Problem, ProtocolSource, RedirectModel, RewriteModel,
-    RouteActionModel, RouteBackend, RouteMatchModel, ServiceEndpoint, ServiceKey, ServicePortModel,
-    SplitBackend, SplitModel, TcpGrant, ValueMatch, Workload, WorkloadPort,
+    PathChange, PathMatch, ProbeForward, Problem, ProtocolSource, RedirectModel, RetryModel,
+    RewriteModel, RouteActionModel, RouteBackend, RouteMatchModel, ServiceEndpoint, ServiceKey,
+    ServicePortModel, SplitBackend, SplitModel, TcpGrant, ValueMatch, Workload, WorkloadPort,
 };
 pub use protocol::{DEFAULT_OPAQUE_PORTS, select_protocol};
 pub use resolve::parse_gateway_duration;

@@ -496,6 +496,21 @@ pub struct RouteBackend {
     pub port: u16,
     /// Relative weight (positive).
     pub weight: u32,
+    /// Header changes of requests sent to this backend (its own filters).
+    pub request_headers: HeaderChanges,
+    /// Header changes of responses from this backend.
+    pub response_headers: HeaderChanges,
+}
+
+/// An HTTPRoute rule's `retry`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RetryModel {
+    /// Response codes retried (besides connection failures).
+    pub codes: Vec<u32>,
+    /// Retries after the first try.
+    pub attempts: u32,
+    /// Base wait between tries.
+    pub backoff: Option<std::time::Duration>,
 }
 
 /// What an HTTPRoute rule does with a matching request.
@@ -517,6 +532,8 @@ pub struct RouteActionModel {
     pub timeout: Option<std::time::Duration>,
     /// `timeouts.backendRequest`.
     pub backend_timeout: Option<std::time::Duration>,
+    /// `retry`; `None`: the mesh's default retries of failed connections only.
+    pub retry: Option<RetryModel>,
 }
 
 /// One match of one HTTPRoute rule, ready to translate: a port's entries are sorted by

@@ -17,7 +17,7 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::config::route::v3::{
     DirectResponseAction, HeaderMatcher, QueryParameterMatcher, RedirectAction, RetryPolicy, Route,
     RouteAction, RouteMatch, WeightedCluster, header_matcher, query_parameter_matcher,
-    redirect_action, route, route_action, route_match, weighted_cluster,
+    redirect_action, retry_policy, route, route_action, route_match, weighted_cluster,
 };
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     RegexMatchAndSubstitute, RegexMatcher, StringMatcher, string_matcher,
@@ -230,7 +230,13 @@ fn destination(action: &RouteActionModel) -> route_action::ClusterSpecifier {
         Some(s) => outbound_cluster_name(s, b.port),
         None => INVALID_BACKEND_CLUSTER.to_string(),
     };
-    if let [only] = action.backends.as_slice() {
+    let own_headers = |b: &crate::index::RouteBackend| {
+        !b.request_headers.is_empty() || !b.response_headers.is_empty()
+    };
+    // A backend's own header filters need a weighted entry to live on, even alone.
+    if let [only] = action.backends.as_slice()
+        && !own_headers(only)
+    {
         return route_action::ClusterSpecifier::Cluster(name(only));
     }
     route_action::ClusterSpecifier::WeightedClusters(WeightedCluster {
@@ -240,11 +246,38 @@ fn destination(action: &RouteActionModel) -> route_action::ClusterSpecifier {
             .map(|b| weighted_cluster::ClusterWeight {
                 name: name(b),
                 weight: Some(u32_value(b.weight)),
+                request_headers_to_add: header_options(&b.request_headers),
+                request_headers_to_remove: b.request_headers.remove.clone(),
+                response_headers_to_add: header_options(&b.response_headers),
+                response_headers_to_remove: b.response_headers.remove.clone(),
                 ..Default::default()
             })
             .collect(),
         ..Default::default()
     })
+}
+
+/// The mesh retries refused and reset connections; a rule's `retry` adds its status
+/// codes, and sets the number of retries and the backoff.
+fn retry_policy(action: &RouteActionModel) -> RetryPolicy {
+    let mut policy = RetryPolicy {
+        retry_on: RETRY_ON.to_string(),
+        num_retries: Some(u32_value(RETRIES)),
+        per_try_timeout: action.backend_timeout.map(duration),
+        ..Default::default()
+    };
+    if let Some(retry) = &action.retry {
+        if !retry.codes.is_empty() {
+            policy.retry_on.push_str(",retriable-status-codes");
+            policy.retriable_status_codes = retry.codes.clone();
+        }
+        policy.num_retries = Some(u32_value(retry.attempts));
+        policy.retry_back_off = retry.backoff.map(|b| retry_policy::RetryBackOff {
+            base_interval: Some(duration(b)),
+            ..Default::default()
+        });
+    }
+    policy
 }
 
 fn forward(entry: &HttpRouteEntry) -> route::Action {
@@ -259,12 +292,7 @@ fn forward(entry: &HttpRouteEntry) -> route::Action {
         cluster_specifier: Some(destination(action)),
         cluster_not_found_response_code:
             route_action::ClusterNotFoundResponseCode::InternalServerError as i32,
-        retry_policy: Some(RetryPolicy {
-            retry_on: RETRY_ON.to_string(),
-            num_retries: Some(u32_value(RETRIES)),
-            per_try_timeout: action.backend_timeout.map(duration),
-            ..Default::default()
-        }),
+        retry_policy: Some(retry_policy(action)),
         timeout: action.timeout.map(duration).or_else(no_timeout),
         request_mirror_policies: action
             .mirrors

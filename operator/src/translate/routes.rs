@@ -147,26 +147,6 @@ fn http_destination(service: &MeshService, port: u16) -> route_action::ClusterSp
     }
 }
 
-/// The names a client may use for a service port, as virtual host domains.
-fn domains(service: &MeshService, port: u16) -> Vec<String> {
-    let key = &service.key;
-    let mut hosts = vec![
-        key.name.clone(),
-        format!("{}.{}", key.name, key.namespace),
-        format!("{}.{}.svc", key.name, key.namespace),
-        key.fqdn(),
-    ];
-    for ip in &service.cluster_ips {
-        hosts.push(match ip {
-            std::net::IpAddr::V4(v4) => v4.to_string(),
-            std::net::IpAddr::V6(v6) => format!("[{v6}]"),
-        });
-    }
-    let with_port: Vec<String> = hosts.iter().map(|h| format!("{h}:{port}")).collect();
-    hosts.extend(with_port);
-    hosts
-}
-
 /// The Gateway API entries of one port whose route lives in `namespace` (the service's
 /// own: producer routes; another: that namespace's consumer routes), in precedence order.
 fn route_entries(service: &MeshService, port: u16, namespace: &str) -> Vec<HttpRouteEntry> {
@@ -186,7 +166,9 @@ fn route_config(service: &MeshService, port: u16, routes: Vec<Route>) -> RouteCo
         name: name.clone(),
         virtual_hosts: vec![VirtualHost {
             name,
-            domains: domains(service, port),
+            // Only this service's listeners (its ClusterIPs and port) use this route
+            // table: the address a request was sent to decides, whatever its Host says.
+            domains: vec!["*".to_string()],
             routes,
             ..Default::default()
         }],

@@ -3,7 +3,8 @@
 //! `/` and every unknown path answer the pod's name; `/delay/<ms>`, `/stream`,
 //! `/upload`, `/download` and `/ws` exercise timing, streaming, large bodies and
 //! upgrades. Every response says what the app saw: `x-weft-path`, `x-weft-proto`,
-//! `x-weft-name`, and the caller identity in `x-weft-peer-echo`.
+//! `x-weft-name`, and the caller identity in `x-weft-peer-echo`. Failure modes
+//! (`/fault`, `/healthz` and per-request query parameters) are in `faults`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 
+use crate::faults::{FaultOutcome, FaultSpec, Faults};
 use crate::pattern;
 use crate::ws;
 
@@ -41,7 +43,21 @@ pub struct HttpApp {
     pub name: String,
     /// The answer to `/`: the name padded with spaces to `--body-size`.
     pub body: Bytes,
+    /// Failure modes switched on by tests.
+    pub faults: Faults,
 }
+
+/// A request whose failure mode is a dropped connection.
+#[derive(Debug)]
+pub struct ConnectionDropped;
+
+impl std::fmt::Display for ConnectionDropped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("connection dropped as asked")
+    }
+}
+
+impl std::error::Error for ConnectionDropped {}
 
 impl HttpApp {
     /// An app answering `name`, padded to `body_size` bytes.
@@ -49,6 +65,7 @@ impl HttpApp {
         Self {
             name: name.to_string(),
             body: Bytes::from(format!("{name:<body_size$}")),
+            faults: Faults::default(),
         }
     }
 }
@@ -80,14 +97,17 @@ pub async fn serve(listener: TcpListener, app: Arc<HttpApp>) -> std::io::Result<
 }
 
 /// One request: route it, then stamp what the app saw on the response.
-async fn handle(app: Arc<HttpApp>, req: Request<Incoming>) -> Result<Response<Body>, Infallible> {
+async fn handle(
+    app: Arc<HttpApp>,
+    req: Request<Incoming>,
+) -> Result<Response<Body>, ConnectionDropped> {
     let target = req.uri().path_and_query().map_or_else(
         || req.uri().path().to_string(),
         |pq| pq.as_str().to_string(),
     );
     let version = format!("{:?}", req.version());
     let peer = req.headers().get("x-forwarded-client-cert").cloned();
-    let mut response = route(&app, req).await;
+    let mut response = route(&app, req).await?;
     let headers = response.headers_mut();
     for (name, value) in [
         (PATH_HEADER, target.as_str()),
@@ -106,9 +126,48 @@ async fn handle(app: Arc<HttpApp>, req: Request<Incoming>) -> Result<Response<Bo
     Ok(response)
 }
 
-async fn route(app: &HttpApp, req: Request<Incoming>) -> Response<Body> {
+async fn route(app: &HttpApp, req: Request<Incoming>) -> Result<Response<Body>, ConnectionDropped> {
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
+    match path.as_str() {
+        "/fault" => {
+            return Ok(match FaultSpec::parse(&query) {
+                Ok(spec) => {
+                    app.faults.set_pod(spec.unwrap_or_default());
+                    text(StatusCode::OK, format!("faults of {}: {query}\n", app.name))
+                }
+                Err(e) => text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+            });
+        }
+        "/healthz" if app.faults.healthy() => return Ok(text(StatusCode::OK, "ok\n".into())),
+        "/healthz" => {
+            return Ok(text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unhealthy as asked\n".into(),
+            ));
+        }
+        _ => {}
+    }
+    let own = match FaultSpec::parse(&query) {
+        Ok(own) => own,
+        Err(e) => return Ok(text(StatusCode::BAD_REQUEST, format!("{e}\n"))),
+    };
+    match app.faults.apply(own).await {
+        FaultOutcome::Pass => {}
+        FaultOutcome::Fail(status) => {
+            return Ok(text(status, format!("{} failed as asked\n", app.name)));
+        }
+        FaultOutcome::Close => return Err(ConnectionDropped),
+    }
+    Ok(route_path(app, req, &path, &query).await)
+}
+
+async fn route_path(
+    app: &HttpApp,
+    req: Request<Incoming>,
+    path: &str,
+    query: &str,
+) -> Response<Body> {
     if path == "/ws" {
         return ws::accept(req);
     }
@@ -124,9 +183,9 @@ async fn route(app: &HttpApp, req: Request<Incoming>) -> Response<Body> {
             Err(_) => text(StatusCode::BAD_REQUEST, format!("bad delay {ms:?}\n")),
         };
     }
-    match path.as_str() {
-        "/stream" => stream(&query),
-        "/download" => download(&query),
+    match path {
+        "/stream" => stream(query),
+        "/download" => download(query),
         "/upload" => upload(req.into_body()).await,
         _ => full(StatusCode::OK, app.body.clone()),
     }

@@ -8,6 +8,7 @@
 //! or prints a one-line reason on stderr and exits 1.
 
 mod banner;
+mod faults;
 mod grpc;
 mod http_client;
 mod http_server;
