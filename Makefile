@@ -29,7 +29,7 @@ demo: require-root setup
 test: require-root setup
 	cargo build --workspace --bins
 	cargo test --workspace --no-fail-fast 2>&1 | tee target/test.log
-	@n=$$(awk '/Running tests\/(e2e|mtls|access|fidelity|iptables|scale|controller|conversion|gamma)\.rs/ {e=1; next} e && /^test result:/ {s+=$$4; e=0} END {print s+0}' target/test.log); \
+	@n=$$(awk '/Running tests\/(e2e|mtls|access|fidelity|iptables|scale|controller|conversion|gamma|resilience)\.rs/ {e=1; next} e && /^test result:/ {s+=$$4; e=0} END {print s+0}' target/test.log); \
 	  echo "end-to-end tests executed (real Envoy $(ENVOY_VERSION), network namespaces): $${n:-0}"; \
 	  [ "$${n:-0}" -gt 0 ] || { echo "error: no end-to-end test ran" >&2; exit 1; }
 

@@ -377,6 +377,10 @@ pub fn all_crds() -> Vec<(
             ]),
         ),
         ("meshconfigs.config.weft.dev", MeshConfig::crd()),
+        (
+            "trafficpolicies.policy.weft.dev",
+            policy::TrafficPolicy::crd(),
+        ),
     ]
 }
 
@@ -481,7 +485,11 @@ pub mod bounds;
 
 /// Gateway API types for the mesh (GAMMA): HTTPRoute, GRPCRoute, ReferenceGrant.
 pub mod gateway;
+
+/// Weft's TrafficPolicy (resilience policy attached to Services).
+pub mod policy;
 pub use gateway::{GRPCRoute, HTTPRoute, ReferenceGrant};
+pub use policy::TrafficPolicy;
 
 /// Conversion between the SMI versions Weft serves.
 pub mod conversion;

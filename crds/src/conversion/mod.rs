@@ -112,6 +112,13 @@ pub const SERVED_KINDS: &[ServedKind] = &[
         versions: &["v1alpha1"],
         webhook: false,
     },
+    ServedKind {
+        group: "policy.weft.dev",
+        kind: "TrafficPolicy",
+        plural: "trafficpolicies",
+        versions: &["v1alpha1"],
+        webhook: false,
+    },
 ];
 
 /// The served kind `kind` of `api_version` (`group/version`), if Weft serves that version.

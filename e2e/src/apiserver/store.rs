@@ -37,6 +37,8 @@ const TABLE: &str = "
     gateway.networking.k8s.io/v1 httproutes HTTPRoute ns
     gateway.networking.k8s.io/v1 grpcroutes GRPCRoute ns
     gateway.networking.k8s.io/v1 referencegrants ReferenceGrant n
+    policy.weft.dev/v1alpha1 trafficpolicies TrafficPolicy ns
+
     admissionregistration.k8s.io/v1 mutatingwebhookconfigurations MutatingWebhookConfiguration -
     apiextensions.k8s.io/v1 customresourcedefinitions CustomResourceDefinition -
 ";

@@ -699,6 +699,7 @@ fn resolve_retry(r: &weft_crds::gateway::HTTPRouteRetry) -> Result<RetryModel, S
         codes,
         attempts,
         backoff,
+        per_try_timeout: None,
     })
 }
 

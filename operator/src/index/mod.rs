@@ -4,6 +4,7 @@
 mod access;
 mod gateway;
 mod model;
+mod policy;
 mod protocol;
 mod resolve;
 mod store;
@@ -15,16 +16,18 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use weft_crds::TrafficPolicy;
 use weft_crds::gateway::{GRPCRoute, ReferenceGrant};
 use weft_crds::{HTTPRoute, HTTPRouteGroup, MeshConfig, TCPRoute, TrafficSplit, TrafficTarget};
 
 pub use gateway::{RouteCondition, RouteParentState, RouteStatuses};
 pub use model::{
-    AccessGrant, AppProtocol, EgressEntry, EgressScope, GrantsByDestination, HeaderChanges,
-    HttpRequestMatch, HttpRouteEntry, Identity, MeshModel, MeshService, MeshSettings, MirrorModel,
-    PathChange, PathMatch, ProbeForward, Problem, ProtocolSource, RedirectModel, RetryModel,
-    RewriteModel, RouteActionModel, RouteBackend, RouteMatchModel, ServiceEndpoint, ServiceKey,
-    ServicePortModel, SplitBackend, SplitModel, TcpGrant, ValueMatch, Workload, WorkloadPort,
+    AccessGrant, AppProtocol, EgressEntry, EgressScope, FaultModel, GrantsByDestination, HashModel,
+    HeaderChanges, HttpRequestMatch, HttpRouteEntry, Identity, MeshModel, MeshService,
+    MeshSettings, MirrorModel, PathChange, PathMatch, PortPolicy, ProbeForward, Problem,
+    ProtocolSource, RedirectModel, RetryModel, RewriteModel, RouteActionModel, RouteBackend,
+    RouteMatchModel, ServiceEndpoint, ServiceKey, ServicePortModel, Sourced, SplitBackend,
+    SplitModel, TcpGrant, ValueMatch, Workload, WorkloadPort,
 };
 pub use protocol::{DEFAULT_OPAQUE_PORTS, select_protocol};
 pub use resolve::parse_gateway_duration;
@@ -63,6 +66,8 @@ pub enum Kind {
     GRPCRoute,
     /// gateway.networking.k8s.io ReferenceGrant.
     ReferenceGrant,
+    /// policy.weft.dev TrafficPolicy.
+    TrafficPolicy,
 }
 
 impl fmt::Display for Kind {
@@ -136,6 +141,8 @@ pub enum MeshObject {
     GRPCRoute(Box<GRPCRoute>),
     /// A Gateway API ReferenceGrant.
     ReferenceGrant(Box<ReferenceGrant>),
+    /// A TrafficPolicy.
+    TrafficPolicy(Box<TrafficPolicy>),
 }
 
 impl MeshObject {
@@ -153,6 +160,7 @@ impl MeshObject {
             Self::HTTPRoute(o) => &o.metadata,
             Self::GRPCRoute(o) => &o.metadata,
             Self::ReferenceGrant(o) => &o.metadata,
+            Self::TrafficPolicy(o) => &o.metadata,
         }
     }
 
@@ -171,6 +179,7 @@ impl MeshObject {
             Self::HTTPRoute(_) => Kind::HTTPRoute,
             Self::GRPCRoute(_) => Kind::GRPCRoute,
             Self::ReferenceGrant(_) => Kind::ReferenceGrant,
+            Self::TrafficPolicy(_) => Kind::TrafficPolicy,
         }
     }
 
@@ -278,6 +287,10 @@ pub struct Index {
     route_refs: BTreeSet<ServiceKey>,
     /// HTTPRoutes per service port.
     http_routes: gateway::ServiceRoutes,
+    /// Services some TrafficPolicy targets.
+    policy_refs: BTreeSet<ServiceKey>,
+    /// TrafficPolicy settings per service port.
+    policies: policy::PoliciesByService,
     route_problems: Vec<Problem>,
     route_statuses: gateway::RouteStatuses,
     splits: BTreeMap<ServiceKey, SplitModel>,
@@ -352,6 +365,7 @@ impl Index {
         out.extend(subjects(Kind::TCPRoute, s.tcp_routes.values()));
         out.extend(subjects(Kind::HTTPRoute, s.http_routes.values()));
         out.extend(subjects(Kind::GRPCRoute, s.grpc_routes.values()));
+        out.extend(subjects(Kind::TrafficPolicy, s.traffic_policies.values()));
         out.extend(
             subjects(Kind::MeshConfig, s.mesh_configs.values()).map(|mut o| {
                 o.object.namespace.clear();
@@ -445,6 +459,20 @@ impl Index {
         )
     }
 
+    /// Services some TrafficPolicy targets (in its namespace).
+    fn policy_references(store: &Store) -> BTreeSet<ServiceKey> {
+        store
+            .traffic_policies
+            .iter()
+            .flat_map(|((ns, _), p)| {
+                p.spec
+                    .target_refs
+                    .iter()
+                    .map(move |t| ServiceKey::new(ns, &t.name))
+            })
+            .collect()
+    }
+
     /// Marks what a change of one object (from `old` to `new`) can affect.
     fn mark(
         &self,
@@ -530,9 +558,11 @@ impl Index {
                     }
                 }
             }
-            Kind::TrafficSplit | Kind::HTTPRoute | Kind::GRPCRoute | Kind::ReferenceGrant => {
-                dirty.splits = true
-            }
+            Kind::TrafficSplit
+            | Kind::HTTPRoute
+            | Kind::GRPCRoute
+            | Kind::ReferenceGrant
+            | Kind::TrafficPolicy => dirty.splits = true,
             Kind::HTTPRouteGroup => {
                 dirty.splits = true;
                 dirty.access = true;
@@ -609,6 +639,7 @@ impl Index {
         self.claims.clear();
         self.splits.clear();
         self.http_routes.clear();
+        self.policies.clear();
         self.service_problems.clear();
         self.pod_problems.clear();
         self.conflict_problems.clear();
@@ -786,12 +817,15 @@ impl Index {
         // one of them names changed.
         let mut candidates: BTreeSet<ServiceKey> = group.clone();
         if splits_dirty
-            || group
-                .iter()
-                .any(|k| self.split_refs.contains(k) || self.route_refs.contains(k))
+            || group.iter().any(|k| {
+                self.split_refs.contains(k)
+                    || self.route_refs.contains(k)
+                    || self.policy_refs.contains(k)
+            })
         {
             self.split_refs = split_references(&self.store);
             self.route_refs = gateway::route_references(&self.store);
+            self.policy_refs = Self::policy_references(&self.store);
             // Splits see the group's new state and everyone else's current one.
             let overlay: BTreeMap<ServiceKey, Option<MeshService>> = group
                 .iter()
@@ -805,6 +839,9 @@ impl Index {
             let (mut splits, mut problems) = resolve_splits(&self.store, &lookup);
             let (routes, mut route_problems, route_statuses) =
                 gateway::resolve_http_routes(&self.store, &lookup);
+            let (policies, policy_problems) =
+                policy::resolve_traffic_policies(&self.store, &lookup);
+            route_problems.extend(policy_problems);
             // An HTTPRoute and a TrafficSplit on one service port: the HTTPRoute wins.
             for (key, split) in &mut splits {
                 let Some(routed) = routes.get(key) else {
@@ -860,6 +897,8 @@ impl Index {
                 .chain(splits.keys())
                 .chain(self.http_routes.keys())
                 .chain(routes.keys())
+                .chain(self.policies.keys())
+                .chain(policies.keys())
             {
                 candidates.insert(key.clone());
             }
@@ -874,11 +913,13 @@ impl Index {
             }
             self.splits = splits;
             self.http_routes = routes;
+            self.policies = policies;
         }
         for key in candidates {
             let next = accepted_base(self, &key).map(|mut s| {
                 s.split = self.splits.get(&key).cloned();
                 s.http_routes = self.http_routes.get(&key).cloned().unwrap_or_default();
+                s.policies = self.policies.get(&key).cloned().unwrap_or_default();
                 s
             });
             if next.as_ref() != self.model.services.get(&key) {

@@ -189,6 +189,112 @@ pub struct MeshService {
     pub meshed: bool,
     /// Service accounts (namespace, name) of the pods behind it, sorted.
     pub service_accounts: Vec<(String, String)>,
+    /// TrafficPolicy settings in force, by port.
+    pub policies: BTreeMap<u16, PortPolicy>,
+}
+
+/// A setting and the TrafficPolicy that set it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Sourced<T> {
+    /// The TrafficPolicy.
+    pub source: ObjectRef,
+    /// The setting.
+    pub value: T,
+}
+
+/// The TrafficPolicy settings of one service port, each from the oldest policy setting it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct PortPolicy {
+    /// Circuit-breaker thresholds.
+    pub connection_pool: Option<Sourced<ConnectionPoolModel>>,
+    /// Outlier detection.
+    pub outlier_detection: Option<Sourced<OutlierDetectionModel>>,
+    /// Active health check.
+    pub health_check: Option<Sourced<HealthCheckModel>>,
+    /// Load balancing.
+    pub load_balancer: Option<Sourced<LoadBalancerModel>>,
+    /// Fault injection.
+    pub fault: Option<Sourced<FaultModel>>,
+    /// Retry default.
+    pub retry: Option<Sourced<RetryModel>>,
+    /// Request timeout default.
+    pub timeout: Option<Sourced<std::time::Duration>>,
+}
+
+/// Circuit-breaker thresholds (unset: Envoy's defaults, 1024 each; retries 3).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ConnectionPoolModel {
+    /// Connections.
+    pub max_connections: Option<u32>,
+    /// Requests waiting for a connection.
+    pub max_pending_requests: Option<u32>,
+    /// Requests in flight.
+    pub max_requests: Option<u32>,
+    /// Retries in flight.
+    pub max_retries: Option<u32>,
+}
+
+/// Outlier detection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct OutlierDetectionModel {
+    /// 5xx in a row that eject.
+    pub consecutive_5xx: Option<u32>,
+    /// Gateway errors in a row that eject.
+    pub consecutive_gateway_errors: Option<u32>,
+    /// Analysis interval.
+    pub interval: Option<std::time::Duration>,
+    /// First ejection time.
+    pub base_ejection_time: Option<std::time::Duration>,
+    /// Most endpoints ejected, percent.
+    pub max_ejection_percent: Option<u32>,
+}
+
+/// An active health check.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct HealthCheckModel {
+    /// HTTP path and passing statuses; `None`: a TCP connect.
+    pub http: Option<(String, Vec<u16>)>,
+    /// Between probes.
+    pub interval: std::time::Duration,
+    /// Per probe.
+    pub timeout: std::time::Duration,
+    /// Passing probes to become healthy.
+    pub healthy_threshold: u32,
+    /// Failed probes to become unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Panic threshold, percent.
+    pub panic_threshold: Option<u32>,
+}
+
+/// Load balancing.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LoadBalancerModel {
+    /// The algorithm.
+    pub algorithm: weft_crds::policy::LoadBalancerType,
+    /// The hash source of RingHash and Maglev.
+    pub hash: Option<HashModel>,
+    /// Slow start window.
+    pub slow_start: Option<std::time::Duration>,
+}
+
+/// What consistent hashing hashes.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub enum HashModel {
+    /// A header's value.
+    Header(String),
+    /// A cookie's value.
+    Cookie(String),
+    /// The caller's address.
+    SourceIp,
+}
+
+/// Fault injection.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct FaultModel {
+    /// (percent, delay).
+    pub delay: Option<(u32, std::time::Duration)>,
+    /// (percent, status).
+    pub abort: Option<(u32, u16)>,
 }
 
 impl MeshService {
@@ -511,6 +617,8 @@ pub struct RetryModel {
     pub attempts: u32,
     /// Base wait between tries.
     pub backoff: Option<std::time::Duration>,
+    /// Time one try may take (TrafficPolicy; HTTPRoute uses `timeouts.backendRequest`).
+    pub per_try_timeout: Option<std::time::Duration>,
 }
 
 /// What an HTTPRoute rule does with a matching request.

@@ -298,6 +298,7 @@ pub(super) fn resolve_service_base(
         http_routes: BTreeMap::new(),
         meshed,
         service_accounts: service_accounts.into_iter().collect(),
+        policies: BTreeMap::new(),
     })
 }
 

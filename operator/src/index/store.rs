@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use weft_crds::TrafficPolicy;
 use weft_crds::gateway::{GRPCRoute, ReferenceGrant};
 use weft_crds::{HTTPRoute, HTTPRouteGroup, MeshConfig, TCPRoute, TrafficSplit, TrafficTarget};
 
@@ -113,6 +114,7 @@ pub(super) struct Store {
     pub http_routes: BTreeMap<Key, HTTPRoute>,
     pub grpc_routes: BTreeMap<Key, GRPCRoute>,
     pub reference_grants: BTreeMap<Key, ReferenceGrant>,
+    pub traffic_policies: BTreeMap<Key, TrafficPolicy>,
     /// (namespace, label key, label value) → pod names.
     pods_by_label: HashMap<(String, String, String), BTreeSet<String>>,
     /// Namespace → pod names.
@@ -191,6 +193,9 @@ impl Store {
             MeshObject::ReferenceGrant(o) => {
                 self.reference_grants.insert(key_of(&o.metadata), *o);
             }
+            MeshObject::TrafficPolicy(o) => {
+                self.traffic_policies.insert(key_of(&o.metadata), *o);
+            }
         }
         old
     }
@@ -243,6 +248,9 @@ impl Store {
             Kind::MeshConfig => MeshObject::MeshConfig(Box::new(self.mesh_configs.remove(&k.1)?)),
             Kind::HTTPRoute => MeshObject::HTTPRoute(Box::new(self.http_routes.remove(&k)?)),
             Kind::GRPCRoute => MeshObject::GRPCRoute(Box::new(self.grpc_routes.remove(&k)?)),
+            Kind::TrafficPolicy => {
+                MeshObject::TrafficPolicy(Box::new(self.traffic_policies.remove(&k)?))
+            }
             Kind::ReferenceGrant => {
                 MeshObject::ReferenceGrant(Box::new(self.reference_grants.remove(&k)?))
             }
@@ -266,6 +274,7 @@ impl Store {
             MeshObject::HTTPRoute(o) => self.http_routes.get(&k) == Some(o),
             MeshObject::GRPCRoute(o) => self.grpc_routes.get(&k) == Some(o),
             MeshObject::ReferenceGrant(o) => self.reference_grants.get(&k) == Some(o),
+            MeshObject::TrafficPolicy(o) => self.traffic_policies.get(&k) == Some(o),
         }
     }
 
@@ -288,6 +297,10 @@ impl Store {
         out.extend(named(
             Kind::ReferenceGrant,
             &mut self.reference_grants.keys(),
+        ));
+        out.extend(named(
+            Kind::TrafficPolicy,
+            &mut self.traffic_policies.keys(),
         ));
         out.extend(named(
             Kind::ServiceAccount,
@@ -315,6 +328,7 @@ impl Store {
             + self.http_routes.len()
             + self.grpc_routes.len()
             + self.reference_grants.len()
+            + self.traffic_policies.len()
     }
 
     /// Every object, cloned (for a full rebuild elsewhere).
@@ -379,6 +393,11 @@ impl Store {
             self.reference_grants
                 .values()
                 .map(|o| MeshObject::ReferenceGrant(Box::new(o.clone()))),
+        );
+        out.extend(
+            self.traffic_policies
+                .values()
+                .map(|o| MeshObject::TrafficPolicy(Box::new(o.clone()))),
         );
         out
     }

@@ -215,7 +215,7 @@ fn decode_namespace(o: Namespace) -> Decoded {
 pub type LiveNamespaces = BTreeMap<String, bool>;
 
 /// The custom resources Weft reads: kind, group, version, plural.
-const CUSTOM: [(Kind, &str, &str, &str, &str); 8] = [
+const CUSTOM: [(Kind, &str, &str, &str, &str); 9] = [
     (
         Kind::TrafficSplit,
         "split.smi-spec.io",
@@ -272,6 +272,13 @@ const CUSTOM: [(Kind, &str, &str, &str, &str); 8] = [
         "ReferenceGrant",
         "referencegrants",
     ),
+    (
+        Kind::TrafficPolicy,
+        "policy.weft.dev",
+        "v1alpha1",
+        "TrafficPolicy",
+        "trafficpolicies",
+    ),
 ];
 
 /// The API resource of a custom kind Weft reads.
@@ -323,6 +330,7 @@ fn decode_custom(kind: Kind, object: DynamicObject) -> Decoded {
         Kind::HTTPRoute => typed(value).map(MeshObject::HTTPRoute),
         Kind::GRPCRoute => typed(value).map(MeshObject::GRPCRoute),
         Kind::ReferenceGrant => typed(value).map(MeshObject::ReferenceGrant),
+        Kind::TrafficPolicy => typed(value).map(MeshObject::TrafficPolicy),
         other => Err(format!("{other} is not a custom resource")),
     };
     match decoded {

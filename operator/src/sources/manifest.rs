@@ -48,6 +48,7 @@ fn kind_of(api_version: &str, kind: &str) -> Option<Kind> {
             "HTTPRouteGroup" => Kind::HTTPRouteGroup,
             "TCPRoute" => Kind::TCPRoute,
             "MeshConfig" => Kind::MeshConfig,
+            "TrafficPolicy" => Kind::TrafficPolicy,
             _ => return None,
         },
     })
@@ -108,6 +109,7 @@ fn decode(kind: Kind, mut doc: Value) -> Result<MeshObject, String> {
         Kind::HTTPRoute => MeshObject::HTTPRoute(typed(doc)?),
         Kind::GRPCRoute => MeshObject::GRPCRoute(typed(doc)?),
         Kind::ReferenceGrant => MeshObject::ReferenceGrant(typed(doc)?),
+        Kind::TrafficPolicy => MeshObject::TrafficPolicy(typed(doc)?),
     })
 }
 

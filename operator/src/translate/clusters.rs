@@ -15,7 +15,7 @@ use super::http::{UpstreamHttp, upstream_protocol_options};
 use super::settings::MeshConfig;
 use super::tls::{upstream_tls_to, upstream_transport_socket};
 use super::{ProxyResources, outbound_cluster_name, treated_as};
-use crate::index::{AppProtocol, MeshService, ServiceEndpoint, Workload};
+use crate::index::{AppProtocol, MeshService, PortPolicy, ServiceEndpoint, Workload};
 
 /// Cluster for outbound traffic to destinations the mesh does not know.
 pub const PASSTHROUGH_CLUSTER: &str = "PassthroughCluster";
@@ -163,9 +163,129 @@ pub fn service_clusters(
             upstream_connection_options: Some(keepalive()),
             ..base_cluster(name.clone(), cluster::DiscoveryType::Eds)
         });
+        if let (Some(policy), Some(cluster)) =
+            (service.policies.get(&port.port), clusters.last_mut())
+        {
+            apply_cluster_policy(cluster, policy, http == Some(UpstreamHttp::Http2));
+        }
         endpoints.push(load_assignment(&name, &port.endpoints));
     }
     (clusters, endpoints)
+}
+
+/// A TrafficPolicy's cluster settings: circuit breakers, outlier detection, active
+/// health checks, the load-balancing algorithm and slow start. `h2`: the cluster speaks
+/// HTTP/2 (to a sidecar), so HTTP health probes do too.
+fn apply_cluster_policy(cluster: &mut Cluster, policy: &PortPolicy, h2: bool) {
+    use envoy_types::pb::envoy::config::cluster::v3::{
+        CircuitBreakers, OutlierDetection, circuit_breakers,
+    };
+    use envoy_types::pb::envoy::config::core::v3::{HealthCheck, health_check};
+    use envoy_types::pb::envoy::r#type::v3::{CodecClientType, Int64Range, Percent};
+    use weft_crds::policy::LoadBalancerType;
+    let duration =
+        |d: std::time::Duration| millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    if let Some(pool) = &policy.connection_pool {
+        let p = &pool.value;
+        cluster.circuit_breakers = Some(CircuitBreakers {
+            thresholds: vec![circuit_breakers::Thresholds {
+                max_connections: p.max_connections.map(u32_value),
+                max_pending_requests: p.max_pending_requests.map(u32_value),
+                max_requests: p.max_requests.map(u32_value),
+                max_retries: p.max_retries.map(u32_value),
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+    }
+    if let Some(outlier) = &policy.outlier_detection {
+        let o = &outlier.value;
+        cluster.outlier_detection = Some(OutlierDetection {
+            consecutive_5xx: o.consecutive_5xx.map(u32_value),
+            consecutive_gateway_failure: o.consecutive_gateway_errors.map(u32_value),
+            // Envoy counts gateway failures but enforces none by default.
+            enforcing_consecutive_gateway_failure: o
+                .consecutive_gateway_errors
+                .map(|_| u32_value(100)),
+            interval: o.interval.map(duration),
+            base_ejection_time: o.base_ejection_time.map(duration),
+            max_ejection_percent: o.max_ejection_percent.map(u32_value),
+            ..Default::default()
+        });
+    }
+    if let Some(check) = &policy.health_check {
+        let h = &check.value;
+        let checker = match &h.http {
+            Some((path, statuses)) => {
+                health_check::HealthChecker::HttpHealthCheck(health_check::HttpHealthCheck {
+                    path: path.clone(),
+                    expected_statuses: statuses
+                        .iter()
+                        .map(|&s| Int64Range {
+                            start: i64::from(s),
+                            end: i64::from(s) + 1,
+                        })
+                        .collect(),
+                    codec_client_type: if h2 {
+                        CodecClientType::Http2 as i32
+                    } else {
+                        CodecClientType::Http1 as i32
+                    },
+                    ..Default::default()
+                })
+            }
+            None => {
+                health_check::HealthChecker::TcpHealthCheck(health_check::TcpHealthCheck::default())
+            }
+        };
+        cluster.health_checks = vec![HealthCheck {
+            timeout: Some(duration(h.timeout)),
+            interval: Some(duration(h.interval)),
+            healthy_threshold: Some(u32_value(h.healthy_threshold)),
+            unhealthy_threshold: Some(u32_value(h.unhealthy_threshold)),
+            health_checker: Some(checker),
+            ..Default::default()
+        }];
+        if let Some(panic) = h.panic_threshold {
+            cluster.common_lb_config = Some(cluster::CommonLbConfig {
+                healthy_panic_threshold: Some(Percent {
+                    value: f64::from(panic),
+                }),
+                ..Default::default()
+            });
+        }
+    }
+    if let Some(lb) = &policy.load_balancer {
+        let lb = &lb.value;
+        let slow_start = lb.slow_start.map(|w| cluster::SlowStartConfig {
+            slow_start_window: Some(duration(w)),
+            ..Default::default()
+        });
+        let (policy, config) = match lb.algorithm {
+            LoadBalancerType::RoundRobin => (
+                cluster::LbPolicy::RoundRobin,
+                slow_start.map(|s| {
+                    cluster::LbConfig::RoundRobinLbConfig(cluster::RoundRobinLbConfig {
+                        slow_start_config: Some(s),
+                    })
+                }),
+            ),
+            LoadBalancerType::LeastRequest => (
+                cluster::LbPolicy::LeastRequest,
+                slow_start.map(|s| {
+                    cluster::LbConfig::LeastRequestLbConfig(cluster::LeastRequestLbConfig {
+                        slow_start_config: Some(s),
+                        ..Default::default()
+                    })
+                }),
+            ),
+            LoadBalancerType::Random => (cluster::LbPolicy::Random, None),
+            LoadBalancerType::RingHash => (cluster::LbPolicy::RingHash, None),
+            LoadBalancerType::Maglev => (cluster::LbPolicy::Maglev, None),
+        };
+        cluster.lb_policy = policy as i32;
+        cluster.lb_config = config;
+    }
 }
 
 /// Prefix of the names of on-demand clusters for calls straight to a pod IP.

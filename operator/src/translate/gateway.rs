@@ -28,8 +28,8 @@ use super::envoy::u32_value;
 use super::http::no_timeout;
 use super::outbound_cluster_name;
 use crate::index::{
-    HeaderChanges, HttpRouteEntry, PathChange, PathMatch, RouteActionModel, RouteMatchModel,
-    ValueMatch,
+    HeaderChanges, HttpRouteEntry, PathChange, PathMatch, RetryModel, RouteActionModel,
+    RouteMatchModel, ValueMatch,
 };
 
 /// The cluster an unresolved backend's share goes to: it never exists, so Envoy answers
@@ -134,7 +134,7 @@ fn header_options(changes: &HeaderChanges) -> Vec<HeaderValueOption> {
         .collect()
 }
 
-fn duration(d: std::time::Duration) -> envoy_types::pb::google::protobuf::Duration {
+pub(super) fn duration(d: std::time::Duration) -> envoy_types::pb::google::protobuf::Duration {
     envoy_types::pb::google::protobuf::Duration {
         seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
@@ -257,16 +257,23 @@ fn destination(action: &RouteActionModel) -> route_action::ClusterSpecifier {
     })
 }
 
-/// The mesh retries refused and reset connections; a rule's `retry` adds its status
-/// codes, and sets the number of retries and the backoff.
-fn retry_policy(action: &RouteActionModel) -> RetryPolicy {
+/// The mesh retries refused and reset connections; a `retry` (an HTTPRoute rule's or a
+/// TrafficPolicy's default) adds its status codes, and sets the number of retries and
+/// the backoff.
+pub(super) fn retry_policy(
+    retry: Option<&RetryModel>,
+    backend_timeout: Option<std::time::Duration>,
+) -> RetryPolicy {
     let mut policy = RetryPolicy {
         retry_on: RETRY_ON.to_string(),
         num_retries: Some(u32_value(RETRIES)),
-        per_try_timeout: action.backend_timeout.map(duration),
+        per_try_timeout: retry
+            .and_then(|r| r.per_try_timeout)
+            .or(backend_timeout)
+            .map(duration),
         ..Default::default()
     };
-    if let Some(retry) = &action.retry {
+    if let Some(retry) = retry {
         if !retry.codes.is_empty() {
             policy.retry_on.push_str(",retriable-status-codes");
             policy.retriable_status_codes = retry.codes.clone();
@@ -292,7 +299,7 @@ fn forward(entry: &HttpRouteEntry) -> route::Action {
         cluster_specifier: Some(destination(action)),
         cluster_not_found_response_code:
             route_action::ClusterNotFoundResponseCode::InternalServerError as i32,
-        retry_policy: Some(retry_policy(action)),
+        retry_policy: Some(retry_policy(action.retry.as_ref(), action.backend_timeout)),
         timeout: action.timeout.map(duration).or_else(no_timeout),
         request_mirror_policies: action
             .mirrors

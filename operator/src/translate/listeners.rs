@@ -22,7 +22,7 @@ use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::H
 use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    Rds, http_connection_manager,
+    HttpFilter, Rds, http_connection_manager, http_filter,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy;
 
@@ -212,6 +212,16 @@ fn on_demand_tcp_proxy() -> Filter {
     )
 }
 
+fn fault_filter() -> HttpFilter {
+    HttpFilter {
+        name: super::routes::FAULT_FILTER.to_string(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(any(
+            &envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault::default(),
+        ))),
+        ..Default::default()
+    }
+}
+
 /// How long a connection to a pod IP waits for its cluster.
 const ON_DEMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -223,14 +233,18 @@ pub fn service_listeners(service: &MeshService, config: &MeshConfig) -> Vec<List
             let name = format!("{ip}_{}", port.port);
             let stat_prefix = format!("outbound_{name}");
             let http = || {
-                hcm_filter(&http_connection_manager(
+                let mut hcm = http_connection_manager(
                     &stat_prefix,
                     http_connection_manager::RouteSpecifier::Rds(Rds {
                         config_source: Some(ads_config_source()),
                         route_config_name: outbound_route_name(&service.key, port.port),
                     }),
                     config,
-                ))
+                );
+                // Inert until a route's TrafficPolicy configures it: adding it later
+                // would replace the listener and drain its connections.
+                hcm.http_filters.insert(0, fault_filter());
+                hcm_filter(&hcm)
             };
             let tcp = || tcp_proxy_filter(&stat_prefix, tcp_destination(service, port.port));
             let base = Listener {

@@ -1,8 +1,8 @@
 //! Route configurations (RDS): virtual hosts per service port, TrafficSplit weights.
 
 use envoy_types::pb::envoy::config::route::v3::{
-    RetryPolicy, Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster,
-    route, route_action, route_match, weighted_cluster,
+    Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, WeightedCluster, route,
+    route_action, route_match, weighted_cluster,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy;
 
@@ -13,11 +13,16 @@ use super::http::no_timeout;
 use super::rbac::{path_prefix_regex, request_headers};
 use super::settings::MeshConfig;
 use super::{outbound_cluster_name, outbound_route_name, treated_as};
-use crate::index::{AppProtocol, HttpRouteEntry, MeshService, SplitBackend};
+use crate::index::{
+    AppProtocol, FaultModel, HashModel, HttpRouteEntry, MeshService, PortPolicy, SplitBackend,
+};
+use envoy_types::pb::envoy::extensions::filters::common::fault::v3::{FaultDelay, fault_delay};
+use envoy_types::pb::envoy::extensions::filters::http::fault::v3::{
+    FaultAbort, HttpFault, fault_abort,
+};
+use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent};
 
-/// Retried by default: failures where the request certainly did not reach the app.
-const DEFAULT_RETRY_ON: &str = "connect-failure,refused-stream,reset-before-request";
-const DEFAULT_RETRIES: u32 = 2;
+use super::envoy::any;
 
 /// Backends with a positive weight for one port of a split root, if it is split.
 fn weighted_backends(service: &MeshService, port: u16) -> Option<Vec<&SplitBackend>> {
@@ -61,11 +66,7 @@ fn route(name: &str, r#match: RouteMatch, destination: route_action::ClusterSpec
         r#match: Some(r#match),
         action: Some(route::Action::Route(RouteAction {
             cluster_specifier: Some(destination),
-            retry_policy: Some(RetryPolicy {
-                retry_on: DEFAULT_RETRY_ON.to_string(),
-                num_retries: Some(u32_value(DEFAULT_RETRIES)),
-                ..Default::default()
-            }),
+            retry_policy: Some(super::gateway::retry_policy(None, None)),
             timeout: no_timeout(),
             ..Default::default()
         })),
@@ -85,7 +86,8 @@ fn prefix_all() -> RouteMatch {
 fn service_routes(service: &MeshService, port: u16) -> Vec<Route> {
     // Gateway API producer routes on this port decide everything (a split there gave
     // way); consumer routes are the namespaces' variants (`consumer_route_configs`).
-    let producer = route_entries(service, port, &service.key.namespace);
+    let policy = service.policies.get(&port);
+    let producer = route_entries(service, port, &service.key.namespace, policy);
     if !producer.is_empty() {
         return super::gateway::http_route_routes(&producer);
     }
@@ -149,7 +151,13 @@ fn http_destination(service: &MeshService, port: u16) -> route_action::ClusterSp
 
 /// The Gateway API entries of one port whose route lives in `namespace` (the service's
 /// own: producer routes; another: that namespace's consumer routes), in precedence order.
-fn route_entries(service: &MeshService, port: u16, namespace: &str) -> Vec<HttpRouteEntry> {
+/// Rules that set no retry or timeout take the port's TrafficPolicy defaults.
+fn route_entries(
+    service: &MeshService,
+    port: u16,
+    namespace: &str,
+    policy: Option<&PortPolicy>,
+) -> Vec<HttpRouteEntry> {
     service
         .http_routes
         .get(&port)
@@ -157,11 +165,102 @@ fn route_entries(service: &MeshService, port: u16, namespace: &str) -> Vec<HttpR
         .flatten()
         .filter(|e| e.source.namespace == namespace)
         .cloned()
+        .map(|mut e| {
+            if let Some(p) = policy {
+                if e.action.retry.is_none() {
+                    e.action.retry = p.retry.as_ref().map(|r| r.value.clone());
+                }
+                if e.action.timeout.is_none() {
+                    e.action.timeout = p.timeout.as_ref().map(|t| t.value);
+                }
+            }
+            e
+        })
         .collect()
 }
 
-fn route_config(service: &MeshService, port: u16, routes: Vec<Route>) -> RouteConfiguration {
+/// A TrafficPolicy's settings on the routes of a service port's table: fault injection
+/// and the consistent-hash source on every route; retry and timeout defaults on the
+/// routes that are not HTTPRoute rules (those took them in `route_entries`).
+fn apply_route_policy(routes: &mut [Route], policy: &PortPolicy, smi: bool) {
+    for r in routes {
+        if let Some(fault) = &policy.fault {
+            r.typed_per_filter_config
+                .insert(FAULT_FILTER.to_string(), any(&http_fault(&fault.value)));
+        }
+        let Some(route::Action::Route(action)) = r.action.as_mut() else {
+            continue;
+        };
+        if let Some(hash) = policy
+            .load_balancer
+            .as_ref()
+            .and_then(|l| l.value.hash.as_ref())
+        {
+            action.hash_policy = vec![hash_policy(hash)];
+        }
+        if smi {
+            if let Some(retry) = &policy.retry {
+                action.retry_policy = Some(super::gateway::retry_policy(Some(&retry.value), None));
+            }
+            if let Some(timeout) = &policy.timeout {
+                action.timeout = Some(super::gateway::duration(timeout.value));
+            }
+        }
+    }
+}
+
+/// The name of Envoy's fault-injection filter, which every outbound connection manager
+/// carries (doing nothing) so a route's TrafficPolicy can switch it on.
+pub const FAULT_FILTER: &str = "envoy.filters.http.fault";
+
+/// Envoy's fault configuration of a TrafficPolicy's `faultInjection`.
+pub fn http_fault(fault: &FaultModel) -> HttpFault {
+    let share = |percent: u32| FractionalPercent {
+        numerator: percent,
+        denominator: fractional_percent::DenominatorType::Hundred as i32,
+    };
+    HttpFault {
+        delay: fault.delay.map(|(percent, d)| FaultDelay {
+            percentage: Some(share(percent)),
+            fault_delay_secifier: Some(fault_delay::FaultDelaySecifier::FixedDelay(
+                super::gateway::duration(d),
+            )),
+        }),
+        abort: fault.abort.map(|(percent, status)| FaultAbort {
+            percentage: Some(share(percent)),
+            error_type: Some(fault_abort::ErrorType::HttpStatus(u32::from(status))),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+fn hash_policy(hash: &HashModel) -> route_action::HashPolicy {
+    use route_action::hash_policy;
+    route_action::HashPolicy {
+        policy_specifier: Some(match hash {
+            HashModel::Header(name) => hash_policy::PolicySpecifier::Header(hash_policy::Header {
+                header_name: name.clone(),
+                ..Default::default()
+            }),
+            HashModel::Cookie(name) => hash_policy::PolicySpecifier::Cookie(hash_policy::Cookie {
+                name: name.clone(),
+                ..Default::default()
+            }),
+            HashModel::SourceIp => hash_policy::PolicySpecifier::ConnectionProperties(
+                hash_policy::ConnectionProperties { source_ip: true },
+            ),
+        }),
+        ..Default::default()
+    }
+}
+
+fn route_config(service: &MeshService, port: u16, mut routes: Vec<Route>) -> RouteConfiguration {
     let name = outbound_route_name(&service.key, port);
+    if let Some(policy) = service.policies.get(&port) {
+        let smi = service.http_routes.get(&port).is_none_or(Vec::is_empty);
+        apply_route_policy(&mut routes, policy, smi);
+    }
     RouteConfiguration {
         name: name.clone(),
         virtual_hosts: vec![VirtualHost {
@@ -218,7 +317,8 @@ pub fn consumer_route_configs(
             .filter(|ns| *ns != service.key.namespace)
             .collect();
         for ns in namespaces {
-            let routes = super::gateway::http_route_routes(&route_entries(service, port, ns));
+            let entries = route_entries(service, port, ns, service.policies.get(&port));
+            let routes = super::gateway::http_route_routes(&entries);
             out.push((ns.to_string(), route_config(service, port, routes)));
         }
     }

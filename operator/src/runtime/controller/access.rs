@@ -158,6 +158,15 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         why: "mesh-wide settings",
     },
     ApiAccess {
+        group: "policy.weft.dev",
+        resource: "trafficpolicies",
+        verbs: WATCH,
+        scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
+        why: "resilience policy (TrafficPolicy)",
+    },
+    ApiAccess {
         group: "split.smi-spec.io",
         resource: "trafficsplits/status",
         verbs: &["patch"],
@@ -210,6 +219,15 @@ pub const CONTROLLER_ACCESS: &[ApiAccess] = &[
         names: ANY,
         unless: None,
         why: "route status per parent (read-modify-write: status.parents is atomic)",
+    },
+    ApiAccess {
+        group: "policy.weft.dev",
+        resource: "trafficpolicies/status",
+        verbs: &["patch"],
+        scope: Scope::Cluster,
+        names: ANY,
+        unless: None,
+        why: "status conditions (server-side apply)",
     },
     ApiAccess {
         group: "config.weft.dev",

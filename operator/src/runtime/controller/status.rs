@@ -86,6 +86,7 @@ pub fn has_status(kind: Kind) -> bool {
             | Kind::MeshConfig
             | Kind::HTTPRoute
             | Kind::GRPCRoute
+            | Kind::TrafficPolicy
     )
 }
 
@@ -450,6 +451,7 @@ impl StatusWriter {
             Kind::MeshConfig,
             Kind::HTTPRoute,
             Kind::GRPCRoute,
+            Kind::TrafficPolicy,
         ] {
             let Some(resource) = custom_resource(kind) else {
                 continue;
