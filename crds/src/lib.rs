@@ -291,6 +291,10 @@ pub struct MeshConfigSpec {
     /// `UnescapeAndRedirect`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub escaped_slashes: Option<EscapedSlashesPolicy>,
+    /// Mesh-wide TrafficPolicy defaults: every Service port gets each field no
+    /// TrafficPolicy sets for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traffic_defaults: Option<policy::TrafficSettings>,
 }
 
 /// Handling of escaped slashes (`%2F`, `%5C`) in request paths. Paths are always

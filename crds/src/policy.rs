@@ -32,6 +32,15 @@ pub struct TrafficPolicySpec {
     /// The Services (in the policy's namespace) it applies to.
     #[schemars(length(min = 1, max = 16))]
     pub target_refs: Vec<PolicyTargetReference>,
+    /// What it sets.
+    #[serde(flatten)]
+    pub settings: TrafficSettings,
+}
+
+/// The settings of a TrafficPolicy, also the mesh-wide defaults of a MeshConfig.
+#[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficSettings {
     /// Circuit breaking: limits on connections and requests to the service.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_pool: Option<ConnectionPool>,

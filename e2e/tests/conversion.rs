@@ -300,9 +300,11 @@ fn route_weights(h: &Harness, service: &str) -> BTreeMap<String, u64> {
             .as_array()
             .cloned()
             .unwrap_or_default();
+        // Each service port has its own table (named `<fqdn>:<port>`), reached only
+        // through that service's addresses.
         for host in hosts {
-            let domains = host["domains"].as_array().cloned().unwrap_or_default();
-            if !domains.iter().any(|d| d == service) {
+            let name = host["name"].as_str().unwrap_or_default();
+            if !name.starts_with(&format!("{service}.")) {
                 continue;
             }
             for route in host["routes"].as_array().cloned().unwrap_or_default() {

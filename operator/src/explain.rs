@@ -303,6 +303,107 @@ fn route_outcome<'m>(
     RouteOutcome::Backends(out)
 }
 
+/// One line per TrafficPolicy field in force on a service port, naming the policy.
+fn describe_policy(service: &MeshService, port: u16) -> Vec<String> {
+    let Some(p) = service.policies.get(&port) else {
+        return Vec::new();
+    };
+    let ms = |d: std::time::Duration| humantime::format_duration(d).to_string();
+    let mut out = Vec::new();
+    let mut line = |field: &str, source: &crate::index::ObjectRef, what: String| {
+        out.push(format!(
+            "{} port {port}: {field} {what} (from {source})",
+            service.key
+        ));
+    };
+    if let Some(c) = &p.connection_pool {
+        let v = &c.value;
+        line(
+            "connectionPool",
+            &c.source,
+            format!(
+                "maxConnections {:?}, maxPendingRequests {:?}, maxRequests {:?}, maxRetries {:?}; beyond them callers get 503 (overflow)",
+                v.max_connections, v.max_pending_requests, v.max_requests, v.max_retries
+            ),
+        );
+    }
+    if let Some(o) = &p.outlier_detection {
+        let v = &o.value;
+        line(
+            "outlierDetection",
+            &o.source,
+            format!(
+                "consecutive5xx {:?}, consecutiveGatewayErrors {:?}, baseEjectionTime {}; an ejected endpoint gets no requests",
+                v.consecutive_5xx,
+                v.consecutive_gateway_errors,
+                v.base_ejection_time.map_or("30s".into(), ms)
+            ),
+        );
+    }
+    if let Some(h) = &p.health_check {
+        let v = &h.value;
+        line(
+            "healthCheck",
+            &h.source,
+            format!(
+                "{} every {}; endpoints failing it get no requests (503 when none is healthy)",
+                v.http
+                    .as_ref()
+                    .map_or("TCP connect".to_string(), |(path, _)| format!("GET {path}")),
+                ms(v.interval)
+            ),
+        );
+    }
+    if let Some(l) = &p.load_balancer {
+        line(
+            "loadBalancer",
+            &l.source,
+            format!("{:?}", l.value.algorithm),
+        );
+    }
+    if let Some(f) = &p.fault {
+        line(
+            "faultInjection",
+            &f.source,
+            format!(
+                "delay {:?}, abort {:?} (percent, value)",
+                f.value.delay.map(|(p, d)| (p, ms(d))),
+                f.value.abort
+            ),
+        );
+    }
+    if let Some(r) = &p.retry {
+        line(
+            "retries",
+            &r.source,
+            format!(
+                "{} on connection failures and {:?} (unless a route sets its own)",
+                r.value.attempts, r.value.codes
+            ),
+        );
+    }
+    if let Some(t) = &p.timeout {
+        line(
+            "timeouts",
+            &t.source,
+            format!("request {} (unless a route sets its own)", ms(t.value)),
+        );
+    }
+    if let Some(r) = &p.rate_limit {
+        line(
+            "rateLimit",
+            &r.source,
+            format!(
+                "{} per {} (burst {}) at each destination pod; beyond it 429",
+                r.value.tokens,
+                ms(r.value.interval),
+                r.value.burst
+            ),
+        );
+    }
+    out
+}
+
 fn describe_match(m: &HttpRequestMatch) -> String {
     let mut parts = Vec::new();
     if let Some(p) = &m.path_regex {
@@ -628,6 +729,12 @@ pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Exp
                     service,
                     format!("{} does not match this request: root service", split.source),
                 )];
+            }
+        }
+        lines.extend(describe_policy(service, port.port));
+        for (svc, _) in &routed {
+            if svc.key != service.key {
+                lines.extend(describe_policy(svc, port.port));
             }
         }
         for (svc, via) in routed {

@@ -468,3 +468,63 @@ fn an_httproute_rule_is_named_with_why_it_matched_and_where_it_sends() {
         "{moved:?}"
     );
 }
+
+#[test]
+fn the_traffic_policy_in_force_is_listed_with_the_object_that_set_each_field() {
+    let older = r#"
+apiVersion: policy.weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: b-breaker, creationTimestamp: "2026-01-01T00:00:00Z"}
+spec:
+  targetRefs: [{group: "", kind: Service, name: b}]
+  connectionPool: {maxRequests: 5}
+  rateLimit: {local: {tokens: 10, interval: 1s}}
+"#;
+    let newer = r#"
+apiVersion: policy.weft.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: b-more, creationTimestamp: "2026-02-01T00:00:00Z"}
+spec:
+  targetRefs: [{group: "", kind: Service, name: b, sectionName: http}]
+  connectionPool: {maxRequests: 50}
+  timeouts: {request: 2s}
+"#;
+    let text = [MESH, older, newer].join("---\n");
+    let mut index = Index::new();
+    index.reset(parse_manifests(&text).unwrap());
+    let m = index.model().clone();
+    // The newer policy loses connectionPool to the older one, and says so.
+    assert!(
+        m.problems.iter().any(|p| p.object.to_string() == "TrafficPolicy default/b-more"
+            && !p.rejected
+            && p.reason.contains("connectionPool of Service default/b port 8080 is set by the older TrafficPolicy default/b-breaker")),
+        "{:?}",
+        m.problems
+    );
+    let permissive = MeshConfig {
+        access: AccessMode::Permissive,
+        ..MeshConfig::default()
+    };
+    let answer = ask(&m, &permissive, "default/a-0", "http://b:8080/", "GET");
+    assert!(
+        says(
+            &answer,
+            "connectionPool maxConnections None, maxPendingRequests None, maxRequests Some(5)"
+        ) && says(&answer, "(from TrafficPolicy default/b-breaker)"),
+        "{answer:?}"
+    );
+    assert!(
+        says(
+            &answer,
+            "timeouts request 2s (unless a route sets its own) (from TrafficPolicy default/b-more)"
+        ),
+        "{answer:?}"
+    );
+    assert!(
+        says(&answer, "rateLimit 10 per 1s (burst 10)"),
+        "{answer:?}"
+    );
+    // The TCP port has only what targets every port.
+    let tcp = ask(&m, &permissive, "default/a-0", "b:5432", "GET");
+    assert!(!says(&tcp, "timeouts"), "{tcp:?}");
+}

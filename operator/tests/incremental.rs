@@ -224,12 +224,36 @@ fn other(rng: &mut Rng) -> String {
             rng.pick(&["ghost", "nobody"])
         ),
         _ => format!(
-            "apiVersion: config.weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: weft-{}}}\nspec: {{access: {}, opaquePorts: [{}]}}\n",
+            "apiVersion: config.weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: weft-{}}}\nspec: {{access: {}, opaquePorts: [{}]{}}}\n",
             rng.below(2),
             rng.pick(&["Permissive", "DenyByDefault"]),
-            rng.pick(&["8081", "80", "7000"])
+            rng.pick(&["8081", "80", "7000"]),
+            rng.pick(&[
+                "",
+                ", trafficDefaults: {retries: {attempts: 1}}",
+                ", trafficDefaults: {rateLimit: {local: {tokens: 5, interval: 1s}}}"
+            ])
         ),
     }
+}
+
+/// A TrafficPolicy on one service (some ports, or all), setting a few fields that land
+/// in clusters, routes and the destination pods' inbound rate limits.
+fn traffic_policy(rng: &mut Rng) -> String {
+    let ns = rng.pick(&NAMESPACES);
+    format!(
+        "apiVersion: policy.weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: policy-{}, namespace: {ns}}}\nspec:\n  targetRefs: [{{group: '', kind: Service, name: {}{}}}]\n  {}\n",
+        rng.below(3),
+        rng.pick(&SERVICES),
+        rng.pick(&["", ", sectionName: http", ", sectionName: nope"]),
+        rng.pick(&[
+            "rateLimit: {local: {tokens: 10, interval: 1s}}",
+            "connectionPool: {maxRequests: 3}",
+            "loadBalancer: {type: RingHash, hash: {header: x-user}}",
+            "faultInjection: {abort: {percent: 10, httpStatus: 503}}",
+            "timeouts: {request: soon}",
+        ])
+    )
 }
 
 fn random_object(rng: &mut Rng) -> MeshObject {
@@ -240,6 +264,7 @@ fn random_object(rng: &mut Rng) -> MeshObject {
         6 if rng.chance(50) => split(rng),
         6 => http_route(rng),
         7 => target(rng),
+        8 if rng.chance(50) => traffic_policy(rng),
         _ => other(rng),
     };
     parse_manifests(&text)
@@ -277,6 +302,7 @@ fn incremental_model_equals_a_full_rebuild_after_every_change() {
         let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15));
         let mut index = Index::new();
         let mut before = MeshModel::default();
+        let mut statuses_before = index.route_statuses().clone();
         for step in 0..120 {
             let delta = if !index.is_empty() && rng.chance(25) {
                 let objects = index.objects();
@@ -291,10 +317,18 @@ fn incremental_model_equals_a_full_rebuild_after_every_change() {
                 now, &expected,
                 "seed {seed} step {step}: the incremental model differs from a full rebuild"
             );
+            let statuses = index.route_statuses().clone();
             if let Some(delta) = delta {
                 check_delta(&before, now, &delta, seed, step);
+                // Route statuses (written by the status writer) raise the flag too.
+                assert_eq!(
+                    delta.problems,
+                    before.problems != now.problems || statuses_before != statuses,
+                    "seed {seed} step {step}: problems flag"
+                );
             }
             before = now.clone();
+            statuses_before = statuses;
         }
     }
 }
@@ -315,11 +349,6 @@ fn check_delta(before: &MeshModel, after: &MeshModel, delta: &ModelDelta, seed: 
         delta.grants,
         changed(&before.grants, &after.grants),
         "seed {seed} step {step}: grants in the delta"
-    );
-    assert_eq!(
-        delta.problems,
-        before.problems != after.problems,
-        "seed {seed} step {step}: problems flag"
     );
 }
 

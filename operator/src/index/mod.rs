@@ -25,9 +25,9 @@ pub use model::{
     AccessGrant, AppProtocol, EgressEntry, EgressScope, FaultModel, GrantsByDestination, HashModel,
     HeaderChanges, HttpRequestMatch, HttpRouteEntry, Identity, MeshModel, MeshService,
     MeshSettings, MirrorModel, PathChange, PathMatch, PortPolicy, ProbeForward, Problem,
-    ProtocolSource, RedirectModel, RetryModel, RewriteModel, RouteActionModel, RouteBackend,
-    RouteMatchModel, ServiceEndpoint, ServiceKey, ServicePortModel, Sourced, SplitBackend,
-    SplitModel, TcpGrant, ValueMatch, Workload, WorkloadPort,
+    ProtocolSource, RateLimitModel, RedirectModel, RetryModel, RewriteModel, RouteActionModel,
+    RouteBackend, RouteMatchModel, ServiceEndpoint, ServiceKey, ServicePortModel, Sourced,
+    SplitBackend, SplitModel, TcpGrant, ValueMatch, Workload, WorkloadPort,
 };
 pub use protocol::{DEFAULT_OPAQUE_PORTS, select_protocol};
 pub use resolve::parse_gateway_duration;
@@ -230,7 +230,7 @@ pub struct ModelDelta {
     pub grants: BTreeSet<(String, String)>,
     /// The mesh-wide settings changed.
     pub settings: bool,
-    /// The list of problems changed.
+    /// The list of problems, or the route statuses, changed.
     pub problems: bool,
 }
 
@@ -291,6 +291,8 @@ pub struct Index {
     policy_refs: BTreeSet<ServiceKey>,
     /// TrafficPolicy settings per service port.
     policies: policy::PoliciesByService,
+    /// The MeshConfig's mesh-wide TrafficPolicy defaults.
+    traffic_defaults: Option<PortPolicy>,
     route_problems: Vec<Problem>,
     route_statuses: gateway::RouteStatuses,
     splits: BTreeMap<ServiceKey, SplitModel>,
@@ -587,7 +589,14 @@ impl Index {
     fn recompute(&mut self, mut dirty: Dirty) -> ModelDelta {
         let mut delta = ModelDelta::default();
         if dirty.config {
-            let (settings, problems) = resolve_mesh_config(&self.store);
+            let (settings, mut problems) = resolve_mesh_config(&self.store);
+            let (defaults, default_problems) = policy::mesh_defaults(settings.as_ref());
+            problems.extend(default_problems);
+            if defaults != self.traffic_defaults {
+                // Every service port may take them.
+                self.traffic_defaults = defaults;
+                dirty.everything = true;
+            }
             let opaque = settings
                 .as_ref()
                 .map(|s| s.spec.opaque_ports.clone())
@@ -627,7 +636,10 @@ impl Index {
     /// Resolves everything again from the store.
     fn rebuild(&mut self) -> ModelDelta {
         let before = std::mem::take(&mut self.model);
-        let (settings, config_problems) = resolve_mesh_config(&self.store);
+        let (settings, mut config_problems) = resolve_mesh_config(&self.store);
+        let (defaults, default_problems) = policy::mesh_defaults(settings.as_ref());
+        config_problems.extend(default_problems);
+        self.traffic_defaults = defaults;
         self.opaque_ports = settings
             .as_ref()
             .map(|s| s.spec.opaque_ports.clone())
@@ -919,9 +931,35 @@ impl Index {
             let next = accepted_base(self, &key).map(|mut s| {
                 s.split = self.splits.get(&key).cloned();
                 s.http_routes = self.http_routes.get(&key).cloned().unwrap_or_default();
-                s.policies = self.policies.get(&key).cloned().unwrap_or_default();
+                s.policies = policy::with_defaults(
+                    self.policies.get(&key),
+                    s.ports.iter().map(|p| p.port),
+                    self.traffic_defaults.as_ref(),
+                );
                 s
             });
+            // Pods serve a service's rate limit: they follow its changes.
+            let limits = |s: Option<&MeshService>| {
+                s.map(|s| {
+                    s.policies
+                        .iter()
+                        .map(|(p, pol)| (*p, pol.rate_limit.clone()))
+                        .collect::<Vec<_>>()
+                })
+            };
+            if limits(next.as_ref()) != limits(self.model.services.get(&key))
+                && let Some(svc) = self
+                    .store
+                    .services
+                    .get(&(key.namespace.clone(), key.name.clone()))
+            {
+                pods.extend(
+                    self.store
+                        .selected_pods(svc)
+                        .into_iter()
+                        .map(|p| key_of(&p.metadata)),
+                );
+            }
             if next.as_ref() != self.model.services.get(&key) {
                 delta.services.insert(key.clone());
                 match next {
@@ -959,8 +997,18 @@ impl Index {
                 })
                 .collect();
             services.sort_by_key(|s| creation_order(&s.metadata));
+            let model_services = &self.model.services;
+            let rate_limit_of = |svc: &Service, port: u16| {
+                let (n, m) = key_of(&svc.metadata);
+                model_services
+                    .get(&ServiceKey::new(&n, &m))?
+                    .policies
+                    .get(&port)?
+                    .rate_limit
+                    .clone()
+            };
             let (workload, problems, conflicts) =
-                resolve_workload(pod, &services, &self.opaque_ports);
+                resolve_workload(pod, &services, &self.opaque_ports, &rate_limit_of);
             if self.model.workloads.get(&node) != Some(&workload) {
                 self.model.workloads.insert(node.clone(), workload);
                 delta.workloads.insert(node);

@@ -194,7 +194,7 @@ pub struct MeshService {
 }
 
 /// A setting and the TrafficPolicy that set it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 pub struct Sourced<T> {
     /// The TrafficPolicy.
     pub source: ObjectRef,
@@ -219,6 +219,19 @@ pub struct PortPolicy {
     pub retry: Option<Sourced<RetryModel>>,
     /// Request timeout default.
     pub timeout: Option<Sourced<std::time::Duration>>,
+    /// Local rate limit, enforced by the destination's sidecars.
+    pub rate_limit: Option<Sourced<RateLimitModel>>,
+}
+
+/// A token bucket in each destination sidecar.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+pub struct RateLimitModel {
+    /// Tokens added per interval.
+    pub tokens: u32,
+    /// Refill interval.
+    pub interval: std::time::Duration,
+    /// Bucket size.
+    pub burst: u32,
 }
 
 /// Circuit-breaker thresholds (unset: Envoy's defaults, 1024 each; retries 3).
@@ -313,6 +326,8 @@ pub struct WorkloadPort {
     pub protocol: AppProtocol,
     /// Why the port has that protocol.
     pub protocol_source: ProtocolSource,
+    /// The local rate limit of the service port that targets it, if any.
+    pub rate_limit: Option<Sourced<RateLimitModel>>,
 }
 
 /// A pod that may run a sidecar.

@@ -7,11 +7,11 @@
 use std::collections::BTreeMap;
 
 use weft_crds::TrafficPolicy;
-use weft_crds::policy::{HashSource, LoadBalancerType};
+use weft_crds::policy::{HashSource, LoadBalancerType, TrafficSettings};
 
 use super::model::{
     ConnectionPoolModel, FaultModel, HashModel, HealthCheckModel, LoadBalancerModel, MeshService,
-    OutlierDetectionModel, PortPolicy, Problem, RetryModel, ServiceKey, Sourced,
+    OutlierDetectionModel, PortPolicy, Problem, RateLimitModel, RetryModel, ServiceKey, Sourced,
 };
 use super::resolve::{creation_order, parse_gateway_duration};
 use super::store::{Store, key_of};
@@ -30,6 +30,7 @@ struct Parsed {
     fault: Option<FaultModel>,
     retry: Option<RetryModel>,
     timeout: Option<std::time::Duration>,
+    rate_limit: Option<RateLimitModel>,
 }
 
 fn duration(field: &str, value: Option<&str>) -> Result<Option<std::time::Duration>, String> {
@@ -46,8 +47,7 @@ fn percent(field: &str, value: u32) -> Result<u32, String> {
 }
 
 /// Checks what the CRD's schema checks too (a manifest in local mode meets no API server).
-fn parse(policy: &TrafficPolicy) -> Result<Parsed, String> {
-    let spec = &policy.spec;
+fn parse(spec: &TrafficSettings) -> Result<Parsed, String> {
     let mut out = Parsed::default();
     if let Some(c) = &spec.connection_pool {
         if c.max_connection_duration.is_some() {
@@ -133,8 +133,18 @@ fn parse(policy: &TrafficPolicy) -> Result<Parsed, String> {
             )?,
         });
     }
-    if spec.rate_limit.is_some() {
-        return Err("spec.rateLimit is not supported yet".into());
+    if let Some(local) = spec.rate_limit.as_ref().and_then(|r| r.local.as_ref()) {
+        if local.tokens == 0 {
+            return Err("spec.rateLimit.local.tokens must be at least 1".into());
+        }
+        let interval = duration("spec.rateLimit.local.interval", Some(&local.interval))?
+            .filter(|d| !d.is_zero())
+            .ok_or("spec.rateLimit.local.interval must be positive")?;
+        out.rate_limit = Some(RateLimitModel {
+            tokens: local.tokens,
+            interval,
+            burst: local.burst.unwrap_or(local.tokens).max(1),
+        });
     }
     if let Some(f) = &spec.fault_injection {
         out.fault = Some(FaultModel {
@@ -184,6 +194,78 @@ fn parse(policy: &TrafficPolicy) -> Result<Parsed, String> {
         out.timeout = duration("spec.timeouts.request", t.request.as_deref())?;
     }
     Ok(out)
+}
+
+/// The MeshConfig's `trafficDefaults` as port settings (each field sourced from the
+/// MeshConfig), or why they cannot be used.
+pub(super) fn mesh_defaults(
+    settings: Option<&super::MeshSettings>,
+) -> (Option<PortPolicy>, Vec<Problem>) {
+    let Some((source, defaults)) =
+        settings.and_then(|s| Some((&s.source, s.spec.traffic_defaults.as_ref()?)))
+    else {
+        return (None, Vec::new());
+    };
+    match parse(defaults) {
+        Ok(parsed) => (
+            Some(PortPolicy {
+                connection_pool: parsed.connection_pool.map(|v| sourced_of(source, v)),
+                outlier_detection: parsed.outlier_detection.map(|v| sourced_of(source, v)),
+                health_check: parsed.health_check.map(|v| sourced_of(source, v)),
+                load_balancer: parsed.load_balancer.map(|v| sourced_of(source, v)),
+                fault: parsed.fault.map(|v| sourced_of(source, v)),
+                retry: parsed.retry.map(|v| sourced_of(source, v)),
+                timeout: parsed.timeout.map(|v| sourced_of(source, v)),
+                rate_limit: parsed.rate_limit.map(|v| sourced_of(source, v)),
+            }),
+            Vec::new(),
+        ),
+        Err(e) => (
+            None,
+            vec![Problem {
+                object: source.clone(),
+                rejected: false,
+                reason: format!("spec.trafficDefaults: {e}; no mesh-wide defaults apply"),
+            }],
+        ),
+    }
+}
+
+fn sourced_of<T>(source: &ObjectRef, value: T) -> Sourced<T> {
+    Sourced {
+        source: source.clone(),
+        value,
+    }
+}
+
+/// A service's policies with the mesh-wide defaults filling every field no policy sets,
+/// on each of `ports`.
+pub(super) fn with_defaults(
+    policies: Option<&BTreeMap<u16, PortPolicy>>,
+    ports: impl Iterator<Item = u16>,
+    defaults: Option<&PortPolicy>,
+) -> BTreeMap<u16, PortPolicy> {
+    let mut out = policies.cloned().unwrap_or_default();
+    let Some(d) = defaults else {
+        return out;
+    };
+    for port in ports {
+        let p = out.entry(port).or_default();
+        fn fill<T: Clone>(slot: &mut Option<T>, default: &Option<T>) {
+            if slot.is_none() {
+                slot.clone_from(default);
+            }
+        }
+        fill(&mut p.connection_pool, &d.connection_pool);
+        fill(&mut p.outlier_detection, &d.outlier_detection);
+        fill(&mut p.health_check, &d.health_check);
+        fill(&mut p.load_balancer, &d.load_balancer);
+        fill(&mut p.fault, &d.fault);
+        fill(&mut p.retry, &d.retry);
+        fill(&mut p.timeout, &d.timeout);
+        fill(&mut p.rate_limit, &d.rate_limit);
+    }
+    out
 }
 
 fn hash_source(h: &HashSource) -> Result<HashModel, String> {
@@ -237,7 +319,7 @@ pub(super) fn resolve_traffic_policies<'s>(
             rejected,
             reason,
         };
-        let parsed = match parse(policy) {
+        let parsed = match parse(&policy.spec.settings) {
             Ok(p) => p,
             Err(e) => {
                 problems.push(problem(true, format!("Invalid: {e}")));
@@ -326,6 +408,13 @@ pub(super) fn resolve_traffic_policies<'s>(
                     &parsed.timeout,
                     &source,
                     "timeouts",
+                    &mut conflicts,
+                );
+                claim(
+                    &mut slot.rate_limit,
+                    &parsed.rate_limit,
+                    &source,
+                    "rateLimit",
                     &mut conflicts,
                 );
 

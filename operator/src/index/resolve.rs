@@ -3,6 +3,7 @@
 //! index recomputes only what a change touches. Invalid objects become [`Problem`]s
 //! and never affect valid ones.
 
+use super::model::{RateLimitModel, Sourced};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
@@ -497,14 +498,20 @@ fn probe_forwards(pod: &Pod, problems: &mut Vec<Problem>) -> Vec<ProbeForward> {
 /// between the Services that target it. `services` are the accepted Services
 /// selecting it, oldest first: a declared protocol wins over an undeclared one, and
 /// when two Services declare different ones the oldest wins (the other is reported).
+/// The local rate limit of a service port (service, port number), if a policy sets one.
+pub(super) type RateLimitOf<'a> = dyn Fn(&Service, u16) -> Option<Sourced<RateLimitModel>> + 'a;
+
 pub(super) fn resolve_workload(
     pod: &Pod,
     services: &[&Service],
     opaque_ports: &[u16],
+    rate_limit_of: &RateLimitOf<'_>,
 ) -> (Workload, Vec<Problem>, Vec<Problem>) {
     let mut problems = Vec::new();
     let mut conflicts = Vec::new();
     let mut inbound: BTreeMap<u16, (AppProtocol, ProtocolSource, &Service)> = BTreeMap::new();
+    // The first (oldest) service port targeting a container port with a limit sets it.
+    let mut rate_limits: BTreeMap<u16, Sourced<RateLimitModel>> = BTreeMap::new();
     for svc in services.iter().copied().filter(|s| selects(s, pod)) {
         for port in svc.spec.iter().flat_map(|s| s.ports.iter().flatten()) {
             if !is_tcp_family(port) {
@@ -514,6 +521,12 @@ pub(super) fn resolve_workload(
                 continue;
             };
             let (protocol, source) = protocol_of(port, opaque_ports);
+            if let Some(limit) = u16::try_from(port.port)
+                .ok()
+                .and_then(|p| rate_limit_of(svc, p))
+            {
+                rate_limits.entry(target).or_insert(limit);
+            }
             match inbound.get(&target) {
                 None => {
                     inbound.insert(target, (protocol, source, svc));
@@ -552,6 +565,7 @@ pub(super) fn resolve_workload(
                 port,
                 protocol,
                 protocol_source,
+                rate_limit: rate_limits.remove(&port),
             })
             .collect(),
         probes: probe_forwards(pod, &mut problems),

@@ -166,7 +166,12 @@ pub fn service_clusters(
         if let (Some(policy), Some(cluster)) =
             (service.policies.get(&port.port), clusters.last_mut())
         {
-            apply_cluster_policy(cluster, policy, http == Some(UpstreamHttp::Http2));
+            apply_cluster_policy(
+                cluster,
+                policy,
+                http == Some(UpstreamHttp::Http2),
+                &service.key.fqdn(),
+            );
         }
         endpoints.push(load_assignment(&name, &port.endpoints));
     }
@@ -175,8 +180,9 @@ pub fn service_clusters(
 
 /// A TrafficPolicy's cluster settings: circuit breakers, outlier detection, active
 /// health checks, the load-balancing algorithm and slow start. `h2`: the cluster speaks
-/// HTTP/2 (to a sidecar), so HTTP health probes do too.
-fn apply_cluster_policy(cluster: &mut Cluster, policy: &PortPolicy, h2: bool) {
+/// HTTP/2 (to a sidecar), so HTTP health probes do too; they carry `host` (the
+/// default, the cluster's name, is not a valid authority).
+fn apply_cluster_policy(cluster: &mut Cluster, policy: &PortPolicy, h2: bool, host: &str) {
     use envoy_types::pb::envoy::config::cluster::v3::{
         CircuitBreakers, OutlierDetection, circuit_breakers,
     };
@@ -219,6 +225,7 @@ fn apply_cluster_policy(cluster: &mut Cluster, policy: &PortPolicy, h2: bool) {
             Some((path, statuses)) => {
                 health_check::HealthChecker::HttpHealthCheck(health_check::HttpHealthCheck {
                     path: path.clone(),
+                    host: host.to_string(),
                     expected_statuses: statuses
                         .iter()
                         .map(|&s| Int64Range {
@@ -241,6 +248,9 @@ fn apply_cluster_policy(cluster: &mut Cluster, policy: &PortPolicy, h2: bool) {
         cluster.health_checks = vec![HealthCheck {
             timeout: Some(duration(h.timeout)),
             interval: Some(duration(h.interval)),
+            // Envoy probes a cluster that has had no traffic yet only once a minute: a
+            // sidecar that just started would keep a failed first probe that long.
+            no_traffic_interval: Some(duration(h.interval)),
             healthy_threshold: Some(u32_value(h.healthy_threshold)),
             unhealthy_threshold: Some(u32_value(h.unhealthy_threshold)),
             health_checker: Some(checker),

@@ -53,7 +53,9 @@ use super::{
     INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, PodBlock, ProxyResources, outbound_route_name,
     treated_as,
 };
-use crate::index::{AccessGrant, AppProtocol, MeshService, Workload, WorkloadPort};
+use crate::index::{AccessGrant, AppProtocol, MeshService, RateLimitModel, Workload, WorkloadPort};
+use envoy_types::pb::envoy::extensions::common::ratelimit::v3::XRateLimitHeadersRfcVersion;
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use weft_crds::annotations::APP_PROBE_PORT;
 
 /// Name of the listener that captures outbound connections.
@@ -212,6 +214,45 @@ fn on_demand_tcp_proxy() -> Filter {
     )
 }
 
+/// The name of Envoy's local rate limit filter.
+const LOCAL_RATE_LIMIT_FILTER: &str = "envoy.filters.http.local_ratelimit";
+
+/// A token bucket answering 429 with `x-ratelimit-*` headers when empty; `None`: the
+/// inert filter-level configuration (no bucket, nothing limited).
+fn local_rate_limit(limit: Option<&RateLimitModel>) -> LocalRateLimit {
+    use envoy_types::pb::envoy::config::core::v3::RuntimeFractionalPercent;
+    use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, TokenBucket};
+    let all = || RuntimeFractionalPercent {
+        default_value: Some(FractionalPercent {
+            numerator: 100,
+            ..Default::default()
+        }),
+        runtime_key: String::new(),
+    };
+    LocalRateLimit {
+        stat_prefix: "inbound_rate_limit".to_string(),
+        token_bucket: limit.map(|l| TokenBucket {
+            max_tokens: l.burst,
+            tokens_per_fill: Some(u32_value(l.tokens)),
+            fill_interval: Some(protobuf_duration(l.interval)),
+        }),
+        filter_enabled: limit.map(|_| all()),
+        filter_enforced: limit.map(|_| all()),
+        enable_x_ratelimit_headers: XRateLimitHeadersRfcVersion::DraftVersion03 as i32,
+        ..Default::default()
+    }
+}
+
+fn local_rate_limit_filter() -> HttpFilter {
+    HttpFilter {
+        name: LOCAL_RATE_LIMIT_FILTER.to_string(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(any(
+            &local_rate_limit(None),
+        ))),
+        ..Default::default()
+    }
+}
+
 fn fault_filter() -> HttpFilter {
     HttpFilter {
         name: super::routes::FAULT_FILTER.to_string(),
@@ -309,8 +350,11 @@ fn inbound_http_filter(port: u16, mtls: bool, config: &MeshConfig) -> Filter {
         config,
     );
     // Deny unless the route grants: the per-route rules replace this, in both access
-    // modes, so the listener never changes with them.
+    // modes, so the listener never changes with them. The rate limiter comes after it
+    // (refused requests take no token) and is inert until a TrafficPolicy configures
+    // it on the port's virtual host.
     hcm.http_filters.insert(0, http_rbac_deny_all());
+    hcm.http_filters.insert(1, local_rate_limit_filter());
     if mtls {
         hcm.forward_client_cert_details =
             http_connection_manager::ForwardClientCertDetails::SanitizeSet as i32;
@@ -371,6 +415,17 @@ pub fn translate_inbound_routes(
         };
         let typed_per_filter_config =
             std::collections::HashMap::from([(HTTP_RBAC_FILTER.to_string(), rbac)]);
+        // On the virtual host, not the route: one entry per map keeps encoding stable.
+        let vhost_filters: std::collections::HashMap<String, _> = port
+            .rate_limit
+            .iter()
+            .map(|l| {
+                (
+                    LOCAL_RATE_LIMIT_FILTER.to_string(),
+                    any(&local_rate_limit(Some(&l.value))),
+                )
+            })
+            .collect();
         out.routes.push(RouteConfiguration {
             name: name.clone(),
             virtual_hosts: vec![VirtualHost {
@@ -392,6 +447,7 @@ pub fn translate_inbound_routes(
                     typed_per_filter_config,
                     ..Default::default()
                 }],
+                typed_per_filter_config: vhost_filters,
                 ..Default::default()
             }],
             ..Default::default()
