@@ -245,6 +245,8 @@ pub struct ConnectionPoolModel {
     pub max_requests: Option<u32>,
     /// Retries in flight.
     pub max_retries: Option<u32>,
+    /// Connections close (after their requests) this long after they opened (HTTP).
+    pub max_connection_duration: Option<std::time::Duration>,
 }
 
 /// Outlier detection.

@@ -50,14 +50,15 @@ fn percent(field: &str, value: u32) -> Result<u32, String> {
 fn parse(spec: &TrafficSettings) -> Result<Parsed, String> {
     let mut out = Parsed::default();
     if let Some(c) = &spec.connection_pool {
-        if c.max_connection_duration.is_some() {
-            return Err("spec.connectionPool.maxConnectionDuration is not supported yet".into());
-        }
         out.connection_pool = Some(ConnectionPoolModel {
             max_connections: c.max_connections,
             max_pending_requests: c.max_pending_requests,
             max_requests: c.max_requests,
             max_retries: c.max_retries,
+            max_connection_duration: duration(
+                "spec.connectionPool.maxConnectionDuration",
+                c.max_connection_duration.as_deref(),
+            )?,
         });
     }
     if let Some(o) = &spec.outlier_detection {

@@ -11,7 +11,7 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
 };
 
 use super::envoy::{address_of, ads_config_source, millis, socket_address, u32_value};
-use super::http::{UpstreamHttp, upstream_protocol_options};
+use super::http::{UpstreamHttp, upstream_protocol_options, upstream_protocol_options_with};
 use super::settings::MeshConfig;
 use super::tls::{upstream_tls_to, upstream_transport_socket};
 use super::{ProxyResources, outbound_cluster_name, treated_as};
@@ -150,6 +150,11 @@ pub fn service_clusters(
         // No ALPN is configured: Envoy's HTTP pools offer `h2` or `http/1.1`, its
         // TCP proxy nothing, which tells the server sidecar how to handle the stream.
         let http = outbound_http(treated_as(port.protocol, config), mtls);
+        let max_connection_duration = service
+            .policies
+            .get(&port.port)
+            .and_then(|p| p.connection_pool.as_ref())
+            .and_then(|c| c.value.max_connection_duration);
         clusters.push(Cluster {
             eds_cluster_config: Some(cluster::EdsClusterConfig {
                 eds_config: Some(ads_config_source()),
@@ -158,7 +163,7 @@ pub fn service_clusters(
             lb_policy: cluster::LbPolicy::RoundRobin as i32,
             transport_socket: mtls.then(|| upstream_transport_socket(config, service)),
             typed_extension_protocol_options: http
-                .map(upstream_protocol_options)
+                .map(|v| upstream_protocol_options_with(v, max_connection_duration))
                 .unwrap_or_default(),
             upstream_connection_options: Some(keepalive()),
             ..base_cluster(name.clone(), cluster::DiscoveryType::Eds)

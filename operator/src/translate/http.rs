@@ -65,6 +65,15 @@ fn http2() -> Http2ProtocolOptions {
 
 /// A cluster's `typed_extension_protocol_options` for speaking `version` upstream.
 pub fn upstream_protocol_options(version: UpstreamHttp) -> HashMap<String, Any> {
+    upstream_protocol_options_with(version, None)
+}
+
+/// The same, closing each connection (once its requests finish) after
+/// `max_connection_duration` (a TrafficPolicy's `connectionPool`).
+pub fn upstream_protocol_options_with(
+    version: UpstreamHttp,
+    max_connection_duration: Option<std::time::Duration>,
+) -> HashMap<String, Any> {
     let options = match version {
         UpstreamHttp::Http1 => UpstreamProtocolOptions::ExplicitHttpConfig(ExplicitHttpConfig {
             protocol_config: Some(explicit_http_config::ProtocolConfig::HttpProtocolOptions(
@@ -89,6 +98,15 @@ pub fn upstream_protocol_options(version: UpstreamHttp) -> HashMap<String, Any> 
         HTTP_PROTOCOL_OPTIONS.to_string(),
         any(&HttpProtocolOptions {
             upstream_protocol_options: Some(options),
+            common_http_protocol_options: max_connection_duration.map(|d| {
+                envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions {
+                    max_connection_duration: Some(Duration {
+                        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+                        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+                    }),
+                    ..Default::default()
+                }
+            }),
             ..Default::default()
         }),
     )])

@@ -170,6 +170,20 @@ fn truncated(mut text: String) -> String {
     text
 }
 
+/// The reason of `Accepted=False`: GEP-713's `TargetNotFound` or `Conflicted` when
+/// the problems say so (a TrafficPolicy's), else `Invalid`.
+fn refusal_reason(rejected: &[&str]) -> &'static str {
+    for reason in ["TargetNotFound", "Conflicted"] {
+        if rejected.iter().all(|r| {
+            r.strip_prefix(reason)
+                .is_some_and(|rest| rest.starts_with(':'))
+        }) {
+            return reason;
+        }
+    }
+    "Invalid"
+}
+
 /// Every status subject's desired status, from the model's problems.
 pub fn desired_statuses(index: &Index) -> DesiredStatuses {
     let mut problems: HashMap<&ObjectRef, Vec<(bool, &str)>> = HashMap::new();
@@ -214,7 +228,7 @@ pub fn desired_statuses(index: &Index) -> DesiredStatuses {
                 } else {
                     ConditionState {
                         ok: false,
-                        reason: "Invalid",
+                        reason: refusal_reason(&rejected),
                         message: joined(&rejected),
                     }
                 };
@@ -767,6 +781,23 @@ mod tests {
             s.accepted.message.contains("root"),
             "{}",
             s.accepted.message
+        );
+    }
+
+    #[test]
+    fn a_traffic_policy_gets_the_gep_713_reasons() {
+        let policies = "---\napiVersion: policy.weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: p, namespace: shop, uid: u9, generation: 2}\nspec:\n  targetRefs: [{group: '', kind: Service, name: web}]\n  timeouts: {request: 1s}\n---\napiVersion: policy.weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: gone, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: nowhere}]\n---\napiVersion: policy.weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: bad, namespace: shop}\nspec:\n  targetRefs: [{group: '', kind: Service, name: web}]\n  timeouts: {request: soon}\n";
+        let statuses = desired_statuses(&index(&format!("{SERVICES}{policies}")));
+        let of = |name: &str| &statuses[&ObjectRef::new(Kind::TrafficPolicy, "shop", name)];
+        assert!(of("p").accepted.ok, "{:?}", of("p"));
+        assert_eq!(of("p").generation, Some(2));
+        assert_eq!(
+            (of("gone").accepted.ok, of("gone").accepted.reason),
+            (false, "TargetNotFound")
+        );
+        assert_eq!(
+            (of("bad").accepted.ok, of("bad").accepted.reason),
+            (false, "Invalid")
         );
     }
 
