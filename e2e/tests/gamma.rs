@@ -498,6 +498,12 @@ fn a_grpc_route_splits_calls_by_weight_between_two_grpc_backends() {
     let v2 = report.answered_by("echo-v2") as f64 / 10.0;
     eprintln!("GRPCRoute 80/20 on Unary: v1 {v1:.1}%, v2 {v2:.1}%");
     assert!((75.0..=85.0).contains(&v1), "v1 got {v1}%, expected 80 ± 5");
+    // The Unary rule's header filter reached the server; the other rule has none.
+    let v = h
+        .app("client", &["grpc", &addr, "--call", "unary"])
+        .unwrap()
+        .unwrap();
+    assert_eq!(v["route_header"], "grpc", "{v}");
     // Other methods take the second rule: echo-v2 only.
     for _ in 0..5 {
         let v = h
@@ -708,4 +714,79 @@ fn timeouts_retries_backend_filters_and_the_address_not_the_host_decide() {
     );
     assert!(lines.contains("retries: 3"), "{explained}");
     assert!(problems(&h).is_empty(), "{:?}", problems(&h));
+}
+
+/// A backend in another namespace needs a ReferenceGrant there: without it the rule's
+/// share answers 500 and the route says RefNotPermitted while its other rules work;
+/// granting it routes there, live. A mirror copies requests to another service whose
+/// answers the caller never sees.
+#[test]
+fn a_cross_namespace_backend_needs_a_reference_grant_and_a_mirror_copies_requests() {
+    let mut h = Harness::new(95, "gamma-grant").expect("harness");
+    h.add_split_topology().unwrap();
+    h.add_pod("db-0", &[("app", "db")], "db").unwrap();
+    h.set_namespace("db-0", "data").unwrap();
+    h.add_service("db", &[("app", "db")]).unwrap();
+    h.set_namespace("db", "data").unwrap();
+    h.write_cluster_manifest().unwrap();
+    h.allow("access.yaml", "backend", &["client"]).unwrap();
+    h.write_manifest(
+        "db-access.yaml",
+        "apiVersion: access.smi-spec.io/v1alpha3\nkind: TrafficTarget\nmetadata: {name: to-db, namespace: data}\nspec:\n  destination: {kind: ServiceAccount, name: db, namespace: data}\n  sources: [{kind: ServiceAccount, name: client, namespace: default}]\n",
+    )
+    .unwrap();
+    let rules = "  - matches: [{path: {type: PathPrefix, value: /db}}]\n    backendRefs: [{name: db, namespace: data, port: 8080}]\n\
+                 \x20 - matches: [{path: {type: PathPrefix, value: /mirrored}}]\n    filters:\n    - {type: RequestMirror, requestMirror: {backendRef: {name: backend-v1, port: 8080}}}\n    backendRefs: [{name: backend-v2, port: 8080}]\n\
+                 \x20 - backendRefs: [{name: backend-v2, port: 8080}]\n";
+    h.write_manifest("route.yaml", &route("cross", rules))
+        .unwrap();
+    h.start_control_plane().unwrap();
+    for pod in ["client", "backend-v1-0", "backend-v2-0", "db-0"] {
+        h.start_sidecar(pod).unwrap();
+    }
+
+    let (status, _, body) = call(&h, "GET", &format!("{BACKEND}/db"), &[]);
+    assert_eq!(status, 500, "{body}");
+    assert_eq!(
+        answered_by(&h, "GET", &format!("{BACKEND}/"), &[]),
+        "backend-v2-0"
+    );
+    let refused = problems(&h);
+    assert!(
+        refused
+            .iter()
+            .any(|(o, rejected, r)| o == "HTTPRoute default/cross"
+                && !rejected
+                && r.starts_with("RefNotPermitted:")),
+        "{refused:?}"
+    );
+
+    h.write_manifest(
+        "grant.yaml",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: ReferenceGrant\nmetadata: {name: routes-from-default, namespace: data}\nspec:\n  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: default}]\n  to: [{group: '', kind: Service, name: db}]\n",
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(10), "the grant to take effect", || {
+        call(&h, "GET", &format!("{BACKEND}/db"), &[]).2.trim() == "db-0"
+    });
+    assert!(problems(&h).is_empty(), "{:?}", problems(&h));
+
+    // Mirror: backend-v1-0's sidecar sees each mirrored request; the caller gets v2's.
+    let seen = || {
+        h.envoy_stat("backend-v1-0", "http.inbound_8080.downstream_rq_completed")
+            .unwrap()
+    };
+    let before = seen();
+    for _ in 0..5 {
+        assert_eq!(
+            answered_by(&h, "GET", &format!("{BACKEND}/mirrored"), &[]),
+            "backend-v2-0"
+        );
+    }
+    wait_until(
+        Duration::from_secs(5),
+        "5 mirrored requests at backend-v1-0",
+        || seen() >= before + 5,
+    );
+    assert_eq!(seen(), before + 5, "exactly the mirrored requests");
 }

@@ -146,6 +146,9 @@ impl tonic::server::UnaryService<EchoRequest> for Unary {
 
     fn call(&mut self, request: Request<EchoRequest>) -> Self::Future {
         let name = self.0.clone();
+        // Request metadata `x-route` comes back as `x-weft-echo-x-route` (what a route's
+        // header filter did is visible to the caller).
+        let echoed = request.metadata().get("x-route").cloned();
         Box::pin(async move {
             let req = request.into_inner();
             if req.sleep_ms > 0 {
@@ -164,7 +167,11 @@ impl tonic::server::UnaryService<EchoRequest> for Unary {
                 message: req.message,
                 name: name.to_string(),
             };
-            Ok(with_name(reply, &name))
+            let mut response = with_name(reply, &name);
+            if let Some(value) = echoed {
+                response.metadata_mut().insert("x-weft-echo-x-route", value);
+            }
+            Ok(response)
         })
     }
 }
@@ -355,6 +362,9 @@ pub struct GrpcReport {
     /// `error`: the `x-weft-detail` trailer received.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub detail: Option<String>,
+    /// `unary`: the `x-route` request header the server saw, if any.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub route_header: Option<String>,
     /// Whole exchange, connect included.
     pub micros: u64,
 }
@@ -392,6 +402,11 @@ pub async fn call(addr: &str, call: Call, count: u32) -> Result<GrpcReport, Stri
                 .unary(request("hello".into()))
                 .await
                 .map_err(|s| failed("unary", &s))?;
+            report.route_header = reply
+                .metadata()
+                .get("x-weft-echo-x-route")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
             replies.push(reply.into_inner());
             vec!["hello".into()]
         }
