@@ -476,6 +476,8 @@ pub mod annotations {
     pub const APP_PROBE_PORT: u16 = 15020;
     /// Port of the proxy's readiness endpoint for the kubelet.
     pub const PROXY_HEALTH_PORT: u16 = 15021;
+    /// Port of the proxy's Prometheus stats (`/stats/prometheus`) and endpoint health.
+    pub const PROXY_METRICS_PORT: u16 = 15090;
     /// The services a pod calls, comma separated (`namespace/service`, `namespace/*`,
     /// `./service`, `./*` for its own namespace, `*/service`): its proxy gets only these.
     pub const EGRESS: &str = "weft.dev/egress";

@@ -121,6 +121,36 @@ fn fault_injection_circuit_breaking_and_outlier_detection_hold_against_real_fail
             .all(|r| r.pod.as_deref() == Some("backend-v2-0")),
         "after the ejection every request goes to backend-v2-0"
     );
+    // `weft explain` reads the caller's sidecar: the ejected endpoint is named.
+    let explained = h
+        .explain("client", "GET", "http://backend:8080/", &[])
+        .unwrap();
+    let lines = explained["lines"].to_string();
+    let v1_ip = h.pod_ips("backend-v1-0")[0];
+    assert!(
+        lines.contains(&format!(
+            "endpoint {v1_ip}:8080 is ejected by outlier detection"
+        )),
+        "{explained}"
+    );
+    assert!(
+        lines.contains("outlierDetection consecutive5xx Some(3)"),
+        "{explained}"
+    );
+
+    // The sidecar's metrics port serves Prometheus text to a scraper outside the mesh,
+    // and nothing else of the admin API.
+    let (status, body) = h
+        .sidecar_metrics_port("client", "/stats/prometheus")
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        body.contains("# TYPE envoy_"),
+        "{}",
+        &body[..body.len().min(300)]
+    );
+    let (status, _) = h.sidecar_metrics_port("client", "/config_dump").unwrap();
+    assert_eq!(status, 404, "the admin API stays on loopback");
 }
 
 /// client → backend (backend-v1-0, backend-v2-0), backend-v1 and backend-v2, the

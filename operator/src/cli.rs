@@ -69,6 +69,11 @@ enum Command {
         /// (the injected sidecar probes 15021).
         #[arg(long)]
         health_port: Option<u16>,
+        /// Also serve Envoy's Prometheus stats (`/stats/prometheus`) and its endpoint
+        /// health (`/weft/clusters`, for `weft explain`) on 0.0.0.0:PORT (the injected
+        /// sidecar uses 15090).
+        #[arg(long)]
+        metrics_port: Option<u16>,
         /// ADS variant: `delta` sends only what changed; `sotw` resends each type whole.
         #[arg(long, value_enum, default_value_t = XdsProtocol::Delta)]
         xds_protocol: XdsProtocol,
@@ -502,6 +507,7 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
             ca_file,
             trust_domain,
             health_port,
+            metrics_port,
             xds_protocol,
             full_stats,
             token_file,
@@ -515,6 +521,7 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
                 opts.add_xds(extra)?;
             }
             opts.health_port = health_port;
+            opts.metrics_port = metrics_port;
             opts.protocol = xds_protocol;
             opts.full_stats = full_stats;
             opts.token_file = token_file;

@@ -43,6 +43,93 @@ pub struct Explanation {
     /// Node ids of the meshed proxies involved (caller first), whose sync state matters.
     #[serde(default)]
     pub proxies: Vec<String>,
+    /// The caller sidecar's outbound clusters the call may use, whose live endpoint
+    /// state (`live_lines`) says why a request fails now.
+    #[serde(default)]
+    pub clusters: Vec<String>,
+    /// The caller's pod IPs (where its sidecar serves that state).
+    #[serde(default)]
+    pub caller_ips: Vec<IpAddr>,
+}
+
+/// What the caller's sidecar reports about the call's clusters (Envoy's `/clusters`
+/// text): ejected and failing endpoints, an open circuit, no healthy endpoint.
+pub fn live_lines(clusters: &[String], envoy_clusters: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    for cluster in clusters {
+        let prefix = format!("{cluster}::");
+        let mut hosts: BTreeMap<&str, (Vec<&str>, u64)> = BTreeMap::new();
+        let mut max_requests = None;
+        let mut max_pending = None;
+        for line in envoy_clusters.lines() {
+            let Some(rest) = line.strip_prefix(&prefix) else {
+                continue;
+            };
+            let parts: Vec<&str> = rest.split("::").collect();
+            match parts.as_slice() {
+                ["default_priority", "max_requests", n] => max_requests = n.parse::<u64>().ok(),
+                ["default_priority", "max_pending_requests", n] => {
+                    max_pending = n.parse::<u64>().ok();
+                }
+                [host, "health_flags", flags] => {
+                    hosts.entry(host).or_default().0 = flags
+                        .split('/')
+                        .filter(|f| !f.is_empty() && *f != "healthy")
+                        .collect();
+                }
+                [host, "rq_active", n] => {
+                    hosts.entry(host).or_default().1 = n.parse().unwrap_or(0);
+                }
+                _ => {}
+            }
+        }
+        if hosts.is_empty() {
+            out.push(format!(
+                "live {cluster}: no endpoints in the caller's sidecar (503: no healthy upstream)"
+            ));
+            continue;
+        }
+        let mut unhealthy = 0;
+        for (host, (flags, _)) in &hosts {
+            let why: Vec<&str> = flags
+                .iter()
+                .map(|f| match *f {
+                    "failed_outlier_check" => {
+                        "ejected by outlier detection (no requests until the ejection ends)"
+                    }
+                    "failed_active_hc" => "failing its active health check",
+                    "pending_active_hc" => "waiting for its first health check",
+                    "failed_eds_health" => "draining or not ready",
+                    other => other,
+                })
+                .collect();
+            if !why.is_empty() {
+                unhealthy += 1;
+                out.push(format!(
+                    "live {cluster}: endpoint {host} is {}",
+                    why.join(", ")
+                ));
+            }
+        }
+        if unhealthy == hosts.len() {
+            out.push(format!(
+                "live {cluster}: no healthy endpoint: below the panic threshold the caller's sidecar uses all of them anyway, with panicThreshold 0 it answers 503"
+            ));
+        }
+        let in_flight: u64 = hosts.values().map(|h| h.1).sum();
+        if let Some(max) = max_requests.filter(|m| in_flight >= *m) {
+            out.push(format!(
+                "live {cluster}: circuit open: {in_flight} requests in flight of maxRequests {max}; beyond maxPendingRequests {} new requests get 503 (overflow)",
+                max_pending.map_or("?".to_string(), |p| p.to_string())
+            ));
+        } else if unhealthy == 0 {
+            out.push(format!(
+                "live {cluster}: {} endpoints healthy, {in_flight} requests in flight",
+                hosts.len()
+            ));
+        }
+    }
+    out
 }
 
 struct Target {
@@ -595,7 +682,7 @@ pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Exp
     let unknown = |lines: Vec<String>| Explanation {
         verdict: "unknown".into(),
         lines,
-        proxies: Vec::new(),
+        ..Default::default()
     };
     let Some(source) = model.workloads.get(&query.from) else {
         lines.push(format!(
@@ -640,6 +727,7 @@ pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Exp
     ));
 
     let mut landings = Vec::new();
+    let mut clusters = Vec::new();
     let mut http = target.http;
     if let Some(service) = find_service(model, &target.host, &source.namespace) {
         let Some(port) = service.port(target.port) else {
@@ -698,6 +786,7 @@ pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Exp
                     verdict: verdict.into(),
                     lines,
                     proxies: vec![source.node_id()],
+                    ..Default::default()
                 };
             }
         };
@@ -737,6 +826,11 @@ pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Exp
                 lines.extend(describe_policy(svc, port.port));
             }
         }
+        clusters.extend(
+            routed
+                .iter()
+                .map(|(svc, _)| crate::translate::outbound_cluster_name(&svc.key, port.port)),
+        );
         for (svc, via) in routed {
             // Draining endpoints take no new requests.
             let endpoints: Vec<SocketAddr> = svc
@@ -801,6 +895,7 @@ pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Exp
                     verdict: "redirected".into(),
                     lines,
                     proxies: vec![source.node_id()],
+                    ..Default::default()
                 };
             }
             PathOutcome::Reject => {
@@ -812,6 +907,7 @@ pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Exp
                     verdict: "denied".into(),
                     lines,
                     proxies: vec![source.node_id()],
+                    ..Default::default()
                 };
             }
         }
@@ -882,5 +978,11 @@ pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Exp
         verdict: verdict.into(),
         lines,
         proxies,
+        clusters,
+        caller_ips: if source.meshed {
+            source.ips.clone()
+        } else {
+            Vec::new()
+        },
     }
 }

@@ -528,3 +528,40 @@ spec:
     let tcp = ask(&m, &permissive, "default/a-0", "b:5432", "GET");
     assert!(!says(&tcp, "timeouts"), "{tcp:?}");
 }
+
+#[test]
+fn the_callers_live_endpoint_state_names_ejections_failed_checks_and_an_open_circuit() {
+    use weft::explain::live_lines;
+    let c = "outbound|8080||b.default.svc.cluster.local";
+    let text = format!(
+        "{c}::default_priority::max_requests::2\n{c}::default_priority::max_pending_requests::1\n\
+         {c}::198.18.9.2:8080::rq_active::1\n{c}::198.18.9.2:8080::health_flags::/failed_outlier_check\n\
+         {c}::198.18.9.3:8080::rq_active::1\n{c}::198.18.9.3:8080::health_flags::healthy\n\
+         other::198.18.9.9:8080::health_flags::/failed_active_hc\n"
+    );
+    let lines = live_lines(&[c.to_string()], &text);
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("endpoint 198.18.9.2:8080 is ejected by outlier detection")),
+        "{lines:?}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("circuit open: 2 requests in flight of maxRequests 2")),
+        "{lines:?}"
+    );
+    assert!(!lines.iter().any(|l| l.contains("198.18.9.9")), "{lines:?}");
+    let all_failed = text.replace("health_flags::healthy", "health_flags::/failed_active_hc");
+    let lines = live_lines(&[c.to_string()], &all_failed);
+    assert!(
+        lines.iter().any(|l| l.contains("no healthy endpoint")),
+        "{lines:?}"
+    );
+    assert!(
+        live_lines(&[c.to_string()], "")
+            .iter()
+            .any(|l| l.contains("no endpoints")),
+    );
+}

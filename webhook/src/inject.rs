@@ -19,7 +19,7 @@ pub use weft_crds::annotations::{
     EXCLUDE_OUTBOUND_CIDRS as EXCLUDE_OUTBOUND_CIDRS_ANNOTATION,
     EXCLUDE_OUTBOUND_PORTS as EXCLUDE_OUTBOUND_PORTS_ANNOTATION, INJECT as INJECT_KEY,
     INJECTED_VERSION as INJECTED_VERSION_ANNOTATION, ORIGINAL_PROBES as ORIGINAL_PROBES_ANNOTATION,
-    PROXY_HEALTH_PORT,
+    PROXY_HEALTH_PORT, PROXY_METRICS_PORT,
 };
 
 /// Name of the init container that installs the traffic redirect.
@@ -239,7 +239,11 @@ fn init_container(pod: &Pod, config: &InjectConfig) -> Container {
         csv(
             annotations,
             EXCLUDE_INBOUND_PORTS_ANNOTATION,
-            &[APP_PROBE_PORT.to_string(), PROXY_HEALTH_PORT.to_string()],
+            &[
+                APP_PROBE_PORT.to_string(),
+                PROXY_HEALTH_PORT.to_string(),
+                PROXY_METRICS_PORT.to_string(),
+            ],
         ),
     ];
     for (flag, key) in [
@@ -314,12 +318,20 @@ fn proxy_container(config: &InjectConfig) -> Container {
             field_env("POD_IP", "status.podIP"),
             field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
         ]),
-        ports: Some(vec![ContainerPort {
-            name: Some("weft-health".to_string()),
-            container_port: i32::from(PROXY_HEALTH_PORT),
-            protocol: Some("TCP".to_string()),
-            ..Default::default()
-        }]),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("weft-health".to_string()),
+                container_port: i32::from(PROXY_HEALTH_PORT),
+                protocol: Some("TCP".to_string()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("weft-metrics".to_string()),
+                container_port: i32::from(PROXY_METRICS_PORT),
+                protocol: Some("TCP".to_string()),
+                ..Default::default()
+            },
+        ]),
         startup_probe: Some(http_probe("/ready", PROXY_HEALTH_PORT, 1, 120)),
         readiness_probe: Some(http_probe("/ready", PROXY_HEALTH_PORT, 5, 3)),
         lifecycle: Some(Lifecycle {
@@ -537,6 +549,16 @@ fn mutate(pod: &mut Pod, config: &InjectConfig) -> Result<(), WebhookError> {
         INJECTED_VERSION_ANNOTATION.to_string(),
         config.version.clone(),
     );
+    // The usual scrape annotations, unless the pod already chose its own.
+    if !annotations.contains_key("prometheus.io/scrape") {
+        for (key, value) in [
+            ("prometheus.io/scrape", "true".to_string()),
+            ("prometheus.io/port", PROXY_METRICS_PORT.to_string()),
+            ("prometheus.io/path", "/stats/prometheus".to_string()),
+        ] {
+            annotations.insert(key.to_string(), value);
+        }
+    }
     if !originals.is_empty() {
         let json = serde_json::to_string(&originals).map_err(WebhookError::Encode)?;
         annotations.insert(ORIGINAL_PROBES_ANNOTATION.to_string(), json);

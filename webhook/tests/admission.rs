@@ -138,8 +138,8 @@ fn a_deployment_pod_gets_a_native_sidecar_behind_the_iptables_init() {
         .collect();
     assert_eq!(args[..3], ["init-iptables", "--proxy-uid", "1337"]);
     assert!(
-        args.contains(&"15020,15021,9999"),
-        "probe, health and annotated ports bypass the proxy: {args:?}"
+        args.contains(&"15020,15021,15090,9999"),
+        "probe, health, metrics and annotated ports bypass the proxy: {args:?}"
     );
 
     let proxy = &inits[1];
@@ -230,6 +230,9 @@ fn a_deployment_pod_gets_a_native_sidecar_behind_the_iptables_init() {
         annotations["weft.dev/injected-version"],
         env!("CARGO_PKG_VERSION")
     );
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "15090");
+    assert_eq!(annotations["prometheus.io/path"], "/stats/prometheus");
     assert!(
         pod["metadata"].get("name").is_none_or(Value::is_null),
         "generateName pods have no name yet"

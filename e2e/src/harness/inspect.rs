@@ -71,6 +71,30 @@ impl Harness {
         })
     }
 
+    /// A GET from outside the mesh (this host, as Prometheus would) to `pod`'s sidecar
+    /// metrics port (15090): (status, body).
+    pub fn sidecar_metrics_port(&self, pod: &str, path: &str) -> Result<(u64, String)> {
+        let ip = self
+            .pod_ips(pod)
+            .into_iter()
+            .next()
+            .ok_or_else(|| HarnessError::Command {
+                command: format!("sidecar_metrics_port {pod}"),
+                reason: "no such pod".into(),
+            })?;
+        let url = format!("http://{}{path}", std::net::SocketAddr::new(ip, 15090));
+        let out = check(cmd(&self.app, &["http", &url]))?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&out.stdout).map_err(|e| HarnessError::Decode {
+                what: url.clone(),
+                reason: e.to_string(),
+            })?;
+        Ok((
+            v["status"].as_u64().unwrap_or(0),
+            v["body"].as_str().unwrap_or_default().to_string(),
+        ))
+    }
+
     /// One Prometheus sample (`name` without labels) from the control plane's `/metrics`.
     pub fn control_plane_metric(&self, name: &str) -> Result<Option<f64>> {
         let url = format!("http://{}/metrics", self.admin_addr());

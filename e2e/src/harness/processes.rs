@@ -146,6 +146,8 @@ impl Harness {
             &xds,
             "--health-port",
             "15021",
+            "--metrics-port",
+            "15090",
             "--xds-protocol",
             self.xds_protocol,
             "-o",
@@ -171,13 +173,14 @@ impl Harness {
         set_mode(bootstrap, 0o644)?;
         let netns = self.netns(pod);
         let mut c = cmd("ip", &["netns", "exec", &netns]);
-        // The same exemptions the injected init container makes: probe and health ports.
+        // The same exemptions the injected init container makes: probe, health and
+        // metrics ports.
         c.arg(&self.weft).args([
             "init-iptables",
             "--proxy-uid",
             &PROXY_UID.to_string(),
             "--exclude-inbound-ports",
-            "15020,15021",
+            "15020,15021,15090",
         ]);
         check(c)?;
         let uid = PROXY_UID.to_string();

@@ -216,6 +216,42 @@ impl AdminState {
     }
 }
 
+/// How long `/explain` waits for the caller's sidecar to report its endpoints.
+const LIVE_STATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The caller sidecar's live view of the call's clusters (ejected endpoints, failing
+/// health checks, an open circuit), from its metrics port; a line saying why not when
+/// it cannot be read.
+async fn caller_live_state(answer: &Explanation) -> Vec<String> {
+    let Some(ip) = answer.caller_ips.first() else {
+        return Vec::new();
+    };
+    if answer.clusters.is_empty() {
+        return Vec::new();
+    }
+    let addr = SocketAddr::new(*ip, weft_crds::annotations::PROXY_METRICS_PORT).to_string();
+    let fetched = tokio::time::timeout(
+        LIVE_STATE_TIMEOUT,
+        http_request(&addr, Method::GET, "/weft/clusters"),
+    )
+    .await;
+    match fetched {
+        Ok(Ok((status, body))) if status.is_success() => {
+            crate::explain::live_lines(&answer.clusters, &String::from_utf8_lossy(&body))
+        }
+        Ok(Ok((status, _))) => vec![format!(
+            "live state of the caller's sidecar at {addr}: HTTP {status}"
+        )],
+        Ok(Err(e)) => vec![format!(
+            "live state of the caller's sidecar unavailable: {e}"
+        )],
+        Err(_) => vec![format!(
+            "live state of the caller's sidecar at {addr}: no answer within {}",
+            humantime::format_duration(LIVE_STATE_TIMEOUT)
+        )],
+    }
+}
+
 /// Whether the proxies a call involves have what `/explain` reasoned about: the model
 /// is what they should have, not necessarily what they run.
 pub fn sync_lines(nodes: &[String], proxies: &[ProxyStatus]) -> Vec<String> {
@@ -307,6 +343,8 @@ async fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byt
                     answer
                         .lines
                         .extend(sync_lines(&answer.proxies, &state.proxy_status()));
+                    let live = caller_live_state(&answer).await;
+                    answer.lines.extend(live);
                     json(&answer)
                 }
                 _ => text(

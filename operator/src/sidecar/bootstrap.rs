@@ -29,6 +29,9 @@ pub struct BootstrapOptions {
     pub xds_tls: Option<XdsTls>,
     /// Serve `/ready` on 0.0.0.0 at this port, for the kubelet's probes.
     pub health_port: Option<u16>,
+    /// Serve Envoy's Prometheus stats (`/stats/prometheus`) and its cluster and endpoint
+    /// state (`/weft/clusters`, read by `weft explain`) on 0.0.0.0 at this port.
+    pub metrics_port: Option<u16>,
     /// Which ADS variant the sidecar speaks.
     pub protocol: XdsProtocol,
     /// Keep every statistic instead of the mesh's own.
@@ -84,6 +87,7 @@ impl BootstrapOptions {
             admin_port,
             xds_tls: None,
             health_port: None,
+            metrics_port: None,
             protocol: XdsProtocol::default(),
             full_stats: false,
             token_file: None,
@@ -219,6 +223,9 @@ pub fn render_bootstrap(opts: &BootstrapOptions) -> Result<String, WeftError> {
     if let Some(port) = opts.health_port {
         add_health_listener(&mut bootstrap, port, opts.admin_port);
     }
+    if let Some(port) = opts.metrics_port {
+        add_metrics_listener(&mut bootstrap, port, opts.admin_port);
+    }
     if !opts.full_stats {
         limit_stats(&mut bootstrap);
     }
@@ -337,21 +344,21 @@ fn limit_stats(bootstrap: &mut serde_json::Value) {
     bootstrap["cluster_manager"] = json!({ "enable_deferred_cluster_creation": true });
 }
 
-/// A static listener answering `/ready` from the admin endpoint, which itself stays on
-/// loopback: the kubelet can probe readiness without reaching the admin API.
-fn add_health_listener(bootstrap: &mut serde_json::Value, port: u16, admin_port: u16) {
-    let listener = json!({
-        "name": "weft-health",
+/// A static listener on 0.0.0.0:`port` passing only `routes` to the admin endpoint,
+/// which itself stays on loopback.
+fn admin_view_listener(name: &str, port: u16, routes: serde_json::Value) -> serde_json::Value {
+    json!({
+        "name": name,
         "address": { "socket_address": { "address": "0.0.0.0", "port_value": port } },
         "filter_chains": [ { "filters": [ {
             "name": "envoy.filters.network.http_connection_manager",
             "typed_config": {
                 "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                "stat_prefix": "weft_health",
+                "stat_prefix": name.replace('-', "_"),
                 "route_config": { "virtual_hosts": [ {
-                    "name": "health",
+                    "name": name,
                     "domains": ["*"],
-                    "routes": [ { "match": { "path": "/ready" }, "route": { "cluster": "weft-admin" } } ],
+                    "routes": routes,
                 } ] },
                 "http_filters": [ {
                     "name": "envoy.filters.http.router",
@@ -359,23 +366,66 @@ fn add_health_listener(bootstrap: &mut serde_json::Value, port: u16, admin_port:
                 } ],
             },
         } ] } ],
-    });
-    let admin_cluster = json!({
-        "name": "weft-admin",
+    })
+}
+
+/// Prometheus stats and the clusters' endpoint health (`GET` only: the admin API's
+/// mutations stay on loopback).
+fn add_metrics_listener(bootstrap: &mut serde_json::Value, port: u16, admin_port: u16) {
+    let get = json!([{ "name": ":method", "string_match": { "exact": "GET" } }]);
+    let listener = admin_view_listener(
+        "weft-metrics",
+        port,
+        json!([
+            { "match": { "path": "/stats/prometheus", "headers": get }, "route": { "cluster": ADMIN_CLUSTER } },
+            { "match": { "path": "/weft/clusters", "headers": get },
+              "route": { "cluster": ADMIN_CLUSTER, "prefix_rewrite": "/clusters" } },
+        ]),
+    );
+    add_static_listener(bootstrap, listener, admin_port);
+}
+
+/// The loopback admin endpoint, as a cluster the static listeners route to.
+const ADMIN_CLUSTER: &str = "weft-admin";
+
+fn add_static_listener(
+    bootstrap: &mut serde_json::Value,
+    listener: serde_json::Value,
+    admin_port: u16,
+) {
+    let statics = &mut bootstrap["static_resources"];
+    match statics["listeners"].as_array_mut() {
+        Some(listeners) => listeners.push(listener),
+        None => statics["listeners"] = json!([listener]),
+    }
+    let Some(clusters) = statics["clusters"].as_array_mut() else {
+        return;
+    };
+    if clusters.iter().any(|c| c["name"] == ADMIN_CLUSTER) {
+        return;
+    }
+    clusters.push(json!({
+        "name": ADMIN_CLUSTER,
         "type": "STATIC",
         "connect_timeout": "1s",
         "load_assignment": {
-            "cluster_name": "weft-admin",
+            "cluster_name": ADMIN_CLUSTER,
             "endpoints": [ { "lb_endpoints": [ { "endpoint": { "address": { "socket_address": {
                 "address": "127.0.0.1", "port_value": admin_port,
             } } } } ] } ],
         },
-    });
-    let statics = &mut bootstrap["static_resources"];
-    statics["listeners"] = json!([listener]);
-    if let Some(clusters) = statics["clusters"].as_array_mut() {
-        clusters.push(admin_cluster);
-    }
+    }));
+}
+
+/// A static listener answering `/ready` from the admin endpoint: the kubelet can probe
+/// readiness without reaching the admin API.
+fn add_health_listener(bootstrap: &mut serde_json::Value, port: u16, admin_port: u16) {
+    let listener = admin_view_listener(
+        "weft-health",
+        port,
+        json!([ { "match": { "path": "/ready" }, "route": { "cluster": ADMIN_CLUSTER } } ]),
+    );
+    add_static_listener(bootstrap, listener, admin_port);
 }
 
 #[cfg(test)]
@@ -538,6 +588,7 @@ mod tests {
             control_plane_id: "spiffe://cluster.local/ns/weft-system/sa/weft".into(),
         });
         opts.health_port = Some(15021);
+        opts.metrics_port = Some(15090);
         let file = dir.join("envoy.yaml");
         std::fs::write(&file, render_bootstrap(&opts).unwrap()).unwrap();
         let out = std::process::Command::new(&envoy)

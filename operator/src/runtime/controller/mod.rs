@@ -99,6 +99,7 @@ fn sidecar_configmaps(
         control_plane_id: crate::runtime::xds_listener::control_plane_id(&opts.mesh.trust_domain),
     });
     boot.health_port = Some(SIDECAR_HEALTH_PORT);
+    boot.metrics_port = Some(weft_crds::annotations::PROXY_METRICS_PORT);
     if opts.proxy_identity == ProxyIdentity::Token {
         boot.token_file = Some(PathBuf::from(SIDECAR_TOKEN_PATH));
     }
