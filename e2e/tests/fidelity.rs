@@ -240,7 +240,7 @@ fn grpc_and_http2_keep_their_semantics() {
     // HTTP/1.1 app: HTTP/2 between the sidecars, HTTP/1.1 to the app.
     let v = http(&h, "client", "http://server:8080/");
     assert_eq!(header(&v, "x-weft-proto"), "HTTP/1.1", "{v}");
-    let cluster = "cluster.outbound|8080||server.default.svc.cluster.local";
+    let cluster = "cluster.outbound|8080||server|default";
     assert!(
         h.envoy_stat("client", &format!("{cluster}.upstream_cx_http2_total"))
             .unwrap()

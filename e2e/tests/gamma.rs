@@ -257,6 +257,31 @@ fn an_invalid_backend_is_reported_and_answers_500_while_other_rules_work() {
                 && r.starts_with("UnsupportedValue:")),
         "{problems:?}"
     );
+    // `weft status` has each route's status per parent, as Kubernetes mode writes it.
+    let status = h.status().unwrap();
+    let of = |route: &str| {
+        status["routes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["route"] == route)
+            .cloned()
+            .unwrap_or_else(|| panic!("no status for {route}: {status}"))
+    };
+    let broken = of("HTTPRoute default/partly-broken");
+    assert_eq!(broken["parent"], "default/backend:8080", "{broken}");
+    assert_eq!(broken["accepted"], json!([true, "Accepted"]), "{broken}");
+    assert_eq!(
+        broken["resolved_refs"],
+        json!([false, "BackendNotFound"]),
+        "{broken}"
+    );
+    let unsupported = of("HTTPRoute default/unsupported");
+    assert_eq!(
+        unsupported["accepted"],
+        json!([false, "UnsupportedValue"]),
+        "{unsupported}"
+    );
 }
 
 #[test]

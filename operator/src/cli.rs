@@ -434,6 +434,23 @@ fn print_status(status: &MeshStatus) {
     for e in &status.manifest_errors {
         println!("{:<8} {:<40} {}", "Invalid", e.file.display(), e.reason);
     }
+    for r in &status.routes {
+        let condition = |(ok, reason): &(bool, String)| {
+            format!("{}({reason})", if *ok { "True" } else { "False" })
+        };
+        println!(
+            "{} → parent {}: Accepted={} ResolvedRefs={}{}",
+            r.route,
+            r.parent,
+            condition(&r.accepted),
+            condition(&r.resolved_refs),
+            if r.message.is_empty() {
+                String::new()
+            } else {
+                format!(": {}", r.message)
+            }
+        );
+    }
 }
 
 fn print_proxy_status(proxies: &[ProxyStatus]) {

@@ -45,6 +45,57 @@ pub struct MeshStatus {
     /// The source's first full read is applied: config is being served.
     #[serde(default)]
     pub synced: bool,
+    /// HTTPRoutes and GRPCRoutes with their status per Service parent, as Kubernetes
+    /// mode writes it to `status.parents[]`.
+    #[serde(default)]
+    pub routes: Vec<RouteStatusReport>,
+}
+
+/// One route's status for one Service parent.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RouteStatusReport {
+    /// `Kind namespace/name`.
+    pub route: String,
+    /// The parent, `namespace/name[:port]`.
+    pub parent: String,
+    /// `Accepted` condition: status and reason.
+    pub accepted: (bool, String),
+    /// `ResolvedRefs` condition: status and reason.
+    pub resolved_refs: (bool, String),
+    /// The conditions' messages, joined.
+    pub message: String,
+}
+
+impl RouteStatusReport {
+    /// One report per parent of each route.
+    pub fn all(statuses: &crate::index::RouteStatuses) -> Vec<Self> {
+        statuses
+            .iter()
+            .flat_map(|(route, parents)| {
+                parents.iter().map(move |p| {
+                    let r = &p.parent_ref;
+                    let namespace = r
+                        .namespace
+                        .clone()
+                        .unwrap_or_else(|| route.namespace.clone());
+                    let port = r.port.map(|p| format!(":{p}")).unwrap_or_default();
+                    let message = [&p.accepted.2, &p.resolved_refs.2]
+                        .into_iter()
+                        .filter(|m| !m.is_empty())
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    Self {
+                        route: route.to_string(),
+                        parent: format!("{namespace}/{}{port}", r.name),
+                        accepted: (p.accepted.0, p.accepted.1.to_string()),
+                        resolved_refs: (p.resolved_refs.0, p.resolved_refs.1.to_string()),
+                        message,
+                    }
+                })
+            })
+            .collect()
+    }
 }
 
 /// The access and mTLS modes in effect and where they come from.

@@ -284,8 +284,10 @@ impl MeshRuntime {
         let unreadable = i64::try_from(manifest_errors.len()).unwrap_or(i64::MAX);
         self.metrics.manifest_errors.set(unreadable);
         let objects = self.index.len();
+        let routes = crate::runtime::admin::RouteStatusReport::all(self.index.route_statuses());
         self.status.send_modify(|status| {
             status.objects = objects;
+            status.routes = routes;
             status.problems = model.problems.iter().map(ProblemReport::from).collect();
             status.manifest_errors = manifest_errors;
         });

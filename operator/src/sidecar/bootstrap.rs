@@ -307,7 +307,7 @@ fn lua_string(text: &str) -> String {
 /// connection's, the inbound side's (requests, RBAC, TLS), and a handful per cluster
 /// (requests, response classes, connections, handshakes). Envoy's default keeps
 /// about 300 per cluster (385,000 at 1,000 services, a third of the sidecar's memory);
-/// these keep 10. Per-cluster stats and clusters themselves are created on first use.
+/// these keep 13. Per-cluster stats and clusters themselves are created on first use.
 const STAT_PREFIXES: [&str; 9] = [
     "server.",
     "cluster_manager.",
@@ -319,7 +319,12 @@ const STAT_PREFIXES: [&str; 9] = [
     "listener.0.0.0.0_15006.",
     "listener.[__]_15006.",
 ];
-const STAT_SUFFIXES: [&str; 8] = [
+const STAT_SUFFIXES: [&str; 11] = [
+    // Per-cluster latency (the golden signals' duration), circuit-breaker overflows and
+    // ejections (why requests fail).
+    ".upstream_rq_time",
+    ".upstream_rq_pending_overflow",
+    ".outlier_detection.ejections_active",
     ".rbac.allowed",
     ".rbac.denied",
     ".ssl.handshake",

@@ -166,6 +166,7 @@ pub fn service_clusters(
                 .map(|v| upstream_protocol_options_with(v, max_connection_duration))
                 .unwrap_or_default(),
             upstream_connection_options: Some(keepalive()),
+            alt_stat_name: outbound_stat_name(service, port.port),
             ..base_cluster(name.clone(), cluster::DiscoveryType::Eds)
         });
         if let (Some(policy), Some(cluster)) =
@@ -181,6 +182,16 @@ pub fn service_clusters(
         endpoints.push(load_assignment(&name, &port.endpoints));
     }
     (clusters, endpoints)
+}
+
+/// The name an outbound cluster's statistics carry: `outbound|PORT||SERVICE|NAMESPACE`.
+/// Envoy's Prometheus tags take a cluster's name up to its first dot, so the FQDN of the
+/// cluster's own name would leak its namespace into metric names; this one has no dot.
+pub fn outbound_stat_name(service: &MeshService, port: u16) -> String {
+    format!(
+        "outbound|{port}||{}|{}",
+        service.key.name, service.key.namespace
+    )
 }
 
 /// A TrafficPolicy's cluster settings: circuit breakers, outlier detection, active

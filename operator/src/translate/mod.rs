@@ -11,6 +11,7 @@ mod listeners;
 mod rbac;
 mod routes;
 mod settings;
+mod telemetry;
 mod tls;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;

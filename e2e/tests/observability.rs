@@ -1,0 +1,233 @@
+//! Observability end to end: a real Prometheus scrapes the real sidecars' metrics port
+//! and counts each edge's requests by response class under source and destination
+//! labels; the sidecars' access logs name both identities of a call. Needs root and
+//! `prometheus` (`make setup` installs it); fails (never skips) without them.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a failed step should fail the test loudly
+
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use weft_e2e::{Harness, workspace_binary};
+
+/// A Prometheus server scraping the sidecars every second, killed on drop.
+struct Prometheus {
+    child: Child,
+    address: String,
+}
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Splits the cluster's stat name (`outbound|PORT||SERVICE|NAMESPACE`) into destination
+/// labels, as the chart's PodMonitor does.
+const RELABEL: &str = r#"
+  metric_relabel_configs:
+  - source_labels: [envoy_cluster_name]
+    regex: 'outbound\|(\d+)\|\|([^|]+)\|([^|]+)'
+    target_label: destination_service
+    replacement: '$2'
+  - source_labels: [envoy_cluster_name]
+    regex: 'outbound\|(\d+)\|\|([^|]+)\|([^|]+)'
+    target_label: destination_namespace
+    replacement: '$3'
+  - source_labels: [envoy_cluster_name]
+    regex: 'outbound\|(\d+)\|\|([^|]+)\|([^|]+)'
+    target_label: destination_port
+    replacement: '$1'
+"#;
+
+impl Prometheus {
+    fn start(h: &Harness, pods: &[(&str, &str)], port: u16) -> Self {
+        let targets: String = pods
+            .iter()
+            .map(|(pod, workload)| {
+                let ip = h.pod_ips(pod)[0];
+                format!(
+                    "  - targets: ['{}']\n    labels: {{namespace: default, pod: {pod}, workload: {workload}}}\n",
+                    std::net::SocketAddr::new(ip, 15090)
+                )
+            })
+            .collect();
+        let config = format!(
+            "global: {{scrape_interval: 1s}}\nscrape_configs:\n- job_name: weft-sidecars\n  metrics_path: /stats/prometheus\n  static_configs:\n{targets}{RELABEL}"
+        );
+        let dir = h.work_dir().join("prometheus");
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("prometheus.yml");
+        std::fs::write(&file, config).unwrap();
+        let address = format!("127.0.0.1:{port}");
+        let log = std::fs::File::create(dir.join("prometheus.log")).unwrap();
+        let child = Command::new("prometheus")
+            .arg(format!("--config.file={}", file.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={address}"))
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("prometheus (installed by `make setup`)");
+        Self { child, address }
+    }
+
+    /// The value of an instant PromQL query with one result, if it has one.
+    fn value(&self, promql: &str) -> Option<f64> {
+        let query: String = url_encode(promql);
+        let url = format!("http://{}/api/v1/query?query={query}", self.address);
+        let out = Command::new(workspace_binary("weft-e2e-app").unwrap())
+            .args(["http", &url])
+            .output()
+            .ok()?;
+        let v: Value = serde_json::from_slice(&out.stdout).ok()?;
+        let body: Value = serde_json::from_str(v["body"].as_str()?).ok()?;
+        body["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+    }
+
+    /// A GET of the Prometheus API, its body.
+    fn raw(&self, path: &str) -> String {
+        let url = format!("http://{}{path}", self.address);
+        Command::new(workspace_binary("weft-e2e-app").unwrap())
+            .args(["http", &url])
+            .output()
+            .map(|o| {
+                String::from_utf8_lossy(&o.stdout)
+                    .chars()
+                    .take(3000)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits until `promql` gives `want`.
+    fn wait_for(&self, promql: &str, want: f64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let got = self.value(promql);
+            if got == Some(want) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{promql}: {got:?}, expected {want}; the scrapes: {}",
+                self.raw(&format!(
+                    "/api/v1/query?query={}",
+                    url_encode(r#"{pod="client",__name__=~"envoy_cluster_upstream_rq.*"}"#)
+                ))
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+/// The JSON access log lines of `pod`'s sidecar.
+fn access_log(h: &Harness, pod: &str) -> Vec<Value> {
+    std::fs::read_to_string(h.work_dir().join(format!("{pod}-envoy.log")))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v.get("direction").is_some())
+        .collect()
+}
+
+#[test]
+fn prometheus_counts_each_edge_by_class_and_access_logs_name_both_identities() {
+    let mut h = Harness::new(96, "observability").expect("harness");
+    h.add_split_topology().unwrap();
+    h.write_cluster_manifest().unwrap();
+    h.allow("access.yaml", "backend", &["client"]).unwrap();
+    h.start_control_plane().unwrap();
+    for pod in ["client", "backend-v1-0", "backend-v2-0"] {
+        h.start_sidecar(pod).unwrap();
+    }
+    let prometheus = Prometheus::start(
+        &h,
+        &[
+            ("client", "client"),
+            ("backend-v1-0", "backend-v1"),
+            ("backend-v2-0", "backend-v2"),
+        ],
+        19096,
+    );
+
+    // 180 requests succeed, 20 fail with 500 (the app fails them as asked).
+    let ok = h.load("client", "http://backend:8080/", 180, 4).unwrap();
+    assert!(ok.failures().is_empty(), "{:?}", ok.failures());
+    let failing = h
+        .load("client", "http://backend:8080/x?fail=500", 20, 2)
+        .unwrap();
+    assert_eq!(failing.failures().len(), 20);
+
+    let edge = r#"pod="client",destination_service="backend",destination_namespace="default",destination_port="8080""#;
+    prometheus.wait_for(
+        &format!(r#"sum(envoy_cluster_upstream_rq_xx{{{edge},envoy_response_code_class="2"}})"#),
+        180.0,
+    );
+    prometheus.wait_for(
+        &format!(r#"sum(envoy_cluster_upstream_rq_xx{{{edge},envoy_response_code_class="5"}})"#),
+        20.0,
+    );
+    prometheus.wait_for(
+        &format!("sum(envoy_cluster_upstream_rq_time_count{{{edge}}})"),
+        200.0,
+    );
+    // The destination side counts what reached each pod: together, all 200.
+    prometheus.wait_for(
+        r#"sum(envoy_http_downstream_rq_xx{workload=~"backend-v.",envoy_http_conn_manager_prefix="inbound_8080"})"#,
+        200.0,
+    );
+
+    // Access logs: the caller's outbound line and the server's inbound line of a
+    // failed call name both identities, the status and the upstream.
+    let client = "spiffe://cluster.local/ns/default/sa/client";
+    let backend = "spiffe://cluster.local/ns/default/sa/backend";
+    // Envoy flushes its log every 10 s.
+    let failed = |pods: &[&str], direction: &str| -> Vec<Value> {
+        pods.iter()
+            .flat_map(|pod| access_log(&h, pod))
+            .filter(|l| l["direction"] == direction && l["status"] == 500)
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(25);
+    while (failed(&["client"], "outbound").len() < 20
+        || failed(&["backend-v1-0", "backend-v2-0"], "inbound").len() < 20)
+        && Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let outbound = failed(&["client"], "outbound");
+    assert_eq!(outbound.len(), 20, "{:?}", outbound.first());
+    let line = &outbound[0];
+    assert_eq!(line["source_identity"], client, "{line}");
+    assert_eq!(line["destination_identity"], backend, "{line}");
+    assert_eq!(line["path"], "/x?fail=500", "{line}");
+    assert_eq!(
+        line["upstream_cluster"], "outbound|8080||backend|default",
+        "{line}"
+    );
+    let inbound = failed(&["backend-v1-0", "backend-v2-0"], "inbound");
+    assert_eq!(inbound.len(), 20);
+    assert_eq!(inbound[0]["source_identity"], client, "{}", inbound[0]);
+    assert_eq!(
+        inbound[0]["destination_identity"], backend,
+        "{}",
+        inbound[0]
+    );
+}
