@@ -312,6 +312,8 @@ fn not_in_kubernetes_schemas(object: &Value) -> Option<&'static str> {
         Some(
             "cert-manager's CRDs are not installable here; checked field by field in cert_manager_*",
         )
+    } else if api == "monitoring.coreos.com/v1" {
+        Some("the Prometheus Operator's CRD: checked field by field in the PodMonitor test")
     } else if api == "config.weft.dev/v1alpha1" {
         Some("Weft's own CRD: validated against the chart's CRD schema below")
     } else {
@@ -1756,4 +1758,49 @@ fn the_kind_walkthrough_is_valid_and_matches_the_chart() {
             "{source}"
         );
     }
+}
+
+#[test]
+fn the_pod_monitor_scrapes_injected_sidecars_when_enabled() {
+    let off = render(Values::Default, "1.33.0", &[]);
+    assert!(all_of(&off, "PodMonitor").is_empty(), "off by default");
+    let on = render(
+        Values::Default,
+        "1.33.0",
+        &[
+            "--set",
+            "metrics.podMonitor.enabled=true",
+            "--set",
+            "metrics.podMonitor.labels.release=prom",
+        ],
+    );
+    let monitor = find(&on, "PodMonitor", "weft-sidecars");
+    assert_eq!(monitor["apiVersion"], "monitoring.coreos.com/v1");
+    assert_eq!(monitor["metadata"]["labels"]["release"], "prom");
+    // The webhook's label and the sidecar's port name.
+    assert_eq!(
+        monitor["spec"]["selector"]["matchLabels"]["weft.dev/proxy"],
+        "injected"
+    );
+    let endpoint = &monitor["spec"]["podMetricsEndpoints"][0];
+    assert_eq!(endpoint["port"], "weft-metrics");
+    assert_eq!(endpoint["path"], "/stats/prometheus");
+    // The destination labels come from the dot-free cluster stat name.
+    let relabel = endpoint["metricRelabelings"].as_array().unwrap();
+    let targets: Vec<&str> = relabel
+        .iter()
+        .map(|r| r["targetLabel"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        targets,
+        [
+            "destination_service",
+            "destination_namespace",
+            "destination_port"
+        ]
+    );
+    let regex =
+        regex::Regex::new(&format!("^(?:{})$", relabel[0]["regex"].as_str().unwrap())).unwrap();
+    let caps = regex.captures("outbound|8080||backend|shop").unwrap();
+    assert_eq!((&caps[1], &caps[2], &caps[3]), ("8080", "backend", "shop"));
 }

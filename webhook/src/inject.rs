@@ -163,6 +163,9 @@ pub fn should_inject(
     Ok(())
 }
 
+/// The label of injected pods (the chart's PodMonitor selects it).
+pub const PROXY_LABEL: &str = "weft.dev/proxy";
+
 /// The JSON patch that adds the sidecar to `pod`, or why it is left alone.
 pub fn inject(
     pod: &Pod,
@@ -544,6 +547,11 @@ fn mutate(pod: &mut Pod, config: &InjectConfig) -> Result<(), WebhookError> {
     spec.volumes
         .get_or_insert_with(Vec::new)
         .extend(volumes(config));
+    // A label, so a PodMonitor (which selects by label) finds every sidecar.
+    pod.metadata
+        .labels
+        .get_or_insert_with(BTreeMap::new)
+        .insert(PROXY_LABEL.to_string(), "injected".to_string());
     let annotations = pod.metadata.annotations.get_or_insert_with(BTreeMap::new);
     annotations.insert(
         INJECTED_VERSION_ANNOTATION.to_string(),

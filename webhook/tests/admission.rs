@@ -231,6 +231,7 @@ fn a_deployment_pod_gets_a_native_sidecar_behind_the_iptables_init() {
         env!("CARGO_PKG_VERSION")
     );
     assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(pod["metadata"]["labels"]["weft.dev/proxy"], "injected");
     assert_eq!(annotations["prometheus.io/port"], "15090");
     assert_eq!(annotations["prometheus.io/path"], "/stats/prometheus");
     assert!(
