@@ -22,18 +22,7 @@ fn route(name: &str, rules: &str) -> String {
 /// client → backend (backend-v1-0, backend-v2-0), backend-v1 and backend-v2; the client
 /// may call the backends; `manifests` are in place before the control plane starts.
 fn gamma_mesh(id: u8, name: &str, manifests: &[(&str, String)]) -> Harness {
-    let mut h = Harness::new(id, name).expect("harness");
-    h.add_split_topology().unwrap();
-    h.write_cluster_manifest().unwrap();
-    h.allow("access.yaml", "backend", &["client"]).unwrap();
-    for (file, text) in manifests {
-        h.write_manifest(file, text).unwrap();
-    }
-    h.start_control_plane().unwrap();
-    for pod in ["client", "backend-v1-0", "backend-v2-0"] {
-        h.start_sidecar(pod).unwrap();
-    }
-    h
+    Harness::start_split_mesh(id, name, manifests).expect("harness")
 }
 
 /// One request from the client: (status, response headers, body).

@@ -18,45 +18,35 @@ fn policy(name: &str, service: &str, spec: &str) -> String {
 
 #[test]
 fn fault_injection_circuit_breaking_and_outlier_detection_hold_against_real_failures() {
-    let mut h = Harness::new(91, "resilience").expect("harness");
-    h.add_split_topology().unwrap();
-    h.write_cluster_manifest().unwrap();
-    h.allow("access.yaml", "backend", &["client"]).unwrap();
-    h.write_manifest(
-        "abort.yaml",
-        &policy(
-            "abort",
-            "backend-v1",
-            "  faultInjection: {abort: {percent: 30, httpStatus: 503}}\n",
-        ),
-    )
-    .unwrap();
-    h.write_manifest(
-        "breaker.yaml",
-        &policy(
-            "breaker",
-            "backend-v2",
-            "  connectionPool: {maxConnections: 1, maxPendingRequests: 1, maxRequests: 1}\n",
-        ),
-    )
-    .unwrap();
-    h.write_manifest(
-        "eject.yaml",
-        &policy(
-            "eject",
-            "backend",
-            "  outlierDetection: {consecutive5xx: 3, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}\n",
-        ),
-    )
-    .unwrap();
-    h.start_control_plane().unwrap();
-    for pod in ["client", "backend-v1-0", "backend-v2-0"] {
-        h.start_sidecar(pod).unwrap();
-    }
-    let status = h.status().unwrap();
-    assert!(
-        status["problems"].as_array().is_none_or(Vec::is_empty),
-        "{status}"
+    let h = resilience_mesh(
+        91,
+        "resilience",
+        &[
+            (
+                "abort.yaml",
+                policy(
+                    "abort",
+                    "backend-v1",
+                    "  faultInjection: {abort: {percent: 30, httpStatus: 503}}\n",
+                ),
+            ),
+            (
+                "breaker.yaml",
+                policy(
+                    "breaker",
+                    "backend-v2",
+                    "  connectionPool: {maxConnections: 1, maxPendingRequests: 1, maxRequests: 1}\n",
+                ),
+            ),
+            (
+                "eject.yaml",
+                policy(
+                    "eject",
+                    "backend",
+                    "  outlierDetection: {consecutive5xx: 3, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}\n",
+                ),
+            ),
+        ],
     );
 
     // Fault injection: 30% of 1,000 requests aborted by the caller's sidecar.
@@ -156,17 +146,7 @@ fn fault_injection_circuit_breaking_and_outlier_detection_hold_against_real_fail
 /// client → backend (backend-v1-0, backend-v2-0), backend-v1 and backend-v2, the
 /// client allowed to call them, with `manifests` in place before the control plane.
 fn resilience_mesh(id: u8, name: &str, manifests: &[(&str, String)]) -> Harness {
-    let mut h = Harness::new(id, name).expect("harness");
-    h.add_split_topology().unwrap();
-    h.write_cluster_manifest().unwrap();
-    h.allow("access.yaml", "backend", &["client"]).unwrap();
-    for (file, text) in manifests {
-        h.write_manifest(file, text).unwrap();
-    }
-    h.start_control_plane().unwrap();
-    for pod in ["client", "backend-v1-0", "backend-v2-0"] {
-        h.start_sidecar(pod).unwrap();
-    }
+    let h = Harness::start_split_mesh(id, name, manifests).expect("harness");
     let status = h.status().unwrap();
     assert!(
         status["problems"].as_array().is_none_or(Vec::is_empty),

@@ -72,6 +72,24 @@ impl Harness {
         Ok(())
     }
 
+    /// The split topology in local mode, the client allowed to call the backends, with
+    /// `manifests` (file, text) in place before the control plane starts, and every
+    /// sidecar started.
+    pub fn start_split_mesh(id: u8, name: &str, manifests: &[(&str, String)]) -> Result<Self> {
+        let mut h = Self::new(id, name)?;
+        h.add_split_topology()?;
+        h.write_cluster_manifest()?;
+        h.allow("access.yaml", "backend", &["client"])?;
+        for (file, text) in manifests {
+            h.write_manifest(file, text)?;
+        }
+        h.start_control_plane()?;
+        for pod in ["client", "backend-v1-0", "backend-v2-0"] {
+            h.start_sidecar(pod)?;
+        }
+        Ok(h)
+    }
+
     /// The Services and Pods as API objects (YAML of `cluster.yaml`, as JSON).
     pub fn cluster_objects(&self) -> Result<Vec<Value>> {
         let text = self.cluster_manifest();

@@ -461,6 +461,21 @@ impl Index {
         )
     }
 
+    /// The pods service `key` selects.
+    fn selected_pod_keys(&self, key: &ServiceKey) -> Vec<Key> {
+        self.store
+            .services
+            .get(&(key.namespace.clone(), key.name.clone()))
+            .map(|svc| {
+                self.store
+                    .selected_pods(svc)
+                    .into_iter()
+                    .map(|p| key_of(&p.metadata))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Services some TrafficPolicy targets (in its namespace).
     fn policy_references(store: &Store) -> BTreeSet<ServiceKey> {
         store
@@ -804,18 +819,7 @@ impl Index {
         }
         // Pods of services that appeared or disappeared serve different ports now.
         for key in &accepted_changed {
-            if let Some(svc) = self
-                .store
-                .services
-                .get(&(key.namespace.clone(), key.name.clone()))
-            {
-                pods.extend(
-                    self.store
-                        .selected_pods(svc)
-                        .into_iter()
-                        .map(|p| key_of(&p.metadata)),
-                );
-            }
+            pods.extend(self.selected_pod_keys(key));
         }
         let accepted_base = |index: &Self, key: &ServiceKey| -> Option<MeshService> {
             match (index.bases.get(key), owners.get(key)) {
@@ -947,18 +951,8 @@ impl Index {
                         .collect::<Vec<_>>()
                 })
             };
-            if limits(next.as_ref()) != limits(self.model.services.get(&key))
-                && let Some(svc) = self
-                    .store
-                    .services
-                    .get(&(key.namespace.clone(), key.name.clone()))
-            {
-                pods.extend(
-                    self.store
-                        .selected_pods(svc)
-                        .into_iter()
-                        .map(|p| key_of(&p.metadata)),
-                );
+            if limits(next.as_ref()) != limits(self.model.services.get(&key)) {
+                pods.extend(self.selected_pod_keys(&key));
             }
             if next.as_ref() != self.model.services.get(&key) {
                 delta.services.insert(key.clone());
