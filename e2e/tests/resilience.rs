@@ -257,6 +257,16 @@ fn defaults_retry_and_time_out_without_a_route_and_yield_to_an_httproute_rule() 
     assert_eq!(status, 200, "{body}");
 }
 
+/// Replaces the TrafficPolicy `backend` on Service backend with `spec`; returns once the
+/// client's sidecar has the new clusters.
+fn replace_policy(h: &Harness, spec: &str) {
+    let clusters = h.acked_version("client", "CDS").unwrap();
+    h.write_manifest("backend.yaml", &policy("backend", "backend", spec))
+        .unwrap();
+    h.wait_for_new_ack("client", "CDS", clusters.as_deref())
+        .unwrap();
+}
+
 #[test]
 fn health_checks_ring_hash_and_least_request_pick_endpoints_as_configured() {
     let checked = "  healthCheck: {http: {path: /healthz}, interval: 300ms, timeout: 200ms, unhealthyThreshold: 1, healthyThreshold: 1}\n";
@@ -312,18 +322,10 @@ fn health_checks_ring_hash_and_least_request_pick_endpoints_as_configured() {
     h.app("backend-v1-0", &["http", "http://127.0.0.1:8080/fault"])
         .unwrap()
         .unwrap();
-    let clusters = h.acked_version("client", "CDS").unwrap();
-    h.write_manifest(
-        "backend.yaml",
-        &policy(
-            "backend",
-            "backend",
-            "  loadBalancer: {type: RingHash, hash: {header: X-User}}\n",
-        ),
-    )
-    .unwrap();
-    h.wait_for_new_ack("client", "CDS", clusters.as_deref())
-        .unwrap();
+    replace_policy(
+        &h,
+        "  loadBalancer: {type: RingHash, hash: {header: X-User}}\n",
+    );
     // The hash source is on the route: wait for that too.
     std::thread::sleep(Duration::from_millis(500));
     let mut owners = std::collections::BTreeSet::new();
@@ -345,18 +347,7 @@ fn health_checks_ring_hash_and_least_request_pick_endpoints_as_configured() {
     )
     .unwrap()
     .unwrap();
-    let clusters = h.acked_version("client", "CDS").unwrap();
-    h.write_manifest(
-        "backend.yaml",
-        &policy(
-            "backend",
-            "backend",
-            "  loadBalancer: {type: LeastRequest}\n",
-        ),
-    )
-    .unwrap();
-    h.wait_for_new_ack("client", "CDS", clusters.as_deref())
-        .unwrap();
+    replace_policy(&h, "  loadBalancer: {type: LeastRequest}\n");
     let report = h.load("client", "http://backend:8080/", 200, 8).unwrap();
     assert!(report.failures().is_empty(), "{:?}", report.failures());
     let fast = report.answered_by("backend-v2-0");
