@@ -194,6 +194,30 @@ fn prometheus_counts_each_edge_by_class_and_access_logs_name_both_identities() {
         200.0,
     );
 
+    // `weft top`: the edge under a steady load, measured from the sidecars.
+    let load = h
+        .start_load("client", "http://backend:8080/", Duration::from_secs(4), 2)
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let top = h.top("2s").unwrap();
+    let report = load.finish().unwrap();
+    assert!(report.failures().is_empty(), "{:?}", report.failures());
+    let edge = top
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["source"] == "default/client" && e["destination"] == "default/backend:8080")
+        .unwrap_or_else(|| panic!("no client → backend edge: {top}"));
+    let rps = edge["rps"].as_f64().unwrap();
+    let sent = report.results.len() as f64 / 4.0;
+    eprintln!("weft top: {edge}; the load sent {sent:.0} requests per second");
+    assert!(
+        rps > sent * 0.5 && rps < sent * 1.5,
+        "{edge} vs {sent} rps sent"
+    );
+    assert_eq!(edge["success_rate"], 100.0, "{edge}");
+    assert!(edge["p50_ms"].as_f64().is_some(), "{edge}");
+
     // Access logs: the caller's outbound line and the server's inbound line of a
     // failed call name both identities, the status and the upstream.
     let client = "spiffe://cluster.local/ns/default/sa/client";

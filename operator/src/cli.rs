@@ -177,6 +177,22 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Per edge (calling pod → destination service): requests per second, success rate
+    /// and latency, from the sidecars' stats over a window (read by `weft up` from each
+    /// sidecar's metrics port).
+    Top {
+        /// Only callers in this namespace.
+        namespace: Option<String>,
+        /// How long to measure, e.g. `2s` (at most 60s).
+        #[arg(long, default_value = "2s")]
+        window: String,
+        /// Admin endpoint of `weft up`.
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin_addr: String,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Show what each connected proxy was sent and has acknowledged.
     ProxyStatus {
         /// Admin endpoint of `weft up`.
@@ -658,6 +674,40 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
                 println!("{line}");
             }
             println!("verdict: {}", answer.verdict);
+            Ok(())
+        }
+        Command::Top {
+            namespace,
+            window,
+            admin_addr,
+            json,
+        } => {
+            let mut params = form_urlencoded::Serializer::new(String::new());
+            params.append_pair("window", &window);
+            if let Some(ns) = &namespace {
+                params.append_pair("namespace", ns);
+            }
+            let edges: Vec<crate::top::EdgeReport> =
+                admin::fetch(&admin_addr, &format!("/top?{}", params.finish())).await?;
+            if json {
+                return print_json(&edges);
+            }
+            println!(
+                "{:<32} {:<36} {:>8} {:>9} {:>8} {:>8}",
+                "SOURCE", "DESTINATION", "RPS", "SUCCESS", "P50", "P99"
+            );
+            let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v}ms"));
+            for e in &edges {
+                println!(
+                    "{:<32} {:<36} {:>8.1} {:>8.1}% {:>8} {:>8}",
+                    e.source,
+                    e.destination,
+                    e.rps,
+                    e.success_rate,
+                    ms(e.p50_ms),
+                    ms(e.p99_ms)
+                );
+            }
             Ok(())
         }
         Command::ProxyStatus { admin_addr, json } => {

@@ -17,6 +17,7 @@ pub mod index;
 pub mod runtime;
 pub mod sidecar;
 pub mod sources;
+pub mod top;
 pub mod translate;
 
 pub use error::WeftError;

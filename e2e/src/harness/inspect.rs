@@ -35,6 +35,11 @@ impl Harness {
         self.weft_json("proxy-status")
     }
 
+    /// `weft top --json --window WINDOW` against this harness's control plane.
+    pub fn top(&self, window: &str) -> Result<serde_json::Value> {
+        self.weft_json_with("top", &["--window", window])
+    }
+
     /// `weft status --json` against this harness's control plane.
     pub fn status(&self) -> Result<serde_json::Value> {
         self.weft_json("status")

@@ -196,28 +196,115 @@ pub struct AdminState {
     pub registry: Arc<SyncRegistry>,
     /// Prometheus metrics.
     pub metrics: Arc<ControlPlaneMetrics>,
-    /// Asks the task that owns the model for `/explain` answers.
-    pub explain: mpsc::Sender<ExplainRequest>,
+    /// Asks the task that owns the model for `/explain` and `/top` answers.
+    pub explain: mpsc::Sender<ModelQuery>,
     /// Set at shutdown: not ready any more.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
-/// A `/explain` question for the task that owns the model, and where to answer it:
-/// the model is never copied for it.
+/// A question for the task that owns the model, and where to answer it: the model is
+/// never copied for it.
 #[derive(Debug)]
-pub struct ExplainRequest {
-    /// The call to explain.
-    pub query: CallQuery,
-    /// Where the answer goes.
-    pub reply: oneshot::Sender<Explanation>,
+pub enum ModelQuery {
+    /// `/explain`: a call to explain.
+    Explain {
+        /// The call.
+        query: CallQuery,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Explanation>,
+    },
+    /// `/top`: the meshed pods (node id, an IP) whose sidecars to read, optionally of one
+    /// namespace.
+    Sidecars {
+        /// Only this namespace's, when set.
+        namespace: Option<String>,
+        /// Where the answer goes.
+        reply: oneshot::Sender<Vec<(String, std::net::IpAddr)>>,
+    },
 }
 
-impl ExplainRequest {
+impl ModelQuery {
     /// Answers from `model` under `config`.
     pub fn answer(self, model: &MeshModel, config: &MeshConfig) {
         // The asker may have given up; nothing to do then.
-        let _ = self.reply.send(explain(model, config, &self.query));
+        match self {
+            Self::Explain { query, reply } => {
+                let _ = reply.send(explain(model, config, &query));
+            }
+            Self::Sidecars { namespace, reply } => {
+                let pods = model
+                    .workloads
+                    .values()
+                    .filter(|w| w.meshed)
+                    .filter(|w| namespace.as_ref().is_none_or(|n| *n == w.namespace))
+                    .filter_map(|w| Some((w.node_id(), *w.ips.first()?)))
+                    .collect();
+                let _ = reply.send(pods);
+            }
+        }
     }
+}
+
+/// How long `/top` waits for each sidecar's stats.
+const SCRAPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// One sidecar's outbound counters from its metrics port, if it answers in time.
+async fn scrape_sidecar(ip: std::net::IpAddr) -> Option<crate::top::SidecarCounters> {
+    let addr = SocketAddr::new(ip, weft_crds::annotations::PROXY_METRICS_PORT).to_string();
+    let fetched = tokio::time::timeout(
+        SCRAPE_TIMEOUT,
+        http_request(&addr, Method::GET, "/stats/prometheus"),
+    )
+    .await;
+    match fetched {
+        Ok(Ok((status, body))) if status.is_success() => Some(crate::top::parse_sidecar_stats(
+            &String::from_utf8_lossy(&body),
+        )),
+        _ => None,
+    }
+}
+
+/// `/top`: scrapes every meshed sidecar twice, `window` apart, and reports the edges.
+async fn top(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>> {
+    let mut namespace = None;
+    let mut window = std::time::Duration::from_secs(2);
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match key.as_ref() {
+            "namespace" => namespace = Some(value.into_owned()),
+            "window" => match humantime::parse_duration(&value) {
+                Ok(w) if w <= std::time::Duration::from_secs(60) => window = w,
+                _ => return text(StatusCode::BAD_REQUEST, "window: a duration up to 60s"),
+            },
+            _ => {}
+        }
+    }
+    let (reply, answer) = oneshot::channel();
+    if state
+        .explain
+        .send(ModelQuery::Sidecars { namespace, reply })
+        .await
+        .is_err()
+    {
+        return text(StatusCode::SERVICE_UNAVAILABLE, "the mesh is shutting down");
+    }
+    let Ok(Ok(sidecars)) = tokio::time::timeout(EXPLAIN_TIMEOUT, answer).await else {
+        return text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no answer from the mesh in time",
+        );
+    };
+    let scrape_all =
+        || futures::future::join_all(sidecars.iter().map(|(_, ip)| scrape_sidecar(*ip)));
+    let before = scrape_all().await;
+    tokio::time::sleep(window).await;
+    let after = scrape_all().await;
+    let mut edges = Vec::new();
+    for (((node, _), before), after) in sidecars.iter().zip(before).zip(after) {
+        if let (Some(before), Some(after)) = (before, after) {
+            edges.extend(crate::top::edges(node, &before, &after, window));
+        }
+    }
+    json(&edges)
 }
 
 /// How long `/explain` waits for the model's owner (busy applying a large change).
@@ -378,12 +465,13 @@ async fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byt
             json(&status)
         }
         "/proxy-status" => json(&state.proxy_status()),
+        "/top" => top(state, req.uri().query()).await,
         "/explain" => {
             let query = explain_query(req.uri().query());
             let (reply, answer) = oneshot::channel();
             if state
                 .explain
-                .send(ExplainRequest { query, reply })
+                .send(ModelQuery::Explain { query, reply })
                 .await
                 .is_err()
             {
@@ -415,7 +503,7 @@ async fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byt
             .unwrap_or_default(),
         _ => text(
             StatusCode::NOT_FOUND,
-            "endpoints: /healthz /readyz /status /proxy-status /explain /metrics",
+            "endpoints: /healthz /readyz /status /proxy-status /explain /top /metrics",
         ),
     }
 }

@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use crate::identity::NodeBinding;
 use crate::index::{Index, Kind, ModelDelta, Problem};
-use crate::runtime::admin::{ExplainRequest, MeshStatus, ProblemReport, SettingsReport};
+use crate::runtime::admin::{MeshStatus, ModelQuery, ProblemReport, SettingsReport};
 use crate::runtime::metrics::ControlPlaneMetrics;
 use crate::runtime::publish::{MeshPublisher, PublishStats};
 use crate::runtime::xds_listener::XdsServingCert;
@@ -77,7 +77,7 @@ impl MeshRuntime {
     }
 
     /// Answers `weft explain` from the current model.
-    pub fn explain(&self, request: ExplainRequest) {
+    pub fn explain(&self, request: ModelQuery) {
         let model = self.index.model();
         let config = self.flags.effective(model);
         request.answer(model, &config);

@@ -17,7 +17,7 @@ use weft_xds::{AdsService, SnapshotCache};
 use crate::error::WeftError;
 use crate::identity::{CertificateAuthority, NodeBinding};
 use crate::index::Index;
-use crate::runtime::admin::{self, AdminState, ExplainRequest, MeshStatus};
+use crate::runtime::admin::{self, AdminState, MeshStatus, ModelQuery};
 use crate::runtime::mesh::{MeshRuntime, ModelObserver};
 use crate::runtime::metrics::ControlPlaneMetrics;
 use crate::runtime::publish::{DEPARTED_GRACE, MeshIdentity, MeshPublisher};
@@ -132,7 +132,7 @@ pub async fn serve(plane: ControlPlane) -> Result<(), WeftError> {
     } = plane;
     let cache = SnapshotCache::new();
     let (status_tx, status_rx) = watch::channel(MeshStatus::default());
-    let (explain_tx, mut explain_rx) = mpsc::channel::<ExplainRequest>(16);
+    let (explain_tx, mut explain_rx) = mpsc::channel::<ModelQuery>(16);
     let mut demands = cache.demands().ok_or_else(|| WeftError::TaskEnded {
         task: "xds-demands",
         reason: "the cache's demand stream was already taken".to_string(),

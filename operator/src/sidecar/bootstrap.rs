@@ -346,6 +346,9 @@ fn limit_stats(bootstrap: &mut serde_json::Value) {
     bootstrap["stats_config"] =
         json!({ "stats_matcher": { "inclusion_list": { "patterns": patterns } } });
     bootstrap["deferred_stat_options"] = json!({ "enable_deferred_creation_stats": true });
+    // Histograms (latency) reach /stats/prometheus at each flush: every second, so a
+    // `weft top` window of a few seconds holds fresh quantiles (Envoy's default is 5 s).
+    bootstrap["stats_flush_interval"] = json!("1s");
     bootstrap["cluster_manager"] = json!({ "enable_deferred_cluster_creation": true });
 }
 
