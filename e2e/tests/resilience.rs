@@ -43,7 +43,7 @@ fn fault_injection_circuit_breaking_and_outlier_detection_hold_against_real_fail
                 policy(
                     "eject",
                     "backend",
-                    "  outlierDetection: {consecutive5xx: 3, interval: 1s, baseEjectionTime: 60s, maxEjectionPercent: 50}\n",
+                    "  outlierDetection: {consecutive5xx: 3, interval: 1s, baseEjectionTime: 5s, maxEjectionPercent: 50}\n",
                 ),
             ),
         ],
@@ -141,6 +141,24 @@ fn fault_injection_circuit_breaking_and_outlier_detection_hold_against_real_fail
     );
     let (status, _) = h.sidecar_metrics_port("client", "/config_dump").unwrap();
     assert_eq!(status, 404, "the admin API stays on loopback");
+
+    // Healthy again, the ejected endpoint returns once its 5 s ejection ends.
+    h.app("backend-v1-0", &["http", "http://127.0.0.1:8080/fault"])
+        .unwrap()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(12);
+    loop {
+        let report = h.load("client", "http://backend:8080/", 10, 1).unwrap();
+        if report.answered_by("backend-v1-0") > 0 {
+            assert!(report.failures().is_empty(), "{:?}", report.failures());
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "backend-v1-0 never came back after its ejection"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 /// client → backend (backend-v1-0, backend-v2-0), backend-v1 and backend-v2, the
