@@ -10,7 +10,9 @@ use envoy_types::pb::envoy::config::endpoint::v3::{
     ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints, lb_endpoint,
 };
 
-use super::envoy::{address_of, ads_config_source, millis, socket_address, u32_value};
+use super::envoy::{
+    address_of, ads_config_source, millis, protobuf_duration, socket_address, u32_value,
+};
 use super::http::{UpstreamHttp, upstream_protocol_options, upstream_protocol_options_with};
 use super::settings::MeshConfig;
 use super::tls::{upstream_tls_to, upstream_transport_socket};
@@ -205,8 +207,7 @@ fn apply_cluster_policy(cluster: &mut Cluster, policy: &PortPolicy, h2: bool, ho
     use envoy_types::pb::envoy::config::core::v3::{HealthCheck, health_check};
     use envoy_types::pb::envoy::r#type::v3::{CodecClientType, Int64Range, Percent};
     use weft_crds::policy::LoadBalancerType;
-    let duration =
-        |d: std::time::Duration| millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+
     if let Some(pool) = &policy.connection_pool {
         let p = &pool.value;
         cluster.circuit_breakers = Some(CircuitBreakers {
@@ -229,8 +230,8 @@ fn apply_cluster_policy(cluster: &mut Cluster, policy: &PortPolicy, h2: bool, ho
             enforcing_consecutive_gateway_failure: o
                 .consecutive_gateway_errors
                 .map(|_| u32_value(100)),
-            interval: o.interval.map(duration),
-            base_ejection_time: o.base_ejection_time.map(duration),
+            interval: o.interval.map(protobuf_duration),
+            base_ejection_time: o.base_ejection_time.map(protobuf_duration),
             max_ejection_percent: o.max_ejection_percent.map(u32_value),
             ..Default::default()
         });
@@ -262,11 +263,11 @@ fn apply_cluster_policy(cluster: &mut Cluster, policy: &PortPolicy, h2: bool, ho
             }
         };
         cluster.health_checks = vec![HealthCheck {
-            timeout: Some(duration(h.timeout)),
-            interval: Some(duration(h.interval)),
+            timeout: Some(protobuf_duration(h.timeout)),
+            interval: Some(protobuf_duration(h.interval)),
             // Envoy probes a cluster that has had no traffic yet only once a minute: a
             // sidecar that just started would keep a failed first probe that long.
-            no_traffic_interval: Some(duration(h.interval)),
+            no_traffic_interval: Some(protobuf_duration(h.interval)),
             healthy_threshold: Some(u32_value(h.healthy_threshold)),
             unhealthy_threshold: Some(u32_value(h.unhealthy_threshold)),
             health_checker: Some(checker),
@@ -284,7 +285,7 @@ fn apply_cluster_policy(cluster: &mut Cluster, policy: &PortPolicy, h2: bool, ho
     if let Some(lb) = &policy.load_balancer {
         let lb = &lb.value;
         let slow_start = lb.slow_start.map(|w| cluster::SlowStartConfig {
-            slow_start_window: Some(duration(w)),
+            slow_start_window: Some(protobuf_duration(w)),
             ..Default::default()
         });
         let (policy, config) = match lb.algorithm {

@@ -55,6 +55,14 @@ pub fn millis(ms: u64) -> Duration {
     }
 }
 
+/// A duration as protobuf's.
+pub fn protobuf_duration(d: std::time::Duration) -> Duration {
+    Duration {
+        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
+        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
+    }
+}
+
 /// A wrapped bool.
 pub fn bool_value(value: bool) -> BoolValue {
     BoolValue { value }

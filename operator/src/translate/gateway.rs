@@ -24,7 +24,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
 };
 use envoy_types::pb::envoy::r#type::v3::{FractionalPercent, fractional_percent};
 
-use super::envoy::u32_value;
+use super::envoy::{protobuf_duration, u32_value};
 use super::http::no_timeout;
 use super::outbound_cluster_name;
 use crate::index::{
@@ -132,13 +132,6 @@ fn header_options(changes: &HeaderChanges) -> Vec<HeaderValueOption> {
             )
         }))
         .collect()
-}
-
-pub(super) fn duration(d: std::time::Duration) -> envoy_types::pb::google::protobuf::Duration {
-    envoy_types::pb::google::protobuf::Duration {
-        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-    }
 }
 
 fn regex_rewrite(pattern: String, substitution: String) -> RegexMatchAndSubstitute {
@@ -270,7 +263,7 @@ pub(super) fn retry_policy(
         per_try_timeout: retry
             .and_then(|r| r.per_try_timeout)
             .or(backend_timeout)
-            .map(duration),
+            .map(protobuf_duration),
         ..Default::default()
     };
     if let Some(retry) = retry {
@@ -280,7 +273,7 @@ pub(super) fn retry_policy(
         }
         policy.num_retries = Some(u32_value(retry.attempts));
         policy.retry_back_off = retry.backoff.map(|b| retry_policy::RetryBackOff {
-            base_interval: Some(duration(b)),
+            base_interval: Some(protobuf_duration(b)),
             ..Default::default()
         });
     }
@@ -300,7 +293,7 @@ fn forward(entry: &HttpRouteEntry) -> route::Action {
         cluster_not_found_response_code:
             route_action::ClusterNotFoundResponseCode::InternalServerError as i32,
         retry_policy: Some(retry_policy(action.retry.as_ref(), action.backend_timeout)),
-        timeout: action.timeout.map(duration).or_else(no_timeout),
+        timeout: action.timeout.map(protobuf_duration).or_else(no_timeout),
         request_mirror_policies: action
             .mirrors
             .iter()

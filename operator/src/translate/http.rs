@@ -100,10 +100,7 @@ pub fn upstream_protocol_options_with(
             upstream_protocol_options: Some(options),
             common_http_protocol_options: max_connection_duration.map(|d| {
                 envoy_types::pb::envoy::config::core::v3::HttpProtocolOptions {
-                    max_connection_duration: Some(Duration {
-                        seconds: i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
-                        nanos: i32::try_from(d.subsec_nanos()).unwrap_or(0),
-                    }),
+                    max_connection_duration: Some(super::envoy::protobuf_duration(d)),
                     ..Default::default()
                 }
             }),

@@ -39,7 +39,8 @@ use super::clusters::{
     INBOUND_PASSTHROUGH_CLUSTER, PASSTHROUGH_CLUSTER, POD_CLUSTER_PREFIX, inbound_cluster_name,
 };
 use super::envoy::{
-    ads_config_source, any, bool_value, network_filter, socket_address, tcp_proxy_filter, u32_value,
+    ads_config_source, any, bool_value, network_filter, protobuf_duration, socket_address,
+    tcp_proxy_filter, u32_value,
 };
 use super::http::{hcm_filter, http_connection_manager, no_timeout};
 use super::rbac::{
@@ -90,10 +91,6 @@ fn tls_inspector() -> ListenerFilter {
         "envoy.filters.listener.tls_inspector",
         &TlsInspector::default(),
     )
-}
-
-fn protobuf_duration(d: Duration) -> envoy_types::pb::google::protobuf::Duration {
-    super::envoy::millis(u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn strings(items: &[&str]) -> Vec<String> {

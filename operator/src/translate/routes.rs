@@ -203,7 +203,7 @@ fn apply_route_policy(routes: &mut [Route], policy: &PortPolicy, smi: bool) {
                 action.retry_policy = Some(super::gateway::retry_policy(Some(&retry.value), None));
             }
             if let Some(timeout) = &policy.timeout {
-                action.timeout = Some(super::gateway::duration(timeout.value));
+                action.timeout = Some(super::envoy::protobuf_duration(timeout.value));
             }
         }
     }
@@ -223,7 +223,7 @@ pub fn http_fault(fault: &FaultModel) -> HttpFault {
         delay: fault.delay.map(|(percent, d)| FaultDelay {
             percentage: Some(share(percent)),
             fault_delay_secifier: Some(fault_delay::FaultDelaySecifier::FixedDelay(
-                super::gateway::duration(d),
+                super::envoy::protobuf_duration(d),
             )),
         }),
         abort: fault.abort.map(|(percent, status)| FaultAbort {
