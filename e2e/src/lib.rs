@@ -21,6 +21,7 @@ pub use harness::cluster::{CONTROLLER_NAMESPACE, EndpointState, KubeCluster};
 pub use harness::network::{IpFamilies, host_port};
 pub use harness::topology::PortSpec;
 pub use harness::traffic::RunningLoad;
+pub use harness::wait::wait_until;
 pub use report::{LoadReport, RequestResult, now_ms};
 
 /// UID the sidecar runs as; `weft init-iptables` exempts its traffic.

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use weft_e2e::apiserver::ApiServerDouble;
-use weft_e2e::{CONTROLLER_NAMESPACE, EndpointState, Harness, now_ms};
+use weft_e2e::{CONTROLLER_NAMESPACE, EndpointState, Harness, now_ms, wait_until};
 
 const BACKEND_URL: &str = "http://backend:8080/";
 
@@ -48,18 +48,6 @@ fn condition(
         .iter()
         .find(|c| c["type"] == type_)
         .cloned()
-}
-
-fn wait_until(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) -> Duration {
-    let start = Instant::now();
-    while !ready() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    start.elapsed()
 }
 
 /// client → backend split over backend-v1 and backend-v2, one pod each, all meshed.
@@ -111,7 +99,8 @@ fn the_controller_serves_a_split_from_the_api_server_and_shifts_it_under_load() 
             )
             .is_some()
         },
-    );
+    )
+    .unwrap();
     let accepted = accepted
         .or_else(|| {
             condition(
@@ -195,7 +184,8 @@ fn a_traffic_target_from_the_api_server_grants_and_revokes_access() {
     c.api.apply_object(allow("backend", &["client"])).unwrap();
     let granted = wait_until(Duration::from_secs(5), "access granted", || {
         status(&h) == 200
-    });
+    })
+    .unwrap();
     c.api
         .delete_object(
             "access.smi-spec.io/v1alpha3",
@@ -206,7 +196,8 @@ fn a_traffic_target_from_the_api_server_grants_and_revokes_access() {
         .unwrap();
     let revoked = wait_until(Duration::from_secs(5), "access revoked", || {
         status(&h) == 403
-    });
+    })
+    .unwrap();
     eprintln!("granted after {granted:?}, revoked after {revoked:?}");
     assert!(granted < Duration::from_secs(2) && revoked < Duration::from_secs(2));
 }
@@ -389,7 +380,8 @@ fn status_reports_an_invalid_split_with_one_event_and_no_op_reconciles_write_not
     };
     wait_until(Duration::from_secs(10), "Accepted=False", || {
         accepted().is_some_and(|c| c["status"] == "False")
-    });
+    })
+    .unwrap();
     let rejected = accepted().unwrap();
     assert_eq!(rejected["reason"], "Invalid", "{rejected}");
     assert!(
@@ -401,16 +393,19 @@ fn status_reports_an_invalid_split_with_one_event_and_no_op_reconciles_write_not
     );
     wait_until(Duration::from_secs(5), "one Event", || {
         c.api.requests("create", "events", "") >= 1
-    });
+    })
+    .unwrap();
 
     // Fixing it flips it to True, with one more Event for the transition.
     c.api.apply_object(split(50, 50)).unwrap();
     wait_until(Duration::from_secs(10), "Accepted=True", || {
         accepted().is_some_and(|c| c["status"] == "True")
-    });
+    })
+    .unwrap();
     wait_until(Duration::from_secs(5), "the second Event", || {
         c.api.requests("create", "events", "") >= 2
-    });
+    })
+    .unwrap();
     let fixed = accepted().unwrap();
     assert_ne!(fixed["lastTransitionTime"], json!(null));
 
@@ -432,17 +427,7 @@ fn status_reports_an_invalid_split_with_one_event_and_no_op_reconciles_write_not
         same["metadata"]["labels"] = json!({"touch": i.to_string()});
         c.api.apply_object(same).unwrap();
     }
-    let mut last = h.controller_metric(1, "weft_pushes_total");
-    // Wait until the controller has seen them all (its push count settles).
-    for _ in 0..20 {
-        std::thread::sleep(Duration::from_millis(250));
-        let now = h.controller_metric(1, "weft_pushes_total");
-        if now == last {
-            break;
-        }
-        last = now;
-    }
-    std::thread::sleep(Duration::from_secs(1));
+    h.wait_controller_settled(1);
     assert_eq!(
         c.api.requests("patch", "trafficsplits", "status"),
         patches,
@@ -495,7 +480,8 @@ fn the_ca_secret_and_trust_bundle_configmaps_are_written_once() {
                 .get("v1", "ConfigMap", Some("default"), "weft-root-ca")
                 .is_some()
         },
-    );
+    )
+    .unwrap();
     let bundle = c
         .api
         .get("v1", "ConfigMap", Some("default"), "weft-root-ca")
@@ -551,7 +537,8 @@ fn the_ca_secret_and_trust_bundle_configmaps_are_written_once() {
                 .get("v1", "ConfigMap", Some("default"), "weft-root-ca")
                 .is_some()
         },
-    );
+    )
+    .unwrap();
 }
 
 /// Status writes controller `replica` made.
@@ -588,7 +575,8 @@ fn two_replicas_serve_one_writes_and_the_other_takes_over_when_it_dies() {
     }
     wait_until(Duration::from_secs(10), "one leader", || {
         leader(&h, &[1, 2]).is_some()
-    });
+    })
+    .unwrap();
     let first = leader(&h, &[1, 2]).unwrap();
     let other = 3 - first;
     wait_until(Duration::from_secs(10), "the split's status", || {
@@ -600,7 +588,8 @@ fn two_replicas_serve_one_writes_and_the_other_takes_over_when_it_dies() {
             "Accepted",
         )
         .is_some()
-    });
+    })
+    .unwrap();
     assert!(writes(&h, first) > 0.0, "the leader wrote the statuses");
     assert_eq!(writes(&h, other), 0.0, "the other replica writes nothing");
 
@@ -626,7 +615,8 @@ fn two_replicas_serve_one_writes_and_the_other_takes_over_when_it_dies() {
     let reconfigured = killed.elapsed();
     wait_until(Duration::from_secs(10), "the survivor to lead", || {
         leader(&h, &[other]).is_some()
-    });
+    })
+    .unwrap();
     let takeover = killed.elapsed();
     wait_until(
         Duration::from_secs(10),
@@ -641,7 +631,8 @@ fn two_replicas_serve_one_writes_and_the_other_takes_over_when_it_dies() {
             )
             .is_some_and(|c| c["status"] == "False")
         },
-    );
+    )
+    .unwrap();
     let written = killed.elapsed();
     let report = load.finish().unwrap();
     eprintln!(
@@ -760,7 +751,8 @@ fn sidecars_prove_their_pod_with_a_service_account_token() {
             Duration::from_secs(20),
             &format!("{pod}'s stream to be denied"),
             || denied(pod).is_some(),
-        );
+        )
+        .unwrap();
         let reason = denied(pod).unwrap();
         eprintln!("{pod}: {reason}");
         assert!(reason.contains(why), "{pod}: {reason}");

@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use weft_e2e::{Harness, LoadReport, PortSpec};
+use weft_e2e::{Harness, LoadReport, PortSpec, wait_until};
 
 const BACKEND: &str = "http://backend:8080";
 
@@ -307,17 +307,6 @@ fn an_httproute_wins_over_a_traffic_split_on_the_same_port() {
     );
 }
 
-fn wait_until(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ready() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 /// An HTTPRoute on Service `backend` (and on a Gateway, another controller's business)
 /// sending everything to `backend`; with another controller's status entry.
 fn route_object(backend: &str) -> Value {
@@ -373,7 +362,8 @@ fn route_status_per_parent_is_written_in_kubernetes_mode_and_only_when_it_change
     };
     wait_until(Duration::from_secs(10), "Weft's status entry", || {
         ours(&route()).is_some()
-    });
+    })
+    .unwrap();
     let stored = route();
     let parents = stored["status"]["parents"].as_array().unwrap();
     assert_eq!(
@@ -419,7 +409,8 @@ fn route_status_per_parent_is_written_in_kubernetes_mode_and_only_when_it_change
     c.api.apply_object(fixed).unwrap();
     wait_until(Duration::from_secs(10), "ResolvedRefs=True", || {
         ours(&route()).is_some_and(|e| condition(&e, "ResolvedRefs")["status"] == "True")
-    });
+    })
+    .unwrap();
     let entry = ours(&route()).unwrap();
     assert_eq!(
         condition(&entry, "ResolvedRefs")["reason"],
@@ -441,16 +432,7 @@ fn route_status_per_parent_is_written_in_kubernetes_mode_and_only_when_it_change
         same["metadata"]["labels"] = json!({"touch": i.to_string()});
         c.api.apply_object(same).unwrap();
     }
-    let mut last = h.controller_metric(1, "weft_pushes_total");
-    for _ in 0..20 {
-        std::thread::sleep(Duration::from_millis(250));
-        let now = h.controller_metric(1, "weft_pushes_total");
-        if now == last {
-            break;
-        }
-        last = now;
-    }
-    std::thread::sleep(Duration::from_secs(1));
+    h.wait_controller_settled(1);
     assert_eq!(
         c.api.requests("patch", "httproutes", "status"),
         patches,
@@ -782,7 +764,8 @@ fn a_cross_namespace_backend_needs_a_reference_grant_and_a_mirror_copies_request
     .unwrap();
     wait_until(Duration::from_secs(10), "the grant to take effect", || {
         call(&h, "GET", &format!("{BACKEND}/db"), &[]).2.trim() == "db-0"
-    });
+    })
+    .unwrap();
     assert!(problems(&h).is_empty(), "{:?}", problems(&h));
 
     // Mirror: backend-v1-0's sidecar sees each mirrored request; the caller gets v2's.
@@ -801,6 +784,7 @@ fn a_cross_namespace_backend_needs_a_reference_grant_and_a_mirror_copies_request
         Duration::from_secs(5),
         "5 mirrored requests at backend-v1-0",
         || seen() >= before + 5,
-    );
+    )
+    .unwrap();
     assert_eq!(seen(), before + 5, "exactly the mirrored requests");
 }

@@ -26,6 +26,7 @@ use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use serde_json::{Value, json};
 use weft_e2e::apiserver::{ApiServerDouble, BackgroundDouble};
+use weft_e2e::wait_until;
 
 const NAMESPACE: &str = "weft-system";
 const SECRET: &str = "weft-webhook-tls";
@@ -119,17 +120,6 @@ fn free_port() -> u16 {
         .local_addr()
         .unwrap()
         .port()
-}
-
-fn wait_until(timeout: Duration, what: &str, mut ready: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !ready() {
-        assert!(
-            start.elapsed() < timeout,
-            "timed out after {timeout:?} waiting for {what}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -411,7 +401,8 @@ fn start_webhook(dir: &TempDir, cert: &Path, key: &Path) -> (Proc, u16) {
             panic!("weft-webhook exited with {status}:\n{}", webhook.log_text());
         }
         TcpStream::connect(("127.0.0.1", port)).is_ok()
-    });
+    })
+    .unwrap();
     (webhook, port)
 }
 
@@ -475,17 +466,20 @@ fn the_controller_issues_the_webhook_certificate_and_sets_the_ca_bundle() {
     let controller = c.start_controller("weft-1", "controller-1", &[]);
     wait_until(Duration::from_secs(30), "the webhook Secret", || {
         c.secret(SECRET).is_some()
-    });
+    })
+    .unwrap();
     wait_until(
         Duration::from_secs(10),
         "the missing configuration reported",
         || controller.count("MutatingWebhookConfiguration does not exist") == 1,
-    );
+    )
+    .unwrap();
     c.api.apply_object(configuration()).unwrap();
     let root = c.root();
     wait_until(Duration::from_secs(15), "both caBundles set", || {
         c.ca_bundles() == [Some(root.clone()), Some(root.clone())]
-    });
+    })
+    .unwrap();
     // Only the caBundles changed.
     let stored = c.api.get(MWC.0, MWC.1, None, CONFIGURATION).unwrap();
     let mut expected = configuration();
@@ -516,7 +510,8 @@ fn the_controller_issues_the_webhook_certificate_and_sets_the_ca_bundle() {
                     })
             })
         },
-    );
+    )
+    .unwrap();
 
     // The Secret: a kubernetes.io/tls certificate from Weft's root for the Service.
     let secret = c.secret(SECRET).unwrap();
@@ -558,7 +553,8 @@ fn the_controller_issues_the_webhook_certificate_and_sets_the_ca_bundle() {
     c.api.apply_object(configuration()).unwrap();
     wait_until(Duration::from_secs(10), "the caBundle set again", || {
         c.ca_bundles() == [Some(root.clone()), Some(root.clone())]
-    });
+    })
+    .unwrap();
     let after = c.writes();
     assert_eq!(
         after["configuration patch"],
@@ -574,7 +570,8 @@ fn the_controller_issues_the_webhook_certificate_and_sets_the_ca_bundle() {
         Duration::from_secs(30),
         "the restarted controller to check the Secret and caBundles",
         || restarted.count("caBundle is current") >= 3,
-    );
+    )
+    .unwrap();
     assert_eq!(c.writes(), before, "a restart writes nothing");
     assert_eq!(restarted.count("webhook serving certificate issued"), 0);
     assert_eq!(restarted.count("caBundle set"), 0);
@@ -585,7 +582,8 @@ fn the_controller_issues_the_webhook_certificate_and_sets_the_ca_bundle() {
         .unwrap();
     wait_until(Duration::from_secs(10), "the Secret re-created", || {
         c.secret(SECRET).is_some()
-    });
+    })
+    .unwrap();
     let recreated = c.secret(SECRET).unwrap();
     let new_serial = check_certificate(&recreated["tls.crt"], &root, ninety_days);
     assert_ne!(new_serial, serial);
@@ -599,7 +597,8 @@ fn the_controller_issues_the_webhook_certificate_and_sets_the_ca_bundle() {
     let expected = CertificateDer::from_pem_slice(recreated["tls.crt"].as_bytes()).unwrap();
     wait_until(Duration::from_secs(10), "the webhook to serve it", || {
         handshake(port, DNS_NAMES[0], &bundle).is_ok_and(|(leaf, _)| leaf == expected)
-    });
+    })
+    .unwrap();
     let log = restarted.log_text();
     assert!(
         log.lines()
@@ -634,13 +633,15 @@ fn only_the_leader_writes_and_a_successor_keeps_a_valid_certificate() {
     };
     wait_until(Duration::from_secs(30), "the Secret and caBundles", || {
         c.secret(SECRET).is_some() && c.ca_bundles() == [Some(root.clone()), Some(root.clone())]
-    });
+    })
+    .unwrap();
     let second = c.start_controller("weft-2", "controller-2", &[]);
     wait_until(
         Duration::from_secs(20),
         "the second replica to start",
         || second.count("webhook serving certificate: managed by the leader") == 1,
-    );
+    )
+    .unwrap();
     // A deleted Secret is written once, by the leader.
     let before = c.writes();
     c.api
@@ -648,7 +649,8 @@ fn only_the_leader_writes_and_a_successor_keeps_a_valid_certificate() {
         .unwrap();
     wait_until(Duration::from_secs(10), "the Secret re-created", || {
         c.secret(SECRET).is_some()
-    });
+    })
+    .unwrap();
     std::thread::sleep(Duration::from_secs(3));
     let after = c.writes();
     assert_eq!(after["secret create"], before["secret create"] + 1);
@@ -673,7 +675,8 @@ fn only_the_leader_writes_and_a_successor_keeps_a_valid_certificate() {
         Duration::from_secs(20),
         "the second replica to lead and check the certificate",
         || second.count("caBundle is current") >= 2,
-    );
+    )
+    .unwrap();
     assert_eq!(c.writes(), before, "a valid Secret is kept");
     let kept = check_certificate(
         &c.secret(SECRET).unwrap()["tls.crt"],
@@ -689,7 +692,8 @@ fn only_the_leader_writes_and_a_successor_keeps_a_valid_certificate() {
         Duration::from_secs(10),
         "the successor to re-create it",
         || c.secret(SECRET).is_some(),
-    );
+    )
+    .unwrap();
     assert_eq!(second.count("webhook serving certificate issued"), 1);
 }
 
@@ -701,7 +705,8 @@ fn the_certificate_is_renewed_at_half_its_lifetime_in_place() {
     let controller = c.start_controller("weft-1", "controller-1", &["--webhook-cert-ttl", "8s"]);
     wait_until(Duration::from_secs(30), "the webhook Secret", || {
         c.secret(SECRET).is_some()
-    });
+    })
+    .unwrap();
     let root = c.root();
     let first = c.secret(SECRET).unwrap();
     let serial = check_certificate(&first["tls.crt"], &root, ttl);
@@ -712,7 +717,8 @@ fn the_certificate_is_renewed_at_half_its_lifetime_in_place() {
     wait_until(Duration::from_secs(15), "a renewed certificate", || {
         c.secret(SECRET)
             .is_some_and(|s| s["tls.crt"] != first["tls.crt"])
-    });
+    })
+    .unwrap();
     let renewed_after = issued.elapsed();
     // At half of 8 s plus the up-to-2 s backdating, not at expiry.
     assert!(
@@ -742,5 +748,6 @@ fn the_certificate_is_renewed_at_half_its_lifetime_in_place() {
         Duration::from_secs(10),
         "the webhook to serve the renewed one",
         || handshake(port, DNS_NAMES[1], &bundle).is_ok_and(|(leaf, _)| leaf == expected),
-    );
+    )
+    .unwrap();
 }

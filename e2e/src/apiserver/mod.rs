@@ -35,7 +35,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 
 pub use conversion::{ConversionWebhook, custom_resource_versions};
-pub use store::ApiError;
+pub use store::{ApiError, uuid_shaped};
 use store::{KINDS, Store, find_kind};
 use tokens::IssuedToken;
 

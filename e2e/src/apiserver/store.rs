@@ -298,6 +298,11 @@ pub(crate) fn new_uid() -> String {
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect();
+    uuid_shaped(&h)
+}
+
+/// 32 hex digits as a UUID (8-4-4-4-12), the shape of Kubernetes uids.
+pub fn uuid_shaped(h: &str) -> String {
     format!(
         "{}-{}-{}-{}-{}",
         &h[..8],

@@ -320,6 +320,21 @@ impl Harness {
         (!values.is_empty()).then(|| values.iter().sum())
     }
 
+    /// Waits (up to 5 s) until controller `replica` has taken in what was written: its
+    /// push count stops moving; then one more second for anything it would write.
+    pub fn wait_controller_settled(&self, replica: u16) {
+        let mut last = self.controller_metric(replica, "weft_pushes_total");
+        for _ in 0..20 {
+            std::thread::sleep(std::time::Duration::from_millis(250));
+            let now = self.controller_metric(replica, "weft_pushes_total");
+            if now == last {
+                break;
+            }
+            last = now;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+
     /// Status, proxy-status and metrics queries go to controller `replica` from now on.
     pub fn use_controller_admin(&mut self, replica: u16) {
         self.admin_override = Some(self.controller_admin_addr(replica));

@@ -7,7 +7,7 @@ pub(crate) mod network;
 mod processes;
 pub(crate) mod topology;
 pub(crate) mod traffic;
-mod wait;
+pub(crate) mod wait;
 
 use std::collections::BTreeMap;
 use std::fs;

@@ -6,19 +6,25 @@ use super::Harness;
 use crate::command::{cmd, output};
 use crate::error::{HarnessError, Result};
 
-pub(crate) fn wait_for(
+/// Polls `ready` every 50 ms until it holds; how long that took, or a timeout naming
+/// `what`.
+pub fn wait_until(
     timeout: Duration,
     what: &str,
     mut ready: impl FnMut() -> bool,
-) -> Result<()> {
-    let deadline = Instant::now() + timeout;
+) -> Result<Duration> {
+    let start = Instant::now();
     while !ready() {
-        if Instant::now() > deadline {
+        if start.elapsed() > timeout {
             return Err(HarnessError::Timeout(timeout, what.to_string()));
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(50));
     }
-    Ok(())
+    Ok(start.elapsed())
+}
+
+pub(crate) fn wait_for(timeout: Duration, what: &str, ready: impl FnMut() -> bool) -> Result<()> {
+    wait_until(timeout, what, ready).map(|_| ())
 }
 
 impl Harness {

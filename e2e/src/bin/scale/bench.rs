@@ -64,15 +64,51 @@ pub struct Steps {
     pub unscoped: bool,
 }
 
+/// How long each step may take and how much memory the control plane may use: the
+/// same options for `run` and `kube`.
+#[derive(Debug, clap::Args)]
+pub struct LimitArgs {
+    /// Seconds an affected proxy may take to see a change.
+    #[arg(long, default_value_t = 30)]
+    change_timeout: u64,
+    /// Seconds the control plane may take to get ready.
+    #[arg(long, default_value_t = 600)]
+    ready_timeout: u64,
+    /// Seconds the proxies may take to get in sync (connect, restart, sample).
+    #[arg(long, default_value_t = 600)]
+    sync_timeout: u64,
+    /// The control plane is killed (and its run reported as failed) above this RSS.
+    #[arg(long, default_value_t = 12.0)]
+    memory_cap_gb: f64,
+}
+
+/// [`LimitArgs`] as durations and bytes.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub change_timeout: Duration,
+    pub ready_timeout: Duration,
+    pub sync_timeout: Duration,
+    pub memory_cap_bytes: u64,
+}
+
+impl LimitArgs {
+    /// The limits in the units the runs use.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            change_timeout: Duration::from_secs(self.change_timeout),
+            ready_timeout: Duration::from_secs(self.ready_timeout),
+            sync_timeout: Duration::from_secs(self.sync_timeout),
+            memory_cap_bytes: (self.memory_cap_gb * (1u64 << 30) as f64) as u64,
+        }
+    }
+}
+
 /// Settings shared by every run.
 #[derive(Clone, Debug)]
 pub struct Settings {
     pub work: PathBuf,
     pub repeats: usize,
-    pub change_timeout: Duration,
-    pub ready_timeout: Duration,
-    pub sync_timeout: Duration,
-    pub memory_cap_bytes: u64,
+    pub limits: Limits,
     pub unscoped_sample: usize,
     pub steps: Steps,
     pub shell_nofile: (u64, u64),
@@ -128,7 +164,7 @@ pub async fn start_control_plane(
         admin,
         fd_limit: binary.fd_limit.unwrap_or(FdLimit::Inherited),
         shell_nofile: settings.shell_nofile,
-        memory_cap_bytes: settings.memory_cap_bytes,
+        memory_cap_bytes: settings.limits.memory_cap_bytes,
     };
     loop {
         let started = Instant::now();
@@ -136,7 +172,7 @@ pub async fn start_control_plane(
             Ok(cp) => cp,
             Err(e) => return (None, Err(e)),
         };
-        let ready = match cp.wait_ready(started, settings.ready_timeout).await {
+        let ready = match cp.wait_ready(started, settings.limits.ready_timeout).await {
             Ok(t) => t,
             Err(e) => return (None, Err(e)),
         };
@@ -371,7 +407,7 @@ pub async fn connect_proxies(
     let fleet = Fleet::start(proxies_for(mesh, pods), cp.launch.xds);
     let floors = vec![0; fleet.proxies.len()];
     let synced = match fleet
-        .wait_in_sync(&floors, settings.sync_timeout, cp.failure_flag())
+        .wait_in_sync(&floors, settings.limits.sync_timeout, cp.failure_flag())
         .await
     {
         Ok(last) => {
@@ -678,7 +714,7 @@ pub async fn run_changes(
             Err(e) => return change_row(kind, watched, Err(e)),
         };
         let all = futures::future::join_all(receivers);
-        let acks = match tokio::time::timeout(settings.change_timeout, all).await {
+        let acks = match tokio::time::timeout(settings.limits.change_timeout, all).await {
             Ok(acks) => acks,
             Err(_) => {
                 let missing = affected.iter().filter(|p| p.has_pending_watch()).count();
@@ -696,7 +732,7 @@ pub async fn run_changes(
                     r + 1,
                     affected.len(),
                     plan.target,
-                    settings.change_timeout,
+                    settings.limits.change_timeout,
                     examples.join(", "),
                     cp.failure().map(|f| format!("; {f}")).unwrap_or_default()
                 );
@@ -756,13 +792,13 @@ async fn restart(
         Ok(cp) => cp,
         Err(e) => return (None, Err(e)),
     };
-    let ready = match cp.wait_ready(started, settings.ready_timeout).await {
+    let ready = match cp.wait_ready(started, settings.limits.ready_timeout).await {
         Ok(t) => t,
         Err(e) => return (None, Err(e)),
     };
     let flag = cp.failure_flag();
     match fleet
-        .wait_in_sync(&floors, settings.sync_timeout, flag)
+        .wait_in_sync(&floors, settings.limits.sync_timeout, flag)
         .await
     {
         Ok(last) => {
@@ -803,7 +839,7 @@ async fn unscoped_sample(
     let fleet = Fleet::start(proxies_for(mesh, pods), cp.launch.xds);
     let floors = vec![0; fleet.proxies.len()];
     let result = fleet
-        .wait_in_sync(&floors, settings.sync_timeout, cp.failure_flag())
+        .wait_in_sync(&floors, settings.limits.sync_timeout, cp.failure_flag())
         .await;
     let out = match result {
         Ok(last) => {

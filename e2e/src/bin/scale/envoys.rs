@@ -318,7 +318,7 @@ async fn envoys_on(
         });
     }
     // In sync: every Envoy has every expected type ACKed (SYNCED) on the server.
-    let deadline = started + settings.sync_timeout;
+    let deadline = started + settings.limits.sync_timeout;
     let mut synced = 0;
     let all_in_sync = loop {
         check_alive(&mut envoys)
@@ -338,7 +338,7 @@ async fn envoys_on(
             return Err(format!(
                 "{synced} of {} Envoys in sync after {:?}",
                 envoys.len(),
-                settings.sync_timeout
+                settings.limits.sync_timeout
             ));
         }
         tokio::time::sleep(POLL).await;
@@ -486,7 +486,7 @@ async fn envoy_changes(
         // The baseline is taken only once every Envoy has ACKed everything it was sent
         // and nothing moves any more: a late ACK of the previous change would otherwise
         // count as this change's.
-        let before = match wait_settled(cp, envoys, settings.change_timeout).await {
+        let before = match wait_settled(cp, envoys, settings.limits.change_timeout).await {
             Ok(s) => s,
             Err(e) => return fail(&watched, format!("run {}: {e}", r + 1)),
         };
@@ -523,7 +523,7 @@ async fn envoy_changes(
         let mut seen: HashMap<String, Duration> = HashMap::new();
         let mut last_status = before;
         while seen.len() < affected.len() {
-            if renamed.elapsed() > settings.change_timeout {
+            if renamed.elapsed() > settings.limits.change_timeout {
                 let missing: Vec<&String> =
                     affected.iter().filter(|n| !seen.contains_key(*n)).collect();
                 return fail(
@@ -533,7 +533,7 @@ async fn envoy_changes(
                         r + 1,
                         missing.len(),
                         affected.len(),
-                        settings.change_timeout,
+                        settings.limits.change_timeout,
                         missing.iter().take(3).collect::<Vec<_>>()
                     ),
                 );
@@ -551,7 +551,7 @@ async fn envoy_changes(
                 Ok(s) => s,
                 Err(e) => {
                     poll_errors.push(e);
-                    if renamed.elapsed() > settings.change_timeout {
+                    if renamed.elapsed() > settings.limits.change_timeout {
                         let last = poll_errors.last().cloned().unwrap_or_default();
                         return fail(&watched, format!("run {}: /proxy-status: {last}", r + 1));
                     }

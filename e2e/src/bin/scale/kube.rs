@@ -74,18 +74,8 @@ pub struct KubeArgs {
     /// The RSS goal of the controller with the proxies in sync, in MiB.
     #[arg(long, default_value_t = 64)]
     rss_goal_mib: u64,
-    /// Seconds an affected proxy may take to see a change.
-    #[arg(long, default_value_t = 30)]
-    change_timeout: u64,
-    /// Seconds the control plane may take to get ready.
-    #[arg(long, default_value_t = 600)]
-    ready_timeout: u64,
-    /// Seconds the proxies may take to get in sync.
-    #[arg(long, default_value_t = 600)]
-    sync_timeout: u64,
-    /// The control plane is killed (and its run reported as failed) above this RSS.
-    #[arg(long, default_value_t = 12.0)]
-    memory_cap_gb: f64,
+    #[command(flatten)]
+    limits: super::bench::LimitArgs,
     /// Where objects, manifests and logs go (default: a fresh directory under /tmp).
     #[arg(long)]
     work: Option<PathBuf>,
@@ -116,15 +106,7 @@ fn hex_id(seed: &str, len: usize) -> String {
 
 /// A stable UUID-shaped uid for an object this bench does not store (ReplicaSets).
 fn uid_for(seed: &str) -> String {
-    let h = hex_id(seed, 32);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &h[..8],
-        &h[8..12],
-        &h[12..16],
-        &h[16..20],
-        &h[20..]
-    )
+    weft_e2e::apiserver::uuid_shaped(&hex_id(seed, 32))
 }
 
 /// Every YAML document of `text` as JSON.
@@ -626,7 +608,7 @@ async fn measure(
     if let (Some(cp), Ok(r)) = (&cp, &mut ready) {
         // start_control_plane waits at most 20 s for a quiet CPU; the controller may
         // still be digesting its own status writes. Idle RSS is taken once it is quiet.
-        cp.wait_quiet(settings.ready_timeout).await;
+        cp.wait_quiet(settings.limits.ready_timeout).await;
         extra.spawn_to_quiet = Some(spawned.elapsed());
         extra.cpu_to_quiet_ms = cp.cpu_ms();
         r.idle_rss = cp.rss_bytes().unwrap_or(r.idle_rss);
@@ -666,7 +648,7 @@ async fn measure(
         // Changes are measured on a settled control plane (each repetition waits again,
         // at most 20 s): a change made while it is busy queues behind that work.
         let t = Instant::now();
-        cp.wait_quiet(settings.sync_timeout).await;
+        cp.wait_quiet(settings.limits.sync_timeout).await;
         extra.settle_before_changes = Some(t.elapsed());
         log_step(
             &label,
@@ -934,10 +916,7 @@ pub async fn run(args: KubeArgs, shell_nofile: (u64, u64)) -> ExitCode {
     let settings = Settings {
         work: work.clone(),
         repeats: args.repeats.max(1),
-        change_timeout: Duration::from_secs(args.change_timeout),
-        ready_timeout: Duration::from_secs(args.ready_timeout),
-        sync_timeout: Duration::from_secs(args.sync_timeout),
-        memory_cap_bytes: (args.memory_cap_gb * (1u64 << 30) as f64) as u64,
+        limits: args.limits.limits(),
         unscoped_sample: 0,
         steps: Steps {
             connect: true,
@@ -962,7 +941,7 @@ pub async fn run(args: KubeArgs, shell_nofile: (u64, u64)) -> ExitCode {
             "unscoped: every proxy gets the whole mesh"
         },
         settings.repeats,
-        settings.change_timeout,
+        settings.limits.change_timeout,
         work.display()
     );
     println!();

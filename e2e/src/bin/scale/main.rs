@@ -61,7 +61,7 @@ mod report;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 
@@ -116,18 +116,8 @@ struct RunArgs {
     /// Applications of each change (for p50/p99).
     #[arg(long, default_value_t = 5)]
     repeats: usize,
-    /// Seconds an affected proxy may take to see a change.
-    #[arg(long, default_value_t = 30)]
-    change_timeout: u64,
-    /// Seconds `weft up` may take to serve its admin endpoint.
-    #[arg(long, default_value_t = 600)]
-    ready_timeout: u64,
-    /// Seconds the proxies may take to get in sync (connect, restart, sample).
-    #[arg(long, default_value_t = 600)]
-    sync_timeout: u64,
-    /// The control plane is killed (and its run reported as failed) above this RSS.
-    #[arg(long, default_value_t = 12.0)]
-    memory_cap_gb: f64,
+    #[command(flatten)]
+    limits: bench::LimitArgs,
     /// Unscoped proxies sampled on scoped meshes.
     #[arg(long, default_value_t = 50)]
     unscoped_sample: usize,
@@ -302,10 +292,7 @@ async fn run(args: RunArgs, shell_nofile: (u64, u64)) -> ExitCode {
     let settings = Settings {
         work: work.clone(),
         repeats: args.repeats.max(1),
-        change_timeout: Duration::from_secs(args.change_timeout),
-        ready_timeout: Duration::from_secs(args.ready_timeout),
-        sync_timeout: Duration::from_secs(args.sync_timeout),
-        memory_cap_bytes: (args.memory_cap_gb * (1u64 << 30) as f64) as u64,
+        limits: args.limits.limits(),
         unscoped_sample: args.unscoped_sample,
         steps: Steps {
             connect: !args.no_proxies,
@@ -342,8 +329,8 @@ async fn run(args: RunArgs, shell_nofile: (u64, u64)) -> ExitCode {
     println!(
         "- repeats {}, change timeout {:?}, memory cap {:.1} GiB, work dir {}",
         settings.repeats,
-        settings.change_timeout,
-        args.memory_cap_gb,
+        settings.limits.change_timeout,
+        settings.limits.memory_cap_bytes as f64 / (1u64 << 30) as f64,
         work.display()
     );
     println!(
