@@ -476,20 +476,6 @@ impl Index {
             .unwrap_or_default()
     }
 
-    /// Services some TrafficPolicy targets (in its namespace).
-    fn policy_references(store: &Store) -> BTreeSet<ServiceKey> {
-        store
-            .traffic_policies
-            .iter()
-            .flat_map(|((ns, _), p)| {
-                p.spec
-                    .target_refs
-                    .iter()
-                    .map(move |t| ServiceKey::new(ns, &t.name))
-            })
-            .collect()
-    }
-
     /// Marks what a change of one object (from `old` to `new`) can affect.
     fn mark(
         &self,
@@ -604,9 +590,7 @@ impl Index {
     fn recompute(&mut self, mut dirty: Dirty) -> ModelDelta {
         let mut delta = ModelDelta::default();
         if dirty.config {
-            let (settings, mut problems) = resolve_mesh_config(&self.store);
-            let (defaults, default_problems) = policy::mesh_defaults(settings.as_ref());
-            problems.extend(default_problems);
+            let (settings, defaults, problems) = resolve_config(&self.store);
             if defaults != self.traffic_defaults {
                 // Every service port may take them.
                 self.traffic_defaults = defaults;
@@ -651,9 +635,7 @@ impl Index {
     /// Resolves everything again from the store.
     fn rebuild(&mut self) -> ModelDelta {
         let before = std::mem::take(&mut self.model);
-        let (settings, mut config_problems) = resolve_mesh_config(&self.store);
-        let (defaults, default_problems) = policy::mesh_defaults(settings.as_ref());
-        config_problems.extend(default_problems);
+        let (settings, defaults, config_problems) = resolve_config(&self.store);
         self.traffic_defaults = defaults;
         self.opaque_ports = settings
             .as_ref()
@@ -841,7 +823,7 @@ impl Index {
         {
             self.split_refs = split_references(&self.store);
             self.route_refs = gateway::route_references(&self.store);
-            self.policy_refs = Self::policy_references(&self.store);
+            self.policy_refs = policy::policy_references(&self.store);
             // Splits see the group's new state and everyone else's current one.
             let overlay: BTreeMap<ServiceKey, Option<MeshService>> = group
                 .iter()
@@ -1053,6 +1035,15 @@ impl Index {
             .collect();
         self.model.problems = all.into_iter().collect();
     }
+}
+
+/// The MeshConfig in effect, its mesh-wide TrafficPolicy defaults, and the problems of
+/// both.
+fn resolve_config(store: &Store) -> (Option<MeshSettings>, Option<PortPolicy>, Vec<Problem>) {
+    let (settings, mut problems) = resolve_mesh_config(store);
+    let (defaults, default_problems) = policy::mesh_defaults(settings.as_ref());
+    problems.extend(default_problems);
+    (settings, defaults, problems)
 }
 
 /// Keys whose values differ between two maps (added, removed or changed).

@@ -197,6 +197,20 @@ fn parse(spec: &TrafficSettings) -> Result<Parsed, String> {
     Ok(out)
 }
 
+/// Services some TrafficPolicy targets (in its namespace).
+pub(super) fn policy_references(store: &Store) -> std::collections::BTreeSet<ServiceKey> {
+    store
+        .traffic_policies
+        .iter()
+        .flat_map(|((ns, _), p)| {
+            p.spec
+                .target_refs
+                .iter()
+                .map(move |t| ServiceKey::new(ns, &t.name))
+        })
+        .collect()
+}
+
 /// The MeshConfig's `trafficDefaults` as port settings (each field sourced from the
 /// MeshConfig), or why they cannot be used.
 pub(super) fn mesh_defaults(
