@@ -20,19 +20,6 @@ use super::{Kind, ObjectRef};
 /// Policies by service and port.
 pub(super) type PoliciesByService = BTreeMap<ServiceKey, BTreeMap<u16, PortPolicy>>;
 
-/// The settings of one policy, parsed (durations) and checked.
-#[derive(Default)]
-struct Parsed {
-    connection_pool: Option<ConnectionPoolModel>,
-    outlier_detection: Option<OutlierDetectionModel>,
-    health_check: Option<HealthCheckModel>,
-    load_balancer: Option<LoadBalancerModel>,
-    fault: Option<FaultModel>,
-    retry: Option<RetryModel>,
-    timeout: Option<std::time::Duration>,
-    rate_limit: Option<RateLimitModel>,
-}
-
 fn duration(field: &str, value: Option<&str>) -> Result<Option<std::time::Duration>, String> {
     value
         .map(|v| parse_gateway_duration(v).map_err(|e| format!("{field} {v:?}: {e}")))
@@ -46,35 +33,43 @@ fn percent(field: &str, value: u32) -> Result<u32, String> {
     Ok(value)
 }
 
-/// Checks what the CRD's schema checks too (a manifest in local mode meets no API server).
-fn parse(spec: &TrafficSettings) -> Result<Parsed, String> {
-    let mut out = Parsed::default();
+/// The settings of `source` (a TrafficPolicy or the MeshConfig), parsed and each marked
+/// with it. Checks what the CRD's schema checks too (a manifest in local mode meets no
+/// API server).
+fn parse(spec: &TrafficSettings, source: &ObjectRef) -> Result<PortPolicy, String> {
+    let mut out = PortPolicy::default();
     if let Some(c) = &spec.connection_pool {
-        out.connection_pool = Some(ConnectionPoolModel {
-            max_connections: c.max_connections,
-            max_pending_requests: c.max_pending_requests,
-            max_requests: c.max_requests,
-            max_retries: c.max_retries,
-            max_connection_duration: duration(
-                "spec.connectionPool.maxConnectionDuration",
-                c.max_connection_duration.as_deref(),
-            )?,
-        });
+        out.connection_pool = Some(sourced_of(
+            source,
+            ConnectionPoolModel {
+                max_connections: c.max_connections,
+                max_pending_requests: c.max_pending_requests,
+                max_requests: c.max_requests,
+                max_retries: c.max_retries,
+                max_connection_duration: duration(
+                    "spec.connectionPool.maxConnectionDuration",
+                    c.max_connection_duration.as_deref(),
+                )?,
+            },
+        ));
     }
     if let Some(o) = &spec.outlier_detection {
-        out.outlier_detection = Some(OutlierDetectionModel {
-            consecutive_5xx: o.consecutive_5xx,
-            consecutive_gateway_errors: o.consecutive_gateway_errors,
-            interval: duration("spec.outlierDetection.interval", o.interval.as_deref())?,
-            base_ejection_time: duration(
-                "spec.outlierDetection.baseEjectionTime",
-                o.base_ejection_time.as_deref(),
-            )?,
-            max_ejection_percent: o
-                .max_ejection_percent
-                .map(|p| percent("spec.outlierDetection.maxEjectionPercent", p))
-                .transpose()?,
-        });
+        out.outlier_detection = Some(sourced_of(
+            source,
+            OutlierDetectionModel {
+                consecutive_5xx: o.consecutive_5xx,
+                consecutive_gateway_errors: o.consecutive_gateway_errors,
+                interval: duration("spec.outlierDetection.interval", o.interval.as_deref())?,
+                base_ejection_time: duration(
+                    "spec.outlierDetection.baseEjectionTime",
+                    o.base_ejection_time.as_deref(),
+                )?,
+                max_ejection_percent: o
+                    .max_ejection_percent
+                    .map(|p| percent("spec.outlierDetection.maxEjectionPercent", p))
+                    .transpose()?,
+            },
+        ));
     }
     if let Some(h) = &spec.health_check {
         let http = match (&h.http, &h.tcp) {
@@ -90,19 +85,22 @@ fn parse(spec: &TrafficSettings) -> Result<Parsed, String> {
             (None, Some(_)) => None,
             _ => return Err("spec.healthCheck: exactly one of http or tcp".into()),
         };
-        out.health_check = Some(HealthCheckModel {
-            http,
-            interval: duration("spec.healthCheck.interval", h.interval.as_deref())?
-                .unwrap_or(std::time::Duration::from_secs(10)),
-            timeout: duration("spec.healthCheck.timeout", h.timeout.as_deref())?
-                .unwrap_or(std::time::Duration::from_secs(1)),
-            healthy_threshold: h.healthy_threshold.unwrap_or(1).max(1),
-            unhealthy_threshold: h.unhealthy_threshold.unwrap_or(2).max(1),
-            panic_threshold: h
-                .panic_threshold
-                .map(|p| percent("spec.healthCheck.panicThreshold", p))
-                .transpose()?,
-        });
+        out.health_check = Some(sourced_of(
+            source,
+            HealthCheckModel {
+                http,
+                interval: duration("spec.healthCheck.interval", h.interval.as_deref())?
+                    .unwrap_or(std::time::Duration::from_secs(10)),
+                timeout: duration("spec.healthCheck.timeout", h.timeout.as_deref())?
+                    .unwrap_or(std::time::Duration::from_secs(1)),
+                healthy_threshold: h.healthy_threshold.unwrap_or(1).max(1),
+                unhealthy_threshold: h.unhealthy_threshold.unwrap_or(2).max(1),
+                panic_threshold: h
+                    .panic_threshold
+                    .map(|p| percent("spec.healthCheck.panicThreshold", p))
+                    .transpose()?,
+            },
+        ));
     }
     if let Some(lb) = &spec.load_balancer {
         let hashing = matches!(
@@ -125,14 +123,17 @@ fn parse(spec: &TrafficSettings) -> Result<Parsed, String> {
                 ));
             }
         };
-        out.load_balancer = Some(LoadBalancerModel {
-            algorithm: lb.type_,
-            hash,
-            slow_start: duration(
-                "spec.loadBalancer.slowStartWindow",
-                lb.slow_start_window.as_deref(),
-            )?,
-        });
+        out.load_balancer = Some(sourced_of(
+            source,
+            LoadBalancerModel {
+                algorithm: lb.type_,
+                hash,
+                slow_start: duration(
+                    "spec.loadBalancer.slowStartWindow",
+                    lb.slow_start_window.as_deref(),
+                )?,
+            },
+        ));
     }
     if let Some(local) = spec.rate_limit.as_ref().and_then(|r| r.local.as_ref()) {
         if local.tokens == 0 {
@@ -141,14 +142,17 @@ fn parse(spec: &TrafficSettings) -> Result<Parsed, String> {
         let interval = duration("spec.rateLimit.local.interval", Some(&local.interval))?
             .filter(|d| !d.is_zero())
             .ok_or("spec.rateLimit.local.interval must be positive")?;
-        out.rate_limit = Some(RateLimitModel {
-            tokens: local.tokens,
-            interval,
-            burst: local.burst.unwrap_or(local.tokens).max(1),
-        });
+        out.rate_limit = Some(sourced_of(
+            source,
+            RateLimitModel {
+                tokens: local.tokens,
+                interval,
+                burst: local.burst.unwrap_or(local.tokens).max(1),
+            },
+        ));
     }
     if let Some(f) = &spec.fault_injection {
-        out.fault = Some(FaultModel {
+        out.fault = Some(sourced_of(source, FaultModel {
             delay: f
                 .delay
                 .as_ref()
@@ -176,7 +180,7 @@ fn parse(spec: &TrafficSettings) -> Result<Parsed, String> {
                     ))
                 })
                 .transpose()?,
-        });
+        }));
     }
     if let Some(r) = &spec.retries {
         if let Some(c) = r.codes.iter().find(|c| !(400..=599).contains(*c)) {
@@ -184,15 +188,22 @@ fn parse(spec: &TrafficSettings) -> Result<Parsed, String> {
                 "spec.retries.codes: {c} is not between 400 and 599"
             ));
         }
-        out.retry = Some(RetryModel {
-            codes: r.codes.iter().map(|&c| u32::from(c)).collect(),
-            attempts: r.attempts,
-            backoff: duration("spec.retries.backoff", r.backoff.as_deref())?,
-            per_try_timeout: duration("spec.retries.perTryTimeout", r.per_try_timeout.as_deref())?,
-        });
+        out.retry = Some(sourced_of(
+            source,
+            RetryModel {
+                codes: r.codes.iter().map(|&c| u32::from(c)).collect(),
+                attempts: r.attempts,
+                backoff: duration("spec.retries.backoff", r.backoff.as_deref())?,
+                per_try_timeout: duration(
+                    "spec.retries.perTryTimeout",
+                    r.per_try_timeout.as_deref(),
+                )?,
+            },
+        ));
     }
     if let Some(t) = &spec.timeouts {
-        out.timeout = duration("spec.timeouts.request", t.request.as_deref())?;
+        out.timeout =
+            duration("spec.timeouts.request", t.request.as_deref())?.map(|d| sourced_of(source, d));
     }
     Ok(out)
 }
@@ -221,20 +232,8 @@ pub(super) fn mesh_defaults(
     else {
         return (None, Vec::new());
     };
-    match parse(defaults) {
-        Ok(parsed) => (
-            Some(PortPolicy {
-                connection_pool: parsed.connection_pool.map(|v| sourced_of(source, v)),
-                outlier_detection: parsed.outlier_detection.map(|v| sourced_of(source, v)),
-                health_check: parsed.health_check.map(|v| sourced_of(source, v)),
-                load_balancer: parsed.load_balancer.map(|v| sourced_of(source, v)),
-                fault: parsed.fault.map(|v| sourced_of(source, v)),
-                retry: parsed.retry.map(|v| sourced_of(source, v)),
-                timeout: parsed.timeout.map(|v| sourced_of(source, v)),
-                rate_limit: parsed.rate_limit.map(|v| sourced_of(source, v)),
-            }),
-            Vec::new(),
-        ),
+    match parse(defaults, source) {
+        Ok(policy) => (Some(policy), Vec::new()),
         Err(e) => (
             None,
             vec![Problem {
@@ -265,20 +264,8 @@ pub(super) fn with_defaults(
         return out;
     };
     for port in ports {
-        let p = out.entry(port).or_default();
-        fn fill<T: Clone>(slot: &mut Option<T>, default: &Option<T>) {
-            if slot.is_none() {
-                slot.clone_from(default);
-            }
-        }
-        fill(&mut p.connection_pool, &d.connection_pool);
-        fill(&mut p.outlier_detection, &d.outlier_detection);
-        fill(&mut p.health_check, &d.health_check);
-        fill(&mut p.load_balancer, &d.load_balancer);
-        fill(&mut p.fault, &d.fault);
-        fill(&mut p.retry, &d.retry);
-        fill(&mut p.timeout, &d.timeout);
-        fill(&mut p.rate_limit, &d.rate_limit);
+        // A field a policy set keeps it: the default only fills the rest.
+        fill(out.entry(port).or_default(), d);
     }
     out
 }
@@ -294,27 +281,60 @@ fn hash_source(h: &HashSource) -> Result<HashModel, String> {
     }
 }
 
-/// Sets `slot` from `policy` unless an older policy holds it; returns the field's name
-/// when it conflicts.
-fn claim<T: Clone>(
-    slot: &mut Option<Sourced<T>>,
-    value: &Option<T>,
-    source: &ObjectRef,
-    field: &'static str,
-    conflicts: &mut Vec<(&'static str, ObjectRef)>,
-) {
-    let Some(value) = value else {
-        return;
-    };
-    match slot {
-        Some(held) if held.source != *source => conflicts.push((field, held.source.clone())),
-        _ => {
-            *slot = Some(Sourced {
-                source: source.clone(),
-                value: value.clone(),
-            });
+/// Fills every field of `into` that nothing set yet from `from`; returns the fields
+/// another object already holds (the holder keeps them), with that holder.
+fn fill(into: &mut PortPolicy, from: &PortPolicy) -> Vec<(&'static str, ObjectRef)> {
+    fn one<T: Clone>(
+        slot: &mut Option<Sourced<T>>,
+        value: &Option<Sourced<T>>,
+        field: &'static str,
+        held_elsewhere: &mut Vec<(&'static str, ObjectRef)>,
+    ) {
+        let Some(value) = value else {
+            return;
+        };
+        match slot {
+            Some(held) if held.source != value.source => {
+                held_elsewhere.push((field, held.source.clone()));
+            }
+            _ => *slot = Some(value.clone()),
         }
     }
+    let mut held = Vec::new();
+    one(
+        &mut into.connection_pool,
+        &from.connection_pool,
+        "connectionPool",
+        &mut held,
+    );
+    one(
+        &mut into.outlier_detection,
+        &from.outlier_detection,
+        "outlierDetection",
+        &mut held,
+    );
+    one(
+        &mut into.health_check,
+        &from.health_check,
+        "healthCheck",
+        &mut held,
+    );
+    one(
+        &mut into.load_balancer,
+        &from.load_balancer,
+        "loadBalancer",
+        &mut held,
+    );
+    one(&mut into.fault, &from.fault, "faultInjection", &mut held);
+    one(&mut into.retry, &from.retry, "retries", &mut held);
+    one(&mut into.timeout, &from.timeout, "timeouts", &mut held);
+    one(
+        &mut into.rate_limit,
+        &from.rate_limit,
+        "rateLimit",
+        &mut held,
+    );
+    held
 }
 
 /// Every policy's settings on the ports of the services it targets, oldest policy first.
@@ -334,7 +354,7 @@ pub(super) fn resolve_traffic_policies<'s>(
             rejected,
             reason,
         };
-        let parsed = match parse(&policy.spec.settings) {
+        let parsed = match parse(&policy.spec.settings, &source) {
             Ok(p) => p,
             Err(e) => {
                 problems.push(problem(true, format!("Invalid: {e}")));
@@ -342,7 +362,6 @@ pub(super) fn resolve_traffic_policies<'s>(
             }
         };
         let mut missing = Vec::new();
-        let mut conflicts = Vec::new();
         let mut applied = false;
         for (i, target) in policy.spec.target_refs.iter().enumerate() {
             if !target.group.is_empty() || target.kind != "Service" {
@@ -375,66 +394,9 @@ pub(super) fn resolve_traffic_policies<'s>(
             applied = true;
             for port in ports {
                 let slot = out.entry(key.clone()).or_default().entry(port).or_default();
-                let before = conflicts.len();
-                claim(
-                    &mut slot.connection_pool,
-                    &parsed.connection_pool,
-                    &source,
-                    "connectionPool",
-                    &mut conflicts,
-                );
-                claim(
-                    &mut slot.outlier_detection,
-                    &parsed.outlier_detection,
-                    &source,
-                    "outlierDetection",
-                    &mut conflicts,
-                );
-                claim(
-                    &mut slot.health_check,
-                    &parsed.health_check,
-                    &source,
-                    "healthCheck",
-                    &mut conflicts,
-                );
-                claim(
-                    &mut slot.load_balancer,
-                    &parsed.load_balancer,
-                    &source,
-                    "loadBalancer",
-                    &mut conflicts,
-                );
-                claim(
-                    &mut slot.fault,
-                    &parsed.fault,
-                    &source,
-                    "faultInjection",
-                    &mut conflicts,
-                );
-                claim(
-                    &mut slot.retry,
-                    &parsed.retry,
-                    &source,
-                    "retries",
-                    &mut conflicts,
-                );
-                claim(
-                    &mut slot.timeout,
-                    &parsed.timeout,
-                    &source,
-                    "timeouts",
-                    &mut conflicts,
-                );
-                claim(
-                    &mut slot.rate_limit,
-                    &parsed.rate_limit,
-                    &source,
-                    "rateLimit",
-                    &mut conflicts,
-                );
-
-                let new: Vec<String> = conflicts
-                    .drain(before..)
+                let held = fill(slot, &parsed);
+                let new: Vec<String> = held
+                    .into_iter()
                     .map(|(field, winner)| format!("{field} of Service {key} port {port} is set by the older {winner}, which keeps it"))
                     .collect();
                 if !new.is_empty() {
