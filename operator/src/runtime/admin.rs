@@ -245,23 +245,30 @@ impl ModelQuery {
     }
 }
 
-/// How long `/top` waits for each sidecar's stats.
-const SCRAPE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long the control plane waits for a sidecar's metrics port (`/top`, `/explain`).
+const SIDECAR_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// One sidecar's outbound counters from its metrics port, if it answers in time.
-async fn scrape_sidecar(ip: std::net::IpAddr) -> Option<crate::top::SidecarCounters> {
+/// A GET of `path` on the sidecar at `ip`'s metrics port (the read-only admin view):
+/// the body, or why not, naming the address.
+async fn sidecar_view(ip: std::net::IpAddr, path: &str) -> Result<String, String> {
     let addr = SocketAddr::new(ip, weft_crds::annotations::PROXY_METRICS_PORT).to_string();
-    let fetched = tokio::time::timeout(
-        SCRAPE_TIMEOUT,
-        http_request(&addr, Method::GET, "/stats/prometheus"),
-    )
-    .await;
-    match fetched {
-        Ok(Ok((status, body))) if status.is_success() => Some(crate::top::parse_sidecar_stats(
-            &String::from_utf8_lossy(&body),
+    match tokio::time::timeout(SIDECAR_TIMEOUT, http_request(&addr, Method::GET, path)).await {
+        Ok(Ok((status, body))) if status.is_success() => {
+            Ok(String::from_utf8_lossy(&body).into_owned())
+        }
+        Ok(Ok((status, _))) => Err(format!("{addr}: HTTP {status}")),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!(
+            "{addr}: no answer within {}",
+            humantime::format_duration(SIDECAR_TIMEOUT)
         )),
-        _ => None,
     }
+}
+
+/// One sidecar's outbound counters, if it answers in time.
+async fn scrape_sidecar(ip: std::net::IpAddr) -> Option<crate::top::SidecarCounters> {
+    let text = sidecar_view(ip, "/stats/prometheus").await.ok()?;
+    Some(crate::top::parse_sidecar_stats(&text))
 }
 
 /// `/top`: scrapes every meshed sidecar twice, `window` apart, and reports the edges.
@@ -354,9 +361,6 @@ impl AdminState {
     }
 }
 
-/// How long `/explain` waits for the caller's sidecar to report its endpoints.
-const LIVE_STATE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
-
 /// The caller sidecar's live view of the call's clusters (ejected endpoints, failing
 /// health checks, an open circuit), from its metrics port; a line saying why not when
 /// it cannot be read.
@@ -367,25 +371,10 @@ async fn caller_live_state(answer: &Explanation) -> Vec<String> {
     if answer.clusters.is_empty() {
         return Vec::new();
     }
-    let addr = SocketAddr::new(*ip, weft_crds::annotations::PROXY_METRICS_PORT).to_string();
-    let fetched = tokio::time::timeout(
-        LIVE_STATE_TIMEOUT,
-        http_request(&addr, Method::GET, "/weft/clusters"),
-    )
-    .await;
-    match fetched {
-        Ok(Ok((status, body))) if status.is_success() => {
-            crate::explain::live_lines(&answer.clusters, &String::from_utf8_lossy(&body))
-        }
-        Ok(Ok((status, _))) => vec![format!(
-            "live state of the caller's sidecar at {addr}: HTTP {status}"
-        )],
-        Ok(Err(e)) => vec![format!(
+    match sidecar_view(*ip, "/weft/clusters").await {
+        Ok(text) => crate::explain::live_lines(&answer.clusters, &text),
+        Err(e) => vec![format!(
             "live state of the caller's sidecar unavailable: {e}"
-        )],
-        Err(_) => vec![format!(
-            "live state of the caller's sidecar at {addr}: no answer within {}",
-            humantime::format_duration(LIVE_STATE_TIMEOUT)
         )],
     }
 }
