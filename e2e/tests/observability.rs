@@ -77,32 +77,28 @@ impl Prometheus {
         Self { child, address }
     }
 
-    /// The value of an instant PromQL query with one result, if it has one.
-    fn value(&self, promql: &str) -> Option<f64> {
-        let query: String = url_encode(promql);
-        let url = format!("http://{}/api/v1/query?query={query}", self.address);
+    /// The JSON body of a GET of the Prometheus API.
+    fn api(&self, path: &str) -> Option<Value> {
+        let url = format!("http://{}{path}", self.address);
         let out = Command::new(workspace_binary("weft-e2e-app").unwrap())
             .args(["http", &url])
             .output()
             .ok()?;
         let v: Value = serde_json::from_slice(&out.stdout).ok()?;
-        let body: Value = serde_json::from_str(v["body"].as_str()?).ok()?;
-        body["data"]["result"][0]["value"][1].as_str()?.parse().ok()
+        serde_json::from_str(v["body"].as_str()?).ok()
     }
 
-    /// A GET of the Prometheus API, its body.
-    fn raw(&self, path: &str) -> String {
-        let url = format!("http://{}{path}", self.address);
-        Command::new(workspace_binary("weft-e2e-app").unwrap())
-            .args(["http", &url])
-            .output()
-            .map(|o| {
-                String::from_utf8_lossy(&o.stdout)
-                    .chars()
-                    .take(3000)
-                    .collect()
-            })
-            .unwrap_or_default()
+    /// The result of an instant PromQL query.
+    fn query(&self, promql: &str) -> Option<Value> {
+        self.api(&format!("/api/v1/query?query={}", url_encode(promql)))
+    }
+
+    /// The value of an instant PromQL query with one result, if it has one.
+    fn value(&self, promql: &str) -> Option<f64> {
+        self.query(promql)?["data"]["result"][0]["value"][1]
+            .as_str()?
+            .parse()
+            .ok()
     }
 
     /// Waits until `promql` gives `want`.
@@ -116,10 +112,9 @@ impl Prometheus {
             assert!(
                 Instant::now() < deadline,
                 "{promql}: {got:?}, expected {want}; the scrapes: {}",
-                self.raw(&format!(
-                    "/api/v1/query?query={}",
-                    url_encode(r#"{pod="client",__name__=~"envoy_cluster_upstream_rq.*"}"#)
-                ))
+                self.query(r#"{pod="client",__name__=~"envoy_cluster_upstream_rq.*"}"#)
+                    .map(|v| v.to_string().chars().take(3000).collect::<String>())
+                    .unwrap_or_default()
             );
             std::thread::sleep(Duration::from_millis(500));
         }
