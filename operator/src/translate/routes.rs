@@ -60,14 +60,25 @@ pub fn tcp_destination(service: &MeshService, port: u16) -> tcp_proxy::ClusterSp
     }
 }
 
-fn route(name: &str, r#match: RouteMatch, destination: route_action::ClusterSpecifier) -> Route {
+/// A route of a table no HTTPRoute decides (SMI or plain), with the port's
+/// TrafficPolicy retry and timeout defaults, if any.
+fn route(
+    name: &str,
+    r#match: RouteMatch,
+    destination: route_action::ClusterSpecifier,
+    policy: Option<&PortPolicy>,
+) -> Route {
+    let retry = policy.and_then(|p| p.retry.as_ref()).map(|r| &r.value);
+    let timeout = policy.and_then(|p| p.timeout.as_ref()).map(|t| t.value);
     Route {
         name: name.to_string(),
         r#match: Some(r#match),
         action: Some(route::Action::Route(RouteAction {
             cluster_specifier: Some(destination),
-            retry_policy: Some(super::gateway::retry_policy(None, None)),
-            timeout: no_timeout(),
+            retry_policy: Some(super::gateway::retry_policy(retry, None)),
+            timeout: timeout
+                .map(super::envoy::protobuf_duration)
+                .or_else(no_timeout),
             ..Default::default()
         })),
         ..Default::default()
@@ -97,6 +108,7 @@ fn service_routes(service: &MeshService, port: u16) -> Vec<Route> {
             "default",
             prefix_all(),
             http_destination(service, port),
+            policy,
         )];
     };
     let mut routes: Vec<Route> = split
@@ -120,10 +132,11 @@ fn service_routes(service: &MeshService, port: u16) -> Vec<Route> {
                 &format!("split-match-{i}"),
                 r#match,
                 http_destination(service, port),
+                policy,
             )
         })
         .collect();
-    routes.push(route("default", prefix_all(), own));
+    routes.push(route("default", prefix_all(), own, policy));
     routes
 }
 
@@ -179,10 +192,10 @@ fn route_entries(
         .collect()
 }
 
-/// A TrafficPolicy's settings on the routes of a service port's table: fault injection
-/// and the consistent-hash source on every route; retry and timeout defaults on the
-/// routes that are not HTTPRoute rules (those took them in `route_entries`).
-fn apply_route_policy(routes: &mut [Route], policy: &PortPolicy, smi: bool) {
+/// A TrafficPolicy's settings on every route of a service port's table: fault injection
+/// and the consistent-hash source. (Retry and timeout defaults are set where routes are
+/// made: `route` and `route_entries`.)
+fn apply_route_policy(routes: &mut [Route], policy: &PortPolicy) {
     for r in routes {
         if let Some(fault) = &policy.fault {
             r.typed_per_filter_config
@@ -197,14 +210,6 @@ fn apply_route_policy(routes: &mut [Route], policy: &PortPolicy, smi: bool) {
             .and_then(|l| l.value.hash.as_ref())
         {
             action.hash_policy = vec![hash_policy(hash)];
-        }
-        if smi {
-            if let Some(retry) = &policy.retry {
-                action.retry_policy = Some(super::gateway::retry_policy(Some(&retry.value), None));
-            }
-            if let Some(timeout) = &policy.timeout {
-                action.timeout = Some(super::envoy::protobuf_duration(timeout.value));
-            }
         }
     }
 }
@@ -258,8 +263,7 @@ fn hash_policy(hash: &HashModel) -> route_action::HashPolicy {
 fn route_config(service: &MeshService, port: u16, mut routes: Vec<Route>) -> RouteConfiguration {
     let name = outbound_route_name(&service.key, port);
     if let Some(policy) = service.policies.get(&port) {
-        let smi = service.http_routes.get(&port).is_none_or(Vec::is_empty);
-        apply_route_policy(&mut routes, policy, smi);
+        apply_route_policy(&mut routes, policy);
     }
     RouteConfiguration {
         name: name.clone(),
