@@ -8,6 +8,9 @@ use envoy_types::pb::envoy::config::core::v3::{
     socket_address,
 };
 use envoy_types::pb::envoy::config::listener::v3::{Filter, filter};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
+    HttpFilter, http_filter,
+};
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::{TcpProxy, tcp_proxy};
 use envoy_types::pb::google::protobuf::{Any, BoolValue, Duration, UInt32Value};
 use prost::Name;
@@ -78,6 +81,15 @@ pub fn network_filter<M: Name>(name: &str, config: &M) -> Filter {
     Filter {
         name: name.to_string(),
         config_type: Some(filter::ConfigType::TypedConfig(any(config))),
+    }
+}
+
+/// An HTTP filter with a typed config.
+pub fn http_filter<M: Name>(name: &str, config: &M) -> HttpFilter {
+    HttpFilter {
+        name: name.to_string(),
+        config_type: Some(http_filter::ConfigType::TypedConfig(any(config))),
+        ..Default::default()
     }
 }
 

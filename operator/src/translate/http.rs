@@ -20,7 +20,7 @@ use envoy_types::pb::envoy::config::core::v3::{Http1ProtocolOptions, Http2Protoc
 use envoy_types::pb::envoy::config::listener::v3::Filter;
 use envoy_types::pb::envoy::extensions::filters::http::router::v3::Router;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpConnectionManager, HttpFilter, http_connection_manager, http_filter,
+    HttpConnectionManager, http_connection_manager,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
@@ -131,14 +131,13 @@ pub fn http_connection_manager(
     HttpConnectionManager {
         stat_prefix: stat_prefix.to_string(),
         route_specifier: Some(routes),
-        http_filters: vec![HttpFilter {
-            name: "envoy.filters.http.router".to_string(),
-            config_type: Some(http_filter::ConfigType::TypedConfig(any(&Router {
+        http_filters: vec![super::envoy::http_filter(
+            "envoy.filters.http.router",
+            &Router {
                 suppress_envoy_headers: true,
                 ..Default::default()
-            }))),
-            ..Default::default()
-        }],
+            },
+        )],
         http_protocol_options: Some(http1()),
         http2_protocol_options: Some(http2()),
         upgrade_configs: vec![http_connection_manager::UpgradeConfig {

@@ -22,7 +22,7 @@ use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::H
 use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpFilter, Rds, http_connection_manager, http_filter,
+    HttpFilter, Rds, http_connection_manager,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy;
 
@@ -242,23 +242,14 @@ fn local_rate_limit(limit: Option<&RateLimitModel>) -> LocalRateLimit {
 }
 
 fn local_rate_limit_filter() -> HttpFilter {
-    HttpFilter {
-        name: LOCAL_RATE_LIMIT_FILTER.to_string(),
-        config_type: Some(http_filter::ConfigType::TypedConfig(any(
-            &local_rate_limit(None),
-        ))),
-        ..Default::default()
-    }
+    super::envoy::http_filter(LOCAL_RATE_LIMIT_FILTER, &local_rate_limit(None))
 }
 
 fn fault_filter() -> HttpFilter {
-    HttpFilter {
-        name: super::routes::FAULT_FILTER.to_string(),
-        config_type: Some(http_filter::ConfigType::TypedConfig(any(
-            &envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault::default(),
-        ))),
-        ..Default::default()
-    }
+    super::envoy::http_filter(
+        super::routes::FAULT_FILTER,
+        &envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault::default(),
+    )
 }
 
 /// How long a connection to a pod IP waits for its cluster.

@@ -12,9 +12,7 @@ use envoy_types::pb::envoy::config::rbac::v3::{
 };
 use envoy_types::pb::envoy::config::route::v3::{HeaderMatcher, header_matcher};
 use envoy_types::pb::envoy::extensions::filters::http::rbac::v3::{Rbac as HttpRbac, RbacPerRoute};
-use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpFilter, http_filter,
-};
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpFilter;
 use envoy_types::pb::envoy::extensions::filters::network::rbac::v3::Rbac as NetworkRbac;
 use envoy_types::pb::envoy::r#type::matcher::v3::{
     PathMatcher, RegexMatcher, StringMatcher, path_matcher, string_matcher,
@@ -171,14 +169,13 @@ pub const HTTP_RBAC_FILTER: &str = "envoy.filters.http.rbac";
 /// replaces the rules with its own (`http_rbac_per_route`), so authorization changes
 /// over RDS, per request, without touching the listener.
 pub fn http_rbac_deny_all() -> HttpFilter {
-    HttpFilter {
-        name: HTTP_RBAC_FILTER.to_string(),
-        config_type: Some(http_filter::ConfigType::TypedConfig(any(&HttpRbac {
+    super::envoy::http_filter(
+        HTTP_RBAC_FILTER,
+        &HttpRbac {
             rules: Some(rules(Vec::new())),
             ..Default::default()
-        }))),
-        ..Default::default()
-    }
+        },
+    )
 }
 
 /// Per-route RBAC for an HTTP port: a request passes if some grant's sources include
