@@ -47,6 +47,10 @@ pub enum CrdError {
     },
 }
 
+/// CEL rule: a Gateway API duration (`250ms`, `2s`, `1m30s`: up to four parts of up to
+/// five digits and a unit), as the control plane parses it.
+const DURATION_RULE: &str = "self.matches('^([0-9]{1,5}(h|m|s|ms)){1,4}$')";
+
 /// One status condition, shaped like `metav1.Condition`.
 #[derive(Clone, Debug, Default, Deserialize, Serialize, JsonSchema, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
@@ -282,7 +286,7 @@ pub struct MeshConfigSpec {
     /// `500ms` or `1s`; default `1s`; `0s` treats undeclared ports as TCP at once).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(extend("x-kubernetes-validations" = [{
-        "rule": "self.matches('^([0-9]{1,5}(h|m|s|ms)){1,4}$')",
+        "rule": DURATION_RULE,
         "message": "must be a duration such as 500ms, 1s or 1m30s"
     }]))]
     pub protocol_detection_timeout: Option<String>,

@@ -7,10 +7,8 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::SmiStatus;
+use crate::{DURATION_RULE, SmiStatus};
 
-/// CEL rule: a Gateway API duration (`250ms`, `2s`, `1m30s`).
-const DURATION_RULE: &str = "self.matches('^([0-9]{1,5}(h|m|s|ms)){1,4}$')";
 const DURATION_MESSAGE: &str = "must be a duration such as 250ms, 2s or 1m30s";
 
 /// TrafficPolicy: circuit breaking, outlier detection, active health checks, load
