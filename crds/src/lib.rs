@@ -299,6 +299,9 @@ pub struct MeshConfigSpec {
     /// TrafficPolicy sets for it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traffic_defaults: Option<policy::TrafficSettings>,
+    /// Access logs and tracing of every sidecar.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub telemetry: Option<telemetry::TelemetrySettings>,
 }
 
 /// Handling of escaped slashes (`%2F`, `%5C`) in request paths. Paths are always
@@ -500,6 +503,9 @@ pub mod gateway;
 pub mod policy;
 pub use gateway::{GRPCRoute, HTTPRoute, ReferenceGrant};
 pub use policy::TrafficPolicy;
+
+/// MeshConfig telemetry settings.
+pub mod telemetry;
 
 /// Conversion between the SMI versions Weft serves.
 pub mod conversion;

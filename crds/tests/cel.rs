@@ -10,7 +10,23 @@ use serde_json::{Value, json};
 /// (rule, a value it accepts, a value it refuses).
 fn cases() -> Vec<(&'static str, Value, Value)> {
     let duration = "self.matches('^([0-9]{1,5}(h|m|s|ms)){1,4}$')";
+    let collector = r"self.matches('^[A-Za-z0-9.-]+:[0-9]{1,5}$') || self.matches('^\\[[0-9A-Fa-f:.]+\\]:[0-9]{1,5}$')";
     vec![
+        (
+            "self.numerator <= self.denominator",
+            json!({"numerator": 1, "denominator": 100}),
+            json!({"numerator": 3, "denominator": 2}),
+        ),
+        (
+            collector,
+            json!("otel-collector.observability:4317"),
+            json!("otel collector"),
+        ),
+        (
+            collector,
+            json!("[fd00::1]:4317"),
+            json!("http://otel:4317"),
+        ),
         (duration, json!("250ms"), json!("soon")),
         (duration, json!("1m30s"), json!("-1s")),
         (

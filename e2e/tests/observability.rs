@@ -250,3 +250,225 @@ fn prometheus_counts_each_edge_by_class_and_access_logs_name_both_identities() {
         inbound[0]
     );
 }
+
+/// An OTLP/gRPC receiver (`weft-e2e-app otlp`) in the root namespace, killed on drop.
+struct Collector {
+    child: Child,
+    spans: std::path::PathBuf,
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Collector {
+    fn start(h: &Harness, listen: std::net::SocketAddr) -> Self {
+        let spans = h.work_dir().join("spans.jsonl");
+        let log = std::fs::File::create(h.work_dir().join("collector.log")).unwrap();
+        let child = Command::new(workspace_binary("weft-e2e-app").unwrap())
+            .args(["otlp", "--listen", &listen.to_string(), "--out"])
+            .arg(&spans)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Self { child, spans }
+    }
+
+    /// The spans received so far.
+    fn spans(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.spans)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    /// The spans of one trace, once `count` of them arrived.
+    fn trace(&self, trace_id: &str, count: usize) -> Vec<Value> {
+        let of_trace = || -> Vec<Value> {
+            self.spans()
+                .into_iter()
+                .filter(|s| s["trace_id"] == trace_id)
+                .collect()
+        };
+        let waited = weft_e2e::wait_until(Duration::from_secs(20), "spans", || {
+            of_trace().len() >= count
+        });
+        let spans = of_trace();
+        assert!(
+            waited.is_ok() && spans.len() == count,
+            "trace {trace_id}: {} spans, expected {count}: {spans:#?}; all: {:#?}",
+            spans.len(),
+            self.spans()
+        );
+        spans
+    }
+}
+
+/// The span of `trace` reported by `service`'s sidecar on `direction`'s side.
+fn span<'s>(trace: &'s [Value], service: &str, direction: &str) -> &'s Value {
+    trace
+        .iter()
+        .find(|s| {
+            s["resource"]["service.name"] == service
+                && s["attributes"]["weft.direction"] == direction
+        })
+        .unwrap_or_else(|| panic!("no {direction} span of {service}: {trace:#?}"))
+}
+
+#[test]
+fn spans_of_a_two_hop_request_chain_at_the_collector_and_telemetry_follows_the_mesh_config() {
+    let mut h = Harness::new(97, "tracing").expect("harness");
+    h.add_pod("client", &[("app", "client")], "client").unwrap();
+    h.add_pod("frontend-0", &[("app", "frontend")], "frontend")
+        .unwrap();
+    h.add_pod("backend-0", &[("app", "backend")], "backend")
+        .unwrap();
+    h.add_service("frontend", &[("app", "frontend")]).unwrap();
+    h.add_service("backend", &[("app", "backend")]).unwrap();
+    h.write_cluster_manifest().unwrap();
+    h.allow("frontend-access.yaml", "frontend", &["client"])
+        .unwrap();
+    h.allow("backend-access.yaml", "backend", &["frontend"])
+        .unwrap();
+    let collector_addr = std::net::SocketAddr::new(h.host_address().into(), 14317);
+    let mesh_config = |telemetry: &str| {
+        format!(
+            "apiVersion: config.weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: weft}}\nspec:\n  telemetry:\n{telemetry}"
+        )
+    };
+    h.write_manifest(
+        "meshconfig.yaml",
+        &mesh_config(&format!(
+            "    tracing: {{collector: '{collector_addr}', sampling: {{numerator: 100}}}}\n"
+        )),
+    )
+    .unwrap();
+    let collector = Collector::start(&h, collector_addr);
+    h.start_control_plane().unwrap();
+    for pod in ["client", "frontend-0", "backend-0"] {
+        h.start_sidecar(pod).unwrap();
+    }
+
+    // client → frontend, whose app calls backend passing the trace context on.
+    let relay = "http://frontend:8080/relay?to=http://backend:8080/";
+    let (body, _) = h.get("client", relay).unwrap().expect("relayed call");
+    assert!(
+        body.starts_with("relayed frontend-0 -> backend-0"),
+        "{body}"
+    );
+    // The caller's sidecar started the trace (sampling 100%): find it by its root span.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let root = loop {
+        if let Some(root) = collector
+            .spans()
+            .into_iter()
+            .find(|s| s["resource"]["service.name"] == "client" && s["parent_span_id"] == "")
+        {
+            break root;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no root span from the client: {:#?}",
+            collector.spans()
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    let trace_id = root["trace_id"].as_str().unwrap().to_string();
+    let trace = collector.trace(&trace_id, 4);
+    let client_out = span(&trace, "client", "outbound");
+    let frontend_in = span(&trace, "frontend", "inbound");
+    let frontend_out = span(&trace, "frontend", "outbound");
+    let backend_in = span(&trace, "backend", "inbound");
+    // Each hop is the child of the one before: caller → server → its own call → server.
+    assert_eq!(frontend_in["parent_span_id"], client_out["span_id"]);
+    assert_eq!(frontend_out["parent_span_id"], frontend_in["span_id"]);
+    assert_eq!(backend_in["parent_span_id"], frontend_out["span_id"]);
+    assert_eq!(client_out["kind"], 3, "CLIENT: {client_out}");
+    assert_eq!(frontend_in["kind"], 2, "SERVER: {frontend_in}");
+    // The spans carry both workload identities and the pod.
+    let id = |sa: &str| format!("spiffe://cluster.local/ns/default/sa/{sa}");
+    assert_eq!(
+        client_out["attributes"]["weft.source.identity"],
+        id("client")
+    );
+    assert_eq!(
+        client_out["attributes"]["weft.destination.identity"],
+        id("frontend")
+    );
+    assert_eq!(
+        backend_in["attributes"]["weft.source.identity"],
+        id("frontend")
+    );
+    assert_eq!(
+        backend_in["attributes"]["weft.destination.identity"],
+        id("backend")
+    );
+    assert_eq!(backend_in["resource"]["k8s.pod.name"], "backend-0");
+    assert_eq!(backend_in["resource"]["k8s.namespace.name"], "default");
+
+    // An app that started the trace itself: the sidecars continue it.
+    let app_trace = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let traceparent = format!("traceparent: 00-{app_trace}-00f067aa0ba902b7-01");
+    h.request("client", "GET", relay, &[&traceparent])
+        .unwrap()
+        .expect("relayed call with the app's trace");
+    let trace = collector.trace(app_trace, 4);
+    assert_eq!(
+        span(&trace, "client", "outbound")["parent_span_id"],
+        "00f067aa0ba902b7"
+    );
+
+    // Zipkin/B3: the app behind the sidecars receives both B3 and W3C headers (Envoy
+    // took the new tracer: a NACK would leave the OTLP one in place, without B3).
+    // Text access logs of failures only: successes sampled at 0.
+    h.write_manifest(
+        "meshconfig.yaml",
+        &mesh_config(&format!(
+            "    tracing: {{collector: '{}:19411', protocol: Zipkin, sampling: {{numerator: 100}}}}\n    accessLog: {{format: Text, sampling: {{numerator: 0}}}}\n",
+            h.host_address()
+        )),
+    )
+    .unwrap();
+    weft_e2e::wait_until(Duration::from_secs(20), "B3 headers at the backend", || {
+        h.get("frontend-0", "http://backend:8080/echo")
+            .ok()
+            .and_then(Result::ok)
+            .is_some_and(|(body, _)| body.contains("x-b3-traceid") && body.contains("traceparent"))
+    })
+    .unwrap();
+    let text_lines = |pod: &str| -> Vec<String> {
+        std::fs::read_to_string(h.work_dir().join(format!("{pod}-envoy.log")))
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("time="))
+            .map(str::to_string)
+            .collect()
+    };
+    let ok = h.load("frontend-0", "http://backend:8080/", 30, 3).unwrap();
+    assert!(ok.failures().is_empty(), "{:?}", ok.failures());
+    let failing = h
+        .load("frontend-0", "http://backend:8080/x?fail=503", 5, 1)
+        .unwrap();
+    assert_eq!(failing.failures().len(), 5);
+    // Envoy flushes its log every 10 s.
+    let waited = weft_e2e::wait_until(Duration::from_secs(25), "text access log lines", || {
+        text_lines("frontend-0").len() >= 5
+    });
+    std::thread::sleep(Duration::from_secs(1));
+    let lines = text_lines("frontend-0");
+    assert!(waited.is_ok(), "{lines:?}");
+    assert_eq!(lines.len(), 5, "only the failures are logged: {lines:#?}");
+    for line in &lines {
+        assert!(line.contains(" direction=outbound "), "{line}");
+        assert!(line.contains(" status=503 "), "{line}");
+        assert!(
+            line.contains(&format!("destination_identity={} ", id("backend"))),
+            "{line}"
+        );
+    }
+}

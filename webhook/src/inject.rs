@@ -290,7 +290,23 @@ fn init_container(pod: &Pod, config: &InjectConfig) -> Container {
     }
 }
 
-fn proxy_container(config: &InjectConfig) -> Container {
+/// The name spans report for a pod's workload (OpenTelemetry `service.name`): its
+/// `app.kubernetes.io/name` or `app` label, else its service account.
+pub fn trace_service_name(pod: &Pod) -> String {
+    let labels = pod.metadata.labels.as_ref();
+    ["app.kubernetes.io/name", "app"]
+        .iter()
+        .find_map(|key| labels.and_then(|l| l.get(*key)))
+        .cloned()
+        .or_else(|| {
+            pod.spec
+                .as_ref()
+                .and_then(|s| s.service_account_name.clone())
+        })
+        .unwrap_or_else(|| "default".to_string())
+}
+
+fn proxy_container(config: &InjectConfig, service_name: &str) -> Container {
     let uid = config.proxy_uid;
     Container {
         name: PROXY_CONTAINER.to_string(),
@@ -320,6 +336,15 @@ fn proxy_container(config: &InjectConfig) -> Container {
             field_env("POD_NAMESPACE", "metadata.namespace"),
             field_env("POD_IP", "status.podIP"),
             field_env("SERVICE_ACCOUNT", "spec.serviceAccountName"),
+            // Read by the tracer's environment resource detector: the control plane
+            // sends every sidecar the same tracer, the sidecar names its workload.
+            EnvVar {
+                name: "OTEL_RESOURCE_ATTRIBUTES".to_string(),
+                value: Some(format!(
+                    "service.name={service_name},service.namespace=$(POD_NAMESPACE),k8s.namespace.name=$(POD_NAMESPACE),k8s.pod.name=$(POD_NAME)"
+                )),
+                ..Default::default()
+            },
         ]),
         ports: Some(vec![
             ContainerPort {
@@ -517,8 +542,9 @@ fn mutate(pod: &mut Pod, config: &InjectConfig) -> Result<(), WebhookError> {
     let spec = pod.spec.get_or_insert_with(Default::default);
     let originals = rewrite_probes(&mut spec.containers);
     let init = init_container(pod, config);
+    let service_name = trace_service_name(pod);
     let spec = pod.spec.get_or_insert_with(Default::default);
-    let mut proxy = proxy_container(config);
+    let mut proxy = proxy_container(config, &service_name);
     let mut inits = vec![init];
     if config.legacy_sidecar {
         // Started first and holding the app back until the proxy is ready.

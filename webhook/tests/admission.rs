@@ -168,6 +168,20 @@ fn a_deployment_pod_gets_a_native_sidecar_behind_the_iptables_init() {
         env.contains("spec.serviceAccountName") && env.contains("metadata.namespace"),
         "{env}"
     );
+    // Spans name the workload by its `app` label (the tracer reads this variable).
+    let resource = proxy["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "OTEL_RESOURCE_ATTRIBUTES")
+        .unwrap_or_else(|| panic!("no OTEL_RESOURCE_ATTRIBUTES: {env}"));
+    assert!(
+        resource["value"]
+            .as_str()
+            .unwrap()
+            .starts_with("service.name=web,service.namespace=$(POD_NAMESPACE),"),
+        "{resource}"
+    );
     for volume in [
         "weft-bootstrap",
         "weft-root-ca",

@@ -45,6 +45,12 @@ impl Harness {
         Ipv4Addr::new(198, 18, self.id, 1)
     }
 
+    /// The address pods reach the host (the root network namespace) at: where a test
+    /// runs what a cluster would run beside the mesh (a collector, say).
+    pub fn host_address(&self) -> Ipv4Addr {
+        self.gateway()
+    }
+
     fn gateway_v6(&self) -> Ipv6Addr {
         Ipv6Addr::new(0xfd00, 0x198, 0x18, u16::from(self.id), 0, 0, 0, 1)
     }

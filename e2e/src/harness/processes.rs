@@ -187,7 +187,15 @@ impl Harness {
         let envoy = self.envoy.to_string_lossy().to_string();
         let boot = bootstrap.to_string_lossy().to_string();
         let log = self.work.join(format!("{pod}-envoy.log"));
+        // What the injector puts in the sidecar's environment for the tracer.
+        let resource = format!(
+            "OTEL_RESOURCE_ATTRIBUTES=service.name={},service.namespace={ns},k8s.namespace.name={ns},k8s.pod.name={pod}",
+            self.trace_service_name(pod),
+            ns = self.pod_namespace(pod),
+        );
         let argv = [
+            "env",
+            &resource,
             "setpriv",
             "--reuid",
             &uid,

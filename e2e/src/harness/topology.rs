@@ -323,6 +323,18 @@ impl Harness {
         self.write_hosts()
     }
 
+    /// The name a pod's spans report, as the injector picks it: its
+    /// `app.kubernetes.io/name` or `app` label, else its service account.
+    pub fn trace_service_name(&self, pod: &str) -> String {
+        let Some(p) = self.pods.get(pod) else {
+            return "default".into();
+        };
+        ["app.kubernetes.io/name", "app"]
+            .iter()
+            .find_map(|key| p.labels.iter().find(|(k, _)| k == key))
+            .map_or_else(|| p.service_account.clone(), |(_, v)| v.clone())
+    }
+
     /// The namespace of a pod (`default` for one the harness does not know).
     pub fn pod_namespace(&self, pod: &str) -> &str {
         self.pods

@@ -75,6 +75,15 @@ pub(super) fn resolve_mesh_config(store: &Store) -> (Option<MeshSettings>, Vec<P
         });
         spec.protocol_detection_timeout = None;
     }
+    if let Some(telemetry) = &spec.telemetry {
+        let (checked, reasons) = telemetry.checked();
+        problems.extend(reasons.into_iter().map(|reason| Problem {
+            object: source.clone(),
+            rejected: false,
+            reason,
+        }));
+        spec.telemetry = Some(checked);
+    }
     (Some(MeshSettings { source, spec }), problems)
 }
 

@@ -41,7 +41,7 @@ use crate::error::WeftError;
 use crate::identity::{CertificateAuthority, WorkloadCertificates};
 use crate::index::{EgressScope, MeshModel, ModelDelta, ServiceKey, Workload};
 use crate::translate::{
-    MeshConfig, PodBlock, ServiceOutbound, capture_outbound, grants_for, passthrough_cluster,
+    MeshConfig, PodBlock, ServiceOutbound, capture_outbound, common_clusters, grants_for,
     pod_block_of, pod_cluster, pod_cluster_ip, translate_service, translate_workload,
 };
 
@@ -678,13 +678,15 @@ impl MeshPublisher {
     fn publish_capture(&mut self) {
         let blocks: Vec<PodBlock> = self.blocks.keys().copied().collect();
         let ipv6 = self.ipv6();
-        let passthrough = passthrough_cluster();
-        let passthrough =
-            Resource::encode(type_url::CLUSTER, passthrough.name.clone(), &passthrough);
+        // The passthrough and, with tracing on, the collector.
+        let clusters: Vec<Resource> = common_clusters(&self.config)
+            .iter()
+            .map(|c| Resource::encode(type_url::CLUSTER, c.name.clone(), c))
+            .collect();
         for (name, on_demand) in [(CAPTURE_ON_DEMAND, true), (CAPTURE_PLAIN, false)] {
             let listener = capture_outbound(&blocks, on_demand, ipv6);
             let snapshot = Snapshot::new()
-                .with(type_url::CLUSTER, [passthrough.clone()])
+                .with(type_url::CLUSTER, clusters.iter().cloned())
                 .with(
                     type_url::LISTENER,
                     [Resource::encode(

@@ -49,7 +49,7 @@ use super::rbac::{
 };
 use super::routes::tcp_destination;
 use super::settings::{AccessMode, DEFAULT_DETECTION_TIMEOUT, MeshConfig, MtlsMode};
-use super::telemetry::{Direction, access_log};
+use super::telemetry::{Direction, access_logs, tracing};
 use super::tls::downstream_transport_socket;
 use super::{
     INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, PodBlock, ProxyResources, outbound_route_name,
@@ -274,7 +274,8 @@ pub fn service_listeners(service: &MeshService, config: &MeshConfig) -> Vec<List
                 // Inert until a route's TrafficPolicy configures it: adding it later
                 // would replace the listener and drain its connections.
                 hcm.http_filters.insert(0, fault_filter());
-                hcm.access_log = vec![access_log(Direction::Outbound)];
+                hcm.access_log = access_logs(Direction::Outbound, &config.telemetry);
+                hcm.tracing = tracing(Direction::Outbound, &config.telemetry);
                 hcm_filter(&hcm)
             };
             let tcp = || tcp_proxy_filter(&stat_prefix, tcp_destination(service, port.port));
@@ -345,7 +346,8 @@ fn inbound_http_filter(port: u16, mtls: bool, config: &MeshConfig) -> Filter {
     // it on the port's virtual host.
     hcm.http_filters.insert(0, http_rbac_deny_all());
     hcm.http_filters.insert(1, local_rate_limit_filter());
-    hcm.access_log = vec![access_log(Direction::Inbound)];
+    hcm.access_log = access_logs(Direction::Inbound, &config.telemetry);
+    hcm.tracing = tracing(Direction::Inbound, &config.telemetry);
     if mtls {
         hcm.forward_client_cert_details =
             http_connection_manager::ForwardClientCertDetails::SanitizeSet as i32;

@@ -22,14 +22,15 @@ use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use weft_xds::{Resource, Snapshot, type_url};
 
 pub use clusters::{
-    INBOUND_PASSTHROUGH_SOURCE_V4, INBOUND_PASSTHROUGH_SOURCE_V6, POD_CLUSTER_PREFIX,
-    passthrough_cluster, pod_cluster, pod_cluster_ip, pod_cluster_name,
+    INBOUND_PASSTHROUGH_SOURCE_V4, INBOUND_PASSTHROUGH_SOURCE_V6, POD_CLUSTER_PREFIX, pod_cluster,
+    pod_cluster_ip, pod_cluster_name,
 };
 pub use gateway::INVALID_BACKEND_CLUSTER;
 pub use http::{PathOutcome, normalize_request_path};
 pub use listeners::capture_outbound;
 pub use rbac::path_prefix_regex;
 pub use settings::{AccessMode, DEFAULT_DETECTION_TIMEOUT, MeshConfig, MtlsMode};
+pub use telemetry::TRACING_COLLECTOR_CLUSTER;
 pub use tls::{IDENTITY_SECRET, TRUST_BUNDLE_SECRET};
 
 use crate::identity::WorkloadSecrets;
@@ -216,6 +217,14 @@ pub fn outbound_route_name(service: &ServiceKey, port: u16) -> String {
     format!("{}:{port}", service.fqdn())
 }
 
+/// The clusters every proxy holds besides the services': the passthrough and, with
+/// tracing on, the collector's.
+pub fn common_clusters(config: &MeshConfig) -> Vec<Cluster> {
+    let mut out = vec![clusters::passthrough_cluster()];
+    out.extend(telemetry::tracing_collector(&config.telemetry));
+    out
+}
+
 /// Resources every proxy gets alike: the outbound capture listener, the passthrough,
 /// and every service's outbound resources (the whole mesh, unscoped). `client_tls`
 /// says whether the proxies have an identity to originate mTLS with (and so discover
@@ -225,8 +234,10 @@ pub fn translate_shared(
     config: &MeshConfig,
     client_tls: bool,
 ) -> ProxyResources {
-    let mut out = ProxyResources::default();
-    out.clusters.push(clusters::passthrough_cluster());
+    let mut out = ProxyResources {
+        clusters: common_clusters(config),
+        ..Default::default()
+    };
     out.listeners.push(listeners::capture_outbound(
         &pod_blocks(model),
         client_tls,

@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use crate::index::{MeshModel, parse_gateway_duration};
+use weft_crds::telemetry::TelemetrySettings;
 use weft_crds::{AccessPolicy, EscapedSlashesPolicy, MtlsPolicy};
 
 /// How long a sidecar waits for the first bytes of a connection to an undeclared port
@@ -65,6 +66,8 @@ pub struct MeshConfig {
     pub detection_timeout: Duration,
     /// What happens to escaped slashes in request paths.
     pub escaped_slashes: EscapedSlashesPolicy,
+    /// Access logs and tracing (MeshConfig `telemetry`; defaults when unset).
+    pub telemetry: TelemetrySettings,
 }
 
 impl Default for MeshConfig {
@@ -75,6 +78,7 @@ impl Default for MeshConfig {
             access: AccessMode::DenyByDefault,
             detection_timeout: DEFAULT_DETECTION_TIMEOUT,
             escaped_slashes: EscapedSlashesPolicy::UnescapeAndRedirect,
+            telemetry: TelemetrySettings::default(),
         }
     }
 }
@@ -109,6 +113,9 @@ impl MeshConfig {
         }
         if let Some(policy) = settings.spec.escaped_slashes {
             config.escaped_slashes = policy;
+        }
+        if let Some(telemetry) = &settings.spec.telemetry {
+            config.telemetry = telemetry.clone();
         }
         config
     }

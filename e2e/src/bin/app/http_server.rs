@@ -2,7 +2,8 @@
 //!
 //! `/` and every unknown path answer the pod's name; `/delay/<ms>`, `/stream`,
 //! `/upload`, `/download` and `/ws` exercise timing, streaming, large bodies and
-//! upgrades. Every response says what the app saw: `x-weft-path`, `x-weft-proto`,
+//! upgrades; `/relay?to=URL` calls another service as an instrumented app does
+//! (passing the trace context on). Every response says what the app saw: `x-weft-path`, `x-weft-proto`,
 //! `x-weft-name`, and the caller identity in `x-weft-peer-echo`. Failure modes
 //! (`/fault`, `/healthz` and per-request query parameters) are in `faults`.
 
@@ -174,6 +175,9 @@ async fn route_path(
     if path == "/echo" || path.starts_with("/echo/") {
         return echo(app, &req);
     }
+    if path == "/relay" {
+        return relay(app, &req, query).await;
+    }
     if let Some(ms) = path.strip_prefix("/delay/") {
         return match ms.parse::<u64>() {
             Ok(ms) => {
@@ -188,6 +192,62 @@ async fn route_path(
         "/download" => download(query),
         "/upload" => upload(req.into_body()).await,
         _ => full(StatusCode::OK, app.body.clone()),
+    }
+}
+
+/// Headers an instrumented app copies from the request it serves to the calls it
+/// makes, so its sidecars' spans join one trace (W3C trace context and B3).
+const TRACE_HEADERS: [&str; 8] = [
+    "traceparent",
+    "tracestate",
+    "x-request-id",
+    "b3",
+    "x-b3-traceid",
+    "x-b3-spanid",
+    "x-b3-parentspanid",
+    "x-b3-sampled",
+];
+
+/// `/relay?to=URL`: GETs URL with the request's trace headers and answers with its
+/// status and `relayed NAME -> BODY`.
+async fn relay(app: &HttpApp, req: &Request<Incoming>, query: &str) -> Response<Body> {
+    let Some(url) = query_param(query, "to") else {
+        return text(StatusCode::BAD_REQUEST, "relay needs ?to=URL\n".into());
+    };
+    let target = match crate::http_client::Target::parse(url) {
+        Ok(t) => t,
+        Err(e) => return text(StatusCode::BAD_REQUEST, format!("{e}\n")),
+    };
+    let headers = TRACE_HEADERS
+        .iter()
+        .filter_map(|name| {
+            let value = req.headers().get(*name)?.clone();
+            Some((hyper::header::HeaderName::from_static(name), value))
+        })
+        .collect();
+    let sent = crate::http_client::send(
+        &target,
+        hyper::Method::GET,
+        headers,
+        http_body_util::Empty::new().boxed_unsync(),
+        crate::http_client::Wire::Http11,
+    )
+    .await;
+    let response = match sent {
+        Ok(r) => r,
+        Err(e) => return text(StatusCode::BAD_GATEWAY, format!("relay to {url}: {e}\n")),
+    };
+    let status = response.status();
+    match response.into_body().collect().await {
+        Ok(body) => text(
+            status,
+            format!(
+                "relayed {} -> {}\n",
+                app.name,
+                String::from_utf8_lossy(&body.to_bytes()).trim_end()
+            ),
+        ),
+        Err(e) => text(StatusCode::BAD_GATEWAY, format!("relay body: {e}\n")),
     }
 }
 

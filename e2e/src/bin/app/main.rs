@@ -14,6 +14,8 @@ mod http_client;
 mod http_server;
 mod load;
 mod net;
+mod otlp;
+
 mod pattern;
 mod redis;
 mod ws;
@@ -137,6 +139,15 @@ enum Command {
         concurrency: usize,
         #[command(flatten)]
         timeout: Timeout,
+    },
+    /// Receive spans over OTLP/gRPC on ADDR, appending them as JSON lines to OUT.
+    Otlp {
+        /// Listen address, HOST:PORT.
+        #[arg(long)]
+        listen: std::net::SocketAddr,
+        /// The file spans are appended to.
+        #[arg(long)]
+        out: std::path::PathBuf,
     },
     /// Server-first protocol at HOST:PORT: wait for the banner, then check one echo.
     Banner {
@@ -307,6 +318,11 @@ async fn run(args: Args) -> Result<bool, AppError> {
                 .chain(listens)
                 .collect();
             serve(name, body_size, all).await.map(|()| true)
+        }
+        Command::Otlp { listen, out } => {
+            let listener = tokio::net::TcpListener::bind(listen).await?;
+            otlp::serve(listener, out).await?;
+            Ok(true)
         }
         Command::Get {
             url,
