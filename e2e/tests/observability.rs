@@ -472,3 +472,150 @@ fn spans_of_a_two_hop_request_chain_at_the_collector_and_telemetry_follows_the_m
         );
     }
 }
+
+/// Numbers as f64 (Envoy writes `100`, serde `100.0`): the JSON compared as values.
+fn normalized(value: &Value) -> Value {
+    match value {
+        Value::Number(n) => serde_json::json!(n.as_f64()),
+        Value::Array(items) => Value::Array(items.iter().map(normalized).collect()),
+        Value::Object(map) => Value::Object(
+            map.iter()
+                .map(|(k, v)| (k.clone(), normalized(v)))
+                .collect(),
+        ),
+        other => other.clone(),
+    }
+}
+
+/// The endpoint addresses of a ClusterLoadAssignment, sorted.
+fn endpoint_addresses(assignment: &Value) -> Value {
+    let mut out: Vec<Value> = assignment["endpoints"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|l| l["lb_endpoints"].as_array().cloned().unwrap_or_default())
+        .map(|e| normalized(&e["endpoint"]["address"]))
+        .collect();
+    out.sort_by_key(Value::to_string);
+    Value::Array(out)
+}
+
+#[test]
+fn proxy_config_is_what_envoy_reports_in_its_config_dump() {
+    let h = Harness::start_split_mesh(98, "proxy-config", &[]).expect("mesh");
+    let (body, _) = h.get("client", "http://backend:8080/").unwrap().unwrap();
+    assert!(body.starts_with("backend-v"), "{body}");
+    let ours = h.proxy_config("client", &[]).unwrap();
+    let dump: Value = serde_json::Deserializer::from_str(
+        &h.envoy_admin("client", "/config_dump?include_eds").unwrap(),
+    )
+    .into_iter()
+    .next()
+    .unwrap()
+    .unwrap();
+    let section = |suffix: &str| -> &Value {
+        dump["configs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| {
+                c["@type"]
+                    .as_str()
+                    .is_some_and(|t| t.ends_with(&format!(".{suffix}")))
+            })
+            .unwrap_or_else(|| panic!("no {suffix} in the config dump"))
+    };
+    // (our kind, Envoy's section, its list, the resource inside each entry, name field)
+    let kinds = [
+        (
+            "listeners",
+            "ListenersConfigDump",
+            "dynamic_listeners",
+            "active_state.listener",
+            "name",
+        ),
+        (
+            "clusters",
+            "ClustersConfigDump",
+            "dynamic_active_clusters",
+            "cluster",
+            "name",
+        ),
+        (
+            "routes",
+            "RoutesConfigDump",
+            "dynamic_route_configs",
+            "route_config",
+            "name",
+        ),
+        (
+            "endpoints",
+            "EndpointsConfigDump",
+            "dynamic_endpoint_configs",
+            "endpoint_config",
+            "cluster_name",
+        ),
+        (
+            "secrets",
+            "SecretsConfigDump",
+            "dynamic_active_secrets",
+            "secret",
+            "name",
+        ),
+    ];
+    for (kind, section_type, list, path, name_field) in kinds {
+        let envoy: std::collections::BTreeMap<String, Value> = section(section_type)[list]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .iter()
+            .map(|entry| {
+                let resource = path.split('.').fold(entry, |v, key| &v[key]).clone();
+                (resource[name_field].as_str().unwrap().to_string(), resource)
+            })
+            .collect();
+        let mine: std::collections::BTreeMap<String, Value> = ours[kind]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| (r[name_field].as_str().unwrap().to_string(), r.clone()))
+            .collect();
+        assert!(!mine.is_empty(), "no {kind} for the client");
+        // Envoy also lists the endpoints of clusters that are not EDS (passthrough).
+        let mut envoy = envoy;
+        if kind == "endpoints" {
+            envoy.retain(|name, _| mine.contains_key(name));
+        }
+        assert_eq!(
+            mine.keys().collect::<Vec<_>>(),
+            envoy.keys().collect::<Vec<_>>(),
+            "{kind}: names differ"
+        );
+        for (name, resource) in &mine {
+            let (ours, theirs) = if kind == "endpoints" {
+                // Envoy dumps its live host set (health, weights, defaults filled in),
+                // not the message it received: the addresses must agree.
+                (
+                    endpoint_addresses(resource),
+                    endpoint_addresses(&envoy[name]),
+                )
+            } else {
+                (normalized(resource), normalized(&envoy[name]))
+            };
+            assert_eq!(
+                ours, theirs,
+                "{kind} {name}: weft proxy-config differs from Envoy's config dump"
+            );
+        }
+    }
+    // No private key leaves the control plane.
+    let text = ours.to_string();
+    assert!(!text.contains("PRIVATE KEY") && !text.contains("LS0tLS1CRUdJTiBQUklWQVRF"));
+    // Only the kinds asked for, and a clear error for a pod without config.
+    let listeners = h.proxy_config("client", &["listeners"]).unwrap();
+    assert_eq!(
+        listeners.as_object().unwrap().keys().collect::<Vec<_>>(),
+        ["listeners"]
+    );
+    assert!(h.proxy_config("no-such-pod", &[]).is_err());
+}

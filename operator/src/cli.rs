@@ -193,6 +193,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the xDS resources the control plane serves one proxy, as Envoy's config
+    /// dump writes them (private keys redacted).
+    ProxyConfig {
+        /// The proxy's pod, NAMESPACE/NAME (NAME alone: namespace `default`).
+        pod: String,
+        /// Only these kinds (default: all).
+        #[arg(value_enum)]
+        kinds: Vec<crate::proxy_config::ResourceKind>,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t = OutputFormat::Yaml)]
+        output: OutputFormat,
+        /// Admin endpoint of `weft up`.
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin_addr: String,
+    },
     /// Show what each connected proxy was sent and has acknowledged.
     ProxyStatus {
         /// Admin endpoint of `weft up`.
@@ -202,6 +217,15 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+}
+
+/// How `weft proxy-config` prints.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum OutputFormat {
+    /// JSON, as Envoy's config dump.
+    Json,
+    /// The same, as YAML.
+    Yaml,
 }
 
 /// Workload identity and mTLS settings of `weft up`.
@@ -709,6 +733,35 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
                 );
             }
             Ok(())
+        }
+        Command::ProxyConfig {
+            pod,
+            kinds,
+            output,
+            admin_addr,
+        } => {
+            let node = if pod.contains('/') {
+                pod
+            } else {
+                format!("default/{pod}")
+            };
+            let mut params = form_urlencoded::Serializer::new(String::new());
+            params.append_pair("node", &node);
+            if !kinds.is_empty() {
+                let names: Vec<&str> = kinds.iter().map(|k| k.as_str()).collect();
+                params.append_pair("types", &names.join(","));
+            }
+            let config: serde_json::Value =
+                admin::fetch(&admin_addr, &format!("/proxy-config?{}", params.finish())).await?;
+            match output {
+                OutputFormat::Json => print_json(&config),
+                OutputFormat::Yaml => {
+                    let text = serde_yaml_ng::to_string(&config)
+                        .map_err(|e| WeftError::Usage(format!("rendering YAML: {e}")))?;
+                    print!("{text}");
+                    Ok(())
+                }
+            }
         }
         Command::ProxyStatus { admin_addr, json } => {
             let proxies: Vec<ProxyStatus> = admin::fetch(&admin_addr, "/proxy-status").await?;

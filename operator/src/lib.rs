@@ -14,6 +14,8 @@ pub mod error;
 pub mod explain;
 pub mod identity;
 pub mod index;
+pub mod proxy_config;
+
 pub mod runtime;
 pub mod sidecar;
 pub mod sources;

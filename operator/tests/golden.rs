@@ -7,19 +7,19 @@
 
 use std::path::{Path, PathBuf};
 
-use prost_reflect::{DescriptorPool, DynamicMessage, SerializeOptions};
 use serde_json::{Value, json};
 use weft::identity::{Svid, WorkloadSecrets, spiffe_id};
 use weft::index::{Index, Workload};
+use weft::proxy_config::{ResourceKind, render as render_snapshot};
 use weft::sources::parse_manifests;
 use weft::translate::{
     AccessMode, MeshConfig, MtlsMode, ProxyResources, grants_for, translate_consumer,
     translate_shared, translate_workload,
 };
-use weft_xds::type_url;
 
-/// The descriptor set that envoy-types generates its code from (not exported by the crate).
-fn envoy_descriptors() -> DescriptorPool {
+/// The descriptor set that envoy-types generates its code from (not exported by the
+/// crate), read from the crate's sources.
+fn envoy_types_descriptor_bytes() -> Vec<u8> {
     let rustc = std::process::Command::new("rustc")
         .arg("-vV")
         .output()
@@ -59,51 +59,28 @@ fn envoy_descriptors() -> DescriptorPool {
         .parent()
         .unwrap()
         .join("src/generated/types.bin");
-    DescriptorPool::decode(
-        std::fs::read(&bin)
-            .expect("envoy-types descriptor set")
-            .as_slice(),
-    )
-    .unwrap()
+    std::fs::read(&bin).expect("envoy-types descriptor set")
 }
 
-fn render(pool: &DescriptorPool, resources: &ProxyResources) -> Value {
-    let snapshot = resources.to_snapshot();
-    let options = SerializeOptions::new().use_proto_field_name(true);
-    let mut out = serde_json::Map::new();
-    for (key, type_url) in [
-        ("clusters", type_url::CLUSTER),
-        ("endpoints", type_url::ENDPOINT),
-        ("listeners", type_url::LISTENER),
-        ("routes", type_url::ROUTE),
-        ("secrets", type_url::SECRET),
-    ] {
-        let items: Vec<Value> = snapshot
-            .resources(type_url)
-            .map(|t| {
-                let mut all: Vec<_> = t.iter().collect();
-                all.sort_by(|a, b| a.name().cmp(b.name()));
-                all
-            })
-            .unwrap_or_default()
-            .into_iter()
-            .map(|r| {
-                let any = r.to_any().expect("resource decodes");
-                let name = any.type_url.rsplit('/').next().unwrap();
-                let desc = pool
-                    .get_message_by_name(name)
-                    .expect("type in descriptor set");
-                let msg =
-                    DynamicMessage::decode(desc, any.value.as_slice()).expect("valid protobuf");
-                msg.serialize_with_options(serde_json::value::Serializer, &options)
-                    .expect("serializes")
-            })
-            .collect();
-        if !items.is_empty() {
-            out.insert(key.to_string(), Value::Array(items));
-        }
+#[test]
+fn the_built_in_envoy_descriptors_are_those_of_the_envoy_types_in_use() {
+    // `weft proxy-config` embeds a copy; after an envoy-types upgrade, copy the new
+    // one: cp $(envoy-types)/src/generated/types.bin operator/descriptors/envoy-types.bin
+    let built_in: &[u8] = include_bytes!("../descriptors/envoy-types.bin");
+    assert!(
+        built_in == envoy_types_descriptor_bytes().as_slice(),
+        "operator/descriptors/envoy-types.bin differs from envoy-types' own"
+    );
+}
+
+/// Every resource of `resources`, as `weft proxy-config` shows them (types without
+/// any left out).
+fn render(resources: &ProxyResources) -> Value {
+    let mut out = render_snapshot(&resources.to_snapshot(), &ResourceKind::ALL).unwrap();
+    if let Value::Object(map) = &mut out {
+        map.retain(|_, v| v.as_array().is_some_and(|a| !a.is_empty()));
     }
-    Value::Object(out)
+    out
 }
 
 /// Stand-in secrets: real keys are random, golden files must not be.
@@ -149,7 +126,6 @@ fn cases() -> Vec<PathBuf> {
 
 #[test]
 fn translate_matches_golden_files() {
-    let pool = envoy_descriptors();
     let update = std::env::var_os("WEFT_UPDATE_GOLDEN").is_some();
     let mut failed = Vec::new();
     let all = cases();
@@ -169,10 +145,7 @@ fn translate_matches_golden_files() {
                 let grants = grants_for(model, w);
                 (
                     node.clone(),
-                    render(
-                        &pool,
-                        &translate_workload(w, grants, &config, secrets.as_ref()),
-                    ),
+                    render(&translate_workload(w, grants, &config, secrets.as_ref())),
                 )
             })
             .collect();
@@ -183,14 +156,14 @@ fn translate_matches_golden_files() {
             .collect();
         let mut doc = json!({
             "problems": problems,
-            "shared": render(&pool, &translate_shared(model, &config, true)),
+            "shared": render(&translate_shared(model, &config, true)),
             "workloads": workloads,
         });
         // Consumer routes: per caller namespace, the route configurations its proxies
         // get instead of the shared ones of the same names.
         let consumer: serde_json::Map<String, Value> = translate_consumer(model, &config)
             .iter()
-            .map(|(ns, r)| (ns.clone(), render(&pool, r)))
+            .map(|(ns, r)| (ns.clone(), render(r)))
             .collect();
         if !consumer.is_empty() {
             doc["consumer"] = Value::Object(consumer);

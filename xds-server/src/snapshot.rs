@@ -381,6 +381,20 @@ impl SnapshotCache {
             .and_then(|e| e.own.borrow().clone())
     }
 
+    /// What `node` is served: its own resources over its shared snapshots; `None`
+    /// while it has none (or a shared layer it names is missing).
+    pub fn view(&self, node: &str) -> Option<Snapshot> {
+        let own = self.node(node)?;
+        let shared: Vec<Arc<Snapshot>> = own
+            .shared
+            .iter()
+            .map(|name| self.shared(name))
+            .collect::<Option<_>>()?;
+        let mut layers: Vec<&Snapshot> = shared.iter().map(|s| &**s).collect();
+        layers.push(&own.own);
+        Some(Snapshot::layered(&layers))
+    }
+
     /// Publishes the snapshot for nodes without one of their own.
     pub fn set_fallback(&self, snapshot: Snapshot) -> bool {
         publish(&self.fallback, snapshot)

@@ -35,6 +35,20 @@ impl Harness {
         self.weft_json("proxy-status")
     }
 
+    /// `weft proxy-config NS/POD KINDS -o json`: what the control plane serves `pod`.
+    pub fn proxy_config(&self, pod: &str, kinds: &[&str]) -> Result<serde_json::Value> {
+        let admin = self.admin_addr();
+        let node = format!("{}/{pod}", self.pod_namespace(pod));
+        let mut args = vec!["proxy-config", &node];
+        args.extend_from_slice(kinds);
+        args.extend(["-o", "json", "--admin-addr", &admin]);
+        let out = check(cmd(&self.weft, &args))?;
+        serde_json::from_slice(&out.stdout).map_err(|e| HarnessError::Decode {
+            what: "proxy-config".to_string(),
+            reason: e.to_string(),
+        })
+    }
+
     /// `weft top --json --window WINDOW` against this harness's control plane.
     pub fn top(&self, window: &str) -> Result<serde_json::Value> {
         self.weft_json_with("top", &["--window", window])

@@ -17,6 +17,7 @@ use weft_xds::{SyncRegistry, TypeSync};
 use crate::error::WeftError;
 use crate::explain::{CallQuery, Explanation, explain};
 use crate::index::{MeshModel, Problem};
+use crate::proxy_config::ResourceKind;
 use crate::runtime::connections::serve_connections;
 use crate::runtime::metrics::ControlPlaneMetrics;
 use crate::sources::ManifestError;
@@ -200,6 +201,8 @@ pub struct AdminState {
     pub explain: mpsc::Sender<ModelQuery>,
     /// Set at shutdown: not ready any more.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// What the proxies are served (`/proxy-config`).
+    pub cache: Arc<weft_xds::SnapshotCache>,
 }
 
 /// A question for the task that owns the model, and where to answer it: the model is
@@ -423,6 +426,51 @@ fn json<T: Serialize>(value: &T) -> Response<Full<Bytes>> {
     }
 }
 
+/// `/proxy-config?node=NS/NAME[&types=listeners,routes]`: what the node is served.
+fn proxy_config(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>> {
+    let mut node = None;
+    let mut kinds = Vec::new();
+    for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match &*key {
+            "node" => node = Some(value.into_owned()),
+            "types" => {
+                for name in value.split(',') {
+                    match ResourceKind::parse(name) {
+                        Some(kind) => kinds.push(kind),
+                        None => {
+                            return text(
+                                StatusCode::BAD_REQUEST,
+                                &format!(
+                                    "unknown type {name:?}: listeners, routes, clusters, endpoints or secrets"
+                                ),
+                            );
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    let Some(node) = node else {
+        return text(StatusCode::BAD_REQUEST, "needs ?node=NAMESPACE/NAME");
+    };
+    if kinds.is_empty() {
+        kinds = ResourceKind::ALL.to_vec();
+    }
+    let Some(snapshot) = state.cache.view(&node) else {
+        return text(
+            StatusCode::NOT_FOUND,
+            &format!(
+                "no config for {node}: a proxy's config is built while it is connected (see `weft proxy-status`)"
+            ),
+        );
+    };
+    match crate::proxy_config::render(&snapshot, &kinds) {
+        Ok(config) => json(&config),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+    }
+}
+
 fn text(status: StatusCode, body: &str) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(format!("{body}\n"))));
     *response.status_mut() = status;
@@ -454,6 +502,7 @@ async fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byt
             json(&status)
         }
         "/proxy-status" => json(&state.proxy_status()),
+        "/proxy-config" => proxy_config(state, req.uri().query()),
         "/top" => top(state, req.uri().query()).await,
         "/explain" => {
             let query = explain_query(req.uri().query());
@@ -492,7 +541,7 @@ async fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byt
             .unwrap_or_default(),
         _ => text(
             StatusCode::NOT_FOUND,
-            "endpoints: /healthz /readyz /status /proxy-status /explain /top /metrics",
+            "endpoints: /healthz /readyz /status /proxy-status /proxy-config /explain /top /metrics",
         ),
     }
 }

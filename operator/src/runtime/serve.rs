@@ -165,7 +165,7 @@ pub async fn serve(plane: ControlPlane) -> Result<(), WeftError> {
         observers,
     );
 
-    let (ads, streams) = AdsService::new(cache);
+    let (ads, streams) = AdsService::new(cache.clone());
     let ads = ads.with_policy(binding.clone()).with_on_demand(resolver);
     let draining = Arc::new(AtomicBool::new(false));
     let admin_state = AdminState {
@@ -174,6 +174,7 @@ pub async fn serve(plane: ControlPlane) -> Result<(), WeftError> {
         metrics: metrics.clone(),
         explain: explain_tx,
         draining: draining.clone(),
+        cache,
     };
     let mut xds_listeners = Vec::new();
     for addr in &opts.xds_addrs {
