@@ -20,7 +20,8 @@ use crate::control_plane::{
 };
 use crate::mesh::Mesh;
 use crate::report::{
-    ChangeRow, ChangeSample, ChangeStats, EnvoyRun, Measured, RunReport, percentile, secs,
+    ChangeRow, ChangeSample, ChangeStats, EnvoyRun, Measured, RunReport, SidecarMemory, percentile,
+    secs,
 };
 
 /// How often `/proxy-status` is polled: the resolution of Envoy ACK times.
@@ -237,6 +238,149 @@ async fn listener_check(envoys: &[EnvoyProcess]) -> Result<String, String> {
     ))
 }
 
+/// GET on an Envoy's admin endpoint (127.0.0.1); the body of a 2xx answer.
+async fn envoy_admin_get(admin_port: u16, path: &str) -> Result<String, String> {
+    const TIMEOUT: Duration = Duration::from_secs(10);
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<http_body_util::Empty<bytes::Bytes>>();
+    let uri: hyper::Uri = format!("http://127.0.0.1:{admin_port}{path}")
+        .parse()
+        .map_err(|e| format!("admin {path}: {e}"))?;
+    let fetch = async {
+        let response = client
+            .get(uri)
+            .await
+            .map_err(|e| format!("admin {path}: {e}"))?;
+        let status = response.status();
+        let body = http_body_util::BodyExt::collect(response.into_body())
+            .await
+            .map_err(|e| format!("admin {path}: {e}"))?
+            .to_bytes();
+        let text = String::from_utf8_lossy(&body).into_owned();
+        if !status.is_success() {
+            return Err(format!("admin {path}: {status}: {}", text.trim()));
+        }
+        Ok(text)
+    };
+    tokio::time::timeout(TIMEOUT, fetch)
+        .await
+        .map_err(|_| format!("admin {path}: no answer within {TIMEOUT:?}"))?
+}
+
+/// A `Name:  1234 kB` field of a /proc file (`status`, `smaps_rollup`), in bytes.
+fn proc_kib_field(text: &str, pid: u32, file: &str, field: &str) -> Result<u64, String> {
+    let line = text
+        .lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
+        .ok_or_else(|| format!("/proc/{pid}/{file} has no {field} field"))?;
+    let mut words = line[field.len() + 1..].split_whitespace();
+    match (words.next().map(str::parse::<u64>), words.next()) {
+        (Some(Ok(kib)), Some("kB")) => Ok(kib * 1024),
+        _ => Err(format!(
+            "/proc/{pid}/{file}: cannot read {field} from {line:?} (expected `N kB`)"
+        )),
+    }
+}
+
+/// A byte count from Envoy's `/memory`: a JSON string (proto uint64) or a number.
+fn admin_bytes(memory: &serde_json::Value, field: &str) -> Result<u64, String> {
+    let value = memory
+        .get(field)
+        .ok_or_else(|| format!("admin /memory has no {field}"))?;
+    value
+        .as_u64()
+        .or_else(|| value.as_str().and_then(|s| s.parse().ok()))
+        .ok_or_else(|| format!("admin /memory: {field} is {value}, not a byte count"))
+}
+
+/// One Envoy's memory: RSS split from `/proc/PID/status`, PSS from
+/// `/proc/PID/smaps_rollup`, tcmalloc's heap from the admin `/memory`.
+async fn sidecar_memory(pid: u32, admin_port: u16) -> Result<SidecarMemory, String> {
+    let read = |file: &str| {
+        std::fs::read_to_string(format!("/proc/{pid}/{file}"))
+            .map_err(|e| format!("/proc/{pid}/{file}: {e}"))
+    };
+    let status = read("status")?;
+    let rollup = read("smaps_rollup")?;
+    let memory = envoy_admin_get(admin_port, "/memory").await?;
+    let memory: serde_json::Value =
+        serde_json::from_str(&memory).map_err(|e| format!("parsing admin /memory: {e}"))?;
+    Ok(SidecarMemory {
+        rss: proc_kib_field(&status, pid, "status", "VmRSS")?,
+        rss_anon: proc_kib_field(&status, pid, "status", "RssAnon")?,
+        rss_file: proc_kib_field(&status, pid, "status", "RssFile")?,
+        pss: proc_kib_field(&rollup, pid, "smaps_rollup", "Pss")?,
+        heap_allocated: admin_bytes(&memory, "allocated")?,
+        heap_size: admin_bytes(&memory, "heap_size")?,
+    })
+}
+
+/// Every Envoy's memory; fails on the first one that cannot be read.
+async fn envoys_memory(envoys: &[EnvoyProcess]) -> Result<Vec<SidecarMemory>, String> {
+    let mut out = Vec::with_capacity(envoys.len());
+    for e in envoys {
+        let pid = e
+            .child
+            .id()
+            .ok_or_else(|| format!("Envoy of {} has exited", e.node))?;
+        out.push(
+            sidecar_memory(pid, e.admin_port)
+                .await
+                .map_err(|err| format!("Envoy of {}: {err}", e.node))?,
+        );
+    }
+    Ok(out)
+}
+
+/// The floor: an Envoy with an admin-only bootstrap (no xDS, no listeners, no
+/// clusters), started with the sidecars' flags once they are measured, beside them:
+/// its PSS shares the binary's pages with the N sidecars (theirs with each other).
+/// Measured once `/ready` says LIVE and a moment has passed for its workers to start;
+/// killed on return.
+async fn floor_memory(envoy: &Path, run_dir: &Path) -> Result<SidecarMemory, String> {
+    const READY_TIMEOUT: Duration = Duration::from_secs(30);
+    const SETTLE: Duration = Duration::from_secs(1);
+    let admin_port = free_ports(1)
+        .map_err(|e| format!("picking an admin port: {e}"))?
+        .first()
+        .map(|a| a.port())
+        .ok_or("picking an admin port: none")?;
+    let config = run_dir.join("envoy-empty.json");
+    let bootstrap = serde_json::json!({
+        "admin": {
+            "address": { "socket_address": { "address": "127.0.0.1", "port_value": admin_port } }
+        }
+    });
+    std::fs::write(&config, bootstrap.to_string())
+        .map_err(|e| format!("writing {}: {e}", config.display()))?;
+    let log = run_dir.join("envoy-empty.log");
+    let mut child = spawn_envoy(envoy, &config, &log)?;
+    let deadline = Instant::now() + READY_TIMEOUT;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("exited ({status}): {}", log_tail(&log, 5)));
+        }
+        let ready = envoy_admin_get(admin_port, "/ready").await;
+        if matches!(&ready, Ok(body) if body.trim() == "LIVE") {
+            break;
+        }
+        if Instant::now() >= deadline {
+            let answer = ready.unwrap_or_else(|e| e);
+            return Err(format!(
+                "admin /ready not LIVE within {READY_TIMEOUT:?} (last answer: {}): {}",
+                answer.trim(),
+                log_tail(&log, 5)
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(SETTLE).await;
+    let pid = child.id().ok_or("exited before it was measured")?;
+    let measured = sidecar_memory(pid, admin_port).await;
+    let _ = child.kill().await;
+    measured
+}
+
 /// Starts `count` Envoys for the first pods in connect order, measures sync, RSS and
 /// the three changes. Everything is killed on return (and on panic, by Drop).
 pub async fn run_envoys(
@@ -366,6 +510,31 @@ async fn envoys_on(
             mib(cp_rss)
         ),
     );
+    let memory = envoys_memory(&envoys).await;
+    let floor = floor_memory(&envoy, run_dir).await;
+    let p50 = |f: fn(&SidecarMemory) -> u64, m: &[SidecarMemory]| {
+        mib(percentile(&m.iter().map(f).collect::<Vec<_>>(), 0.5).unwrap_or(0))
+    };
+    for (what, measured) in [
+        ("Envoy memory p50", memory.as_deref()),
+        (
+            "empty-bootstrap Envoy",
+            floor.as_ref().map(std::slice::from_ref),
+        ),
+    ] {
+        let line = match measured {
+            Ok(m) => format!(
+                "{what}: RSS {} = anon {} + file {}; PSS {}; heap allocated {}",
+                p50(|x| x.rss, m),
+                p50(|x| x.rss_anon, m),
+                p50(|x| x.rss_file, m),
+                p50(|x| x.pss, m),
+                p50(|x| x.heap_allocated, m),
+            ),
+            Err(e) => format!("{what} FAILED: {e}"),
+        };
+        log_step(&binary.label, size, &line);
+    }
     let mut changes = Vec::new();
     for kind in [
         ChangeKind::Endpoint,
@@ -394,6 +563,8 @@ async fn envoys_on(
         rss_max: rss.iter().max().copied().unwrap_or(0),
         cp_rss,
         listeners,
+        memory,
+        floor,
         changes,
     })
 }
@@ -614,5 +785,36 @@ async fn envoy_changes(
         kind: kind.label(),
         watched,
         outcome: Ok(stats),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_fields_in_bytes_or_a_clear_error() {
+        let status = "VmRSS:\t   64376 kB\nRssAnon:\t   13848 kB\nRssFile:\t   50524 kB\n";
+        assert_eq!(
+            proc_kib_field(status, 7, "status", "RssAnon"),
+            Ok(13848 * 1024)
+        );
+        let missing = proc_kib_field(status, 7, "status", "RssShmem");
+        assert_eq!(
+            missing,
+            Err("/proc/7/status has no RssShmem field".to_string())
+        );
+        assert!(proc_kib_field("Pss: lots\n", 7, "smaps_rollup", "Pss").is_err());
+        // `Pss:` must not match `Pss_Anon:`.
+        let rollup = "Pss_Anon: 1 kB\nPss:  2 kB\n";
+        assert_eq!(proc_kib_field(rollup, 7, "smaps_rollup", "Pss"), Ok(2048));
+    }
+
+    #[test]
+    fn admin_memory_counts_are_strings_or_numbers() {
+        let memory = serde_json::json!({ "allocated": "5825120", "heap_size": 10485760 });
+        assert_eq!(admin_bytes(&memory, "allocated"), Ok(5825120));
+        assert_eq!(admin_bytes(&memory, "heap_size"), Ok(10485760));
+        assert!(admin_bytes(&memory, "pageheap_free").is_err());
     }
 }

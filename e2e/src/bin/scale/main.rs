@@ -41,6 +41,9 @@
 //!    unscoped proxy, and a linear extrapolation to all proxies, labelled as such.
 //! 6. Separately, real Envoys (bootstraps from `weft bootstrap`, xDS bound to the pod IP),
 //!    observed through `/proxy-status`: time to sync, RSS, and the same three changes.
+//!    Per sidecar also RssAnon/RssFile (`/proc/PID/status`), PSS (`smaps_rollup`) and
+//!    Envoy's heap (admin `/memory`), beside the same for one Envoy with an admin-only
+//!    bootstrap (the floor): the binary's file pages are shared, the anonymous ones not.
 //!
 //! The control plane runs under a watchdog that kills it above `--memory-cap-gb` or when
 //! the machine is about to run out of memory; Envoys are stopped likewise. Control plane
@@ -390,6 +393,10 @@ async fn run(args: RunArgs, shell_nofile: (u64, u64)) -> ExitCode {
         }
         println!();
         println!("{}", report::envoy_table(&reports));
+        println!();
+        println!("Envoy memory per sidecar: {}", report::MEMORY_NOTE);
+        println!();
+        println!("{}", report::envoy_memory_table(&reports));
         println!();
         let changes: Vec<(String, Vec<report::ChangeRow>)> = reports
             .iter()

@@ -85,7 +85,28 @@ pub struct EnvoyRun {
     pub rss_max: u64,
     pub cp_rss: u64,
     pub listeners: String,
+    /// Every sidecar's memory, sampled right after the RSS above.
+    pub memory: Measured<Vec<SidecarMemory>>,
+    /// The floor: one Envoy with an admin-only bootstrap, started beside the sidecars.
+    pub floor: Measured<SidecarMemory>,
     pub changes: Vec<ChangeRow>,
+}
+
+/// One Envoy's memory, in bytes: `/proc/PID/status`, `/proc/PID/smaps_rollup` and
+/// the heap Envoy reports on its admin `/memory`.
+#[derive(Clone, Copy, Debug)]
+pub struct SidecarMemory {
+    /// VmRSS = RssAnon + RssFile + RssShmem (Envoy's shared memory is a few KiB).
+    pub rss: u64,
+    pub rss_anon: u64,
+    /// Mostly the Envoy binary's pages: page cache shared by every Envoy on the node.
+    pub rss_file: u64,
+    /// Proportional set size: each shared page divided by the processes mapping it.
+    pub pss: u64,
+    /// tcmalloc: bytes in use by the application.
+    pub heap_allocated: u64,
+    /// tcmalloc: bytes reserved for the heap (in use, cached and free).
+    pub heap_size: u64,
 }
 
 /// Everything one binary measured at one size.
@@ -139,6 +160,8 @@ impl RunReport {
             self.envoys.as_ref().map(|r| r.as_ref().map(|_| ())),
         );
         if let Some(Ok(e)) = &self.envoys {
+            check("Envoy memory", Some(e.memory.as_ref().map(|_| ())));
+            check("empty-bootstrap Envoy", Some(e.floor.as_ref().map(|_| ())));
             for c in &e.changes {
                 check(c.kind, Some(c.outcome.as_ref().map(|_| ())));
             }
@@ -420,6 +443,70 @@ pub fn envoy_table(runs: &[RunReport]) -> String {
             None => cells.extend(std::iter::repeat_n("-".to_string(), 6)),
         }
         out.push(row(&cells));
+    }
+    out.join("\n")
+}
+
+/// Why the memory table has more than RSS.
+pub const MEMORY_NOTE: &str = "RSS counts the Envoy binary's file-backed pages (RssFile), which sit once in the page cache and are shared by every sidecar on the node (PSS divides them among the processes mapping them); RssAnon (heap, stacks, per-process data) is what each additional sidecar costs. Heap = Envoy's own tcmalloc figures from the admin `/memory` (allocated: in use; heap size: reserved).";
+
+/// Sidecar memory, one row for the mesh's Envoys and one for the empty-bootstrap floor,
+/// per binary. Each cell is `p50 / max` over the sidecars.
+pub fn envoy_memory_table(runs: &[RunReport]) -> String {
+    let mut out = vec![header(&[
+        "binary",
+        "Envoy",
+        "Envoys",
+        "RSS p50 / max",
+        "RssAnon p50 / max",
+        "RssFile p50 / max",
+        "PSS p50 / max",
+        "PSS total",
+        "heap allocated p50 / max",
+        "heap size p50 / max",
+    ])];
+    const STATS: usize = 7;
+    for r in runs {
+        let Some(Ok(e)) = &r.envoys else {
+            let mut cells = vec![r.label.clone(), "-".into()];
+            cells.extend(std::iter::repeat_n("-".to_string(), STATS + 1));
+            out.push(row(&cells));
+            continue;
+        };
+        let floor = e.floor.as_ref().map(std::slice::from_ref);
+        for (what, samples) in [
+            ("sidecars of the mesh", e.memory.as_deref()),
+            ("empty bootstrap (admin only)", floor),
+        ] {
+            let mut cells = vec![r.label.clone(), what.to_string()];
+            match samples {
+                Ok(s) => {
+                    let stat = |f: fn(&SidecarMemory) -> u64| -> String {
+                        let v: Vec<u64> = s.iter().map(f).collect();
+                        match (v.as_slice(), percentile(&v, 0.5), v.iter().max()) {
+                            ([one], _, _) => mib(*one),
+                            (_, Some(p50), Some(max)) => format!("{} / {}", mib(p50), mib(*max)),
+                            _ => "-".to_string(),
+                        }
+                    };
+                    cells.extend([
+                        s.len().to_string(),
+                        stat(|m| m.rss),
+                        stat(|m| m.rss_anon),
+                        stat(|m| m.rss_file),
+                        stat(|m| m.pss),
+                        mib(s.iter().map(|m| m.pss).sum()),
+                        stat(|m| m.heap_allocated),
+                        stat(|m| m.heap_size),
+                    ]);
+                }
+                Err(e) => {
+                    cells.push(failed(e));
+                    cells.extend(std::iter::repeat_n("-".to_string(), STATS));
+                }
+            }
+            out.push(row(&cells));
+        }
     }
     out.join("\n")
 }
