@@ -20,7 +20,8 @@ export WEFT_KUBECTL := $(HELM_KUBECTL)/kubectl/kubectl
 IMAGE_REGISTRY ?= ghcr.io/weft-mesh
 IMAGE_TAG ?= dev
 
-.PHONY: demo test setup system-packages require-root lint bench crdgen images
+.PHONY: demo test setup system-packages require-root lint bench crdgen images install
+
 
 demo: require-root setup
 	cargo build --workspace --bins
@@ -85,7 +86,15 @@ bench:
 	cargo bench -p weft --bench issuance
 	cargo bench -p weft-webhook --bench admission
 
+# The CLI into $(PREFIX)/bin, also as the kubectl plugin: `kubectl weft ...`.
+PREFIX ?= /usr/local
+install:
+	cargo build --release -p weft --bin weft
+	install -D -m 0755 target/release/weft $(PREFIX)/bin/weft
+	ln -sf weft $(PREFIX)/bin/kubectl-weft
+
 crdgen:
+
 	cargo run -p weft-crds --bin crdgen
 
 # The container images (docker/): built where a container builder works, said so otherwise.

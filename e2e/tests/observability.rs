@@ -613,6 +613,45 @@ fn proxy_config_is_what_envoy_reports_in_its_config_dump() {
     assert!(!text.contains("PRIVATE KEY") && !text.contains("LS0tLS1CRUdJTiBQUklWQVRF"));
     // Only the kinds asked for, and a clear error for a pod without config.
     let listeners = h.proxy_config("client", &["listeners"]).unwrap();
+    // The same through kubectl, with `weft` installed as its plugin (`make install`
+    // links `kubectl-weft`).
+    let kubectl =
+        std::env::var_os("WEFT_KUBECTL").expect("WEFT_KUBECTL (make setup installs kubectl)");
+    let plugins = h.work_dir().join("plugins");
+    std::fs::create_dir_all(&plugins).unwrap();
+    std::os::unix::fs::symlink(
+        workspace_binary("weft").unwrap(),
+        plugins.join("kubectl-weft"),
+    )
+    .unwrap();
+    let path = format!(
+        "{}:{}",
+        plugins.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let out = Command::new(&kubectl)
+        .args([
+            "weft",
+            "proxy-config",
+            "default/client",
+            "listeners",
+            "-o",
+            "json",
+        ])
+        .args(["--admin-addr", &h.admin_addr()])
+        .env("PATH", path)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let via_kubectl: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        via_kubectl, listeners,
+        "kubectl weft proxy-config = weft proxy-config"
+    );
     assert_eq!(
         listeners.as_object().unwrap().keys().collect::<Vec<_>>(),
         ["listeners"]

@@ -520,8 +520,20 @@ fn print_proxy_status(proxies: &[ProxyStatus]) {
 
 fn print_json<T: serde::Serialize>(value: &T) -> Result<(), WeftError> {
     let text = serde_json::to_string_pretty(value).map_err(|e| WeftError::Usage(e.to_string()))?;
-    println!("{text}");
-    Ok(())
+    print_text(&format!("{text}\n"))
+}
+
+/// Writes `text` to stdout; a reader that went away (`| head`) is not an error.
+fn print_text(text: &str) -> Result<(), WeftError> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(WeftError::Io {
+            path: "<stdout>".into(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
 }
 
 async fn run(cli: Cli) -> Result<(), WeftError> {
@@ -758,8 +770,7 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
                 OutputFormat::Yaml => {
                     let text = serde_yaml_ng::to_string(&config)
                         .map_err(|e| WeftError::Usage(format!("rendering YAML: {e}")))?;
-                    print!("{text}");
-                    Ok(())
+                    print_text(&text)
                 }
             }
         }
@@ -786,8 +797,26 @@ fn raise_open_file_limit() {
     }
 }
 
+/// The name `kubectl` runs a plugin by: `kubectl weft ...` executes `kubectl-weft`.
+const KUBECTL_PLUGIN: &str = "kubectl-weft";
+
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // Installed as the kubectl plugin too (a link named `kubectl-weft`): usage and help
+    // then say `kubectl weft`.
+    let invoked_as = std::env::args_os()
+        .next()
+        .map(std::path::PathBuf::from)
+        .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()));
+    let mut command = <Cli as clap::CommandFactory>::command();
+    if invoked_as.as_deref() == Some(KUBECTL_PLUGIN) {
+        command = command
+            .bin_name("kubectl weft")
+            .display_name("kubectl weft");
+    }
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&command.get_matches()) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     init_tracing();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
