@@ -608,6 +608,33 @@ fn proxy_config_is_what_envoy_reports_in_its_config_dump() {
             );
         }
     }
+    // The control plane's own metrics: certificate expiry and each proxy's config age.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    let metric = |name: &str| {
+        h.control_plane_metric(name)
+            .unwrap()
+            .unwrap_or_else(|| panic!("no {name} in /metrics"))
+    };
+    let ca = metric("weft_ca_certificate_expiry_timestamp_seconds");
+    assert!(
+        ca > now + 300.0 * 86400.0,
+        "the CA expires at {ca}, now {now}"
+    );
+    let svid = metric("weft_workload_certificate_earliest_expiry_timestamp_seconds");
+    assert!(
+        svid > now && svid <= now + 24.0 * 3600.0 + 60.0,
+        "workload certificates live 24h: {svid} vs {now}"
+    );
+    let age = metric(r#"weft_proxy_config_age_seconds{node="default/client"}"#);
+    assert!((0.0..120.0).contains(&age), "config age {age}");
+    assert_eq!(
+        metric(r#"weft_proxy_config_unacked_seconds{node="default/client"}"#),
+        0.0,
+        "the client is in sync"
+    );
     // No private key leaves the control plane.
     let text = ours.to_string();
     assert!(!text.contains("PRIVATE KEY") && !text.contains("LS0tLS1CRUdJTiBQUklWQVRF"));

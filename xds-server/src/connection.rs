@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
+use std::time::SystemTime;
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -89,8 +90,12 @@ struct TypeState {
     /// A request is waiting for a response even if content is unchanged.
     must_respond: bool,
     sent: Option<Sent>,
+    /// When the version in `sent` was first sent.
+    sent_at: Option<SystemTime>,
     responses: u64,
     acked_version: Option<String>,
+    /// When the proxy first ACKed `acked_version`.
+    acked_at: Option<SystemTime>,
     nack: Option<Nack>,
 }
 
@@ -109,6 +114,10 @@ pub struct TypeSync {
     pub responses: u64,
     /// The last NACK (cleared by the next ACK).
     pub last_nack: Option<Nack>,
+    /// When the current sent version was first sent.
+    pub sent_at: Option<SystemTime>,
+    /// When the proxy first ACKed its current acked version.
+    pub acked_at: Option<SystemTime>,
 }
 
 /// The ADS state machine of one stream.
@@ -166,7 +175,11 @@ impl AdsConnection {
             state.must_respond = names_changed;
             return Ok(RequestEvent::Nack(nack));
         }
-        state.acked_version = Some(req.version_info.clone());
+        record_ack(
+            &mut state.acked_version,
+            &mut state.acked_at,
+            &req.version_info,
+        );
         state.nack = None;
         if names_changed && !is_new {
             state.must_respond = names_changed;
@@ -240,6 +253,9 @@ impl AdsConnection {
         let state = self.types.entry(type_url.to_string()).or_default();
         state.must_respond = false;
         state.responses += 1;
+        if state.sent.as_ref().map(|s| s.version.as_str()) != Some(version_info.as_str()) {
+            state.sent_at = Some(SystemTime::now());
+        }
         state.sent = Some(Sent {
             version: version_info,
             nonce,
@@ -259,8 +275,22 @@ impl AdsConnection {
                 sent_resources: s.sent.as_ref().map_or(0, |x| x.resources.len()),
                 responses: s.responses,
                 last_nack: s.nack.clone(),
+                sent_at: s.sent_at,
+                acked_at: s.acked_at,
             })
             .collect()
+    }
+}
+
+/// Records an ACK of `version`, stamping the time when it is a new one.
+pub(crate) fn record_ack(
+    acked_version: &mut Option<String>,
+    acked_at: &mut Option<SystemTime>,
+    version: &str,
+) {
+    if acked_version.as_deref() != Some(version) {
+        *acked_version = Some(version.to_string());
+        *acked_at = Some(SystemTime::now());
     }
 }
 

@@ -7,13 +7,16 @@
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Range;
 use std::sync::{Arc, Mutex, PoisonError};
+use std::time::SystemTime;
 
 use bytes::BufMut;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use prost::encoding::{WireType, encode_key, encode_varint};
 
 use crate::XdsError;
-use crate::connection::{Nack, RequestEvent, TypeSync, desired_resources, remember_node};
+use crate::connection::{
+    Nack, RequestEvent, TypeSync, desired_resources, record_ack, remember_node,
+};
 use crate::resource::{Resource, type_url};
 use crate::snapshot::{LayerRef, Snapshot, TypedResources};
 
@@ -289,8 +292,12 @@ struct DeltaTypeState {
     /// Version of the type's set per nonce in flight, to report ACKs.
     in_flight: BTreeMap<String, String>,
     sent_version: Option<String>,
+    /// When `sent_version` was first sent.
+    sent_at: Option<SystemTime>,
     responses: u64,
     acked_version: Option<String>,
+    /// When the proxy first ACKed `acked_version`.
+    acked_at: Option<SystemTime>,
     nack: Option<Nack>,
 }
 
@@ -386,7 +393,7 @@ impl DeltaAdsConnection {
             state.nack = Some(nack.clone());
             return Ok(RequestEvent::Nack(nack));
         }
-        state.acked_version = Some(version.clone());
+        record_ack(&mut state.acked_version, &mut state.acked_at, &version);
         state.nack = None;
         if !req.resource_names_subscribe.is_empty() || !req.resource_names_unsubscribe.is_empty() {
             return Ok(RequestEvent::SubscriptionChanged);
@@ -454,6 +461,9 @@ impl DeltaAdsConnection {
         let nonce = self.nonce_seq.to_string();
         let state = self.types.entry(type_url.to_string()).or_default();
         state.responses += 1;
+        if state.sent_version.as_deref() != Some(version.as_str()) {
+            state.sent_at = Some(SystemTime::now());
+        }
         state.sent_version = Some(version.clone());
         state.in_flight.insert(nonce.clone(), version.clone());
         DeltaResponse {
@@ -492,6 +502,8 @@ impl DeltaAdsConnection {
                 sent_resources: s.known.len(),
                 responses: s.responses,
                 last_nack: s.nack.clone(),
+                sent_at: s.sent_at,
+                acked_at: s.acked_at,
             })
             .collect()
     }

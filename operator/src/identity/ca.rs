@@ -63,6 +63,8 @@ pub struct CertificateAuthority {
     trust_bundle_pem: String,
     /// PEM of this CA's own root certificate.
     root_pem: String,
+    /// End of the CA certificate's validity.
+    not_after: SystemTime,
 }
 
 fn read(path: &Path) -> Result<String, WeftError> {
@@ -84,6 +86,17 @@ fn write_private(path: &Path, text: &str) -> Result<(), WeftError> {
         .map_err(|e| WeftError::io(path, e))?;
     file.write_all(text.as_bytes())
         .map_err(|e| WeftError::io(path, e))
+}
+
+/// The end of validity of the first certificate in `pem`.
+pub fn certificate_not_after(pem: &str) -> Result<SystemTime, WeftError> {
+    let (_, pem) = x509_parser::pem::parse_x509_pem(pem.as_bytes())
+        .map_err(|e| identity_err("certificate PEM", e))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| identity_err("certificate", e))?;
+    let secs = cert.validity().not_after.timestamp();
+    Ok(SystemTime::UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).unwrap_or(0)))
 }
 
 fn offset(t: SystemTime) -> OffsetDateTime {
@@ -133,6 +146,7 @@ impl CertificateAuthority {
         let key = KeyPair::from_pem(key_pem).map_err(|e| identity_err("CA key", e))?;
         let issuer = Issuer::from_ca_cert_pem(&cert_pem, key)
             .map_err(|e| identity_err("CA certificate", e))?;
+        let not_after = certificate_not_after(&cert_pem)?;
         // The root is the last certificate of the chain, or the CA certificate itself.
         let root_pem = split_pem(&chain).pop().unwrap_or_else(|| cert_pem.clone());
         let mut trust_bundle_pem = root_pem.clone();
@@ -154,6 +168,7 @@ impl CertificateAuthority {
             chain_pem,
             trust_bundle_pem,
             root_pem,
+            not_after,
         })
     }
 
@@ -171,6 +186,11 @@ impl CertificateAuthority {
         std::fs::write(&cert_path, &cert_pem).map_err(|e| WeftError::io(&cert_path, e))?;
         tracing::info!(dir = %dir.display(), "created a new root CA");
         Ok((cert_pem, key_pem, String::new()))
+    }
+
+    /// When the CA certificate expires (every certificate it issues ends before).
+    pub fn not_after(&self) -> SystemTime {
+        self.not_after
     }
 
     /// A new self-signed root: its certificate and private key (PEM).

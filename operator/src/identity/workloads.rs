@@ -109,6 +109,11 @@ impl WorkloadCertificates {
         })
     }
 
+    /// The earliest expiry of a certificate held.
+    pub fn earliest_expiry(&self) -> Option<SystemTime> {
+        self.issued.values().map(|i| i.svid.not_after).min()
+    }
+
     /// The earliest renewal due.
     pub fn next_renewal(&self) -> Option<SystemTime> {
         self.issued.values().map(|i| i.renew_at).min()

@@ -270,6 +270,11 @@ impl MeshRuntime {
     /// Metrics and `weft status` after a publish.
     fn record(&mut self, stats: PublishStats) {
         self.metrics.certificates_issued.inc_by(stats.issued as u64);
+        if let Some(expiry) = self.publisher.earliest_certificate_expiry() {
+            self.metrics
+                .workload_certificate_expiry
+                .set(crate::runtime::metrics::unix_seconds(expiry));
+        }
         self.status
             .send_modify(|status| status.proxies = stats.proxies);
         self.record_status();

@@ -6,6 +6,8 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
+use std::time::SystemTime;
+
 use weft_xds::SyncRegistry;
 
 /// The metrics `weft up` exports.
@@ -33,6 +35,12 @@ pub struct ControlPlaneMetrics {
     pub status_writes: Counter,
     /// 1 while this replica holds the leader Lease (Kubernetes mode).
     pub leader: Gauge,
+    /// Unix time the CA certificate expires.
+    pub ca_expiry: Gauge,
+    /// Unix time the first workload certificate held expires.
+    pub workload_certificate_expiry: Gauge,
+    proxy_config_age: Family<Vec<(String, String)>, Gauge>,
+    proxy_config_unacked: Family<Vec<(String, String)>, Gauge>,
 }
 
 impl Default for ControlPlaneMetrics {
@@ -51,8 +59,32 @@ impl Default for ControlPlaneMetrics {
             reconcile_errors: Counter::default(),
             status_writes: Counter::default(),
             leader: Gauge::default(),
+            ca_expiry: Gauge::default(),
+            workload_certificate_expiry: Gauge::default(),
+            proxy_config_age: Family::default(),
+            proxy_config_unacked: Family::default(),
             registry: Registry::default(),
         };
+        registry.register(
+            "ca_certificate_expiry_timestamp_seconds",
+            "Unix time the CA certificate expires (alert well before: every workload certificate ends before it)",
+            m.ca_expiry.clone(),
+        );
+        registry.register(
+            "workload_certificate_earliest_expiry_timestamp_seconds",
+            "Unix time the first workload certificate held expires (renewals keep it about one TTL ahead)",
+            m.workload_certificate_expiry.clone(),
+        );
+        registry.register(
+            "proxy_config_age_seconds",
+            "Per connected proxy (node): seconds since it last acknowledged a new config",
+            m.proxy_config_age.clone(),
+        );
+        registry.register(
+            "proxy_config_unacked_seconds",
+            "Per connected proxy (node): seconds its oldest unacknowledged config has waited (0 in sync)",
+            m.proxy_config_unacked.clone(),
+        );
         registry.register(
             "pushes",
             "Model changes published to proxies",
@@ -129,14 +161,49 @@ impl ControlPlaneMetrics {
     pub fn render(&self, xds: &SyncRegistry) -> String {
         catch_up(&self.identity_check_failures, xds.denials());
         catch_up(&self.nacks, xds.nacks());
+        let streams = xds.list();
         self.connected_proxies
-            .set(i64::try_from(xds.open_streams()).unwrap_or(i64::MAX));
+            .set(i64::try_from(streams.len()).unwrap_or(i64::MAX));
+        // One series per connected proxy: rebuilt each scrape, so departed ones go.
+        self.proxy_config_age.clear();
+        self.proxy_config_unacked.clear();
+        let now = SystemTime::now();
+        let age = |t: SystemTime| {
+            i64::try_from(now.duration_since(t).unwrap_or_default().as_secs()).unwrap_or(i64::MAX)
+        };
+        for stream in &streams {
+            let Some(node) = &stream.node_id else {
+                continue;
+            };
+            let label = vec![("node".to_string(), node.clone())];
+            if let Some(acked) = stream.types.iter().filter_map(|t| t.acked_at).max() {
+                self.proxy_config_age.get_or_create(&label).set(age(acked));
+            }
+            let waiting = stream
+                .types
+                .iter()
+                .filter(|t| t.sent_version.is_some() && t.sent_version != t.acked_version)
+                .filter_map(|t| t.sent_at)
+                .min();
+            self.proxy_config_unacked
+                .get_or_create(&label)
+                .set(waiting.map_or(0, age));
+        }
         let mut out = String::new();
         match encode(&mut out, &self.registry) {
             Ok(()) => out,
             Err(e) => format!("# encoding metrics failed: {e}\n"),
         }
     }
+}
+
+/// A time as a gauge value: whole seconds since the Unix epoch.
+pub fn unix_seconds(t: SystemTime) -> i64 {
+    let secs = t
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    i64::try_from(secs).unwrap_or(i64::MAX)
 }
 
 /// Advances a counter mirrored from a monotonic source.

@@ -394,6 +394,13 @@ impl MeshPublisher {
         self.identity.as_ref().map(|i| &i.ca)
     }
 
+    /// When the first certificate of a connected proxy expires.
+    pub fn earliest_certificate_expiry(&self) -> Option<SystemTime> {
+        self.identity
+            .as_ref()
+            .and_then(|i| i.certs.earliest_expiry())
+    }
+
     /// When the next certificate of a connected proxy is due for renewal.
     pub fn next_renewal(&self) -> Option<SystemTime> {
         self.identity.as_ref().and_then(|i| i.certs.next_renewal())

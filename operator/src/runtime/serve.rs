@@ -19,7 +19,7 @@ use crate::identity::{CertificateAuthority, NodeBinding};
 use crate::index::Index;
 use crate::runtime::admin::{self, AdminState, MeshStatus, ModelQuery};
 use crate::runtime::mesh::{MeshRuntime, ModelObserver};
-use crate::runtime::metrics::ControlPlaneMetrics;
+use crate::runtime::metrics::{ControlPlaneMetrics, unix_seconds};
 use crate::runtime::publish::{DEPARTED_GRACE, MeshIdentity, MeshPublisher};
 use crate::runtime::xds_listener::{self, XdsServingCert};
 use crate::sources::SourceEvent;
@@ -151,6 +151,7 @@ pub async fn serve(plane: ControlPlane) -> Result<(), WeftError> {
     )?;
     let acceptor = xds_cert.acceptor()?;
     tracing::info!(trust_domain = %opts.mesh.trust_domain, "workload identity enabled");
+    metrics.ca_expiry.set(unix_seconds(ca.not_after()));
     let identity = MeshIdentity::new(ca, &opts.mesh, opts.svid_ttl);
     let publisher = MeshPublisher::new(cache.clone(), opts.mesh.clone(), Some(identity));
     let resolver = publisher.resolver();
