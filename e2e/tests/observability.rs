@@ -189,6 +189,22 @@ fn prometheus_counts_each_edge_by_class_and_access_logs_name_both_identities() {
         200.0,
     );
 
+    // `weft check` in local mode: the CA, every proxy in sync, Prometheus scraping them.
+    let check = Command::new(workspace_binary("weft").unwrap())
+        .args(["check", "--local", "--admin-addr", &h.admin_addr()])
+        .args(["--prometheus", &format!("http://{}", prometheus.address)])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{text}");
+    for line in [
+        "[ok  ] CA certificate: the mesh CA valid until ",
+        "[ok  ] proxies in sync: 3 connected proxies, all in sync",
+        "[ok  ] Prometheus: http://127.0.0.1:19096 scrapes 3 sidecar(s)",
+    ] {
+        assert!(text.contains(line), "{line:?} in:\n{text}");
+    }
+
     // `weft top`: the edge under a steady load, measured from the sidecars.
     let load = h
         .start_load("client", "http://backend:8080/", Duration::from_secs(4), 2)

@@ -751,3 +751,97 @@ fn the_certificate_is_renewed_at_half_its_lifetime_in_place() {
     )
     .unwrap();
 }
+
+/// Runs `weft check` against the cluster: (exit success, stdout).
+fn weft_check(c: &Cluster, extra: &[&str]) -> (bool, String) {
+    let out = Command::new(workspace_binary("weft"))
+        .arg("check")
+        .arg("--kubeconfig")
+        .arg(&c.kubeconfig)
+        .args(["--namespace", NAMESPACE])
+        .args(extra)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+#[test]
+fn weft_check_passes_a_healthy_install_and_names_the_fix_for_an_expired_webhook_certificate() {
+    let c = cluster("check");
+    // Before the CRDs are there: the pre-install checks pass, the full ones name them.
+    let (ok, text) = weft_check(&c, &["--pre-install"]);
+    assert!(ok, "{text}");
+    assert!(text.contains("[ok  ] Kubernetes API: reachable"), "{text}");
+    let (ok, text) = weft_check(&c, &[]);
+    assert!(!ok, "{text}");
+    assert!(text.contains("[FAIL] CRDs: missing: "), "{text}");
+    assert!(text.contains("fix: helm upgrade --install"), "{text}");
+
+    let crds = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../helm/weft/crds");
+    for entry in std::fs::read_dir(&crds).unwrap() {
+        let text = std::fs::read_to_string(entry.unwrap().path()).unwrap();
+        c.api
+            .apply_object(serde_yaml_ng::from_str(&text).unwrap())
+            .unwrap();
+    }
+    c.api.apply_object(configuration()).unwrap();
+    // The injector's pod is ready behind its Service.
+    c.api
+        .apply_object(json!({
+            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+            "metadata": {"name": "weft-webhook-1", "namespace": NAMESPACE,
+                         "labels": {"kubernetes.io/service-name": "weft-webhook"}},
+            "addressType": "IPv4",
+            "endpoints": [{"addresses": ["10.0.0.7"], "conditions": {"ready": true}}],
+            "ports": [{"name": "https", "port": 8443, "protocol": "TCP"}],
+        }))
+        .unwrap();
+    let controller = c.start_controller("weft-1", "controller-check", &[]);
+    wait_until(
+        Duration::from_secs(30),
+        "the webhook Secret and caBundles",
+        || c.secret(SECRET).is_some() && c.ca_bundles().iter().all(Option::is_some),
+    )
+    .unwrap();
+    let (ok, text) = weft_check(&c, &[]);
+    assert!(ok, "a healthy install passes:\n{text}");
+    for line in [
+        "[ok  ] CRDs: all ",
+        "[ok  ] webhook configuration: weft-sidecar-injector: 2 webhook(s) with a caBundle",
+        "[ok  ] webhook certificate: Secret weft-system/weft-webhook-tls valid until ",
+        "[ok  ] webhook reachable: Service weft-system/weft-webhook has 1 ready endpoint(s)",
+    ] {
+        assert!(text.contains(line), "{line:?} in:\n{text}");
+    }
+
+    // The controller is gone and the certificate has expired meanwhile.
+    controller.stop();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec![DNS_NAMES[0].to_string()]).unwrap();
+    params.not_before = rcgen::date_time_ymd(2024, 1, 1);
+    params.not_after = rcgen::date_time_ymd(2024, 4, 1);
+    let expired = params.self_signed(&key).unwrap().pem();
+    let mut secret = c.api.get("v1", "Secret", Some(NAMESPACE), SECRET).unwrap();
+    secret["data"]["tls.crt"] = json!(base64::engine::general_purpose::STANDARD.encode(&expired));
+    c.api.apply_object(secret).unwrap();
+    let (ok, text) = weft_check(&c, &[]);
+    assert!(
+        !ok,
+        "an expired webhook certificate fails the check:\n{text}"
+    );
+    assert!(
+        text.contains(
+            "[FAIL] webhook certificate: Secret weft-system/weft-webhook-tls expired at 2024-04-01T00:00:00Z"
+        ),
+        "{text}"
+    );
+    assert!(
+        text.contains("fix: the controller renews it at half its lifetime, so it is not running"),
+        "{text}"
+    );
+    // The rest still passes: the failure is that one.
+    assert_eq!(text.matches("[FAIL]").count(), 1, "{text}");
+}

@@ -193,6 +193,38 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check the installation and the mesh's health: CRDs, the injector (configuration,
+    /// certificate, endpoints), the CA, every proxy in sync, Prometheus. Each failure
+    /// comes with a fix; the exit status is 1 when one fails.
+    Check {
+        /// Kubeconfig file (default: KUBECONFIG, the in-cluster config, then ~/.kube/config).
+        #[arg(long)]
+        kubeconfig: Option<PathBuf>,
+        /// Kubeconfig context to use.
+        #[arg(long)]
+        context: Option<String>,
+        /// Weft's namespace.
+        #[arg(long, default_value = "weft-system")]
+        namespace: String,
+        /// A mesh run by `weft up`: no Kubernetes checks.
+        #[arg(long)]
+        local: bool,
+        /// Only what an install needs (API reachable, version).
+        #[arg(long)]
+        pre_install: bool,
+        /// The control plane's admin endpoint (CA and proxy checks).
+        #[arg(long)]
+        admin_addr: Option<String>,
+        /// Prometheus base URL, e.g. http://127.0.0.1:9090 (checks it scrapes sidecars).
+        #[arg(long)]
+        prometheus: Option<String>,
+        /// A certificate expiring sooner than this fails.
+        #[arg(long, default_value = "7d", value_parser = humantime::parse_duration)]
+        expiry_margin: std::time::Duration,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// Print the xDS resources the control plane serves one proxy, as Envoy's config
     /// dump writes them (private keys redacted).
     ProxyConfig {
@@ -745,6 +777,39 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
                 );
             }
             Ok(())
+        }
+        Command::Check {
+            kubeconfig,
+            context,
+            namespace,
+            local,
+            pre_install,
+            admin_addr,
+            prometheus,
+            expiry_margin,
+            json,
+        } => {
+            let opts = crate::check::CheckOptions {
+                kubeconfig,
+                context,
+                local,
+                namespace,
+                admin_addr,
+                prometheus,
+                pre_install,
+                expiry_margin,
+            };
+            // Each result as it comes: some checks wait on the network.
+            let mut progress = |r: &crate::check::CheckResult| {
+                if !json {
+                    let _ = print_text(&crate::check::render_line(r));
+                }
+            };
+            let results = crate::check::run_checks(&opts, &mut progress).await;
+            if json {
+                print_json(&results)?;
+            }
+            crate::check::all_passed(&results)
         }
         Command::ProxyConfig {
             pod,

@@ -9,7 +9,9 @@
 //! - [`sidecar`]: the bootstrap and the iptables redirect, run in the pod.
 //! - [`cli`]: the `weft` command.
 
+pub mod check;
 pub mod cli;
+
 pub mod error;
 pub mod explain;
 pub mod identity;

@@ -8,7 +8,7 @@ mod workloads;
 use std::time::{Duration, SystemTime};
 
 pub use binding::{NodeBinding, PodAddressBinding};
-pub use ca::{CaSource, CertificateAuthority, Svid};
+pub use ca::{CaSource, CertificateAuthority, Svid, certificate_not_after};
 pub use token::{
     KubeTokenReviewer, POD_NAME_EXTRA, POD_UID_EXTRA, ReviewedToken, TOKEN_AUDIENCE, TokenBinding,
     TokenReviewer, TokenVerdict,

@@ -118,13 +118,22 @@ fn sidecar_configmaps(
 
 /// A client from the kubeconfig flag, or inferred (KUBECONFIG, in-cluster, ~/.kube).
 async fn client(opts: &ControllerOptions) -> Result<kube::Client, WeftError> {
+    kube_client(opts.kubeconfig.as_deref(), opts.context.as_deref()).await
+}
+
+/// A client from `kubeconfig` (and `context`), or inferred (KUBECONFIG, in-cluster,
+/// ~/.kube).
+pub async fn kube_client(
+    kubeconfig: Option<&std::path::Path>,
+    context: Option<&str>,
+) -> Result<kube::Client, WeftError> {
     let options = KubeConfigOptions {
-        context: opts.context.clone(),
+        context: context.map(str::to_string),
         ..KubeConfigOptions::default()
     };
     let usage =
         |e: &dyn std::fmt::Display| WeftError::Usage(format!("Kubernetes configuration: {e}"));
-    let config = match (&opts.kubeconfig, &opts.context) {
+    let config = match (kubeconfig, context) {
         (Some(path), _) => {
             let kubeconfig = Kubeconfig::read_from(path)
                 .map_err(|e| WeftError::Usage(format!("kubeconfig {}: {e}", path.display())))?;
