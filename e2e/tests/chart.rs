@@ -10,7 +10,10 @@
 //! - the MutatingWebhookConfiguration selects the label the injector reads;
 //! - the injection ConfigMap is read by the real `weft-webhook` as the values say, and the
 //!   controller and webhook arguments parse with the real binaries;
-//! - `values.schema.json` rejects a wrong type, an unknown failurePolicy and unknown keys.
+//! - `values.schema.json` rejects a wrong type, an unknown failurePolicy and unknown keys;
+//! - the Grafana dashboard renders when enabled, its PromQL parses (`promtool`, from Debian's
+//!   `prometheus` package) and uses only the statistics the sidecar keeps and the labels the
+//!   PodMonitor sets.
 //!
 //! A missing tool or binary fails the test with how to get it: nothing is skipped.
 
@@ -69,6 +72,11 @@ proxy:
   legacySidecar: true
 certManager:
   enabled: true
+metrics:
+  grafanaDashboard:
+    enabled: true
+    namespace: monitoring
+    labels: {team: mesh}
 "#;
 
 /// cert-manager with an existing ClusterIssuer, and no MeshConfig.
@@ -1803,4 +1811,627 @@ fn the_pod_monitor_scrapes_injected_sidecars_when_enabled() {
         regex::Regex::new(&format!("^(?:{})$", relabel[0]["regex"].as_str().unwrap())).unwrap();
     let caps = regex.captures("outbound|8080||backend|shop").unwrap();
     assert_eq!((&caps[1], &caps[2], &caps[3]), ("8080", "backend", "shop"));
+}
+
+// ---------------------------------------------------------------------------------------
+// The Grafana dashboard
+
+/// The ConfigMap's name for the release `weft` (`helm_template` installs it as `weft`).
+const DASHBOARD_CONFIGMAP: &str = "weft-weft-dashboard";
+
+/// The dashboard as the chart ships it, to import by hand.
+fn dashboard_file() -> Value {
+    let path = chart().join("dashboards/weft-mesh.json");
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap())
+        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()))
+}
+
+/// Every panel, with the panels of collapsed rows (which carry their own).
+fn dashboard_panels(dashboard: &Value) -> Vec<&Value> {
+    let mut out = Vec::new();
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        out.push(panel);
+        out.extend(panel["panels"].as_array().into_iter().flatten());
+    }
+    out
+}
+
+/// `(panel title and refId, expression)` of every query of every panel.
+fn dashboard_exprs(dashboard: &Value) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for panel in dashboard_panels(dashboard) {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"]
+                .as_str()
+                .unwrap_or_else(|| panic!("{}: a target without expr: {target}", panel["title"]));
+            out.push((
+                format!("{} ({})", panel["title"], target["refId"]),
+                expr.to_string(),
+            ));
+        }
+    }
+    out
+}
+
+/// `(variable, PromQL)` of every query variable: `label_values(SELECTOR, LABEL)` becomes
+/// `count by (LABEL) (SELECTOR)`, which Prometheus evaluates the same way.
+fn variable_exprs(dashboard: &Value) -> Vec<(String, String)> {
+    let label_values =
+        regex::Regex::new(r"^\s*label_values\((.*),\s*([a-zA-Z_]\w*)\s*\)\s*$").unwrap();
+    dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating.list")
+        .iter()
+        .filter(|v| v["type"] == "query")
+        .map(|v| {
+            let query = v["query"]["query"]
+                .as_str()
+                .or(v["query"].as_str())
+                .unwrap_or_else(|| panic!("variable without a query: {v}"));
+            let caps = label_values.captures(query).unwrap_or_else(|| {
+                panic!("${}: not label_values(SELECTOR, LABEL): {query}", v["name"])
+            });
+            (
+                format!("variable ${}", v["name"].as_str().unwrap()),
+                format!("count by ({}) ({})", &caps[2], &caps[1]),
+            )
+        })
+        .collect()
+}
+
+/// What Grafana puts in place of its own variables when it sends a query.
+const GRAFANA_BUILTINS: &[(&str, &str)] = &[
+    ("__rate_interval", "1m"),
+    ("__interval", "30s"),
+    ("__range", "1h"),
+];
+
+/// `expr` with its Grafana variables (`$name`, `${name}`, `${name:format}`, `[[name]]`)
+/// replaced as Grafana sends them: the built-ins by durations, the dashboard's own
+/// (multi-value, regex-formatted) by `(shop|web)`, which only a regex matcher accepts.
+fn substitute_variables(what: &str, expr: &str, variables: &BTreeSet<String>) -> String {
+    let reference = regex::Regex::new(r"\$\{(\w+)(?::\w+)?\}|\$(\w+)|\[\[(\w+)\]\]").unwrap();
+    let mut out = String::new();
+    let mut last = 0;
+    for caps in reference.captures_iter(expr) {
+        let whole = caps.get(0).unwrap();
+        let name = caps
+            .get(1)
+            .or(caps.get(2))
+            .or(caps.get(3))
+            .unwrap()
+            .as_str();
+        let before = &expr[last..whole.start()];
+        out.push_str(before);
+        let value = if let Some((_, v)) = GRAFANA_BUILTINS.iter().find(|(n, _)| *n == name) {
+            v.to_string()
+        } else if variables.contains(name) {
+            assert!(
+                out.ends_with("=~\"") || out.ends_with("!~\""),
+                "{what}: ${name} is a multi-value variable: use it only as a regex (=~\"${name}\"): {expr}"
+            );
+            "(shop|web)".to_string()
+        } else {
+            panic!("{what}: ${name} is neither a dashboard variable nor a Grafana built-in: {expr}")
+        };
+        out.push_str(&value);
+        last = whole.end();
+    }
+    out.push_str(&expr[last..]);
+    out
+}
+
+/// The dashboard's expressions (panels and variables), variables substituted.
+fn concrete_exprs(dashboard: &Value) -> Vec<(String, String)> {
+    let variables: BTreeSet<String> = dashboard["templating"]["list"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v["name"].as_str().unwrap().to_string())
+        .collect();
+    dashboard_exprs(dashboard)
+        .into_iter()
+        .chain(variable_exprs(dashboard))
+        .map(|(what, expr)| {
+            let concrete = substitute_variables(&what, &expr, &variables);
+            (what, concrete)
+        })
+        .collect()
+}
+
+fn promtool() -> PathBuf {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join("promtool"))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!(
+                "promtool not found: run `make setup` (installs Debian's `prometheus` package, \
+                 which provides /usr/bin/promtool)"
+            )
+        })
+}
+
+/// `promtool check rules` on a rules file with one recording rule per expression: the
+/// report when any does not parse.
+fn promtool_check(exprs: &[(String, String)]) -> Result<(), String> {
+    let dir = TempDir::new("promtool");
+    let rules: Vec<Value> = exprs
+        .iter()
+        .enumerate()
+        .map(|(i, (_, expr))| json!({ "record": format!("weft_dashboard:expr_{i}"), "expr": expr }))
+        .collect();
+    // JSON is YAML.
+    let file = dir.file(
+        "rules.yml",
+        &json!({ "groups": [{ "name": "weft-dashboard", "rules": rules }] }).to_string(),
+    );
+    let out = run(&promtool(), &["check", "rules", file.to_str().unwrap()]);
+    if out.status.success() && text(&out).contains(&format!("{} rules found", exprs.len())) {
+        return Ok(());
+    }
+    let index: Vec<String> = exprs
+        .iter()
+        .enumerate()
+        .map(|(i, (what, expr))| format!("weft_dashboard:expr_{i} = {what}: {expr}"))
+        .collect();
+    Err(format!("{}\n{}", text(&out), index.join("\n")))
+}
+
+#[test]
+fn the_grafana_dashboard_renders_only_when_enabled() {
+    let named_dashboard = |objects: &[Value]| {
+        objects
+            .iter()
+            .filter(|o| o["kind"] == "ConfigMap" && o["metadata"]["name"] == DASHBOARD_CONFIGMAP)
+            .count()
+    };
+    let off = render(Values::Default, "1.33.0", &[]);
+    assert_eq!(named_dashboard(&off), 0, "off by default");
+    assert!(
+        !serde_json::to_string(&off)
+            .unwrap()
+            .contains("weft-mesh.json"),
+        "nothing of the dashboard is rendered by default"
+    );
+
+    let on = render(
+        Values::Default,
+        "1.33.0",
+        &["--set", "metrics.grafanaDashboard.enabled=true"],
+    );
+    assert_eq!(named_dashboard(&on), 1);
+    let configmap = find(&on, "ConfigMap", DASHBOARD_CONFIGMAP);
+    assert_eq!(configmap["apiVersion"], "v1");
+    assert_eq!(configmap["metadata"]["namespace"], NAMESPACE);
+    let labels = &configmap["metadata"]["labels"];
+    assert_eq!(
+        labels["grafana_dashboard"], "1",
+        "the label Grafana's sidecar watches"
+    );
+    assert_eq!(labels["app.kubernetes.io/instance"], "weft");
+    let data = configmap["data"].as_object().unwrap();
+    assert_eq!(data.keys().collect::<Vec<_>>(), ["weft-mesh.json"]);
+    let dashboard: Value = serde_json::from_str(data["weft-mesh.json"].as_str().unwrap())
+        .expect("the ConfigMap holds valid JSON");
+    assert_eq!(dashboard, dashboard_file(), "the chart's file, unchanged");
+
+    // Another namespace (Grafana's) and other labels.
+    let elsewhere = render(
+        Values::Default,
+        "1.33.0",
+        &[
+            "--set",
+            "metrics.grafanaDashboard.enabled=true",
+            "--set",
+            "metrics.grafanaDashboard.namespace=monitoring",
+            "--set-string",
+            "metrics.grafanaDashboard.labels.team=mesh",
+        ],
+    );
+    let configmap = find(&elsewhere, "ConfigMap", DASHBOARD_CONFIGMAP);
+    assert_eq!(configmap["metadata"]["namespace"], "monitoring");
+    assert_eq!(configmap["metadata"]["labels"]["team"], "mesh");
+    assert_eq!(configmap["metadata"]["labels"]["grafana_dashboard"], "1");
+    // Label values are strings: `--set ...=1` is an integer.
+    assert_rejected(
+        &[
+            "metrics.grafanaDashboard.enabled=true",
+            "metrics.grafanaDashboard.labels.grafana_dashboard=1",
+        ],
+        "/metrics/grafanaDashboard/labels/grafana_dashboard",
+    );
+
+    // The JSON model: schema version, variables, the two rows and their panels.
+    assert_eq!(dashboard["schemaVersion"], 39);
+    assert_eq!(dashboard["uid"], "weft-mesh");
+    let variables = dashboard["templating"]["list"].as_array().unwrap();
+    let variable = |name: &str| {
+        variables
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no variable ${name}"))
+    };
+    assert_eq!(variable("datasource")["type"], "datasource");
+    assert_eq!(variable("datasource")["query"], "prometheus");
+    for name in ["namespace", "workload", "service"] {
+        let v = variable(name);
+        assert_eq!(v["type"], "query", "${name}");
+        assert_eq!(v["datasource"]["uid"], "${datasource}", "${name}");
+        assert!(
+            v["query"]["query"]
+                .as_str()
+                .unwrap()
+                .starts_with("label_values("),
+            "${name}: {v}"
+        );
+        assert_eq!(
+            v["definition"], v["query"]["query"],
+            "${name}: what Grafana shows"
+        );
+    }
+
+    let mut rows: Vec<(String, Vec<&Value>)> = Vec::new();
+    let mut ids = BTreeSet::new();
+    let mut cells = BTreeSet::new();
+    for panel in dashboard_panels(&dashboard) {
+        assert!(
+            ids.insert(panel["id"].as_u64().unwrap()),
+            "duplicate id: {panel}"
+        );
+        let grid = &panel["gridPos"];
+        let (x, y, w, h) = ["x", "y", "w", "h"]
+            .map(|k| grid[k].as_u64().unwrap())
+            .into();
+        assert!(x + w <= 24, "{}: wider than the dashboard", panel["title"]);
+        for cell in (x..x + w).flat_map(|c| (y..y + h).map(move |r| (c, r))) {
+            assert!(
+                cells.insert(cell),
+                "{} overlaps another panel",
+                panel["title"]
+            );
+        }
+        if panel["type"] == "row" {
+            rows.push((panel["title"].as_str().unwrap().to_string(), Vec::new()));
+            continue;
+        }
+        rows.last_mut()
+            .expect("every panel is under a row")
+            .1
+            .push(panel);
+        assert_eq!(
+            panel["datasource"]["type"], "prometheus",
+            "{}",
+            panel["title"]
+        );
+        assert_eq!(
+            panel["datasource"]["uid"], "${datasource}",
+            "{}",
+            panel["title"]
+        );
+        let targets = panel["targets"].as_array().unwrap();
+        assert!(!targets.is_empty(), "{}: no query", panel["title"]);
+        for target in targets {
+            assert_eq!(target["datasource"]["uid"], "${datasource}", "{target}");
+            assert!(
+                !target["expr"].as_str().unwrap().trim().is_empty(),
+                "{target}"
+            );
+        }
+    }
+    let titles = |row: &str| -> Vec<String> {
+        rows.iter()
+            .find(|(t, _)| t == row)
+            .unwrap_or_else(|| panic!("no row {row:?}"))
+            .1
+            .iter()
+            .map(|p| p["title"].as_str().unwrap().to_string())
+            .collect()
+    };
+    let overview = titles("Mesh overview");
+    for wanted in [
+        "Request rate by destination service",
+        "Success rate by destination service",
+        "p99 latency by destination service",
+        "Top failing edges",
+    ] {
+        assert!(
+            overview.iter().any(|t| t == wanted),
+            "{wanted:?} not in {overview:?}"
+        );
+    }
+    let golden = titles("Service golden signals");
+    for wanted in [
+        "Request rate",
+        "Errors: 5xx share",
+        "Latency",
+        "Saturation",
+        "Circuit-breaker overflow",
+        "Outlier ejections",
+    ] {
+        assert!(
+            golden.iter().any(|t| t.starts_with(wanted)),
+            "{wanted:?} not in {golden:?}"
+        );
+    }
+    // Latency panels show p50, p90 and p99.
+    for panel in dashboard_panels(&dashboard)
+        .into_iter()
+        .filter(|p| p["title"].as_str().unwrap().starts_with("Latency"))
+    {
+        let exprs: Vec<&str> = panel["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["expr"].as_str().unwrap())
+            .collect();
+        for q in ["0.5", "0.9", "0.99"] {
+            assert!(
+                exprs
+                    .iter()
+                    .any(|e| e.starts_with(&format!("histogram_quantile({q},"))),
+                "{}: no p{q}: {exprs:?}",
+                panel["title"]
+            );
+        }
+    }
+}
+
+#[test]
+fn every_dashboard_expression_parses_with_promtool() {
+    let exprs = concrete_exprs(&dashboard_file());
+    assert!(exprs.len() > 15, "{exprs:?}");
+    if let Err(report) = promtool_check(&exprs) {
+        panic!("the dashboard's PromQL does not parse:\n{report}");
+    }
+}
+
+#[test]
+fn the_promtool_check_fails_on_a_broken_expression() {
+    let good = (
+        "good".to_string(),
+        "sum(rate(envoy_server_live[1m]))".to_string(),
+    );
+    promtool_check(std::slice::from_ref(&good)).expect("a valid expression passes");
+    for broken in [
+        "sum by (le (rate(envoy_cluster_upstream_rq_time_bucket[1m]))",
+        // A Grafana variable left in place is not PromQL.
+        "rate(envoy_cluster_upstream_rq_total[$__rate_interval])",
+    ] {
+        let exprs = [good.clone(), ("broken".to_string(), broken.to_string())];
+        let report = promtool_check(&exprs).expect_err(broken);
+        assert!(report.contains("weft_dashboard:expr_1"), "{report}");
+    }
+}
+
+/// The sidecar's stats matcher, read from the source that builds it
+/// (`operator/src/sidecar/bootstrap.rs`: `STAT_PREFIXES`, `STAT_SUFFIXES` and the
+/// `safe_regex` patterns `limit_stats` adds).
+struct StatsMatcher {
+    prefixes: Vec<String>,
+    suffixes: Vec<String>,
+    regexes: Vec<regex::Regex>,
+}
+
+/// The string literals of `const NAME: [&str; N] = [...]` in `source`, checked to be N.
+fn const_str_array(source: &str, name: &str) -> Vec<String> {
+    let decl =
+        regex::Regex::new(&format!(r"const {name}: \[&str; (\d+)\] = \[((?s:.*?))\];")).unwrap();
+    let caps = decl
+        .captures(source)
+        .unwrap_or_else(|| panic!("bootstrap.rs no longer declares `const {name}: [&str; N]`"));
+    let literal = regex::Regex::new(r#""((?:[^"\\]|\\.)*)""#).unwrap();
+    let strings: Vec<String> = caps[2]
+        .lines()
+        .map(|l| l.split("//").next().unwrap())
+        .flat_map(|l| {
+            literal
+                .captures_iter(l)
+                .map(|c| c[1].to_string())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert_eq!(
+        strings.len().to_string(),
+        &caps[1],
+        "{name}: read {strings:?}"
+    );
+    strings
+}
+
+impl StatsMatcher {
+    fn from_source() -> Self {
+        let path = repo().join("operator/src/sidecar/bootstrap.rs");
+        let source = std::fs::read_to_string(&path).unwrap();
+        for used in [
+            r#"json!({ "prefix": p })"#,
+            r#"json!({ "suffix": s })"#,
+            "inclusion_list",
+        ] {
+            assert!(
+                source.contains(used),
+                "{} no longer builds the stats matcher with {used}: update this reader",
+                path.display()
+            );
+        }
+        let safe_regex =
+            regex::Regex::new(r#""safe_regex"\s*:\s*\{\s*"regex"\s*:\s*r#*"([^"]*)""#).unwrap();
+        let regexes: Vec<regex::Regex> = safe_regex
+            .captures_iter(&source)
+            // Envoy's safe_regex matches the whole name; dots compared as below.
+            .map(|c| regex::Regex::new(&format!("^(?:{})$", c[1].replace(r"\.", "_"))).unwrap())
+            .collect();
+        assert!(
+            !regexes.is_empty(),
+            "no safe_regex pattern in {}",
+            path.display()
+        );
+        Self {
+            prefixes: const_str_array(&source, "STAT_PREFIXES"),
+            suffixes: const_str_array(&source, "STAT_SUFFIXES"),
+            regexes,
+        }
+    }
+
+    /// Whether the sidecar keeps the statistic `name`. Prometheus names lose the dots of
+    /// Envoy's (`outlier_detection.ejections_active` becomes `..._ejections_active`), so
+    /// both sides are compared with dots as underscores.
+    fn keeps(&self, name: &str) -> bool {
+        let flat = |s: &str| s.replace('.', "_");
+        let name = flat(name);
+        self.prefixes.iter().any(|p| name.starts_with(&flat(p)))
+            || self.suffixes.iter().any(|s| name.ends_with(&flat(s)))
+            || self.regexes.iter().any(|r| r.is_match(&name))
+    }
+}
+
+/// The Envoy statistics behind the Prometheus metric `metric`, as a sidecar names them:
+/// the parts Envoy's tag extraction takes out put back (an outbound cluster, the inbound
+/// connection manager of port 8080, each response class).
+fn envoy_stats_of(metric: &str) -> Vec<String> {
+    let base = metric
+        .strip_prefix("envoy_")
+        .unwrap_or_else(|| panic!("{metric} is not an Envoy metric"));
+    let base = ["_bucket", "_count", "_sum"]
+        .iter()
+        .find_map(|s| base.strip_suffix(s))
+        .unwrap_or(base);
+    let stat = if let Some(rest) = base.strip_prefix("cluster_") {
+        format!("cluster.outbound|8080||backend|shop.{rest}")
+    } else if let Some(rest) = base.strip_prefix("http_") {
+        format!("http.inbound_8080.{rest}")
+    } else if let Some(rest) = base.strip_prefix("server_") {
+        format!("server.{rest}")
+    } else {
+        base.to_string()
+    };
+    match stat.strip_suffix("_xx") {
+        Some(stem) => (1..=5).map(|class| format!("{stem}_{class}xx")).collect(),
+        None => vec![stat],
+    }
+}
+
+/// Labels of the sidecars' series besides those the PodMonitor sets: Envoy's tags and the
+/// histogram bucket bound.
+const ENVOY_LABELS: &[&str] = &[
+    "envoy_cluster_name",
+    "envoy_response_code_class",
+    "envoy_http_conn_manager_prefix",
+    "le",
+];
+
+#[test]
+fn the_dashboard_uses_only_statistics_the_sidecar_keeps_and_labels_the_pod_monitor_sets() {
+    let matcher = StatsMatcher::from_source();
+    // The check itself: what the e2e tests scrape is kept, a per-cluster gauge is not.
+    for kept in [
+        "envoy_cluster_upstream_rq_xx",
+        "envoy_cluster_upstream_rq_time_bucket",
+        "envoy_http_downstream_rq_xx",
+    ] {
+        assert!(
+            envoy_stats_of(kept).iter().all(|s| matcher.keeps(s)),
+            "{kept}"
+        );
+    }
+    for dropped in [
+        "envoy_cluster_upstream_cx_active",
+        "envoy_cluster_upstream_rq_retry",
+        "envoy_listener_downstream_cx_total",
+    ] {
+        assert!(
+            !envoy_stats_of(dropped).iter().all(|s| matcher.keeps(s)),
+            "{dropped}"
+        );
+    }
+
+    // Labels the series carry once scraped: the PodMonitor's target labels.
+    let objects = render(
+        Values::Default,
+        "1.33.0",
+        &["--set", "metrics.podMonitor.enabled=true"],
+    );
+    let endpoint = &find(&objects, "PodMonitor", "weft-sidecars")["spec"]["podMetricsEndpoints"][0];
+    let mut labels: BTreeSet<String> = ["relabelings", "metricRelabelings"]
+        .iter()
+        .flat_map(|k| endpoint[*k].as_array().unwrap())
+        .map(|r| r["targetLabel"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        labels.contains("workload") && labels.contains("destination_service"),
+        "{labels:?}"
+    );
+    labels.extend(ENVOY_LABELS.iter().map(|l| l.to_string()));
+
+    let dashboard = dashboard_file();
+    let matchers = regex::Regex::new(r#"([a-zA-Z_]\w*)\s*(?:=~|!~|!=|=)\s*""#).unwrap();
+    let groupings =
+        regex::Regex::new(r"\b(?:by|without|on|ignoring|group_left|group_right)\s*\(([^)]*)\)")
+            .unwrap();
+    let envoy_names = regex::Regex::new(r"\benvoy_[a-z_]+\b").unwrap();
+    let legend_labels = regex::Regex::new(r"\{\{\s*(\w+)\s*\}\}").unwrap();
+    let mut metrics = BTreeSet::new();
+    for (what, expr) in concrete_exprs(&dashboard) {
+        let mut used: BTreeSet<String> = matchers
+            .captures_iter(&expr)
+            .map(|c| c[1].to_string())
+            .collect();
+        for caps in groupings.captures_iter(&expr) {
+            used.extend(
+                caps[1]
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|l| !l.is_empty())
+                    .map(str::to_string),
+            );
+        }
+        for label in &used {
+            assert!(
+                labels.contains(label),
+                "{what}: label {label} is not on the scraped series (PodMonitor: {labels:?}): {expr}"
+            );
+        }
+        let names: BTreeSet<String> = envoy_names
+            .find_iter(&expr)
+            .map(|m| m.as_str().to_string())
+            .filter(|n| !used.contains(n))
+            .collect();
+        assert!(!names.is_empty(), "{what}: no Envoy metric: {expr}");
+        for metric in names {
+            for stat in envoy_stats_of(&metric) {
+                assert!(
+                    matcher.keeps(&stat),
+                    "{what}: {metric} ({stat}) is not kept by the sidecar's stats matcher \
+                     (operator/src/sidecar/bootstrap.rs): {expr}"
+                );
+            }
+            metrics.insert(metric);
+        }
+    }
+    // Legends name only labels the queries keep.
+    for panel in dashboard_panels(&dashboard) {
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let legend = target["legendFormat"].as_str().unwrap_or_default();
+            for caps in legend_labels.captures_iter(legend) {
+                assert!(
+                    labels.contains(&caps[1]),
+                    "{}: legend {legend:?} names {}",
+                    panel["title"],
+                    &caps[1]
+                );
+            }
+        }
+    }
+    // Both sides of each call.
+    for wanted in [
+        "envoy_cluster_upstream_rq_xx",
+        "envoy_cluster_upstream_rq_time_bucket",
+        "envoy_http_downstream_rq_xx",
+        "envoy_http_downstream_rq_time_bucket",
+        "envoy_cluster_upstream_rq_pending_overflow",
+        "envoy_cluster_outlier_detection_ejections_active",
+    ] {
+        assert!(metrics.contains(wanted), "{wanted} unused: {metrics:?}");
+    }
 }

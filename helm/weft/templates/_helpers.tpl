@@ -64,3 +64,8 @@ seccompProfile:
   "failClosed": {{ .Values.webhook.failClosed | toJson }}
 }
 {{- end }}
+
+{{/* The Grafana dashboard ConfigMap: `<release>-weft-dashboard` (release-scoped: it may live in Grafana's namespace beside other releases'). */}}
+{{- define "weft.dashboardName" -}}
+{{- printf "%s-weft-dashboard" .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- end }}
