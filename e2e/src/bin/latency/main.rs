@@ -9,6 +9,10 @@
 //!   port (`mysql`) and on an undeclared one, where the sidecar waits for the
 //!   protocol detection timeout (1 s) before it treats the connection as TCP.
 //!
+//! - the HTTP exchange again with telemetry off (no access logs, no tracing) and fully
+//!   on (JSON access logs and tracing of every request to an OTLP collector), switched
+//!   by MeshConfig on the same two sidecars.
+//!
 //! Any failed request or exchange makes the run fail instead of printing numbers.
 
 mod static_pair;
@@ -211,6 +215,8 @@ fn run() -> Result<(), HarnessError> {
         h.load_paced("static-client", &static_url, REQUESTS, INTERVAL_MS)?,
     )?;
 
+    let (telemetry_off, telemetry_on) = telemetry_pair(&mut h, mesh_url)?;
+
     let direct_grpc_addr = format!("{plain_server}:{GRPC_PORT}");
     let mesh_grpc_addr = format!("server:{GRPC_PORT}");
     grpc_load(&h, "plain-client", &direct_grpc_addr, 200)?;
@@ -233,6 +239,8 @@ fn run() -> Result<(), HarnessError> {
     row("HTTP/1.1 GET 1 KB, direct", &direct);
     row("HTTP/1.1 GET 1 KB, minimal static Envoy pair", &minimal);
     row("HTTP/1.1 GET 1 KB, mTLS sidecar pair", &mesh);
+    row("HTTP/1.1, sidecar pair, telemetry off", &telemetry_off);
+    row("HTTP/1.1, sidecar pair, logs + tracing 100%", &telemetry_on);
     row("gRPC unary, direct", &direct_grpc);
     row("gRPC unary, mTLS sidecar pair", &mesh_grpc);
     row("server-first banner, first byte, direct", &direct_banner);
@@ -257,6 +265,18 @@ fn run() -> Result<(), HarnessError> {
         over(0.5),
         over(0.99)
     );
+    let cost = |p: f64| {
+        let (on, off) = (
+            telemetry_on.latency_micros(p) as f64,
+            telemetry_off.latency_micros(p).max(1) as f64,
+        );
+        (on / off - 1.0) * 100.0
+    };
+    println!(
+        "Telemetry (access logs + tracing every request) over none: p50 {:+.1}%, p99 {:+.1}%",
+        cost(0.5),
+        cost(0.99)
+    );
     added(
         "gRPC unary added by the sidecar pair",
         &direct_grpc,
@@ -276,6 +296,76 @@ fn run() -> Result<(), HarnessError> {
         false,
     );
     Ok(())
+}
+
+/// The OTLP receiver spans go to during the telemetry rows; killed on drop.
+struct Collector(std::process::Child);
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// Switches the mesh's telemetry by MeshConfig and waits until both sidecars ACKed it.
+fn set_telemetry(h: &Harness, telemetry: &str) -> Result<(), HarnessError> {
+    let pods = ["client", "server-0"];
+    let before: Vec<Option<String>> = pods
+        .iter()
+        .map(|p| h.acked_version(p, "LDS"))
+        .collect::<Result<_, _>>()?;
+    h.write_manifest(
+        "meshconfig.yaml",
+        &format!(
+            "apiVersion: config.weft.dev/v1alpha1\nkind: MeshConfig\nmetadata: {{name: weft}}\nspec:\n  telemetry:\n{telemetry}"
+        ),
+    )?;
+    for (pod, old) in pods.iter().zip(&before) {
+        h.wait_for_new_ack(pod, "LDS", old.as_deref())?;
+    }
+    Ok(())
+}
+
+/// The HTTP exchange with telemetry off, then fully on: (off, on).
+fn telemetry_pair(h: &mut Harness, url: &str) -> Result<(LoadReport, LoadReport), HarnessError> {
+    let listen = std::net::SocketAddr::new(h.host_address().into(), 14317);
+    let spans = h.work_dir().join("spans.jsonl");
+    let app = weft_e2e::workspace_binary("weft-e2e-app")?;
+    let child = std::process::Command::new(&app)
+        .args(["otlp", "--listen", &listen.to_string(), "--out"])
+        .arg(&spans)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .map_err(|e| failed("the OTLP collector", e.to_string()))?;
+    let _collector = Collector(child);
+    set_telemetry(h, "    accessLog: {enabled: false}\n")?;
+    all_ok("warm-up", h.load_paced("client", url, 200, 1)?)?;
+    let off = all_ok(
+        "HTTP, telemetry off",
+        h.load_paced("client", url, REQUESTS, INTERVAL_MS)?,
+    )?;
+    set_telemetry(
+        h,
+        &format!(
+            "    accessLog: {{format: JSON}}\n    tracing: {{collector: '{listen}', sampling: {{numerator: 100}}}}\n"
+        ),
+    )?;
+    all_ok("warm-up", h.load_paced("client", url, 200, 1)?)?;
+    let on = all_ok(
+        "HTTP, telemetry on",
+        h.load_paced("client", url, REQUESTS, INTERVAL_MS)?,
+    )?;
+    // The spans did reach the collector (Envoy flushes them every 5 s).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while std::fs::metadata(&spans).map_or(0, |m| m.len()) == 0 {
+        if std::time::Instant::now() > deadline {
+            return Err(failed("tracing", "no span reached the collector"));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    Ok((off, on))
 }
 
 fn main() -> ExitCode {
