@@ -189,6 +189,66 @@ fn prometheus_counts_each_edge_by_class_and_access_logs_name_both_identities() {
         200.0,
     );
 
+    // The chart's Grafana dashboard, each query run on this Prometheus (its variables
+    // at "All"): every one executes, and the traffic panels show the edge.
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../helm/weft/dashboards/weft-mesh.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let panels_with_data = || {
+        let mut with_data = Vec::new();
+        for panel in dashboard["panels"].as_array().unwrap() {
+            for target in panel["targets"].as_array().into_iter().flatten() {
+                let expr = target["expr"]
+                    .as_str()
+                    .unwrap()
+                    .replace("$__rate_interval", "30s")
+                    .replace("$__range", "5m")
+                    .replace("$namespace", ".*")
+                    .replace("$workload", ".*")
+                    .replace("$service", ".*");
+                let answer = prometheus.query(&expr).unwrap_or_default();
+                assert_eq!(answer["status"], "success", "{expr}: {answer}");
+                if answer["data"]["result"]
+                    .as_array()
+                    .is_some_and(|r| !r.is_empty())
+                {
+                    with_data.push(panel["title"].as_str().unwrap().to_string());
+                }
+            }
+        }
+        with_data
+    };
+    // Rates need two scrapes of a counter inside their window: failures after the 5xx
+    // series exists (503s, which the access-log checks below do not count).
+    let more = h
+        .load("client", "http://backend:8080/x?fail=503", 10, 1)
+        .unwrap();
+    assert_eq!(more.failures().len(), 10);
+    let mut with_data = panels_with_data();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !with_data.iter().any(|t| t == "Top failing edges") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_secs(1));
+        with_data = panels_with_data();
+    }
+    for title in [
+        "Request rate by destination service",
+        "Success rate by destination service",
+        "p99 latency by destination service",
+        "Top failing edges",
+        "Request rate: inbound at $workload",
+        "Latency: callers → $service",
+    ] {
+        assert!(
+            with_data.iter().any(|t| t == title),
+            "no data for {title:?}; panels with data: {with_data:?}"
+        );
+    }
+
     // `weft check` in local mode: the CA, every proxy in sync, Prometheus scraping them.
     let check = Command::new(workspace_binary("weft").unwrap())
         .args(["check", "--local", "--admin-addr", &h.admin_addr()])
