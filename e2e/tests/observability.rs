@@ -761,3 +761,171 @@ fn proxy_config_is_what_envoy_reports_in_its_config_dump() {
     );
     assert!(h.proxy_config("no-such-pod", &[]).is_err());
 }
+
+/// Headless Chromium (`make setup` installs Debian's `chromium`) on `url`, after its
+/// scripts ran: the rendered DOM, and a screenshot at `screenshot`.
+fn chromium(url: &str, screenshot: &std::path::Path) -> String {
+    let run = |extra: &[&str]| {
+        let out = Command::new("chromium")
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-dev-shm-usage",
+                "--window-size=1280,800",
+                // Timers run on virtual time, which waits while the page's fetches
+                // (each /graph measures 2 s) are in flight.
+                "--virtual-time-budget=4000",
+            ])
+            .args(extra)
+            .arg(url)
+            .output()
+            .expect("chromium (installed by `make setup`)");
+        assert!(
+            out.status.success(),
+            "chromium: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    run(&[&format!("--screenshot={}", screenshot.display())]);
+    run(&["--dump-dom"])
+}
+
+/// The value of attribute `name` in an element's opening tag.
+fn attribute<'t>(tag: &'t str, name: &str) -> Option<&'t str> {
+    let start = tag.find(&format!(" {name}=\""))? + name.len() + 3;
+    let rest = &tag[start..];
+    Some(&rest[..rest.find('"')?])
+}
+
+#[test]
+fn the_mesh_page_draws_the_observed_calls_and_marks_the_one_policy_denies() {
+    let mut h = Harness::new(99, "mesh-page").expect("harness");
+    h.add_split_topology().unwrap();
+    h.add_pod("stranger", &[("app", "stranger")], "stranger")
+        .unwrap();
+    h.write_cluster_manifest().unwrap();
+    h.allow("access.yaml", "backend", &["client"]).unwrap();
+    h.start_control_plane().unwrap();
+    for pod in ["client", "stranger", "backend-v1-0", "backend-v2-0"] {
+        h.start_sidecar(pod).unwrap();
+    }
+    // Both call the backend all along; the stranger's calls are refused (403).
+    let allowed = h
+        .start_load("client", "http://backend:8080/", Duration::from_secs(45), 2)
+        .unwrap();
+    let refused = h
+        .start_load(
+            "stranger",
+            "http://backend:8080/",
+            Duration::from_secs(40),
+            1,
+        )
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(1));
+
+    let artifacts =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/test-artifacts");
+    std::fs::create_dir_all(&artifacts).unwrap();
+    let screenshot = artifacts.join("mesh-page.png");
+    let _ = std::fs::remove_file(&screenshot);
+    let url = format!("http://{}/dashboard", h.admin_addr());
+    let dom = chromium(&url, &screenshot);
+    std::fs::write(artifacts.join("mesh-page.html"), &dom).unwrap();
+
+    assert!(
+        dom.contains(r#"data-loaded="true""#),
+        "the page never drew the graph:\n{dom}"
+    );
+    let tags = |class: &str| -> Vec<String> {
+        dom.split('<')
+            .filter(|t| {
+                t.starts_with("g ")
+                    && attribute(t, "class").is_some_and(|c| c.split(' ').next() == Some(class))
+            })
+            .map(|t| t[..t.find('>').unwrap_or(t.len())].to_string())
+            .collect()
+    };
+    let nodes: Vec<String> = tags("node")
+        .iter()
+        .filter_map(|t| attribute(t, "data-id").map(str::to_string))
+        .collect();
+    for node in ["default/client", "default/stranger", "default/backend:8080"] {
+        assert!(
+            nodes.iter().any(|n| n == node),
+            "node {node} missing: {nodes:?}"
+        );
+    }
+    let edges = tags("edge");
+    let edge = |source: &str| {
+        edges
+            .iter()
+            .find(|t| {
+                attribute(t, "data-source") == Some(source)
+                    && attribute(t, "data-destination") == Some("default/backend:8080")
+            })
+            .unwrap_or_else(|| panic!("no edge from {source}: {edges:?}"))
+    };
+    let client = edge("default/client");
+    assert_eq!(
+        attribute(client, "data-verdict"),
+        Some("allowed"),
+        "{client}"
+    );
+    assert!(
+        !attribute(client, "class").unwrap().contains("denied"),
+        "{client}"
+    );
+    assert_eq!(attribute(client, "data-success"), Some("100.0"), "{client}");
+    let rps: f64 = attribute(client, "data-rps").unwrap().parse().unwrap();
+    assert!(rps > 1.0, "{client}");
+    let stranger = edge("default/stranger");
+    assert_eq!(
+        attribute(stranger, "data-verdict"),
+        Some("denied"),
+        "{stranger}"
+    );
+    assert!(
+        attribute(stranger, "class")
+            .unwrap()
+            .split(' ')
+            .any(|c| c == "denied"),
+        "{stranger}"
+    );
+    let png = std::fs::read(&screenshot).expect("the screenshot");
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 10_000,
+        "{} bytes",
+        png.len()
+    );
+    eprintln!("screenshot of the mesh page: {}", screenshot.display());
+
+    // A click fetches the edge's `explain` path: it says why the stranger is refused.
+    let get = |path: &str| -> Value {
+        let out = Command::new(workspace_binary("weft-e2e-app").unwrap())
+            .args(["http", &format!("http://{}{path}", h.admin_addr())])
+            .args(["--timeout-ms", "20000"])
+            .output()
+            .unwrap();
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        serde_json::from_str(v["body"].as_str().unwrap()).unwrap()
+    };
+    let graph = get("/graph?window=1s");
+    let explain = graph["edges"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["source"] == "default/stranger")
+        .map(|e| e["explain"].as_str().unwrap().to_string())
+        .unwrap_or_else(|| panic!("no stranger edge: {graph}"));
+    let answer = get(&explain);
+    assert_eq!(answer["verdict"], "denied", "{answer}");
+    assert!(
+        answer["lines"].to_string().contains("default/stranger"),
+        "{answer}"
+    );
+    let report = allowed.finish().unwrap();
+    assert!(report.failures().is_empty(), "{:?}", report.failures());
+    let _ = refused.finish();
+}

@@ -225,6 +225,16 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Open the live mesh page (service graph of observed calls, denied edges marked,
+    /// a click explains an edge) served by the control plane's admin endpoint.
+    Dashboard {
+        /// Admin endpoint of `weft up`.
+        #[arg(long, default_value = DEFAULT_ADMIN)]
+        admin_addr: String,
+        /// Only print the URL.
+        #[arg(long)]
+        no_open: bool,
+    },
     /// Print the xDS resources the control plane serves one proxy, as Envoy's config
     /// dump writes them (private keys redacted).
     ProxyConfig {
@@ -810,6 +820,36 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
                 print_json(&results)?;
             }
             crate::check::all_passed(&results)
+        }
+        Command::Dashboard {
+            admin_addr,
+            no_open,
+        } => {
+            // The page must be there before a browser is sent to it.
+            let (status, _) =
+                admin::http_request(&admin_addr, hyper::Method::GET, "/dashboard").await?;
+            if !status.is_success() {
+                return Err(WeftError::Admin {
+                    addr: admin_addr,
+                    reason: format!("/dashboard: HTTP {status}"),
+                });
+            }
+            let url = format!("http://{admin_addr}/dashboard");
+            print_text(&format!("{url}\n"))?;
+            if !no_open {
+                let opened = ["xdg-open", "open"].into_iter().any(|opener| {
+                    std::process::Command::new(opener)
+                        .arg(&url)
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .spawn()
+                        .is_ok()
+                });
+                if !opened {
+                    eprintln!("no xdg-open or open on PATH: open the URL yourself");
+                }
+            }
+            Ok(())
         }
         Command::ProxyConfig {
             pod,

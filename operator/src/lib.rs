@@ -11,6 +11,7 @@
 
 pub mod check;
 pub mod cli;
+pub mod dashboard;
 
 pub mod error;
 pub mod explain;

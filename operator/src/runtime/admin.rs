@@ -276,6 +276,49 @@ async fn scrape_sidecar(ip: std::net::IpAddr) -> Option<crate::top::SidecarCount
 
 /// `/top`: scrapes every meshed sidecar twice, `window` apart, and reports the edges.
 async fn top(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>> {
+    match observed_edges(state, query).await {
+        Ok(edges) => json(&edges),
+        Err(response) => response,
+    }
+}
+
+/// `/graph?window=2s[&namespace=NS]`: the live service graph of the mesh page: the
+/// edges `/top` measures, each with the verdict `weft explain` gives for it.
+async fn graph(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>> {
+    let edges = match observed_edges(state, query).await {
+        Ok(edges) => edges,
+        Err(response) => return response,
+    };
+    let mut verdicts = Vec::with_capacity(edges.len());
+    for edge in edges.iter().take(crate::dashboard::MAX_EDGES) {
+        let query = CallQuery {
+            from: edge.source.clone(),
+            url: crate::dashboard::explain_url(&edge.destination),
+            ..CallQuery::default()
+        };
+        let (reply, answer) = oneshot::channel();
+        if state
+            .explain
+            .send(ModelQuery::Explain { query, reply })
+            .await
+            .is_err()
+        {
+            return text(StatusCode::SERVICE_UNAVAILABLE, "the mesh is shutting down");
+        }
+        let verdict = match tokio::time::timeout(EXPLAIN_TIMEOUT, answer).await {
+            Ok(Ok(answer)) => answer.verdict,
+            _ => "unknown".to_string(),
+        };
+        verdicts.push(verdict);
+    }
+    json(&crate::dashboard::MeshGraph::new(&edges, &verdicts))
+}
+
+/// The edges the sidecars saw over the query's window (`/top`, `/graph`).
+async fn observed_edges(
+    state: &AdminState,
+    query: Option<&str>,
+) -> Result<Vec<crate::top::EdgeReport>, Response<Full<Bytes>>> {
     let mut namespace = None;
     let mut window = std::time::Duration::from_secs(2);
     for (key, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
@@ -283,7 +326,12 @@ async fn top(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>> {
             "namespace" => namespace = Some(value.into_owned()),
             "window" => match humantime::parse_duration(&value) {
                 Ok(w) if w <= std::time::Duration::from_secs(60) => window = w,
-                _ => return text(StatusCode::BAD_REQUEST, "window: a duration up to 60s"),
+                _ => {
+                    return Err(text(
+                        StatusCode::BAD_REQUEST,
+                        "window: a duration up to 60s",
+                    ));
+                }
             },
             _ => {}
         }
@@ -295,13 +343,16 @@ async fn top(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>> {
         .await
         .is_err()
     {
-        return text(StatusCode::SERVICE_UNAVAILABLE, "the mesh is shutting down");
+        return Err(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the mesh is shutting down",
+        ));
     }
     let Ok(Ok(sidecars)) = tokio::time::timeout(EXPLAIN_TIMEOUT, answer).await else {
-        return text(
+        return Err(text(
             StatusCode::SERVICE_UNAVAILABLE,
             "no answer from the mesh in time",
-        );
+        ));
     };
     let scrape_all =
         || futures::future::join_all(sidecars.iter().map(|(_, ip)| scrape_sidecar(*ip)));
@@ -314,7 +365,7 @@ async fn top(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>> {
             edges.extend(crate::top::edges(node, &before, &after, window));
         }
     }
-    json(&edges)
+    Ok(edges)
 }
 
 /// How long `/explain` waits for the model's owner (busy applying a large change).
@@ -504,6 +555,18 @@ async fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byt
         "/proxy-status" => json(&state.proxy_status()),
         "/proxy-config" => proxy_config(state, req.uri().query()),
         "/top" => top(state, req.uri().query()).await,
+        "/graph" => graph(state, req.uri().query()).await,
+        "/dashboard" | "/dashboard/" => Response::builder()
+            .header("content-type", "text/html; charset=utf-8")
+            // Everything is inline; nothing may load from elsewhere.
+            .header(
+                "content-security-policy",
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+            )
+            .body(Full::new(Bytes::from_static(
+                crate::dashboard::PAGE.as_bytes(),
+            )))
+            .unwrap_or_default(),
         "/explain" => {
             let query = explain_query(req.uri().query());
             let (reply, answer) = oneshot::channel();
@@ -541,7 +604,7 @@ async fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byt
             .unwrap_or_default(),
         _ => text(
             StatusCode::NOT_FOUND,
-            "endpoints: /healthz /readyz /status /proxy-status /proxy-config /explain /top /metrics",
+            "endpoints: /healthz /readyz /status /proxy-status /proxy-config /explain /top /graph /dashboard /metrics",
         ),
     }
 }
