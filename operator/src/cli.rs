@@ -760,6 +760,10 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
             admin_addr,
             json,
         } => {
+            if !json {
+                // The answer takes the whole window: say so rather than hang silently.
+                eprintln!("measuring every sidecar for {window}…");
+            }
             let mut params = form_urlencoded::Serializer::new(String::new());
             params.append_pair("window", &window);
             if let Some(ns) = &namespace {
