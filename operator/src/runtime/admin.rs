@@ -296,22 +296,39 @@ async fn graph(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>>
             url: crate::dashboard::explain_url(&edge.destination),
             ..CallQuery::default()
         };
-        let (reply, answer) = oneshot::channel();
-        if state
-            .explain
-            .send(ModelQuery::Explain { query, reply })
-            .await
-            .is_err()
-        {
-            return text(StatusCode::SERVICE_UNAVAILABLE, "the mesh is shutting down");
-        }
-        let verdict = match tokio::time::timeout(EXPLAIN_TIMEOUT, answer).await {
-            Ok(Ok(answer)) => answer.verdict,
-            _ => "unknown".to_string(),
+        let verdict = match ask_explain(state, query).await {
+            Ok(answer) => answer.verdict,
+            Err(_) => "unknown".to_string(),
         };
         verdicts.push(verdict);
     }
     json(&crate::dashboard::MeshGraph::new(&edges, &verdicts))
+}
+
+/// Asks the task that owns the model to explain `query`.
+async fn ask_explain(
+    state: &AdminState,
+    query: CallQuery,
+) -> Result<Explanation, Response<Full<Bytes>>> {
+    let (reply, answer) = oneshot::channel();
+    if state
+        .explain
+        .send(ModelQuery::Explain { query, reply })
+        .await
+        .is_err()
+    {
+        return Err(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the mesh is shutting down",
+        ));
+    }
+    match tokio::time::timeout(EXPLAIN_TIMEOUT, answer).await {
+        Ok(Ok(answer)) => Ok(answer),
+        _ => Err(text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no answer from the mesh in time",
+        )),
+    }
 }
 
 /// The edges the sidecars saw over the query's window (`/top`, `/graph`).
@@ -567,32 +584,17 @@ async fn route(state: &AdminState, req: &Request<Incoming>) -> Response<Full<Byt
                 crate::dashboard::PAGE.as_bytes(),
             )))
             .unwrap_or_default(),
-        "/explain" => {
-            let query = explain_query(req.uri().query());
-            let (reply, answer) = oneshot::channel();
-            if state
-                .explain
-                .send(ModelQuery::Explain { query, reply })
-                .await
-                .is_err()
-            {
-                return text(StatusCode::SERVICE_UNAVAILABLE, "the mesh is shutting down");
+        "/explain" => match ask_explain(state, explain_query(req.uri().query())).await {
+            Ok(mut answer) => {
+                answer
+                    .lines
+                    .extend(sync_lines(&answer.proxies, &state.proxy_status()));
+                let live = caller_live_state(&answer).await;
+                answer.lines.extend(live);
+                json(&answer)
             }
-            match tokio::time::timeout(EXPLAIN_TIMEOUT, answer).await {
-                Ok(Ok(mut answer)) => {
-                    answer
-                        .lines
-                        .extend(sync_lines(&answer.proxies, &state.proxy_status()));
-                    let live = caller_live_state(&answer).await;
-                    answer.lines.extend(live);
-                    json(&answer)
-                }
-                _ => text(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "no answer from the mesh in time",
-                ),
-            }
-        }
+            Err(response) => response,
+        },
         "/metrics" => Response::builder()
             .header(
                 "content-type",

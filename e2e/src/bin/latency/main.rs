@@ -130,6 +130,18 @@ fn added(label: &str, direct: &LoadReport, mesh: &LoadReport, ratio: bool) {
     println!("{label}: p50 {}, p99 {}", times(0.5), times(0.99));
 }
 
+/// How much slower `measured` is than `baseline`, in percent at p50 and p99.
+fn relative(label: &str, measured: &LoadReport, baseline: &LoadReport) {
+    let over = |p: f64| {
+        let (m, b) = (
+            measured.latency_micros(p) as f64,
+            baseline.latency_micros(p).max(1) as f64,
+        );
+        (m / b - 1.0) * 100.0
+    };
+    println!("{label}: p50 {:+.1}%, p99 {:+.1}%", over(0.5), over(0.99));
+}
+
 fn run() -> Result<(), HarnessError> {
     let mut h = Harness::new(101, "latency")?;
     h.add_pod("client", &[("app", "client")], "client")?;
@@ -253,29 +265,15 @@ fn run() -> Result<(), HarnessError> {
         &minimal,
         true,
     );
-    let over = |p: f64| {
-        let (m, s) = (
-            mesh.latency_micros(p) as f64,
-            minimal.latency_micros(p).max(1) as f64,
-        );
-        (m / s - 1.0) * 100.0
-    };
-    println!(
-        "Weft's generated config over the minimal static one: p50 {:+.1}%, p99 {:+.1}%",
-        over(0.5),
-        over(0.99)
+    relative(
+        "Weft's generated config over the minimal static one",
+        &mesh,
+        &minimal,
     );
-    let cost = |p: f64| {
-        let (on, off) = (
-            telemetry_on.latency_micros(p) as f64,
-            telemetry_off.latency_micros(p).max(1) as f64,
-        );
-        (on / off - 1.0) * 100.0
-    };
-    println!(
-        "Telemetry (access logs + tracing every request) over none: p50 {:+.1}%, p99 {:+.1}%",
-        cost(0.5),
-        cost(0.99)
+    relative(
+        "Telemetry (access logs + tracing every request) over none",
+        &telemetry_on,
+        &telemetry_off,
     );
     added(
         "gRPC unary added by the sidecar pair",
