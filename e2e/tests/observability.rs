@@ -624,6 +624,7 @@ fn proxy_config_is_what_envoy_reports_in_its_config_dump() {
             "route_config",
             "name",
         ),
+        ("scopes", "ScopedRoutesConfigDump", "", "scope", "name"),
         (
             "endpoints",
             "EndpointsConfigDump",
@@ -639,11 +640,29 @@ fn proxy_config_is_what_envoy_reports_in_its_config_dump() {
             "name",
         ),
     ];
+    // Route scopes come grouped under the scoped-routes configuration they belong to.
+    let scopes: Vec<Value> = section("ScopedRoutesConfigDump")["dynamic_scoped_route_configs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|group| {
+            group["scoped_route_configs"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .map(|scope| serde_json::json!({ "scope": scope }))
+        .collect();
     for (kind, section_type, list, path, name_field) in kinds {
-        let envoy: std::collections::BTreeMap<String, Value> = section(section_type)[list]
-            .as_array()
-            .cloned()
-            .unwrap_or_default()
+        let entries = if kind == "scopes" {
+            scopes.clone()
+        } else {
+            section(section_type)[list]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        };
+        let envoy: std::collections::BTreeMap<String, Value> = entries
             .iter()
             .map(|entry| {
                 let resource = path.split('.').fold(entry, |v, key| &v[key]).clone();
@@ -763,33 +782,61 @@ fn proxy_config_is_what_envoy_reports_in_its_config_dump() {
 }
 
 /// Headless Chromium (`make setup` installs Debian's `chromium`) on `url`, after its
-/// scripts ran: the rendered DOM, and a screenshot at `screenshot`.
-fn chromium(url: &str, screenshot: &std::path::Path) -> String {
-    let run = |extra: &[&str]| {
-        let out = Command::new("chromium")
+/// scripts ran: the rendered DOM, and a screenshot at `screenshot`. A run that hangs is
+/// killed and tried once more.
+fn chromium(url: &str, screenshot: &std::path::Path, dir: &std::path::Path) -> String {
+    let run = |extra: &[&str], attempt: usize| -> Option<String> {
+        let out_file = dir.join(format!("chromium-{attempt}.out"));
+        let err_file = dir.join(format!("chromium-{attempt}.err"));
+        let mut child = Command::new("chromium")
             .args([
                 "--headless",
                 "--no-sandbox",
                 "--disable-gpu",
                 "--disable-dev-shm-usage",
                 "--window-size=1280,800",
-                // Timers run on virtual time, which waits while the page's fetches
-                // (each /graph measures 2 s) are in flight.
-                "--virtual-time-budget=4000",
+                // Virtual time waits while the page's one fetch of /graph (1 s of
+                // measuring) is in flight, then runs out: the page is drawn.
+                "--virtual-time-budget=5000",
+                &format!(
+                    "--user-data-dir={}",
+                    dir.join(format!("profile-{attempt}")).display()
+                ),
             ])
             .args(extra)
             .arg(url)
-            .output()
+            .stdout(std::fs::File::create(&out_file).unwrap())
+            .stderr(std::fs::File::create(&err_file).unwrap())
+            .spawn()
             .expect("chromium (installed by `make setup`)");
-        assert!(
-            out.status.success(),
-            "chromium: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                assert!(
+                    status.success(),
+                    "chromium: {}",
+                    std::fs::read_to_string(&err_file).unwrap_or_default()
+                );
+                return Some(std::fs::read_to_string(&out_file).unwrap_or_default());
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
     };
-    run(&[&format!("--screenshot={}", screenshot.display())]);
-    run(&["--dump-dom"])
+    let twice = |extra: &[&str], name: &str| {
+        run(extra, 0)
+            .or_else(|| run(extra, 1))
+            .unwrap_or_else(|| panic!("chromium hung twice taking the {name}"))
+    };
+    twice(
+        &[&format!("--screenshot={}", screenshot.display())],
+        "screenshot",
+    );
+    twice(&["--dump-dom"], "DOM")
 }
 
 /// The value of attribute `name` in an element's opening tag.
@@ -813,13 +860,13 @@ fn the_mesh_page_draws_the_observed_calls_and_marks_the_one_policy_denies() {
     }
     // Both call the backend all along; the stranger's calls are refused (403).
     let allowed = h
-        .start_load("client", "http://backend:8080/", Duration::from_secs(45), 2)
+        .start_load("client", "http://backend:8080/", Duration::from_secs(70), 2)
         .unwrap();
     let refused = h
         .start_load(
             "stranger",
             "http://backend:8080/",
-            Duration::from_secs(40),
+            Duration::from_secs(70),
             1,
         )
         .unwrap();
@@ -830,8 +877,8 @@ fn the_mesh_page_draws_the_observed_calls_and_marks_the_one_policy_denies() {
     std::fs::create_dir_all(&artifacts).unwrap();
     let screenshot = artifacts.join("mesh-page.png");
     let _ = std::fs::remove_file(&screenshot);
-    let url = format!("http://{}/dashboard", h.admin_addr());
-    let dom = chromium(&url, &screenshot);
+    let url = format!("http://{}/dashboard?window=1s&refresh=0", h.admin_addr());
+    let dom = chromium(&url, &screenshot, h.work_dir());
     std::fs::write(artifacts.join("mesh-page.html"), &dom).unwrap();
 
     assert!(

@@ -24,6 +24,8 @@ pub enum ResourceKind {
     Listeners,
     /// RDS.
     Routes,
+    /// SRDS: which route table each service address selects.
+    Scopes,
     /// CDS.
     Clusters,
     /// EDS.
@@ -34,8 +36,9 @@ pub enum ResourceKind {
 
 impl ResourceKind {
     /// Every kind, in the order they are printed.
-    pub const ALL: [Self; 5] = [
+    pub const ALL: [Self; 6] = [
         Self::Listeners,
+        Self::Scopes,
         Self::Routes,
         Self::Clusters,
         Self::Endpoints,
@@ -47,6 +50,7 @@ impl ResourceKind {
         match self {
             Self::Listeners => "listeners",
             Self::Routes => "routes",
+            Self::Scopes => "scopes",
             Self::Clusters => "clusters",
             Self::Endpoints => "endpoints",
             Self::Secrets => "secrets",
@@ -62,6 +66,7 @@ impl ResourceKind {
         match self {
             Self::Listeners => type_url::LISTENER,
             Self::Routes => type_url::ROUTE,
+            Self::Scopes => type_url::SCOPED_ROUTE,
             Self::Clusters => type_url::CLUSTER,
             Self::Endpoints => type_url::ENDPOINT,
             Self::Secrets => type_url::SECRET,

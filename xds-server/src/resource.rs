@@ -18,9 +18,12 @@ pub mod type_url {
     pub const ROUTE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
     /// Secret (SDS).
     pub const SECRET: &str = "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret";
+    /// ScopedRouteConfiguration (SRDS): which route table a request's scope key selects.
+    pub const SCOPED_ROUTE: &str =
+        "type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration";
 
     /// The order updates go out in: clusters before the routes that use them.
-    pub const PUSH_ORDER: [&str; 5] = [CLUSTER, ENDPOINT, SECRET, LISTENER, ROUTE];
+    pub const PUSH_ORDER: [&str; 6] = [CLUSTER, ENDPOINT, SECRET, LISTENER, SCOPED_ROUTE, ROUTE];
 
     /// `types` in [`PUSH_ORDER`], then any others in their own order.
     pub fn in_push_order<'a>(types: impl Iterator<Item = &'a String> + Clone) -> Vec<String> {
@@ -35,7 +38,7 @@ pub mod type_url {
 
     /// Whether an empty subscription means "everything" for this type.
     pub fn is_wildcard_type(type_url: &str) -> bool {
-        type_url == CLUSTER || type_url == LISTENER
+        type_url == CLUSTER || type_url == LISTENER || type_url == SCOPED_ROUTE
     }
 
     /// Short name for logs and status output (`CDS`, `EDS`, ...).
@@ -46,6 +49,7 @@ pub mod type_url {
             LISTENER => "LDS",
             ROUTE => "RDS",
             SECRET => "SDS",
+            SCOPED_ROUTE => "SRDS",
             _ => "unknown",
         }
     }

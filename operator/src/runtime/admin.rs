@@ -509,7 +509,7 @@ fn proxy_config(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>
                             return text(
                                 StatusCode::BAD_REQUEST,
                                 &format!(
-                                    "unknown type {name:?}: listeners, routes, clusters, endpoints or secrets"
+                                    "unknown type {name:?}: listeners, scopes, routes, clusters, endpoints or secrets"
                                 ),
                             );
                         }

@@ -41,8 +41,9 @@ use crate::error::WeftError;
 use crate::identity::{CertificateAuthority, WorkloadCertificates};
 use crate::index::{EgressScope, MeshModel, ModelDelta, ServiceKey, Workload};
 use crate::translate::{
-    MeshConfig, PodBlock, ServiceOutbound, capture_outbound, common_clusters, grants_for,
-    pod_block_of, pod_cluster, pod_cluster_ip, translate_service, translate_workload,
+    MeshConfig, OutboundShape, PodBlock, ServiceOutbound, capture_outbound, common_clusters,
+    grants_for, pod_block_of, pod_cluster, pod_cluster_ip, service_shape, translate_service,
+    translate_workload,
 };
 
 /// How long a departed proxy's resources are kept, so a quick reconnect (a control
@@ -99,7 +100,10 @@ struct EncodedService {
     clusters_plain: Vec<Resource>,
     endpoints: Vec<Resource>,
     listeners: Vec<Resource>,
+    scopes: Vec<Resource>,
     routes: Vec<Resource>,
+    /// The service blocks and HTTP ports it brings to the capture listener.
+    shape: (Vec<PodBlock>, Vec<u16>),
     /// Route configurations of callers' namespaces with consumer routes on it.
     consumer: BTreeMap<String, Vec<Resource>>,
 }
@@ -112,7 +116,7 @@ fn encode(type_url: &str, items: Vec<(String, impl prost::Message)>) -> Vec<Reso
 }
 
 impl EncodedService {
-    fn new(tls: ServiceOutbound, plain: ServiceOutbound) -> Self {
+    fn new(tls: ServiceOutbound, plain: ServiceOutbound, shape: (Vec<PodBlock>, Vec<u16>)) -> Self {
         let mut consumer: BTreeMap<String, Vec<Resource>> = BTreeMap::new();
         for (ns, r) in tls.consumer_routes {
             consumer.entry(ns).or_default().push(Resource::encode(
@@ -123,6 +127,14 @@ impl EncodedService {
         }
         Self {
             consumer,
+            shape,
+            scopes: encode(
+                type_url::SCOPED_ROUTE,
+                tls.scopes
+                    .into_iter()
+                    .map(|s| (s.name.clone(), s))
+                    .collect(),
+            ),
             clusters_tls: encode(
                 type_url::CLUSTER,
                 tls.clusters
@@ -169,9 +181,30 @@ impl EncodedService {
             Part::ClustersPlain => &self.clusters_plain,
             Part::Endpoints => &self.endpoints,
             Part::Listeners => &self.listeners,
+            Part::Scopes => &self.scopes,
             Part::Routes => &self.routes,
         }
     }
+}
+
+/// Counts `added` in and `removed` out of `counts`; whether a key appeared or went.
+fn count_shape<K: Ord + Copy>(counts: &mut BTreeMap<K, usize>, removed: &[K], added: &[K]) -> bool {
+    let mut changed = false;
+    for k in added {
+        let n = counts.entry(*k).or_default();
+        changed |= *n == 0;
+        *n += 1;
+    }
+    for k in removed {
+        if let Some(n) = counts.get_mut(k) {
+            *n -= 1;
+            if *n == 0 {
+                counts.remove(k);
+                changed = true;
+            }
+        }
+    }
+    changed
 }
 
 /// The parts of a layer set: one layer each.
@@ -181,14 +214,16 @@ enum Part {
     ClustersPlain,
     Endpoints,
     Listeners,
+    Scopes,
     Routes,
 }
 
-const PARTS: [Part; 5] = [
+const PARTS: [Part; 6] = [
     Part::ClustersTls,
     Part::ClustersPlain,
     Part::Endpoints,
     Part::Listeners,
+    Part::Scopes,
     Part::Routes,
 ];
 
@@ -250,6 +285,7 @@ impl LayerSet {
             (clusters, type_url::CLUSTER),
             (Part::Endpoints, type_url::ENDPOINT),
             (Part::Listeners, type_url::LISTENER),
+            (Part::Scopes, type_url::SCOPED_ROUTE),
             (Part::Routes, type_url::ROUTE),
         ] {
             if let Some(layer) = self.layers.get(&part) {
@@ -336,6 +372,11 @@ pub struct MeshPublisher {
     consumers_moved: BTreeSet<String>,
     /// Meshed pod IPs per block.
     blocks: BTreeMap<PodBlock, usize>,
+    /// Services per service block and per HTTP port (the capture listener's shape).
+    service_blocks: BTreeMap<PodBlock, usize>,
+    http_ports: BTreeMap<u16, usize>,
+    /// A service block or HTTP port appeared or went in this change.
+    shape_changed: bool,
     /// IPs of every workload published, to update blocks and the directory.
     workload_ips: HashMap<String, (Vec<IpAddr>, bool)>,
     /// Services with an IPv6 ClusterIP.
@@ -372,6 +413,9 @@ impl MeshPublisher {
             consumers: BTreeMap::new(),
             consumers_moved: BTreeSet::new(),
             blocks: BTreeMap::new(),
+            service_blocks: BTreeMap::new(),
+            http_ports: BTreeMap::new(),
+            shape_changed: false,
             workload_ips: HashMap::new(),
             v6_services: BTreeSet::new(),
             connected: BTreeMap::new(),
@@ -446,7 +490,7 @@ impl MeshPublisher {
             delta.workloads.iter().cloned().collect()
         };
         let capture_changed = self.update_pod_directory(model, &workloads, everything);
-        if everything || capture_changed {
+        if everything || capture_changed || std::mem::take(&mut self.shape_changed) {
             self.publish_capture();
         }
         // Proxies whose own resources may differ.
@@ -570,6 +614,7 @@ impl MeshPublisher {
                 EncodedService::new(
                     translate_service(service, &self.config, true),
                     translate_service(service, &self.config, false),
+                    service_shape(std::iter::once(service), &self.config),
                 )
             });
             match model.services.get(key) {
@@ -580,10 +625,15 @@ impl MeshPublisher {
                     self.v6_services.remove(key);
                 }
             }
+            let empty = (Vec::new(), Vec::new());
+            let added = next.as_ref().map_or(&empty, |n| &n.shape).clone();
             let old = match next {
                 Some(n) => self.services.insert(key.clone(), n),
                 None => self.services.remove(key),
             };
+            let removed = old.as_ref().map_or(&empty, |o| &o.shape);
+            self.shape_changed |= count_shape(&mut self.service_blocks, &removed.0, &added.0);
+            self.shape_changed |= count_shape(&mut self.http_ports, &removed.1, &added.1);
             replaced.push((key.clone(), old));
         }
         let changes: Vec<(Option<&EncodedService>, Option<&EncodedService>)> = replaced
@@ -683,7 +733,11 @@ impl MeshPublisher {
 
     /// Publishes the two outbound capture snapshots, then the fallback.
     fn publish_capture(&mut self) {
-        let blocks: Vec<PodBlock> = self.blocks.keys().copied().collect();
+        let shape = OutboundShape {
+            pod_blocks: self.blocks.keys().copied().collect(),
+            service_blocks: self.service_blocks.keys().copied().collect(),
+            http_ports: self.http_ports.keys().copied().collect(),
+        };
         let ipv6 = self.ipv6();
         // The passthrough and, with tracing on, the collector.
         let clusters: Vec<Resource> = common_clusters(&self.config)
@@ -691,7 +745,7 @@ impl MeshPublisher {
             .map(|c| Resource::encode(type_url::CLUSTER, c.name.clone(), c))
             .collect();
         for (name, on_demand) in [(CAPTURE_ON_DEMAND, true), (CAPTURE_PLAIN, false)] {
-            let listener = capture_outbound(&blocks, on_demand, ipv6);
+            let listener = capture_outbound(&shape, on_demand, ipv6, &self.config);
             let snapshot = Snapshot::new()
                 .with(type_url::CLUSTER, clusters.iter().cloned())
                 .with(

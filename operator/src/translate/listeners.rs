@@ -1,15 +1,22 @@
-//! Listeners (LDS): the two capture listeners and one per service address and port.
+//! Listeners (LDS): the two capture listeners and one per service address and TCP or
+//! undeclared port.
 //!
-//! Protocols (see `index::protocol`): a declared HTTP or HTTP/2 port gets a connection
-//! manager, a TCP port a TCP proxy, and an undeclared port both, chosen per connection
-//! by inspecting its first bytes. Between sidecars the client side's choice travels in
+//! Protocols (see `index::protocol`): declared HTTP and HTTP/2 ports of every service
+//! share one connection manager per port number inside the outbound capture listener
+//! (the address the app called picks the service's route table: a route scope keyed by
+//! that address), a TCP port gets a TCP proxy, and an undeclared port both, chosen per
+//! connection by inspecting its first bytes. Between sidecars the client side's choice travels in
 //! ALPN: its HTTP connection pools offer `h2` (or `http/1.1`), its TCP proxy offers
 //! nothing, so the server side picks the same handling without looking inside mTLS.
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
+use envoy_types::pb::envoy::config::common::mutation_rules::v3::{HeaderMutation, header_mutation};
 use envoy_types::pb::envoy::config::core::v3::{CidrRange, TrafficDirection};
+use envoy_types::pb::envoy::config::core::v3::{
+    HeaderValue, HeaderValueOption, TypedExtensionConfig, header_value_option,
+};
 use envoy_types::pb::envoy::config::listener::v3::{
     AdditionalAddress, Filter, FilterChain, FilterChainMatch, Listener, ListenerFilter,
     listener_filter,
@@ -18,13 +25,17 @@ use envoy_types::pb::envoy::config::route::v3::{
     Route, RouteAction, RouteConfiguration, RouteMatch, VirtualHost, route, route_action,
     route_match,
 };
+use envoy_types::pb::envoy::config::route::v3::{
+    ScopedRouteConfiguration, scoped_route_configuration,
+};
 use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::HttpInspector;
 use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpFilter, Rds, http_connection_manager,
+    HttpFilter, Rds, ScopedRds, ScopedRoutes, http_connection_manager, scoped_routes,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy;
+use envoy_types::pb::envoy::extensions::http::early_header_mutation::header_mutation::v3::HeaderMutation as EarlyHeaderMutation;
 
 use envoy_types::pb::envoy::config::core::v3::{
     DataSource, SubstitutionFormatString, data_source, substitution_format_string,
@@ -52,13 +63,20 @@ use super::settings::{AccessMode, DEFAULT_DETECTION_TIMEOUT, MeshConfig, MtlsMod
 use super::telemetry::{Direction, access_logs, tracing};
 use super::tls::downstream_transport_socket;
 use super::{
-    INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, PodBlock, ProxyResources, outbound_route_name,
-    treated_as,
+    INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, OutboundShape, ProxyResources,
+    outbound_route_name, treated_as,
 };
 use crate::index::{AccessGrant, AppProtocol, MeshService, RateLimitModel, Workload, WorkloadPort};
 use envoy_types::pb::envoy::extensions::common::ratelimit::v3::XRateLimitHeadersRfcVersion;
 use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use weft_crds::annotations::APP_PROBE_PORT;
+
+/// The header the shared outbound connection manager writes the called address into
+/// (`IP:PORT`, overwriting any the app sent) before it picks a route scope; every
+/// outbound route table removes it before the request leaves.
+pub const DESTINATION_HEADER: &str = "x-weft-dst";
+/// Name of the scoped route configuration the outbound connection managers share.
+const OUTBOUND_SCOPES: &str = "outbound";
 
 /// Name of the listener that captures outbound connections.
 pub const VIRTUAL_OUTBOUND: &str = "virtualOutbound";
@@ -115,39 +133,89 @@ fn wildcard_listener(name: &str, port: u16, direction: TrafficDirection, ipv6: b
     }
 }
 
-/// `virtualOutbound` on 15001 (and `[::]:15001` with `ipv6`) hands connections to the
-/// listener of their original destination (one per service ClusterIP and port). Calls
-/// to addresses in `pod_blocks` (ranges holding meshed pods) ask the control plane for
-/// a cluster of their own when `on_demand` (delta xDS with an identity): mTLS to that
-/// pod's identity, or plaintext if it has no sidecar; the cluster is named after the
-/// address, so this listener never grows with the number of pods. Anything else
-/// passes through.
-pub fn capture_outbound(pod_blocks: &[PodBlock], on_demand: bool, ipv6: bool) -> Listener {
-    let mut chains = Vec::new();
-    if on_demand {
-        for (ip, len) in pod_blocks {
-            chains.push(FilterChain {
-                name: format!("pods|{ip}/{len}"),
-                filter_chain_match: Some(FilterChainMatch {
-                    prefix_ranges: vec![CidrRange {
-                        address_prefix: ip.to_string(),
-                        prefix_len: Some(u32_value(u32::from(*len))),
-                    }],
-                    ..Default::default()
-                }),
-                filters: vec![pod_cluster_filter(), on_demand_tcp_proxy()],
-                ..Default::default()
-            });
-        }
+fn cidr(ip: IpAddr, len: u8) -> CidrRange {
+    CidrRange {
+        address_prefix: ip.to_string(),
+        prefix_len: Some(u32_value(u32::from(len))),
     }
-    chains.push(FilterChain {
-        name: PASSTHROUGH_CLUSTER.to_string(),
+}
+
+/// `virtualOutbound` on 15001 (and `[::]:15001` with `ipv6`). A call to a service's
+/// HTTP port (an address in one of `shape.service_blocks`, a port in
+/// `shape.http_ports`) goes to that port's connection manager, which routes by the
+/// address called (route scopes, one per ClusterIP and port). Other service ports have
+/// listeners of their own, which this one hands their connections to. Calls to
+/// addresses in `shape.pod_blocks` (ranges holding meshed pods) ask the control plane
+/// for a cluster of their own when `on_demand` (delta xDS with an identity): mTLS to
+/// that pod's identity, or plaintext if it has no sidecar; the cluster is named after
+/// the address. Anything else passes through. So this listener grows with the ports
+/// and address blocks in use, never with the number of services or pods, and a new
+/// service changes it only when it brings a new port or block.
+pub fn capture_outbound(
+    shape: &OutboundShape,
+    on_demand: bool,
+    ipv6: bool,
+    config: &MeshConfig,
+) -> Listener {
+    let mut chains = Vec::new();
+    let pods = |name: String, port: Option<u16>| FilterChain {
+        name,
+        filter_chain_match: Some(FilterChainMatch {
+            destination_port: port.map(|p| u32_value(u32::from(p))),
+            prefix_ranges: shape
+                .pod_blocks
+                .iter()
+                .map(|(ip, len)| cidr(*ip, *len))
+                .collect(),
+            ..Default::default()
+        }),
+        filters: vec![pod_cluster_filter(), on_demand_tcp_proxy()],
+        ..Default::default()
+    };
+    let passthrough = |name: String, port: Option<u16>| FilterChain {
+        name,
+        filter_chain_match: port.map(|p| FilterChainMatch {
+            destination_port: Some(u32_value(u32::from(p))),
+            ..Default::default()
+        }),
         filters: vec![tcp_proxy_filter(
             PASSTHROUGH_CLUSTER,
             tcp_proxy::ClusterSpecifier::Cluster(PASSTHROUGH_CLUSTER.to_string()),
         )],
         ..Default::default()
-    });
+    };
+    let with_pods = on_demand && !shape.pod_blocks.is_empty();
+    if with_pods {
+        chains.push(pods("pods".to_string(), None));
+    }
+    // A chain naming a port wins over every chain without one, so each HTTP port also
+    // repeats the pod and passthrough chains for its other destinations.
+    if !shape.service_blocks.is_empty() {
+        for port in &shape.http_ports {
+            chains.push(FilterChain {
+                name: format!("http|{port}"),
+                filter_chain_match: Some(FilterChainMatch {
+                    destination_port: Some(u32_value(u32::from(*port))),
+                    prefix_ranges: shape
+                        .service_blocks
+                        .iter()
+                        .map(|(ip, len)| cidr(*ip, *len))
+                        .collect(),
+                    ..Default::default()
+                }),
+                filters: vec![outbound_http_filter(*port, config)],
+                ..Default::default()
+            });
+            if with_pods {
+                chains.push(pods(format!("pods|{port}"), Some(*port)));
+            }
+            chains.push(passthrough(
+                format!("{PASSTHROUGH_CLUSTER}|{port}"),
+                Some(*port),
+            ));
+        }
+    }
+    chains.push(passthrough(PASSTHROUGH_CLUSTER.to_string(), None));
     Listener {
         use_original_dst: Some(bool_value(true)),
         filter_chains: chains,
@@ -255,7 +323,107 @@ fn fault_filter() -> HttpFilter {
 /// How long a connection to a pod IP waits for its cluster.
 const ON_DEMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// One non-binding listener per ClusterIP (each family) and port of `service`.
+/// The connection manager of every service's HTTP port `port`: it writes the address
+/// called into [`DESTINATION_HEADER`] before anything else runs (whatever the app
+/// sent there is overwritten), and that picks the route scope of the service's
+/// ClusterIP and port, whose route table is the service's own.
+fn outbound_http_filter(port: u16, config: &MeshConfig) -> Filter {
+    let mut hcm = http_connection_manager(
+        &format!("outbound_{port}"),
+        http_connection_manager::RouteSpecifier::ScopedRoutes(ScopedRoutes {
+            name: OUTBOUND_SCOPES.to_string(),
+            scope_key_builder: Some(scoped_routes::ScopeKeyBuilder {
+                fragments: vec![scoped_routes::scope_key_builder::FragmentBuilder {
+                    r#type: Some(
+                        scoped_routes::scope_key_builder::fragment_builder::Type::HeaderValueExtractor(
+                            scoped_routes::scope_key_builder::fragment_builder::HeaderValueExtractor {
+                                name: DESTINATION_HEADER.to_string(),
+                                extract_type: Some(
+                                    scoped_routes::scope_key_builder::fragment_builder::header_value_extractor::ExtractType::Index(0),
+                                ),
+                                ..Default::default()
+                            },
+                        ),
+                    ),
+                }],
+            }),
+            rds_config_source: Some(ads_config_source()),
+            config_specifier: Some(scoped_routes::ConfigSpecifier::ScopedRds(ScopedRds {
+                scoped_rds_config_source: Some(ads_config_source()),
+                ..Default::default()
+            })),
+        }),
+        config,
+    );
+    hcm.early_header_mutation_extensions = vec![TypedExtensionConfig {
+        name: "envoy.http.early_header_mutation.header_mutation".to_string(),
+        typed_config: Some(any(&EarlyHeaderMutation {
+            mutations: vec![HeaderMutation {
+                action: Some(header_mutation::Action::Append(HeaderValueOption {
+                    header: Some(HeaderValue {
+                        key: DESTINATION_HEADER.to_string(),
+                        value: "%DOWNSTREAM_LOCAL_ADDRESS%".to_string(),
+                        ..Default::default()
+                    }),
+                    append_action: header_value_option::HeaderAppendAction::OverwriteIfExistsOrAdd
+                        as i32,
+                    ..Default::default()
+                })),
+            }],
+        })),
+    }];
+    // Inert until a route's TrafficPolicy configures it: adding it later would replace
+    // the chain and drain its connections.
+    hcm.http_filters.insert(0, fault_filter());
+    hcm.access_log = access_logs(Direction::Outbound, &config.telemetry);
+    hcm.tracing = tracing(Direction::Outbound, &config.telemetry);
+    hcm_filter(&hcm)
+}
+
+/// Whether a service port is HTTP served by the capture listener's connection manager.
+pub fn is_shared_http(protocol: AppProtocol, config: &MeshConfig) -> bool {
+    matches!(
+        treated_as(protocol, config),
+        AppProtocol::Http | AppProtocol::Http2
+    )
+}
+
+/// The route scope key of a ClusterIP and port, as Envoy writes the address called
+/// (`10.0.0.1:80`, `[fd00::1]:80`).
+pub fn scope_key(ip: IpAddr, port: u16) -> String {
+    std::net::SocketAddr::new(ip, port).to_string()
+}
+
+/// One route scope per ClusterIP (each family) and HTTP port of `service`: the address
+/// selects the service's route table.
+pub fn service_scopes(service: &MeshService, config: &MeshConfig) -> Vec<ScopedRouteConfiguration> {
+    let mut out = Vec::new();
+    for ip in &service.cluster_ips {
+        for port in service
+            .ports
+            .iter()
+            .filter(|p| is_shared_http(p.protocol, config))
+        {
+            let key = scope_key(*ip, port.port);
+            out.push(ScopedRouteConfiguration {
+                name: key.clone(),
+                route_configuration_name: outbound_route_name(&service.key, port.port),
+                key: Some(scoped_route_configuration::Key {
+                    fragments: vec![scoped_route_configuration::key::Fragment {
+                        r#type: Some(scoped_route_configuration::key::fragment::Type::StringKey(
+                            key,
+                        )),
+                    }],
+                }),
+                ..Default::default()
+            });
+        }
+    }
+    out
+}
+
+/// One non-binding listener per ClusterIP (each family) and TCP or undeclared port of
+/// `service` (its HTTP ports are served by the capture listener's connection manager).
 pub fn service_listeners(service: &MeshService, config: &MeshConfig) -> Vec<Listener> {
     let mut out = Vec::new();
     for ip in &service.cluster_ips {
@@ -291,10 +459,8 @@ pub fn service_listeners(service: &MeshService, config: &MeshConfig) -> Vec<List
                 ..Default::default()
             };
             out.push(match treated_as(port.protocol, config) {
-                AppProtocol::Http | AppProtocol::Http2 => Listener {
-                    filter_chains: vec![chain(http())],
-                    ..base
-                },
+                // The capture listener's connection manager serves it.
+                AppProtocol::Http | AppProtocol::Http2 => continue,
                 AppProtocol::Tcp => Listener {
                     filter_chains: vec![chain(tcp())],
                     ..base

@@ -17,7 +17,7 @@ mod tls;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::listener::v3::Listener;
-use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::envoy::config::route::v3::{RouteConfiguration, ScopedRouteConfiguration};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::Secret;
 use weft_xds::{Resource, Snapshot, type_url};
 
@@ -27,7 +27,7 @@ pub use clusters::{
 };
 pub use gateway::INVALID_BACKEND_CLUSTER;
 pub use http::{PathOutcome, normalize_request_path};
-pub use listeners::capture_outbound;
+pub use listeners::{DESTINATION_HEADER, capture_outbound};
 pub use rbac::path_prefix_regex;
 pub use settings::{AccessMode, DEFAULT_DETECTION_TIMEOUT, MeshConfig, MtlsMode};
 pub use telemetry::TRACING_COLLECTOR_CLUSTER;
@@ -86,6 +86,65 @@ pub fn pod_block_of(ip: IpAddr) -> PodBlock {
     }
 }
 
+/// The block of a service ClusterIP: its /16 (IPv4) or /64 (IPv6). Service ranges are
+/// contiguous and apart from pod ranges, so a few blocks cover every ClusterIP and a
+/// new service rarely brings a new one (which changes the capture listener).
+pub fn service_block_of(ip: IpAddr) -> PodBlock {
+    match ip {
+        IpAddr::V4(v4) => (
+            IpAddr::V4(std::net::Ipv4Addr::from(u32::from(v4) & 0xffff_0000)),
+            16,
+        ),
+        IpAddr::V6(v6) => (
+            IpAddr::V6(std::net::Ipv6Addr::from(
+                u128::from(v6) & !((1u128 << 64) - 1),
+            )),
+            64,
+        ),
+    }
+}
+
+/// What the outbound capture listener is built from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct OutboundShape {
+    /// Blocks holding meshed pods, sorted.
+    pub pod_blocks: Vec<PodBlock>,
+    /// Blocks holding service ClusterIPs, sorted.
+    pub service_blocks: Vec<PodBlock>,
+    /// Ports some service serves HTTP or HTTP/2 on (declared), sorted.
+    pub http_ports: Vec<u16>,
+}
+
+/// The service blocks and HTTP ports of `services`.
+pub fn service_shape<'s>(
+    services: impl Iterator<Item = &'s MeshService>,
+    config: &MeshConfig,
+) -> (Vec<PodBlock>, Vec<u16>) {
+    let mut blocks = std::collections::BTreeSet::new();
+    let mut ports = std::collections::BTreeSet::new();
+    for service in services.filter(|s| !s.cluster_ips.is_empty()) {
+        blocks.extend(service.cluster_ips.iter().map(|ip| service_block_of(*ip)));
+        ports.extend(
+            service
+                .ports
+                .iter()
+                .filter(|p| listeners::is_shared_http(p.protocol, config))
+                .map(|p| p.port),
+        );
+    }
+    (blocks.into_iter().collect(), ports.into_iter().collect())
+}
+
+/// The shape of the capture listener for `model`.
+pub fn outbound_shape(model: &MeshModel, config: &MeshConfig) -> OutboundShape {
+    let (service_blocks, http_ports) = service_shape(model.services.values(), config);
+    OutboundShape {
+        pod_blocks: pod_blocks(model),
+        service_blocks,
+        http_ports,
+    }
+}
+
 /// The blocks holding meshed pods, sorted.
 pub fn pod_blocks(model: &MeshModel) -> Vec<PodBlock> {
     let blocks: std::collections::BTreeSet<PodBlock> = model
@@ -104,8 +163,10 @@ pub struct ServiceOutbound {
     pub clusters: Vec<Cluster>,
     /// The endpoints of each cluster.
     pub endpoints: Vec<ClusterLoadAssignment>,
-    /// One listener per ClusterIP and port.
+    /// One listener per ClusterIP and TCP or undeclared port.
     pub listeners: Vec<Listener>,
+    /// One route scope per ClusterIP and HTTP port.
+    pub scopes: Vec<ScopedRouteConfiguration>,
     /// One route configuration per port that may carry HTTP.
     pub routes: Vec<RouteConfiguration>,
     /// Variants of some of `routes` for callers in namespaces with consumer routes on
@@ -125,6 +186,7 @@ pub fn translate_service(
         clusters,
         endpoints,
         listeners: listeners::service_listeners(service, config),
+        scopes: listeners::service_scopes(service, config),
         routes: routes::service_route_configs(service, config),
         consumer_routes: routes::consumer_route_configs(service, config),
     }
@@ -156,6 +218,8 @@ pub struct ProxyResources {
     pub listeners: Vec<Listener>,
     /// RDS.
     pub routes: Vec<RouteConfiguration>,
+    /// SRDS.
+    pub scopes: Vec<ScopedRouteConfiguration>,
     /// SDS.
     pub secrets: Vec<Secret>,
 }
@@ -167,6 +231,7 @@ impl ProxyResources {
             .sort_by(|a, b| a.cluster_name.cmp(&b.cluster_name));
         self.listeners.sort_by(|a, b| a.name.cmp(&b.name));
         self.routes.sort_by(|a, b| a.name.cmp(&b.name));
+        self.scopes.sort_by(|a, b| a.name.cmp(&b.name));
         self.secrets.sort_by(|a, b| a.name.cmp(&b.name));
         self
     }
@@ -197,6 +262,12 @@ impl ProxyResources {
                 self.routes
                     .iter()
                     .map(|r| Resource::encode(type_url::ROUTE, &r.name, r)),
+            )
+            .with(
+                type_url::SCOPED_ROUTE,
+                self.scopes
+                    .iter()
+                    .map(|s| Resource::encode(type_url::SCOPED_ROUTE, &s.name, s)),
             )
             .with(
                 type_url::SECRET,
@@ -239,15 +310,17 @@ pub fn translate_shared(
         ..Default::default()
     };
     out.listeners.push(listeners::capture_outbound(
-        &pod_blocks(model),
+        &outbound_shape(model, config),
         client_tls,
         model_has_ipv6(model),
+        config,
     ));
     for service in model.services.values() {
         let s = translate_service(service, config, client_tls);
         out.clusters.extend(s.clusters);
         out.endpoints.extend(s.endpoints);
         out.listeners.extend(s.listeners);
+        out.scopes.extend(s.scopes);
         out.routes.extend(s.routes);
     }
     out.sorted()

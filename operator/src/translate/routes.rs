@@ -267,6 +267,8 @@ fn route_config(service: &MeshService, port: u16, mut routes: Vec<Route>) -> Rou
     }
     RouteConfiguration {
         name: name.clone(),
+        // Written by the connection manager to pick this table; not for the app.
+        request_headers_to_remove: vec![super::DESTINATION_HEADER.to_string()],
         virtual_hosts: vec![VirtualHost {
             name,
             // Only this service's listeners (its ClusterIPs and port) use this route
