@@ -162,6 +162,23 @@ fn a_service_without_split_balances_over_its_pods_and_unknown_destinations_pass_
         .unwrap();
     assert!(direct.failures().is_empty(), "{:?}", direct.failures());
     assert_eq!(direct.answered_by("outside"), 20);
+
+    // The routing header is the sidecar's: one the app forges (naming another address)
+    // is overwritten by the address called, and the server never sees it.
+    let (echo, _) = h
+        .request(
+            "client",
+            "GET",
+            "http://backend:8080/echo",
+            &[&format!("x-weft-dst: {outside}:8080")],
+        )
+        .unwrap()
+        .expect("the call follows the address called");
+    assert!(echo.contains("\"pod\":\"backend-"), "{echo}");
+    assert!(
+        !echo.contains("x-weft-dst"),
+        "the header reached the app: {echo}"
+    );
 }
 
 #[test]
