@@ -27,12 +27,14 @@ use tonic::codegen::http::uri::PathAndQuery;
 use tonic::transport::Endpoint;
 
 /// The xDS types a simulated proxy subscribes to, in this order.
-pub const TYPES: [&str; 5] = [
+pub const TYPES: [&str; 6] = [
     "type.googleapis.com/envoy.config.cluster.v3.Cluster",
     "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment",
     "type.googleapis.com/envoy.config.listener.v3.Listener",
     "type.googleapis.com/envoy.config.route.v3.RouteConfiguration",
     "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.Secret",
+    // Route scopes: what a real sidecar's outbound connection managers subscribe to.
+    "type.googleapis.com/envoy.config.route.v3.ScopedRouteConfiguration",
 ];
 pub const CDS: usize = 0;
 pub const EDS: usize = 1;
@@ -40,7 +42,7 @@ pub const LDS: usize = 2;
 pub const RDS: usize = 3;
 
 pub fn short_type(t: usize) -> &'static str {
-    ["CDS", "EDS", "LDS", "RDS", "SDS"]
+    ["CDS", "EDS", "LDS", "RDS", "SDS", "SRDS"]
         .get(t)
         .copied()
         .unwrap_or("?")
@@ -235,9 +237,9 @@ struct Waiter {
 #[derive(Debug, Default)]
 struct ProxyState {
     /// Per type: resource name → version.
-    resources: [NameMap; 5],
+    resources: [NameMap; TYPES.len()],
     /// Per type: answered at least once on the current stream.
-    answered: [bool; 5],
+    answered: [bool; TYPES.len()],
     waiters: Vec<Waiter>,
     /// When the current stream had every type answered.
     synced_at: Option<Instant>,
@@ -396,7 +398,7 @@ impl Proxy {
     /// A new stream starts: nothing answered on it yet.
     fn stream_started(&self) {
         let mut state = self.lock();
-        state.answered = [false; 5];
+        state.answered = [false; TYPES.len()];
         state.synced_at = None;
         self.in_sync.store(false, Ordering::Release);
         self.generation.fetch_add(1, Ordering::AcqRel);
