@@ -16,6 +16,13 @@ use crate::sidecar::bootstrap::{BootstrapOptions, XdsProtocol, XdsTls, render_bo
 use crate::sidecar::iptables::{self, Backend, Cidr, RedirectPlan, TablesChoice};
 use crate::translate::{AccessMode, MeshConfig, MtlsMode};
 
+/// `println!` that neither panics nor fails when the reader went away (`| head`).
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        let _ = print_text(&format!("{}\n", format_args!($($arg)*)));
+    }};
+}
+
 const DEFAULT_ADMIN: &str = "127.0.0.1:15090";
 
 /// Weft: a service mesh control plane for Envoy.
@@ -491,36 +498,41 @@ fn init_tracing() {
 }
 
 fn print_status(status: &MeshStatus) {
-    println!(
+    say!(
         "objects: {}  proxies: {}  identity check failures: {}",
-        status.objects, status.proxies, status.identity_check_failures
+        status.objects,
+        status.proxies,
+        status.identity_check_failures
     );
     let s = &status.settings;
-    println!(
+    say!(
         "access: {}  mtls: {}  (from {})  traffic targets: {}",
-        s.access, s.mtls, s.source, status.traffic_targets
+        s.access,
+        s.mtls,
+        s.source,
+        status.traffic_targets
     );
     if s.access == "deny-by-default" && status.traffic_targets == 0 {
-        println!(
+        say!(
             "note: no TrafficTarget grants access, so every call between meshed workloads is denied \
              (add TrafficTargets, or allow all: `weft up --access permissive` or a MeshConfig \
              with `access: Permissive`)"
         );
     }
     if status.problems.is_empty() && status.manifest_errors.is_empty() {
-        println!("no invalid objects");
+        say!("no invalid objects");
     }
     for p in &status.problems {
-        println!("{:<8} {:<40} {}", p.state, p.object, p.reason);
+        say!("{:<8} {:<40} {}", p.state, p.object, p.reason);
     }
     for e in &status.manifest_errors {
-        println!("{:<8} {:<40} {}", "Invalid", e.file.display(), e.reason);
+        say!("{:<8} {:<40} {}", "Invalid", e.file.display(), e.reason);
     }
     for r in &status.routes {
         let condition = |(ok, reason): &(bool, String)| {
             format!("{}({reason})", if *ok { "True" } else { "False" })
         };
-        println!(
+        say!(
             "{} → parent {}: Accepted={} ResolvedRefs={}{}",
             r.route,
             r.parent,
@@ -536,16 +548,22 @@ fn print_status(status: &MeshStatus) {
 }
 
 fn print_proxy_status(proxies: &[ProxyStatus]) {
-    println!(
+    say!(
         "{:<32} {:<22} {:<5} {:<5} {:<9} {:>9} {:>9} NACK",
-        "PROXY", "PEER", "ADS", "TYPE", "STATE", "RESOURCES", "RESPONSES"
+        "PROXY",
+        "PEER",
+        "ADS",
+        "TYPE",
+        "STATE",
+        "RESOURCES",
+        "RESPONSES"
     );
     for p in proxies {
         if let Some(reason) = &p.denied {
-            println!("{:<32} {:<22} DENIED: {reason}", p.node, p.peer);
+            say!("{:<32} {:<22} DENIED: {reason}", p.node, p.peer);
         }
         for t in &p.types {
-            println!(
+            say!(
                 "{:<32} {:<22} {:<5} {:<5} {:<9} {:>9} {:>9} {}",
                 p.node,
                 p.peer,
@@ -603,7 +621,7 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
         Command::ControllerAccess => {
             let text = serde_json::to_string_pretty(&controller::access::access_json())
                 .map_err(|e| WeftError::Usage(e.to_string()))?;
-            println!("{text}");
+            say!("{text}");
             Ok(())
         }
         Command::Controller(args) => {
@@ -749,9 +767,9 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
                 return print_json(&answer);
             }
             for line in &answer.lines {
-                println!("{line}");
+                say!("{line}");
             }
-            println!("verdict: {}", answer.verdict);
+            say!("verdict: {}", answer.verdict);
             Ok(())
         }
         Command::Top {
@@ -774,13 +792,18 @@ async fn run(cli: Cli) -> Result<(), WeftError> {
             if json {
                 return print_json(&edges);
             }
-            println!(
+            say!(
                 "{:<32} {:<36} {:>8} {:>9} {:>8} {:>8}",
-                "SOURCE", "DESTINATION", "RPS", "SUCCESS", "P50", "P99"
+                "SOURCE",
+                "DESTINATION",
+                "RPS",
+                "SUCCESS",
+                "P50",
+                "P99"
             );
             let ms = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v}ms"));
             for e in &edges {
-                println!(
+                say!(
                     "{:<32} {:<36} {:>8.1} {:>8.1}% {:>8} {:>8}",
                     e.source,
                     e.destination,
