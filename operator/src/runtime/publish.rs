@@ -381,6 +381,8 @@ pub struct MeshPublisher {
     workload_ips: HashMap<String, (Vec<IpAddr>, bool)>,
     /// Services with an IPv6 ClusterIP.
     v6_services: BTreeSet<ServiceKey>,
+    /// Workloads (meshed or not) with an IPv6 address.
+    v6_workloads: usize,
     /// Every connected node and its ADS variant.
     connected: BTreeMap<String, &'static str>,
     /// Connected nodes that are known workloads, with resources of their own.
@@ -418,6 +420,7 @@ impl MeshPublisher {
             shape_changed: false,
             workload_ips: HashMap::new(),
             v6_services: BTreeSet::new(),
+            v6_workloads: 0,
             connected: BTreeMap::new(),
             nodes: BTreeMap::new(),
             departed: BTreeMap::new(),
@@ -691,6 +694,7 @@ impl MeshPublisher {
         }
         for node in nodes {
             if let Some((ips, meshed)) = self.workload_ips.remove(node) {
+                self.v6_workloads -= usize::from(ips.iter().any(IpAddr::is_ipv6));
                 for ip in ips {
                     if meshed {
                         directory.meshed.remove(&ip);
@@ -706,6 +710,7 @@ impl MeshPublisher {
                 directory_changed = true;
             }
             if let Some(w) = model.workloads.get(node) {
+                self.v6_workloads += usize::from(w.ips.iter().any(IpAddr::is_ipv6));
                 if w.meshed {
                     for ip in &w.ips {
                         directory
@@ -727,8 +732,9 @@ impl MeshPublisher {
         blocks_before != blocks_after || ipv6_before != self.ipv6()
     }
 
+    /// Whether the mesh uses IPv6 anywhere, as `model_has_ipv6` says.
     fn ipv6(&self) -> bool {
-        !self.v6_services.is_empty() || self.blocks.keys().any(|(ip, _)| ip.is_ipv6())
+        !self.v6_services.is_empty() || self.v6_workloads > 0
     }
 
     /// Publishes the two outbound capture snapshots, then the fallback.
