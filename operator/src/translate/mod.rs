@@ -70,38 +70,36 @@ pub const INBOUND_CAPTURE_PORT: u16 = 15006;
 /// into it discover their cluster on demand.
 pub type PodBlock = (IpAddr, u8);
 
+/// The block of `ip` with a /`v4` (IPv4) or /`v6` (IPv6) prefix.
+fn block_of(ip: IpAddr, v4: u8, v6: u8) -> PodBlock {
+    match ip {
+        IpAddr::V4(a) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(v4)).unwrap_or(0);
+            (
+                IpAddr::V4(std::net::Ipv4Addr::from(u32::from(a) & mask)),
+                v4,
+            )
+        }
+        IpAddr::V6(a) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(v6)).unwrap_or(0);
+            (
+                IpAddr::V6(std::net::Ipv6Addr::from(u128::from(a) & mask)),
+                v6,
+            )
+        }
+    }
+}
+
 /// The block of `ip`: its /24 (IPv4) or /64 (IPv6), the size a node's pod range has.
 pub fn pod_block_of(ip: IpAddr) -> PodBlock {
-    match ip {
-        IpAddr::V4(v4) => (
-            IpAddr::V4(std::net::Ipv4Addr::from(u32::from(v4) & 0xffff_ff00)),
-            24,
-        ),
-        IpAddr::V6(v6) => (
-            IpAddr::V6(std::net::Ipv6Addr::from(
-                u128::from(v6) & !((1u128 << 64) - 1),
-            )),
-            64,
-        ),
-    }
+    block_of(ip, 24, 64)
 }
 
 /// The block of a service ClusterIP: its /16 (IPv4) or /64 (IPv6). Service ranges are
 /// contiguous and apart from pod ranges, so a few blocks cover every ClusterIP and a
 /// new service rarely brings a new one (which changes the capture listener).
 pub fn service_block_of(ip: IpAddr) -> PodBlock {
-    match ip {
-        IpAddr::V4(v4) => (
-            IpAddr::V4(std::net::Ipv4Addr::from(u32::from(v4) & 0xffff_0000)),
-            16,
-        ),
-        IpAddr::V6(v6) => (
-            IpAddr::V6(std::net::Ipv6Addr::from(
-                u128::from(v6) & !((1u128 << 64) - 1),
-            )),
-            64,
-        ),
-    }
+    block_of(ip, 16, 64)
 }
 
 /// What the outbound capture listener is built from.
