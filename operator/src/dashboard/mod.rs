@@ -13,7 +13,7 @@ pub const PAGE: &str = include_str!("page.html");
 pub const MAX_EDGES: usize = 500;
 
 /// The `weft explain` URL of a destination `namespace/service:port`.
-pub fn explain_url(destination: &str) -> String {
+fn explain_url(destination: &str) -> String {
     let (namespace, service_port) = destination
         .split_once('/')
         .unwrap_or(("default", destination));
@@ -21,6 +21,16 @@ pub fn explain_url(destination: &str) -> String {
         .rsplit_once(':')
         .unwrap_or((service_port, "80"));
     format!("http://{service}.{namespace}:{port}/")
+}
+
+/// The `weft explain` question for an observed edge: a GET from its caller to its
+/// destination.
+pub fn edge_query(edge: &EdgeReport) -> crate::explain::CallQuery {
+    crate::explain::CallQuery {
+        from: edge.source.clone(),
+        url: explain_url(&edge.destination),
+        ..Default::default()
+    }
 }
 
 /// A node of the graph.
@@ -72,7 +82,6 @@ impl MeshGraph {
             callers.insert(e.source.clone());
             services.insert(e.destination.clone());
             let verdict = verdicts.get(i).cloned().unwrap_or_else(|| "unknown".into());
-            let url = explain_url(&e.destination);
             out.push(GraphEdge {
                 source: e.source.clone(),
                 destination: e.destination.clone(),
@@ -81,11 +90,7 @@ impl MeshGraph {
                 p99_ms: e.p99_ms,
                 denied: verdict == "denied",
                 verdict,
-                explain: crate::runtime::admin::explain_path(&crate::explain::CallQuery {
-                    from: e.source.clone(),
-                    url,
-                    ..Default::default()
-                }),
+                explain: crate::runtime::admin::explain_path(&edge_query(e)),
             });
         }
         out.sort_by(|a, b| (&a.source, &a.destination).cmp(&(&b.source, &b.destination)));

@@ -291,12 +291,7 @@ async fn graph(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>>
     };
     let mut verdicts = Vec::with_capacity(edges.len());
     for edge in edges.iter().take(crate::dashboard::MAX_EDGES) {
-        let query = CallQuery {
-            from: edge.source.clone(),
-            url: crate::dashboard::explain_url(&edge.destination),
-            ..CallQuery::default()
-        };
-        let verdict = match ask_explain(state, query).await {
+        let verdict = match ask_explain(state, crate::dashboard::edge_query(edge)).await {
             Ok(answer) => answer.verdict,
             Err(_) => "unknown".to_string(),
         };
@@ -310,13 +305,17 @@ async fn ask_explain(
     state: &AdminState,
     query: CallQuery,
 ) -> Result<Explanation, Response<Full<Bytes>>> {
+    ask_model(state, |reply| ModelQuery::Explain { query, reply }).await
+}
+
+/// Sends the task that owns the model the question `ask` makes of a reply channel, and
+/// waits (bounded) for its answer.
+async fn ask_model<T>(
+    state: &AdminState,
+    ask: impl FnOnce(oneshot::Sender<T>) -> ModelQuery,
+) -> Result<T, Response<Full<Bytes>>> {
     let (reply, answer) = oneshot::channel();
-    if state
-        .explain
-        .send(ModelQuery::Explain { query, reply })
-        .await
-        .is_err()
-    {
+    if state.explain.send(ask(reply)).await.is_err() {
         return Err(text(
             StatusCode::SERVICE_UNAVAILABLE,
             "the mesh is shutting down",
@@ -353,24 +352,8 @@ async fn observed_edges(
             _ => {}
         }
     }
-    let (reply, answer) = oneshot::channel();
-    if state
-        .explain
-        .send(ModelQuery::Sidecars { namespace, reply })
-        .await
-        .is_err()
-    {
-        return Err(text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "the mesh is shutting down",
-        ));
-    }
-    let Ok(Ok(sidecars)) = tokio::time::timeout(EXPLAIN_TIMEOUT, answer).await else {
-        return Err(text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "no answer from the mesh in time",
-        ));
-    };
+    let sidecars = ask_model(state, |reply| ModelQuery::Sidecars { namespace, reply }).await?;
+
     let scrape_all =
         || futures::future::join_all(sidecars.iter().map(|(_, ip)| scrape_sidecar(*ip)));
     let before = scrape_all().await;
