@@ -32,7 +32,8 @@ use envoy_types::pb::envoy::extensions::filters::listener::http_inspector::v3::H
 use envoy_types::pb::envoy::extensions::filters::listener::original_dst::v3::OriginalDst;
 use envoy_types::pb::envoy::extensions::filters::listener::tls_inspector::v3::TlsInspector;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::{
-    HttpFilter, Rds, ScopedRds, ScopedRoutes, http_connection_manager, scoped_routes,
+    HttpConnectionManager, HttpFilter, Rds, ScopedRds, ScopedRoutes, http_connection_manager,
+    scoped_routes,
 };
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy;
 use envoy_types::pb::envoy::extensions::http::early_header_mutation::header_mutation::v3::HeaderMutation as EarlyHeaderMutation;
@@ -63,7 +64,7 @@ use super::settings::{AccessMode, DEFAULT_DETECTION_TIMEOUT, MeshConfig, MtlsMod
 use super::telemetry::{Direction, access_logs, tracing};
 use super::tls::downstream_transport_socket;
 use super::{
-    INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, OutboundShape, ProxyResources,
+    INBOUND_CAPTURE_PORT, OUTBOUND_CAPTURE_PORT, OutboundShape, PodBlock, ProxyResources,
     outbound_route_name, treated_as,
 };
 use crate::index::{AccessGrant, AppProtocol, MeshService, RateLimitModel, Workload, WorkloadPort};
@@ -133,11 +134,15 @@ fn wildcard_listener(name: &str, port: u16, direction: TrafficDirection, ipv6: b
     }
 }
 
-fn cidr(ip: IpAddr, len: u8) -> CidrRange {
-    CidrRange {
-        address_prefix: ip.to_string(),
-        prefix_len: Some(u32_value(u32::from(len))),
-    }
+/// The address ranges of `blocks`.
+fn cidrs(blocks: &[PodBlock]) -> Vec<CidrRange> {
+    blocks
+        .iter()
+        .map(|(ip, len)| CidrRange {
+            address_prefix: ip.to_string(),
+            prefix_len: Some(u32_value(u32::from(*len))),
+        })
+        .collect()
 }
 
 /// `virtualOutbound` on 15001 (and `[::]:15001` with `ipv6`). A call to a service's
@@ -162,11 +167,7 @@ pub fn capture_outbound(
         name,
         filter_chain_match: Some(FilterChainMatch {
             destination_port: port.map(|p| u32_value(u32::from(p))),
-            prefix_ranges: shape
-                .pod_blocks
-                .iter()
-                .map(|(ip, len)| cidr(*ip, *len))
-                .collect(),
+            prefix_ranges: cidrs(&shape.pod_blocks),
             ..Default::default()
         }),
         filters: vec![pod_cluster_filter(), on_demand_tcp_proxy()],
@@ -196,11 +197,7 @@ pub fn capture_outbound(
                 name: format!("http|{port}"),
                 filter_chain_match: Some(FilterChainMatch {
                     destination_port: Some(u32_value(u32::from(*port))),
-                    prefix_ranges: shape
-                        .service_blocks
-                        .iter()
-                        .map(|(ip, len)| cidr(*ip, *len))
-                        .collect(),
+                    prefix_ranges: cidrs(&shape.service_blocks),
                     ..Default::default()
                 }),
                 filters: vec![outbound_http_filter(*port, config)],
@@ -323,12 +320,27 @@ fn fault_filter() -> HttpFilter {
 /// How long a connection to a pod IP waits for its cluster.
 const ON_DEMAND_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// An outbound connection manager: the inert fault filter (a route's TrafficPolicy
+/// configures it; adding it later would replace the listener or chain and drain its
+/// connections), the access logs and the tracer.
+fn outbound_hcm(
+    stat_prefix: &str,
+    routes: http_connection_manager::RouteSpecifier,
+    config: &MeshConfig,
+) -> HttpConnectionManager {
+    let mut hcm = http_connection_manager(stat_prefix, routes, config);
+    hcm.http_filters.insert(0, fault_filter());
+    hcm.access_log = access_logs(Direction::Outbound, &config.telemetry);
+    hcm.tracing = tracing(Direction::Outbound, &config.telemetry);
+    hcm
+}
+
 /// The connection manager of every service's HTTP port `port`: it writes the address
 /// called into [`DESTINATION_HEADER`] before anything else runs (whatever the app
 /// sent there is overwritten), and that picks the route scope of the service's
 /// ClusterIP and port, whose route table is the service's own.
 fn outbound_http_filter(port: u16, config: &MeshConfig) -> Filter {
-    let mut hcm = http_connection_manager(
+    let mut hcm = outbound_hcm(
         &format!("outbound_{port}"),
         http_connection_manager::RouteSpecifier::ScopedRoutes(ScopedRoutes {
             name: OUTBOUND_SCOPES.to_string(),
@@ -372,11 +384,6 @@ fn outbound_http_filter(port: u16, config: &MeshConfig) -> Filter {
             }],
         })),
     }];
-    // Inert until a route's TrafficPolicy configures it: adding it later would replace
-    // the chain and drain its connections.
-    hcm.http_filters.insert(0, fault_filter());
-    hcm.access_log = access_logs(Direction::Outbound, &config.telemetry);
-    hcm.tracing = tracing(Direction::Outbound, &config.telemetry);
     hcm_filter(&hcm)
 }
 
@@ -431,20 +438,14 @@ pub fn service_listeners(service: &MeshService, config: &MeshConfig) -> Vec<List
             let name = format!("{ip}_{}", port.port);
             let stat_prefix = format!("outbound_{name}");
             let http = || {
-                let mut hcm = http_connection_manager(
+                hcm_filter(&outbound_hcm(
                     &stat_prefix,
                     http_connection_manager::RouteSpecifier::Rds(Rds {
                         config_source: Some(ads_config_source()),
                         route_config_name: outbound_route_name(&service.key, port.port),
                     }),
                     config,
-                );
-                // Inert until a route's TrafficPolicy configures it: adding it later
-                // would replace the listener and drain its connections.
-                hcm.http_filters.insert(0, fault_filter());
-                hcm.access_log = access_logs(Direction::Outbound, &config.telemetry);
-                hcm.tracing = tracing(Direction::Outbound, &config.telemetry);
-                hcm_filter(&hcm)
+                ))
             };
             let tcp = || tcp_proxy_filter(&stat_prefix, tcp_destination(service, port.port));
             let base = Listener {
