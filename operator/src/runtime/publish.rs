@@ -187,24 +187,26 @@ impl EncodedService {
     }
 }
 
-/// Counts `added` in and `removed` out of `counts`; whether a key appeared or went.
+/// Counts `added` in and `removed` out of `counts` (a key stays while its count is
+/// positive); whether the set of keys differs afterwards.
 fn count_shape<K: Ord + Copy>(counts: &mut BTreeMap<K, usize>, removed: &[K], added: &[K]) -> bool {
-    let mut changed = false;
+    let touched: BTreeSet<K> = removed.iter().chain(added).copied().collect();
+    let before: Vec<bool> = touched.iter().map(|k| counts.contains_key(k)).collect();
     for k in added {
-        let n = counts.entry(*k).or_default();
-        changed |= *n == 0;
-        *n += 1;
+        *counts.entry(*k).or_default() += 1;
     }
     for k in removed {
         if let Some(n) = counts.get_mut(k) {
             *n -= 1;
             if *n == 0 {
                 counts.remove(k);
-                changed = true;
             }
         }
     }
-    changed
+    touched
+        .iter()
+        .zip(before)
+        .any(|(k, was)| counts.contains_key(k) != was)
 }
 
 /// The parts of a layer set: one layer each.
@@ -682,7 +684,9 @@ impl MeshPublisher {
         everything: bool,
     ) -> bool {
         let ipv6_before = self.ipv6();
-        let blocks_before: BTreeSet<PodBlock> = self.blocks.keys().copied().collect();
+        // Blocks of meshed pod IPs that went and came, counted once at the end.
+        let mut gone: Vec<PodBlock> = Vec::new();
+        let mut came: Vec<PodBlock> = Vec::new();
         let mut directory = self
             .directory
             .pods
@@ -695,16 +699,10 @@ impl MeshPublisher {
         for node in nodes {
             if let Some((ips, meshed)) = self.workload_ips.remove(node) {
                 self.v6_workloads -= usize::from(ips.iter().any(IpAddr::is_ipv6));
-                for ip in ips {
-                    if meshed {
+                if meshed {
+                    for ip in ips {
                         directory.meshed.remove(&ip);
-                        let block = pod_block_of(ip);
-                        if let Some(n) = self.blocks.get_mut(&block) {
-                            *n -= 1;
-                            if *n == 0 {
-                                self.blocks.remove(&block);
-                            }
-                        }
+                        gone.push(pod_block_of(ip));
                     }
                 }
                 directory_changed = true;
@@ -716,7 +714,7 @@ impl MeshPublisher {
                         directory
                             .meshed
                             .insert(*ip, (w.namespace.clone(), w.service_account.clone()));
-                        *self.blocks.entry(pod_block_of(*ip)).or_default() += 1;
+                        came.push(pod_block_of(*ip));
                     }
                 }
                 self.workload_ips
@@ -728,8 +726,8 @@ impl MeshPublisher {
         if directory_changed {
             self.cache.bump_on_demand();
         }
-        let blocks_after: BTreeSet<PodBlock> = self.blocks.keys().copied().collect();
-        blocks_before != blocks_after || ipv6_before != self.ipv6()
+        let blocks_changed = count_shape(&mut self.blocks, &gone, &came);
+        blocks_changed || ipv6_before != self.ipv6()
     }
 
     /// Whether the mesh uses IPv6 anywhere, as `model_has_ipv6` says.
