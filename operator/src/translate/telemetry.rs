@@ -43,22 +43,30 @@ pub enum Direction {
 }
 
 /// The fields of an access log line, in the order they are encoded.
+impl Direction {
+    /// Its name in logs and spans.
+    fn as_str(self) -> &'static str {
+        match self {
+            Direction::Outbound => "outbound",
+            Direction::Inbound => "inbound",
+        }
+    }
+
+    /// The formatters of the call's source and destination SPIFFE IDs: outbound the
+    /// sidecar is the TLS client (its own identity is the local one), inbound the server.
+    fn identities(self) -> (&'static str, &'static str) {
+        match self {
+            Direction::Outbound => ("%UPSTREAM_LOCAL_URI_SAN%", "%UPSTREAM_PEER_URI_SAN%"),
+            Direction::Inbound => ("%DOWNSTREAM_PEER_URI_SAN%", "%DOWNSTREAM_LOCAL_URI_SAN%"),
+        }
+    }
+}
+
 fn fields(direction: Direction) -> Vec<(&'static str, &'static str)> {
-    // Outbound the sidecar is the TLS client (its own identity is the local one);
-    // inbound it is the server.
-    let (source, destination) = match direction {
-        Direction::Outbound => ("%UPSTREAM_LOCAL_URI_SAN%", "%UPSTREAM_PEER_URI_SAN%"),
-        Direction::Inbound => ("%DOWNSTREAM_PEER_URI_SAN%", "%DOWNSTREAM_LOCAL_URI_SAN%"),
-    };
+    let (source, destination) = direction.identities();
     vec![
         ("time", "%START_TIME%"),
-        (
-            "direction",
-            match direction {
-                Direction::Outbound => "outbound",
-                Direction::Inbound => "inbound",
-            },
-        ),
+        ("direction", direction.as_str()),
         ("source_identity", source),
         ("destination_identity", destination),
         ("method", "%REQ(:METHOD)%"),
@@ -298,14 +306,7 @@ pub fn tracing(direction: Direction, telemetry: &TelemetrySettings) -> Option<Tr
 
 /// Tags on every span: both SPIFFE identities of the call and the side of the sidecar.
 fn span_tags(direction: Direction) -> Vec<CustomTag> {
-    let fields = fields(direction);
-    let field = |name: &str| {
-        fields
-            .iter()
-            .find(|(k, _)| *k == name)
-            .map(|(_, v)| v.to_string())
-            .unwrap_or_default()
-    };
+    let (source, destination) = direction.identities();
     let tag = |tag: &str, value: custom_tag::Type| CustomTag {
         tag: tag.to_string(),
         r#type: Some(value),
@@ -314,16 +315,16 @@ fn span_tags(direction: Direction) -> Vec<CustomTag> {
         tag(
             "weft.direction",
             custom_tag::Type::Literal(custom_tag::Literal {
-                value: field("direction"),
+                value: direction.as_str().to_string(),
             }),
         ),
         tag(
             "weft.source.identity",
-            custom_tag::Type::Value(field("source_identity")),
+            custom_tag::Type::Value(source.to_string()),
         ),
         tag(
             "weft.destination.identity",
-            custom_tag::Type::Value(field("destination_identity")),
+            custom_tag::Type::Value(destination.to_string()),
         ),
     ]
 }
