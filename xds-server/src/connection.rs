@@ -264,6 +264,16 @@ impl AdsConnection {
         response
     }
 
+    /// What the proxy was sent last, per type (during a removal, the union it holds
+    /// until the removal goes out).
+    pub fn served(&self) -> Snapshot {
+        Snapshot::from_views(self.types.iter().filter_map(|(t, s)| {
+            s.sent
+                .as_ref()
+                .map(|sent| (t.clone(), sent.resources.clone()))
+        }))
+    }
+
     /// Per-type sync state, in push order.
     pub fn sync_state(&self) -> Vec<TypeSync> {
         self.types

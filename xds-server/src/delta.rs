@@ -407,13 +407,39 @@ impl DeltaAdsConnection {
         let ordered = type_url::in_push_order(self.types.keys());
         let mut out = Vec::new();
         let mut removals = Vec::new();
+        // Clusters the proxy had that change: each new version warms until it gets its
+        // ClusterLoadAssignment (named as the cluster), and Envoy does not ask again
+        // for a name it is subscribed to, so those go out again, changed or not.
+        let mut rewarm: Vec<String> = Vec::new();
         for type_url in ordered {
             let Some(state) = self.types.get_mut(&type_url) else {
                 continue;
             };
             let (desired, version) =
                 desired_resources(state.wildcard, &state.names, snapshot.resources(&type_url));
-            let diff = state.known.diff(&desired, &self.memo);
+            let mut diff = state.known.diff(&desired, &self.memo);
+            if type_url == type_url::CLUSTER {
+                rewarm = diff
+                    .changed
+                    .iter()
+                    .filter(|r| state.known.contains(r.name()))
+                    .map(|r| r.name().to_string())
+                    .collect();
+            } else if type_url == type_url::ENDPOINT && !rewarm.is_empty() {
+                let again: Vec<Resource> = rewarm
+                    .iter()
+                    .filter(|n| !diff.changed.iter().any(|r| r.name() == n.as_str()))
+                    .filter_map(|n| desired.get(n).cloned())
+                    .collect();
+                if !again.is_empty() {
+                    let mut changed = (*diff.changed).clone();
+                    changed.extend(again);
+                    diff = Arc::new(Diff {
+                        changed: Arc::new(changed),
+                        removed: diff.removed.clone(),
+                    });
+                }
+            }
             let mut removed = diff.removed.clone();
             // Subscribed names that do not exist are answered as removed, so the proxy
             // stops waiting for them.
@@ -489,6 +515,15 @@ impl DeltaAdsConnection {
     /// Changes whenever an explicit subscription is added or dropped.
     pub fn subscription_generation(&self) -> u64 {
         self.subscriptions
+    }
+
+    /// What the proxy was sent last, per type (a type known only by the versions the
+    /// proxy declared on reconnect is left out until it is answered).
+    pub fn served(&self) -> Snapshot {
+        Snapshot::from_views(self.types.iter().filter_map(|(t, s)| match &s.known {
+            Known::Sent(view) => Some((t.clone(), view.clone())),
+            Known::Versions(_) => None,
+        }))
     }
 
     /// Per-type sync state.

@@ -122,6 +122,8 @@ pub trait AdsProtocol: Send + 'static {
     fn next_responses(&mut self, snapshot: &Snapshot) -> Vec<Self::Response>;
     /// Per-type sync state.
     fn sync_state(&self) -> Vec<TypeSync>;
+    /// What the proxy was sent last, per type (shared layers, not copies).
+    fn served(&self) -> Snapshot;
     /// Calls `visit(type_url, name)` for each name subscribed explicitly (candidates for
     /// on-demand resolution); none where the variant has no on-demand discovery.
     fn visit_explicit_names(&self, _visit: &mut dyn FnMut(&str, &str)) {}
@@ -153,6 +155,9 @@ impl AdsProtocol for AdsConnection {
     fn sync_state(&self) -> Vec<TypeSync> {
         AdsConnection::sync_state(self)
     }
+    fn served(&self) -> Snapshot {
+        AdsConnection::served(self)
+    }
 }
 
 impl AdsProtocol for DeltaAdsConnection {
@@ -176,6 +181,9 @@ impl AdsProtocol for DeltaAdsConnection {
     }
     fn sync_state(&self) -> Vec<TypeSync> {
         DeltaAdsConnection::sync_state(self)
+    }
+    fn served(&self) -> Snapshot {
+        DeltaAdsConnection::served(self)
     }
     fn visit_explicit_names(&self, visit: &mut dyn FnMut(&str, &str)) {
         DeltaAdsConnection::visit_explicit_names(self, visit)
@@ -228,6 +236,8 @@ pub struct StreamSync {
     pub denied: Option<String>,
     /// `delta` or `sotw`.
     pub protocol: &'static str,
+    /// What the proxy was sent last (on-demand resources included).
+    pub served: Snapshot,
 }
 
 /// Sync state of every open stream, keyed by stream id.
@@ -265,6 +275,16 @@ impl SyncRegistry {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .len()
+    }
+
+    /// What `node`'s stream was sent last (its first stream, if several).
+    pub fn served(&self, node: &str) -> Option<Snapshot> {
+        let streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
+        streams
+            .iter()
+            .filter(|(_, s)| s.node_id.as_deref() == Some(node))
+            .min_by_key(|(id, _)| **id)
+            .map(|(_, s)| s.served.clone())
     }
 
     /// A copy of every stream's state, ordered by node id.
@@ -641,6 +661,7 @@ async fn run_stream<P, S>(
                 types: conn.sync_state(),
                 denied: denied.clone(),
                 protocol: P::NAME,
+                served: conn.served(),
             },
         );
     }

@@ -185,6 +185,13 @@ impl Snapshot {
         *typed = TypedResources::from_layers(layers);
     }
 
+    /// A snapshot of views by type URL (empty views are left out).
+    pub fn from_views(views: impl IntoIterator<Item = (String, TypedResources)>) -> Self {
+        Self {
+            types: views.into_iter().filter(|(_, v)| !v.is_empty()).collect(),
+        }
+    }
+
     /// Resources of one type.
     pub fn resources(&self, type_url: &str) -> Option<&TypedResources> {
         self.types.get(type_url)

@@ -411,3 +411,59 @@ fn an_overriding_layer_shadows_a_shared_name_and_its_removal_restores_it() {
     assert_eq!(back.len(), 1, "{back:?}");
     assert_eq!(names(&back[0]), vec!["b"]);
 }
+
+fn load_assignment(name: &str, port: u32) -> Resource {
+    use envoy_types::pb::envoy::config::endpoint::v3::{
+        ClusterLoadAssignment, LbEndpoint, LocalityLbEndpoints,
+    };
+    let cla = ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: vec![LbEndpoint {
+                load_balancing_weight: Some(envoy_types::pb::google::protobuf::UInt32Value {
+                    value: port,
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Resource::encode(type_url::ENDPOINT, name, &cla)
+}
+
+#[test]
+fn a_changed_cluster_gets_its_unchanged_endpoints_again_to_finish_warming() {
+    let mut conn = DeltaAdsConnection::new();
+    conn.on_request(&subscribe(type_url::CLUSTER, &[])).unwrap();
+    conn.on_request(&subscribe(type_url::ENDPOINT, &["a", "b"]))
+        .unwrap();
+    let endpoints = [load_assignment("a", 1), load_assignment("b", 2)];
+    let first = conn.next_responses(
+        &Snapshot::new()
+            .with(type_url::CLUSTER, [cluster("a", 250), cluster("b", 250)])
+            .with(type_url::ENDPOINT, endpoints.clone()),
+    );
+    for r in &first {
+        conn.on_request(&ack(&r.type_url, &r.nonce)).unwrap();
+    }
+    // Cluster a changes, b does not, c is new: a's endpoints go out again (Envoy warms
+    // the new a until they come and does not ask for a name it already has); b's do not.
+    let next = conn.next_responses(
+        &Snapshot::new()
+            .with(
+                type_url::CLUSTER,
+                [cluster("a", 500), cluster("b", 250), cluster("c", 250)],
+            )
+            .with(type_url::ENDPOINT, endpoints),
+    );
+    let by_type: Vec<(&str, Vec<&str>)> = next
+        .iter()
+        .map(|r| (type_url::short_name(&r.type_url), names(r)))
+        .collect();
+    assert_eq!(
+        by_type,
+        vec![("CDS", vec!["a", "c"]), ("EDS", vec!["a"])],
+        "{next:?}"
+    );
+}
