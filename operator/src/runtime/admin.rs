@@ -508,7 +508,10 @@ fn proxy_config(state: &AdminState, query: Option<&str>) -> Response<Full<Bytes>
     if kinds.is_empty() {
         kinds = ResourceKind::ALL.to_vec();
     }
-    let Some(snapshot) = state.cache.view(&node) else {
+    // What the proxy was sent (clusters it fetched on demand, the endpoints it
+    // subscribed to); what it would be sent while no stream is open.
+    let served = state.registry.served(&node);
+    let Some(snapshot) = served.or_else(|| state.cache.view(&node)) else {
         return text(
             StatusCode::NOT_FOUND,
             &format!(
