@@ -488,6 +488,10 @@ pub mod annotations {
     /// The services a pod calls, comma separated (`namespace/service`, `namespace/*`,
     /// `./service`, `./*` for its own namespace, `*/service`): its proxy gets only these.
     pub const EGRESS: &str = "weft.dev/egress";
+    /// `on-demand`: the pod's proxy fetches a service's cluster when it first calls it
+    /// (HTTP ports; needs delta xDS), instead of holding every cluster from the start.
+    pub const OUTBOUND_CLUSTERS: &str = "weft.dev/outbound-clusters";
+
     /// On an SMI object: what its apiVersion cannot express, kept for the versions that
     /// can (JSON; see [`crate::conversion`]).
     pub const CONVERSION_DATA: &str = "weft.dev/conversion-data";

@@ -434,3 +434,95 @@ fn kubelet_probes_reach_the_app_through_the_proxy_under_strict_mtls() {
         "only the probes the webhook rewrote are forwarded: {other:?}"
     );
 }
+
+/// Names of the outbound service clusters a sidecar's Envoy holds (`/clusters`).
+fn outbound_clusters(h: &Harness, pod: &str) -> std::collections::BTreeSet<String> {
+    h.envoy_admin(pod, "/clusters")
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split("::").next())
+        .filter(|name| name.starts_with("outbound|"))
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_sidecar_with_on_demand_clusters_holds_only_what_it_called_and_loses_no_request() {
+    let mut h = Harness::new(100, "on-demand").expect("harness");
+    h.add_split_topology().unwrap();
+    h.annotate_pod("client", "weft.dev/outbound-clusters", "on-demand");
+    h.write_cluster_manifest().unwrap();
+    h.write_manifest("split.yaml", &split(50, 50)).unwrap();
+    h.allow("access.yaml", "backend", &["client"]).unwrap();
+    h.start_control_plane().unwrap();
+    for pod in ["client", "backend-v1-0", "backend-v2-0"] {
+        h.start_sidecar(pod).unwrap();
+    }
+    // A sidecar without the annotation holds every service's cluster from the start;
+    // the annotated one none, until it calls.
+    let eager = outbound_clusters(&h, "backend-v1-0");
+    assert_eq!(eager.len(), 3, "{eager:?}");
+    assert!(
+        outbound_clusters(&h, "client").is_empty(),
+        "{:?}",
+        outbound_clusters(&h, "client")
+    );
+    // The first call (and every other) waits for its cluster instead of failing; the
+    // split picks one of two clusters per request, each fetched when first picked.
+    let report = h.load("client", BACKEND_URL, 60, 4).unwrap();
+    assert!(
+        report.failures().is_empty(),
+        "failed requests: {:?}",
+        report.failures()
+    );
+    assert!(report.answered_by("backend-v1") > 0 && report.answered_by("backend-v2") > 0);
+    let fetched = outbound_clusters(&h, "client");
+    let names: Vec<&str> = fetched.iter().map(String::as_str).collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    assert!(
+        names.iter().all(|n| n.contains("||backend-v")),
+        "only the split's backends were called: {names:?}"
+    );
+    // What the control plane says it serves the proxy is what Envoy holds: the clusters
+    // it fetched and the endpoints of those.
+    let ours = h
+        .proxy_config("client", &["clusters", "endpoints"])
+        .unwrap();
+    let served = |kind: &str, field: &str| -> std::collections::BTreeSet<String> {
+        ours[kind]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|r| r[field].as_str())
+            .filter(|n| n.starts_with("outbound|"))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(served("clusters", "name"), fetched);
+    assert_eq!(served("endpoints", "cluster_name"), fetched);
+    // A fetched cluster follows later changes to it: a connection limit on backend-v1
+    // reaches the client's copy, which finishes warming (its endpoints are sent again)
+    // and serves; so does the eagerly held copy of a sidecar without the annotation.
+    h.write_manifest(
+        "limit.yaml",
+        "apiVersion: policy.weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: limit, namespace: default}\nspec:\n  targetRefs: [{group: \"\", kind: Service, name: backend-v1}]\n  connectionPool: {maxConnections: 7}\n",
+    )
+    .unwrap();
+    for pod in ["client", "backend-v2-0"] {
+        weft_e2e::wait_until(
+            Duration::from_secs(10),
+            "the limit in the active cluster",
+            || {
+                h.envoy_admin(pod, "/clusters").is_ok_and(|text| {
+                    text.lines().any(|l| {
+                        l.contains("||backend-v1.")
+                            && l.ends_with("default_priority::max_connections::7")
+                    })
+                })
+            },
+        )
+        .unwrap_or_else(|e| panic!("{pod}: {e}"));
+    }
+    let report = h.load("client", BACKEND_URL, 20, 2).unwrap();
+    assert!(report.failures().is_empty(), "{:?}", report.failures());
+}

@@ -90,6 +90,9 @@ fn pod(rng: &mut Rng) -> String {
         let scope = rng.pick(&["./*", "ns-a/s1,ns-b/*", "*/s2", "bad"]);
         annotations.push(format!("weft.dev/egress: \"{scope}\""));
     }
+    if rng.chance(30) {
+        annotations.push("weft.dev/outbound-clusters: on-demand".to_string());
+    }
     let ready = if rng.chance(20) { "False" } else { "True" };
     // A pod being deleted that is still Ready drains.
     let deleted = if rng.chance(15) {
@@ -411,6 +414,30 @@ fn incremental_publishing_equals_a_full_translation_after_every_change() {
                 let want = contents(full.resources(type_url));
                 assert_eq!(got, want, "seed {seed} step {step}: {type_url}");
             }
+            // Proxies fetching clusters on demand start with every mTLS cluster but those
+            // of HTTP ports that nothing pins (a TCP proxy, an undeclared port, a mirror).
+            let (mut lazy, mut pinned) = (BTreeSet::new(), BTreeSet::new());
+            for s in model.services.values() {
+                lazy.extend(weft::translate::clusters_on_demand(s, &config));
+                pinned.extend(weft::translate::clusters_pinned(s, &config));
+            }
+            let mut want: BTreeMap<String, String> = BTreeMap::new();
+            for s in model.services.values() {
+                for c in weft::translate::translate_service(s, &config, true).clusters {
+                    if !lazy.contains(&c.name) || pinned.contains(&c.name) {
+                        let r = weft_xds::Resource::encode(type_url::CLUSTER, c.name.clone(), &c);
+                        want.insert(c.name.clone(), r.version().to_string());
+                    }
+                }
+            }
+            let on_demand = cache
+                .shared("mesh-on-demand")
+                .expect("on-demand layers published");
+            assert_eq!(
+                contents(on_demand.resources(type_url::CLUSTER)),
+                want,
+                "seed {seed} step {step}: clusters held from the start"
+            );
             // Every connected known proxy's own layer is its workload's translation.
             for node in cache.nodes() {
                 let Some(workload) = model.workloads.get(&node) else {

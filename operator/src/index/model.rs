@@ -351,6 +351,9 @@ pub struct Workload {
     pub probes: Vec<ProbeForward>,
     /// The services it calls, when it says so: its proxy gets only these.
     pub egress: Option<EgressScope>,
+    /// Its proxy fetches the clusters of HTTP services when it first calls them
+    /// (`weft.dev/outbound-clusters: on-demand`) rather than holding them all.
+    pub clusters_on_demand: bool,
 }
 
 /// One entry of an egress scope: a service, or every service, of a namespace (or of

@@ -579,8 +579,33 @@ pub(super) fn resolve_workload(
             .collect(),
         probes: probe_forwards(pod, &mut problems),
         egress: egress_scope(pod, &mut problems),
+        clusters_on_demand: clusters_on_demand(pod, &mut problems),
     };
     (workload, problems, conflicts)
+}
+
+/// Whether the pod asks for on-demand clusters; another value is reported and ignored.
+fn clusters_on_demand(pod: &Pod, problems: &mut Vec<Problem>) -> bool {
+    let value = pod
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(annotations::OUTBOUND_CLUSTERS));
+    match value.map(String::as_str) {
+        None | Some("all") => false,
+        Some("on-demand") => true,
+        Some(other) => {
+            problems.push(Problem {
+                object: ObjectRef::new(Kind::Pod, ns(&pod.metadata), name(&pod.metadata)),
+                rejected: false,
+                reason: format!(
+                    "annotation {} is {other:?}; expected \"on-demand\" or \"all\"; the proxy holds every cluster",
+                    annotations::OUTBOUND_CLUSTERS
+                ),
+            });
+            false
+        }
+    }
 }
 
 /// The pod's egress scope from its annotation; bad entries are reported and skipped,

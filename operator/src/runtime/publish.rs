@@ -7,7 +7,7 @@
 //! - a proxy's own layer (inbound listener, its certificate) is built when it connects,
 //!   rebuilt when its workload or the grants to its identity change, and dropped a
 //!   while after it leaves; certificates are issued to connected proxies only;
-//! - calls to pod IPs resolve their cluster on demand ([`PodClusterResolver`]);
+//! - calls to pod IPs resolve their cluster on demand ([`ClusterResolver`]);
 //! - consumer routes (GAMMA: an HTTPRoute in namespace N on a Service of another
 //!   namespace) apply to N's callers only. The listeners stay shared and name the same
 //!   route configuration for every caller; what differs is that configuration. So each
@@ -41,9 +41,9 @@ use crate::error::WeftError;
 use crate::identity::{CertificateAuthority, WorkloadCertificates};
 use crate::index::{EgressScope, MeshModel, ModelDelta, ServiceKey, Workload};
 use crate::translate::{
-    MeshConfig, OutboundShape, PodBlock, ServiceOutbound, capture_outbound, common_clusters,
-    grants_for, pod_block_of, pod_cluster, pod_cluster_ip, service_shape, translate_service,
-    translate_workload,
+    MeshConfig, OutboundShape, PodBlock, ServiceOutbound, capture_outbound, clusters_on_demand,
+    clusters_pinned, common_clusters, grants_for, pod_block_of, pod_cluster, pod_cluster_ip,
+    service_shape, translate_service, translate_workload,
 };
 
 /// How long a departed proxy's resources are kept, so a quick reconnect (a control
@@ -54,6 +54,9 @@ pub const DEPARTED_GRACE: Duration = Duration::from_secs(60);
 const MESH: &str = "mesh";
 /// Shared snapshot of the whole mesh in plaintext (no identity, and the fallback).
 const MESH_PLAIN: &str = "mesh-plain";
+/// Shared snapshot of the whole mesh for proxies that fetch HTTP services' clusters
+/// on demand: the clusters they must hold from the start, and everything else.
+const MESH_ON_DEMAND: &str = "mesh-on-demand";
 /// Shared outbound capture listener that discovers pod clusters on demand.
 const CAPTURE_ON_DEMAND: &str = "capture";
 /// Shared outbound capture listener without on-demand discovery.
@@ -106,6 +109,9 @@ struct EncodedService {
     shape: (Vec<PodBlock>, Vec<u16>),
     /// Route configurations of callers' namespaces with consumer routes on it.
     consumer: BTreeMap<String, Vec<Resource>>,
+    /// Its clusters a proxy may fetch on demand, and the clusters (anyone's) its
+    /// resources reach where nothing fetches them (see `clusters_pinned`).
+    on_demand: (Vec<String>, Vec<String>),
 }
 
 fn encode(type_url: &str, items: Vec<(String, impl prost::Message)>) -> Vec<Resource> {
@@ -116,7 +122,12 @@ fn encode(type_url: &str, items: Vec<(String, impl prost::Message)>) -> Vec<Reso
 }
 
 impl EncodedService {
-    fn new(tls: ServiceOutbound, plain: ServiceOutbound, shape: (Vec<PodBlock>, Vec<u16>)) -> Self {
+    fn new(
+        tls: ServiceOutbound,
+        plain: ServiceOutbound,
+        shape: (Vec<PodBlock>, Vec<u16>),
+        on_demand: (Vec<String>, Vec<String>),
+    ) -> Self {
         let mut consumer: BTreeMap<String, Vec<Resource>> = BTreeMap::new();
         for (ns, r) in tls.consumer_routes {
             consumer.entry(ns).or_default().push(Resource::encode(
@@ -128,6 +139,7 @@ impl EncodedService {
         Self {
             consumer,
             shape,
+            on_demand,
             scopes: encode(
                 type_url::SCOPED_ROUTE,
                 tls.scopes
@@ -189,11 +201,15 @@ impl EncodedService {
 
 /// Counts `added` in and `removed` out of `counts` (a key stays while its count is
 /// positive); whether the set of keys differs afterwards.
-fn count_shape<K: Ord + Copy>(counts: &mut BTreeMap<K, usize>, removed: &[K], added: &[K]) -> bool {
-    let touched: BTreeSet<K> = removed.iter().chain(added).copied().collect();
-    let before: Vec<bool> = touched.iter().map(|k| counts.contains_key(k)).collect();
+fn count_shape<K: Ord + Clone>(
+    counts: &mut BTreeMap<K, usize>,
+    removed: &[K],
+    added: &[K],
+) -> bool {
+    let touched: BTreeSet<&K> = removed.iter().chain(added).collect();
+    let before: Vec<bool> = touched.iter().map(|k| counts.contains_key(*k)).collect();
     for k in added {
-        *counts.entry(*k).or_default() += 1;
+        *counts.entry(k.clone()).or_default() += 1;
     }
     for k in removed {
         if let Some(n) = counts.get_mut(k) {
@@ -206,7 +222,34 @@ fn count_shape<K: Ord + Copy>(counts: &mut BTreeMap<K, usize>, removed: &[K], ad
     touched
         .iter()
         .zip(before)
-        .any(|(k, was)| counts.contains_key(k) != was)
+        .any(|(k, was)| counts.contains_key(*k) != was)
+}
+
+/// Which clusters a proxy is given from the start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Variant {
+    /// Every cluster, originating mTLS.
+    Tls,
+    /// Every cluster, in plaintext (no identity).
+    Plain,
+    /// mTLS, without the clusters it fetches on demand.
+    OnDemand,
+}
+
+/// Clusters of HTTP services a proxy may fetch on demand, and clusters every proxy
+/// must hold (reached by a TCP proxy, an undeclared port's connection manager or a
+/// mirror), counted over every service.
+#[derive(Debug, Default)]
+struct OnDemandClusters {
+    lazy: BTreeMap<String, usize>,
+    pinned: BTreeMap<String, usize>,
+}
+
+impl OnDemandClusters {
+    /// Whether a proxy fetching clusters on demand is spared `name` at first.
+    fn spared(&self, name: &str) -> bool {
+        self.lazy.contains_key(name) && !self.pinned.contains_key(name)
+    }
 }
 
 /// The parts of a layer set: one layer each.
@@ -233,6 +276,8 @@ const PARTS: [Part; 6] = [
 #[derive(Debug, Default)]
 struct LayerSet {
     layers: BTreeMap<Part, LayerRef>,
+    /// The mTLS clusters a proxy fetching clusters on demand holds from the start.
+    eager: LayerRef,
 }
 
 impl LayerSet {
@@ -275,16 +320,39 @@ impl LayerSet {
         changed
     }
 
-    /// The snapshot of one variant: mTLS clusters or plaintext ones, with the rest.
-    fn snapshot(&self, tls: bool) -> Snapshot {
+    /// Refilters the clusters held from the start by on-demand proxies; whether they
+    /// changed. Walks every mTLS cluster: called when those or `on_demand` changed.
+    fn refresh_eager(&mut self, on_demand: &OnDemandClusters) -> bool {
+        let items: BTreeMap<String, Resource> = self
+            .layers
+            .get(&Part::ClustersTls)
+            .map(|l| {
+                l.items()
+                    .iter()
+                    .filter(|(name, _)| !on_demand.spared(name))
+                    .map(|(n, r)| (n.clone(), r.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        if *self.eager.items() == items {
+            return false;
+        }
+        self.eager = Arc::new(Layer::from_map(items));
+        true
+    }
+
+    /// The snapshot of one variant: which clusters, with the rest.
+    fn snapshot(&self, variant: Variant) -> Snapshot {
         let mut s = Snapshot::new();
-        let clusters = if tls {
-            Part::ClustersTls
-        } else {
-            Part::ClustersPlain
+        let clusters = match variant {
+            Variant::Tls => self.layers.get(&Part::ClustersTls),
+            Variant::Plain => self.layers.get(&Part::ClustersPlain),
+            Variant::OnDemand => Some(&self.eager),
         };
+        if let Some(layer) = clusters {
+            s.add_layer(type_url::CLUSTER, layer.clone());
+        }
         for (part, type_url) in [
-            (clusters, type_url::CLUSTER),
             (Part::Endpoints, type_url::ENDPOINT),
             (Part::Listeners, type_url::LISTENER),
             (Part::Scopes, type_url::SCOPED_ROUTE),
@@ -302,6 +370,7 @@ impl LayerSet {
 #[derive(Debug)]
 struct ScopeLayers {
     scope: EgressScope,
+    variant: Variant,
     layers: LayerSet,
     users: usize,
 }
@@ -326,25 +395,32 @@ struct DirectoryState {
     /// Meshed pod IP → (namespace, service account).
     meshed: HashMap<IpAddr, (String, String)>,
     config: MeshConfig,
+    /// Every service's mTLS clusters, for proxies that fetch them on demand.
+    clusters: LayerRef,
 }
 
-/// Answers on-demand requests for `pod|<ip>` clusters from the [`PodDirectory`].
+/// Answers on-demand requests for clusters: `pod|<ip>` ones from the [`PodDirectory`],
+/// services' from their shared mTLS clusters.
 #[derive(Debug)]
-pub struct PodClusterResolver {
+pub struct ClusterResolver {
     directory: Arc<PodDirectory>,
 }
 
-impl weft_xds::OnDemandResolver for PodClusterResolver {
+impl weft_xds::OnDemandResolver for ClusterResolver {
     fn resolve(&self, _node: &str, own: bool, type_url: &str, name: &str) -> Option<Resource> {
         if type_url != type_url::CLUSTER {
             return None;
         }
-        let ip = pod_cluster_ip(name)?;
         let state = self
             .directory
             .pods
             .read()
             .unwrap_or_else(PoisonError::into_inner);
+        let Some(ip) = pod_cluster_ip(name) else {
+            // A service's cluster, for a proxy with an identity (the plaintext variant
+            // holds every cluster from the start).
+            return state.clusters.items().get(name).filter(|_| own).cloned();
+        };
         // mTLS only from a proxy that has an identity to present, to a pod that has one.
         let identity = state
             .meshed
@@ -365,6 +441,8 @@ pub struct MeshPublisher {
     identity: Option<MeshIdentity>,
     directory: Arc<PodDirectory>,
     services: BTreeMap<ServiceKey, EncodedService>,
+    /// Which clusters on-demand proxies may be spared, over every service.
+    on_demand: OnDemandClusters,
     mesh: LayerSet,
     scopes: BTreeMap<String, ScopeLayers>,
     /// Per namespace with consumer routes: its route configurations (never empty).
@@ -412,6 +490,7 @@ impl MeshPublisher {
             identity,
             directory,
             services: BTreeMap::new(),
+            on_demand: OnDemandClusters::default(),
             mesh: LayerSet::default(),
             scopes: BTreeMap::new(),
             consumers: BTreeMap::new(),
@@ -432,8 +511,8 @@ impl MeshPublisher {
     }
 
     /// The resolver of on-demand pod clusters, for the ADS service.
-    pub fn resolver(&self) -> Arc<PodClusterResolver> {
-        Arc::new(PodClusterResolver {
+    pub fn resolver(&self) -> Arc<ClusterResolver> {
+        Arc::new(ClusterResolver {
             directory: self.directory.clone(),
         })
     }
@@ -614,12 +693,18 @@ impl MeshPublisher {
         publish_all: bool,
     ) -> usize {
         let mut replaced: Vec<(ServiceKey, Option<EncodedService>)> = Vec::new();
+        // Whether the clusters on-demand proxies are spared may differ.
+        let mut spared_changed = false;
         for key in keys {
             let next = model.services.get(key).map(|service| {
                 EncodedService::new(
                     translate_service(service, &self.config, true),
                     translate_service(service, &self.config, false),
                     service_shape(std::iter::once(service), &self.config),
+                    (
+                        clusters_on_demand(service, &self.config),
+                        clusters_pinned(service, &self.config),
+                    ),
                 )
             });
             match model.services.get(key) {
@@ -639,18 +724,46 @@ impl MeshPublisher {
             let removed = old.as_ref().map_or(&empty, |o| &o.shape);
             self.shape_changed |= count_shape(&mut self.service_blocks, &removed.0, &added.0);
             self.shape_changed |= count_shape(&mut self.http_ports, &removed.1, &added.1);
+            let none = (Vec::new(), Vec::new());
+            let (was, is) = (
+                old.as_ref().map_or(&none, |o| &o.on_demand),
+                self.services.get(key).map_or(&none, |n| &n.on_demand),
+            );
+            spared_changed |= count_shape(&mut self.on_demand.lazy, &was.0, &is.0);
+            spared_changed |= count_shape(&mut self.on_demand.pinned, &was.1, &is.1);
             replaced.push((key.clone(), old));
         }
         let changes: Vec<(Option<&EncodedService>, Option<&EncodedService>)> = replaced
             .iter()
             .map(|(k, old)| (old.as_ref(), self.services.get(k)))
             .collect();
-        let mesh_changed = self.mesh.update(&changes) || publish_all;
-        if mesh_changed {
-            self.cache.set_shared(MESH, self.mesh.snapshot(true));
-            self.cache.set_shared(MESH_PLAIN, self.mesh.snapshot(false));
+        let clusters_before = self.mesh.layers.get(&Part::ClustersTls).cloned();
+        let mut mesh_changed = self.mesh.update(&changes) || publish_all;
+        let clusters = self.mesh.layers.get(&Part::ClustersTls).cloned();
+        let clusters_changed = match (&clusters_before, &clusters) {
+            (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+            (a, b) => a.is_some() != b.is_some(),
+        };
+        if clusters_changed || spared_changed {
+            mesh_changed |= self.mesh.refresh_eager(&self.on_demand);
         }
-        let tls = self.identity.is_some();
+        if clusters_changed {
+            // Streams holding clusters fetched on demand resolve them again.
+            self.directory
+                .pods
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clusters = clusters.unwrap_or_default();
+            self.cache.bump_on_demand();
+        }
+        if mesh_changed {
+            self.cache
+                .set_shared(MESH, self.mesh.snapshot(Variant::Tls));
+            self.cache
+                .set_shared(MESH_PLAIN, self.mesh.snapshot(Variant::Plain));
+            self.cache
+                .set_shared(MESH_ON_DEMAND, self.mesh.snapshot(Variant::OnDemand));
+        }
         for (name, scope) in &mut self.scopes {
             let mine: Vec<(Option<&EncodedService>, Option<&EncodedService>)> = replaced
                 .iter()
@@ -658,8 +771,12 @@ impl MeshPublisher {
                 .filter(|((k, _), _)| scope.scope.includes(k))
                 .map(|(_, c)| *c)
                 .collect();
-            if !mine.is_empty() && scope.layers.update(&mine) {
-                self.cache.set_shared(name, scope.layers.snapshot(tls));
+            let updated = !mine.is_empty() && scope.layers.update(&mine);
+            let refiltered =
+                (updated || spared_changed) && scope.layers.refresh_eager(&self.on_demand);
+            if updated || refiltered {
+                self.cache
+                    .set_shared(name, scope.layers.snapshot(scope.variant));
             }
         }
         update_consumers(
@@ -772,7 +889,7 @@ impl MeshPublisher {
     fn publish_fallback(&self) {
         self.cache.set_fallback(Snapshot::layered(&[
             &self.capture_plain,
-            &self.mesh.snapshot(false),
+            &self.mesh.snapshot(Variant::Plain),
         ]));
     }
 
@@ -783,11 +900,17 @@ impl MeshPublisher {
         protocol: &'static str,
         tls: bool,
     ) -> (Vec<String>, Option<String>) {
-        // Pod clusters on demand need delta xDS and an identity to originate mTLS with.
-        let capture = if tls && protocol == "delta" {
+        // Clusters on demand need delta xDS and an identity to originate mTLS with.
+        let delta = tls && protocol == "delta";
+        let capture = if delta {
             CAPTURE_ON_DEMAND
         } else {
             CAPTURE_PLAIN
+        };
+        let variant = match (tls, delta && workload.clusters_on_demand) {
+            (false, _) => Variant::Plain,
+            (true, false) => Variant::Tls,
+            (true, true) => Variant::OnDemand,
         };
         // A namespace's consumer routes go before the mesh's (or scope's): first wins.
         let mut shared = vec![capture.to_string()];
@@ -795,15 +918,20 @@ impl MeshPublisher {
             shared.push(format!("{CONSUMER}{}", workload.namespace));
         }
         let Some(scope) = &workload.egress else {
-            let mesh = if tls { MESH } else { MESH_PLAIN };
+            let mesh = match variant {
+                Variant::Tls => MESH,
+                Variant::Plain => MESH_PLAIN,
+                Variant::OnDemand => MESH_ON_DEMAND,
+            };
             shared.push(mesh.to_string());
             return (shared, None);
         };
-        let name = format!(
-            "{}:{}",
-            if tls { "scope" } else { "scope-plain" },
-            scope.key()
-        );
+        let prefix = match variant {
+            Variant::Tls => "scope",
+            Variant::Plain => "scope-plain",
+            Variant::OnDemand => "scope-on-demand",
+        };
+        let name = format!("{prefix}:{}", scope.key());
         if !self.scopes.contains_key(&name) {
             let mut layers = LayerSet::default();
             let members: Vec<(Option<&EncodedService>, Option<&EncodedService>)> = self
@@ -813,11 +941,13 @@ impl MeshPublisher {
                 .map(|(_, s)| (None, Some(s)))
                 .collect();
             layers.update(&members);
-            self.cache.set_shared(&name, layers.snapshot(tls));
+            layers.refresh_eager(&self.on_demand);
+            self.cache.set_shared(&name, layers.snapshot(variant));
             self.scopes.insert(
                 name.clone(),
                 ScopeLayers {
                     scope: scope.clone(),
+                    variant,
                     layers,
                     users: 0,
                 },

@@ -44,6 +44,7 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::extensions::filters::common::set_filter_state::v3::{
     FilterStateValue, filter_state_value,
 };
+use envoy_types::pb::envoy::extensions::filters::http::on_demand::v3::{OnDemand, OnDemandCds};
 use envoy_types::pb::envoy::extensions::filters::network::set_filter_state::v3::Config as SetFilterStateConfig;
 use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::TcpProxy;
 
@@ -51,8 +52,8 @@ use super::clusters::{
     INBOUND_PASSTHROUGH_CLUSTER, PASSTHROUGH_CLUSTER, POD_CLUSTER_PREFIX, inbound_cluster_name,
 };
 use super::envoy::{
-    ads_config_source, any, bool_value, network_filter, protobuf_duration, socket_address,
-    tcp_proxy_filter, u32_value,
+    ads_config_source, any, bool_value, http_filter, network_filter, protobuf_duration,
+    socket_address, tcp_proxy_filter, u32_value,
 };
 use super::http::{hcm_filter, http_connection_manager, no_timeout};
 use super::rbac::{
@@ -200,7 +201,7 @@ pub fn capture_outbound(
                     prefix_ranges: cidrs(&shape.service_blocks),
                     ..Default::default()
                 }),
-                filters: vec![outbound_http_filter(*port, config)],
+                filters: vec![outbound_http_filter(*port, on_demand, config)],
                 ..Default::default()
             });
             if with_pods {
@@ -338,8 +339,10 @@ fn outbound_hcm(
 /// The connection manager of every service's HTTP port `port`: it writes the address
 /// called into [`DESTINATION_HEADER`] before anything else runs (whatever the app
 /// sent there is overwritten), and that picks the route scope of the service's
-/// ClusterIP and port, whose route table is the service's own.
-fn outbound_http_filter(port: u16, config: &MeshConfig) -> Filter {
+/// ClusterIP and port, whose route table is the service's own. With `on_demand`
+/// (delta xDS) a route whose cluster the proxy lacks fetches it first (see
+/// [`on_demand_cluster_filter`]).
+fn outbound_http_filter(port: u16, on_demand: bool, config: &MeshConfig) -> Filter {
     let mut hcm = outbound_hcm(
         &format!("outbound_{port}"),
         http_connection_manager::RouteSpecifier::ScopedRoutes(ScopedRoutes {
@@ -384,7 +387,29 @@ fn outbound_http_filter(port: u16, config: &MeshConfig) -> Filter {
             }],
         })),
     }];
+    if on_demand {
+        // Just before the router, which is last.
+        let router = hcm.http_filters.len().saturating_sub(1);
+        hcm.http_filters.insert(router, on_demand_cluster_filter());
+    }
     hcm_filter(&hcm)
+}
+
+/// Fetches the route's cluster over ADS when the proxy does not have it, holding the
+/// request until it arrives (or [`ON_DEMAND_TIMEOUT`] passes): a sidecar that
+/// discovers service clusters on demand holds only the clusters it has called. With
+/// the cluster present it does nothing, so proxies given every cluster share it.
+fn on_demand_cluster_filter() -> HttpFilter {
+    http_filter(
+        "envoy.filters.http.on_demand",
+        &OnDemand {
+            odcds: Some(OnDemandCds {
+                source: Some(ads_config_source()),
+                timeout: Some(protobuf_duration(ON_DEMAND_TIMEOUT)),
+                ..Default::default()
+            }),
+        },
+    )
 }
 
 /// Whether a service port is HTTP served by the capture listener's connection manager.

@@ -190,6 +190,77 @@ pub fn translate_service(
     }
 }
 
+/// Names of `service`'s clusters that a sidecar discovering clusters on demand need
+/// not hold before it calls them: those of its HTTP ports, whose routes sit behind the
+/// capture listener's connection managers, which fetch a missing cluster.
+pub fn clusters_on_demand(service: &MeshService, config: &MeshConfig) -> Vec<String> {
+    service
+        .ports
+        .iter()
+        .filter(|p| listeners::is_shared_http(p.protocol, config))
+        .map(|p| outbound_cluster_name(&service.key, p.port))
+        .collect()
+}
+
+/// Names of clusters that `service`'s resources reach where nothing fetches a missing
+/// cluster: the TCP proxies and per-address connection managers of its TCP and
+/// undeclared ports, and request mirrors. Every sidecar holds these from the start,
+/// whoever owns them. Sorted, without repeats.
+pub fn clusters_pinned(service: &MeshService, config: &MeshConfig) -> Vec<String> {
+    use envoy_types::pb::envoy::config::route::v3::{route, route_action};
+    use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy;
+    let mut out = std::collections::BTreeSet::new();
+    let mut own_listener_routes = std::collections::BTreeSet::new();
+    for port in &service.ports {
+        if listeners::is_shared_http(port.protocol, config) {
+            continue;
+        }
+        own_listener_routes.insert(outbound_route_name(&service.key, port.port));
+        match routes::tcp_destination(service, port.port) {
+            tcp_proxy::ClusterSpecifier::Cluster(name) => {
+                out.insert(name);
+            }
+            tcp_proxy::ClusterSpecifier::WeightedClusters(w) => {
+                out.extend(w.clusters.into_iter().map(|c| c.name));
+            }
+        }
+    }
+    let configs = routes::service_route_configs(service, config)
+        .into_iter()
+        .chain(
+            routes::consumer_route_configs(service, config)
+                .into_iter()
+                .map(|(_, r)| r),
+        );
+    for rc in configs {
+        let whole = own_listener_routes.contains(&rc.name);
+        for r in rc.virtual_hosts.iter().flat_map(|v| &v.routes) {
+            let Some(route::Action::Route(action)) = &r.action else {
+                continue;
+            };
+            out.extend(
+                action
+                    .request_mirror_policies
+                    .iter()
+                    .map(|m| m.cluster.clone()),
+            );
+            if !whole {
+                continue;
+            }
+            match &action.cluster_specifier {
+                Some(route_action::ClusterSpecifier::Cluster(name)) => {
+                    out.insert(name.clone());
+                }
+                Some(route_action::ClusterSpecifier::WeightedClusters(w)) => {
+                    out.extend(w.clusters.iter().map(|c| c.name.clone()));
+                }
+                _ => {}
+            }
+        }
+    }
+    out.into_iter().collect()
+}
+
 /// The consumer route configurations of every service, per caller namespace: what a
 /// proxy in that namespace gets instead of the shared configurations of the same names.
 pub fn translate_consumer(
