@@ -127,6 +127,10 @@ struct RunArgs {
     /// Real Envoys (0: none).
     #[arg(long, default_value_t = 100)]
     envoys: usize,
+    /// Give the real Envoys' pods `weft.dev/outbound-clusters: on-demand` (memory and
+    /// sync only: they make no calls, so they hold no service cluster).
+    #[arg(long)]
+    envoy_on_demand: bool,
     /// Mesh of the real-Envoy run, SERVICES:PODS.
     #[arg(long, default_value = "1000:2000", value_parser = parse_size)]
     envoy_size: Size,
@@ -386,7 +390,8 @@ async fn run(args: RunArgs, shell_nofile: (u64, u64)) -> ExitCode {
         let mut reports = Vec::new();
         for b in binaries.iter_mut() {
             let t = Instant::now();
-            let report = envoys::run_envoys(b, &size, args.envoys, &settings).await;
+            let report =
+                envoys::run_envoys(b, &size, args.envoys, args.envoy_on_demand, &settings).await;
             println!("[{} envoys] done in {}", b.label, report::secs(t.elapsed()));
             record(&b.label, &format!("{} Envoys", args.envoys), &report);
             reports.push(report);

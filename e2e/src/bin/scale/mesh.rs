@@ -20,6 +20,8 @@ pub const PORT: u16 = 8080;
 /// The egress scope annotation and the value every scoped pod gets (own namespace only).
 pub const EGRESS_ANNOTATION: &str = "weft.dev/egress";
 pub const EGRESS_OWN_NAMESPACE: &str = "./*";
+/// Asks for service clusters on demand.
+pub const ON_DEMAND_ANNOTATION: &str = "weft.dev/outbound-clusters";
 
 /// One generated pod.
 #[derive(Clone, Debug)]
@@ -31,6 +33,8 @@ pub struct PodSpec {
     pub ip: Ipv4Addr,
     /// Carries the egress annotation (sees its own namespace only).
     pub scoped: bool,
+    /// Carries `weft.dev/outbound-clusters: on-demand`.
+    pub on_demand: bool,
 }
 
 impl PodSpec {
@@ -105,6 +109,7 @@ impl Mesh {
                 service: m % services,
                 ip: pod_ip(m),
                 scoped: scope,
+                on_demand: false,
             })
             .collect();
         let mut mesh = Mesh {
@@ -354,6 +359,7 @@ impl Mesh {
             service,
             ip: pod_ip(self.pods.len() + n),
             scoped: self.scope,
+            on_demand: false,
         };
         self.added.push(pod.clone());
         pod
@@ -446,10 +452,17 @@ pub fn pod_text(pod: &PodSpec) -> String {
 
 fn push_pod(out: &mut String, pod: &PodSpec) {
     let app = Mesh::service_name(pod.service);
-    let annotations = if pod.scoped {
-        format!("\n  annotations: {{{EGRESS_ANNOTATION}: \"{EGRESS_OWN_NAMESPACE}\"}}")
-    } else {
+    let mut entries = Vec::new();
+    if pod.scoped {
+        entries.push(format!("{EGRESS_ANNOTATION}: \"{EGRESS_OWN_NAMESPACE}\""));
+    }
+    if pod.on_demand {
+        entries.push(format!("{ON_DEMAND_ANNOTATION}: on-demand"));
+    }
+    let annotations = if entries.is_empty() {
         String::new()
+    } else {
+        format!("\n  annotations: {{{}}}", entries.join(", "))
     };
     let _ = write!(
         out,
