@@ -115,10 +115,15 @@ struct EncodedService {
 }
 
 fn encode(type_url: &str, items: Vec<(String, impl prost::Message)>) -> Vec<Resource> {
-    items
-        .into_iter()
-        .map(|(name, m)| Resource::encode(type_url, name, &m))
-        .collect()
+    // Not `into_iter().map().collect()`: that reuses the message vector's buffer, and
+    // every service would keep a few KiB of it (8 MiB at 1,000 services).
+    let mut out = Vec::with_capacity(items.len());
+    out.extend(
+        items
+            .into_iter()
+            .map(|(name, m)| Resource::encode(type_url, name, &m)),
+    );
+    out
 }
 
 impl EncodedService {
