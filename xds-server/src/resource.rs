@@ -1,6 +1,6 @@
 //! Resources encoded once: the bytes of one `DiscoveryResponse.resources` entry.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use prost::Message;
@@ -69,11 +69,12 @@ impl Eq for Resource {}
 struct ResourceInner {
     name: String,
     version: String,
-    /// Tag + length + `Any` bytes, ready to be spliced into a `DiscoveryResponse`.
+    /// Tag + length + `Any` bytes, ready to be spliced into a `DiscoveryResponse`: a
+    /// slice of `delta_entry`, which holds the same bytes as its field 2.
     entry: Bytes,
     /// The same as a `DeltaDiscoveryResponse.resources` entry (a `Resource` message with
-    /// name and version), made on first use and then shared like `entry`.
-    delta_entry: OnceLock<Bytes>,
+    /// version, the `Any` and name).
+    delta_entry: Bytes,
 }
 
 impl PartialEq for Resource {
@@ -91,16 +92,34 @@ impl Resource {
             value: message.encode_to_vec(),
         };
         let any_len = any.encoded_len();
-        let mut buf = BytesMut::with_capacity(1 + encoded_len_varint(any_len as u64) + any_len);
+        let mut entry = Vec::with_capacity(1 + encoded_len_varint(any_len as u64) + any_len);
+        encode_key(RESOURCES_FIELD, WireType::LengthDelimited, &mut entry);
+        encode_varint(any_len as u64, &mut entry);
+        any.encode_raw(&mut entry);
+        let name = name.into();
+        let version = format!("{:016x}", fnv1a(&entry));
+        // One buffer for both forms: the delta `Resource` message carries the `Any` as
+        // field 2, the very tag and bytes of the state-of-the-world entry.
+        let string_len = |s: &str| 1 + encoded_len_varint(s.len() as u64) + s.len();
+        let body_len = string_len(&version) + entry.len() + string_len(&name);
+        let mut buf = BytesMut::with_capacity(1 + encoded_len_varint(body_len as u64) + body_len);
         encode_key(RESOURCES_FIELD, WireType::LengthDelimited, &mut buf);
-        encode_varint(any_len as u64, &mut buf);
-        any.encode_raw(&mut buf);
-        let entry = buf.freeze();
+        encode_varint(body_len as u64, &mut buf);
+        encode_key(1, WireType::LengthDelimited, &mut buf);
+        encode_varint(version.len() as u64, &mut buf);
+        buf.extend_from_slice(version.as_bytes());
+        let start = buf.len();
+        buf.extend_from_slice(&entry);
+        let end = buf.len();
+        encode_key(3, WireType::LengthDelimited, &mut buf);
+        encode_varint(name.len() as u64, &mut buf);
+        buf.extend_from_slice(name.as_bytes());
+        let delta_entry = buf.freeze();
         Self(Arc::new(ResourceInner {
-            name: name.into(),
-            version: format!("{:016x}", fnv1a(&entry)),
-            entry,
-            delta_entry: OnceLock::new(),
+            entry: delta_entry.slice(start..end),
+            delta_entry,
+            name,
+            version,
         }))
     }
 
@@ -123,24 +142,7 @@ impl Resource {
     /// with version (field 1), the `Any` (field 2, the very bytes of [`Resource::entry`])
     /// and name (field 3).
     pub fn delta_entry(&self) -> &Bytes {
-        self.0.delta_entry.get_or_init(|| {
-            let (name, version, any) = (&self.0.name, &self.0.version, &self.0.entry);
-            let string_len = |s: &str| 1 + encoded_len_varint(s.len() as u64) + s.len();
-            let body_len = string_len(version) + any.len() + string_len(name);
-            let mut buf =
-                BytesMut::with_capacity(1 + encoded_len_varint(body_len as u64) + body_len);
-            encode_key(RESOURCES_FIELD, WireType::LengthDelimited, &mut buf);
-            encode_varint(body_len as u64, &mut buf);
-            encode_key(1, WireType::LengthDelimited, &mut buf);
-            encode_varint(version.len() as u64, &mut buf);
-            buf.extend_from_slice(version.as_bytes());
-            // The `Any` goes in as field 2 of `Resource`: the same tag `entry` carries.
-            buf.extend_from_slice(any);
-            encode_key(3, WireType::LengthDelimited, &mut buf);
-            encode_varint(name.len() as u64, &mut buf);
-            buf.extend_from_slice(name.as_bytes());
-            buf.freeze()
-        })
+        &self.0.delta_entry
     }
 
     /// Decodes the resource back into its `Any` (for tests and debugging output).
