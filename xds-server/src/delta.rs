@@ -290,7 +290,9 @@ struct DeltaTypeState {
     /// A request is waiting for a response even if nothing changed.
     must_respond: bool,
     /// Version of the type's set per nonce in flight, to report ACKs.
-    in_flight: BTreeMap<String, String>,
+    /// (nonce, version), oldest first: a few at most, so a vector (a map's first node
+    /// costs half a KiB per type per stream).
+    in_flight: Vec<(u64, String)>,
     sent_version: Option<String>,
     /// When `sent_version` was first sent.
     sent_at: Option<SystemTime>,
@@ -376,14 +378,21 @@ impl DeltaAdsConnection {
                 RequestEvent::SubscriptionChanged
             });
         }
-        let Some(version) = state.in_flight.remove(&req.response_nonce) else {
+        let answered = req
+            .response_nonce
+            .parse::<u64>()
+            .ok()
+            .and_then(|n| state.in_flight.iter().position(|(f, _)| *f == n));
+        let Some(at) = answered else {
             return Ok(RequestEvent::Stale);
         };
         // Older responses in flight were answered in order before this one.
-        let nonce: u64 = req.response_nonce.parse().unwrap_or(0);
-        state
+        let version = state
             .in_flight
-            .retain(|n, _| n.parse::<u64>().unwrap_or(0) > nonce);
+            .drain(..=at)
+            .next_back()
+            .map(|(_, v)| v)
+            .unwrap_or_default();
         if let Some(status) = &req.error_detail {
             let nack = Nack {
                 version,
@@ -491,7 +500,7 @@ impl DeltaAdsConnection {
             state.sent_at = Some(SystemTime::now());
         }
         state.sent_version = Some(version.clone());
-        state.in_flight.insert(nonce.clone(), version.clone());
+        state.in_flight.push((self.nonce_seq, version.clone()));
         DeltaResponse {
             system_version_info: version,
             type_url: type_url.to_string(),
