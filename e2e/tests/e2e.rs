@@ -467,8 +467,18 @@ fn a_sidecar_with_on_demand_clusters_holds_only_what_it_called_and_loses_no_requ
         "{:?}",
         outbound_clusters(&h, "client")
     );
-    // The first call (and every other) waits for its cluster instead of failing; the
-    // split picks one of two clusters per request, each fetched when first picked.
+    // The very first call streams a 5 MB body: the request waits (its body held back
+    // by flow control) while the cluster is fetched, then goes through whole.
+    let up = h
+        .app(
+            "client",
+            &["upload", "http://backend:8080/upload", "--bytes", "5000000"],
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(up["ok"], true, "{up}");
+    // Every other call waits for its cluster instead of failing too; the split picks
+    // one of two clusters per request, each fetched when first picked.
     let report = h.load("client", BACKEND_URL, 60, 4).unwrap();
     assert!(
         report.failures().is_empty(),

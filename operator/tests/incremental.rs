@@ -463,3 +463,39 @@ fn incremental_publishing_equals_a_full_translation_after_every_change() {
         }
     }
 }
+
+#[test]
+fn clusters_reached_without_on_demand_discovery_are_pinned_whoever_owns_them() {
+    // `db` speaks TCP on 5432 and splits to `db-v1`, whose 5432 is HTTP: the TCP proxy
+    // of db's listener names db-v1's cluster, which nothing would fetch on demand.
+    let text = "apiVersion: v1\nkind: Service\nmetadata: {name: db, namespace: d}\nspec: {clusterIP: 10.96.0.1, selector: {app: db}, ports: [{name: tcp-pg, port: 5432, appProtocol: tcp}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: db-v1, namespace: d}\nspec: {clusterIP: 10.96.0.2, selector: {app: db}, ports: [{name: http, port: 5432}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: d}\nspec: {clusterIP: 10.96.0.3, selector: {app: web}, ports: [{name: http, port: 80}]}\n---\napiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata: {name: db, namespace: d}\nspec: {service: db, backends: [{service: db-v1, weight: 100}]}\n";
+    let model = full(parse_manifests(text).unwrap());
+    let config = MeshConfig::default();
+    let service = |name: &str| {
+        model
+            .services
+            .values()
+            .find(|s| s.key.name == name)
+            .unwrap()
+    };
+    let on_demand = |name: &str| weft::translate::clusters_on_demand(service(name), &config);
+    let pinned = |name: &str| weft::translate::clusters_pinned(service(name), &config);
+    assert_eq!(
+        on_demand("db"),
+        Vec::<String>::new(),
+        "TCP ports are never lazy"
+    );
+    assert_eq!(
+        on_demand("db-v1"),
+        vec!["outbound|5432||db-v1.d.svc.cluster.local"]
+    );
+    assert_eq!(
+        on_demand("web"),
+        vec!["outbound|80||web.d.svc.cluster.local"]
+    );
+    assert_eq!(
+        pinned("db"),
+        vec!["outbound|5432||db-v1.d.svc.cluster.local"]
+    );
+    assert!(pinned("web").is_empty() && pinned("db-v1").is_empty());
+}

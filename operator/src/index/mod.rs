@@ -12,6 +12,7 @@ mod store;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -114,15 +115,17 @@ impl fmt::Display for ObjectRef {
     }
 }
 
-/// One input object of any supported kind.
+/// One input object of any supported kind. The numerous kinds (Services, Pods,
+/// EndpointSlices) are shared, not copied, between a source that keeps what it read
+/// and the index.
 #[derive(Clone, Debug, PartialEq)]
 pub enum MeshObject {
     /// A Service.
-    Service(Box<Service>),
+    Service(Arc<Service>),
     /// A Pod.
-    Pod(Box<Pod>),
+    Pod(Arc<Pod>),
     /// An EndpointSlice.
-    EndpointSlice(Box<EndpointSlice>),
+    EndpointSlice(Arc<EndpointSlice>),
     /// A TrafficSplit.
     TrafficSplit(Box<TrafficSplit>),
     /// A TrafficTarget.

@@ -1090,9 +1090,14 @@ mod tests {
     #[test]
     fn slices_win_over_pods_and_keep_their_conditions() {
         let objects = vec![
-            MeshObject::Service(Box::new(mk_service())),
-            MeshObject::Pod(Box::new(mk_pod("web-0", "198.18.0.9", None, false))),
-            MeshObject::EndpointSlice(Box::new(mk_slice(
+            MeshObject::Service(std::sync::Arc::new(mk_service())),
+            MeshObject::Pod(std::sync::Arc::new(mk_pod(
+                "web-0",
+                "198.18.0.9",
+                None,
+                false,
+            ))),
+            MeshObject::EndpointSlice(std::sync::Arc::new(mk_slice(
                 "web-a",
                 "IPv4",
                 &[("198.18.0.1", READY), ("198.18.0.2", DRAINING)],
@@ -1106,9 +1111,10 @@ mod tests {
 
     #[test]
     fn deleted_pods_that_still_serve_drain() {
-        let service = || MeshObject::Service(Box::new(mk_service()));
-        let pod =
-            |name, ip, ready, deleted| MeshObject::Pod(Box::new(mk_pod(name, ip, ready, deleted)));
+        let service = || MeshObject::Service(std::sync::Arc::new(mk_service()));
+        let pod = |name, ip, ready, deleted| {
+            MeshObject::Pod(std::sync::Arc::new(mk_pod(name, ip, ready, deleted)))
+        };
         let objects = vec![
             service(),
             pod("web-0", "198.18.0.1", None, false),

@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -102,9 +103,9 @@ fn remove<K: std::hash::Hash + Eq, V: Ord>(map: &mut HashMap<K, BTreeSet<V>>, k:
 /// Every input object, by kind and namespace/name, with secondary lookups.
 #[derive(Clone, Debug, Default)]
 pub(super) struct Store {
-    pub services: BTreeMap<Key, Service>,
-    pub pods: BTreeMap<Key, Pod>,
-    pub slices: BTreeMap<Key, EndpointSlice>,
+    pub services: BTreeMap<Key, Arc<Service>>,
+    pub pods: BTreeMap<Key, Arc<Pod>>,
+    pub slices: BTreeMap<Key, Arc<EndpointSlice>>,
     pub splits: BTreeMap<Key, TrafficSplit>,
     pub targets: BTreeMap<Key, TrafficTarget>,
     pub route_groups: BTreeMap<Key, HTTPRouteGroup>,
@@ -137,7 +138,7 @@ impl Store {
             MeshObject::Service(s) => {
                 let key = key_of(&s.metadata);
                 add(&mut self.services_by_ns, key.0.clone(), key.1.clone());
-                self.services.insert(key, *s);
+                self.services.insert(key, s);
             }
             MeshObject::Pod(p) => {
                 let key = key_of(&p.metadata);
@@ -157,14 +158,14 @@ impl Store {
                     (key.0.clone(), pod_service_account(&p)),
                     key.1.clone(),
                 );
-                self.pods.insert(key, *p);
+                self.pods.insert(key, p);
             }
             MeshObject::EndpointSlice(e) => {
                 let key = key_of(&e.metadata);
                 if let Some(service) = slice_service(&e) {
                     add(&mut self.slices_by_service, service, key.1.clone());
                 }
-                self.slices.insert(key, *e);
+                self.slices.insert(key, e);
             }
             MeshObject::TrafficSplit(o) => {
                 self.splits.insert(key_of(&o.metadata), *o);
@@ -207,7 +208,7 @@ impl Store {
             Kind::Service => {
                 let s = self.services.remove(&k)?;
                 remove(&mut self.services_by_ns, k.0.clone(), &k.1);
-                MeshObject::Service(Box::new(s))
+                MeshObject::Service(s)
             }
             Kind::Pod => {
                 let p = self.pods.remove(&k)?;
@@ -227,14 +228,14 @@ impl Store {
                     (k.0.clone(), pod_service_account(&p)),
                     &k.1,
                 );
-                MeshObject::Pod(Box::new(p))
+                MeshObject::Pod(p)
             }
             Kind::EndpointSlice => {
                 let e = self.slices.remove(&k)?;
                 if let Some(service) = slice_service(&e) {
                     remove(&mut self.slices_by_service, service, &k.1);
                 }
-                MeshObject::EndpointSlice(Box::new(e))
+                MeshObject::EndpointSlice(e)
             }
             Kind::TrafficSplit => MeshObject::TrafficSplit(Box::new(self.splits.remove(&k)?)),
             Kind::TrafficTarget => MeshObject::TrafficTarget(Box::new(self.targets.remove(&k)?)),
@@ -337,17 +338,13 @@ impl Store {
         out.extend(
             self.services
                 .values()
-                .map(|o| MeshObject::Service(Box::new(o.clone()))),
+                .map(|o| MeshObject::Service(o.clone())),
         );
-        out.extend(
-            self.pods
-                .values()
-                .map(|o| MeshObject::Pod(Box::new(o.clone()))),
-        );
+        out.extend(self.pods.values().map(|o| MeshObject::Pod(o.clone())));
         out.extend(
             self.slices
                 .values()
-                .map(|o| MeshObject::EndpointSlice(Box::new(o.clone()))),
+                .map(|o| MeshObject::EndpointSlice(o.clone())),
         );
         out.extend(
             self.splits
@@ -421,6 +418,7 @@ impl Store {
         candidates
             .iter()
             .filter_map(|n| self.pods.get(&(namespace.clone(), n.clone())))
+            .map(|p| &**p)
             .filter(|p| selects(svc, p))
             .collect()
     }
@@ -433,6 +431,7 @@ impl Store {
             .into_iter()
             .flatten()
             .filter_map(|n| self.services.get(&(namespace.to_string(), n.clone())))
+            .map(|s| &**s)
             .filter(|s| selects(s, pod))
             .collect()
     }
@@ -444,6 +443,7 @@ impl Store {
             .into_iter()
             .flatten()
             .filter_map(|n| self.slices.get(&(service.0.clone(), n.clone())))
+            .map(|s| &**s)
             .collect()
     }
 
@@ -454,6 +454,7 @@ impl Store {
             .into_iter()
             .flatten()
             .filter_map(|k| self.pods.get(k))
+            .map(|p| &**p)
             .collect()
     }
 

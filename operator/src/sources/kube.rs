@@ -164,16 +164,16 @@ pub fn slim_pod(mut pod: Pod) -> Pod {
 fn decode_service(mut o: Service) -> Decoded {
     slim_meta(&mut o.metadata);
     o.status = None;
-    Decoded::Object(MeshObject::Service(Box::new(o)))
+    Decoded::Object(MeshObject::Service(std::sync::Arc::new(o)))
 }
 
 fn decode_pod(o: Pod) -> Decoded {
-    Decoded::Object(MeshObject::Pod(Box::new(slim_pod(o))))
+    Decoded::Object(MeshObject::Pod(std::sync::Arc::new(slim_pod(o))))
 }
 
 fn decode_slice(mut o: EndpointSlice) -> Decoded {
     slim_meta(&mut o.metadata);
-    Decoded::Object(MeshObject::EndpointSlice(Box::new(o)))
+    Decoded::Object(MeshObject::EndpointSlice(std::sync::Arc::new(o)))
 }
 
 fn decode_account(mut o: ServiceAccount) -> Decoded {

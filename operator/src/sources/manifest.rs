@@ -1,5 +1,9 @@
 //! Parses multi-document Kubernetes YAML into index objects.
 
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
@@ -97,10 +101,10 @@ fn decode(kind: Kind, mut doc: Value) -> Result<MeshObject, String> {
         );
     }
     Ok(match kind {
-        Kind::Service => MeshObject::Service(typed(doc)?),
-        Kind::Pod => MeshObject::Pod(typed(doc)?),
+        Kind::Service => MeshObject::Service(Arc::from(typed::<Service>(doc)?)),
+        Kind::Pod => MeshObject::Pod(Arc::from(typed::<Pod>(doc)?)),
         Kind::ServiceAccount => MeshObject::ServiceAccount(typed(doc)?),
-        Kind::EndpointSlice => MeshObject::EndpointSlice(typed(doc)?),
+        Kind::EndpointSlice => MeshObject::EndpointSlice(Arc::from(typed::<EndpointSlice>(doc)?)),
         Kind::TrafficSplit => MeshObject::TrafficSplit(typed(doc)?),
         Kind::TrafficTarget => MeshObject::TrafficTarget(typed(doc)?),
         Kind::HTTPRouteGroup => MeshObject::HTTPRouteGroup(typed(doc)?),
