@@ -65,6 +65,8 @@ fn changing_the_split_file_moves_all_traffic_without_a_failed_request() {
 fn over_state_of_the_world_xds_a_split_change_also_loses_no_request() {
     let h = split_mesh_over(8, "split-sotw", 80, 20, "sotw");
     split_change_moves_all_traffic(&h, "sotw");
+    // A changed cluster becomes active over state of the world too.
+    a_cluster_change_reaches(&h, &["client"]);
 }
 
 fn split_change_moves_all_traffic(h: &Harness, protocol: &str) {
@@ -510,15 +512,22 @@ fn a_sidecar_with_on_demand_clusters_holds_only_what_it_called_and_loses_no_requ
     };
     assert_eq!(served("clusters", "name"), fetched);
     assert_eq!(served("endpoints", "cluster_name"), fetched);
-    // A fetched cluster follows later changes to it: a connection limit on backend-v1
-    // reaches the client's copy, which finishes warming (its endpoints are sent again)
-    // and serves; so does the eagerly held copy of a sidecar without the annotation.
+    // A fetched cluster follows later changes to it: its endpoints are sent again, so
+    // the new version finishes warming and serves; so does the eagerly held copy of a
+    // sidecar without the annotation.
+    a_cluster_change_reaches(&h, &["client", "backend-v2-0"]);
+}
+
+/// A connection limit put on backend-v1 of a running mesh becomes the active cluster
+/// in `pods`' Envoys (an updated EDS cluster warms until its endpoints come), and the
+/// client's calls keep succeeding.
+fn a_cluster_change_reaches(h: &Harness, pods: &[&str]) {
     h.write_manifest(
         "limit.yaml",
         "apiVersion: policy.weft.dev/v1alpha1\nkind: TrafficPolicy\nmetadata: {name: limit, namespace: default}\nspec:\n  targetRefs: [{group: \"\", kind: Service, name: backend-v1}]\n  connectionPool: {maxConnections: 7}\n",
     )
     .unwrap();
-    for pod in ["client", "backend-v2-0"] {
+    for pod in pods {
         weft_e2e::wait_until(
             Duration::from_secs(10),
             "the limit in the active cluster",

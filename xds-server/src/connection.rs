@@ -197,6 +197,9 @@ impl AdsConnection {
 
         let mut out = Vec::new();
         let mut removals = Vec::new();
+        // Whether a cluster the proxy had changes: the new version warms until its
+        // endpoints come, so the endpoints go out again even when they did not change.
+        let mut rewarm = false;
         for type_url in ordered {
             let Some(state) = self.types.get(&type_url) else {
                 continue;
@@ -205,8 +208,18 @@ impl AdsConnection {
                 desired_resources(state.wildcard, &state.names, snapshot.resources(&type_url));
             let unchanged =
                 state.sent.as_ref().map(|s| s.version.as_str()) == Some(version.as_str());
-            if unchanged && !state.must_respond {
+            let again = rewarm && type_url == type_url::ENDPOINT;
+            if unchanged && !state.must_respond && !again {
                 continue;
+            }
+            if type_url == type_url::CLUSTER
+                && let Some(sent) = &state.sent
+            {
+                rewarm = desired.iter().any(|r| {
+                    sent.resources
+                        .get(r.name())
+                        .is_some_and(|old| old.version() != r.version())
+                });
             }
             let removed: Vec<Resource> = state
                 .sent

@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
 
 mod common;
-use common::cluster;
+use common::{cluster, load_assignment};
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -410,26 +410,6 @@ fn an_overriding_layer_shadows_a_shared_name_and_its_removal_restores_it() {
     let back = conn.next_responses(&routes(&[&consumer, &shared2]));
     assert_eq!(back.len(), 1, "{back:?}");
     assert_eq!(names(&back[0]), vec!["b"]);
-}
-
-fn load_assignment(name: &str, port: u32) -> Resource {
-    use envoy_types::pb::envoy::config::endpoint::v3::{
-        ClusterLoadAssignment, LbEndpoint, LocalityLbEndpoints,
-    };
-    let cla = ClusterLoadAssignment {
-        cluster_name: name.to_string(),
-        endpoints: vec![LocalityLbEndpoints {
-            lb_endpoints: vec![LbEndpoint {
-                load_balancing_weight: Some(envoy_types::pb::google::protobuf::UInt32Value {
-                    value: port,
-                }),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }],
-        ..Default::default()
-    };
-    Resource::encode(type_url::ENDPOINT, name, &cla)
 }
 
 #[test]

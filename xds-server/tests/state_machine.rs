@@ -3,7 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers fail loudly
 
 mod common;
-use common::cluster;
+use common::{cluster, load_assignment};
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -311,4 +311,42 @@ fn a_name_two_layers_hold_is_sent_once_as_the_first_layer_has_it() {
         .find(|c| c.name == "b")
         .unwrap();
     assert_eq!(b.connect_timeout.unwrap().nanos, 200_000_000);
+}
+
+#[test]
+fn a_changed_cluster_gets_its_unchanged_endpoints_again_to_finish_warming() {
+    let mut conn = AdsConnection::new();
+    conn.on_request(&request(type_url::CLUSTER, &[], "", ""))
+        .unwrap();
+    conn.on_request(&request(type_url::ENDPOINT, &["a"], "", ""))
+        .unwrap();
+    let snap = |timeout_ms| {
+        Snapshot::new()
+            .with(type_url::CLUSTER, [cluster("a", timeout_ms)])
+            .with(type_url::ENDPOINT, [load_assignment("a", 1)])
+    };
+    let first = conn.next_responses(&snap(250));
+    assert_eq!(first.len(), 2);
+    for r in &first {
+        let wire = decode(r);
+        let names: &[&str] = if wire.type_url == type_url::ENDPOINT {
+            &["a"]
+        } else {
+            &[]
+        };
+        conn.on_request(&request(
+            &wire.type_url,
+            names,
+            &wire.version_info,
+            &wire.nonce,
+        ))
+        .unwrap();
+    }
+    // Nothing changed: nothing goes out.
+    assert!(conn.next_responses(&snap(250)).is_empty());
+    // The cluster changes, its endpoints do not: both go out, endpoints after it.
+    let next = conn.next_responses(&snap(500));
+    let types: Vec<String> = next.iter().map(|r| decode(r).type_url).collect();
+    assert_eq!(types, vec![type_url::CLUSTER, type_url::ENDPOINT]);
+    assert_eq!(decode(&next[1]).resources.len(), 1);
 }

@@ -15,3 +15,26 @@ pub fn cluster(name: &str, timeout_ms: i64) -> Resource {
     };
     Resource::encode(type_url::CLUSTER, name, &c)
 }
+
+/// A ClusterLoadAssignment `name` whose one endpoint has weight `weight` (a
+/// distinct content per weight).
+#[allow(dead_code)] // each test binary compiles this module; not all of them use it
+pub fn load_assignment(name: &str, weight: u32) -> Resource {
+    use envoy_types::pb::envoy::config::endpoint::v3::{
+        ClusterLoadAssignment, LbEndpoint, LocalityLbEndpoints,
+    };
+    let cla = ClusterLoadAssignment {
+        cluster_name: name.to_string(),
+        endpoints: vec![LocalityLbEndpoints {
+            lb_endpoints: vec![LbEndpoint {
+                load_balancing_weight: Some(envoy_types::pb::google::protobuf::UInt32Value {
+                    value: weight,
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    Resource::encode(type_url::ENDPOINT, name, &cla)
+}
