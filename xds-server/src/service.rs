@@ -240,18 +240,23 @@ pub struct StreamSync {
     pub served: Snapshot,
 }
 
-/// Sync state of every open stream, keyed by stream id.
+/// Sync state of every open stream, keyed by stream id. Each stream writes its own
+/// slot, so a thousand streams answering one change do not queue on one lock.
 #[derive(Debug, Default)]
 pub struct SyncRegistry {
-    streams: Mutex<HashMap<u64, StreamSync>>,
+    streams: Mutex<HashMap<u64, Arc<Mutex<StreamSync>>>>,
     denials: AtomicU64,
     nacks: AtomicU64,
 }
 
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl SyncRegistry {
-    fn update(&self, id: u64, sync: StreamSync) {
-        let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
-        streams.insert(id, sync);
+    /// The slot stream `id` keeps its state in.
+    fn slot(&self, id: u64) -> Arc<Mutex<StreamSync>> {
+        lock(&self.streams).entry(id).or_default().clone()
     }
 
     fn remove(&self, id: u64) {
@@ -279,18 +284,19 @@ impl SyncRegistry {
 
     /// What `node`'s stream was sent last (its first stream, if several).
     pub fn served(&self, node: &str) -> Option<Snapshot> {
-        let streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
-        streams
-            .iter()
-            .filter(|(_, s)| s.node_id.as_deref() == Some(node))
-            .min_by_key(|(id, _)| **id)
-            .map(|(_, s)| s.served.clone())
+        let streams = lock(&self.streams);
+        let mut ids: Vec<&u64> = streams.keys().collect();
+        ids.sort();
+        ids.into_iter().find_map(|id| {
+            let s = lock(&streams[id]);
+            (s.node_id.as_deref() == Some(node)).then(|| s.served.clone())
+        })
     }
 
     /// A copy of every stream's state, ordered by node id.
     pub fn list(&self) -> Vec<StreamSync> {
-        let streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
-        let mut all: Vec<StreamSync> = streams.values().cloned().collect();
+        let slots: Vec<Arc<Mutex<StreamSync>>> = lock(&self.streams).values().cloned().collect();
+        let mut all: Vec<StreamSync> = slots.iter().map(|s| lock(s).clone()).collect();
         all.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         all
     }
@@ -545,7 +551,12 @@ async fn run_stream<P, S>(
     let mut snapshots: Option<NodeWatch> = None;
     let mut source = None;
     let mut extra = OnDemandLayers::default();
+    let slot = registry.slot(id);
     loop {
+        // Whether what `proxy-status` shows may have changed: a request came, a
+        // response went or the verdict changed (most wakes of most streams do neither).
+        let mut touched = false;
+        let mut sent = false;
         if *closing.borrow_and_update() {
             let _ = tx
                 .send(Err(Status::unavailable(
@@ -562,7 +573,9 @@ async fn run_stream<P, S>(
                     tracing::debug!(stream = id, %status, "ADS stream ended by the proxy");
                     return;
                 }
-                Some(Ok(req)) => match conn.on_request(&req) {
+                Some(Ok(req)) => {
+                    touched = true;
+                    match conn.on_request(&req) {
                     Err(e) => {
                         tracing::warn!(stream = id, ?peer, error = %e, "rejecting ADS stream");
                         let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
@@ -580,7 +593,8 @@ async fn run_stream<P, S>(
                         );
                     }
                     Ok(event) => tracing::debug!(stream = id, r#type = type_url::short_name(P::request_type_url(&req)), ?event, "ADS request"),
-                },
+                    }
+                }
             },
             changed = async {
                 match snapshots.as_mut() {
@@ -615,6 +629,7 @@ async fn run_stream<P, S>(
                     "proxy failed the identity check; it gets no secrets and no workload config"
                 );
             }
+            touched |= verdict != denied;
             denied = verdict;
         }
         if let Some(w) = snapshots.as_mut()
@@ -651,19 +666,20 @@ async fn run_stream<P, S>(
                 if tx.send(Ok(response)).await.is_err() {
                     return;
                 }
+                sent = true;
             }
         }
-        registry.update(
-            id,
-            StreamSync {
-                node_id: conn.node_id().map(str::to_string),
-                peer,
-                types: conn.sync_state(),
-                denied: denied.clone(),
-                protocol: P::NAME,
-                served: conn.served(),
-            },
-        );
+        if touched || sent {
+            let mut s = lock(&slot);
+            s.node_id = conn.node_id().map(str::to_string);
+            s.peer = peer;
+            s.types = conn.sync_state();
+            s.denied = denied.clone();
+            s.protocol = P::NAME;
+            if sent {
+                s.served = conn.served();
+            }
+        }
     }
 }
 
