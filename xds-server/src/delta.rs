@@ -428,7 +428,7 @@ impl DeltaAdsConnection {
             let (desired, version) =
                 desired_resources(state.wildcard, &state.names, snapshot.resources(&type_url));
             let mut diff = state.known.diff(&desired, &self.memo);
-            if type_url == type_url::CLUSTER {
+            if type_url == type_url::CLUSTER && state.known.len() > 0 {
                 rewarm = diff
                     .changed
                     .iter()
