@@ -67,6 +67,15 @@ pub fn workspace_binary(name: &str) -> Result<PathBuf> {
     })
 }
 
+/// The file `name` in the first directory of PATH that has it.
+pub fn on_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")
+        .iter()
+        .flat_map(std::env::split_paths)
+        .map(|dir| dir.join(name))
+        .find(|p| p.is_file())
+}
+
 /// The Envoy binary: `WEFT_ENVOY`, else `envoy` on PATH.
 pub fn envoy_binary() -> Result<PathBuf> {
     if let Ok(p) = std::env::var("WEFT_ENVOY") {
@@ -75,14 +84,8 @@ pub fn envoy_binary() -> Result<PathBuf> {
             return Ok(p);
         }
     }
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|d| d.join("envoy"))
-        .find(|p| p.is_file())
-        .ok_or_else(|| HarnessError::Missing {
-            what: "envoy",
-            hint: "set WEFT_ENVOY or run `make setup` (installs Envoy 1.40 into tools/)"
-                .to_string(),
-        })
+    on_path("envoy").ok_or_else(|| HarnessError::Missing {
+        what: "envoy",
+        hint: "set WEFT_ENVOY or run `make setup` (installs Envoy 1.40 into tools/)".to_string(),
+    })
 }

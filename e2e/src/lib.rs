@@ -14,7 +14,7 @@ mod error;
 mod harness;
 mod report;
 
-pub use command::{envoy_binary, workspace_binary};
+pub use command::{envoy_binary, on_path, workspace_binary};
 pub use error::HarnessError;
 pub use harness::Harness;
 pub use harness::cluster::{CONTROLLER_NAMESPACE, EndpointState, KubeCluster};

@@ -108,17 +108,12 @@ fn helm() -> PathBuf {
         );
         return p;
     }
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("helm"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "helm not found: run `make setup` (installs helm 4 into tools/ and sets WEFT_HELM \
+    weft_e2e::on_path("helm").unwrap_or_else(|| {
+        panic!(
+            "helm not found: run `make setup` (installs helm 4 into tools/ and sets WEFT_HELM \
                  for `make test`), or set WEFT_HELM"
-            )
-        })
+        )
+    })
 }
 
 fn kubernetes_validate() -> PathBuf {
@@ -1940,17 +1935,12 @@ fn concrete_exprs(dashboard: &Value) -> Vec<(String, String)> {
 }
 
 fn promtool() -> PathBuf {
-    std::env::var_os("PATH")
-        .iter()
-        .flat_map(std::env::split_paths)
-        .map(|dir| dir.join("promtool"))
-        .find(|p| p.is_file())
-        .unwrap_or_else(|| {
-            panic!(
-                "promtool not found: run `make setup` (installs Debian's `prometheus` package, \
+    weft_e2e::on_path("promtool").unwrap_or_else(|| {
+        panic!(
+            "promtool not found: run `make setup` (installs Debian's `prometheus` package, \
                  which provides /usr/bin/promtool)"
-            )
-        })
+        )
+    })
 }
 
 /// `promtool check rules` on a rules file with one recording rule per expression: the
