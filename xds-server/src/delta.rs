@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::ops::Range;
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use bytes::BufMut;
@@ -18,7 +18,7 @@ use crate::connection::{
     Nack, RequestEvent, TypeSync, desired_resources, record_ack, remember_node,
 };
 use crate::resource::{Resource, type_url};
-use crate::snapshot::{LayerRef, Snapshot, TypedResources};
+use crate::snapshot::{LayerRef, Snapshot, TypedResources, lock};
 
 /// A delta response ready to go on the wire; resource bytes are shared, not copied.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -259,7 +259,7 @@ impl DiffMemo {
             return Arc::new(diff_sorted(from.items(), to.items()));
         }
         let found = {
-            let recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+            let recent = lock(&self.recent);
             recent
                 .iter()
                 .find(|(f, t, _)| Arc::ptr_eq(f, from) && Arc::ptr_eq(t, to))
@@ -269,7 +269,7 @@ impl DiffMemo {
             return diff;
         }
         let diff = Arc::new(diff_sorted(from.items(), to.items()));
-        let mut recent = self.recent.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut recent = lock(&self.recent);
         if recent.len() == MEMO_ENTRIES {
             recent.pop_front();
         }

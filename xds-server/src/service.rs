@@ -4,7 +4,7 @@ use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -25,7 +25,7 @@ use crate::XdsError;
 use crate::connection::{AdsConnection, AdsResponse, RequestEvent, TypeSync};
 use crate::delta::{DeltaAdsConnection, DeltaResponse, DiffMemo, encode_delta_response};
 use crate::resource::{Resource, type_url};
-use crate::snapshot::{Admission, Layer, NodeWatch, Snapshot, SnapshotCache, SnapshotSource};
+use crate::snapshot::{Admission, Layer, NodeWatch, Snapshot, SnapshotCache, SnapshotSource, lock};
 
 /// gRPC path of the SotW ADS method.
 const SOTW_PATH: &str =
@@ -249,10 +249,6 @@ pub struct SyncRegistry {
     nacks: AtomicU64,
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 impl SyncRegistry {
     /// The slot stream `id` keeps its state in.
     fn slot(&self, id: u64) -> Arc<Mutex<StreamSync>> {
@@ -260,8 +256,7 @@ impl SyncRegistry {
     }
 
     fn remove(&self, id: u64) {
-        let mut streams = self.streams.lock().unwrap_or_else(PoisonError::into_inner);
-        streams.remove(&id);
+        lock(&self.streams).remove(&id);
     }
 
     /// Streams denied their node's own resources so far (a metric).
@@ -276,10 +271,7 @@ impl SyncRegistry {
 
     /// Streams open now.
     pub fn open_streams(&self) -> usize {
-        self.streams
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
+        lock(&self.streams).len()
     }
 
     /// What `node`'s stream was sent last (its first stream, if several).

@@ -313,7 +313,8 @@ fn publish<T: PartialEq>(sender: &Sender<T>, value: T) -> bool {
     })
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+/// Locks `m`; a panic elsewhere while it was held does not poison it for everyone.
+pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
