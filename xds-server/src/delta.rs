@@ -436,9 +436,11 @@ impl DeltaAdsConnection {
                     .map(|r| r.name().to_string())
                     .collect();
             } else if type_url == type_url::ENDPOINT && !rewarm.is_empty() {
+                // A settings change can touch every cluster and endpoint: no pairwise scan.
+                let going: BTreeSet<&str> = diff.changed.iter().map(Resource::name).collect();
                 let again: Vec<Resource> = rewarm
                     .iter()
-                    .filter(|n| !diff.changed.iter().any(|r| r.name() == n.as_str()))
+                    .filter(|n| !going.contains(n.as_str()))
                     .filter_map(|n| desired.get(n).cloned())
                     .collect();
                 if !again.is_empty() {
