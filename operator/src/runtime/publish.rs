@@ -241,6 +241,27 @@ enum Variant {
     OnDemand,
 }
 
+impl Variant {
+    /// The shared snapshot of the whole mesh in this variant.
+    fn mesh(self) -> &'static str {
+        match self {
+            Self::Tls => MESH,
+            Self::Plain => MESH_PLAIN,
+            Self::OnDemand => MESH_ON_DEMAND,
+        }
+    }
+
+    /// The shared snapshot of egress scope `key` in this variant.
+    fn scope(self, key: &str) -> String {
+        let prefix = match self {
+            Self::Tls => "scope",
+            Self::Plain => "scope-plain",
+            Self::OnDemand => "scope-on-demand",
+        };
+        format!("{prefix}:{key}")
+    }
+}
+
 /// Clusters of HTTP services a proxy may fetch on demand, and clusters every proxy
 /// must hold (reached by a TCP proxy, an undeclared port's connection manager or a
 /// mirror), counted over every service.
@@ -325,8 +346,30 @@ impl LayerSet {
         changed
     }
 
+    /// [`LayerSet::update`], then the clusters on-demand proxies hold from the start,
+    /// refiltered only when the mTLS clusters or (`spared_changed`) which clusters they
+    /// are spared changed. Returns whether anything changed, and whether the mTLS
+    /// clusters did.
+    fn apply(
+        &mut self,
+        changes: &[(Option<&EncodedService>, Option<&EncodedService>)],
+        on_demand: &OnDemandClusters,
+        spared_changed: bool,
+    ) -> (bool, bool) {
+        let before = self.layers.get(&Part::ClustersTls).cloned();
+        let mut changed = !changes.is_empty() && self.update(changes);
+        let clusters_changed = match (&before, self.layers.get(&Part::ClustersTls)) {
+            (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
+            (a, b) => a.is_some() != b.is_some(),
+        };
+        if clusters_changed || spared_changed {
+            changed |= self.refresh_eager(on_demand);
+        }
+        (changed, clusters_changed)
+    }
+
     /// Refilters the clusters held from the start by on-demand proxies; whether they
-    /// changed. Walks every mTLS cluster: called when those or `on_demand` changed.
+    /// changed. Walks every mTLS cluster.
     fn refresh_eager(&mut self, on_demand: &OnDemandClusters) -> bool {
         let items: BTreeMap<String, Resource> = self
             .layers
@@ -720,54 +763,51 @@ impl MeshPublisher {
                     self.v6_services.remove(key);
                 }
             }
-            let empty = (Vec::new(), Vec::new());
-            let added = next.as_ref().map_or(&empty, |n| &n.shape).clone();
             let old = match next {
                 Some(n) => self.services.insert(key.clone(), n),
                 None => self.services.remove(key),
             };
-            let removed = old.as_ref().map_or(&empty, |o| &o.shape);
-            self.shape_changed |= count_shape(&mut self.service_blocks, &removed.0, &added.0);
-            self.shape_changed |= count_shape(&mut self.http_ports, &removed.1, &added.1);
-            let none = (Vec::new(), Vec::new());
-            let (was, is) = (
-                old.as_ref().map_or(&none, |o| &o.on_demand),
-                self.services.get(key).map_or(&none, |n| &n.on_demand),
+            // What the service brought to the mesh-wide counts, and what it brings now.
+            let none = EncodedService::default();
+            let was = old.as_ref().unwrap_or(&none);
+            let is = self.services.get(key).unwrap_or(&none);
+            self.shape_changed |= count_shape(&mut self.service_blocks, &was.shape.0, &is.shape.0);
+            self.shape_changed |= count_shape(&mut self.http_ports, &was.shape.1, &is.shape.1);
+            spared_changed |=
+                count_shape(&mut self.on_demand.lazy, &was.on_demand.0, &is.on_demand.0);
+            spared_changed |= count_shape(
+                &mut self.on_demand.pinned,
+                &was.on_demand.1,
+                &is.on_demand.1,
             );
-            spared_changed |= count_shape(&mut self.on_demand.lazy, &was.0, &is.0);
-            spared_changed |= count_shape(&mut self.on_demand.pinned, &was.1, &is.1);
             replaced.push((key.clone(), old));
         }
         let changes: Vec<(Option<&EncodedService>, Option<&EncodedService>)> = replaced
             .iter()
             .map(|(k, old)| (old.as_ref(), self.services.get(k)))
             .collect();
-        let clusters_before = self.mesh.layers.get(&Part::ClustersTls).cloned();
-        let mut mesh_changed = self.mesh.update(&changes) || publish_all;
-        let clusters = self.mesh.layers.get(&Part::ClustersTls).cloned();
-        let clusters_changed = match (&clusters_before, &clusters) {
-            (Some(a), Some(b)) => !Arc::ptr_eq(a, b),
-            (a, b) => a.is_some() != b.is_some(),
-        };
-        if clusters_changed || spared_changed {
-            mesh_changed |= self.mesh.refresh_eager(&self.on_demand);
-        }
+        let (changed, clusters_changed) =
+            self.mesh.apply(&changes, &self.on_demand, spared_changed);
+        let mesh_changed = changed || publish_all;
         if clusters_changed {
             // Streams holding clusters fetched on demand resolve them again.
             self.directory
                 .pods
                 .write()
                 .unwrap_or_else(PoisonError::into_inner)
-                .clusters = clusters.unwrap_or_default();
+                .clusters = self
+                .mesh
+                .layers
+                .get(&Part::ClustersTls)
+                .cloned()
+                .unwrap_or_default();
             self.cache.bump_on_demand();
         }
         if mesh_changed {
-            self.cache
-                .set_shared(MESH, self.mesh.snapshot(Variant::Tls));
-            self.cache
-                .set_shared(MESH_PLAIN, self.mesh.snapshot(Variant::Plain));
-            self.cache
-                .set_shared(MESH_ON_DEMAND, self.mesh.snapshot(Variant::OnDemand));
+            for variant in [Variant::Tls, Variant::Plain, Variant::OnDemand] {
+                self.cache
+                    .set_shared(variant.mesh(), self.mesh.snapshot(variant));
+            }
         }
         for (name, scope) in &mut self.scopes {
             let mine: Vec<(Option<&EncodedService>, Option<&EncodedService>)> = replaced
@@ -776,10 +816,8 @@ impl MeshPublisher {
                 .filter(|((k, _), _)| scope.scope.includes(k))
                 .map(|(_, c)| *c)
                 .collect();
-            let updated = !mine.is_empty() && scope.layers.update(&mine);
-            let refiltered =
-                (updated || spared_changed) && scope.layers.refresh_eager(&self.on_demand);
-            if updated || refiltered {
+            let (changed, _) = scope.layers.apply(&mine, &self.on_demand, spared_changed);
+            if changed {
                 self.cache
                     .set_shared(name, scope.layers.snapshot(scope.variant));
             }
@@ -923,20 +961,10 @@ impl MeshPublisher {
             shared.push(format!("{CONSUMER}{}", workload.namespace));
         }
         let Some(scope) = &workload.egress else {
-            let mesh = match variant {
-                Variant::Tls => MESH,
-                Variant::Plain => MESH_PLAIN,
-                Variant::OnDemand => MESH_ON_DEMAND,
-            };
-            shared.push(mesh.to_string());
+            shared.push(variant.mesh().to_string());
             return (shared, None);
         };
-        let prefix = match variant {
-            Variant::Tls => "scope",
-            Variant::Plain => "scope-plain",
-            Variant::OnDemand => "scope-on-demand",
-        };
-        let name = format!("{prefix}:{}", scope.key());
+        let name = variant.scope(&scope.key());
         if !self.scopes.contains_key(&name) {
             let mut layers = LayerSet::default();
             let members: Vec<(Option<&EncodedService>, Option<&EncodedService>)> = self
@@ -945,8 +973,7 @@ impl MeshPublisher {
                 .filter(|(k, _)| scope.includes(k))
                 .map(|(_, s)| (None, Some(s)))
                 .collect();
-            layers.update(&members);
-            layers.refresh_eager(&self.on_demand);
+            layers.apply(&members, &self.on_demand, false);
             self.cache.set_shared(&name, layers.snapshot(variant));
             self.scopes.insert(
                 name.clone(),
