@@ -416,18 +416,19 @@ fn incremental_publishing_equals_a_full_translation_after_every_change() {
             }
             // Proxies fetching clusters on demand start with every mTLS cluster but those
             // of HTTP ports that nothing pins (a TCP proxy, an undeclared port, a mirror).
-            let (mut lazy, mut pinned) = (BTreeSet::new(), BTreeSet::new());
+            let (mut lazy, mut pinned, mut clusters) =
+                (BTreeSet::new(), BTreeSet::new(), Vec::new());
             for s in model.services.values() {
+                let outbound = weft::translate::translate_service(s, &config, true);
                 lazy.extend(weft::translate::clusters_on_demand(s, &config));
-                pinned.extend(weft::translate::clusters_pinned(s, &config));
+                pinned.extend(weft::translate::clusters_pinned(s, &outbound, &config));
+                clusters.extend(outbound.clusters);
             }
             let mut want: BTreeMap<String, String> = BTreeMap::new();
-            for s in model.services.values() {
-                for c in weft::translate::translate_service(s, &config, true).clusters {
-                    if !lazy.contains(&c.name) || pinned.contains(&c.name) {
-                        let r = weft_xds::Resource::encode(type_url::CLUSTER, c.name.clone(), &c);
-                        want.insert(c.name.clone(), r.version().to_string());
-                    }
+            for c in clusters {
+                if !lazy.contains(&c.name) || pinned.contains(&c.name) {
+                    let r = weft_xds::Resource::encode(type_url::CLUSTER, c.name.clone(), &c);
+                    want.insert(c.name.clone(), r.version().to_string());
                 }
             }
             let on_demand = cache
@@ -479,7 +480,10 @@ fn clusters_reached_without_on_demand_discovery_are_pinned_whoever_owns_them() {
             .unwrap()
     };
     let on_demand = |name: &str| weft::translate::clusters_on_demand(service(name), &config);
-    let pinned = |name: &str| weft::translate::clusters_pinned(service(name), &config);
+    let pinned = |name: &str| {
+        let outbound = weft::translate::translate_service(service(name), &config, true);
+        weft::translate::clusters_pinned(service(name), &outbound, &config)
+    };
     assert_eq!(
         on_demand("db"),
         Vec::<String>::new(),

@@ -745,14 +745,16 @@ impl MeshPublisher {
         let mut spared_changed = false;
         for key in keys {
             let next = model.services.get(key).map(|service| {
+                let tls = translate_service(service, &self.config, true);
+                let on_demand = (
+                    clusters_on_demand(service, &self.config),
+                    clusters_pinned(service, &tls, &self.config),
+                );
                 EncodedService::new(
-                    translate_service(service, &self.config, true),
+                    tls,
                     translate_service(service, &self.config, false),
                     service_shape(std::iter::once(service), &self.config),
-                    (
-                        clusters_on_demand(service, &self.config),
-                        clusters_pinned(service, &self.config),
-                    ),
+                    on_demand,
                 )
             });
             match model.services.get(key) {

@@ -205,8 +205,13 @@ pub fn clusters_on_demand(service: &MeshService, config: &MeshConfig) -> Vec<Str
 /// Names of clusters that `service`'s resources reach where nothing fetches a missing
 /// cluster: the TCP proxies and per-address connection managers of its TCP and
 /// undeclared ports, and request mirrors. Every sidecar holds these from the start,
-/// whoever owns them. Sorted, without repeats.
-pub fn clusters_pinned(service: &MeshService, config: &MeshConfig) -> Vec<String> {
+/// whoever owns them. Reads the route tables of `outbound`, the service's translation.
+/// Sorted, without repeats.
+pub fn clusters_pinned(
+    service: &MeshService,
+    outbound: &ServiceOutbound,
+    config: &MeshConfig,
+) -> Vec<String> {
     use envoy_types::pb::envoy::config::route::v3::{route, route_action};
     use envoy_types::pb::envoy::extensions::filters::network::tcp_proxy::v3::tcp_proxy;
     let mut out = std::collections::BTreeSet::new();
@@ -225,13 +230,10 @@ pub fn clusters_pinned(service: &MeshService, config: &MeshConfig) -> Vec<String
             }
         }
     }
-    let configs = routes::service_route_configs(service, config)
-        .into_iter()
-        .chain(
-            routes::consumer_route_configs(service, config)
-                .into_iter()
-                .map(|(_, r)| r),
-        );
+    let configs = outbound
+        .routes
+        .iter()
+        .chain(outbound.consumer_routes.iter().map(|(_, r)| r));
     for rc in configs {
         let whole = own_listener_routes.contains(&rc.name);
         for r in rc.virtual_hosts.iter().flat_map(|v| &v.routes) {
