@@ -308,11 +308,11 @@ fn local_rate_limit(limit: Option<&RateLimitModel>) -> LocalRateLimit {
 }
 
 fn local_rate_limit_filter() -> HttpFilter {
-    super::envoy::http_filter(LOCAL_RATE_LIMIT_FILTER, &local_rate_limit(None))
+    http_filter(LOCAL_RATE_LIMIT_FILTER, &local_rate_limit(None))
 }
 
 fn fault_filter() -> HttpFilter {
-    super::envoy::http_filter(
+    http_filter(
         super::routes::FAULT_FILTER,
         &envoy_types::pb::envoy::extensions::filters::http::fault::v3::HttpFault::default(),
     )
