@@ -583,3 +583,38 @@ fn a_hostile_file_is_reported_like_a_broken_one_and_the_others_keep_serving() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_on_demand_annotation_is_read_and_an_unknown_value_reported() {
+    let annotated = |name: &str, value: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: a}}, annotations: {{weft.dev/outbound-clusters: \"{value}\"}}}}\nspec: {{containers: [{{name: c, image: i}}]}}\nstatus: {{podIP: 198.18.0.9}}\n"
+        )
+    };
+    let text = [
+        annotated("lazy", "on-demand"),
+        annotated("eager", "all"),
+        annotated("typo", "ondemand"),
+        pod("plain", "a", "198.18.0.8"),
+    ]
+    .join("---\n");
+    let index = index_of(&text);
+    let model = index.model();
+    let on_demand = |name: &str| {
+        model
+            .workloads
+            .values()
+            .find(|w| w.name == name)
+            .unwrap()
+            .clusters_on_demand
+    };
+    assert!(on_demand("lazy"));
+    assert!(!on_demand("eager") && !on_demand("typo") && !on_demand("plain"));
+    let reported: Vec<String> = model
+        .problems
+        .iter()
+        .map(|p| p.object.to_string())
+        .collect();
+    assert_eq!(reported, vec!["Pod default/typo"], "{:?}", model.problems);
+    assert!(model.problems[0].reason.contains("\"ondemand\""));
+}

@@ -579,13 +579,13 @@ pub(super) fn resolve_workload(
             .collect(),
         probes: probe_forwards(pod, &mut problems),
         egress: egress_scope(pod, &mut problems),
-        clusters_on_demand: clusters_on_demand(pod, &mut problems),
+        clusters_on_demand: asks_for_clusters_on_demand(pod, &mut problems),
     };
     (workload, problems, conflicts)
 }
 
 /// Whether the pod asks for on-demand clusters; another value is reported and ignored.
-fn clusters_on_demand(pod: &Pod, problems: &mut Vec<Problem>) -> bool {
+fn asks_for_clusters_on_demand(pod: &Pod, problems: &mut Vec<Problem>) -> bool {
     let value = pod
         .metadata
         .annotations
