@@ -124,12 +124,14 @@ async fn spawn_client(
                     encode_response(&resp, &mut wire);
                     let ack = DiscoveryRequest {
                         type_url: resp.type_url.clone(),
-                        version_info: resp.version_info.clone(),
+                        version_info: resp.version_info.to_string(),
                         response_nonce: resp.nonce.clone(),
                         ..Default::default()
                     };
                     if ack_tx.send(Ok(ack)).await.is_err()
-                        || seen_tx.send((resp.version_info, wire.len())).is_err()
+                        || seen_tx
+                            .send((resp.version_info.to_string(), wire.len()))
+                            .is_err()
                     {
                         return;
                     }
@@ -161,7 +163,7 @@ async fn spawn_client(
                     };
                     if ack_tx.send(Ok(ack)).await.is_err()
                         || seen_tx
-                            .send((resp.system_version_info, wire.len()))
+                            .send((resp.system_version_info.to_string(), wire.len()))
                             .is_err()
                     {
                         return;
@@ -255,7 +257,7 @@ fn encoding_ratio() -> (Duration, Duration) {
     let t = Instant::now();
     for _ in 0..rounds {
         let response = DiscoveryResponse {
-            version_info: shared.version_info.clone(),
+            version_info: shared.version_info.to_string(),
             type_url: shared.type_url.clone(),
             nonce: shared.nonce.clone(),
             resources: clusters

@@ -14,13 +14,13 @@ use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
 use crate::XdsError;
 use crate::resource::{Resource, type_url};
-use crate::snapshot::{Layer, Snapshot, TypedResources};
+use crate::snapshot::{Layer, Snapshot, TypedResources, Version};
 
 /// A response ready to go on the wire; resource bytes are shared, not copied.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdsResponse {
     /// `version_info` of the response.
-    pub version_info: String,
+    pub version_info: Version,
     /// Type URL of every resource in it.
     pub type_url: String,
     /// Nonce the proxy echoes back in its ACK or NACK.
@@ -55,7 +55,7 @@ pub enum RequestEvent {
     /// The proxy accepted the response with this version.
     Ack {
         /// The accepted version.
-        version: String,
+        version: Version,
     },
     /// The proxy rejected a response; it keeps its last good config.
     Nack(Nack),
@@ -69,7 +69,7 @@ pub enum RequestEvent {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Nack {
     /// Version the proxy rejected.
-    pub version: String,
+    pub version: Version,
     /// Nonce of the rejected response.
     pub nonce: String,
     /// Envoy's error message.
@@ -78,7 +78,7 @@ pub struct Nack {
 
 #[derive(Clone, Debug, Default)]
 struct Sent {
-    version: String,
+    version: Version,
     nonce: String,
     resources: TypedResources,
 }
@@ -93,7 +93,7 @@ struct TypeState {
     /// When the version in `sent` was first sent.
     sent_at: Option<SystemTime>,
     responses: u64,
-    acked_version: Option<String>,
+    acked_version: Option<Version>,
     /// When the proxy first ACKed `acked_version`.
     acked_at: Option<SystemTime>,
     nack: Option<Nack>,
@@ -105,9 +105,9 @@ pub struct TypeSync {
     /// Short type name (`CDS`, ...).
     pub type_name: &'static str,
     /// Version of the last response sent.
-    pub sent_version: Option<String>,
+    pub sent_version: Option<Version>,
     /// Version the proxy last ACKed.
-    pub acked_version: Option<String>,
+    pub acked_version: Option<Version>,
     /// Number of resources in the last response.
     pub sent_resources: usize,
     /// Responses sent for this type on this stream (a NACK loop would show here).
@@ -178,7 +178,7 @@ impl AdsConnection {
         record_ack(
             &mut state.acked_version,
             &mut state.acked_at,
-            &req.version_info,
+            &Version::from(req.version_info.as_str()),
         );
         state.nack = None;
         if names_changed && !is_new {
@@ -186,7 +186,7 @@ impl AdsConnection {
             return Ok(RequestEvent::SubscriptionChanged);
         }
         Ok(RequestEvent::Ack {
-            version: req.version_info.clone(),
+            version: req.version_info.as_str().into(),
         })
     }
 
@@ -206,8 +206,7 @@ impl AdsConnection {
             };
             let (desired, version) =
                 desired_resources(state.wildcard, &state.names, snapshot.resources(&type_url));
-            let unchanged =
-                state.sent.as_ref().map(|s| s.version.as_str()) == Some(version.as_str());
+            let unchanged = state.sent.as_ref().map(|s| &*s.version) == Some(&*version);
             let again = rewarm && type_url == type_url::ENDPOINT;
             if unchanged && !state.must_respond && !again {
                 continue;
@@ -236,9 +235,8 @@ impl AdsConnection {
             let mut layers = desired.layers().to_vec();
             layers.push(Arc::new(Layer::new(removed)));
             let union = TypedResources::from_layers(layers);
-            let union_version = union.version().to_string();
-            let sent_version = state.sent.as_ref().map(|s| s.version.clone());
-            if sent_version.as_deref() != Some(union_version.as_str()) {
+            let union_version = union.shared_version();
+            if state.sent.as_ref().map(|s| &*s.version) != Some(&*union_version) {
                 out.push(self.respond(&type_url, union, union_version));
             }
             removals.push((type_url, desired, version));
@@ -253,7 +251,7 @@ impl AdsConnection {
         &mut self,
         type_url: &str,
         resources: TypedResources,
-        version_info: String,
+        version_info: Version,
     ) -> AdsResponse {
         self.nonce_seq += 1;
         let nonce = self.nonce_seq.to_string();
@@ -266,7 +264,7 @@ impl AdsConnection {
         let state = self.types.entry(type_url.to_string()).or_default();
         state.must_respond = false;
         state.responses += 1;
-        if state.sent.as_ref().map(|s| s.version.as_str()) != Some(version_info.as_str()) {
+        if state.sent.as_ref().map(|s| &*s.version) != Some(&*version_info) {
             state.sent_at = Some(SystemTime::now());
         }
         state.sent = Some(Sent {
@@ -307,12 +305,12 @@ impl AdsConnection {
 
 /// Records an ACK of `version`, stamping the time when it is a new one.
 pub(crate) fn record_ack(
-    acked_version: &mut Option<String>,
+    acked_version: &mut Option<Version>,
     acked_at: &mut Option<SystemTime>,
-    version: &str,
+    version: &Version,
 ) {
-    if acked_version.as_deref() != Some(version) {
-        *acked_version = Some(version.to_string());
+    if acked_version.as_deref() != Some(&**version) {
+        *acked_version = Some(version.clone());
         *acked_at = Some(SystemTime::now());
     }
 }
@@ -342,20 +340,20 @@ pub(crate) fn desired_resources(
     wildcard: bool,
     names: &BTreeSet<String>,
     available: Option<&TypedResources>,
-) -> (TypedResources, String) {
+) -> (TypedResources, Version) {
     let Some(available) = available else {
         let empty = TypedResources::default();
-        let version = empty.version().to_string();
+        let version = empty.shared_version();
         return (empty, version);
     };
     if wildcard || available.iter().all(|r| names.contains(r.name())) {
-        return (available.clone(), available.version().to_string());
+        return (available.clone(), available.shared_version());
     }
     let subset: BTreeMap<String, Resource> = names
         .iter()
         .filter_map(|n| available.get(n).map(|r| (n.clone(), r.clone())))
         .collect();
     let view = TypedResources::single(Arc::new(Layer::from_map(subset)));
-    let version = view.version().to_string();
+    let version = view.shared_version();
     (view, version)
 }

@@ -18,13 +18,13 @@ use crate::connection::{
     Nack, RequestEvent, TypeSync, desired_resources, record_ack, remember_node,
 };
 use crate::resource::{Resource, type_url};
-use crate::snapshot::{LayerRef, Snapshot, TypedResources, lock};
+use crate::snapshot::{LayerRef, Snapshot, TypedResources, Version, lock};
 
 /// A delta response ready to go on the wire; resource bytes are shared, not copied.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct DeltaResponse {
     /// `system_version_info`: the version of the type's whole set after this response.
-    pub system_version_info: String,
+    pub system_version_info: Version,
     /// Type URL of every resource in it.
     pub type_url: String,
     /// Nonce the proxy echoes back in its ACK or NACK.
@@ -287,17 +287,21 @@ struct DeltaTypeState {
     known: Known,
     /// Subscribed names the proxy must hear about even when they do not exist.
     unanswered: BTreeSet<String>,
+    /// `known` is a whole view the snapshot offered, every name of it subscribed: the
+    /// next view is then whole too unless what changed names an unsubscribed resource,
+    /// which the diff tells without walking thousands of subscribed names.
+    covered: bool,
     /// A request is waiting for a response even if nothing changed.
     must_respond: bool,
     /// Version of the type's set per nonce in flight, to report ACKs.
     /// (nonce, version), oldest first: a few at most, so a vector (a map's first node
     /// costs half a KiB per type per stream).
-    in_flight: Vec<(u64, String)>,
-    sent_version: Option<String>,
+    in_flight: Vec<(u64, Version)>,
+    sent_version: Option<Version>,
     /// When `sent_version` was first sent.
     sent_at: Option<SystemTime>,
     responses: u64,
-    acked_version: Option<String>,
+    acked_version: Option<Version>,
     /// When the proxy first ACKed `acked_version`.
     acked_at: Option<SystemTime>,
     nack: Option<Nack>,
@@ -364,6 +368,7 @@ impl DeltaAdsConnection {
                 state.wildcard = false;
             } else if state.names.remove(name) {
                 state.unanswered.remove(name);
+                state.covered = false;
                 self.subscriptions += 1;
             }
             // The proxy drops what it unsubscribed from; it must not hear of it again.
@@ -425,9 +430,28 @@ impl DeltaAdsConnection {
             let Some(state) = self.types.get_mut(&type_url) else {
                 continue;
             };
-            let (desired, version) =
-                desired_resources(state.wildcard, &state.names, snapshot.resources(&type_url));
-            let mut diff = state.known.diff(&desired, &self.memo);
+            let available = snapshot.resources(&type_url);
+            let still_covered = match (&state.known, available) {
+                (Known::Sent(sent), Some(available)) if state.covered && !state.wildcard => {
+                    let diff = diff_views(sent, available, &self.memo);
+                    let subscribed = diff.changed.iter().all(|r| state.names.contains(r.name()));
+                    subscribed.then(|| (available.clone(), available.shared_version(), diff))
+                }
+                _ => None,
+            };
+            let (desired, version, mut diff) = match still_covered {
+                Some(found) => found,
+                None => {
+                    let (desired, version) =
+                        desired_resources(state.wildcard, &state.names, available);
+                    let diff = state.known.diff(&desired, &self.memo);
+                    (desired, version, diff)
+                }
+            };
+            state.covered = available.is_some_and(|a| {
+                let (a, d) = (a.layers(), desired.layers());
+                a.len() == d.len() && a.iter().zip(d).all(|(a, d)| Arc::ptr_eq(a, d))
+            });
             if type_url == type_url::CLUSTER && state.known.len() > 0 {
                 rewarm = diff
                     .changed
@@ -492,14 +516,14 @@ impl DeltaAdsConnection {
         shared: Arc<Vec<Resource>>,
         span: Range<usize>,
         removed: Vec<String>,
-        version: &str,
+        version: &Version,
     ) -> DeltaResponse {
-        let version = version.to_string();
+        let version = version.clone();
         self.nonce_seq += 1;
         let nonce = self.nonce_seq.to_string();
         let state = self.types.entry(type_url.to_string()).or_default();
         state.responses += 1;
-        if state.sent_version.as_deref() != Some(version.as_str()) {
+        if state.sent_version.as_deref() != Some(&*version) {
             state.sent_at = Some(SystemTime::now());
         }
         state.sent_version = Some(version.clone());

@@ -67,9 +67,9 @@ impl WireResponse for AdsResponse {
         encode_response(self, dst);
     }
     fn encoded_len(&self) -> usize {
-        [&self.version_info, &self.type_url, &self.nonce]
+        [&*self.version_info, &self.type_url, &self.nonce]
             .into_iter()
-            .map(|s| string_field_len(s))
+            .map(string_field_len)
             .sum::<usize>()
             + self.entries().map(Bytes::len).sum::<usize>()
     }
@@ -89,10 +89,10 @@ impl WireResponse for DeltaResponse {
         encode_delta_response(self, dst);
     }
     fn encoded_len(&self) -> usize {
-        [&self.system_version_info, &self.type_url, &self.nonce]
+        [&*self.system_version_info, &self.type_url, &self.nonce]
             .into_iter()
-            .chain(&self.removed)
-            .map(|s| string_field_len(s))
+            .chain(self.removed.iter().map(String::as_str))
+            .map(string_field_len)
             .sum::<usize>()
             + self
                 .resources()
@@ -665,7 +665,9 @@ async fn run_stream<P, S>(
         }
         if touched || sent {
             let mut s = lock(&slot);
-            s.node_id = conn.node_id().map(str::to_string);
+            if s.node_id.as_deref() != conn.node_id() {
+                s.node_id = conn.node_id().map(str::to_string);
+            }
             s.peer = peer;
             s.types = conn.sync_state();
             s.denied = denied.clone();
@@ -685,7 +687,7 @@ struct AdsDecoder<P>(std::marker::PhantomData<P>);
 pub fn encode_response(response: &AdsResponse, dst: &mut impl BufMut) {
     // Field numbers of DiscoveryResponse: version_info = 1, resources = 2, type_url = 4, nonce = 5.
     for (field, value) in [
-        (1, &response.version_info),
+        (1, &*response.version_info),
         (4, &response.type_url),
         (5, &response.nonce),
     ] {

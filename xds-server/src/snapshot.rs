@@ -17,8 +17,12 @@ use crate::resource::{Resource, fnv1a};
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Layer {
     items: BTreeMap<String, Resource>,
-    version: String,
+    version: Version,
 }
+
+/// The version of a set of resources; shared, so the streams that send and the
+/// registry that reports it copy a pointer, not a string.
+pub type Version = Arc<str>;
 
 /// A layer shared between views, snapshots and streams.
 pub type LayerRef = Arc<Layer>;
@@ -36,7 +40,7 @@ impl Layer {
 
     /// A layer of an existing map.
     pub fn from_map(items: BTreeMap<String, Resource>) -> Self {
-        let version = set_version(items.values());
+        let version = set_version(items.values()).into();
         Self { items, version }
     }
 
@@ -62,9 +66,12 @@ impl Layer {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct TypedResources {
     layers: Vec<LayerRef>,
-    version: String,
+    version: Version,
     /// Whether some name is held by more than one layer.
     overlap: bool,
+    /// Number of resources, shadowed ones not counted (reported per stream on every
+    /// response and ACK, so counted once here).
+    len: usize,
 }
 
 impl Default for TypedResources {
@@ -77,20 +84,29 @@ impl TypedResources {
     /// A view of `layers`; empty layers are dropped. One layer keeps its own version,
     /// several get a hash of theirs.
     pub fn from_layers(layers: Vec<LayerRef>) -> Self {
-        let layers: Vec<LayerRef> = layers.into_iter().filter(|l| !l.items.is_empty()).collect();
+        let mut layers = layers;
+        layers.retain(|l| !l.items.is_empty());
         let version = match layers.as_slice() {
-            [] => set_version(std::iter::empty()),
+            [] => empty_version(),
             [one] => one.version.clone(),
             many => {
-                let joined: Vec<&str> = many.iter().map(|l| l.version.as_str()).collect();
-                format!("{:016x}", fnv1a(joined.join("+").as_bytes()))
+                let mut joined = String::new();
+                for (i, l) in many.iter().enumerate() {
+                    if i > 0 {
+                        joined.push('+');
+                    }
+                    joined.push_str(&l.version);
+                }
+                format!("{:016x}", fnv1a(joined.as_bytes())).into()
             }
         };
-        let overlap = overlapping(&layers);
+        let shadowed = shadowed(&layers);
+        let len = layers.iter().map(|l| l.items.len()).sum::<usize>() - shadowed;
         Self {
             layers,
             version,
-            overlap,
+            overlap: shadowed > 0,
+            len,
         }
     }
 
@@ -109,6 +125,11 @@ impl TypedResources {
         &self.version
     }
 
+    /// Version of the whole view, shared.
+    pub fn shared_version(&self) -> Version {
+        self.version.clone()
+    }
+
     /// The resource named `name`, from whichever layer holds it.
     pub fn get(&self, name: &str) -> Option<&Resource> {
         self.layers.iter().find_map(|l| l.items.get(name))
@@ -121,10 +142,7 @@ impl TypedResources {
 
     /// Number of resources (shadowed ones not counted).
     pub fn len(&self) -> usize {
-        if self.overlap {
-            return self.iter().count();
-        }
-        self.layers.iter().map(|l| l.items.len()).sum()
+        self.len
     }
 
     /// Whether the view is empty.
@@ -144,19 +162,30 @@ impl TypedResources {
     }
 }
 
-/// Whether two of `layers` hold the same name. Walks the smaller side of each pair, so a
-/// small layer next to a mesh-sized one costs its own size in lookups.
-fn overlapping(layers: &[LayerRef]) -> bool {
-    layers.iter().enumerate().any(|(i, a)| {
-        layers[i + 1..].iter().any(|b| {
-            let (small, big) = if a.items.len() <= b.items.len() {
-                (a, b)
-            } else {
-                (b, a)
-            };
-            small.items.keys().any(|n| big.items.contains_key(n))
-        })
-    })
+/// How many names of `layers` an earlier layer already holds (each later holder of a
+/// name counts once). Walks the smaller side at each layer, so a small layer next to a
+/// mesh-sized one costs its own size in lookups.
+fn shadowed(layers: &[LayerRef]) -> usize {
+    let mut count = 0;
+    for (j, layer) in layers.iter().enumerate().skip(1) {
+        let earlier = &layers[..j];
+        let earlier_len: usize = earlier.iter().map(|l| l.items.len()).sum();
+        count += if layer.items.len() <= earlier_len {
+            layer
+                .items
+                .keys()
+                .filter(|n| earlier.iter().any(|e| e.items.contains_key(*n)))
+                .count()
+        } else {
+            let names: std::collections::BTreeSet<&String> =
+                earlier.iter().flat_map(|e| e.items.keys()).collect();
+            names
+                .into_iter()
+                .filter(|n| layer.items.contains_key(*n))
+                .count()
+        };
+    }
+    count
 }
 
 /// Everything one proxy should have, by type URL.
@@ -203,18 +232,37 @@ impl Snapshot {
     }
 
     /// The layers of `parts`, in order, type by type: shared snapshots first, then a
-    /// proxy's own. Nothing is copied but layer references.
+    /// proxy's own. Nothing is copied but layer references, and a type only one part
+    /// has keeps that part's view as it is (every stream composes its view on every
+    /// change of a shared layer, so this runs a thousand times per change).
     pub fn layered(parts: &[&Snapshot]) -> Self {
-        let mut out = Snapshot::new();
+        let mut stacked: BTreeMap<&str, Vec<&TypedResources>> = BTreeMap::new();
         for part in parts {
             for (type_url, typed) in &part.types {
-                for layer in &typed.layers {
-                    out.add_layer(type_url, layer.clone());
-                }
+                stacked.entry(type_url.as_str()).or_default().push(typed);
             }
         }
-        out
+        let types = stacked
+            .into_iter()
+            .map(|(type_url, views)| {
+                let view = match views.as_slice() {
+                    [one] => (*one).clone(),
+                    many => TypedResources::from_layers(
+                        many.iter().flat_map(|v| v.layers.iter().cloned()).collect(),
+                    ),
+                };
+                (type_url.to_string(), view)
+            })
+            .collect();
+        Self { types }
     }
+}
+
+/// The version of the empty set, computed once.
+fn empty_version() -> Version {
+    static EMPTY: std::sync::LazyLock<Version> =
+        std::sync::LazyLock::new(|| set_version(std::iter::empty()).into());
+    EMPTY.clone()
 }
 
 /// Version of a set of resources: a hash of their names and versions.

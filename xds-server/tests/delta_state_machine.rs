@@ -93,7 +93,7 @@ fn the_wire_form_is_a_delta_discovery_response_with_named_versioned_resources() 
     let wire = decode(&out[0]);
     assert_eq!(wire.type_url, type_url::CLUSTER);
     assert_eq!(wire.nonce, out[0].nonce);
-    assert_eq!(wire.system_version_info, out[0].system_version_info);
+    assert_eq!(wire.system_version_info, &*out[0].system_version_info);
     assert_eq!(wire.resources.len(), 1);
     let r = &wire.resources[0];
     assert_eq!(r.name, "a");
@@ -446,4 +446,78 @@ fn a_changed_cluster_gets_its_unchanged_endpoints_again_to_finish_warming() {
         vec![("CDS", vec!["a", "c"]), ("EDS", vec!["a"])],
         "{next:?}"
     );
+}
+
+#[test]
+fn a_subscription_covering_the_whole_view_still_gets_only_its_names_when_the_view_grows() {
+    use std::sync::Arc;
+    use weft_xds::Layer;
+    let mut conn = DeltaAdsConnection::new();
+    conn.on_request(&subscribe(type_url::ROUTE, &["a", "b"]))
+        .unwrap();
+    let acked = |conn: &mut DeltaAdsConnection, out: &[DeltaResponse]| {
+        for r in out {
+            conn.on_request(&ack(&r.type_url, &r.nonce)).unwrap();
+        }
+    };
+    let first = Arc::new(Layer::new([route("a", "a"), route("b", "b")]));
+    let out = conn.next_responses(&routes(&[&first]));
+    assert_eq!(names(&out[0]), vec!["a", "b"]);
+    acked(&mut conn, &out);
+
+    // The shared layer changes a and gains c, which nobody asked for: only a goes out.
+    let grown = Arc::new(Layer::new([
+        route("a", "a2"),
+        route("b", "b"),
+        route("c", "c"),
+    ]));
+    let out = conn.next_responses(&routes(&[&grown]));
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(names(&out[0]), vec!["a"]);
+    acked(&mut conn, &out);
+
+    // A change to c alone is none of the proxy's business; one to b is.
+    let c2 = Arc::new(Layer::new([
+        route("a", "a2"),
+        route("b", "b2"),
+        route("c", "c2"),
+    ]));
+    let out = conn.next_responses(&routes(&[&c2]));
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(names(&out[0]), vec!["b"]);
+    acked(&mut conn, &out);
+
+    // Subscribing to c brings it; the view is whole again, and a later change to c
+    // (and only that) goes out.
+    conn.on_request(&subscribe(type_url::ROUTE, &["c"]))
+        .unwrap();
+    let out = conn.next_responses(&routes(&[&c2]));
+    assert_eq!(names(&out[0]), vec!["c"]);
+    acked(&mut conn, &out);
+    let c3 = Arc::new(Layer::new([
+        route("a", "a2"),
+        route("b", "b2"),
+        route("c", "c3"),
+        route("d", "d"),
+    ]));
+    let out = conn.next_responses(&routes(&[&c3]));
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(names(&out[0]), vec!["c"]);
+    acked(&mut conn, &out);
+
+    // Unsubscribing from a: later changes to a are not sent, b's are.
+    conn.on_request(&DeltaDiscoveryRequest {
+        resource_names_unsubscribe: vec!["a".into()],
+        ..subscribe(type_url::ROUTE, &[])
+    })
+    .unwrap();
+    let a4 = Arc::new(Layer::new([
+        route("a", "a4"),
+        route("b", "b4"),
+        route("c", "c3"),
+    ]));
+    let out = conn.next_responses(&routes(&[&a4]));
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(names(&out[0]), vec!["b"]);
+    assert!(out[0].removed.is_empty(), "{out:?}");
 }

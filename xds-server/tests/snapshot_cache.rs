@@ -246,3 +246,76 @@ async fn a_stream_wakes_only_for_what_it_is_served() {
     cache.set_fallback(snap(&["fallback"]));
     assert!(wakes(&mut watch).await);
 }
+
+#[test]
+fn a_view_counts_each_name_once_however_its_layers_overlap() {
+    use weft_xds::{Layer, TypedResources};
+    let layer = |names: &[&str]| {
+        Arc::new(Layer::new(
+            snap(names)
+                .resources(type_url::CLUSTER)
+                .unwrap()
+                .iter()
+                .cloned(),
+        ))
+    };
+    let big: Vec<String> = (0..50).map(|i| format!("c{i:02}")).collect();
+    let big: Vec<&str> = big.iter().map(String::as_str).collect();
+    // Small over big, big over small, a name in three layers, disjoint layers.
+    let cases: Vec<Vec<Arc<Layer>>> = vec![
+        vec![layer(&["c01", "x"]), layer(&big)],
+        vec![layer(&big), layer(&["c01", "x"])],
+        vec![layer(&["c01"]), layer(&["c01", "c02"]), layer(&big)],
+        vec![
+            layer(&["c01", "c02"]),
+            layer(&["c02", "c03"]),
+            layer(&["c01", "c03", "y"]),
+        ],
+        vec![layer(&["a"]), layer(&["b"]), layer(&big)],
+    ];
+    for layers in cases {
+        let view = TypedResources::from_layers(layers.clone());
+        let mut seen: Vec<&str> = view.iter().map(|r| r.name()).collect();
+        let walked = seen.len();
+        seen.sort();
+        seen.dedup();
+        assert_eq!(seen.len(), walked, "a shadowed name is walked once");
+        assert_eq!(
+            view.len(),
+            walked,
+            "layers {:?}",
+            layers.iter().map(|l| l.items().len()).collect::<Vec<_>>()
+        );
+    }
+}
+
+#[test]
+fn composing_shares_a_part_alone_in_its_type_and_stacks_the_rest_in_order() {
+    let shared = snap(&["a", "b"]);
+    let mut own = snap(&["b", "mine"]);
+    own.add_layer(
+        type_url::ENDPOINT,
+        Arc::new(weft_xds::Layer::new(
+            snap(&["e"])
+                .resources(type_url::CLUSTER)
+                .unwrap()
+                .iter()
+                .cloned(),
+        )),
+    );
+    let view = Snapshot::layered(&[&shared, &own]);
+    // Endpoints only the node's own part has: its view as it was.
+    assert_eq!(
+        view.resources(type_url::ENDPOINT),
+        own.resources(type_url::ENDPOINT)
+    );
+    // Clusters of both: shared layer first, then the node's.
+    let clusters = view.resources(type_url::CLUSTER).unwrap();
+    assert_eq!(clusters.layers().len(), 2);
+    assert!(Arc::ptr_eq(
+        &clusters.layers()[0],
+        &shared.resources(type_url::CLUSTER).unwrap().layers()[0]
+    ));
+    assert_eq!(clusters.len(), 3, "b counts once");
+    assert_eq!(names(&view), vec!["a", "b", "mine"]);
+}

@@ -73,7 +73,7 @@ fn initial_request_gets_full_state_and_encodes_as_discovery_response() {
     let resp = decode(&out[0]);
     assert_eq!(resp.type_url, type_url::CLUSTER);
     assert_eq!(resp.nonce, out[0].nonce);
-    assert_eq!(resp.version_info, out[0].version_info);
+    assert_eq!(resp.version_info, &*out[0].version_info);
     let names: Vec<String> = resp
         .resources
         .iter()
@@ -110,10 +110,7 @@ fn ack_with_unchanged_snapshot_sends_nothing() {
             .is_empty()
     );
     let sync = conn.sync_state();
-    assert_eq!(
-        sync[0].acked_version.as_deref(),
-        Some(first.version_info.as_str())
-    );
+    assert_eq!(sync[0].acked_version.as_deref(), Some(&*first.version_info));
 }
 
 #[test]

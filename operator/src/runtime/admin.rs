@@ -179,8 +179,8 @@ impl From<&TypeSync> for TypeStatus {
         Self {
             type_name: t.type_name.to_string(),
             state: state.to_string(),
-            sent: t.sent_version.clone(),
-            acked: t.acked_version.clone(),
+            sent: t.sent_version.as_deref().map(str::to_string),
+            acked: t.acked_version.as_deref().map(str::to_string),
             resources: t.sent_resources,
             responses: t.responses,
             nack: t.last_nack.as_ref().map(|n| n.message.clone()),
