@@ -336,9 +336,9 @@ pub(crate) fn remember_node(
 
 /// What a subscription wants from what is available, and that set's version.
 /// Shares the snapshot's layers when the subscription covers all of them (the usual case).
-pub(crate) fn desired_resources(
+pub(crate) fn desired_resources<N: std::borrow::Borrow<str> + Ord>(
     wildcard: bool,
-    names: &BTreeSet<String>,
+    names: &BTreeSet<N>,
     available: Option<&TypedResources>,
 ) -> (TypedResources, Version) {
     let Some(available) = available else {
@@ -346,12 +346,15 @@ pub(crate) fn desired_resources(
         let version = empty.shared_version();
         return (empty, version);
     };
-    if wildcard || available.iter().all(|r| names.contains(r.name())) {
+    // Fewer names than resources cannot cover them all (no walk for a proxy that
+    // subscribes to a few names of a mesh-wide view).
+    let may_cover = names.len() >= available.len();
+    if wildcard || (may_cover && available.iter().all(|r| names.contains(r.name()))) {
         return (available.clone(), available.shared_version());
     }
     let subset: BTreeMap<String, Resource> = names
         .iter()
-        .filter_map(|n| available.get(n).map(|r| (n.clone(), r.clone())))
+        .filter_map(|n| available.get(n.borrow()).map(|r| (r.name().to_string(), r.clone())))
         .collect();
     let view = TypedResources::single(Arc::new(Layer::from_map(subset)));
     let version = view.shared_version();

@@ -18,7 +18,7 @@ use crate::connection::{
     Nack, RequestEvent, TypeSync, desired_resources, record_ack, remember_node,
 };
 use crate::resource::{Resource, type_url};
-use crate::snapshot::{LayerRef, Snapshot, TypedResources, Version, lock};
+use crate::snapshot::{Layer, LayerRef, Snapshot, TypedResources, Version, lock};
 
 /// A delta response ready to go on the wire; resource bytes are shared, not copied.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -124,13 +124,15 @@ impl Known {
         }
     }
 
-    fn forget(&mut self, name: &str) {
+    /// Drops `name`; `withheld` names of a sent view are not the proxy's either.
+    fn forget(&mut self, name: &str, withheld: &BTreeSet<String>) {
         if !self.contains(name) {
             return;
         }
         let mut versions = match self {
             Self::Sent(m) => m
                 .iter()
+                .filter(|r| !withheld.contains(r.name()))
                 .map(|r| (r.name().to_string(), r.version().to_string()))
                 .collect(),
             Self::Versions(v) => std::mem::take(v),
@@ -282,15 +284,19 @@ impl DiffMemo {
 struct DeltaTypeState {
     wildcard: bool,
     /// Names subscribed explicitly.
-    names: BTreeSet<String>,
+    names: BTreeSet<Name>,
     /// What the proxy has.
     known: Known,
     /// Subscribed names the proxy must hear about even when they do not exist.
-    unanswered: BTreeSet<String>,
-    /// `known` is a whole view the snapshot offered, every name of it subscribed: the
-    /// next view is then whole too unless what changed names an unsubscribed resource,
-    /// which the diff tells without walking thousands of subscribed names.
+    unanswered: BTreeSet<Name>,
+    /// `known` is a whole view the snapshot offered, every name of it subscribed or
+    /// `withheld`: the next view's diff (memoised across streams) then tells what to
+    /// send without walking thousands of subscribed names.
     covered: bool,
+    /// Names of the `known` view the proxy was not sent because it has not subscribed
+    /// to them (yet: a new cluster's endpoints come before the proxy asks for them).
+    /// A few at most; more, and the stream keeps a view of its own instead.
+    withheld: BTreeSet<String>,
     /// A request is waiting for a response even if nothing changed.
     must_respond: bool,
     /// Version of the type's set per nonce in flight, to report ACKs.
@@ -317,6 +323,9 @@ pub struct DeltaAdsConnection {
     memo: Arc<DiffMemo>,
     /// Bumped whenever an explicit subscription is added or dropped.
     subscriptions: u64,
+    /// Explicit subscriptions added or dropped since the last drain, in order; `None`
+    /// once more than [`MAX_LOGGED_CHANGES`] piled up (the reader then starts over).
+    changes: Option<Vec<SubscriptionChange>>,
 }
 
 impl DeltaAdsConnection {
@@ -355,24 +364,31 @@ impl DeltaAdsConnection {
                 && req.resource_names_subscribe.is_empty();
             state.must_respond = true;
         }
-        for name in &req.resource_names_subscribe {
-            if name == "*" {
-                state.wildcard = true;
-            } else if state.names.insert(name.clone()) {
-                state.unanswered.insert(name.clone());
+        if req.resource_names_subscribe.iter().any(|n| n == "*") {
+            state.wildcard = true;
+        }
+        for name in intern(&req.resource_names_subscribe) {
+            if state.names.insert(name.clone()) {
+                log_change(&mut self.changes, &req.type_url, &name, true);
+                state.unanswered.insert(name);
                 self.subscriptions += 1;
             }
         }
         for name in &req.resource_names_unsubscribe {
             if name == "*" {
                 state.wildcard = false;
-            } else if state.names.remove(name) {
-                state.unanswered.remove(name);
+            } else if state.names.remove(name.as_str()) {
+                state.unanswered.remove(name.as_str());
                 state.covered = false;
                 self.subscriptions += 1;
+                log_change(&mut self.changes, &req.type_url, name, false);
             }
             // The proxy drops what it unsubscribed from; it must not hear of it again.
-            state.known.forget(name);
+            state.known.forget(name, &state.withheld);
+            if !state.withheld.is_empty() && matches!(state.known, Known::Versions(_)) {
+                state.withheld.clear();
+                state.covered = false;
+            }
         }
         if !req.resource_names_subscribe.is_empty() {
             state.must_respond = true;
@@ -434,8 +450,8 @@ impl DeltaAdsConnection {
             let still_covered = match (&state.known, available) {
                 (Known::Sent(sent), Some(available)) if state.covered && !state.wildcard => {
                     let diff = diff_views(sent, available, &self.memo);
-                    let subscribed = diff.changed.iter().all(|r| state.names.contains(r.name()));
-                    subscribed.then(|| (available.clone(), available.shared_version(), diff))
+                    withhold(state, diff, available)
+                        .map(|diff| (available.clone(), available.shared_version(), diff))
                 }
                 _ => None,
             };
@@ -445,6 +461,7 @@ impl DeltaAdsConnection {
                     let (desired, version) =
                         desired_resources(state.wildcard, &state.names, available);
                     let diff = state.known.diff(&desired, &self.memo);
+                    state.withheld.clear();
                     (desired, version, diff)
                 }
             };
@@ -464,7 +481,7 @@ impl DeltaAdsConnection {
                 let going: BTreeSet<&str> = diff.changed.iter().map(Resource::name).collect();
                 let again: Vec<Resource> = rewarm
                     .iter()
-                    .filter(|n| !going.contains(n.as_str()))
+                    .filter(|n| !going.contains(n.as_str()) && !state.withheld.contains(*n))
                     .filter_map(|n| desired.get(n).cloned())
                     .collect();
                 if !again.is_empty() {
@@ -484,7 +501,7 @@ impl DeltaAdsConnection {
                     .unanswered
                     .iter()
                     .filter(|n| !desired.contains(n) && !state.known.contains(n))
-                    .cloned(),
+                    .map(|n| n.to_string()),
             );
             removed.sort();
             removed.dedup();
@@ -553,11 +570,39 @@ impl DeltaAdsConnection {
         self.subscriptions
     }
 
+    /// The explicit subscriptions added or dropped since the last call, in order; `None`
+    /// if too many to list (walk [`DeltaAdsConnection::visit_explicit_names`] instead).
+    pub fn drain_subscription_changes(&mut self) -> Option<Vec<SubscriptionChange>> {
+        self.changes.replace(Vec::new())
+    }
+
+    /// Whether `name` of `type_url` is subscribed explicitly.
+    pub fn is_explicit(&self, type_url: &str, name: &str) -> bool {
+        self.types
+            .get(type_url)
+            .is_some_and(|s| s.names.contains(name))
+    }
+
+    /// What changed from `old` to `new`, with the diffs of shared layers memoised.
+    pub fn view_diff(&self, old: &TypedResources, new: &TypedResources) -> Arc<Diff> {
+        diff_views(old, new, &self.memo)
+    }
+
     /// What the proxy was sent last, per type (a type known only by the versions the
     /// proxy declared on reconnect is left out until it is answered).
     pub fn served(&self) -> Snapshot {
         Snapshot::from_views(self.types.iter().filter_map(|(t, s)| match &s.known {
-            Known::Sent(view) => Some((t.clone(), view.clone())),
+            Known::Sent(view) if s.withheld.is_empty() => Some((t.clone(), view.clone())),
+            Known::Sent(view) => {
+                let sent = view
+                    .iter()
+                    .filter(|r| !s.withheld.contains(r.name()))
+                    .cloned();
+                Some((
+                    t.clone(),
+                    TypedResources::single(Arc::new(Layer::new(sent))),
+                ))
+            }
             Known::Versions(_) => None,
         }))
     }
@@ -570,7 +615,7 @@ impl DeltaAdsConnection {
                 type_name: type_url::short_name(t),
                 sent_version: s.sent_version.clone(),
                 acked_version: s.acked_version.clone(),
-                sent_resources: s.known.len(),
+                sent_resources: s.known.len() - s.withheld.len(),
                 responses: s.responses,
                 last_nack: s.nack.clone(),
                 sent_at: s.sent_at,
@@ -578,6 +623,133 @@ impl DeltaAdsConnection {
             })
             .collect()
     }
+}
+
+/// A subscribed resource name, shared: a thousand proxies subscribing to the same
+/// thousand endpoints hold one copy of each name, not a thousand.
+type Name = Arc<str>;
+
+/// Every subscribed name in the process, one copy each.
+static NAMES: std::sync::LazyLock<Mutex<NameTable>> = std::sync::LazyLock::new(Mutex::default);
+
+#[derive(Debug, Default)]
+struct NameTable {
+    names: std::collections::HashSet<Name>,
+    /// Size at which names no stream holds any more are swept out.
+    sweep_at: usize,
+}
+
+/// Smallest table that is swept.
+const MIN_SWEEP: usize = 4096;
+
+/// `names` (but `*`) as shared copies, under one lock for a whole request.
+fn intern(names: &[String]) -> Vec<Name> {
+    if names.is_empty() {
+        return Vec::new();
+    }
+    let mut table = lock(&NAMES);
+    let out = names
+        .iter()
+        .filter(|n| *n != "*")
+        .map(|n| match table.names.get(n.as_str()) {
+            Some(shared) => shared.clone(),
+            None => {
+                let shared: Name = Arc::from(n.as_str());
+                table.names.insert(shared.clone());
+                shared
+            }
+        })
+        .collect();
+    if table.names.len() >= table.sweep_at {
+        table.names.retain(|n| Arc::strong_count(n) > 1);
+        table.sweep_at = (table.names.len() * 2).max(MIN_SWEEP);
+    }
+    out
+}
+
+/// An explicit subscription added or dropped.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SubscriptionChange {
+    /// Type URL of the name.
+    pub type_url: String,
+    /// The resource name.
+    pub name: String,
+    /// Added (or dropped).
+    pub subscribed: bool,
+}
+
+/// Most subscription changes remembered between two drains: a proxy subscribing to a
+/// whole mesh at once is walked in full instead of listed.
+const MAX_LOGGED_CHANGES: usize = 256;
+
+fn log_change(log: &mut Option<Vec<SubscriptionChange>>, type_url: &str, name: &str, on: bool) {
+    if let Some(changes) = log {
+        if changes.len() >= MAX_LOGGED_CHANGES {
+            *log = None;
+            return;
+        }
+        changes.push(SubscriptionChange {
+            type_url: type_url.to_string(),
+            name: name.to_string(),
+            subscribed: on,
+        });
+    }
+}
+
+/// Most names a stream withholds from a view before it keeps a view of its own.
+const MAX_WITHHELD: usize = 64;
+
+/// The part of `diff` (from `state`'s covered view to `available`) the proxy may get:
+/// changes to names it has not subscribed to are withheld, withheld names it has now
+/// subscribed to are sent, and withheld names that went are not its to remove. The
+/// memo's shared diff as is when none of that applies (the usual case); `None` when too
+/// much would be withheld.
+fn withhold(
+    state: &mut DeltaTypeState,
+    diff: Arc<Diff>,
+    available: &TypedResources,
+) -> Option<Arc<Diff>> {
+    let names = &state.names;
+    let withheld = &state.withheld;
+    let touches = diff.changed.iter().any(|r| !names.contains(r.name()))
+        || (!withheld.is_empty()
+            && (diff.removed.iter().any(|n| withheld.contains(n))
+                || state.unanswered.iter().any(|n| withheld.contains(&**n))));
+    if !touches {
+        return Some(diff);
+    }
+    let mut next = withheld.clone();
+    let (mut changed, mut removed) = (Vec::new(), Vec::new());
+    for r in diff.changed.iter() {
+        if names.contains(r.name()) {
+            next.remove(r.name());
+            changed.push(r.clone());
+        } else {
+            next.insert(r.name().to_string());
+        }
+    }
+    for name in &diff.removed {
+        if !next.remove(name) {
+            removed.push(name.clone());
+        }
+    }
+    for name in &state.unanswered {
+        if next.remove(&**name)
+            && let Some(r) = available.get(name)
+        {
+            changed.push(r.clone());
+        }
+    }
+    if next.len() > MAX_WITHHELD {
+        return None;
+    }
+    state.withheld = next;
+    changed.sort_by(|a, b| a.name().cmp(b.name()));
+    changed.dedup_by(|a, b| a.name() == b.name());
+    Some(Arc::new(Diff {
+        changed: Arc::new(changed),
+        removed,
+    }))
 }
 
 /// Walks two name-sorted maps once, side by side (no lookups): what `desired` adds or

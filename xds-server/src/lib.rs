@@ -11,7 +11,8 @@ pub mod snapshot;
 
 pub use connection::{AdsConnection, AdsResponse, Nack, RequestEvent, TypeSync};
 pub use delta::{
-    DeltaAdsConnection, DeltaResponse, Diff, DiffMemo, MAX_RESPONSE_BYTES, encode_delta_response,
+    DeltaAdsConnection, DeltaResponse, Diff, DiffMemo, MAX_RESPONSE_BYTES, SubscriptionChange,
+    encode_delta_response,
 };
 pub use resource::{Resource, type_url};
 pub use service::{

@@ -23,9 +23,13 @@ use tonic::{Status, server::NamedService};
 
 use crate::XdsError;
 use crate::connection::{AdsConnection, AdsResponse, RequestEvent, TypeSync};
-use crate::delta::{DeltaAdsConnection, DeltaResponse, DiffMemo, encode_delta_response};
+use crate::delta::{
+    DeltaAdsConnection, DeltaResponse, Diff, DiffMemo, SubscriptionChange, encode_delta_response,
+};
 use crate::resource::{Resource, type_url};
-use crate::snapshot::{Admission, Layer, NodeWatch, Snapshot, SnapshotCache, SnapshotSource, lock};
+use crate::snapshot::{
+    Admission, Layer, NodeWatch, Snapshot, SnapshotCache, SnapshotSource, TypedResources, lock,
+};
 
 /// gRPC path of the SotW ADS method.
 const SOTW_PATH: &str =
@@ -131,6 +135,20 @@ pub trait AdsProtocol: Send + 'static {
     fn subscription_generation(&self) -> u64 {
         0
     }
+    /// Whether `name` of `type_url` is subscribed explicitly.
+    fn is_explicit(&self, _type_url: &str, _name: &str) -> bool {
+        false
+    }
+    /// Explicit subscriptions added or dropped since the last call; `None` when they
+    /// are not listed (too many, or the variant does not keep them).
+    fn drain_subscription_changes(&mut self) -> Option<Vec<SubscriptionChange>> {
+        None
+    }
+    /// What changed between two views (memoised between streams); `None` where the
+    /// variant keeps no memo.
+    fn view_diff(&self, _old: &TypedResources, _new: &TypedResources) -> Option<Arc<Diff>> {
+        None
+    }
 }
 
 impl AdsProtocol for AdsConnection {
@@ -190,6 +208,15 @@ impl AdsProtocol for DeltaAdsConnection {
     }
     fn subscription_generation(&self) -> u64 {
         DeltaAdsConnection::subscription_generation(self)
+    }
+    fn is_explicit(&self, type_url: &str, name: &str) -> bool {
+        DeltaAdsConnection::is_explicit(self, type_url, name)
+    }
+    fn drain_subscription_changes(&mut self) -> Option<Vec<SubscriptionChange>> {
+        DeltaAdsConnection::drain_subscription_changes(self)
+    }
+    fn view_diff(&self, old: &TypedResources, new: &TypedResources) -> Option<Arc<Diff>> {
+        Some(DeltaAdsConnection::view_diff(self, old, new))
     }
 }
 
@@ -460,6 +487,8 @@ struct OnDemandLayers {
     /// every stream (each pod change wakes them all) would cost more than the push.
     missing: Vec<(String, String)>,
     missing_for: Option<(Arc<Snapshot>, u64)>,
+    /// Types with explicit subscriptions when `missing` was last computed in full.
+    explicit_types: Vec<String>,
 }
 
 impl OnDemandLayers {
@@ -468,14 +497,70 @@ impl OnDemandLayers {
         !self.missing.is_empty()
     }
 
+    /// Updates `missing` for subscriptions added or dropped, judged against `snapshot`.
+    fn follow_subscriptions(&mut self, changes: &[SubscriptionChange], snapshot: &Snapshot) {
+        for c in changes {
+            let (t, n) = (&c.type_url, &c.name);
+            if !c.subscribed {
+                self.missing.retain(|(mt, mn)| mt != t || mn != n);
+                continue;
+            }
+            if !self.explicit_types.contains(t) {
+                self.explicit_types.push(t.clone());
+            }
+            let held = snapshot.resources(t).is_some_and(|v| v.contains(n));
+            if !held && !self.missing.iter().any(|(mt, mn)| mt == t && mn == n) {
+                self.missing.push((t.clone(), n.clone()));
+            }
+        }
+    }
+
+    /// Updates `missing` from `old` to `new` (same subscriptions) by what the views of
+    /// the subscribed types changed: names that appeared are no longer missing, and
+    /// subscribed names that went are. False if the protocol cannot tell.
+    fn follow_changes<P: AdsProtocol>(&mut self, conn: &P, old: &Snapshot, new: &Snapshot) -> bool {
+        let empty = TypedResources::default();
+        for type_url in &self.explicit_types {
+            let before = old.resources(type_url).unwrap_or(&empty);
+            let after = new.resources(type_url).unwrap_or(&empty);
+            if before.layers().len() == after.layers().len()
+                && before
+                    .layers()
+                    .iter()
+                    .zip(after.layers())
+                    .all(|(a, b)| Arc::ptr_eq(a, b))
+            {
+                continue;
+            }
+            let Some(diff) = conn.view_diff(before, after) else {
+                return false;
+            };
+            if !self.missing.is_empty() {
+                let appeared: std::collections::BTreeSet<&str> =
+                    diff.changed.iter().map(Resource::name).collect();
+                self.missing
+                    .retain(|(t, n)| t != type_url || !appeared.contains(n.as_str()));
+            }
+            for name in &diff.removed {
+                let listed = self.missing.iter().any(|(t, n)| t == type_url && n == name);
+                if !listed && conn.is_explicit(type_url, name) {
+                    self.missing.push((type_url.clone(), name.clone()));
+                }
+            }
+        }
+        true
+    }
+
     /// `snapshot` plus the explicitly subscribed names it lacks, resolved.
     fn apply<P: AdsProtocol>(
         &mut self,
-        conn: &P,
+        conn: &mut P,
         resolver: Option<&dyn OnDemandResolver>,
         source: SnapshotSource,
         snapshot: Arc<Snapshot>,
     ) -> Arc<Snapshot> {
+        // Drained on every call, so the list never piles up.
+        let changes = conn.drain_subscription_changes();
         let (Some(resolver), Some(node)) = (resolver, conn.node_id()) else {
             return snapshot;
         };
@@ -485,15 +570,28 @@ impl OnDemandLayers {
             .as_ref()
             .is_some_and(|(s, g)| Arc::ptr_eq(s, &snapshot) && *g == generation);
         if !current {
-            self.missing.clear();
-            conn.visit_explicit_names(&mut |type_url, name| {
-                if !snapshot
-                    .resources(type_url)
-                    .is_some_and(|t| t.contains(name))
-                {
-                    self.missing.push((type_url.to_string(), name.to_string()));
+            let moved = match (self.missing_for.clone(), changes) {
+                (Some((old, _)), Some(changes)) => {
+                    self.follow_subscriptions(&changes, &snapshot);
+                    self.follow_changes(&*conn, &old, &snapshot)
                 }
-            });
+                _ => false,
+            };
+            if !moved {
+                self.missing.clear();
+                self.explicit_types.clear();
+                conn.visit_explicit_names(&mut |type_url, name| {
+                    if self.explicit_types.last().map(String::as_str) != Some(type_url) {
+                        self.explicit_types.push(type_url.to_string());
+                    }
+                    if !snapshot
+                        .resources(type_url)
+                        .is_some_and(|t| t.contains(name))
+                    {
+                        self.missing.push((type_url.to_string(), name.to_string()));
+                    }
+                });
+            }
             self.missing_for = Some((snapshot.clone(), generation));
         }
         let mut wanted: std::collections::BTreeMap<String, Vec<Resource>> = Default::default();
@@ -629,7 +727,7 @@ async fn run_stream<P, S>(
         if let Some(w) = snapshots.as_mut()
             && let Some((snapshot, now)) = w.current(&admission)
         {
-            let snapshot = extra.apply(&conn, on_demand, now, snapshot);
+            let snapshot = extra.apply(&mut conn, on_demand, now, snapshot);
             w.set_on_demand(extra.has_missing());
             if source != Some(now) {
                 let node = conn.node_id().unwrap_or_default();

@@ -168,3 +168,151 @@ async fn the_bearer_token_reaches_the_policy_and_closing_ends_streams_with_unava
     assert_eq!(ended.code(), tonic::Code::Unavailable, "{ended:?}");
     drop(tx);
 }
+
+/// Resolves every endpoint name starting with `od-` (as weight 7), recording the names
+/// asked for.
+#[derive(Debug, Default)]
+struct PrefixResolver(std::sync::Mutex<Vec<String>>);
+
+impl PrefixResolver {
+    fn asked(&self) -> Vec<String> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+impl weft_xds::OnDemandResolver for PrefixResolver {
+    fn resolve(
+        &self,
+        _node: &str,
+        _own: bool,
+        type_url: &str,
+        name: &str,
+    ) -> Option<weft_xds::Resource> {
+        self.0.lock().unwrap().push(name.to_string());
+        (type_url == type_url::ENDPOINT && name.starts_with("od-"))
+            .then(|| common::load_assignment(name, 7))
+    }
+}
+
+#[tokio::test]
+async fn a_subscribed_name_is_resolved_on_demand_exactly_while_the_snapshot_lacks_it() {
+    use common::load_assignment;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use prost::Message;
+    let cache = SnapshotCache::new();
+    let eds = |items: Vec<weft_xds::Resource>| Snapshot::new().with(type_url::ENDPOINT, items);
+    cache.set_fallback(eds(vec![load_assignment("a", 1)]));
+    let resolver = std::sync::Arc::new(PrefixResolver::default());
+    let (ads, supervisor) = AdsService::new(cache.clone());
+    let ads = ads.with_on_demand(resolver.clone());
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ads)
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    tokio::spawn(supervisor.run());
+    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(DeltaDiscoveryRequest {
+        type_url: type_url::ENDPOINT.into(),
+        resource_names_subscribe: vec!["a".into(), "od-x".into()],
+        ..subscribe(Some("ns/pod"))
+    })
+    .await
+    .unwrap();
+    let mut responses = client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    // Each step: what the proxy is sent, as (name, weight) and removed names; then ACK.
+    let mut next = async || {
+        let r = tokio::time::timeout(Duration::from_secs(5), responses.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("stream open");
+        let sent: Vec<(String, u32)> = r
+            .resources
+            .iter()
+            .map(|res| {
+                let cla =
+                    ClusterLoadAssignment::decode(res.resource.as_ref().unwrap().value.as_slice())
+                        .unwrap();
+                let w = cla.endpoints[0].lb_endpoints[0]
+                    .load_balancing_weight
+                    .unwrap()
+                    .value;
+                (res.name.clone(), w)
+            })
+            .collect();
+        tx.send(DeltaDiscoveryRequest {
+            type_url: r.type_url.clone(),
+            response_nonce: r.nonce.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        (sent, r.removed_resources)
+    };
+    let (sent, _) = next().await;
+    assert_eq!(
+        sent,
+        vec![("a".into(), 1), ("od-x".into(), 7)],
+        "resolved on demand"
+    );
+
+    // The snapshot gains od-x itself: its version replaces the resolved one.
+    cache.set_fallback(eds(vec![
+        load_assignment("a", 1),
+        load_assignment("od-x", 2),
+    ]));
+    assert_eq!(next().await, (vec![("od-x".into(), 2)], vec![]));
+    // A change elsewhere: nothing to resolve, od-x stays the snapshot's.
+    let calls = resolver.asked().len();
+    cache.set_fallback(eds(vec![
+        load_assignment("a", 3),
+        load_assignment("od-x", 2),
+    ]));
+    assert_eq!(next().await, (vec![("a".into(), 3)], vec![]));
+    assert_eq!(
+        resolver.asked().len(),
+        calls,
+        "nothing missing, nothing resolved"
+    );
+    // The snapshot drops od-x: resolved again, never removed.
+    cache.set_fallback(eds(vec![load_assignment("a", 3)]));
+    assert_eq!(next().await, (vec![("od-x".into(), 7)], vec![]));
+    // And it drops a, which the resolver does not know: removed.
+    cache.set_fallback(eds(vec![load_assignment("b", 1)]));
+    assert_eq!(next().await, (vec![], vec!["a".to_string()]));
+    // A later subscription is resolved with no snapshot change; one the snapshot holds
+    // is not, and one dropped is resolved no more.
+    let change = |subscribe: &[&str], unsubscribe: &[&str]| DeltaDiscoveryRequest {
+        type_url: type_url::ENDPOINT.into(),
+        resource_names_subscribe: subscribe.iter().map(|s| s.to_string()).collect(),
+        resource_names_unsubscribe: unsubscribe.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    };
+    tx.send(change(&["od-y", "b"], &["od-x"])).await.unwrap();
+    let (mut sent, removed) = next().await;
+    sent.sort();
+    assert_eq!(
+        (sent, removed),
+        (vec![("b".into(), 1), ("od-y".into(), 7)], vec![])
+    );
+    let calls = resolver.asked().len();
+    cache.set_fallback(eds(vec![load_assignment("b", 2)]));
+    assert_eq!(next().await, (vec![("b".into(), 2)], vec![]));
+    let asked = resolver.asked()[calls..].to_vec();
+    assert!(
+        asked.iter().any(|n| n == "od-y") && !asked.iter().any(|n| n == "od-x" || n == "b"),
+        "od-y is resolved, od-x (dropped) and b (held) are not: {asked:?}"
+    );
+}

@@ -475,6 +475,19 @@ fn a_subscription_covering_the_whole_view_still_gets_only_its_names_when_the_vie
     assert_eq!(out.len(), 1, "{out:?}");
     assert_eq!(names(&out[0]), vec!["a"]);
     acked(&mut conn, &out);
+    let served: Vec<String> = conn
+        .served()
+        .resources(type_url::ROUTE)
+        .unwrap()
+        .iter()
+        .map(|r| r.name().to_string())
+        .collect();
+    assert_eq!(
+        served,
+        vec!["a", "b"],
+        "what the proxy was not sent is not shown as served"
+    );
+    assert_eq!(conn.sync_state()[0].sent_resources, 2);
 
     // A change to c alone is none of the proxy's business; one to b is.
     let c2 = Arc::new(Layer::new([
@@ -520,4 +533,52 @@ fn a_subscription_covering_the_whole_view_still_gets_only_its_names_when_the_vie
     assert_eq!(out.len(), 1, "{out:?}");
     assert_eq!(names(&out[0]), vec!["b"]);
     assert!(out[0].removed.is_empty(), "{out:?}");
+}
+
+#[test]
+fn an_unsubscribed_name_that_comes_and_goes_is_never_sent_nor_removed_however_many() {
+    use std::sync::Arc;
+    use weft_xds::Layer;
+    let mut conn = DeltaAdsConnection::new();
+    conn.on_request(&subscribe(type_url::ROUTE, &["a"]))
+        .unwrap();
+    let ack_all = |conn: &mut DeltaAdsConnection, out: &[DeltaResponse]| {
+        for r in out {
+            conn.on_request(&ack(&r.type_url, &r.nonce)).unwrap();
+        }
+    };
+    let out = conn.next_responses(&routes(&[&Arc::new(Layer::new([route("a", "a")]))]));
+    ack_all(&mut conn, &out);
+    // x appears (unsubscribed), then goes: the proxy hears of neither.
+    let with_x = Arc::new(Layer::new([route("a", "a"), route("x", "x")]));
+    assert!(conn.next_responses(&routes(&[&with_x])).is_empty());
+    let without_x = Arc::new(Layer::new([route("a", "a2")]));
+    let out = conn.next_responses(&routes(&[&without_x]));
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(names(&out[0]), vec!["a"]);
+    assert!(
+        out[0].removed.is_empty(),
+        "x was never the proxy's: {out:?}"
+    );
+    ack_all(&mut conn, &out);
+
+    // Far more unsubscribed names than a stream withholds: still none of them is sent,
+    // and a change to a still is.
+    let many: Vec<Resource> = std::iter::once(route("a", "a3"))
+        .chain((0..200).map(|i| route(&format!("n{i:03}"), "n")))
+        .collect();
+    let many = Arc::new(Layer::new(many));
+    let out = conn.next_responses(&routes(&[&many]));
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(names(&out[0]), vec!["a"]);
+    ack_all(&mut conn, &out);
+    // Subscribing to one of them sends it alone; they all go: only it is removed.
+    conn.on_request(&subscribe(type_url::ROUTE, &["n007"]))
+        .unwrap();
+    let out = conn.next_responses(&routes(&[&many]));
+    assert_eq!(names(&out[0]), vec!["n007"]);
+    ack_all(&mut conn, &out);
+    let out = conn.next_responses(&routes(&[&without_x]));
+    let removed: Vec<&String> = out.iter().flat_map(|r| &r.removed).collect();
+    assert_eq!(removed, vec!["n007"], "{out:?}");
 }
