@@ -1,7 +1,9 @@
 //! Simulated proxies: one tokio task per proxy, each a real gRPC delta ADS stream that
-//! behaves like Envoy (wildcard subscriptions, an ACK for every response, reconnects
-//! with `initial_resource_versions`) but cheaply: resource bodies are never decoded,
-//! only names and versions are kept (interned, shared between proxies).
+//! behaves like Envoy (wildcard subscriptions, endpoints subscribed by name for each EDS
+//! cluster received, an ACK for every response, reconnects with
+//! `initial_resource_versions`) but cheaply: only cluster bodies are decoded, and only
+//! as far as their endpoint names; names and versions are kept (interned, shared
+//! between proxies).
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -84,11 +86,53 @@ pub struct ResourceHead {
     pub name: String,
 }
 
+/// A CDS response's clusters, read only as far as Envoy needs to subscribe to their
+/// endpoints.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ClusterResponseBody {
+    #[prost(message, repeated, tag = "2")]
+    resources: Vec<ClusterEntry>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ClusterEntry {
+    #[prost(message, optional, tag = "2")]
+    resource: Option<AnyBody>,
+    #[prost(string, tag = "3")]
+    name: String,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct AnyBody {
+    #[prost(bytes = "vec", tag = "2")]
+    value: Vec<u8>,
+}
+
+/// `Cluster`: `type` (2) and `eds_cluster_config` (3) only.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ClusterKind {
+    #[prost(int32, optional, tag = "2")]
+    discovery_type: Option<i32>,
+    #[prost(message, optional, tag = "3")]
+    eds_cluster_config: Option<EdsClusterConfigHead>,
+}
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct EdsClusterConfigHead {
+    #[prost(string, tag = "2")]
+    service_name: String,
+}
+
+/// `Cluster.DiscoveryType.EDS`.
+const DISCOVERY_TYPE_EDS: i32 = 3;
+
 /// A response head and its size on the wire (protobuf bytes, before gRPC framing).
 #[derive(Debug)]
 pub struct Received {
     pub head: DeltaResponseHead,
     pub bytes: usize,
+    /// For clusters: each EDS cluster's name and the endpoint name it subscribes to.
+    pub eds: Vec<(String, String)>,
 }
 
 /// Encodes requests with prost; decodes responses into [`Received`] (names only).
@@ -131,10 +175,30 @@ impl Decoder for HeadDecoder {
     type Error = tonic::Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Self::Error> {
-        let bytes = buf.remaining();
-        let head =
-            DeltaResponseHead::decode(buf).map_err(|e| tonic::Status::internal(e.to_string()))?;
-        Ok(Some(Received { head, bytes }))
+        let size = buf.remaining();
+        let body = buf.copy_to_bytes(size);
+        let bad = |e: prost::DecodeError| tonic::Status::internal(e.to_string());
+        let head = DeltaResponseHead::decode(body.clone()).map_err(bad)?;
+        let mut eds = Vec::new();
+        if head.type_url == TYPES[CDS] {
+            for entry in ClusterResponseBody::decode(body).map_err(bad)?.resources {
+                let value = entry.resource.map(|a| a.value).unwrap_or_default();
+                let kind = ClusterKind::decode(value.as_slice()).map_err(bad)?;
+                if kind.discovery_type == Some(DISCOVERY_TYPE_EDS) {
+                    let service = kind
+                        .eds_cluster_config
+                        .map(|c| c.service_name)
+                        .filter(|s| !s.is_empty())
+                        .unwrap_or_else(|| entry.name.clone());
+                    eds.push((entry.name, service));
+                }
+            }
+        }
+        Ok(Some(Received {
+            head,
+            bytes: size,
+            eds,
+        }))
     }
 }
 
@@ -240,6 +304,10 @@ struct ProxyState {
     resources: [NameMap; TYPES.len()],
     /// Per type: answered at least once on the current stream.
     answered: [bool; TYPES.len()],
+    /// Endpoint names subscribed on this stream and not answered yet (sent or removed).
+    endpoints_waiting: HashSet<Arc<str>, FxBuild>,
+    /// EDS clusters the proxy has → the endpoint name each subscribes to.
+    endpoints_of: HashMap<Arc<str>, Arc<str>, FxBuild>,
     waiters: Vec<Waiter>,
     /// When the current stream had every type answered.
     synced_at: Option<Instant>,
@@ -339,16 +407,20 @@ impl Proxy {
         self.lock().waiters.clear();
     }
 
-    /// Applies one response; returns whether it changed anything.
-    fn apply(&self, t: usize, head: &DeltaResponseHead) -> bool {
+    /// Applies one response; returns whether it changed anything, and (for clusters) the
+    /// endpoint subscription it calls for, as Envoy makes one per EDS cluster: names to
+    /// subscribe to and to drop.
+    fn apply(&self, t: usize, received: &Received) -> (bool, Vec<Arc<str>>, Vec<String>) {
+        let head = &received.head;
         let names = intern_all(
             head.resources
                 .iter()
                 .flat_map(|r| [r.name.as_str(), r.version.as_str()]),
         );
         let mut state = self.lock();
+        let state = &mut *state;
         let Some(map) = state.resources.get_mut(t) else {
-            return false;
+            return (false, Vec::new(), Vec::new());
         };
         for pair in names.chunks_exact(2) {
             map.insert(pair[0].clone(), pair[1].clone());
@@ -356,7 +428,47 @@ impl Proxy {
         for name in &head.removed_resources {
             map.remove(name.as_str());
         }
-        !head.resources.is_empty() || !head.removed_resources.is_empty()
+        let (mut subscribe, mut unsubscribe) = (Vec::new(), Vec::new());
+        if t == CDS {
+            let eds: HashMap<&str, &str> = received
+                .eds
+                .iter()
+                .map(|(c, e)| (c.as_str(), e.as_str()))
+                .collect();
+            let touched = head.resources.iter().map(|r| r.name.as_str());
+            for cluster in touched.chain(head.removed_resources.iter().map(String::as_str)) {
+                let now = eds.get(cluster).copied();
+                let before = state.endpoints_of.get(cluster).cloned();
+                if before.as_deref() == now {
+                    continue;
+                }
+                if let Some(old) = before {
+                    state.endpoints_of.remove(cluster);
+                    unsubscribe.push(old.to_string());
+                }
+                if let Some(new) = now {
+                    let new = intern_all(std::iter::once(new)).remove(0);
+                    let cluster = intern_all(std::iter::once(cluster)).remove(0);
+                    state.endpoints_of.insert(cluster, new.clone());
+                    subscribe.push(new);
+                }
+            }
+            for name in &unsubscribe {
+                state.endpoints_waiting.remove(name.as_str());
+                state.resources[EDS].remove(name.as_str());
+            }
+            state.endpoints_waiting.extend(subscribe.iter().cloned());
+        }
+        if t == EDS {
+            for r in &head.resources {
+                state.endpoints_waiting.remove(r.name.as_str());
+            }
+            for name in &head.removed_resources {
+                state.endpoints_waiting.remove(name.as_str());
+            }
+        }
+        let changed = !head.resources.is_empty() || !head.removed_resources.is_empty();
+        (changed, subscribe, unsubscribe)
     }
 
     /// After the ACK of a response of type `t` went out at `acked`: marks the type
@@ -366,7 +478,10 @@ impl Proxy {
         if let Some(a) = state.answered.get_mut(t) {
             *a = true;
         }
-        if state.synced_at.is_none() && state.answered.iter().all(|a| *a) {
+        if state.synced_at.is_none()
+            && state.answered.iter().all(|a| *a)
+            && state.endpoints_waiting.is_empty()
+        {
             state.synced_at = Some(acked);
             self.in_sync.store(true, Ordering::Release);
         }
@@ -400,6 +515,8 @@ impl Proxy {
         let mut state = self.lock();
         state.answered = [false; TYPES.len()];
         state.synced_at = None;
+        // Resubscribed in the first requests: every EDS cluster's endpoints.
+        state.endpoints_waiting = state.endpoints_of.values().cloned().collect();
         self.in_sync.store(false, Ordering::Release);
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
@@ -408,7 +525,8 @@ impl Proxy {
         self.in_sync.store(false, Ordering::Release);
     }
 
-    /// The first request of every type: wildcard, with what the proxy already has.
+    /// The first request of every type: wildcard (endpoints: the clusters it has), with
+    /// what the proxy already has.
     fn initial_requests(&self) -> Vec<DeltaDiscoveryRequest> {
         let state = self.lock();
         TYPES
@@ -422,7 +540,11 @@ impl Proxy {
                     ..Default::default()
                 }),
                 type_url: type_url.to_string(),
-                resource_names_subscribe: vec!["*".to_string()],
+                resource_names_subscribe: if t == EDS {
+                    state.endpoints_of.values().map(|n| n.to_string()).collect()
+                } else {
+                    vec!["*".to_string()]
+                },
                 initial_resource_versions: state
                     .resources
                     .get(t)
@@ -525,11 +647,23 @@ async fn stream_once(
         proxy
             .bytes
             .fetch_add(received.bytes as u64, Ordering::Relaxed);
-        let head = received.head;
-        let Some(t) = TYPES.iter().position(|u| *u == head.type_url) else {
+        let Some(t) = TYPES.iter().position(|u| *u == received.head.type_url) else {
             continue;
         };
-        let changed = proxy.apply(t, &head);
+        let (changed, subscribe, unsubscribe) = proxy.apply(t, &received);
+        let head = received.head;
+        if !subscribe.is_empty() || !unsubscribe.is_empty() {
+            // Like Envoy, the new clusters' endpoint subscriptions go before the CDS ACK.
+            let eds = DeltaDiscoveryRequest {
+                type_url: TYPES[EDS].to_string(),
+                resource_names_subscribe: subscribe.iter().map(|n| n.to_string()).collect(),
+                resource_names_unsubscribe: unsubscribe,
+                ..Default::default()
+            };
+            if requests.send(eds).await.is_err() {
+                return Ok(true);
+            }
+        }
         let ack = DeltaDiscoveryRequest {
             type_url: head.type_url,
             response_nonce: head.nonce,
