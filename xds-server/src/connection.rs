@@ -354,7 +354,11 @@ pub(crate) fn desired_resources<N: std::borrow::Borrow<str> + Ord>(
     }
     let subset: BTreeMap<String, Resource> = names
         .iter()
-        .filter_map(|n| available.get(n.borrow()).map(|r| (r.name().to_string(), r.clone())))
+        .filter_map(|n| {
+            available
+                .get(n.borrow())
+                .map(|r| (r.name().to_string(), r.clone()))
+        })
         .collect();
     let view = TypedResources::single(Arc::new(Layer::from_map(subset)));
     let version = view.shared_version();

@@ -369,7 +369,7 @@ impl DeltaAdsConnection {
         }
         for name in intern(&req.resource_names_subscribe) {
             if state.names.insert(name.clone()) {
-                log_change(&mut self.changes, &req.type_url, &name, true);
+                log_change(&mut self.changes, &req.type_url, name.clone(), true);
                 state.unanswered.insert(name);
                 self.subscriptions += 1;
             }
@@ -381,7 +381,12 @@ impl DeltaAdsConnection {
                 state.unanswered.remove(name.as_str());
                 state.covered = false;
                 self.subscriptions += 1;
-                log_change(&mut self.changes, &req.type_url, name, false);
+                log_change(
+                    &mut self.changes,
+                    &req.type_url,
+                    name.as_str().into(),
+                    false,
+                );
             }
             // The proxy drops what it unsubscribed from; it must not hear of it again.
             state.known.forget(name, &state.withheld);
@@ -672,8 +677,8 @@ fn intern(names: &[String]) -> Vec<Name> {
 pub struct SubscriptionChange {
     /// Type URL of the name.
     pub type_url: String,
-    /// The resource name.
-    pub name: String,
+    /// The resource name (shared with the subscription).
+    pub name: Arc<str>,
     /// Added (or dropped).
     pub subscribed: bool,
 }
@@ -682,7 +687,7 @@ pub struct SubscriptionChange {
 /// whole mesh at once is walked in full instead of listed.
 const MAX_LOGGED_CHANGES: usize = 256;
 
-fn log_change(log: &mut Option<Vec<SubscriptionChange>>, type_url: &str, name: &str, on: bool) {
+fn log_change(log: &mut Option<Vec<SubscriptionChange>>, type_url: &str, name: Name, on: bool) {
     if let Some(changes) = log {
         if changes.len() >= MAX_LOGGED_CHANGES {
             *log = None;
@@ -690,7 +695,7 @@ fn log_change(log: &mut Option<Vec<SubscriptionChange>>, type_url: &str, name: &
         }
         changes.push(SubscriptionChange {
             type_url: type_url.to_string(),
-            name: name.to_string(),
+            name,
             subscribed: on,
         });
     }

@@ -500,7 +500,7 @@ impl OnDemandLayers {
     /// Updates `missing` for subscriptions added or dropped, judged against `snapshot`.
     fn follow_subscriptions(&mut self, changes: &[SubscriptionChange], snapshot: &Snapshot) {
         for c in changes {
-            let (t, n) = (&c.type_url, &c.name);
+            let (t, n) = (&c.type_url, &*c.name);
             if !c.subscribed {
                 self.missing.retain(|(mt, mn)| mt != t || mn != n);
                 continue;
@@ -510,7 +510,7 @@ impl OnDemandLayers {
             }
             let held = snapshot.resources(t).is_some_and(|v| v.contains(n));
             if !held && !self.missing.iter().any(|(mt, mn)| mt == t && mn == n) {
-                self.missing.push((t.clone(), n.clone()));
+                self.missing.push((t.clone(), n.to_string()));
             }
         }
     }
