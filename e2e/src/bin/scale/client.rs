@@ -515,8 +515,16 @@ impl Proxy {
         let mut state = self.lock();
         state.answered = [false; TYPES.len()];
         state.synced_at = None;
-        // Resubscribed in the first requests: every EDS cluster's endpoints.
-        state.endpoints_waiting = state.endpoints_of.values().cloned().collect();
+        // Resubscribed in the first requests: every EDS cluster's endpoints. Those the
+        // proxy already has are declared in `initial_resource_versions` and come again
+        // only if they changed, so only the others are waited for.
+        let held = &state.resources[EDS];
+        state.endpoints_waiting = state
+            .endpoints_of
+            .values()
+            .filter(|n| !held.contains_key(&**n))
+            .cloned()
+            .collect();
         self.in_sync.store(false, Ordering::Release);
         self.generation.fetch_add(1, Ordering::AcqRel);
     }
