@@ -26,16 +26,11 @@ fn subscribe(node: Option<&str>) -> DeltaDiscoveryRequest {
     }
 }
 
-#[tokio::test]
-async fn delta_responses_and_errors_travel_as_grpc() {
-    let cache = SnapshotCache::new();
-    // Big enough to take several responses.
-    let clusters: Vec<_> = (0..3000)
-        .map(|i| cluster(&format!("c{i:04}"), 250))
-        .collect();
-    cache.set_fallback(Snapshot::new().with(type_url::CLUSTER, clusters));
-    let (ads, supervisor) = AdsService::new(cache.clone());
-    let registry = ads.registry();
+/// Serves `ads` on a loopback port and connects a client to it.
+async fn serve(
+    ads: AdsService,
+    supervisor: weft_xds::StreamSupervisor,
+) -> AggregatedDiscoveryServiceClient<tonic::transport::Channel> {
     let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
         .await
         .unwrap();
@@ -46,9 +41,22 @@ async fn delta_responses_and_errors_travel_as_grpc() {
             .serve_with_incoming(TcpListenerStream::new(listener)),
     );
     tokio::spawn(supervisor.run());
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
+    AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
         .await
-        .unwrap();
+        .unwrap()
+}
+
+#[tokio::test]
+async fn delta_responses_and_errors_travel_as_grpc() {
+    let cache = SnapshotCache::new();
+    // Big enough to take several responses.
+    let clusters: Vec<_> = (0..3000)
+        .map(|i| cluster(&format!("c{i:04}"), 250))
+        .collect();
+    cache.set_fallback(Snapshot::new().with(type_url::CLUSTER, clusters));
+    let (ads, supervisor) = AdsService::new(cache.clone());
+    let registry = ads.registry();
+    let mut client = serve(ads, supervisor).await;
 
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(subscribe(Some("ns/pod"))).await.unwrap();
@@ -121,19 +129,7 @@ async fn the_bearer_token_reaches_the_policy_and_closing_ends_streams_with_unava
     let (ads, supervisor) = AdsService::new(cache.clone());
     let recorder = std::sync::Arc::new(TokenRecorder::default());
     let ads = ads.with_policy(recorder.clone());
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(ads.clone())
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    tokio::spawn(supervisor.run());
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let mut client = serve(ads.clone(), supervisor).await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(subscribe(Some("ns/pod"))).await.unwrap();
     let mut request = tonic::Request::new(ReceiverStream::new(rx));
@@ -205,19 +201,7 @@ async fn a_subscribed_name_is_resolved_on_demand_exactly_while_the_snapshot_lack
     let resolver = std::sync::Arc::new(PrefixResolver::default());
     let (ads, supervisor) = AdsService::new(cache.clone());
     let ads = ads.with_on_demand(resolver.clone());
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(ads)
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    tokio::spawn(supervisor.run());
-    let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
-        .await
-        .unwrap();
+    let mut client = serve(ads, supervisor).await;
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tx.send(DeltaDiscoveryRequest {
         type_url: type_url::ENDPOINT.into(),
