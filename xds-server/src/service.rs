@@ -7,16 +7,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use futures::{Stream, StreamExt};
 use http_body::Frame;
-use http_body_util::StreamBody;
+use http_body_util::{BodyExt, StreamBody};
 use prost::Message;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tonic::codec::{BufferSettings, DecodeBuf, Decoder};
+
 use tonic::codegen::{BoxFuture, http};
 use tonic::transport::server::TcpConnectInfo;
 use tonic::{Status, server::NamedService};
@@ -777,10 +777,6 @@ async fn run_stream<P, S>(
     }
 }
 
-/// Decodes ADS requests with prost.
-#[derive(Debug)]
-struct AdsDecoder<P>(std::marker::PhantomData<P>);
-
 /// Writes `response` as a `DiscoveryResponse` protobuf message.
 pub fn encode_response(response: &AdsResponse, dst: &mut impl BufMut) {
     // Field numbers of DiscoveryResponse: version_info = 1, resources = 2, type_url = 4, nonce = 5.
@@ -798,20 +794,85 @@ pub fn encode_response(response: &AdsResponse, dst: &mut impl BufMut) {
     }
 }
 
-impl<P: AdsProtocol> Decoder for AdsDecoder<P> {
-    type Item = P::Request;
-    type Error = Status;
+/// The requests of one stream, decoded from the gRPC messages of `body`.
+///
+/// Not tonic's `Streaming`: its buffer keeps the size of the largest request for the
+/// life of the stream, and a proxy's largest are its first endpoint subscription (tens
+/// of KiB) and a reconnect listing everything it holds (hundreds): per stream, for
+/// good. This buffer is dropped once a large message is read out of it.
+fn request_messages<R: Message + Default + 'static>(
+    body: tonic::body::Body,
+) -> impl Stream<Item = Result<R, Status>> + Send + Unpin + 'static {
+    Box::pin(futures::stream::unfold(
+        Some((body, BytesMut::new())),
+        |state| async move {
+            let (mut body, mut buf) = state?;
+            loop {
+                match next_message(&mut buf) {
+                    Ok(Some(message)) => {
+                        let decoded = R::decode(message).map_err(|e| {
+                            Status::invalid_argument(format!("malformed discovery request: {e}"))
+                        });
+                        release_large(&mut buf);
+                        let rest = decoded.is_ok().then_some((body, buf));
+                        return Some((decoded, rest));
+                    }
+                    Ok(None) => {}
+                    Err(status) => return Some((Err(status), None)),
+                }
+                match body.frame().await {
+                    None if buf.is_empty() => return None,
+                    None => {
+                        let status = Status::invalid_argument("ADS request cut short");
+                        return Some((Err(status), None));
+                    }
+                    Some(Err(status)) => return Some((Err(status), None)),
+                    Some(Ok(frame)) => {
+                        if let Ok(data) = frame.into_data() {
+                            buf.extend_from_slice(&data);
+                        }
+                    }
+                }
+            }
+        },
+    ))
+}
 
-    fn decode(&mut self, src: &mut DecodeBuf<'_>) -> Result<Option<P::Request>, Status> {
-        P::Request::decode(src)
-            .map(Some)
-            .map_err(|e| Status::invalid_argument(format!("malformed discovery request: {e}")))
+/// The next whole gRPC message in `buf`, taken out of it; `None` until one is whole.
+fn next_message(buf: &mut BytesMut) -> Result<Option<Bytes>, Status> {
+    if buf.len() < GRPC_HEADER {
+        return Ok(None);
     }
+    if buf[0] != 0 {
+        return Err(Status::unimplemented(
+            "compressed ADS requests are not supported",
+        ));
+    }
+    let mut len = [0u8; 4];
+    len.copy_from_slice(&buf[1..GRPC_HEADER]);
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_REQUEST_BYTES {
+        return Err(Status::resource_exhausted(format!(
+            "ADS request of {len} bytes; the limit is {MAX_REQUEST_BYTES}"
+        )));
+    }
+    // No room is reserved for a declared length: the buffer grows only with what
+    // actually arrives.
+    if buf.len() < GRPC_HEADER + len {
+        return Ok(None);
+    }
+    buf.advance(GRPC_HEADER);
+    Ok(Some(buf.split_to(len).freeze()))
+}
 
-    fn buffer_settings(&self) -> BufferSettings {
-        // Requests are ACKs and subscriptions, mostly small; the buffer grows for a
-        // large one. Ten thousand streams at tonic's 8 KiB default are 80 MB.
-        BufferSettings::new(1024, 32 * 1024)
+/// Largest request buffer a stream keeps between messages (most requests are ACKs of
+/// a few hundred bytes).
+const KEPT_REQUEST_BUFFER: usize = 4 * 1024;
+
+/// Frees `buf` once it is empty and larger than a stream keeps.
+fn release_large(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > KEPT_REQUEST_BUFFER {
+        *buf = BytesMut::new();
     }
 }
 
@@ -875,12 +936,7 @@ fn serve_method<P: AdsProtocol>(
         let status = Status::unimplemented("compressed ADS requests are not supported");
         return Box::pin(async { Ok(status.into_http()) });
     }
-    let requests = tonic::Streaming::new_request(
-        AdsDecoder::<P>(std::marker::PhantomData),
-        req.into_body(),
-        None,
-        Some(MAX_REQUEST_BYTES),
-    );
+    let requests = request_messages::<P::Request>(req.into_body());
     let rx = service.open::<P, _>(credentials, requests);
     let body = tonic::body::Body::new(StreamBody::new(response_body(rx)));
     let mut response = http::Response::new(body);
@@ -910,5 +966,98 @@ impl tower_service::Service<http::Request<tonic::body::Body>> for AdsService {
             DELTA_PATH => serve_method::<DeltaAdsConnection>(self.clone(), req),
             _ => Box::pin(async { Ok(Status::unimplemented("not an ADS method").into_http()) }),
         }
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // test setup fails loudly
+mod tests {
+    use super::*;
+
+    /// A gRPC message of `request`, with `flag` as its compression byte.
+    fn framed(request: &DeltaDiscoveryRequest, flag: u8) -> Vec<u8> {
+        let body = request.encode_to_vec();
+        let mut out = vec![flag];
+        out.extend_from_slice(&u32::try_from(body.len()).unwrap().to_be_bytes());
+        out.extend_from_slice(&body);
+        out
+    }
+
+    /// A request body that arrives in `chunks`.
+    fn body(chunks: Vec<Vec<u8>>) -> tonic::body::Body {
+        let frames = chunks
+            .into_iter()
+            .map(|c| Ok::<_, Status>(Frame::data(Bytes::from(c))));
+        tonic::body::Body::new(StreamBody::new(futures::stream::iter(frames)))
+    }
+
+    fn request(names: usize) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: type_url::ENDPOINT.into(),
+            resource_names_subscribe: (0..names)
+                .map(|i| format!("outbound|8080||svc-{i}"))
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn requests_are_read_across_and_within_chunks() {
+        let (a, b, c) = (request(1), request(3000), request(2));
+        let mut bytes = framed(&a, 0);
+        bytes.extend(framed(&b, 0));
+        bytes.extend(framed(&c, 0));
+        // Cut anywhere: inside a header, inside a large message, two in one chunk.
+        let chunks: Vec<Vec<u8>> = bytes.chunks(7001).map(<[u8]>::to_vec).collect();
+        let got: Vec<_> = request_messages::<DeltaDiscoveryRequest>(body(chunks))
+            .collect()
+            .await;
+        let got: Vec<_> = got.into_iter().map(Result::unwrap).collect();
+        assert_eq!(got, vec![a, b, c]);
+    }
+
+    #[tokio::test]
+    async fn a_bad_request_ends_the_stream_with_a_status() {
+        let cases = [
+            (vec![framed(&request(1), 1)], tonic::Code::Unimplemented),
+            (
+                vec![vec![0, 0xff, 0xff, 0xff, 0xff, 1, 2, 3]],
+                tonic::Code::ResourceExhausted,
+            ),
+            (
+                vec![framed(&request(10), 0)[..20].to_vec()],
+                tonic::Code::InvalidArgument,
+            ),
+            (
+                vec![vec![0, 0, 0, 0, 3, 0xff, 0xff, 0xff]],
+                tonic::Code::InvalidArgument,
+            ),
+        ];
+        for (chunks, code) in cases {
+            let got: Vec<_> = request_messages::<DeltaDiscoveryRequest>(body(chunks))
+                .collect()
+                .await;
+            assert_eq!(got.len(), 1, "one error, then the end: {got:?}");
+            assert_eq!(got[0].as_ref().unwrap_err().code(), code, "{got:?}");
+        }
+    }
+
+    #[test]
+    fn a_large_request_leaves_no_large_buffer_behind() {
+        let large = framed(&request(3000), 0);
+        let mut buf = BytesMut::from(&large[..]);
+        let message = next_message(&mut buf).unwrap().expect("whole");
+        assert!(DeltaDiscoveryRequest::decode(message).is_ok());
+        assert_eq!(next_message(&mut buf).unwrap(), None);
+        release_large(&mut buf);
+        assert!(buf.capacity() <= KEPT_REQUEST_BUFFER, "{}", buf.capacity());
+        // A small buffer, or one still holding part of a message, is kept.
+        let mut small = BytesMut::with_capacity(1024);
+        release_large(&mut small);
+        assert_eq!(small.capacity(), 1024);
+        let mut partial = BytesMut::from(&large[..large.len() - 1]);
+        assert_eq!(next_message(&mut partial).unwrap(), None);
+        release_large(&mut partial);
+        assert_eq!(partial.len(), large.len() - 1);
     }
 }
