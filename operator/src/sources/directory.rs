@@ -10,7 +10,7 @@ use notify::Watcher;
 use tokio::sync::mpsc;
 use weft_crds::bounds;
 
-use super::manifest::{ParsedManifest, parse_manifest_documents};
+use super::manifest::{DocumentCache, ParsedManifest, parse_manifest_documents_cached};
 
 use crate::error::WeftError;
 use crate::index::{MeshObject, ObjectChange, ObjectRef};
@@ -33,6 +33,8 @@ struct FileState {
     errors: Vec<String>,
     /// What the file looked like when last read: a rescan skips it while unchanged.
     stamp: Option<FileStamp>,
+    /// Its documents as last parsed, so a one-object edit re-parses one document.
+    documents: DocumentCache,
 }
 
 /// Enough of a file's metadata to tell that it changed (an editor's atomic rename
@@ -149,7 +151,13 @@ impl ManifestDir {
             }
             touched.extend(state.objects.keys().cloned());
             state.stamp = stamp;
-            let parsed = read_manifest(&path).and_then(|text| parse_manifest_documents(&text));
+            let parsed = read_manifest(&path)
+                .and_then(|text| parse_manifest_documents_cached(&text, &mut state.documents));
+            tracing::debug!(
+                file = %path.display(),
+                documents_parsed = state.documents.last_parsed(),
+                "manifest re-read"
+            );
             let errors_before = state.errors.clone();
             match parsed {
                 Ok(parsed) => state.update(parsed),

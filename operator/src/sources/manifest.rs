@@ -204,6 +204,106 @@ pub fn parse_manifest_documents(text: &str) -> Result<ParsedManifest, WeftError>
     Ok(out)
 }
 
+/// What the stretches of a file between document markers parsed to last time, by their
+/// text: editing one object of a file of a thousand re-parses that one object's
+/// document, not the file.
+#[derive(Debug, Default)]
+pub struct DocumentCache {
+    /// Stretch text → (number of documents before it, documents in it, what they gave).
+    stretches: std::collections::HashMap<String, (usize, usize, ParsedManifest)>,
+    /// Stretches the last parse read afresh.
+    parsed: usize,
+}
+
+impl DocumentCache {
+    /// How many stretches between document markers the last parse read afresh (the
+    /// rest were unchanged).
+    pub fn last_parsed(&self) -> usize {
+        self.parsed
+    }
+}
+
+/// [`parse_manifest_documents`], re-parsing only the stretches of `text` between
+/// document markers that are new or moved since `cache` last saw the file. The result
+/// is the same (a syntax error is reported as the whole text's parse reports it).
+pub fn parse_manifest_documents_cached(
+    text: &str,
+    cache: &mut DocumentCache,
+) -> Result<ParsedManifest, WeftError> {
+    weft_crds::bounds::check_yaml(text).map_err(WeftError::Bound)?;
+    cache.parsed = 0;
+    let Some(stretches) = document_stretches(text) else {
+        cache.stretches.clear();
+        return parse_manifest_documents(text);
+    };
+    let mut out = ParsedManifest::default();
+    let mut seen = std::collections::HashMap::with_capacity(stretches.len());
+    let mut before = 0;
+    for stretch in stretches {
+        let reused = cache
+            .stretches
+            .remove(stretch)
+            .filter(|(at, _, _)| *at == before);
+        let (count, parsed) = match reused {
+            Some((_, count, parsed)) => (count, parsed),
+            None => match parse_stretch(stretch, before) {
+                Some(found) => {
+                    cache.parsed += 1;
+                    found
+                }
+                // Syntax errors are rare; the whole text tells where they are.
+                None => {
+                    cache.stretches.clear();
+                    return parse_manifest_documents(text);
+                }
+            },
+        };
+        out.objects.extend(parsed.objects.iter().cloned());
+        out.rejected.extend(parsed.rejected.iter().cloned());
+        seen.insert(stretch.to_string(), (before, count, parsed));
+        before += count;
+    }
+    cache.stretches = seen;
+    Ok(out)
+}
+
+/// The documents of one stretch, numbered after the `before` that precede it; `None`
+/// on a syntax error.
+fn parse_stretch(stretch: &str, before: usize) -> Option<(usize, ParsedManifest)> {
+    let mut out = ParsedManifest::default();
+    let mut count = 0;
+    for de in serde_yaml_ng::Deserializer::from_str(stretch) {
+        count += 1;
+        let doc = <Value as serde::Deserialize>::deserialize(de).ok()?;
+        document_objects(doc, before + count, &mut out);
+    }
+    Some((count, out))
+}
+
+/// `text` cut before each `---` document marker (a marker at the start of a line is
+/// always one, even inside what looks like a block scalar). `None` when the text has
+/// directives (`%YAML`), which belong to the document after them.
+fn document_stretches(text: &str) -> Option<Vec<&str>> {
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut at = 0;
+    for line in text.split_inclusive('\n') {
+        if line.starts_with('%') {
+            return None;
+        }
+        let marker = line
+            .strip_prefix("---")
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t', '\r', '\n']));
+        if marker && at > start {
+            out.push(&text[start..at]);
+            start = at;
+        }
+        at += line.len();
+    }
+    out.push(&text[start..]);
+    Some(out)
+}
+
 /// Parses every document of a text, failing on the first rejected document.
 pub fn parse_manifests(text: &str) -> Result<Vec<MeshObject>, WeftError> {
     let parsed = parse_manifest_documents(text)?;
@@ -312,5 +412,76 @@ mod tests {
             reasons[2].contains("is not supported (Weft reads split.smi-spec.io v1alpha4, v1alpha3, v1alpha2, v1alpha1)"),
             "{reasons:?}"
         );
+    }
+
+    /// Texts whose documents a stretch-wise parse must read exactly as a whole parse.
+    fn stretch_cases() -> Vec<String> {
+        let svc = |name: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: ns}}\nspec:\n  selector: {{app: {name}}}\n  ports: [{{port: 80}}]\n"
+            )
+        };
+        let bad = "apiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata: {name: bad}\nspec: {service: 7}\n";
+        vec![
+            format!("{}---\n{}---\n{bad}---\n{}", svc("a"), svc("b"), svc("c")),
+            format!(
+                "---\n{}---\n---\n# only a comment\n---\n{bad}---\n{}---\n",
+                svc("a"),
+                svc("b")
+            ),
+            format!("{}...\n---\n{}--- # trailing\n{bad}", svc("a"), svc("b")),
+            format!(
+                "{}---\n{}",
+                svc("a"),
+                "data: |\n  text\n  --- not a marker\n"
+            ),
+            "{\"apiVersion\": \"v1\", \"kind\": \"Service\", \"metadata\": {\"name\": \"j\"}}"
+                .to_string(),
+            format!("%YAML 1.2\n---\n{}", svc("d")),
+            format!("{}---\n{{unclosed: [\n---\n{}", svc("a"), svc("b")),
+            String::new(),
+        ]
+    }
+
+    #[test]
+    fn a_stretch_wise_parse_reads_what_a_whole_parse_reads() {
+        for text in stretch_cases() {
+            let whole = parse_manifest_documents(&text).map_err(|e| e.to_string());
+            let mut cache = DocumentCache::default();
+            let first =
+                parse_manifest_documents_cached(&text, &mut cache).map_err(|e| e.to_string());
+            assert_eq!(first, whole, "{text}");
+            let again =
+                parse_manifest_documents_cached(&text, &mut cache).map_err(|e| e.to_string());
+            assert_eq!(again, whole, "from the cache: {text}");
+        }
+    }
+
+    #[test]
+    fn editing_one_document_of_many_reparses_that_one() {
+        let doc = |i: usize, port: u16| {
+            format!(
+                "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: ns}}\nspec:\n  ports: [{{port: {port}}}]\n"
+            )
+        };
+        let text = |edited: u16| -> String {
+            (0..200)
+                .map(|i| doc(i, if i == 120 { edited } else { 80 }))
+                .collect()
+        };
+        let mut cache = DocumentCache::default();
+        parse_manifest_documents_cached(&text(80), &mut cache).unwrap();
+        assert_eq!(cache.last_parsed(), 200);
+        let edited = parse_manifest_documents_cached(&text(81), &mut cache).unwrap();
+        assert_eq!(
+            cache.last_parsed(),
+            1,
+            "only the edited document is parsed again"
+        );
+        assert_eq!(edited, parse_manifest_documents(&text(81)).unwrap());
+        // A document inserted in front moves every later one: they are numbered anew.
+        let moved = format!("{}{}", doc(999, 80), text(81));
+        let parsed = parse_manifest_documents_cached(&moved, &mut cache).unwrap();
+        assert_eq!(parsed, parse_manifest_documents(&moved).unwrap());
     }
 }
