@@ -204,13 +204,13 @@ pub fn parse_manifest_documents(text: &str) -> Result<ParsedManifest, WeftError>
     Ok(out)
 }
 
-/// What the stretches of a file between document markers parsed to last time, by their
-/// text: editing one object of a file of a thousand re-parses that one object's
-/// document, not the file.
+/// What the stretches of a file between document markers parsed to last time, by a
+/// fingerprint of their text: editing one object of a file of a thousand re-parses that
+/// object's document, not the file.
 #[derive(Debug, Default)]
 pub struct DocumentCache {
-    /// Stretch text → (number of documents before it, documents in it, what they gave).
-    stretches: std::collections::HashMap<String, (usize, usize, ParsedManifest)>,
+    /// Stretch → (number of documents before it, documents in it, what they gave).
+    stretches: std::collections::HashMap<StretchKey, (usize, usize, ParsedManifest)>,
     /// Stretches the last parse read afresh.
     parsed: usize,
 }
@@ -240,9 +240,10 @@ pub fn parse_manifest_documents_cached(
     let mut seen = std::collections::HashMap::with_capacity(stretches.len());
     let mut before = 0;
     for stretch in stretches {
+        let key = StretchKey::of(stretch);
         let reused = cache
             .stretches
-            .remove(stretch)
+            .remove(&key)
             .filter(|(at, _, _)| *at == before);
         let (count, parsed) = match reused {
             Some((_, count, parsed)) => (count, parsed),
@@ -260,11 +261,34 @@ pub fn parse_manifest_documents_cached(
         };
         out.objects.extend(parsed.objects.iter().cloned());
         out.rejected.extend(parsed.rejected.iter().cloned());
-        seen.insert(stretch.to_string(), (before, count, parsed));
+        seen.insert(key, (before, count, parsed));
         before += count;
     }
     cache.stretches = seen;
     Ok(out)
+}
+
+/// A stretch of text by its length and two independent 64-bit hashes, instead of a copy
+/// of the text: a 10,000-service manifest would otherwise be held twice.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct StretchKey {
+    len: usize,
+    fnv: u64,
+    sip: u64,
+}
+
+impl StretchKey {
+    fn of(stretch: &str) -> Self {
+        use std::hash::{Hash, Hasher};
+        // SipHash with fixed keys: the same text gives the same key on every rescan.
+        let mut sip = std::hash::DefaultHasher::new();
+        stretch.hash(&mut sip);
+        Self {
+            len: stretch.len(),
+            fnv: weft_xds::resource::fnv1a(stretch.as_bytes()),
+            sip: sip.finish(),
+        }
+    }
 }
 
 /// The documents of one stretch, numbered after the `before` that precede it; `None`
