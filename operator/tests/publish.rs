@@ -54,7 +54,9 @@ fn demand(node: &str, connected: bool) -> NodeDemand {
 fn publisher(dir: &str) -> (std::sync::Arc<SnapshotCache>, MeshPublisher, Index) {
     let state = std::env::temp_dir().join(format!("weft-publish-{dir}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&state);
-    let ca = CertificateAuthority::load(&CaSource::StateDir(state), None).unwrap();
+    let ca = CertificateAuthority::load(&CaSource::StateDir(state.clone()), None).unwrap();
+    // The CA is in memory now; its key must not outlive the test in /tmp.
+    std::fs::remove_dir_all(&state).unwrap();
     let config = MeshConfig::default();
     let identity = MeshIdentity::new(ca, &config, Duration::from_secs(3600));
     let cache = SnapshotCache::new();
