@@ -175,19 +175,14 @@ impl AdsConnection {
             state.must_respond = names_changed;
             return Ok(RequestEvent::Nack(nack));
         }
-        record_ack(
-            &mut state.acked_version,
-            &mut state.acked_at,
-            &Version::from(req.version_info.as_str()),
-        );
+        let version = Version::from(req.version_info.as_str());
+        record_ack(&mut state.acked_version, &mut state.acked_at, &version);
         state.nack = None;
         if names_changed && !is_new {
             state.must_respond = names_changed;
             return Ok(RequestEvent::SubscriptionChanged);
         }
-        Ok(RequestEvent::Ack {
-            version: req.version_info.as_str().into(),
-        })
+        Ok(RequestEvent::Ack { version })
     }
 
     /// Responses that bring the proxy to `snapshot`, in make-before-break order:

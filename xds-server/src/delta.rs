@@ -177,7 +177,7 @@ fn diff_views(sent: &TypedResources, desired: &TypedResources, memo: &DiffMemo) 
     let (old, new) = (sent.layers(), desired.layers());
     let empty = empty_layer();
     let first = |layers: &[LayerRef]| layers.first().cloned().unwrap_or_else(|| empty.clone());
-    if old.len() == new.len() && old.iter().zip(new).all(|(a, b)| Arc::ptr_eq(a, b)) {
+    if sent.same_layers(desired) {
         return Arc::default();
     }
     if old.len() <= 1 && new.len() <= 1 {
@@ -470,10 +470,7 @@ impl DeltaAdsConnection {
                     (desired, version, diff)
                 }
             };
-            state.covered = available.is_some_and(|a| {
-                let (a, d) = (a.layers(), desired.layers());
-                a.len() == d.len() && a.iter().zip(d).all(|(a, d)| Arc::ptr_eq(a, d))
-            });
+            state.covered = available.is_some_and(|a| a.same_layers(&desired));
             if type_url == type_url::CLUSTER && state.known.len() > 0 {
                 rewarm = diff
                     .changed

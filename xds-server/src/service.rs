@@ -508,9 +508,8 @@ impl OnDemandLayers {
             if !self.explicit_types.contains(t) {
                 self.explicit_types.push(t.clone());
             }
-            let held = snapshot.resources(t).is_some_and(|v| v.contains(n));
-            if !held && !self.missing.iter().any(|(mt, mn)| mt == t && mn == n) {
-                self.missing.push((t.clone(), n.to_string()));
+            if !snapshot.resources(t).is_some_and(|v| v.contains(n)) {
+                list_missing(&mut self.missing, t, n);
             }
         }
     }
@@ -523,13 +522,7 @@ impl OnDemandLayers {
         for type_url in &self.explicit_types {
             let before = old.resources(type_url).unwrap_or(&empty);
             let after = new.resources(type_url).unwrap_or(&empty);
-            if before.layers().len() == after.layers().len()
-                && before
-                    .layers()
-                    .iter()
-                    .zip(after.layers())
-                    .all(|(a, b)| Arc::ptr_eq(a, b))
-            {
+            if before.same_layers(after) {
                 continue;
             }
             let Some(diff) = conn.view_diff(before, after) else {
@@ -542,9 +535,8 @@ impl OnDemandLayers {
                     .retain(|(t, n)| t != type_url || !appeared.contains(n.as_str()));
             }
             for name in &diff.removed {
-                let listed = self.missing.iter().any(|(t, n)| t == type_url && n == name);
-                if !listed && conn.is_explicit(type_url, name) {
-                    self.missing.push((type_url.clone(), name.clone()));
+                if conn.is_explicit(type_url, name) {
+                    list_missing(&mut self.missing, type_url, name);
                 }
             }
         }
@@ -616,6 +608,13 @@ impl OnDemandLayers {
             extra.add_layer(&type_url, layer);
         }
         Arc::new(Snapshot::layered(&[&snapshot, &extra]))
+    }
+}
+
+/// Adds `name` of `type_url` to `missing` unless it is listed already.
+fn list_missing(missing: &mut Vec<(String, String)>, type_url: &str, name: &str) {
+    if !missing.iter().any(|(t, n)| t == type_url && n == name) {
+        missing.push((type_url.to_string(), name.to_string()));
     }
 }
 

@@ -120,6 +120,17 @@ impl TypedResources {
         &self.layers
     }
 
+    /// Whether `other` is made of the very same layers, in the same order (a pointer
+    /// compare per layer: how streams tell an unchanged view).
+    pub fn same_layers(&self, other: &TypedResources) -> bool {
+        self.layers.len() == other.layers.len()
+            && self
+                .layers
+                .iter()
+                .zip(&other.layers)
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+
     /// Version of the whole view.
     pub fn version(&self) -> &str {
         &self.version
