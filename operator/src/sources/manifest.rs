@@ -192,16 +192,7 @@ fn document_objects(doc: Value, n: usize, out: &mut ParsedManifest) {
 /// before the parser runs so that the cost stays in proportion to the text's size.
 pub fn parse_manifest_documents(text: &str) -> Result<ParsedManifest, WeftError> {
     weft_crds::bounds::check_yaml(text).map_err(WeftError::Bound)?;
-    let mut out = ParsedManifest::default();
-    for (i, de) in serde_yaml_ng::Deserializer::from_str(text).enumerate() {
-        let n = i + 1;
-        let doc =
-            <Value as serde::Deserialize>::deserialize(de).map_err(|e| WeftError::Manifest {
-                reason: format!("document {n}: {e}"),
-            })?;
-        document_objects(doc, n, &mut out);
-    }
-    Ok(out)
+    parse_stretch(text, 0).map(|(_, parsed)| parsed)
 }
 
 /// What the stretches of a file between document markers parsed to last time, by a
@@ -248,12 +239,12 @@ pub fn parse_manifest_documents_cached(
         let (count, parsed) = match reused {
             Some((_, count, parsed)) => (count, parsed),
             None => match parse_stretch(stretch, before) {
-                Some(found) => {
+                Ok(found) => {
                     cache.parsed += 1;
                     found
                 }
                 // Syntax errors are rare; the whole text tells where they are.
-                None => {
+                Err(_) => {
                     cache.stretches.clear();
                     return parse_manifest_documents(text);
                 }
@@ -291,17 +282,21 @@ impl StretchKey {
     }
 }
 
-/// The documents of one stretch, numbered after the `before` that precede it; `None`
-/// on a syntax error.
-fn parse_stretch(stretch: &str, before: usize) -> Option<(usize, ParsedManifest)> {
+/// The documents of one stretch of text, numbered after the `before` that precede it,
+/// and how many there are; a YAML syntax error fails the stretch.
+fn parse_stretch(stretch: &str, before: usize) -> Result<(usize, ParsedManifest), WeftError> {
     let mut out = ParsedManifest::default();
     let mut count = 0;
     for de in serde_yaml_ng::Deserializer::from_str(stretch) {
         count += 1;
-        let doc = <Value as serde::Deserialize>::deserialize(de).ok()?;
-        document_objects(doc, before + count, &mut out);
+        let n = before + count;
+        let doc =
+            <Value as serde::Deserialize>::deserialize(de).map_err(|e| WeftError::Manifest {
+                reason: format!("document {n}: {e}"),
+            })?;
+        document_objects(doc, n, &mut out);
     }
-    Some((count, out))
+    Ok((count, out))
 }
 
 /// `text` cut before each `---` document marker (a marker at the start of a line is
