@@ -51,6 +51,13 @@ fn ack(type_url: &str, nonce: &str) -> DeltaDiscoveryRequest {
     }
 }
 
+/// ACKs every response in `out`.
+fn ack_all(conn: &mut DeltaAdsConnection, out: &[DeltaResponse]) {
+    for r in out {
+        conn.on_request(&ack(&r.type_url, &r.nonce)).unwrap();
+    }
+}
+
 fn nack(type_url: &str, nonce: &str, msg: &str) -> DeltaDiscoveryRequest {
     DeltaDiscoveryRequest {
         error_detail: Some(RpcStatus {
@@ -122,9 +129,7 @@ fn only_changed_resources_are_sent_and_removals_come_last() {
     assert_eq!(first.len(), 2);
     assert_eq!(first[0].resources().len(), 100, "initial: everything");
     assert_eq!(names(&first[1]), vec!["r"]);
-    for r in &first {
-        conn.on_request(&ack(&r.type_url, &r.nonce)).unwrap();
-    }
+    ack_all(&mut conn, &first);
 
     // One cluster changes, one is added, one goes away, and the route moves to the
     // new cluster: additions (CDS before RDS) first, then the removal.
@@ -145,9 +150,7 @@ fn only_changed_resources_are_sent_and_removals_come_last() {
     assert_eq!(next[2].type_url, type_url::CLUSTER);
 
     // Nothing changed: nothing sent.
-    for r in &next {
-        conn.on_request(&ack(&r.type_url, &r.nonce)).unwrap();
-    }
+    ack_all(&mut conn, &next);
     let same = conn.next_responses(
         &Snapshot::new()
             .with(type_url::CLUSTER, all)
@@ -375,9 +378,7 @@ fn an_overriding_layer_shadows_a_shared_name_and_its_removal_restores_it() {
             ("b".to_string(), "consumer-b".to_string())
         ]
     );
-    for r in &first {
-        conn.on_request(&ack(&r.type_url, &r.nonce)).unwrap();
-    }
+    ack_all(&mut conn, &first);
     // The shared layer changes under the override: only what shows changes is sent.
     let shared2 = Arc::new(Layer::new([
         route("a", "shared-a"),
@@ -403,9 +404,7 @@ fn an_overriding_layer_shadows_a_shared_name_and_its_removal_restores_it() {
         .name
         .clone();
     assert_eq!(vh, "shared-b2");
-    for r in &next {
-        conn.on_request(&ack(&r.type_url, &r.nonce)).unwrap();
-    }
+    ack_all(&mut conn, &next);
     // And comes back: its version replaces the shared one.
     let back = conn.next_responses(&routes(&[&consumer, &shared2]));
     assert_eq!(back.len(), 1, "{back:?}");
@@ -424,9 +423,7 @@ fn a_changed_cluster_gets_its_unchanged_endpoints_again_to_finish_warming() {
             .with(type_url::CLUSTER, [cluster("a", 250), cluster("b", 250)])
             .with(type_url::ENDPOINT, endpoints.clone()),
     );
-    for r in &first {
-        conn.on_request(&ack(&r.type_url, &r.nonce)).unwrap();
-    }
+    ack_all(&mut conn, &first);
     // Cluster a changes, b does not, c is new: a's endpoints go out again (Envoy warms
     // the new a until they come and does not ask for a name it already has); b's do not.
     let next = conn.next_responses(
@@ -455,15 +452,10 @@ fn a_subscription_covering_the_whole_view_still_gets_only_its_names_when_the_vie
     let mut conn = DeltaAdsConnection::new();
     conn.on_request(&subscribe(type_url::ROUTE, &["a", "b"]))
         .unwrap();
-    let acked = |conn: &mut DeltaAdsConnection, out: &[DeltaResponse]| {
-        for r in out {
-            conn.on_request(&ack(&r.type_url, &r.nonce)).unwrap();
-        }
-    };
     let first = Arc::new(Layer::new([route("a", "a"), route("b", "b")]));
     let out = conn.next_responses(&routes(&[&first]));
     assert_eq!(names(&out[0]), vec!["a", "b"]);
-    acked(&mut conn, &out);
+    ack_all(&mut conn, &out);
 
     // The shared layer changes a and gains c, which nobody asked for: only a goes out.
     let grown = Arc::new(Layer::new([
@@ -474,7 +466,7 @@ fn a_subscription_covering_the_whole_view_still_gets_only_its_names_when_the_vie
     let out = conn.next_responses(&routes(&[&grown]));
     assert_eq!(out.len(), 1, "{out:?}");
     assert_eq!(names(&out[0]), vec!["a"]);
-    acked(&mut conn, &out);
+    ack_all(&mut conn, &out);
     let served: Vec<String> = conn
         .served()
         .resources(type_url::ROUTE)
@@ -498,7 +490,7 @@ fn a_subscription_covering_the_whole_view_still_gets_only_its_names_when_the_vie
     let out = conn.next_responses(&routes(&[&c2]));
     assert_eq!(out.len(), 1, "{out:?}");
     assert_eq!(names(&out[0]), vec!["b"]);
-    acked(&mut conn, &out);
+    ack_all(&mut conn, &out);
 
     // Subscribing to c brings it; the view is whole again, and a later change to c
     // (and only that) goes out.
@@ -506,7 +498,7 @@ fn a_subscription_covering_the_whole_view_still_gets_only_its_names_when_the_vie
         .unwrap();
     let out = conn.next_responses(&routes(&[&c2]));
     assert_eq!(names(&out[0]), vec!["c"]);
-    acked(&mut conn, &out);
+    ack_all(&mut conn, &out);
     let c3 = Arc::new(Layer::new([
         route("a", "a2"),
         route("b", "b2"),
@@ -516,7 +508,7 @@ fn a_subscription_covering_the_whole_view_still_gets_only_its_names_when_the_vie
     let out = conn.next_responses(&routes(&[&c3]));
     assert_eq!(out.len(), 1, "{out:?}");
     assert_eq!(names(&out[0]), vec!["c"]);
-    acked(&mut conn, &out);
+    ack_all(&mut conn, &out);
 
     // Unsubscribing from a: later changes to a are not sent, b's are.
     conn.on_request(&DeltaDiscoveryRequest {
@@ -542,11 +534,6 @@ fn an_unsubscribed_name_that_comes_and_goes_is_never_sent_nor_removed_however_ma
     let mut conn = DeltaAdsConnection::new();
     conn.on_request(&subscribe(type_url::ROUTE, &["a"]))
         .unwrap();
-    let ack_all = |conn: &mut DeltaAdsConnection, out: &[DeltaResponse]| {
-        for r in out {
-            conn.on_request(&ack(&r.type_url, &r.nonce)).unwrap();
-        }
-    };
     let out = conn.next_responses(&routes(&[&Arc::new(Layer::new([route("a", "a")]))]));
     ack_all(&mut conn, &out);
     // x appears (unsubscribed), then goes: the proxy hears of neither.

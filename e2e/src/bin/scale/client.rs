@@ -446,11 +446,11 @@ impl Proxy {
                     state.endpoints_of.remove(cluster);
                     unsubscribe.push(old.to_string());
                 }
-                if let Some(new) = now {
-                    let new = intern_all(std::iter::once(new)).remove(0);
-                    let cluster = intern_all(std::iter::once(cluster)).remove(0);
-                    state.endpoints_of.insert(cluster, new.clone());
-                    subscribe.push(new);
+                if let Some(new) = now
+                    && let [cluster, new] = &intern_all([cluster, new].into_iter())[..]
+                {
+                    state.endpoints_of.insert(cluster.clone(), new.clone());
+                    subscribe.push(new.clone());
                 }
             }
             for name in &unsubscribe {
