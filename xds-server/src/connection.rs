@@ -14,7 +14,7 @@ use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 
 use crate::XdsError;
 use crate::resource::{Resource, type_url};
-use crate::snapshot::{Layer, Snapshot, TypedResources, Version};
+use crate::snapshot::{Layer, Served, Snapshot, TypedResources, Version};
 
 /// A response ready to go on the wire; resource bytes are shared, not copied.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -272,12 +272,13 @@ impl AdsConnection {
 
     /// What the proxy was sent last, per type (during a removal, the union it holds
     /// until the removal goes out).
-    pub fn served(&self) -> Snapshot {
-        Snapshot::from_views(self.types.iter().filter_map(|(t, s)| {
+    pub fn served(&self) -> Served {
+        let views = Snapshot::from_views(self.types.iter().filter_map(|(t, s)| {
             s.sent
                 .as_ref()
                 .map(|sent| (t.clone(), sent.resources.clone()))
-        }))
+        }));
+        Served::new(views, Vec::new())
     }
 
     /// Per-type sync state, in push order.

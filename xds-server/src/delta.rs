@@ -18,7 +18,7 @@ use crate::connection::{
     Nack, RequestEvent, TypeSync, desired_resources, record_ack, remember_node,
 };
 use crate::resource::{Resource, type_url};
-use crate::snapshot::{Layer, LayerRef, Snapshot, TypedResources, Version, lock};
+use crate::snapshot::{LayerRef, Served, Snapshot, TypedResources, Version, lock};
 
 /// A delta response ready to go on the wire; resource bytes are shared, not copied.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -295,8 +295,9 @@ struct DeltaTypeState {
     covered: bool,
     /// Names of the `known` view the proxy was not sent because it has not subscribed
     /// to them (yet: a new cluster's endpoints come before the proxy asks for them).
-    /// A few at most; more, and the stream keeps a view of its own instead.
-    withheld: BTreeSet<String>,
+    /// A few at most; more, and the stream keeps a view of its own instead. Shared
+    /// with what the stream reports as served.
+    withheld: Arc<BTreeSet<String>>,
     /// A request is waiting for a response even if nothing changed.
     must_respond: bool,
     /// Version of the type's set per nonce in flight, to report ACKs.
@@ -391,7 +392,7 @@ impl DeltaAdsConnection {
             // The proxy drops what it unsubscribed from; it must not hear of it again.
             state.known.forget(name, &state.withheld);
             if !state.withheld.is_empty() && matches!(state.known, Known::Versions(_)) {
-                state.withheld.clear();
+                state.withheld = Arc::default();
                 state.covered = false;
             }
         }
@@ -466,7 +467,7 @@ impl DeltaAdsConnection {
                     let (desired, version) =
                         desired_resources(state.wildcard, &state.names, available);
                     let diff = state.known.diff(&desired, &self.memo);
-                    state.withheld.clear();
+                    state.withheld = Arc::default();
                     (desired, version, diff)
                 }
             };
@@ -592,21 +593,19 @@ impl DeltaAdsConnection {
 
     /// What the proxy was sent last, per type (a type known only by the versions the
     /// proxy declared on reconnect is left out until it is answered).
-    pub fn served(&self) -> Snapshot {
-        Snapshot::from_views(self.types.iter().filter_map(|(t, s)| match &s.known {
-            Known::Sent(view) if s.withheld.is_empty() => Some((t.clone(), view.clone())),
-            Known::Sent(view) => {
-                let sent = view
-                    .iter()
-                    .filter(|r| !s.withheld.contains(r.name()))
-                    .cloned();
-                Some((
-                    t.clone(),
-                    TypedResources::single(Arc::new(Layer::new(sent))),
-                ))
-            }
-            Known::Versions(_) => None,
-        }))
+    pub fn served(&self) -> Served {
+        let sent = || {
+            self.types.iter().filter_map(|(t, s)| match &s.known {
+                Known::Sent(view) => Some((t, view, &s.withheld)),
+                Known::Versions(_) => None,
+            })
+        };
+        let views = Snapshot::from_views(sent().map(|(t, view, _)| (t.clone(), view.clone())));
+        let withheld = sent()
+            .filter(|(_, _, w)| !w.is_empty())
+            .map(|(t, _, w)| (t.clone(), w.clone()))
+            .collect();
+        Served::new(views, withheld)
     }
 
     /// Per-type sync state.
@@ -720,7 +719,7 @@ fn withhold(
     if !touches {
         return Some(diff);
     }
-    let mut next = withheld.clone();
+    let mut next = BTreeSet::clone(withheld);
     let (mut changed, mut removed) = (Vec::new(), Vec::new());
     for r in diff.changed.iter() {
         if names.contains(r.name()) {
@@ -745,7 +744,7 @@ fn withhold(
     if next.len() > MAX_WITHHELD {
         return None;
     }
-    state.withheld = next;
+    state.withheld = Arc::new(next);
     changed.sort_by(|a, b| a.name().cmp(b.name()));
     changed.dedup_by(|a, b| a.name() == b.name());
     Some(Arc::new(Diff {

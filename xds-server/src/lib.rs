@@ -20,8 +20,8 @@ pub use service::{
     StreamSync, SyncRegistry, WireResponse, encode_response,
 };
 pub use snapshot::{
-    Admission, Layer, LayerRef, NodeDemand, NodeSnapshot, NodeWatch, Snapshot, SnapshotCache,
-    SnapshotSource, TypedResources,
+    Admission, Layer, LayerRef, NodeDemand, NodeSnapshot, NodeWatch, Served, Snapshot,
+    SnapshotCache, SnapshotSource, TypedResources,
 };
 
 /// Errors of the xDS server.

@@ -28,7 +28,8 @@ use crate::delta::{
 };
 use crate::resource::{Resource, type_url};
 use crate::snapshot::{
-    Admission, Layer, NodeWatch, Snapshot, SnapshotCache, SnapshotSource, TypedResources, lock,
+    Admission, Layer, NodeWatch, Served, Snapshot, SnapshotCache, SnapshotSource, TypedResources,
+    lock,
 };
 
 /// gRPC path of the SotW ADS method.
@@ -127,7 +128,7 @@ pub trait AdsProtocol: Send + 'static {
     /// Per-type sync state.
     fn sync_state(&self) -> Vec<TypeSync>;
     /// What the proxy was sent last, per type (shared layers, not copies).
-    fn served(&self) -> Snapshot;
+    fn served(&self) -> Served;
     /// Calls `visit(type_url, name)` for each name subscribed explicitly (candidates for
     /// on-demand resolution); none where the variant has no on-demand discovery.
     fn visit_explicit_names(&self, _visit: &mut dyn FnMut(&str, &str)) {}
@@ -173,7 +174,7 @@ impl AdsProtocol for AdsConnection {
     fn sync_state(&self) -> Vec<TypeSync> {
         AdsConnection::sync_state(self)
     }
-    fn served(&self) -> Snapshot {
+    fn served(&self) -> Served {
         AdsConnection::served(self)
     }
 }
@@ -200,7 +201,7 @@ impl AdsProtocol for DeltaAdsConnection {
     fn sync_state(&self) -> Vec<TypeSync> {
         DeltaAdsConnection::sync_state(self)
     }
-    fn served(&self) -> Snapshot {
+    fn served(&self) -> Served {
         DeltaAdsConnection::served(self)
     }
     fn visit_explicit_names(&self, visit: &mut dyn FnMut(&str, &str)) {
@@ -264,7 +265,7 @@ pub struct StreamSync {
     /// `delta` or `sotw`.
     pub protocol: &'static str,
     /// What the proxy was sent last (on-demand resources included).
-    pub served: Snapshot,
+    pub served: Served,
 }
 
 /// Sync state of every open stream, keyed by stream id. Each stream writes its own
@@ -308,7 +309,7 @@ impl SyncRegistry {
         ids.sort();
         ids.into_iter().find_map(|id| {
             let s = lock(&streams[id]);
-            (s.node_id.as_deref() == Some(node)).then(|| s.served.clone())
+            (s.node_id.as_deref() == Some(node)).then(|| s.served.snapshot())
         })
     }
 

@@ -6,7 +6,7 @@
 //! per-proxy memory does not grow with the mesh; the server composes the layers when
 //! it sends.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{mpsc, watch};
@@ -247,6 +247,12 @@ impl Snapshot {
     /// has keeps that part's view as it is (every stream composes its view on every
     /// change of a shared layer, so this runs a thousand times per change).
     pub fn layered(parts: &[&Snapshot]) -> Self {
+        Self::layered_after(parts, None)
+    }
+
+    /// [`Snapshot::layered`], keeping `previous`'s view of every type whose layers are
+    /// the same ones: a change of one shared type re-stacks that type only.
+    pub fn layered_after(parts: &[&Snapshot], previous: Option<&Snapshot>) -> Self {
         let mut stacked: BTreeMap<&str, Vec<&TypedResources>> = BTreeMap::new();
         for part in parts {
             for (type_url, typed) in &part.types {
@@ -258,9 +264,26 @@ impl Snapshot {
             .map(|(type_url, views)| {
                 let view = match views.as_slice() {
                     [one] => (*one).clone(),
-                    many => TypedResources::from_layers(
-                        many.iter().flat_map(|v| v.layers.iter().cloned()).collect(),
-                    ),
+                    many => {
+                        let layers = || {
+                            many.iter()
+                                .flat_map(|v| v.layers.iter())
+                                .filter(|l| !l.items.is_empty())
+                        };
+                        match previous.and_then(|p| p.types.get(type_url)) {
+                            Some(prev)
+                                if prev.layers.len() == layers().count()
+                                    && prev
+                                        .layers
+                                        .iter()
+                                        .zip(layers())
+                                        .all(|(a, b)| Arc::ptr_eq(a, b)) =>
+                            {
+                                prev.clone()
+                            }
+                            _ => TypedResources::from_layers(layers().cloned().collect()),
+                        }
+                    }
                 };
                 (type_url.to_string(), view)
             })
@@ -565,6 +588,41 @@ impl SnapshotCache {
     }
 }
 
+/// What a stream sent its proxy: views by type, less the names it held back from some
+/// of them. Streams record this on every send; the held-back names are filtered out
+/// only when someone reads it, so a send costs pointer copies, not a view per stream.
+#[derive(Clone, Debug, Default)]
+pub struct Served {
+    views: Snapshot,
+    withheld: Vec<(String, Arc<BTreeSet<String>>)>,
+}
+
+impl Served {
+    /// `views`, less the `withheld` names of each type listed.
+    pub fn new(views: Snapshot, withheld: Vec<(String, Arc<BTreeSet<String>>)>) -> Self {
+        Self { views, withheld }
+    }
+
+    /// What the proxy has.
+    pub fn snapshot(&self) -> Snapshot {
+        if self.withheld.iter().all(|(_, names)| names.is_empty()) {
+            return self.views.clone();
+        }
+        Snapshot::from_views(self.views.types.iter().map(|(t, view)| {
+            match self.withheld.iter().find(|(w, _)| w == t) {
+                Some((_, names)) if !names.is_empty() => {
+                    let kept = view.iter().filter(|r| !names.contains(r.name())).cloned();
+                    (
+                        t.clone(),
+                        TypedResources::single(Arc::new(Layer::new(kept))),
+                    )
+                }
+                _ => (t.clone(), view.clone()),
+            }
+        }))
+    }
+}
+
 /// What one stream's node should have: its own snapshot over its shared one, else the
 /// fallback. Dropping it tells the cache the stream is gone.
 #[derive(Debug)]
@@ -679,7 +737,8 @@ impl NodeWatch {
         }
         let mut layers: Vec<&Snapshot> = parts.iter().map(|p| &**p).collect();
         layers.push(&own.own);
-        let view = Arc::new(Snapshot::layered(&layers));
+        let previous = self.composed.as_ref().map(|c| &*c.view);
+        let view = Arc::new(Snapshot::layered_after(&layers, previous));
         self.composed = Some(Composed {
             own,
             shared: parts,

@@ -469,6 +469,7 @@ fn a_subscription_covering_the_whole_view_still_gets_only_its_names_when_the_vie
     ack_all(&mut conn, &out);
     let served: Vec<String> = conn
         .served()
+        .snapshot()
         .resources(type_url::ROUTE)
         .unwrap()
         .iter()

@@ -319,3 +319,27 @@ fn composing_shares_a_part_alone_in_its_type_and_stacks_the_rest_in_order() {
     assert_eq!(clusters.len(), 3, "b counts once");
     assert_eq!(names(&view), vec!["a", "b", "mine"]);
 }
+
+#[test]
+fn recomposing_after_a_change_restacks_what_changed_and_equals_a_fresh_composition() {
+    let own = snap(&["b", "mine"]);
+    let before = Snapshot::layered(&[&snap(&["a", "b"]), &own]);
+    // Same layers: the previous view, as it was.
+    let shared = snap(&["a", "b"]);
+    let first = Snapshot::layered(&[&shared, &own]);
+    let again = Snapshot::layered_after(&[&shared, &own], Some(&first));
+    assert_eq!(again, first);
+    // A changed shared layer (or a stale previous view) is stacked anew.
+    let changed = snap(&["a", "c"]);
+    for previous in [&first, &before] {
+        let next = Snapshot::layered_after(&[&changed, &own], Some(previous));
+        assert_eq!(next, Snapshot::layered(&[&changed, &own]));
+        assert_eq!(names(&next), vec!["a", "b", "c", "mine"]);
+        assert_eq!(next.resources(type_url::CLUSTER).unwrap().len(), 4);
+    }
+    // An empty layer added to a part does not count as a change of what is stacked.
+    let mut padded = shared.clone();
+    padded.add_layer(type_url::CLUSTER, Arc::new(weft_xds::Layer::new([])));
+    let padded_view = Snapshot::layered_after(&[&padded, &own], Some(&first));
+    assert_eq!(padded_view, first);
+}
