@@ -229,9 +229,14 @@ fn read_manifest(path: &Path) -> Result<String, WeftError> {
 }
 
 /// How long the directory must be quiet after a file event before rescanning: editors
-/// and `cp -r` write in several steps, but an atomic rename is one event and should
-/// not wait long.
+/// and `cp -r` write in several steps.
 const QUIET: Duration = Duration::from_millis(20);
+
+/// The quiet wanted after an event that ends a write (a file renamed into place,
+/// closed after writing, or removed): the file is whole, so only events already on
+/// their way are worth waiting for. A `cp -r` that is still going raises its next
+/// event sooner than this.
+const QUIET_AFTER_COMPLETE: Duration = Duration::from_millis(2);
 
 /// A directory that never goes quiet is rescanned at least this often.
 const MAX_DEBOUNCE: Duration = Duration::from_millis(250);
@@ -262,28 +267,47 @@ impl DirWatch {
     /// Waits for the next change, then for the burst of events it belongs to to end.
     /// Returns `None` when watching stopped.
     pub async fn changed(&mut self) -> Option<()> {
-        loop {
+        let mut quiet = loop {
             match self.events.recv().await? {
-                Ok(event) if changes_content(&event.kind) => break,
+                Ok(event) if changes_content(&event.kind) => break quiet_after(&event.kind),
                 Ok(_) => {}
                 Err(e) => {
                     tracing::warn!(error = %e, "file watch error; rescanning");
-                    break;
+                    break QUIET;
                 }
             }
-        }
+        };
         let deadline = tokio::time::Instant::now() + MAX_DEBOUNCE;
         loop {
-            let quiet_until = (tokio::time::Instant::now() + QUIET).min(deadline);
+            let quiet_until = (tokio::time::Instant::now() + quiet).min(deadline);
             match tokio::time::timeout_at(quiet_until, self.events.recv()).await {
-                // More events of the same burst: wait for quiet again.
-                Ok(Some(_)) if tokio::time::Instant::now() < deadline => {}
+                // More events of the same burst: wait for quiet again, as long as the
+                // latest of them asks.
+                Ok(Some(event)) if tokio::time::Instant::now() < deadline => {
+                    if let Ok(event) = event
+                        && changes_content(&event.kind)
+                    {
+                        quiet = quiet_after(&event.kind);
+                    }
+                }
                 Ok(None) => return None,
                 _ => break,
             }
         }
         while self.events.try_recv().is_ok() {}
         Some(())
+    }
+}
+
+/// How long to wait for more events after `kind` (see [`QUIET_AFTER_COMPLETE`]).
+fn quiet_after(kind: &notify::EventKind) -> Duration {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode, ModifyKind, RenameMode};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write))
+        | EventKind::Modify(ModifyKind::Name(RenameMode::To | RenameMode::Both))
+        | EventKind::Remove(_) => QUIET_AFTER_COMPLETE,
+        _ => QUIET,
     }
 }
 
@@ -299,5 +323,54 @@ fn changes_content(kind: &notify::EventKind) -> bool {
             true
         }
         EventKind::Access(_) | EventKind::Any | EventKind::Other => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use notify::EventKind;
+    use notify::event::{
+        AccessKind, AccessMode, CreateKind, DataChange, ModifyKind, RemoveKind, RenameMode,
+    };
+
+    #[test]
+    fn a_finished_write_waits_briefly_and_a_write_in_progress_waits_for_quiet() {
+        let finished = [
+            EventKind::Access(AccessKind::Close(AccessMode::Write)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::To)),
+            EventKind::Modify(ModifyKind::Name(RenameMode::Both)),
+            EventKind::Remove(RemoveKind::File),
+        ];
+        for kind in finished {
+            assert!(changes_content(&kind), "{kind:?}");
+            assert_eq!(quiet_after(&kind), QUIET_AFTER_COMPLETE, "{kind:?}");
+        }
+        let in_progress = [
+            EventKind::Create(CreateKind::File),
+            EventKind::Modify(ModifyKind::Data(DataChange::Content)),
+            // The old name of a rename: the new one is yet to show.
+            EventKind::Modify(ModifyKind::Name(RenameMode::From)),
+        ];
+        for kind in in_progress {
+            assert!(changes_content(&kind), "{kind:?}");
+            assert_eq!(quiet_after(&kind), QUIET, "{kind:?}");
+        }
+        assert!(QUIET_AFTER_COMPLETE < QUIET);
+    }
+
+    #[tokio::test]
+    async fn a_file_renamed_into_place_is_reported() {
+        let dir = std::env::temp_dir().join(format!("weft-dir-watch-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        let mut watch = DirWatch::new(&dir).expect("watch");
+        let hidden = dir.join(".mesh.yaml.tmp");
+        std::fs::write(&hidden, "kind: Service\n").expect("write");
+        std::fs::rename(&hidden, dir.join("mesh.yaml")).expect("rename");
+        let changed = tokio::time::timeout(Duration::from_secs(5), watch.changed()).await;
+        assert_eq!(changed, Ok(Some(())));
+
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
