@@ -549,22 +549,24 @@ fn print_status(status: &MeshStatus) {
 
 fn print_proxy_status(proxies: &[ProxyStatus]) {
     say!(
-        "{:<32} {:<22} {:<5} {:<5} {:<9} {:>9} {:>9} NACK",
+        "{:<32} {:<22} {:<5} {:<5} {:<9} {:>9} {:>9} {:>9} NACK",
         "PROXY",
         "PEER",
         "ADS",
         "TYPE",
         "STATE",
         "RESOURCES",
-        "RESPONSES"
+        "RESPONSES",
+        "ACKED"
     );
+    let now = std::time::SystemTime::now();
     for p in proxies {
         if let Some(reason) = &p.denied {
             say!("{:<32} {:<22} DENIED: {reason}", p.node, p.peer);
         }
         for t in &p.types {
             say!(
-                "{:<32} {:<22} {:<5} {:<5} {:<9} {:>9} {:>9} {}",
+                "{:<32} {:<22} {:<5} {:<5} {:<9} {:>9} {:>9} {:>9} {}",
                 p.node,
                 p.peer,
                 p.protocol,
@@ -572,9 +574,24 @@ fn print_proxy_status(proxies: &[ProxyStatus]) {
                 t.state,
                 t.resources,
                 t.responses,
+                age(t.acked_at.as_deref(), now),
                 t.nack.as_deref().unwrap_or("")
             );
         }
+    }
+}
+
+/// How long ago an RFC 3339 time was, in whole seconds (`-` for none, `?` unreadable).
+fn age(at: Option<&str>, now: std::time::SystemTime) -> String {
+    let Some(at) = at else {
+        return "-".to_string();
+    };
+    match humantime::parse_rfc3339(at) {
+        Ok(at) => {
+            let secs = now.duration_since(at).unwrap_or_default().as_secs();
+            format!("{}s ago", secs)
+        }
+        Err(_) => "?".to_string(),
     }
 }
 

@@ -285,6 +285,8 @@ fn the_involved_proxies_are_listed_with_their_sync_state() {
             resources: 3,
             responses: 2,
             nack: nack.map(str::to_string),
+            sent_at: None,
+            acked_at: None,
         }]
     };
     let proxy = |node: &str, state: &str, nack: Option<&str>| ProxyStatus {

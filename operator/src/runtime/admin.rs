@@ -166,6 +166,13 @@ pub struct TypeStatus {
     pub responses: u64,
     /// Envoy's message for the last NACK.
     pub nack: Option<String>,
+    /// When a new version was last sent (RFC 3339, microseconds).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sent_at: Option<String>,
+    /// When a version was last ACKed (RFC 3339, microseconds): with `sent_at`, how long
+    /// the proxy took to apply it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub acked_at: Option<String>,
 }
 
 impl From<&TypeSync> for TypeStatus {
@@ -184,6 +191,12 @@ impl From<&TypeSync> for TypeStatus {
             resources: t.sent_resources,
             responses: t.responses,
             nack: t.last_nack.as_ref().map(|n| n.message.clone()),
+            sent_at: t
+                .sent_at
+                .map(|at| humantime::format_rfc3339_micros(at).to_string()),
+            acked_at: t
+                .acked_at
+                .map(|at| humantime::format_rfc3339_micros(at).to_string()),
         }
     }
 }

@@ -1,7 +1,8 @@
 //! Real Envoys against `weft up`: one process per pod, in the root network namespace,
 //! each connecting from its pod's IP (`upstream_bind_config` on the xDS cluster).
 //! Sync and ACKs are observed through the control plane's `/proxy-status`: the
-//! version a proxy ACKed, as the server recorded it, polled every `POLL`.
+//! version a proxy ACKed and when, as the server recorded it, polled every `POLL`
+//! (a server that does not record the time is timed by the poll that saw the ACK).
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -24,7 +25,8 @@ use crate::report::{
     secs,
 };
 
-/// How often `/proxy-status` is polled: the resolution of Envoy ACK times.
+/// How often `/proxy-status` is polled (the resolution of ACK times where the server
+/// does not report them).
 const POLL: Duration = Duration::from_millis(25);
 /// Types an Envoy of this mesh subscribes to; in sync = all of them ACKed.
 const EXPECTED_TYPES: [&str; 5] = ["CDS", "EDS", "LDS", "RDS", "SDS"];
@@ -56,6 +58,9 @@ struct TypeStatus {
     acked: Option<String>,
     #[serde(default)]
     responses: u64,
+    /// When the server got the ACK of `acked` (RFC 3339).
+    #[serde(default)]
+    acked_at: Option<String>,
 }
 
 async fn proxy_status(cp: &ControlPlane) -> Result<HashMap<String, ProxyStatus>, String> {
@@ -64,6 +69,25 @@ async fn proxy_status(cp: &ControlPlane) -> Result<HashMap<String, ProxyStatus>,
         serde_json::from_str(&body).map_err(|e| format!("parsing /proxy-status: {e}"))?;
     // A node may show up twice around a reconnect; the later entry wins.
     Ok(list.into_iter().map(|p| (p.node.clone(), p)).collect())
+}
+
+/// When `node`'s latest ACK of `type_name` reached the server, counted from `since`;
+/// `None` if the server does not say.
+fn ack_time(
+    status: &HashMap<String, ProxyStatus>,
+    node: &str,
+    type_name: &str,
+    since: std::time::SystemTime,
+) -> Option<Duration> {
+    let at = status
+        .get(node)?
+        .types
+        .iter()
+        .find(|t| t.type_name == type_name)?
+        .acked_at
+        .as_deref()?;
+    let at = humantime::parse_rfc3339(at).ok()?;
+    Some(at.duration_since(since).unwrap_or_default())
 }
 
 fn in_sync(status: &ProxyStatus, on_demand: bool) -> bool {
@@ -659,6 +683,8 @@ async fn envoy_changes(
         outcome: Err(e),
     };
     let mut slowest_poll = Duration::ZERO;
+    // Whether the server reported when the ACKs came (`acked_at`).
+    let mut server_timed = false;
     let mut poll_errors: Vec<String> = Vec::new();
     for r in 0..settings.repeats {
         let plan = match plan_change(kind, r, settings.repeats, mesh, &connected) {
@@ -718,6 +744,7 @@ async fn envoy_changes(
             Ok(t) => t,
             Err(e) => return fail(&watched, e),
         };
+        let renamed_wall = std::time::SystemTime::now() - renamed.elapsed();
         let mut seen: HashMap<String, Duration> = HashMap::new();
         let mut last_status = before;
         while seen.len() < affected.len() {
@@ -771,7 +798,9 @@ async fn envoy_changes(
                     return fail(&watched, format!("{node} NACKED {type_name}"));
                 }
                 if acked(&status, node) != baseline.get(node).cloned().flatten() {
-                    seen.insert(node.clone(), now);
+                    let at = ack_time(&status, node, type_name, renamed_wall);
+                    server_timed |= at.is_some();
+                    seen.insert(node.clone(), at.map_or(now, |at| at.min(now)));
                 }
             }
             last_status = status;
@@ -794,8 +823,13 @@ async fn envoy_changes(
             cpu_ms: cpu1.saturating_sub(cpu0),
         });
     }
+    let timing = if server_timed {
+        "ACK times as the server recorded them"
+    } else {
+        "ACK times = the poll that saw them"
+    };
     let watched = format!(
-        "{} ACKed version (/proxy-status every {POLL:?}; slowest poll {}{})",
+        "{} ACKed version ({timing}; /proxy-status every {POLL:?}; slowest poll {}{})",
         watched.split(' ').next().unwrap_or("?"),
         secs(slowest_poll),
         if poll_errors.is_empty() {
