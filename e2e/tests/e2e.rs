@@ -87,10 +87,30 @@ fn split_change_moves_all_traffic(h: &Harness, protocol: &str) {
         .start_load("client", BACKEND_URL, Duration::from_secs(8), 4)
         .unwrap();
     std::thread::sleep(Duration::from_secs(2));
+    let written = std::time::SystemTime::now();
     h.write_manifest("split.yaml", &split(0, 100)).unwrap();
     h.wait_for_new_ack("client", "RDS", before.as_deref())
         .unwrap();
     let applied_ms = now_ms();
+    // proxy-status says when the new routes went out and when Envoy ACKed them.
+    let proxies = h.proxy_status().unwrap();
+    let rds = proxies
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["node"] == "default/client")
+        .flat_map(|p| p["types"].as_array().unwrap())
+        .find(|t| t["type"] == "RDS")
+        .unwrap_or_else(|| panic!("no RDS status for the client: {proxies}"));
+    let time = |field: &str| {
+        let text = rds[field].as_str().unwrap_or_else(|| panic!("{field}: {rds}"));
+        humantime::parse_rfc3339(text).unwrap()
+    };
+    let (sent, acked) = (time("sent_at"), time("acked_at"));
+    assert!(
+        written <= sent && sent <= acked,
+        "written {written:?}, sent {sent:?}, ACKed {acked:?}"
+    );
     let report = load.finish().unwrap();
 
     assert!(
