@@ -103,7 +103,9 @@ fn split_change_moves_all_traffic(h: &Harness, protocol: &str) {
         .find(|t| t["type"] == "RDS")
         .unwrap_or_else(|| panic!("no RDS status for the client: {proxies}"));
     let time = |field: &str| {
-        let text = rds[field].as_str().unwrap_or_else(|| panic!("{field}: {rds}"));
+        let text = rds[field]
+            .as_str()
+            .unwrap_or_else(|| panic!("{field}: {rds}"));
         humantime::parse_rfc3339(text).unwrap()
     };
     let (sent, acked) = (time("sent_at"), time("acked_at"));

@@ -124,6 +124,9 @@ pub struct Binary {
 
 /// How long the control plane may take to settle (CPU quiet) after a step.
 pub const SETTLE_MAX: Duration = Duration::from_secs(20);
+/// How long after the sync went quiet its RSS is read again ("RSS 5 s later"); the
+/// report's column names this value.
+const SETTLE: Duration = Duration::from_secs(5);
 
 /// Prints one step's numbers, with the machine's 1-minute load average: the two cores
 /// may be shared with other work, which the numbers should be read against.
@@ -414,10 +417,13 @@ pub async fn connect_proxies(
             let time = last.saturating_duration_since(started);
             let cpu1 = cp.wait_quiet(SETTLE_MAX).await.unwrap_or(cpu0);
             let n = fleet.proxies.len().max(1) as f64;
+            let rss = cp.rss_bytes().unwrap_or(0);
+            tokio::time::sleep(SETTLE).await;
             let s = Synced {
                 proxies: fleet.proxies.len(),
                 time,
-                rss: cp.rss_bytes().unwrap_or(0),
+                rss,
+                settled_rss: cp.rss_bytes().unwrap_or(0),
                 hwm: cp.hwm_bytes().unwrap_or(0),
                 bytes_per_proxy: fleet.total_bytes() as f64 / n,
                 resources_per_proxy: fleet
@@ -432,10 +438,11 @@ pub async fn connect_proxies(
                 label,
                 size,
                 &format!(
-                    "{} proxies in sync in {}; RSS {}, VmHWM {}, {:.1} KiB and {:.0} resources per proxy, CPU {} ms (weft-scale's own: {} ms)",
+                    "{} proxies in sync in {}; RSS {} ({} {SETTLE:?} later), VmHWM {}, {:.1} KiB and {:.0} resources per proxy, CPU {} ms (weft-scale's own: {} ms)",
                     s.proxies,
                     secs(s.time),
                     mib(s.rss),
+                    mib(s.settled_rss),
                     mib(s.hwm),
                     s.bytes_per_proxy / 1024.0,
                     s.resources_per_proxy,

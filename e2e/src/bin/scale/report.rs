@@ -23,6 +23,8 @@ pub struct Synced {
     pub proxies: usize,
     pub time: Duration,
     pub rss: u64,
+    /// RSS `SETTLE` after `rss`: what the allocator keeps once the burst is over.
+    pub settled_rss: u64,
     pub hwm: u64,
     pub bytes_per_proxy: f64,
     pub resources_per_proxy: f64,
@@ -235,6 +237,7 @@ pub fn startup_table(runs: &[RunReport]) -> String {
         "proxies",
         "all in sync",
         "RSS synced",
+        "RSS 5 s later",
         "VmHWM",
         "received per proxy",
         "resources per proxy",
@@ -260,6 +263,7 @@ pub fn startup_table(runs: &[RunReport]) -> String {
                 s.proxies.to_string(),
                 secs(s.time),
                 mib(s.rss),
+                mib(s.settled_rss),
                 mib(s.hwm),
                 kib(s.bytes_per_proxy),
                 format!("{:.0}", s.resources_per_proxy),
@@ -268,9 +272,9 @@ pub fn startup_table(runs: &[RunReport]) -> String {
             Some(Err(e)) => {
                 cells.push("-".into());
                 cells.push(failed(e));
-                cells.extend(std::iter::repeat_n("-".to_string(), 5));
+                cells.extend(std::iter::repeat_n("-".to_string(), 6));
             }
-            None => cells.extend(std::iter::repeat_n("-".to_string(), 7)),
+            None => cells.extend(std::iter::repeat_n("-".to_string(), 8)),
         }
         out.push(row(&cells));
     }
