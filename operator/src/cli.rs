@@ -589,7 +589,7 @@ fn age(at: Option<&str>, now: std::time::SystemTime) -> String {
     match humantime::parse_rfc3339(at) {
         Ok(at) => {
             let secs = now.duration_since(at).unwrap_or_default().as_secs();
-            format!("{}s ago", secs)
+            format!("{secs}s ago")
         }
         Err(_) => "?".to_string(),
     }
