@@ -283,8 +283,9 @@ impl DiffMemo {
 #[derive(Clone, Debug, Default)]
 struct DeltaTypeState {
     wildcard: bool,
-    /// Names subscribed explicitly.
-    names: BTreeSet<Name>,
+    /// Names subscribed explicitly: one set shared by every stream subscribed to the
+    /// same names (a thousand proxies of a mesh subscribe to the same thousand endpoints).
+    names: NameSet,
     /// What the proxy has.
     known: Known,
     /// Subscribed names the proxy must hear about even when they do not exist.
@@ -368,8 +369,12 @@ impl DeltaAdsConnection {
         if req.resource_names_subscribe.iter().any(|n| n == "*") {
             state.wildcard = true;
         }
+        let subscribed_before = self.subscriptions;
         for name in intern(&req.resource_names_subscribe) {
-            if state.names.insert(name.clone()) {
+            if state.names.contains(&name) {
+                continue;
+            }
+            if Arc::make_mut(&mut state.names).insert(name.clone()) {
                 log_change(&mut self.changes, &req.type_url, name.clone(), true);
                 state.unanswered.insert(name);
                 self.subscriptions += 1;
@@ -378,7 +383,9 @@ impl DeltaAdsConnection {
         for name in &req.resource_names_unsubscribe {
             if name == "*" {
                 state.wildcard = false;
-            } else if state.names.remove(name.as_str()) {
+            } else if state.names.contains(name.as_str())
+                && Arc::make_mut(&mut state.names).remove(name.as_str())
+            {
                 state.unanswered.remove(name.as_str());
                 state.covered = false;
                 self.subscriptions += 1;
@@ -395,6 +402,9 @@ impl DeltaAdsConnection {
                 state.withheld = Arc::default();
                 state.covered = false;
             }
+        }
+        if self.subscriptions != subscribed_before {
+            state.names = share_names(std::mem::take(&mut state.names));
         }
         if !req.resource_names_subscribe.is_empty() {
             state.must_respond = true;
@@ -562,7 +572,7 @@ impl DeltaAdsConnection {
     /// wildcard).
     pub fn visit_explicit_names(&self, visit: &mut dyn FnMut(&str, &str)) {
         for (type_url, state) in &self.types {
-            for name in &state.names {
+            for name in state.names.iter() {
                 visit(type_url, name);
             }
         }
@@ -666,6 +676,74 @@ fn intern(names: &[String]) -> Vec<Name> {
         table.sweep_at = (table.names.len() * 2).max(MIN_SWEEP);
     }
     out
+}
+
+/// A set of subscribed names, shared between the streams that subscribe to just these.
+type NameSet = Arc<BTreeSet<Name>>;
+
+/// Every stream's subscribed-name set, one copy of each distinct set.
+static NAME_SETS: std::sync::LazyLock<Mutex<NameSetTable>> =
+    std::sync::LazyLock::new(Mutex::default);
+
+#[derive(Debug, Default)]
+struct NameSetTable {
+    sets: std::collections::HashSet<SameNames>,
+    /// Size at which sets no stream holds any more are swept out.
+    sweep_at: usize,
+}
+
+/// Smallest set table that is swept.
+const MIN_SET_SWEEP: usize = 256;
+
+/// The shared copy of `names`: the one already in use when another stream subscribes
+/// to the same names, else `names`, now shared. Sets of a few names are left alone.
+fn share_names(names: NameSet) -> NameSet {
+    if names.len() < MIN_SHARED_SET {
+        return names;
+    }
+    let key = SameNames(names);
+    let mut table = lock(&NAME_SETS);
+    if let Some(shared) = table.sets.get(&key) {
+        return shared.0.clone();
+    }
+    let names = key.0.clone();
+    table.sets.insert(key);
+    if table.sets.len() >= table.sweep_at {
+        table.sets.retain(|s| Arc::strong_count(&s.0) > 1);
+        table.sweep_at = (table.sets.len() * 2).max(MIN_SET_SWEEP);
+    }
+    names
+}
+
+/// Smallest set worth looking up in [`NAME_SETS`].
+const MIN_SHARED_SET: usize = 16;
+
+/// A name set compared by the identity of its (interned) names: hashing a pointer per
+/// name, not its text. Equal names interned apart compare unequal, which only misses a
+/// chance to share.
+#[derive(Debug)]
+struct SameNames(NameSet);
+
+impl PartialEq for SameNames {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.len() == other.0.len()
+            && self
+                .0
+                .iter()
+                .zip(other.0.iter())
+                .all(|(a, b)| Arc::ptr_eq(a, b))
+    }
+}
+
+impl Eq for SameNames {}
+
+impl std::hash::Hash for SameNames {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_usize(self.0.len());
+        for name in self.0.iter() {
+            state.write_usize(Arc::as_ptr(name).cast::<u8>() as usize);
+        }
+    }
 }
 
 /// An explicit subscription added or dropped.
@@ -782,5 +860,50 @@ fn diff_sorted(sent: &BTreeMap<String, Resource>, desired: &BTreeMap<String, Res
     Diff {
         changed: Arc::new(changed),
         removed,
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)] // test setup fails loudly
+mod tests {
+    use super::*;
+
+    fn request(subscribe: &[String], unsubscribe: &[String]) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            node: Some(envoy_types::pb::envoy::config::core::v3::Node {
+                id: "ns/pod".into(),
+                ..Default::default()
+            }),
+            type_url: type_url::ENDPOINT.into(),
+            resource_names_subscribe: subscribe.to_vec(),
+            resource_names_unsubscribe: unsubscribe.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn names_of(conn: &DeltaAdsConnection) -> NameSet {
+        conn.types[type_url::ENDPOINT].names.clone()
+    }
+
+    #[test]
+    fn streams_subscribed_to_the_same_names_share_one_set_and_part_on_a_change() {
+        let all: Vec<String> = (0..40).map(|i| format!("shared-set-test-{i}")).collect();
+        let (mut a, mut b) = (DeltaAdsConnection::new(), DeltaAdsConnection::new());
+        // The same names, in two requests for one stream and one for the other.
+        a.on_request(&request(&all[..25], &[])).unwrap();
+        a.on_request(&request(&all[25..], &[])).unwrap();
+        b.on_request(&request(&all, &[])).unwrap();
+        assert!(Arc::ptr_eq(&names_of(&a), &names_of(&b)));
+        // One unsubscribes: it gets a set of its own, the other keeps every name.
+        b.on_request(&request(&[], &all[..1])).unwrap();
+        assert!(!Arc::ptr_eq(&names_of(&a), &names_of(&b)));
+        assert_eq!(names_of(&a).len(), 40);
+        assert_eq!(names_of(&b).len(), 39);
+        assert!(a.is_explicit(type_url::ENDPOINT, &all[0]));
+        assert!(!b.is_explicit(type_url::ENDPOINT, &all[0]));
+        // Subscribing again to what it has changes nothing it shares.
+        let before = names_of(&a);
+        a.on_request(&request(&all[..3], &[])).unwrap();
+        assert!(Arc::ptr_eq(&before, &names_of(&a)));
     }
 }
