@@ -348,6 +348,20 @@ fn routes(layers: &[&std::sync::Arc<weft_xds::Layer>]) -> Snapshot {
     s
 }
 
+/// Serves `layer` as the route set: exactly one response must go out, carrying the
+/// route `expected` alone. ACKs it and returns it.
+fn sends_one(
+    conn: &mut DeltaAdsConnection,
+    layer: &std::sync::Arc<weft_xds::Layer>,
+    expected: &str,
+) -> DeltaResponse {
+    let out = conn.next_responses(&routes(&[layer]));
+    assert_eq!(out.len(), 1, "{out:?}");
+    assert_eq!(names(&out[0]), vec![expected]);
+    ack_all(conn, &out);
+    out.into_iter().next().unwrap()
+}
+
 #[test]
 fn an_overriding_layer_shadows_a_shared_name_and_its_removal_restores_it() {
     use std::sync::Arc;
@@ -463,10 +477,8 @@ fn a_subscription_covering_the_whole_view_still_gets_only_its_names_when_the_vie
         route("b", "b"),
         route("c", "c"),
     ]));
-    let out = conn.next_responses(&routes(&[&grown]));
-    assert_eq!(out.len(), 1, "{out:?}");
-    assert_eq!(names(&out[0]), vec!["a"]);
-    ack_all(&mut conn, &out);
+    sends_one(&mut conn, &grown, "a");
+
     let served: Vec<String> = conn
         .served()
         .snapshot()
@@ -488,10 +500,7 @@ fn a_subscription_covering_the_whole_view_still_gets_only_its_names_when_the_vie
         route("b", "b2"),
         route("c", "c2"),
     ]));
-    let out = conn.next_responses(&routes(&[&c2]));
-    assert_eq!(out.len(), 1, "{out:?}");
-    assert_eq!(names(&out[0]), vec!["b"]);
-    ack_all(&mut conn, &out);
+    sends_one(&mut conn, &c2, "b");
 
     // Subscribing to c brings it; the view is whole again, and a later change to c
     // (and only that) goes out.
@@ -506,10 +515,7 @@ fn a_subscription_covering_the_whole_view_still_gets_only_its_names_when_the_vie
         route("c", "c3"),
         route("d", "d"),
     ]));
-    let out = conn.next_responses(&routes(&[&c3]));
-    assert_eq!(out.len(), 1, "{out:?}");
-    assert_eq!(names(&out[0]), vec!["c"]);
-    ack_all(&mut conn, &out);
+    sends_one(&mut conn, &c3, "c");
 
     // Unsubscribing from a: later changes to a are not sent, b's are.
     conn.on_request(&DeltaDiscoveryRequest {
@@ -522,10 +528,8 @@ fn a_subscription_covering_the_whole_view_still_gets_only_its_names_when_the_vie
         route("b", "b4"),
         route("c", "c3"),
     ]));
-    let out = conn.next_responses(&routes(&[&a4]));
-    assert_eq!(out.len(), 1, "{out:?}");
-    assert_eq!(names(&out[0]), vec!["b"]);
-    assert!(out[0].removed.is_empty(), "{out:?}");
+    let out = sends_one(&mut conn, &a4, "b");
+    assert!(out.removed.is_empty(), "{out:?}");
 }
 
 #[test]
@@ -541,14 +545,8 @@ fn an_unsubscribed_name_that_comes_and_goes_is_never_sent_nor_removed_however_ma
     let with_x = Arc::new(Layer::new([route("a", "a"), route("x", "x")]));
     assert!(conn.next_responses(&routes(&[&with_x])).is_empty());
     let without_x = Arc::new(Layer::new([route("a", "a2")]));
-    let out = conn.next_responses(&routes(&[&without_x]));
-    assert_eq!(out.len(), 1, "{out:?}");
-    assert_eq!(names(&out[0]), vec!["a"]);
-    assert!(
-        out[0].removed.is_empty(),
-        "x was never the proxy's: {out:?}"
-    );
-    ack_all(&mut conn, &out);
+    let out = sends_one(&mut conn, &without_x, "a");
+    assert!(out.removed.is_empty(), "x was never the proxy's: {out:?}");
 
     // Far more unsubscribed names than a stream withholds: still none of them is sent,
     // and a change to a still is.
@@ -556,10 +554,8 @@ fn an_unsubscribed_name_that_comes_and_goes_is_never_sent_nor_removed_however_ma
         .chain((0..200).map(|i| route(&format!("n{i:03}"), "n")))
         .collect();
     let many = Arc::new(Layer::new(many));
-    let out = conn.next_responses(&routes(&[&many]));
-    assert_eq!(out.len(), 1, "{out:?}");
-    assert_eq!(names(&out[0]), vec!["a"]);
-    ack_all(&mut conn, &out);
+    sends_one(&mut conn, &many, "a");
+
     // Subscribing to one of them sends it alone; they all go: only it is removed.
     conn.on_request(&subscribe(type_url::ROUTE, &["n007"]))
         .unwrap();
