@@ -18,7 +18,7 @@ use crate::connection::{
     Nack, RequestEvent, TypeSync, desired_resources, record_ack, remember_node,
 };
 use crate::resource::{Resource, type_url};
-use crate::snapshot::{LayerRef, Served, Snapshot, TypedResources, Version, lock};
+use crate::snapshot::{LayerRef, Served, Snapshot, TypedResources, Version, lock, same_arcs};
 
 /// A delta response ready to go on the wire; resource bytes are shared, not copied.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -671,11 +671,24 @@ fn intern(names: &[String]) -> Vec<Name> {
             }
         })
         .collect();
-    if table.names.len() >= table.sweep_at {
-        table.names.retain(|n| Arc::strong_count(n) > 1);
-        table.sweep_at = (table.names.len() * 2).max(MIN_SWEEP);
-    }
+    let NameTable { names, sweep_at } = &mut *table;
+    sweep_when_grown(names, sweep_at, MIN_SWEEP, |n| Arc::strong_count(n) > 1);
     out
+}
+
+/// Drops the entries of a process-wide sharing table that nobody else holds, once it
+/// has grown to `sweep_at`; the next sweep waits until it has doubled again (or reached
+/// `min`), so sweeping costs in proportion to what was added.
+fn sweep_when_grown<T: std::hash::Hash + Eq>(
+    table: &mut std::collections::HashSet<T>,
+    sweep_at: &mut usize,
+    min: usize,
+    held: impl Fn(&T) -> bool,
+) {
+    if table.len() >= *sweep_at {
+        table.retain(held);
+        *sweep_at = (table.len() * 2).max(min);
+    }
 }
 
 /// A set of subscribed names, shared between the streams that subscribe to just these.
@@ -707,11 +720,11 @@ fn share_names(names: NameSet) -> NameSet {
         return shared.0.clone();
     }
     let names = key.0.clone();
-    table.sets.insert(key);
-    if table.sets.len() >= table.sweep_at {
-        table.sets.retain(|s| Arc::strong_count(&s.0) > 1);
-        table.sweep_at = (table.sets.len() * 2).max(MIN_SET_SWEEP);
-    }
+    let NameSetTable { sets, sweep_at } = &mut *table;
+    sets.insert(key);
+    sweep_when_grown(sets, sweep_at, MIN_SET_SWEEP, |s| {
+        Arc::strong_count(&s.0) > 1
+    });
     names
 }
 
@@ -726,12 +739,7 @@ struct SameNames(NameSet);
 
 impl PartialEq for SameNames {
     fn eq(&self, other: &Self) -> bool {
-        self.0.len() == other.0.len()
-            && self
-                .0
-                .iter()
-                .zip(other.0.iter())
-                .all(|(a, b)| Arc::ptr_eq(a, b))
+        same_arcs(self.0.iter(), other.0.iter())
     }
 }
 

@@ -123,12 +123,7 @@ impl TypedResources {
     /// Whether `other` is made of the very same layers, in the same order (a pointer
     /// compare per layer: how streams tell an unchanged view).
     pub fn same_layers(&self, other: &TypedResources) -> bool {
-        self.layers.len() == other.layers.len()
-            && self
-                .layers
-                .iter()
-                .zip(&other.layers)
-                .all(|(a, b)| Arc::ptr_eq(a, b))
+        same_arcs(&self.layers, &other.layers)
     }
 
     /// Version of the whole view.
@@ -271,16 +266,7 @@ impl Snapshot {
                                 .filter(|l| !l.items.is_empty())
                         };
                         match previous.and_then(|p| p.types.get(type_url)) {
-                            Some(prev)
-                                if prev.layers.len() == layers().count()
-                                    && prev
-                                        .layers
-                                        .iter()
-                                        .zip(layers())
-                                        .all(|(a, b)| Arc::ptr_eq(a, b)) =>
-                            {
-                                prev.clone()
-                            }
+                            Some(prev) if same_arcs(&prev.layers, layers()) => prev.clone(),
                             _ => TypedResources::from_layers(layers().cloned().collect()),
                         }
                     }
@@ -290,6 +276,17 @@ impl Snapshot {
             .collect();
         Self { types }
     }
+}
+
+/// Whether two sequences hold the very same `Arc`s in the same order (a pointer compare
+/// each: how an unchanged view, layer list or name set is told apart).
+pub(crate) fn same_arcs<'a, T: ?Sized + 'a>(
+    a: impl IntoIterator<Item = &'a Arc<T>>,
+    b: impl IntoIterator<Item = &'a Arc<T>>,
+) -> bool {
+    a.into_iter()
+        .map(Arc::as_ptr)
+        .eq(b.into_iter().map(Arc::as_ptr))
 }
 
 /// The version of the empty set, computed once.
@@ -730,8 +727,7 @@ impl NodeWatch {
         }
         if let Some(c) = &self.composed
             && Arc::ptr_eq(&c.own, &own)
-            && c.shared.len() == parts.len()
-            && c.shared.iter().zip(&parts).all(|(a, b)| Arc::ptr_eq(a, b))
+            && same_arcs(&c.shared, &parts)
         {
             return Some(c.view.clone());
         }
