@@ -192,6 +192,11 @@ fn document_objects(doc: Value, n: usize, out: &mut ParsedManifest) {
 /// before the parser runs so that the cost stays in proportion to the text's size.
 pub fn parse_manifest_documents(text: &str) -> Result<ParsedManifest, WeftError> {
     weft_crds::bounds::check_yaml(text).map_err(WeftError::Bound)?;
+    parse_whole(text)
+}
+
+/// Every document of `text`, parsed in one go (its bounds already checked).
+fn parse_whole(text: &str) -> Result<ParsedManifest, WeftError> {
     parse_stretch(text, 0).map(|(_, parsed)| parsed)
 }
 
@@ -225,7 +230,7 @@ pub fn parse_manifest_documents_cached(
     cache.parsed = 0;
     let Some(stretches) = document_stretches(text) else {
         cache.stretches.clear();
-        return parse_manifest_documents(text);
+        return parse_whole(text);
     };
     let mut out = ParsedManifest::default();
     let mut seen = std::collections::HashMap::with_capacity(stretches.len());
@@ -246,7 +251,7 @@ pub fn parse_manifest_documents_cached(
                 // Syntax errors are rare; the whole text tells where they are.
                 Err(_) => {
                     cache.stretches.clear();
-                    return parse_manifest_documents(text);
+                    return parse_whole(text);
                 }
             },
         };
