@@ -4,6 +4,7 @@
 mod access;
 mod gateway;
 mod model;
+mod pod;
 mod policy;
 mod protocol;
 mod resolve;
@@ -14,7 +15,7 @@ use std::fmt;
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use weft_crds::TrafficPolicy;
@@ -30,6 +31,7 @@ pub use model::{
     RouteBackend, RouteMatchModel, ServiceEndpoint, ServiceKey, ServicePortModel, Sourced,
     SplitBackend, SplitModel, TcpGrant, ValueMatch, Workload, WorkloadPort,
 };
+pub use pod::{MeshPod, NamedPort};
 pub use protocol::{DEFAULT_OPAQUE_PORTS, select_protocol};
 pub use resolve::parse_gateway_duration;
 
@@ -123,7 +125,7 @@ pub enum MeshObject {
     /// A Service.
     Service(Arc<Service>),
     /// A Pod.
-    Pod(Arc<Pod>),
+    Pod(Arc<MeshPod>),
     /// An EndpointSlice.
     EndpointSlice(Arc<EndpointSlice>),
     /// A TrafficSplit.
@@ -517,10 +519,10 @@ impl Index {
                                 let (n, m) = key_of(&s.metadata);
                                 ServiceKey::new(&n, &m)
                             }));
-                        for ip in store::pod_ips(pod) {
-                            dirty.services.extend(
-                                self.by_endpoint_ip.get(&ip).into_iter().flatten().cloned(),
-                            );
+                        for ip in &pod.ips {
+                            dirty
+                                .services
+                                .extend(self.by_endpoint_ip.get(ip).into_iter().flatten().cloned());
                         }
                     }
                 }

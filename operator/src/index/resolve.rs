@@ -7,7 +7,7 @@ use super::model::{RateLimitModel, Sourced};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, SocketAddr};
 
-use k8s_openapi::api::core::v1::{Pod, Service, ServicePort};
+use k8s_openapi::api::core::v1::{Service, ServicePort};
 use k8s_openapi::api::discovery::v1::{EndpointConditions, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -22,8 +22,8 @@ use super::model::{
     SplitBackend, SplitModel, Workload, WorkloadPort,
 };
 use super::protocol::select_protocol;
-use super::store::{Key, Store, key_of, name, ns, pod_ips, pod_service_account, selects};
-use super::{Kind, ObjectRef};
+use super::store::{Key, Store, key_of, name, ns, pod_service_account, selects};
+use super::{Kind, MeshPod, ObjectRef};
 
 /// Label or annotation that opts a pod out of the mesh when set to `disabled`.
 const INJECT_KEY: &str = annotations::INJECT;
@@ -141,21 +141,16 @@ fn to_port(n: i32) -> Option<u16> {
 }
 
 /// How a pod serves, by the EndpointSlice controller's rules: `None` when it does not
-/// (finished, or not Ready), `Some(true)` when it serves while being deleted (draining),
+/// (finished, no address yet, or not Ready), `Some(true)` when it serves while being deleted (draining),
 /// `Some(false)` when it takes new requests.
-fn pod_endpoint_state(pod: &Pod) -> Option<bool> {
-    let status = pod.status.as_ref()?;
-    if matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
+fn pod_endpoint_state(pod: &MeshPod) -> Option<bool> {
+    // A pod without a status has no address to serve at either.
+    if pod.finished || pod.ips.is_empty() {
         return None;
     }
     // Manifests written by hand often give only podIP: no Ready condition means ready.
     // The kubelet keeps probing a terminating pod, so Ready then means "still serving".
-    let serving = status
-        .conditions
-        .iter()
-        .flatten()
-        .find(|c| c.type_ == "Ready")
-        .is_none_or(|c| c.status == "True");
+    let serving = pod.ready.unwrap_or(true);
     serving.then_some(pod.metadata.deletion_timestamp.is_some())
 }
 
@@ -196,7 +191,7 @@ impl PortEndpoints {
 }
 
 /// Whether the pod runs a sidecar (not opted out by label or annotation).
-pub(super) fn is_meshed(pod: &Pod) -> bool {
+pub(super) fn is_meshed(pod: &MeshPod) -> bool {
     let opted_out = |m: &Option<BTreeMap<String, String>>| {
         m.as_ref()
             .and_then(|m| m.get(INJECT_KEY))
@@ -207,25 +202,22 @@ pub(super) fn is_meshed(pod: &Pod) -> bool {
 
 /// The pod's address in `family` (IPv6 or not), or its primary one when the family
 /// is not known.
-fn pod_ip_in(pod: &Pod, family: Option<bool>) -> Option<IpAddr> {
-    let ips = pod_ips(pod);
+fn pod_ip_in(pod: &MeshPod, family: Option<bool>) -> Option<IpAddr> {
     match family {
-        Some(v6) => ips.into_iter().find(|ip| ip.is_ipv6() == v6),
-        None => ips.into_iter().next(),
+        Some(v6) => pod.ips.iter().copied().find(|ip| ip.is_ipv6() == v6),
+        None => pod.ips.first().copied(),
     }
 }
 
 /// The container port a service port reaches on one pod.
-fn target_port(port: &ServicePort, pod: &Pod) -> Option<u16> {
+fn target_port(port: &ServicePort, pod: &MeshPod) -> Option<u16> {
     match &port.target_port {
         None => to_port(port.port),
         Some(IntOrString::Int(n)) => to_port(*n),
         Some(IntOrString::String(named)) => pod
-            .spec
+            .named_ports
             .iter()
-            .flat_map(|s| &s.containers)
-            .flat_map(|c| c.ports.iter().flatten())
-            .find(|p| p.name.as_deref() == Some(named.as_str()))
+            .find(|p| p.name == *named)
             .and_then(|p| to_port(p.container_port)),
     }
 }
@@ -249,7 +241,7 @@ pub(super) fn resolve_service_base(
     // Endpoints come from the primary family, as the EndpointSlice controller's do.
     let family = primary_family(spec, &cluster_ips);
     let slices = store.slices_of(&(namespace.clone(), svc_name));
-    let selected: Vec<(&Pod, bool)> = if slices.is_empty() {
+    let selected: Vec<(&MeshPod, bool)> = if slices.is_empty() {
         store
             .selected_pods(svc)
             .into_iter()
@@ -401,7 +393,7 @@ fn primary_family(
 /// A port's endpoints from the serving pods the selector picks (`(pod, draining)`).
 fn endpoints_from_pods(
     port: &ServicePort,
-    pods: &[(&Pod, bool)],
+    pods: &[(&MeshPod, bool)],
     family: Option<bool>,
 ) -> Vec<ServiceEndpoint> {
     let mut out = PortEndpoints::default();
@@ -454,7 +446,7 @@ fn endpoints_from_slices(
 }
 
 /// The probes the webhook rewrote, from its annotation; HTTPS probes are not forwarded.
-fn probe_forwards(pod: &Pod, problems: &mut Vec<Problem>) -> Vec<ProbeForward> {
+fn probe_forwards(pod: &MeshPod, problems: &mut Vec<Problem>) -> Vec<ProbeForward> {
     #[derive(serde::Deserialize)]
     struct Original {
         port: i32,
@@ -511,7 +503,7 @@ fn probe_forwards(pod: &Pod, problems: &mut Vec<Problem>) -> Vec<ProbeForward> {
 pub(super) type RateLimitOf<'a> = dyn Fn(&Service, u16) -> Option<Sourced<RateLimitModel>> + 'a;
 
 pub(super) fn resolve_workload(
-    pod: &Pod,
+    pod: &MeshPod,
     services: &[&Service],
     opaque_ports: &[u16],
     rate_limit_of: &RateLimitOf<'_>,
@@ -565,7 +557,7 @@ pub(super) fn resolve_workload(
     let workload = Workload {
         namespace: ns(&pod.metadata).to_string(),
         name: name(&pod.metadata).to_string(),
-        ips: pod_ips(pod),
+        ips: pod.ips.clone(),
         service_account: pod_service_account(pod),
         meshed: is_meshed(pod),
         inbound_ports: inbound
@@ -585,7 +577,7 @@ pub(super) fn resolve_workload(
 }
 
 /// Whether the pod asks for on-demand clusters; another value is reported and ignored.
-fn asks_for_clusters_on_demand(pod: &Pod, problems: &mut Vec<Problem>) -> bool {
+fn asks_for_clusters_on_demand(pod: &MeshPod, problems: &mut Vec<Problem>) -> bool {
     let value = pod
         .metadata
         .annotations
@@ -610,7 +602,7 @@ fn asks_for_clusters_on_demand(pod: &Pod, problems: &mut Vec<Problem>) -> bool {
 
 /// The pod's egress scope from its annotation; bad entries are reported and skipped,
 /// and a scope with no good entry is no scope (the whole mesh), never an empty one.
-fn egress_scope(pod: &Pod, problems: &mut Vec<Problem>) -> Option<EgressScope> {
+fn egress_scope(pod: &MeshPod, problems: &mut Vec<Problem>) -> Option<EgressScope> {
     let text = pod
         .metadata
         .annotations
@@ -852,7 +844,7 @@ fn resolve_split<'s>(
 #[cfg(test)]
 #[allow(clippy::unwrap_used)] // test setup fails loudly
 mod tests {
-    use k8s_openapi::api::core::v1::{PodCondition, PodStatus, ServiceSpec};
+    use k8s_openapi::api::core::v1::{Pod, PodCondition, PodStatus, ServiceSpec};
     use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
     use k8s_openapi::jiff::Timestamp;
@@ -930,8 +922,8 @@ mod tests {
 
     /// A pod of the `web` service; `ready` sets its Ready condition, `deleted` its
     /// deletionTimestamp.
-    fn mk_pod(name: &str, ip: &str, ready: Option<bool>, deleted: bool) -> Pod {
-        Pod {
+    fn mk_pod(name: &str, ip: &str, ready: Option<bool>, deleted: bool) -> MeshPod {
+        MeshPod::from(Pod {
             metadata: ObjectMeta {
                 name: Some(name.into()),
                 namespace: Some("default".into()),
@@ -951,7 +943,7 @@ mod tests {
                 ..Default::default()
             }),
             ..Default::default()
-        }
+        })
     }
 
     fn ready(addr: &str) -> ServiceEndpoint {

@@ -6,14 +6,14 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use weft_crds::TrafficPolicy;
 use weft_crds::gateway::{GRPCRoute, ReferenceGrant};
 use weft_crds::{HTTPRoute, HTTPRouteGroup, MeshConfig, TCPRoute, TrafficSplit, TrafficTarget};
 
-use super::{Kind, MeshObject, ObjectRef};
+use super::{Kind, MeshObject, MeshPod, ObjectRef};
 
 /// Namespace and name of a namespaced object.
 pub(super) type Key = (String, String);
@@ -33,32 +33,10 @@ pub(super) fn key_of(meta: &ObjectMeta) -> Key {
     (ns(meta).to_string(), name(meta).to_string())
 }
 
-/// The pod's IPs, primary first: `status.podIP`, then `status.podIPs`.
-pub(super) fn pod_ips(pod: &Pod) -> Vec<IpAddr> {
-    let Some(status) = pod.status.as_ref() else {
-        return Vec::new();
-    };
-    let mut ips: Vec<IpAddr> = status
-        .pod_ip
-        .as_deref()
-        .and_then(|ip| ip.parse().ok())
-        .into_iter()
-        .collect();
-    for ip in status.pod_ips.iter().flatten() {
-        if let Ok(ip) = ip.ip.parse::<IpAddr>()
-            && !ips.contains(&ip)
-        {
-            ips.push(ip);
-        }
-    }
-    ips
-}
-
 /// The service account a pod runs as (`default` when unset).
-pub(super) fn pod_service_account(pod: &Pod) -> String {
-    pod.spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.clone())
+pub(super) fn pod_service_account(pod: &MeshPod) -> String {
+    pod.service_account
+        .clone()
         .filter(|s| !s.is_empty())
         .unwrap_or_else(|| "default".to_string())
 }
@@ -68,7 +46,7 @@ fn labels(meta: &ObjectMeta) -> impl Iterator<Item = (&String, &String)> {
 }
 
 /// Whether `svc`'s selector picks `pod`: same namespace, non-empty selector, all labels.
-pub(super) fn selects(svc: &Service, pod: &Pod) -> bool {
+pub(super) fn selects(svc: &Service, pod: &MeshPod) -> bool {
     if ns(&svc.metadata) != ns(&pod.metadata) {
         return false;
     }
@@ -104,7 +82,7 @@ fn remove<K: std::hash::Hash + Eq, V: Ord>(map: &mut HashMap<K, BTreeSet<V>>, k:
 #[derive(Clone, Debug, Default)]
 pub(super) struct Store {
     pub services: BTreeMap<Key, Arc<Service>>,
-    pub pods: BTreeMap<Key, Arc<Pod>>,
+    pub pods: BTreeMap<Key, Arc<MeshPod>>,
     pub slices: BTreeMap<Key, Arc<EndpointSlice>>,
     pub splits: BTreeMap<Key, TrafficSplit>,
     pub targets: BTreeMap<Key, TrafficTarget>,
@@ -150,8 +128,8 @@ impl Store {
                     );
                 }
                 add(&mut self.pods_by_ns, key.0.clone(), key.1.clone());
-                for ip in pod_ips(&p) {
-                    add(&mut self.pods_by_ip, ip, key.clone());
+                for ip in &p.ips {
+                    add(&mut self.pods_by_ip, *ip, key.clone());
                 }
                 add(
                     &mut self.pods_by_account,
@@ -220,8 +198,8 @@ impl Store {
                     );
                 }
                 remove(&mut self.pods_by_ns, k.0.clone(), &k.1);
-                for ip in pod_ips(&p) {
-                    remove(&mut self.pods_by_ip, ip, &k);
+                for ip in &p.ips {
+                    remove(&mut self.pods_by_ip, *ip, &k);
                 }
                 remove(
                     &mut self.pods_by_account,
@@ -400,7 +378,7 @@ impl Store {
     }
 
     /// The pods `svc` selects, via the smallest label set of its selector.
-    pub fn selected_pods(&self, svc: &Service) -> Vec<&Pod> {
+    pub fn selected_pods(&self, svc: &Service) -> Vec<&MeshPod> {
         let namespace = ns(&svc.metadata).to_string();
         let Some(selector) = svc.spec.as_ref().and_then(|s| s.selector.as_ref()) else {
             return Vec::new();
@@ -424,7 +402,7 @@ impl Store {
     }
 
     /// The services of the pod's namespace whose selector picks it.
-    pub fn services_selecting(&self, pod: &Pod) -> Vec<&Service> {
+    pub fn services_selecting(&self, pod: &MeshPod) -> Vec<&Service> {
         let namespace = ns(&pod.metadata);
         self.services_by_ns
             .get(namespace)
@@ -448,7 +426,7 @@ impl Store {
     }
 
     /// The pods with this IP.
-    pub fn pods_at(&self, ip: IpAddr) -> Vec<&Pod> {
+    pub fn pods_at(&self, ip: IpAddr) -> Vec<&MeshPod> {
         self.pods_by_ip
             .get(&ip)
             .into_iter()

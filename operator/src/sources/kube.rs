@@ -18,9 +18,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
-use k8s_openapi::api::core::v1::{
-    Container, Namespace, Pod, PodCondition, PodSpec, PodStatus, Service, ServiceAccount,
-};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
@@ -114,61 +112,15 @@ fn slim_meta(meta: &mut ObjectMeta) {
     }
 }
 
-/// A pod with only the fields the model reads: identity, labels, annotations,
-/// container ports, ServiceAccount, addresses, phase and readiness.
-pub fn slim_pod(mut pod: Pod) -> Pod {
-    slim_meta(&mut pod.metadata);
-    // Of a pod's annotations the mesh reads only its own (probes, egress, opt-out).
-    if let Some(annotations) = &mut pod.metadata.annotations {
-        annotations.retain(|k, _| k.starts_with("weft.dev/"));
-        if annotations.is_empty() {
-            pod.metadata.annotations = None;
-        }
-    }
-    pod.spec = pod.spec.map(|spec| PodSpec {
-        containers: spec
-            .containers
-            .into_iter()
-            .map(|c| Container {
-                name: c.name,
-                ports: c.ports,
-                ..Container::default()
-            })
-            .collect(),
-        service_account_name: spec.service_account_name,
-        ..PodSpec::default()
-    });
-    pod.status = pod.status.map(|status| PodStatus {
-        phase: status.phase,
-        pod_ip: status.pod_ip,
-        pod_ips: status.pod_ips,
-        // Readiness only, without its times and messages (the kubelet rewrites them).
-        conditions: status.conditions.map(|c| {
-            let mut ready: Vec<PodCondition> = c
-                .into_iter()
-                .filter(|c| c.type_ == "Ready")
-                .map(|c| PodCondition {
-                    type_: c.type_,
-                    status: c.status,
-                    ..PodCondition::default()
-                })
-                .collect();
-            ready.shrink_to_fit();
-            ready
-        }),
-        ..PodStatus::default()
-    });
-    pod
-}
-
 fn decode_service(mut o: Service) -> Decoded {
     slim_meta(&mut o.metadata);
     o.status = None;
     Decoded::Object(MeshObject::Service(std::sync::Arc::new(o)))
 }
 
-fn decode_pod(o: Pod) -> Decoded {
-    Decoded::Object(MeshObject::Pod(std::sync::Arc::new(slim_pod(o))))
+fn decode_pod(mut o: Pod) -> Decoded {
+    slim_meta(&mut o.metadata);
+    Decoded::Object(MeshObject::Pod(std::sync::Arc::new(o.into())))
 }
 
 fn decode_slice(mut o: EndpointSlice) -> Decoded {
@@ -708,6 +660,7 @@ pub async fn run_watches(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use k8s_openapi::api::core::v1::PodStatus;
 
     fn pod(name: &str, ip: &str) -> Decoded {
         let mut p = Pod::default();
@@ -927,34 +880,5 @@ mod tests {
                 ..
             })
         ));
-    }
-
-    #[test]
-    fn pods_keep_only_what_the_model_reads() {
-        let text = r#"{"metadata": {"name": "p", "namespace": "d", "managedFields": [{"manager": "kubelet"}],
-            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}", "other": "1", "weft.dev/egress": "./*"}},
-          "spec": {"serviceAccountName": "web", "volumes": [{"name": "v"}],
-            "containers": [{"name": "app", "image": "x", "env": [{"name": "A", "value": "B"}], "ports": [{"containerPort": 8080, "name": "http"}]}]},
-          "status": {"podIP": "10.0.0.1", "phase": "Running", "containerStatuses": [],
-            "conditions": [{"type": "Ready", "status": "True"}, {"type": "PodScheduled", "status": "True"}]}}"#;
-        let pod: Pod = serde_json::from_str(text).unwrap();
-        let slim = slim_pod(pod);
-        assert!(slim.metadata.managed_fields.is_none());
-        let annotations = slim.metadata.annotations.as_ref().unwrap();
-        assert_eq!(
-            annotations.keys().collect::<Vec<_>>(),
-            vec!["weft.dev/egress"]
-        );
-        let spec = slim.spec.as_ref().unwrap();
-        assert!(spec.volumes.is_none());
-        assert_eq!(spec.service_account_name.as_deref(), Some("web"));
-        assert!(spec.containers[0].env.is_none() && spec.containers[0].image.is_none());
-        assert_eq!(
-            spec.containers[0].ports.as_ref().unwrap()[0].container_port,
-            8080
-        );
-        let status = slim.status.as_ref().unwrap();
-        assert_eq!(status.conditions.as_ref().unwrap().len(), 1);
-        assert!(status.container_statuses.is_none());
     }
 }

@@ -8,7 +8,7 @@ use serde::de::DeserializeOwned;
 use serde_yaml_ng::Value;
 
 use crate::error::WeftError;
-use crate::index::{Kind, MeshObject, ObjectRef};
+use crate::index::{Kind, MeshObject, MeshPod, ObjectRef};
 
 /// A document that could not be used, and the object it names when that can be told.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -102,7 +102,7 @@ fn decode(kind: Kind, mut doc: Value) -> Result<MeshObject, String> {
     }
     Ok(match kind {
         Kind::Service => MeshObject::Service(Arc::from(typed::<Service>(doc)?)),
-        Kind::Pod => MeshObject::Pod(Arc::from(typed::<Pod>(doc)?)),
+        Kind::Pod => MeshObject::Pod(Arc::new(MeshPod::from(*typed::<Pod>(doc)?))),
         Kind::ServiceAccount => MeshObject::ServiceAccount(typed(doc)?),
         Kind::EndpointSlice => MeshObject::EndpointSlice(Arc::from(typed::<EndpointSlice>(doc)?)),
         Kind::TrafficSplit => MeshObject::TrafficSplit(typed(doc)?),
