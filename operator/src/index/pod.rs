@@ -1,7 +1,8 @@
 //! A pod as the index keeps it: only what the model reads. A mesh holds tens of
 //! thousands of pods, and k8s-openapi's `Pod` and `Container` take 2.4 and 2.3 KB each
 //! inline however empty: 20,000 pods cost about 96 MB as `Pod`s, a tenth of that as
-//! [`MeshPod`]s. Both sources (manifests and the API server) build pods through here,
+//! [`MeshPod`]s. Labels and annotations are kept as sorted vectors: a map of one
+//! entry allocates a whole B-tree node (eleven slots, about 550 bytes). Both sources (manifests and the API server) build pods through here,
 //! so both keep the same fields.
 
 use std::net::IpAddr;
@@ -15,8 +16,13 @@ const MESH_ANNOTATIONS: &str = "weft.dev/";
 /// A pod reduced to what the model reads.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct MeshPod {
-    /// Name, namespace, labels, `weft.dev/` annotations, deletion and creation times.
+    /// Name, namespace, deletion and creation times; its labels and annotations are
+    /// moved out into [`Self::labels`] and [`Self::annotations`].
     pub metadata: ObjectMeta,
+    /// Labels, sorted by key.
+    pub labels: Vec<(String, String)>,
+    /// The `weft.dev/` annotations, sorted by key.
+    pub annotations: Vec<(String, String)>,
     /// `spec.serviceAccountName` as written (empty and unset both mean `default`).
     pub service_account: Option<String>,
     /// The named container ports of all containers (service `targetPort` by name).
@@ -46,12 +52,15 @@ impl From<Pod> for MeshPod {
         metadata.managed_fields = None;
         metadata.owner_references = None;
         metadata.finalizers = None;
-        if let Some(annotations) = &mut metadata.annotations {
-            annotations.retain(|k, _| k.starts_with(MESH_ANNOTATIONS));
-            if annotations.is_empty() {
-                metadata.annotations = None;
-            }
-        }
+        let labels: Vec<(String, String)> = metadata.labels.take().into_iter().flatten().collect();
+        let annotations: Vec<(String, String)> = metadata
+            .annotations
+            .take()
+            .into_iter()
+            .flatten()
+            .filter(|(k, _)| k.starts_with(MESH_ANNOTATIONS))
+            .collect();
+
         let (service_account, mut named_ports) = match pod.spec {
             Some(spec) => {
                 let ports = spec
@@ -72,6 +81,8 @@ impl From<Pod> for MeshPod {
         named_ports.shrink_to_fit();
         let mut out = MeshPod {
             metadata,
+            labels,
+            annotations,
             service_account,
             named_ports,
             ..MeshPod::default()
@@ -101,13 +112,33 @@ impl From<Pod> for MeshPod {
     }
 }
 
+impl MeshPod {
+    /// The value of label `key`.
+    pub fn label(&self, key: &str) -> Option<&str> {
+        find(&self.labels, key)
+    }
+
+    /// The value of annotation `key` (only `weft.dev/` ones are kept).
+    pub fn annotation(&self, key: &str) -> Option<&str> {
+        find(&self.annotations, key)
+    }
+}
+
+/// The value of `key` in pairs sorted by key (a BTreeMap's order, as they were read).
+fn find<'a>(pairs: &'a [(String, String)], key: &str) -> Option<&'a str> {
+    pairs
+        .binary_search_by(|(k, _)| k.as_str().cmp(key))
+        .ok()
+        .map(|i| pairs[i].1.as_str())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn a_pod_keeps_only_what_the_model_reads() {
-        let text = r#"{"metadata": {"name": "p", "namespace": "d", "managedFields": [{"manager": "kubelet"}],
+        let text = r#"{"metadata": {"name": "p", "namespace": "d", "labels": {"tier": "front", "app": "web"}, "managedFields": [{"manager": "kubelet"}],
             "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}", "other": "1", "weft.dev/egress": "./*"}},
           "spec": {"serviceAccountName": "web", "volumes": [{"name": "v"}],
             "containers": [{"name": "app", "image": "x", "ports": [{"containerPort": 8080, "name": "http"}, {"containerPort": 9090}]},
@@ -116,10 +147,14 @@ mod tests {
             "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "False"}]}}"#;
         let pod: MeshPod = serde_json::from_str::<Pod>(text).unwrap().into();
         assert!(pod.metadata.managed_fields.is_none());
-        let annotations = pod.metadata.annotations.as_ref().unwrap();
+        assert!(pod.metadata.annotations.is_none() && pod.metadata.labels.is_none());
+        let annotations: Vec<&str> = pod.annotations.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(annotations, vec!["weft.dev/egress"]);
+        assert_eq!(pod.annotation("weft.dev/egress"), Some("./*"));
+        assert_eq!(pod.annotation("other"), None);
         assert_eq!(
-            annotations.keys().collect::<Vec<_>>(),
-            vec!["weft.dev/egress"]
+            (pod.label("app"), pod.label("tier"), pod.label("b")),
+            (Some("web"), Some("front"), None)
         );
         assert_eq!(pod.service_account.as_deref(), Some("web"));
         let ports: Vec<(&str, i32)> = pod
@@ -138,6 +173,6 @@ mod tests {
         let text = r#"{"metadata": {"name": "p"}, "status": {"phase": "Succeeded"}}"#;
         let pod: MeshPod = serde_json::from_str::<Pod>(text).unwrap().into();
         assert_eq!((pod.finished, pod.ready), (true, None));
-        assert!(pod.ips.is_empty() && pod.metadata.annotations.is_none());
+        assert!(pod.ips.is_empty() && pod.annotations.is_empty());
     }
 }

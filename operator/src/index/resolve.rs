@@ -192,12 +192,8 @@ impl PortEndpoints {
 
 /// Whether the pod runs a sidecar (not opted out by label or annotation).
 pub(super) fn is_meshed(pod: &MeshPod) -> bool {
-    let opted_out = |m: &Option<BTreeMap<String, String>>| {
-        m.as_ref()
-            .and_then(|m| m.get(INJECT_KEY))
-            .is_some_and(|v| v == "disabled")
-    };
-    !opted_out(&pod.metadata.labels) && !opted_out(&pod.metadata.annotations)
+    let opted_out = |v: Option<&str>| v == Some("disabled");
+    !opted_out(pod.label(INJECT_KEY)) && !opted_out(pod.annotation(INJECT_KEY))
 }
 
 /// The pod's address in `family` (IPv6 or not), or its primary one when the family
@@ -454,12 +450,7 @@ fn probe_forwards(pod: &MeshPod, problems: &mut Vec<Problem>) -> Vec<ProbeForwar
         #[serde(default)]
         scheme: String,
     }
-    let Some(text) = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(annotations::ORIGINAL_PROBES))
-    else {
+    let Some(text) = pod.annotation(annotations::ORIGINAL_PROBES) else {
         return Vec::new();
     };
     // An annotation is input too: bounded before it is parsed.
@@ -578,12 +569,7 @@ pub(super) fn resolve_workload(
 
 /// Whether the pod asks for on-demand clusters; another value is reported and ignored.
 fn asks_for_clusters_on_demand(pod: &MeshPod, problems: &mut Vec<Problem>) -> bool {
-    let value = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(annotations::OUTBOUND_CLUSTERS));
-    match value.map(String::as_str) {
+    match pod.annotation(annotations::OUTBOUND_CLUSTERS) {
         None | Some("all") => false,
         Some("on-demand") => true,
         Some(other) => {
@@ -603,11 +589,7 @@ fn asks_for_clusters_on_demand(pod: &MeshPod, problems: &mut Vec<Problem>) -> bo
 /// The pod's egress scope from its annotation; bad entries are reported and skipped,
 /// and a scope with no good entry is no scope (the whole mesh), never an empty one.
 fn egress_scope(pod: &MeshPod, problems: &mut Vec<Problem>) -> Option<EgressScope> {
-    let text = pod
-        .metadata
-        .annotations
-        .as_ref()
-        .and_then(|a| a.get(annotations::EGRESS))?;
+    let text = pod.annotation(annotations::EGRESS)?;
     let own = ns(&pod.metadata);
     let mut entries = BTreeSet::new();
     let mut bad = Vec::new();

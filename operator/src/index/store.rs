@@ -41,10 +41,6 @@ pub(super) fn pod_service_account(pod: &MeshPod) -> String {
         .unwrap_or_else(|| "default".to_string())
 }
 
-fn labels(meta: &ObjectMeta) -> impl Iterator<Item = (&String, &String)> {
-    meta.labels.iter().flatten()
-}
-
 /// Whether `svc`'s selector picks `pod`: same namespace, non-empty selector, all labels.
 pub(super) fn selects(svc: &Service, pod: &MeshPod) -> bool {
     if ns(&svc.metadata) != ns(&pod.metadata) {
@@ -53,11 +49,10 @@ pub(super) fn selects(svc: &Service, pod: &MeshPod) -> bool {
     let Some(selector) = svc.spec.as_ref().and_then(|s| s.selector.as_ref()) else {
         return false;
     };
-    let labels = pod.metadata.labels.as_ref();
     !selector.is_empty()
         && selector
             .iter()
-            .all(|(k, v)| labels.and_then(|l| l.get(k)) == Some(v))
+            .all(|(k, v)| pod.label(k) == Some(v.as_str()))
 }
 
 fn slice_service(slice: &EndpointSlice) -> Option<Key> {
@@ -120,7 +115,7 @@ impl Store {
             }
             MeshObject::Pod(p) => {
                 let key = key_of(&p.metadata);
-                for (k, v) in labels(&p.metadata) {
+                for (k, v) in &p.labels {
                     add(
                         &mut self.pods_by_label,
                         (key.0.clone(), k.clone(), v.clone()),
@@ -190,7 +185,7 @@ impl Store {
             }
             Kind::Pod => {
                 let p = self.pods.remove(&k)?;
-                for (lk, lv) in labels(&p.metadata) {
+                for (lk, lv) in &p.labels {
                     remove(
                         &mut self.pods_by_label,
                         (k.0.clone(), lk.clone(), lv.clone()),
