@@ -197,6 +197,11 @@ pub async fn serve(
                         continue;
                     }
                 };
+                // A response written in two parts must not wait for a delayed ACK.
+                if let Err(e) = stream.set_nodelay(true) {
+                    tracing::warn!(%peer, error = %e, "TCP_NODELAY not set");
+                }
+
                 let (tls, config) = (tls.clone(), config.clone());
                 connections.spawn(async move {
                     let stream = match tls.accept(stream).await {
