@@ -672,6 +672,7 @@ pub async fn run_changes(
         // No response in flight either: a late push of the previous change must not
         // satisfy this change's watches.
         fleet.wait_no_responses(SETTLE_MAX).await;
+        let own0 = own_cpu_ms();
         let responses0: Vec<u64> = fleet.proxies.iter().map(|p| p.responses()).collect();
         let affected: Vec<Arc<Proxy>> = plan
             .affected_pods
@@ -754,6 +755,7 @@ pub async fn run_changes(
             }
         }
         let last_ack = per_proxy.iter().max().copied().unwrap_or_default();
+        let proxies_cpu_ms = own_cpu_ms().saturating_sub(own0);
         let cpu1 = cp.wait_quiet(SETTLE_MAX).await.unwrap_or(cpu0);
         let pushed = fleet
             .proxies
@@ -767,6 +769,7 @@ pub async fn run_changes(
             last_ack,
             per_proxy,
             cpu_ms: cpu1.saturating_sub(cpu0),
+            proxies_cpu_ms,
         });
     }
     change_row(kind, watched, Ok(stats))

@@ -343,6 +343,15 @@ async fn sidecar_memory(pid: u32, admin_port: u16) -> Result<SidecarMemory, Stri
     })
 }
 
+/// CPU time (user + system) of every Envoy still running, summed.
+fn envoys_cpu_ms(envoys: &[EnvoyProcess]) -> u64 {
+    envoys
+        .iter()
+        .filter_map(|e| e.child.id())
+        .filter_map(crate::control_plane::cpu_ms)
+        .sum()
+}
+
 /// Every Envoy's memory; fails on the first one that cannot be read.
 async fn envoys_memory(envoys: &[EnvoyProcess]) -> Result<Vec<SidecarMemory>, String> {
     let mut out = Vec::with_capacity(envoys.len());
@@ -740,6 +749,7 @@ async fn envoy_changes(
             .iter()
             .map(|e| (e.node.clone(), responses(&before, &e.node)))
             .collect();
+        let envoys_cpu0 = envoys_cpu_ms(envoys);
         let renamed = match apply_change(&plan.target, mesh, dir) {
             Ok(t) => t,
             Err(e) => return fail(&watched, e),
@@ -805,6 +815,8 @@ async fn envoy_changes(
             }
             last_status = status;
         }
+        // Up to the last ACK: idle Envoys spend CPU too (stats flushes, ~1 ms a second each).
+        let proxies_cpu_ms = envoys_cpu_ms(envoys).saturating_sub(envoys_cpu0);
         let cpu1 = cp.wait_quiet(Duration::from_secs(20)).await.unwrap_or(cpu0);
         let after = proxy_status(cp).await.unwrap_or(last_status);
         // Envoys that were sent anything for this change (per-type response counters).
@@ -821,6 +833,7 @@ async fn envoy_changes(
             last_ack: per_proxy.iter().max().copied().unwrap_or_default(),
             per_proxy,
             cpu_ms: cpu1.saturating_sub(cpu0),
+            proxies_cpu_ms,
         });
     }
     let timing = if server_timed {

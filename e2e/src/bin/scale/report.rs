@@ -51,6 +51,9 @@ pub struct ChangeSample {
     /// Rename → each affected proxy's ACK.
     pub per_proxy: Vec<Duration>,
     pub cpu_ms: u64,
+    /// CPU the proxies spent from the change to the last ACK: every Envoy's, or this
+    /// process's for the simulated ones (they share the control plane's cores).
+    pub proxies_cpu_ms: u64,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -295,6 +298,7 @@ pub fn changes_table(runs: &[(String, Vec<ChangeRow>)]) -> String {
         "per-proxy ACK p99",
         "CP CPU p50",
         "CP CPU max",
+        "proxies' CPU p50",
         "watched",
     ])];
     for (label, changes) in runs {
@@ -303,6 +307,7 @@ pub fn changes_table(runs: &[(String, Vec<ChangeRow>)]) -> String {
                 label.clone(),
                 "-".into(),
                 "not run".into(),
+                "-".into(),
                 "-".into(),
                 "-".into(),
                 "-".into(),
@@ -325,6 +330,8 @@ pub fn changes_table(runs: &[(String, Vec<ChangeRow>)]) -> String {
                         .flat_map(|x| x.per_proxy.iter().copied())
                         .collect();
                     let cpu: Vec<u64> = s.samples.iter().map(|x| x.cpu_ms).collect();
+                    let proxies_cpu: Vec<u64> =
+                        s.samples.iter().map(|x| x.proxies_cpu_ms).collect();
                     let affected: Vec<usize> = s.samples.iter().map(|x| x.affected).collect();
                     let pushed: Vec<usize> = s.samples.iter().map(|x| x.pushed).collect();
                     cells.extend([
@@ -337,11 +344,12 @@ pub fn changes_table(runs: &[(String, Vec<ChangeRow>)]) -> String {
                         opt_secs(percentile(&all, 0.99)),
                         percentile(&cpu, 0.5).map_or("-".into(), |c| format!("{c} ms")),
                         cpu.iter().max().map_or("-".into(), |c| format!("{c} ms")),
+                        percentile(&proxies_cpu, 0.5).map_or("-".into(), |c| format!("{c} ms")),
                     ]);
                 }
                 Err(e) => {
                     cells.push(failed(e));
-                    cells.extend(std::iter::repeat_n("-".to_string(), 8));
+                    cells.extend(std::iter::repeat_n("-".to_string(), 9));
                 }
             }
             cells.push(c.watched.replace('|', "\\|"));
