@@ -2,6 +2,8 @@
 //! validated [`MeshModel`]. Plain synchronous code; no I/O.
 
 mod access;
+mod few_set;
+
 mod gateway;
 mod model;
 mod pod;
@@ -36,6 +38,7 @@ pub use protocol::{DEFAULT_OPAQUE_PORTS, select_protocol};
 pub use resolve::parse_gateway_duration;
 
 use access::TargetResolution;
+use few_set::FewSet;
 use resolve::{
     clusterip_owners, creation_order, endpoint_ips, resolve_grants, resolve_mesh_config,
     resolve_service_base, resolve_splits, resolve_workload, split_references,
@@ -283,9 +286,9 @@ pub struct Index {
     /// Every service's resolution before splits and ClusterIP conflicts.
     bases: BTreeMap<ServiceKey, Result<MeshService, String>>,
     /// Endpoint IP → services with an endpoint there (whose `meshed` depends on the pod).
-    by_endpoint_ip: HashMap<IpAddr, BTreeSet<ServiceKey>>,
+    by_endpoint_ip: HashMap<IpAddr, FewSet<ServiceKey>>,
     /// ClusterIP → services claiming it.
-    claims: HashMap<IpAddr, BTreeSet<ServiceKey>>,
+    claims: HashMap<IpAddr, FewSet<ServiceKey>>,
     /// Services some TrafficSplit names.
     split_refs: BTreeSet<ServiceKey>,
     /// Services some HTTPRoute names (parents, backends, mirrors).

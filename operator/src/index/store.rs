@@ -13,6 +13,7 @@ use weft_crds::TrafficPolicy;
 use weft_crds::gateway::{GRPCRoute, ReferenceGrant};
 use weft_crds::{HTTPRoute, HTTPRouteGroup, MeshConfig, TCPRoute, TrafficSplit, TrafficTarget};
 
+use super::few_set::FewSet;
 use super::{Kind, MeshObject, MeshPod, ObjectRef};
 
 /// Namespace and name of a namespaced object.
@@ -60,11 +61,11 @@ fn slice_service(slice: &EndpointSlice) -> Option<Key> {
     Some((ns(&slice.metadata).to_string(), service.clone()))
 }
 
-fn add<K: std::hash::Hash + Eq, V: Ord>(map: &mut HashMap<K, BTreeSet<V>>, k: K, v: V) {
+fn add<K: std::hash::Hash + Eq, V: Ord>(map: &mut HashMap<K, FewSet<V>>, k: K, v: V) {
     map.entry(k).or_default().insert(v);
 }
 
-fn remove<K: std::hash::Hash + Eq, V: Ord>(map: &mut HashMap<K, BTreeSet<V>>, k: K, v: &V) {
+fn remove<K: std::hash::Hash + Eq, V: Ord>(map: &mut HashMap<K, FewSet<V>>, k: K, v: &V) {
     if let Some(set) = map.get_mut(&k) {
         set.remove(v);
         if set.is_empty() {
@@ -90,17 +91,17 @@ pub(super) struct Store {
     pub reference_grants: BTreeMap<Key, ReferenceGrant>,
     pub traffic_policies: BTreeMap<Key, TrafficPolicy>,
     /// (namespace, label key, label value) → pod names.
-    pods_by_label: HashMap<(String, String, String), BTreeSet<String>>,
+    pods_by_label: HashMap<(String, String, String), FewSet<String>>,
     /// Namespace → pod names.
-    pods_by_ns: HashMap<String, BTreeSet<String>>,
+    pods_by_ns: HashMap<String, FewSet<String>>,
     /// Pod IP → pods (two only while one replaces the other).
-    pods_by_ip: HashMap<IpAddr, BTreeSet<Key>>,
+    pods_by_ip: HashMap<IpAddr, FewSet<Key>>,
     /// (namespace, service account) → pod names.
-    pods_by_account: HashMap<Key, BTreeSet<String>>,
+    pods_by_account: HashMap<Key, FewSet<String>>,
     /// Namespace → service names.
-    services_by_ns: HashMap<String, BTreeSet<String>>,
+    services_by_ns: HashMap<String, FewSet<String>>,
     /// Service → names of its EndpointSlices.
-    slices_by_service: HashMap<Key, BTreeSet<String>>,
+    slices_by_service: HashMap<Key, FewSet<String>>,
 }
 
 impl Store {
@@ -384,7 +385,7 @@ impl Store {
                 self.pods_by_label
                     .get(&(namespace.clone(), k.clone(), v.clone()))
             })
-            .min_by_key(|set| set.map_or(0, BTreeSet::len));
+            .min_by_key(|set| set.map_or(0, FewSet::len));
         let Some(Some(candidates)) = smallest else {
             return Vec::new();
         };
