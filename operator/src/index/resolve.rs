@@ -141,8 +141,8 @@ fn to_port(n: i32) -> Option<u16> {
 }
 
 /// How a pod serves, by the EndpointSlice controller's rules: `None` when it does not
-/// (finished, no address yet, or not Ready), `Some(true)` when it serves while being deleted (draining),
-/// `Some(false)` when it takes new requests.
+/// (finished, no address yet, or not Ready), `Some(true)` when it serves while being
+/// deleted (draining), `Some(false)` when it takes new requests.
 fn pod_endpoint_state(pod: &MeshPod) -> Option<bool> {
     // A pod without a status has no address to serve at either.
     if pod.finished || pod.ips.is_empty() {
