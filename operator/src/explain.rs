@@ -179,7 +179,8 @@ fn find_service<'m>(model: &'m MeshModel, host: &str, namespace: &str) -> Option
         return model
             .services
             .values()
-            .find(|s| s.cluster_ips.contains(&ip));
+            .find(|s| s.cluster_ips.contains(&ip))
+            .map(|s| &**s);
     }
     let host = host.trim_end_matches('.');
     let host = host.strip_suffix(".svc.cluster.local").unwrap_or(host);
@@ -189,6 +190,7 @@ fn find_service<'m>(model: &'m MeshModel, host: &str, namespace: &str) -> Option
         .services
         .values()
         .find(|s| s.key.name == name && s.key.namespace == ns)
+        .map(|s| &**s)
 }
 
 fn full_match(regex: &str, value: &str) -> Result<bool, String> {
@@ -381,7 +383,7 @@ fn route_outcome<'m>(
     for b in &action.backends {
         let share = format!("{} weight {}/{total}", entry.source, b.weight);
         match b.service.as_ref().and_then(|s| model.services.get(s)) {
-            Some(s) => out.push((s, format!("{share} → {}", s.key))),
+            Some(s) => out.push((&**s, format!("{share} → {}", s.key))),
             None => lines.push(format!(
                 "{share}: the backend does not resolve, its share answers 500"
             )),
@@ -804,7 +806,7 @@ pub fn explain(model: &MeshModel, config: &MeshConfig, query: &CallQuery) -> Exp
                     .filter_map(|b| {
                         model.services.get(&b.service).map(|s| {
                             (
-                                s,
+                                &**s,
                                 format!(
                                     "{} backend {} weight {}",
                                     split.source, b.service, b.weight

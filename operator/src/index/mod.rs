@@ -284,7 +284,7 @@ pub struct Index {
     store: Store,
     model: MeshModel,
     /// Every service's resolution before splits and ClusterIP conflicts.
-    bases: BTreeMap<ServiceKey, Result<MeshService, String>>,
+    bases: BTreeMap<ServiceKey, Result<Arc<MeshService>, String>>,
     /// Endpoint IP → services with an endpoint there (whose `meshed` depends on the pod).
     by_endpoint_ip: HashMap<IpAddr, FewSet<ServiceKey>>,
     /// ClusterIP → services claiming it.
@@ -742,7 +742,7 @@ impl Index {
                     self.claims.entry(*ip).or_default().insert(key.clone());
                 }
             }
-            self.bases.insert(key.clone(), base);
+            self.bases.insert(key.clone(), base.map(Arc::new));
         }
         // ClusterIP ownership: every service sharing an address with a changed one.
         let mut group: BTreeSet<ServiceKey> = keys.clone();
@@ -811,7 +811,7 @@ impl Index {
         for key in &accepted_changed {
             pods.extend(self.selected_pod_keys(key));
         }
-        let accepted_base = |index: &Self, key: &ServiceKey| -> Option<MeshService> {
+        let accepted_base = |index: &Self, key: &ServiceKey| -> Option<Arc<MeshService>> {
             match (index.bases.get(key), owners.get(key)) {
                 (Some(Ok(b)), Some(Ok(()))) => Some(b.clone()),
                 // Untouched by this change: keeps its acceptance.
@@ -833,14 +833,14 @@ impl Index {
             self.route_refs = gateway::route_references(&self.store);
             self.policy_refs = policy::policy_references(&self.store);
             // Splits see the group's new state and everyone else's current one.
-            let overlay: BTreeMap<ServiceKey, Option<MeshService>> = group
+            let overlay: BTreeMap<ServiceKey, Option<Arc<MeshService>>> = group
                 .iter()
                 .map(|k| (k.clone(), accepted_base(self, k)))
                 .collect();
             let model_services = &self.model.services;
             let lookup = |k: &ServiceKey| match overlay.get(k) {
-                Some(s) => s.as_ref(),
-                None => model_services.get(k),
+                Some(s) => s.as_deref(),
+                None => model_services.get(k).map(|s| &**s),
             };
             let (mut splits, mut problems) = resolve_splits(&self.store, &lookup);
             let (routes, mut route_problems, route_statuses) =
@@ -922,15 +922,26 @@ impl Index {
             self.policies = policies;
         }
         for key in candidates {
-            let next = accepted_base(self, &key).map(|mut s| {
-                s.split = self.splits.get(&key).cloned();
-                s.http_routes = self.http_routes.get(&key).cloned().unwrap_or_default();
-                s.policies = policy::with_defaults(
+            let next = accepted_base(self, &key).map(|base| {
+                let split = self.splits.get(&key).cloned();
+                let http_routes = self.http_routes.get(&key).cloned().unwrap_or_default();
+                let policies = policy::with_defaults(
                     self.policies.get(&key),
-                    s.ports.iter().map(|p| p.port),
+                    base.ports.iter().map(|p| p.port),
                     self.traffic_defaults.as_ref(),
                 );
-                s
+                // Most services have none of these: they keep sharing the base.
+                if base.split == split
+                    && base.http_routes == http_routes
+                    && base.policies == policies
+                {
+                    return base;
+                }
+                let mut s = (*base).clone();
+                s.split = split;
+                s.http_routes = http_routes;
+                s.policies = policies;
+                Arc::new(s)
             });
             // Pods serve a service's rate limit: they follow its changes.
             let limits = |s: Option<&MeshService>| {
@@ -941,7 +952,7 @@ impl Index {
                         .collect::<Vec<_>>()
                 })
             };
-            if limits(next.as_ref()) != limits(self.model.services.get(&key)) {
+            if limits(next.as_deref()) != limits(self.model.services.get(&key).map(|s| &**s)) {
                 pods.extend(self.selected_pod_keys(&key));
             }
             if next.as_ref() != self.model.services.get(&key) {
@@ -1066,4 +1077,38 @@ fn diff_maps<K: Ord + Clone, V: PartialEq>(
         }
     }
     out.extend(before.keys().filter(|k| !after.contains_key(*k)).cloned());
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // test setup fails loudly
+mod tests {
+    use super::*;
+
+    /// A service that no split, route or policy changes is held once, by the index and
+    /// the model together; the root of a split gets its own copy, with the split.
+    #[test]
+    fn plain_services_share_their_resolution_with_the_model() {
+        let service = |name: &str, ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}}}\nspec: {{clusterIP: {ip}, selector: {{app: {name}}}, ports: [{{name: http, port: 80}}]}}\n---\n"
+            )
+        };
+        let text = format!(
+            "{}{}{}apiVersion: split.smi-spec.io/v1alpha4\nkind: TrafficSplit\nmetadata: {{name: s}}\nspec: {{service: web, backends: [{{service: web-v2, weight: 1}}]}}\n",
+            service("web", "198.19.0.1"),
+            service("web-v2", "198.19.0.2"),
+            service("db", "198.19.0.3"),
+        );
+        let mut index = Index::new();
+        index.reset(crate::sources::parse_manifests(&text).unwrap());
+        let shared = |name: &str| {
+            let key = ServiceKey::new("default", name);
+            let base = index.bases.get(&key).unwrap().as_ref().unwrap();
+            Arc::ptr_eq(base, index.model.services.get(&key).unwrap())
+        };
+        assert!(shared("db") && shared("web-v2"));
+        assert!(!shared("web"));
+        let web = index.model.services.get(&ServiceKey::new("default", "web"));
+        assert!(web.unwrap().split.is_some());
+    }
 }

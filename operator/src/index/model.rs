@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -495,8 +496,10 @@ pub type GrantsByDestination = BTreeMap<Identity, Vec<AccessGrant>>;
 /// Everything translate needs, validated.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct MeshModel {
-    /// Services by namespace/name.
-    pub services: BTreeMap<ServiceKey, MeshService>,
+    /// Services by namespace/name; a service no split, route or policy changes is the
+    /// index's own resolution of it, shared.
+    #[serde(serialize_with = "shared_services")]
+    pub services: BTreeMap<ServiceKey, Arc<MeshService>>,
     /// Workloads by node id (`namespace/name`).
     pub workloads: BTreeMap<String, Workload>,
     /// Access grants by destination identity (namespace, service account).
@@ -505,6 +508,15 @@ pub struct MeshModel {
     pub problems: Vec<Problem>,
     /// Mesh-wide settings from the MeshConfig in effect, if any.
     pub settings: Option<MeshSettings>,
+}
+
+/// Serializes shared services as the services themselves (serde's `Arc` support is an
+/// opt-in feature the workspace leaves off).
+fn shared_services<S: serde::Serializer>(
+    services: &BTreeMap<ServiceKey, Arc<MeshService>>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_map(services.iter().map(|(k, v)| (k, &**v)))
 }
 
 /// The MeshConfig in effect: its overrides of the control plane's flags.

@@ -753,7 +753,7 @@ impl MeshPublisher {
                 EncodedService::new(
                     tls,
                     translate_service(service, &self.config, false),
-                    service_shape(std::iter::once(service), &self.config),
+                    service_shape(std::iter::once(&**service), &self.config),
                     on_demand,
                 )
             });

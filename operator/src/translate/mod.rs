@@ -135,7 +135,7 @@ pub fn service_shape<'s>(
 
 /// The shape of the capture listener for `model`.
 pub fn outbound_shape(model: &MeshModel, config: &MeshConfig) -> OutboundShape {
-    let (service_blocks, http_ports) = service_shape(model.services.values(), config);
+    let (service_blocks, http_ports) = service_shape(model.services.values().map(|s| &**s), config);
     OutboundShape {
         pod_blocks: pod_blocks(model),
         service_blocks,
