@@ -957,11 +957,12 @@ impl Index {
             }
             if next.as_ref() != self.model.services.get(&key) {
                 delta.services.insert(key.clone());
-                match next {
-                    Some(s) => self.model.services.insert(key, s),
-                    None => self.model.services.remove(&key),
-                };
             }
+            // Taken even when equal, so that the model and the base stay one allocation.
+            match next {
+                Some(s) => self.model.services.insert(key, s),
+                None => self.model.services.remove(&key),
+            };
         }
         delta
     }
@@ -1101,14 +1102,21 @@ mod tests {
         );
         let mut index = Index::new();
         index.reset(crate::sources::parse_manifests(&text).unwrap());
-        let shared = |name: &str| {
+        let shared = |index: &Index, name: &str| {
             let key = ServiceKey::new("default", name);
             let base = index.bases.get(&key).unwrap().as_ref().unwrap();
             Arc::ptr_eq(base, index.model.services.get(&key).unwrap())
         };
-        assert!(shared("db") && shared("web-v2"));
-        assert!(!shared("web"));
+        assert!(shared(&index, "db") && shared(&index, "web-v2"));
+        assert!(!shared(&index, "web"));
         let web = index.model.services.get(&ServiceKey::new("default", "web"));
         assert!(web.unwrap().split.is_some());
+        // An edit the model does not see (an annotation) resolves `db` again, to an equal
+        // service: no change to report, and still one allocation.
+        let edited =
+            service("db", "198.19.0.3").replace("{name: db}", "{name: db, annotations: {a: b}}");
+        let db = crate::sources::parse_manifests(&edited).unwrap().remove(0);
+        assert!(index.apply(db).is_none_or(|d| d.services.is_empty()));
+        assert!(shared(&index, "db"));
     }
 }
