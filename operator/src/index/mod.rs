@@ -132,25 +132,25 @@ pub enum MeshObject {
     /// An EndpointSlice.
     EndpointSlice(Arc<EndpointSlice>),
     /// A TrafficSplit.
-    TrafficSplit(Box<TrafficSplit>),
+    TrafficSplit(Arc<TrafficSplit>),
     /// A TrafficTarget.
-    TrafficTarget(Box<TrafficTarget>),
+    TrafficTarget(Arc<TrafficTarget>),
     /// An HTTPRouteGroup.
-    HTTPRouteGroup(Box<HTTPRouteGroup>),
+    HTTPRouteGroup(Arc<HTTPRouteGroup>),
     /// A TCPRoute.
-    TCPRoute(Box<TCPRoute>),
+    TCPRoute(Arc<TCPRoute>),
     /// A ServiceAccount.
-    ServiceAccount(Box<ServiceAccount>),
+    ServiceAccount(Arc<ServiceAccount>),
     /// The mesh-wide settings.
-    MeshConfig(Box<MeshConfig>),
+    MeshConfig(Arc<MeshConfig>),
     /// A Gateway API HTTPRoute.
-    HTTPRoute(Box<HTTPRoute>),
+    HTTPRoute(Arc<HTTPRoute>),
     /// A Gateway API GRPCRoute.
-    GRPCRoute(Box<GRPCRoute>),
+    GRPCRoute(Arc<GRPCRoute>),
     /// A Gateway API ReferenceGrant.
-    ReferenceGrant(Box<ReferenceGrant>),
+    ReferenceGrant(Arc<ReferenceGrant>),
     /// A TrafficPolicy.
-    TrafficPolicy(Box<TrafficPolicy>),
+    TrafficPolicy(Arc<TrafficPolicy>),
 }
 
 impl MeshObject {
@@ -353,7 +353,7 @@ impl Index {
     pub fn status_subjects(&self) -> Vec<StatusSubject> {
         fn subjects<'a, T: 'a + kube::Resource>(
             kind: Kind,
-            objects: impl Iterator<Item = &'a T>,
+            objects: impl Iterator<Item = &'a Arc<T>>,
         ) -> impl Iterator<Item = StatusSubject> {
             objects.map(move |o| {
                 let meta = o.meta();

@@ -342,7 +342,7 @@ pub(super) fn resolve_traffic_policies<'s>(
     store: &Store,
     services: &dyn Fn(&ServiceKey) -> Option<&'s MeshService>,
 ) -> (PoliciesByService, Vec<Problem>) {
-    let mut policies: Vec<&TrafficPolicy> = store.traffic_policies.values().collect();
+    let mut policies: Vec<&TrafficPolicy> = store.traffic_policies.values().map(|p| &**p).collect();
     policies.sort_by_key(|p| creation_order(&p.metadata));
     let mut out = PoliciesByService::new();
     let mut problems = Vec::new();

@@ -45,7 +45,7 @@ pub(super) fn creation_order(
 /// The MeshConfig in effect (the oldest) and problems: the others are rejected, and an
 /// unparsable detection timeout is dropped with a warning.
 pub(super) fn resolve_mesh_config(store: &Store) -> (Option<MeshSettings>, Vec<Problem>) {
-    let mut configs: Vec<&MeshConfig> = store.mesh_configs.values().collect();
+    let mut configs: Vec<&MeshConfig> = store.mesh_configs.values().map(|c| &**c).collect();
     configs.sort_by_key(|c| creation_order(&c.metadata));
     let mut configs = configs.into_iter();
     let mut problems = Vec::new();
@@ -639,7 +639,10 @@ pub(super) fn resolve_grants(
     store: &Store,
     resolved: &mut BTreeMap<Key, TargetResolution>,
 ) -> (GrantsByDestination, Vec<Problem>) {
-    let routes = Routes::new(store.route_groups.values(), store.tcp_routes.values());
+    let routes = Routes::new(
+        store.route_groups.values().map(|g| &**g),
+        store.tcp_routes.values().map(|t| &**t),
+    );
     resolved.retain(|key, _| store.targets.contains_key(key));
     for (key, target) in &store.targets {
         if !resolved.contains_key(key) {
@@ -673,8 +676,11 @@ pub(super) fn resolve_splits<'s>(
     store: &Store,
     services: &dyn Fn(&ServiceKey) -> Option<&'s MeshService>,
 ) -> (BTreeMap<ServiceKey, SplitModel>, Vec<Problem>) {
-    let routes = Routes::new(store.route_groups.values(), store.tcp_routes.values());
-    let mut splits: Vec<&TrafficSplit> = store.splits.values().collect();
+    let routes = Routes::new(
+        store.route_groups.values().map(|g| &**g),
+        store.tcp_routes.values().map(|t| &**t),
+    );
+    let mut splits: Vec<&TrafficSplit> = store.splits.values().map(|s| &**s).collect();
     splits.sort_by_key(|s| creation_order(&s.metadata));
     let mut accepted = AcceptedSplits::default();
     let mut out = BTreeMap::new();

@@ -80,16 +80,16 @@ pub(super) struct Store {
     pub services: BTreeMap<Key, Arc<Service>>,
     pub pods: BTreeMap<Key, Arc<MeshPod>>,
     pub slices: BTreeMap<Key, Arc<EndpointSlice>>,
-    pub splits: BTreeMap<Key, TrafficSplit>,
-    pub targets: BTreeMap<Key, TrafficTarget>,
-    pub route_groups: BTreeMap<Key, HTTPRouteGroup>,
-    pub tcp_routes: BTreeMap<Key, TCPRoute>,
-    pub service_accounts: BTreeMap<Key, ServiceAccount>,
-    pub mesh_configs: BTreeMap<String, MeshConfig>,
-    pub http_routes: BTreeMap<Key, HTTPRoute>,
-    pub grpc_routes: BTreeMap<Key, GRPCRoute>,
-    pub reference_grants: BTreeMap<Key, ReferenceGrant>,
-    pub traffic_policies: BTreeMap<Key, TrafficPolicy>,
+    pub splits: BTreeMap<Key, Arc<TrafficSplit>>,
+    pub targets: BTreeMap<Key, Arc<TrafficTarget>>,
+    pub route_groups: BTreeMap<Key, Arc<HTTPRouteGroup>>,
+    pub tcp_routes: BTreeMap<Key, Arc<TCPRoute>>,
+    pub service_accounts: BTreeMap<Key, Arc<ServiceAccount>>,
+    pub mesh_configs: BTreeMap<String, Arc<MeshConfig>>,
+    pub http_routes: BTreeMap<Key, Arc<HTTPRoute>>,
+    pub grpc_routes: BTreeMap<Key, Arc<GRPCRoute>>,
+    pub reference_grants: BTreeMap<Key, Arc<ReferenceGrant>>,
+    pub traffic_policies: BTreeMap<Key, Arc<TrafficPolicy>>,
     /// (namespace, label key, label value) → pod names.
     pods_by_label: HashMap<(String, String, String), FewSet<String>>,
     /// Namespace → pod names.
@@ -142,34 +142,34 @@ impl Store {
                 self.slices.insert(key, e);
             }
             MeshObject::TrafficSplit(o) => {
-                self.splits.insert(key_of(&o.metadata), *o);
+                self.splits.insert(key_of(&o.metadata), o);
             }
             MeshObject::TrafficTarget(o) => {
-                self.targets.insert(key_of(&o.metadata), *o);
+                self.targets.insert(key_of(&o.metadata), o);
             }
             MeshObject::HTTPRouteGroup(o) => {
-                self.route_groups.insert(key_of(&o.metadata), *o);
+                self.route_groups.insert(key_of(&o.metadata), o);
             }
             MeshObject::TCPRoute(o) => {
-                self.tcp_routes.insert(key_of(&o.metadata), *o);
+                self.tcp_routes.insert(key_of(&o.metadata), o);
             }
             MeshObject::ServiceAccount(o) => {
-                self.service_accounts.insert(key_of(&o.metadata), *o);
+                self.service_accounts.insert(key_of(&o.metadata), o);
             }
             MeshObject::MeshConfig(o) => {
-                self.mesh_configs.insert(name(&o.metadata).to_string(), *o);
+                self.mesh_configs.insert(name(&o.metadata).to_string(), o);
             }
             MeshObject::HTTPRoute(o) => {
-                self.http_routes.insert(key_of(&o.metadata), *o);
+                self.http_routes.insert(key_of(&o.metadata), o);
             }
             MeshObject::GRPCRoute(o) => {
-                self.grpc_routes.insert(key_of(&o.metadata), *o);
+                self.grpc_routes.insert(key_of(&o.metadata), o);
             }
             MeshObject::ReferenceGrant(o) => {
-                self.reference_grants.insert(key_of(&o.metadata), *o);
+                self.reference_grants.insert(key_of(&o.metadata), o);
             }
             MeshObject::TrafficPolicy(o) => {
-                self.traffic_policies.insert(key_of(&o.metadata), *o);
+                self.traffic_policies.insert(key_of(&o.metadata), o);
             }
         }
         old
@@ -211,24 +211,16 @@ impl Store {
                 }
                 MeshObject::EndpointSlice(e)
             }
-            Kind::TrafficSplit => MeshObject::TrafficSplit(Box::new(self.splits.remove(&k)?)),
-            Kind::TrafficTarget => MeshObject::TrafficTarget(Box::new(self.targets.remove(&k)?)),
-            Kind::HTTPRouteGroup => {
-                MeshObject::HTTPRouteGroup(Box::new(self.route_groups.remove(&k)?))
-            }
-            Kind::TCPRoute => MeshObject::TCPRoute(Box::new(self.tcp_routes.remove(&k)?)),
-            Kind::ServiceAccount => {
-                MeshObject::ServiceAccount(Box::new(self.service_accounts.remove(&k)?))
-            }
-            Kind::MeshConfig => MeshObject::MeshConfig(Box::new(self.mesh_configs.remove(&k.1)?)),
-            Kind::HTTPRoute => MeshObject::HTTPRoute(Box::new(self.http_routes.remove(&k)?)),
-            Kind::GRPCRoute => MeshObject::GRPCRoute(Box::new(self.grpc_routes.remove(&k)?)),
-            Kind::TrafficPolicy => {
-                MeshObject::TrafficPolicy(Box::new(self.traffic_policies.remove(&k)?))
-            }
-            Kind::ReferenceGrant => {
-                MeshObject::ReferenceGrant(Box::new(self.reference_grants.remove(&k)?))
-            }
+            Kind::TrafficSplit => MeshObject::TrafficSplit(self.splits.remove(&k)?),
+            Kind::TrafficTarget => MeshObject::TrafficTarget(self.targets.remove(&k)?),
+            Kind::HTTPRouteGroup => MeshObject::HTTPRouteGroup(self.route_groups.remove(&k)?),
+            Kind::TCPRoute => MeshObject::TCPRoute(self.tcp_routes.remove(&k)?),
+            Kind::ServiceAccount => MeshObject::ServiceAccount(self.service_accounts.remove(&k)?),
+            Kind::MeshConfig => MeshObject::MeshConfig(self.mesh_configs.remove(&k.1)?),
+            Kind::HTTPRoute => MeshObject::HTTPRoute(self.http_routes.remove(&k)?),
+            Kind::GRPCRoute => MeshObject::GRPCRoute(self.grpc_routes.remove(&k)?),
+            Kind::TrafficPolicy => MeshObject::TrafficPolicy(self.traffic_policies.remove(&k)?),
+            Kind::ReferenceGrant => MeshObject::ReferenceGrant(self.reference_grants.remove(&k)?),
         })
     }
 
@@ -323,52 +315,52 @@ impl Store {
         out.extend(
             self.splits
                 .values()
-                .map(|o| MeshObject::TrafficSplit(Box::new(o.clone()))),
+                .map(|o| MeshObject::TrafficSplit(o.clone())),
         );
         out.extend(
             self.targets
                 .values()
-                .map(|o| MeshObject::TrafficTarget(Box::new(o.clone()))),
+                .map(|o| MeshObject::TrafficTarget(o.clone())),
         );
         out.extend(
             self.route_groups
                 .values()
-                .map(|o| MeshObject::HTTPRouteGroup(Box::new(o.clone()))),
+                .map(|o| MeshObject::HTTPRouteGroup(o.clone())),
         );
         out.extend(
             self.tcp_routes
                 .values()
-                .map(|o| MeshObject::TCPRoute(Box::new(o.clone()))),
+                .map(|o| MeshObject::TCPRoute(o.clone())),
         );
         out.extend(
             self.service_accounts
                 .values()
-                .map(|o| MeshObject::ServiceAccount(Box::new(o.clone()))),
+                .map(|o| MeshObject::ServiceAccount(o.clone())),
         );
         out.extend(
             self.mesh_configs
                 .values()
-                .map(|o| MeshObject::MeshConfig(Box::new(o.clone()))),
+                .map(|o| MeshObject::MeshConfig(o.clone())),
         );
         out.extend(
             self.http_routes
                 .values()
-                .map(|o| MeshObject::HTTPRoute(Box::new(o.clone()))),
+                .map(|o| MeshObject::HTTPRoute(o.clone())),
         );
         out.extend(
             self.grpc_routes
                 .values()
-                .map(|o| MeshObject::GRPCRoute(Box::new(o.clone()))),
+                .map(|o| MeshObject::GRPCRoute(o.clone())),
         );
         out.extend(
             self.reference_grants
                 .values()
-                .map(|o| MeshObject::ReferenceGrant(Box::new(o.clone()))),
+                .map(|o| MeshObject::ReferenceGrant(o.clone())),
         );
         out.extend(
             self.traffic_policies
                 .values()
-                .map(|o| MeshObject::TrafficPolicy(Box::new(o.clone()))),
+                .map(|o| MeshObject::TrafficPolicy(o.clone())),
         );
         out
     }

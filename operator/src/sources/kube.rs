@@ -132,7 +132,7 @@ fn decode_account(mut o: ServiceAccount) -> Decoded {
     slim_meta(&mut o.metadata);
     o.secrets = None;
     o.image_pull_secrets = None;
-    Decoded::Object(MeshObject::ServiceAccount(Box::new(o)))
+    Decoded::Object(MeshObject::ServiceAccount(std::sync::Arc::new(o)))
 }
 
 /// The label a namespace opts into sidecar injection with (the webhook's selector).
@@ -268,9 +268,11 @@ fn decode_custom(kind: Kind, object: DynamicObject) -> Decoded {
             }
         }
     }
-    fn typed<T: serde::de::DeserializeOwned>(v: serde_json::Value) -> Result<Box<T>, String> {
+    fn typed<T: serde::de::DeserializeOwned>(
+        v: serde_json::Value,
+    ) -> Result<std::sync::Arc<T>, String> {
         serde_json::from_value(v)
-            .map(Box::new)
+            .map(std::sync::Arc::new)
             .map_err(|e| e.to_string())
     }
     let decoded = match kind {

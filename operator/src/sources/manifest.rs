@@ -75,8 +75,14 @@ fn to_stored_version(api_version: &str, kind: &str, doc: Value) -> Result<Value,
     serde_yaml_ng::to_value(converted).map_err(|e| e.to_string())
 }
 
-fn typed<T: DeserializeOwned>(doc: Value) -> Result<Box<T>, String> {
+/// A document as a `T`.
+fn decoded<T: DeserializeOwned>(doc: Value) -> Result<T, String> {
     serde_yaml_ng::from_value(doc).map_err(|e| e.to_string())
+}
+
+/// A document as a `T` the index, the sources and their caches share.
+fn typed<T: DeserializeOwned>(doc: Value) -> Result<Arc<T>, String> {
+    decoded(doc).map(Arc::new)
 }
 
 /// Decodes a document of a known kind.
@@ -101,10 +107,10 @@ fn decode(kind: Kind, mut doc: Value) -> Result<MeshObject, String> {
         );
     }
     Ok(match kind {
-        Kind::Service => MeshObject::Service(Arc::from(typed::<Service>(doc)?)),
-        Kind::Pod => MeshObject::Pod(Arc::new(MeshPod::from(*typed::<Pod>(doc)?))),
+        Kind::Service => MeshObject::Service(typed::<Service>(doc)?),
+        Kind::Pod => MeshObject::Pod(Arc::new(MeshPod::from(decoded::<Pod>(doc)?))),
         Kind::ServiceAccount => MeshObject::ServiceAccount(typed(doc)?),
-        Kind::EndpointSlice => MeshObject::EndpointSlice(Arc::from(typed::<EndpointSlice>(doc)?)),
+        Kind::EndpointSlice => MeshObject::EndpointSlice(typed::<EndpointSlice>(doc)?),
         Kind::TrafficSplit => MeshObject::TrafficSplit(typed(doc)?),
         Kind::TrafficTarget => MeshObject::TrafficTarget(typed(doc)?),
         Kind::HTTPRouteGroup => MeshObject::HTTPRouteGroup(typed(doc)?),
