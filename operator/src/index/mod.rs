@@ -120,9 +120,8 @@ impl fmt::Display for ObjectRef {
     }
 }
 
-/// One input object of any supported kind. The numerous kinds (Services, Pods,
-/// EndpointSlices) are shared, not copied, between a source that keeps what it read
-/// and the index.
+/// One input object of any supported kind, shared, not copied, between a source that
+/// keeps what it read (and its parse cache) and the index.
 #[derive(Clone, Debug, PartialEq)]
 pub enum MeshObject {
     /// A Service.
