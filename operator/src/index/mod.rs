@@ -43,7 +43,7 @@ use resolve::{
     clusterip_owners, creation_order, endpoint_ips, resolve_grants, resolve_mesh_config,
     resolve_service_base, resolve_splits, resolve_workload, split_references,
 };
-use store::{Key, Store, key_of, pod_service_account};
+use store::{Key, Store, key_of};
 
 /// The kinds of object the index understands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -117,6 +117,24 @@ impl fmt::Display for ObjectRef {
         } else {
             write!(f, "{} {}/{}", self.kind, self.namespace, self.name)
         }
+    }
+}
+
+/// Annotation kubectl stores a whole copy of the object in; the mesh never reads it.
+pub const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// Drops the metadata no part of the mesh reads, so that the index holds objects, not
+/// their whole manifests (a real pod object is 5-20 KB, mostly managed fields, env and
+/// volumes).
+pub fn slim_meta(meta: &mut ObjectMeta) {
+    // The resourceVersion changes with every write, status writes included: kept, every
+    // echo of Weft's own status writes would look like a change of the object.
+    meta.resource_version = None;
+    meta.managed_fields = None;
+    meta.owner_references = None;
+    meta.finalizers = None;
+    if let Some(annotations) = &mut meta.annotations {
+        annotations.remove(LAST_APPLIED);
     }
 }
 
@@ -531,7 +549,7 @@ impl Index {
                 // Whether a service account exists may have changed (target warnings).
                 let account_of = |o: Option<&MeshObject>| match o {
                     Some(MeshObject::Pod(p)) => {
-                        Some((key.namespace.clone(), pod_service_account(p)))
+                        Some((key.namespace.clone(), p.service_account.clone()))
                     }
                     _ => None,
                 };

@@ -23,8 +23,9 @@ pub struct MeshPod {
     pub labels: Vec<(String, String)>,
     /// The `weft.dev/` annotations, sorted by key.
     pub annotations: Vec<(String, String)>,
-    /// `spec.serviceAccountName` as written (empty and unset both mean `default`).
-    pub service_account: Option<String>,
+    /// The service account it runs as: `spec.serviceAccountName`, `default` when unset
+    /// or empty.
+    pub service_account: String,
     /// The named container ports of all containers (service `targetPort` by name).
     pub named_ports: Vec<NamedPort>,
     /// `status.podIP`, then the rest of `status.podIPs`; unparsable ones are left out.
@@ -48,10 +49,8 @@ pub struct NamedPort {
 impl From<Pod> for MeshPod {
     fn from(pod: Pod) -> Self {
         let mut metadata = pod.metadata;
-        // No part of the mesh reads these; a real pod's managed fields alone are KBs.
-        metadata.managed_fields = None;
-        metadata.owner_references = None;
-        metadata.finalizers = None;
+        super::slim_meta(&mut metadata);
+
         let labels: Vec<(String, String)> = metadata.labels.take().into_iter().flatten().collect();
         let annotations: Vec<(String, String)> = metadata
             .annotations
@@ -78,6 +77,9 @@ impl From<Pod> for MeshPod {
             }
             None => (None, Vec::new()),
         };
+        let service_account = service_account
+            .filter(|s| !s.is_empty())
+            .unwrap_or_else(|| "default".to_string());
         named_ports.shrink_to_fit();
         let mut out = MeshPod {
             metadata,
@@ -138,7 +140,7 @@ mod tests {
 
     #[test]
     fn a_pod_keeps_only_what_the_model_reads() {
-        let text = r#"{"metadata": {"name": "p", "namespace": "d", "labels": {"tier": "front", "app": "web"}, "managedFields": [{"manager": "kubelet"}],
+        let text = r#"{"metadata": {"name": "p", "namespace": "d", "labels": {"tier": "front", "app": "web"}, "resourceVersion": "7", "managedFields": [{"manager": "kubelet"}],
             "annotations": {"kubectl.kubernetes.io/last-applied-configuration": "{...}", "other": "1", "weft.dev/egress": "./*"}},
           "spec": {"serviceAccountName": "web", "volumes": [{"name": "v"}],
             "containers": [{"name": "app", "image": "x", "ports": [{"containerPort": 8080, "name": "http"}, {"containerPort": 9090}]},
@@ -146,7 +148,7 @@ mod tests {
           "status": {"podIP": "10.0.0.1", "podIPs": [{"ip": "10.0.0.1"}, {"ip": "fd00::1"}, {"ip": "bad"}], "phase": "Running",
             "conditions": [{"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "False"}]}}"#;
         let pod: MeshPod = serde_json::from_str::<Pod>(text).unwrap().into();
-        assert!(pod.metadata.managed_fields.is_none());
+        assert!(pod.metadata.managed_fields.is_none() && pod.metadata.resource_version.is_none());
         assert!(pod.metadata.annotations.is_none() && pod.metadata.labels.is_none());
         let annotations: Vec<&str> = pod.annotations.iter().map(|(k, _)| k.as_str()).collect();
         assert_eq!(annotations, vec!["weft.dev/egress"]);
@@ -156,7 +158,7 @@ mod tests {
             (pod.label("app"), pod.label("tier"), pod.label("b")),
             (Some("web"), Some("front"), None)
         );
-        assert_eq!(pod.service_account.as_deref(), Some("web"));
+        assert_eq!(pod.service_account, "web");
         let ports: Vec<(&str, i32)> = pod
             .named_ports
             .iter()
@@ -173,6 +175,7 @@ mod tests {
         let text = r#"{"metadata": {"name": "p"}, "status": {"phase": "Succeeded"}}"#;
         let pod: MeshPod = serde_json::from_str::<Pod>(text).unwrap().into();
         assert_eq!((pod.finished, pod.ready), (true, None));
+        assert_eq!(pod.service_account, "default");
         assert!(pod.ips.is_empty() && pod.annotations.is_empty());
     }
 }

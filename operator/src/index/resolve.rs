@@ -22,7 +22,7 @@ use super::model::{
     SplitBackend, SplitModel, Workload, WorkloadPort,
 };
 use super::protocol::select_protocol;
-use super::store::{Key, Store, key_of, name, ns, pod_service_account, selects};
+use super::store::{Key, Store, key_of, name, ns, selects};
 use super::{Kind, MeshPod, ObjectRef};
 
 /// Label or annotation that opts a pod out of the mesh when set to `disabled`.
@@ -283,7 +283,7 @@ pub(super) fn resolve_service_base(
             .find(|p| ns(&p.metadata) == namespace)
         {
             Some(pod) if is_meshed(pod) => {
-                service_accounts.insert((namespace.clone(), pod_service_account(pod)));
+                service_accounts.insert((namespace.clone(), pod.service_account.clone()));
             }
             _ => meshed = false,
         }
@@ -549,7 +549,7 @@ pub(super) fn resolve_workload(
         namespace: ns(&pod.metadata).to_string(),
         name: name(&pod.metadata).to_string(),
         ips: pod.ips.clone(),
-        service_account: pod_service_account(pod),
+        service_account: pod.service_account.clone(),
         meshed: is_meshed(pod),
         inbound_ports: inbound
             .into_iter()

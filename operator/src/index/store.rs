@@ -34,14 +34,6 @@ pub(super) fn key_of(meta: &ObjectMeta) -> Key {
     (ns(meta).to_string(), name(meta).to_string())
 }
 
-/// The service account a pod runs as (`default` when unset).
-pub(super) fn pod_service_account(pod: &MeshPod) -> String {
-    pod.service_account
-        .clone()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "default".to_string())
-}
-
 /// Whether `svc`'s selector picks `pod`: same namespace, non-empty selector, all labels.
 pub(super) fn selects(svc: &Service, pod: &MeshPod) -> bool {
     if ns(&svc.metadata) != ns(&pod.metadata) {
@@ -129,7 +121,7 @@ impl Store {
                 }
                 add(
                     &mut self.pods_by_account,
-                    (key.0.clone(), pod_service_account(&p)),
+                    (key.0.clone(), p.service_account.clone()),
                     key.1.clone(),
                 );
                 self.pods.insert(key, p);
@@ -199,7 +191,7 @@ impl Store {
                 }
                 remove(
                     &mut self.pods_by_account,
-                    (k.0.clone(), pod_service_account(&p)),
+                    (k.0.clone(), p.service_account.clone()),
                     &k.1,
                 );
                 MeshObject::Pod(p)

@@ -20,7 +20,6 @@ use futures::stream::{BoxStream, SelectAll};
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::{ApiResource, DynamicObject, GroupVersionKind};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher;
@@ -28,7 +27,7 @@ use kube::{Api, Client, Resource};
 use tokio::sync::{mpsc, watch};
 
 use crate::error::WeftError;
-use crate::index::{Kind, MeshObject, ObjectChange, ObjectRef};
+use crate::index::{Kind, LAST_APPLIED, MeshObject, ObjectChange, ObjectRef, slim_meta};
 use crate::runtime::metrics::ControlPlaneMetrics;
 use crate::sources::{ManifestError, SourceEvent};
 
@@ -94,32 +93,14 @@ impl WatchStep {
     }
 }
 
-/// Annotation kubectl stores a whole copy of the object in; the mesh never reads it.
-const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
-
-/// Drops what no part of the mesh reads, so that the index holds pods, not their
-/// whole manifests (a real pod object is 5-20 KB, mostly managed fields, env and
-/// volumes).
-fn slim_meta(meta: &mut ObjectMeta) {
-    // The resourceVersion changes with every write, status writes included: kept, every
-    // echo of Weft's own status writes would look like a change of the object.
-    meta.resource_version = None;
-    meta.managed_fields = None;
-    meta.owner_references = None;
-    meta.finalizers = None;
-    if let Some(annotations) = &mut meta.annotations {
-        annotations.remove(LAST_APPLIED);
-    }
-}
-
 fn decode_service(mut o: Service) -> Decoded {
     slim_meta(&mut o.metadata);
     o.status = None;
     Decoded::Object(MeshObject::Service(std::sync::Arc::new(o)))
 }
 
-fn decode_pod(mut o: Pod) -> Decoded {
-    slim_meta(&mut o.metadata);
+fn decode_pod(o: Pod) -> Decoded {
+    // The pod's metadata is slimmed on the way in (`From<Pod> for MeshPod`).
     Decoded::Object(MeshObject::Pod(std::sync::Arc::new(o.into())))
 }
 
@@ -663,6 +644,7 @@ pub async fn run_watches(
 mod tests {
     use super::*;
     use k8s_openapi::api::core::v1::PodStatus;
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
     fn pod(name: &str, ip: &str) -> Decoded {
         let mut p = Pod::default();
