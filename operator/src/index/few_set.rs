@@ -5,7 +5,8 @@
 //! holds few items at the size of the items; past [`MAX_FEW`] the set becomes a
 //! `BTreeSet`, so a label on twenty thousand pods still inserts in log time.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
+use std::hash::Hash;
 
 /// Items kept in a sorted vector before the set becomes a B-tree.
 const MAX_FEW: usize = 16;
@@ -110,6 +111,21 @@ impl<'a, T> IntoIterator for &'a FewSet<T> {
 
     fn into_iter(self) -> Self::IntoIter {
         self.iter()
+    }
+}
+
+/// Adds `v` to the set of `k` in a lookup map, making the set when it is the first.
+pub(super) fn add<K: Hash + Eq, V: Ord>(map: &mut HashMap<K, FewSet<V>>, k: K, v: V) {
+    map.entry(k).or_default().insert(v);
+}
+
+/// Removes `v` from the set of `k`, and the set once it is empty.
+pub(super) fn remove<K: Hash + Eq, V: Ord>(map: &mut HashMap<K, FewSet<V>>, k: K, v: &V) {
+    if let Some(set) = map.get_mut(&k) {
+        set.remove(v);
+        if set.is_empty() {
+            map.remove(&k);
+        }
     }
 }
 

@@ -722,21 +722,11 @@ impl Index {
             let old = self.bases.remove(key);
             if let Some(Ok(old)) = &old {
                 for ip in endpoint_ips(old) {
-                    if let Some(set) = self.by_endpoint_ip.get_mut(&ip) {
-                        set.remove(key);
-                        if set.is_empty() {
-                            self.by_endpoint_ip.remove(&ip);
-                        }
-                    }
+                    few_set::remove(&mut self.by_endpoint_ip, ip, key);
                 }
                 for ip in &old.cluster_ips {
                     touched_ips.insert(*ip);
-                    if let Some(set) = self.claims.get_mut(ip) {
-                        set.remove(key);
-                        if set.is_empty() {
-                            self.claims.remove(ip);
-                        }
-                    }
+                    few_set::remove(&mut self.claims, *ip, key);
                 }
             }
             let svc = self
@@ -749,14 +739,11 @@ impl Index {
             let base = resolve_service_base(svc, &self.store, &self.opaque_ports);
             if let Ok(b) = &base {
                 for ip in endpoint_ips(b) {
-                    self.by_endpoint_ip
-                        .entry(ip)
-                        .or_default()
-                        .insert(key.clone());
+                    few_set::add(&mut self.by_endpoint_ip, ip, key.clone());
                 }
                 for ip in &b.cluster_ips {
                     touched_ips.insert(*ip);
-                    self.claims.entry(*ip).or_default().insert(key.clone());
+                    few_set::add(&mut self.claims, *ip, key.clone());
                 }
             }
             self.bases.insert(key.clone(), base.map(Arc::new));

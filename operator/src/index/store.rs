@@ -13,7 +13,7 @@ use weft_crds::TrafficPolicy;
 use weft_crds::gateway::{GRPCRoute, ReferenceGrant};
 use weft_crds::{HTTPRoute, HTTPRouteGroup, MeshConfig, TCPRoute, TrafficSplit, TrafficTarget};
 
-use super::few_set::FewSet;
+use super::few_set::{FewSet, add, remove};
 use super::{Kind, MeshObject, MeshPod, ObjectRef};
 
 /// Namespace and name of a namespaced object.
@@ -51,19 +51,6 @@ pub(super) fn selects(svc: &Service, pod: &MeshPod) -> bool {
 fn slice_service(slice: &EndpointSlice) -> Option<Key> {
     let service = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
     Some((ns(&slice.metadata).to_string(), service.clone()))
-}
-
-fn add<K: std::hash::Hash + Eq, V: Ord>(map: &mut HashMap<K, FewSet<V>>, k: K, v: V) {
-    map.entry(k).or_default().insert(v);
-}
-
-fn remove<K: std::hash::Hash + Eq, V: Ord>(map: &mut HashMap<K, FewSet<V>>, k: K, v: &V) {
-    if let Some(set) = map.get_mut(&k) {
-        set.remove(v);
-        if set.is_empty() {
-            map.remove(&k);
-        }
-    }
 }
 
 /// Every input object, by kind and namespace/name, with secondary lookups.
