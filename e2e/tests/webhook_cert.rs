@@ -694,6 +694,14 @@ fn only_the_leader_writes_and_a_successor_keeps_a_valid_certificate() {
         || c.secret(SECRET).is_some(),
     )
     .unwrap();
+    // The Secret can appear before the log line that reports its issue is read.
+    wait_until(
+        Duration::from_secs(10),
+        "the successor to log the issue",
+        || second.count("webhook serving certificate issued") >= 1,
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
     assert_eq!(second.count("webhook serving certificate issued"), 1);
 }
 
