@@ -472,13 +472,16 @@ fn the_ca_secret_and_trust_bundle_configmaps_are_written_once() {
         .api
         .get("v1", "Secret", Some(CONTROLLER_NAMESPACE), "weft-ca")
         .unwrap();
+    // The two ConfigMaps are written one after the other.
     wait_until(
         Duration::from_secs(10),
-        "the trust bundle ConfigMap",
+        "the trust bundle and bootstrap ConfigMaps",
         || {
-            c.api
-                .get("v1", "ConfigMap", Some("default"), "weft-root-ca")
-                .is_some()
+            ["weft-root-ca", "weft-bootstrap"].iter().all(|name| {
+                c.api
+                    .get("v1", "ConfigMap", Some("default"), name)
+                    .is_some()
+            })
         },
     )
     .unwrap();
@@ -610,14 +613,15 @@ fn two_replicas_serve_one_writes_and_the_other_takes_over_when_it_dies() {
     invalid["spec"]["backends"][1]["service"] = json!("backend");
     c.api.apply_object(invalid).unwrap();
     c.api.apply_object(split(0, 100)).unwrap();
-    h.wait_for_new_ack("client", "RDS", before.as_deref())
-        .unwrap();
-    let reconfigured = killed.elapsed();
+    // Leadership first, so a slow proxy reconnect does not count as takeover time.
     wait_until(Duration::from_secs(10), "the survivor to lead", || {
         leader(&h, &[other]).is_some()
     })
     .unwrap();
     let takeover = killed.elapsed();
+    h.wait_for_new_ack("client", "RDS", before.as_deref())
+        .unwrap();
+    let reconfigured = killed.elapsed();
     wait_until(
         Duration::from_secs(10),
         "the survivor to write a status",

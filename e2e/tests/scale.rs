@@ -69,9 +69,17 @@ fn a_scoped_proxy_holds_only_the_services_it_calls() {
         assert!(std::time::Instant::now() < deadline, "scope never widened");
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let (body, _) = h
-        .get("client", "http://three:8080/")
-        .unwrap()
-        .expect("in scope now");
+    // The cluster can be active a moment before its route table arrives.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let body = loop {
+        match h.get("client", "http://three:8080/").unwrap() {
+            Ok((body, _)) => break body,
+            Err(e) => assert!(
+                std::time::Instant::now() < deadline,
+                "never routed once in scope: {e}"
+            ),
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
     assert_eq!(body, "three-0");
 }

@@ -599,13 +599,13 @@ fn the_controller_issues_the_webhook_certificate_and_sets_the_ca_bundle() {
         handshake(port, DNS_NAMES[0], &bundle).is_ok_and(|(leaf, _)| leaf == expected)
     })
     .unwrap();
-    let log = restarted.log_text();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("webhook serving certificate issued")
-                && l.contains("no certificate stored")),
-        "the reason is logged:\n{log}"
-    );
+    // Logged after the create returns, so it may trail the Secret.
+    wait_until(Duration::from_secs(10), "the reason logged", || {
+        restarted.log_text().lines().any(|l| {
+            l.contains("webhook serving certificate issued") && l.contains("no certificate stored")
+        })
+    })
+    .unwrap_or_else(|e| panic!("{e}:\n{}", restarted.log_text()));
     drop(webhook);
 
     for (group, resource) in [
@@ -742,12 +742,14 @@ fn the_certificate_is_renewed_at_half_its_lifetime_in_place() {
         writes["configuration patch"], 1,
         "the caBundle stays: {writes:?}"
     );
-    let log = controller.log_text();
-    assert!(
-        log.lines()
-            .any(|l| l.contains("past half its lifetime") && l.contains("Secret replaced")),
-        "{log}"
-    );
+    // Logged after the replace returns, so it may trail the Secret.
+    wait_until(Duration::from_secs(10), "the renewal logged", || {
+        controller
+            .log_text()
+            .lines()
+            .any(|l| l.contains("past half its lifetime") && l.contains("Secret replaced"))
+    })
+    .unwrap_or_else(|e| panic!("{e}:\n{}", controller.log_text()));
     // The webhook serves the renewed one once its files change.
     write_mount(&mount, &renewed);
     let bundle = c.ca_bundles()[0].clone().unwrap();
