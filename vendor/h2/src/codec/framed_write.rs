@@ -93,7 +93,8 @@ where
             final_flush_done: false,
             encoder: Encoder {
                 hpack: hpack::Encoder::default(),
-                buf: Cursor::new(BytesMut::with_capacity(DEFAULT_BUFFER_CAPACITY)),
+                // Weft patch: allocated when a frame is written, released once flushed.
+                buf: Cursor::new(BytesMut::new()),
                 next: None,
                 last_data_frame: None,
                 max_frame_size: frame::DEFAULT_MAX_FRAME_SIZE,
@@ -108,9 +109,12 @@ where
     /// Calling this function may result in the current contents of the buffer
     /// to be flushed to `T`.
     pub fn poll_ready(&mut self, cx: &mut Context) -> Poll<io::Result<()>> {
+        self.encoder.ensure_buffer();
         if !self.encoder.has_capacity() {
             // Try flushing
             ready!(self.flush(cx))?;
+            self.encoder.ensure_buffer();
+
 
             if !self.encoder.has_capacity() {
                 return Poll::Pending;
@@ -131,6 +135,8 @@ where
     /// `poll_ready` must be called first to ensure that a frame may be
     /// accepted.
     pub fn buffer(&mut self, item: Frame<B>) -> Result<(), UserError> {
+        // Weft patch: some frames (the first SETTINGS) are buffered without poll_ready.
+        self.encoder.ensure_buffer();
         self.encoder.buffer(item)
     }
 
@@ -172,6 +178,8 @@ where
         tracing::trace!("flushing buffer");
         // Flush the upstream
         ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+        self.encoder.release_buffer();
+
 
         Poll::Ready(Ok(()))
     }
@@ -304,6 +312,21 @@ where
         }
 
         Ok(())
+    }
+
+    /// Weft patch: gives a released write buffer its capacity back before a write.
+    fn ensure_buffer(&mut self) {
+        if self.buf.get_ref().capacity() == 0 {
+            self.buf.get_mut().reserve(DEFAULT_BUFFER_CAPACITY);
+        }
+    }
+
+    /// Weft patch: an idle connection holds no write buffer.
+    fn release_buffer(&mut self) {
+        if self.next.is_none() && !self.buf.has_remaining() && self.buf.get_ref().capacity() > 0 {
+            self.buf.set_position(0);
+            *self.buf.get_mut() = BytesMut::new();
+        }
     }
 
     fn has_capacity(&self) -> bool {

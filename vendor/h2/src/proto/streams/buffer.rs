@@ -1,5 +1,8 @@
 use slab::Slab;
 
+/// Slots an empty buffer may keep (Weft patch).
+const IDLE_SLOTS: usize = 8;
+
 /// Buffers frames for multiple streams.
 #[derive(Debug)]
 pub struct Buffer<T> {
@@ -82,6 +85,12 @@ impl Deque {
         match self.indices {
             Some(mut idxs) => {
                 let mut slot = buf.slab.remove(idxs.head);
+                // Weft patch: a burst of queued frames must not pin its slab for the
+                // connection's lifetime; an idle connection holds no frame slots.
+                if buf.slab.is_empty() && buf.slab.capacity() > IDLE_SLOTS {
+                    buf.slab = Slab::new();
+                }
+
 
                 if idxs.head == idxs.tail {
                     assert!(slot.next.is_none());
