@@ -158,7 +158,8 @@ impl Decoder {
             max_size_update: None,
             last_max_update: size,
             table: Table::new(size),
-            buffer: BytesMut::with_capacity(4096),
+            // Weft patch: grown to what a header block needs, not 4 KiB up front.
+            buffer: BytesMut::new(),
         }
     }
 

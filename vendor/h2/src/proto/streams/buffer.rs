@@ -1,7 +1,6 @@
 use slab::Slab;
 
-/// Slots an empty buffer may keep (Weft patch).
-const IDLE_SLOTS: usize = 8;
+
 
 /// Buffers frames for multiple streams.
 #[derive(Debug)]
@@ -87,9 +86,11 @@ impl Deque {
                 let mut slot = buf.slab.remove(idxs.head);
                 // Weft patch: a burst of queued frames must not pin its slab for the
                 // connection's lifetime; an idle connection holds no frame slots.
-                if buf.slab.is_empty() && buf.slab.capacity() > IDLE_SLOTS {
+                if buf.slab.is_empty() && buf.slab.capacity() > 0 {
                     buf.slab = Slab::new();
                 }
+
+
 
 
                 if idxs.head == idxs.tail {
