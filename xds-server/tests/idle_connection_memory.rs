@@ -142,10 +142,12 @@ async fn an_idle_connection_keeps_no_buffer_of_its_initial_sync() {
         .spawn()
         .unwrap();
     let stdout = proxies.stdout.take().unwrap();
-    let synced = tokio::task::spawn_blocking(move || {
-        std::io::BufReader::new(stdout)
-            .lines()
-            .any(|l| l.is_ok_and(|l| l == "ALL IN SYNC"))
+    let (synced_tx, synced) = tokio::sync::oneshot::channel();
+    // Reads to the end, so that the child's last words do not meet a closed pipe.
+    let reader = tokio::task::spawn_blocking(move || {
+        let mut lines = std::io::BufReader::new(stdout).lines();
+        let _ = synced_tx.send(lines.any(|l| l.is_ok_and(|l| l == "ALL IN SYNC")));
+        lines.for_each(drop);
     });
     assert!(
         tokio::time::timeout(Duration::from_secs(60), synced)
@@ -158,7 +160,11 @@ async fn an_idle_connection_keeps_no_buffer_of_its_initial_sync() {
     let per_connection = (live_heap() - before) / CONNECTIONS as isize;
     eprintln!("live heap of the server per idle connection: {per_connection} bytes");
     drop(proxies.stdin.take());
-    let _ = proxies.wait();
+    assert!(
+        proxies.wait().unwrap().success(),
+        "the proxies' process failed"
+    );
+    reader.await.unwrap();
     // With h2 as published it is about 49 KB: its write (16 KiB), read (8 KiB) and
     // HPACK (4 KiB) buffers and its frame queue stay for the connection's life.
     // Patched, about 19 KB.
