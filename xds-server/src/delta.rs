@@ -18,7 +18,9 @@ use crate::connection::{
     Nack, RequestEvent, TypeSync, desired_resources, record_ack, remember_node,
 };
 use crate::resource::{Resource, type_url};
-use crate::snapshot::{LayerRef, Served, Snapshot, TypedResources, Version, lock, same_arcs};
+use crate::snapshot::{
+    LayerItems, LayerRef, Served, Snapshot, TypedResources, Version, lock, same_arcs,
+};
 
 /// A delta response ready to go on the wire; resource bytes are shared, not copied.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -841,14 +843,14 @@ fn withhold(
 
 /// Walks two name-sorted maps once, side by side (no lookups): what `desired` adds or
 /// changes, and what `sent` has that `desired` dropped.
-fn diff_sorted(sent: &BTreeMap<String, Resource>, desired: &BTreeMap<String, Resource>) -> Diff {
+fn diff_sorted(sent: &LayerItems, desired: &LayerItems) -> Diff {
     let (mut changed, mut removed) = (Vec::new(), Vec::new());
     let mut old = sent.iter().peekable();
     for (name, new) in desired.iter() {
         loop {
             match old.peek() {
-                Some((o, _)) if o.as_str() < name.as_str() => {
-                    removed.push((*o).clone());
+                Some((o, _)) if *o < name => {
+                    removed.push(o.to_string());
                     old.next();
                 }
                 _ => break,
@@ -864,7 +866,7 @@ fn diff_sorted(sent: &BTreeMap<String, Resource>, desired: &BTreeMap<String, Res
             _ => changed.push(new.clone()),
         }
     }
-    removed.extend(old.map(|(o, _)| o.clone()));
+    removed.extend(old.map(|(o, _)| o.to_string()));
     Diff {
         changed: Arc::new(changed),
         removed,

@@ -20,7 +20,7 @@ pub use service::{
     StreamSync, SyncRegistry, WireResponse, encode_response,
 };
 pub use snapshot::{
-    Admission, Layer, LayerRef, NodeDemand, NodeSnapshot, NodeWatch, Served, Snapshot,
+    Admission, Layer, LayerItems, LayerRef, NodeDemand, NodeSnapshot, NodeWatch, Served, Snapshot,
     SnapshotCache, SnapshotSource, TypedResources,
 };
 

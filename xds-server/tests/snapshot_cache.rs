@@ -343,3 +343,43 @@ fn recomposing_after_a_change_restacks_what_changed_and_equals_a_fresh_compositi
     let padded_view = Snapshot::layered_after(&[&padded, &own], Some(&first));
     assert_eq!(padded_view, first);
 }
+
+#[test]
+fn a_layer_holds_each_name_once_in_order_and_the_later_of_two_wins() {
+    let cluster = |name: &str, ms: u64| {
+        let c = Cluster {
+            name: name.to_string(),
+            connect_timeout: Some(envoy_types::pb::google::protobuf::Duration {
+                seconds: 0,
+                nanos: (ms * 1_000_000) as i32,
+            }),
+            ..Default::default()
+        };
+        Resource::encode(type_url::CLUSTER, name, &c)
+    };
+    let (c1, b, a, c2) = (
+        cluster("c", 1),
+        cluster("b", 1),
+        cluster("a", 1),
+        cluster("c", 2),
+    );
+    let layer = weft_xds::Layer::new([c1.clone(), b.clone(), a.clone(), c2.clone()]);
+    let items = layer.items();
+    assert_eq!(items.keys().collect::<Vec<_>>(), ["a", "b", "c"]);
+    assert_eq!(
+        items.get("c"),
+        Some(&c2),
+        "the later of two resources named c"
+    );
+    assert_eq!(items.get("b"), Some(&b));
+    assert_eq!(items.get("d"), None);
+    assert_eq!(items.len(), 3);
+    // The same set from a map has the same content and version.
+    let from_map = weft_xds::Layer::from_map(
+        [a, b, c2]
+            .into_iter()
+            .map(|r| (r.name().to_string(), r))
+            .collect(),
+    );
+    assert_eq!(from_map, layer);
+}

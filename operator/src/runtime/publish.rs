@@ -333,7 +333,7 @@ impl LayerSet {
                 continue;
             }
             let current = self.layers.entry(part).or_default();
-            let mut items = current.items().clone();
+            let mut items = current.items().to_map();
             for name in removed {
                 items.remove(name);
             }
@@ -378,11 +378,12 @@ impl LayerSet {
                 l.items()
                     .iter()
                     .filter(|(name, _)| !on_demand.spared(name))
-                    .map(|(n, r)| (n.clone(), r.clone()))
+                    .map(|(n, r)| (n.to_string(), r.clone()))
                     .collect()
             })
             .unwrap_or_default();
-        if *self.eager.items() == items {
+        if self.eager.items().len() == items.len() && self.eager.items().values().eq(items.values())
+        {
             return false;
         }
         self.eager = Arc::new(Layer::from_map(items));
@@ -1106,7 +1107,7 @@ fn update_consumers(
     for (ns, (removed, upserted)) in edits {
         let mut items = consumers
             .get(ns)
-            .map(|l| l.items().clone())
+            .map(|l| l.items().to_map())
             .unwrap_or_default();
         for name in removed {
             items.remove(name);
