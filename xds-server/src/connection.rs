@@ -276,7 +276,7 @@ impl AdsConnection {
         let views = Snapshot::from_views(self.types.iter().filter_map(|(t, s)| {
             s.sent
                 .as_ref()
-                .map(|sent| (t.clone(), sent.resources.clone()))
+                .map(|sent| (t.as_str(), sent.resources.clone()))
         }));
         Served::new(views, Vec::new())
     }

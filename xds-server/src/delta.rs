@@ -612,7 +612,7 @@ impl DeltaAdsConnection {
                 Known::Versions(_) => None,
             })
         };
-        let views = Snapshot::from_views(sent().map(|(t, view, _)| (t.clone(), view.clone())));
+        let views = Snapshot::from_views(sent().map(|(t, view, _)| (t.as_str(), view.clone())));
         let withheld = sent()
             .filter(|(_, _, w)| !w.is_empty())
             .map(|(t, _, w)| (t.clone(), w.clone()))

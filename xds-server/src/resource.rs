@@ -25,6 +25,11 @@ pub mod type_url {
     /// The order updates go out in: clusters before the routes that use them.
     pub const PUSH_ORDER: [&str; 6] = [CLUSTER, ENDPOINT, SECRET, LISTENER, SCOPED_ROUTE, ROUTE];
 
+    /// The constant of a type URL this server serves, if it is one.
+    pub fn known(type_url: &str) -> Option<&'static str> {
+        PUSH_ORDER.into_iter().find(|t| *t == type_url)
+    }
+
     /// `types` in [`PUSH_ORDER`], then any others in their own order.
     pub fn in_push_order<'a>(types: impl Iterator<Item = &'a String> + Clone) -> Vec<String> {
         let mut ordered: Vec<String> = PUSH_ORDER

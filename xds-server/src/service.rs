@@ -606,7 +606,10 @@ impl OnDemandLayers {
                 _ => Arc::new(layer),
             };
             self.by_type.insert(type_url.clone(), layer.clone());
-            extra.add_layer(&type_url, layer);
+            // Only the types a snapshot serves can be missing from one.
+            if let Some(type_url) = type_url::known(&type_url) {
+                extra.add_layer(type_url, layer);
+            }
         }
         Arc::new(Snapshot::layered(&[&snapshot, &extra]))
     }

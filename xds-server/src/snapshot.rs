@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{mpsc, watch};
 
-use crate::resource::{Resource, fnv1a};
+use crate::resource::{Resource, fnv1a, type_url};
 
 /// Resources of one type by name, with the version of the set (computed once).
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -262,7 +262,9 @@ fn shadowed(layers: &[LayerRef]) -> usize {
 /// Everything one proxy should have, by type URL.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Snapshot {
-    types: BTreeMap<String, TypedResources>,
+    /// Keyed by the type URL constants: every proxy's view is a snapshot, and a copied
+    /// URL string per type and view adds up.
+    types: BTreeMap<&'static str, TypedResources>,
 }
 
 impl Snapshot {
@@ -272,23 +274,32 @@ impl Snapshot {
     }
 
     /// Adds resources under `type_url` as a layer of their own.
-    pub fn with(mut self, type_url: &str, resources: impl IntoIterator<Item = Resource>) -> Self {
+    pub fn with(
+        mut self,
+        type_url: &'static str,
+        resources: impl IntoIterator<Item = Resource>,
+    ) -> Self {
         self.add_layer(type_url, Arc::new(Layer::new(resources)));
         self
     }
 
     /// Adds a (possibly shared) layer under `type_url`.
-    pub fn add_layer(&mut self, type_url: &str, layer: LayerRef) {
-        let typed = self.types.entry(type_url.to_string()).or_default();
+    pub fn add_layer(&mut self, type_url: &'static str, layer: LayerRef) {
+        let typed = self.types.entry(type_url).or_default();
         let mut layers = std::mem::take(&mut typed.layers);
         layers.push(layer);
         *typed = TypedResources::from_layers(layers);
     }
 
-    /// A snapshot of views by type URL (empty views are left out).
-    pub fn from_views(views: impl IntoIterator<Item = (String, TypedResources)>) -> Self {
+    /// A snapshot of views by type URL (empty views, and types no snapshot can hold,
+    /// are left out).
+    pub fn from_views<'a>(views: impl IntoIterator<Item = (&'a str, TypedResources)>) -> Self {
         Self {
-            types: views.into_iter().filter(|(_, v)| !v.is_empty()).collect(),
+            types: views
+                .into_iter()
+                .filter(|(_, v)| !v.is_empty())
+                .filter_map(|(t, v)| Some((type_url::known(t)?, v)))
+                .collect(),
         }
     }
 
@@ -298,8 +309,8 @@ impl Snapshot {
     }
 
     /// Type URLs present.
-    pub fn type_urls(&self) -> impl Iterator<Item = &String> {
-        self.types.keys()
+    pub fn type_urls(&self) -> impl Iterator<Item = &'static str> + Clone {
+        self.types.keys().copied()
     }
 
     /// The layers of `parts`, in order, type by type: shared snapshots first, then a
@@ -313,10 +324,10 @@ impl Snapshot {
     /// [`Snapshot::layered`], keeping `previous`'s view of every type whose layers are
     /// the same ones: a change of one shared type re-stacks that type only.
     pub fn layered_after(parts: &[&Snapshot], previous: Option<&Snapshot>) -> Self {
-        let mut stacked: BTreeMap<&str, Vec<&TypedResources>> = BTreeMap::new();
+        let mut stacked: BTreeMap<&'static str, Vec<&TypedResources>> = BTreeMap::new();
         for part in parts {
             for (type_url, typed) in &part.types {
-                stacked.entry(type_url.as_str()).or_default().push(typed);
+                stacked.entry(type_url).or_default().push(typed);
             }
         }
         let types = stacked
@@ -336,7 +347,7 @@ impl Snapshot {
                         }
                     }
                 };
-                (type_url.to_string(), view)
+                (type_url, view)
             })
             .collect();
         Self { types }
@@ -674,12 +685,9 @@ impl Served {
             match self.withheld.iter().find(|(w, _)| w == t) {
                 Some((_, names)) if !names.is_empty() => {
                     let kept = view.iter().filter(|r| !names.contains(r.name())).cloned();
-                    (
-                        t.clone(),
-                        TypedResources::single(Arc::new(Layer::new(kept))),
-                    )
+                    (*t, TypedResources::single(Arc::new(Layer::new(kept))))
                 }
-                _ => (t.clone(), view.clone()),
+                _ => (*t, view.clone()),
             }
         }))
     }

@@ -383,3 +383,17 @@ fn a_layer_holds_each_name_once_in_order_and_the_later_of_two_wins() {
     );
     assert_eq!(from_map, layer);
 }
+
+#[test]
+fn views_of_types_no_snapshot_serves_are_left_out() {
+    let clusters = snap(&["a"]).resources(type_url::CLUSTER).unwrap().clone();
+    let views = Snapshot::from_views([
+        (
+            "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+            clusters.clone(),
+        ),
+        (type_url::CLUSTER, clusters),
+    ]);
+    assert_eq!(views.type_urls().collect::<Vec<_>>(), [type_url::CLUSTER]);
+    assert_eq!(names(&views), ["a"]);
+}
