@@ -248,3 +248,41 @@ fn a_consumer_route_is_one_small_layer_before_the_mesh_for_its_namespace_only() 
     assert_eq!(cache.node("shop/shop-0").unwrap().shared, mesh);
     assert!(cache.shared("consumer:shop").is_none(), "unpublished");
 }
+
+#[test]
+fn equal_own_resources_of_two_proxies_are_held_once() {
+    let (cache, mut publisher, index) = publisher("interned");
+    let now = SystemTime::now();
+    publisher
+        .apply(index.model(), &ModelDelta::default(), now)
+        .unwrap();
+    for node in ["default/api-0", "default/api-1"] {
+        publisher
+            .on_demand(index.model(), &demand(node, true), now)
+            .unwrap();
+    }
+    let a = cache.node("default/api-0").unwrap();
+    let b = cache.node("default/api-1").unwrap();
+    let (mut same, mut different) = (Vec::new(), Vec::new());
+    for type_url in a.own.type_urls() {
+        for r in a.own.resources(type_url).unwrap().iter() {
+            let Some(other) = b.own.resources(type_url).and_then(|v| v.get(r.name())) else {
+                continue;
+            };
+            if other == r {
+                assert_eq!(
+                    other.entry().as_ptr(),
+                    r.entry().as_ptr(),
+                    "{} is equal, so held once",
+                    r.name()
+                );
+                same.push(r.name().to_string());
+            } else {
+                different.push(r.name().to_string());
+            }
+        }
+    }
+    assert!(same.contains(&"weft-trust-bundle".to_string()), "{same:?}");
+    assert!(same.iter().any(|n| n.starts_with("inbound|")), "{same:?}");
+    assert_eq!(different, ["weft-identity"], "each has its own certificate");
+}

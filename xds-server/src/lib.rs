@@ -14,7 +14,7 @@ pub use delta::{
     DeltaAdsConnection, DeltaResponse, Diff, DiffMemo, MAX_RESPONSE_BYTES, SubscriptionChange,
     encode_delta_response,
 };
-pub use resource::{Resource, type_url};
+pub use resource::{Resource, ResourceInterner, type_url};
 pub use service::{
     AdsProtocol, AdsService, OnDemandResolver, StreamCredentials, StreamPolicy, StreamSupervisor,
     StreamSync, SyncRegistry, WireResponse, encode_response,

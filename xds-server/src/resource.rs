@@ -1,6 +1,7 @@
 //! Resources encoded once: the bytes of one `DiscoveryResponse.resources` entry.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
 
 use bytes::{Bytes, BytesMut};
 use prost::Message;
@@ -156,6 +157,49 @@ impl Resource {
         let _key = prost::encoding::decode_key(&mut body).ok()?;
         let _len = prost::encoding::decode_varint(&mut body).ok()?;
         envoy_types::pb::google::protobuf::Any::decode(body).ok()
+    }
+}
+
+/// Holds one copy of equal resources. A proxy's own resources are often the very same
+/// bytes as another proxy's (the trust bundle, the inbound listener of a port no grant
+/// names, the health-probe listener); interned, every proxy that has one shares it
+/// instead of holding its own encoding. Only weak references are kept: a resource no
+/// snapshot holds any more is dropped as usual.
+#[derive(Debug, Default)]
+pub struct ResourceInterner {
+    /// By a hash of name and bytes; a collision (or a dead entry) just keeps the new one.
+    held: HashMap<u64, Weak<ResourceInner>>,
+    /// Entries after the last sweep of dead ones: the next sweep waits for twice this.
+    swept_len: usize,
+}
+
+impl ResourceInterner {
+    /// The held resource equal to `resource`, or `resource`, now held.
+    pub fn intern(&mut self, resource: Resource) -> Resource {
+        let key =
+            fnv1a(resource.0.entry.as_ref()) ^ fnv1a(resource.0.name.as_bytes()).rotate_left(1);
+        if let Some(held) = self.held.get(&key).and_then(Weak::upgrade) {
+            let held = Resource(held);
+            if held == resource {
+                return held;
+            }
+        }
+        self.held.insert(key, Arc::downgrade(&resource.0));
+        if self.held.len() > 2 * self.swept_len.max(1024) {
+            self.held.retain(|_, w| w.strong_count() > 0);
+            self.swept_len = self.held.len();
+        }
+        resource
+    }
+
+    /// Resources held, live or not yet swept.
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    /// Whether none is held.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
     }
 }
 

@@ -11,7 +11,7 @@ use std::sync::{Arc, Mutex, PoisonError};
 
 use tokio::sync::{mpsc, watch};
 
-use crate::resource::{Resource, fnv1a, type_url};
+use crate::resource::{Resource, ResourceInterner, fnv1a, type_url};
 
 /// Resources of one type by name, with the version of the set (computed once).
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -289,6 +289,18 @@ impl Snapshot {
         let mut layers = std::mem::take(&mut typed.layers);
         layers.push(layer);
         *typed = TypedResources::from_layers(layers);
+    }
+
+    /// The same snapshot, each resource replaced by the equal one `interner` holds.
+    pub fn interned(&self, interner: &mut ResourceInterner) -> Self {
+        let mut out = Snapshot::new();
+        for (type_url, typed) in &self.types {
+            for layer in &typed.layers {
+                let items = layer.items.values().map(|r| interner.intern(r.clone()));
+                out.add_layer(type_url, Arc::new(Layer::new(items)));
+            }
+        }
+        out
     }
 
     /// A snapshot of views by type URL (empty views, and types no snapshot can hold,

@@ -397,3 +397,30 @@ fn views_of_types_no_snapshot_serves_are_left_out() {
     assert_eq!(views.type_urls().collect::<Vec<_>>(), [type_url::CLUSTER]);
     assert_eq!(names(&views), ["a"]);
 }
+
+#[test]
+fn the_interner_holds_equal_resources_once_and_keeps_none_alive() {
+    let encode = |name: &str| {
+        let c = Cluster {
+            name: name.to_string(),
+            ..Default::default()
+        };
+        Resource::encode(type_url::CLUSTER, name, &c)
+    };
+    let mut interner = weft_xds::ResourceInterner::default();
+    let first = interner.intern(encode("x"));
+    let again = interner.intern(encode("x"));
+    assert_eq!(again.entry().as_ptr(), first.entry().as_ptr(), "held once");
+    let other = encode("y");
+    let kept = interner.intern(other.clone());
+    assert_eq!(
+        kept.entry().as_ptr(),
+        other.entry().as_ptr(),
+        "a different one is itself"
+    );
+    // Nobody holds x any more: a new x is not matched to the dropped one.
+    drop((first, again));
+    let fresh = encode("x");
+    let fresh_ptr = fresh.entry().as_ptr();
+    assert_eq!(interner.intern(fresh).entry().as_ptr(), fresh_ptr);
+}

@@ -34,7 +34,8 @@ use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
 use weft_xds::{
-    Layer, LayerRef, NodeDemand, NodeSnapshot, Resource, Snapshot, SnapshotCache, type_url,
+    Layer, LayerRef, NodeDemand, NodeSnapshot, Resource, ResourceInterner, Snapshot, SnapshotCache,
+    type_url,
 };
 
 use crate::error::WeftError;
@@ -521,6 +522,8 @@ pub struct MeshPublisher {
     /// The plaintext capture snapshot (under the fallback).
     capture_plain: Snapshot,
     primed: bool,
+    /// Nodes' own resources that are equal from one node to the next, held once.
+    own_resources: ResourceInterner,
 }
 
 impl MeshPublisher {
@@ -556,6 +559,7 @@ impl MeshPublisher {
             departed: BTreeMap::new(),
             capture_plain: Snapshot::new(),
             primed: false,
+            own_resources: ResourceInterner::default(),
         }
     }
 
@@ -1049,7 +1053,8 @@ impl MeshPublisher {
             &self.config,
             secrets.as_ref(),
         )
-        .to_snapshot();
+        .to_snapshot()
+        .interned(&mut self.own_resources);
         let changed = self.cache.set_node(
             node,
             NodeSnapshot {
