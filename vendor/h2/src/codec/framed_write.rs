@@ -115,7 +115,6 @@ where
             ready!(self.flush(cx))?;
             self.encoder.ensure_buffer();
 
-
             if !self.encoder.has_capacity() {
                 return Poll::Pending;
             }
@@ -179,7 +178,6 @@ where
         // Flush the upstream
         ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
         self.encoder.release_buffer();
-
 
         Poll::Ready(Ok(()))
     }

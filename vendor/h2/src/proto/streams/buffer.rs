@@ -1,7 +1,5 @@
 use slab::Slab;
 
-
-
 /// Buffers frames for multiple streams.
 #[derive(Debug)]
 pub struct Buffer<T> {
@@ -89,9 +87,6 @@ impl Deque {
                 if buf.slab.is_empty() && buf.slab.capacity() > 0 {
                     buf.slab = Slab::new();
                 }
-
-
-
 
                 if idxs.head == idxs.tail {
                     assert!(slot.next.is_none());
