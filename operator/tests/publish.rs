@@ -146,9 +146,9 @@ fn an_unknown_proxy_gets_its_config_once_its_pod_appears() {
     );
 }
 
-#[test]
-fn proxies_with_the_same_scope_share_one_set_of_layers() {
-    let (cache, mut publisher, index) = publisher("scopes");
+/// A publisher with the mesh applied and two replicas of `api` connected.
+fn two_replicas_connected(dir: &str) -> (std::sync::Arc<SnapshotCache>, MeshPublisher, Index) {
+    let (cache, mut publisher, index) = publisher(dir);
     let now = SystemTime::now();
     publisher
         .apply(index.model(), &ModelDelta::default(), now)
@@ -158,6 +158,13 @@ fn proxies_with_the_same_scope_share_one_set_of_layers() {
             .on_demand(index.model(), &demand(node, true), now)
             .unwrap();
     }
+    (cache, publisher, index)
+}
+
+#[test]
+fn proxies_with_the_same_scope_share_one_set_of_layers() {
+    let (cache, mut publisher, index) = two_replicas_connected("scopes");
+    let now = SystemTime::now();
     let a = cache.node("default/api-0").unwrap();
     let b = cache.node("default/api-1").unwrap();
     assert_eq!(a.shared, b.shared, "./* and default/* are the same scope");
@@ -251,16 +258,7 @@ fn a_consumer_route_is_one_small_layer_before_the_mesh_for_its_namespace_only() 
 
 #[test]
 fn equal_own_resources_of_two_proxies_are_held_once() {
-    let (cache, mut publisher, index) = publisher("interned");
-    let now = SystemTime::now();
-    publisher
-        .apply(index.model(), &ModelDelta::default(), now)
-        .unwrap();
-    for node in ["default/api-0", "default/api-1"] {
-        publisher
-            .on_demand(index.model(), &demand(node, true), now)
-            .unwrap();
-    }
+    let (cache, _publisher, _index) = two_replicas_connected("interned");
     let a = cache.node("default/api-0").unwrap();
     let b = cache.node("default/api-1").unwrap();
     let (mut same, mut different) = (Vec::new(), Vec::new());

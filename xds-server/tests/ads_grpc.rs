@@ -12,7 +12,7 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use weft_xds::{AdsService, Snapshot, SnapshotCache, type_url};
 
 fn subscribe(node: Option<&str>) -> DeltaDiscoveryRequest {
@@ -31,16 +31,7 @@ async fn serve(
     ads: AdsService,
     supervisor: weft_xds::StreamSupervisor,
 ) -> AggregatedDiscoveryServiceClient<tonic::transport::Channel> {
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(ads)
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    tokio::spawn(supervisor.run());
+    let addr = common::serve_ads(ads, supervisor).await;
     AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
         .await
         .unwrap()

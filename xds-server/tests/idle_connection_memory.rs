@@ -9,14 +9,13 @@ mod common;
 use common::cluster;
 
 use std::alloc::System;
-use std::net::Ipv4Addr;
 use std::time::Duration;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
-use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use weft_xds::{AdsService, Snapshot, SnapshotCache, type_url};
 
 #[global_allocator]
@@ -117,16 +116,8 @@ async fn an_idle_connection_keeps_no_buffer_of_its_initial_sync() {
         .collect();
     cache.set_fallback(Snapshot::new().with(type_url::CLUSTER, clusters));
     let (ads, supervisor) = AdsService::new(cache.clone());
-    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .await
-        .unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(ads)
-            .serve_with_incoming(TcpListenerStream::new(listener)),
-    );
-    tokio::spawn(supervisor.run());
+    let addr = common::serve_ads(ads, supervisor).await;
+
     tokio::time::sleep(Duration::from_millis(100)).await;
     let before = live_heap();
     let mut proxies = std::process::Command::new(std::env::current_exe().unwrap())

@@ -3,6 +3,9 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test setup fails loudly
 
+mod common;
+use common::cluster;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -346,17 +349,6 @@ fn recomposing_after_a_change_restacks_what_changed_and_equals_a_fresh_compositi
 
 #[test]
 fn a_layer_holds_each_name_once_in_order_and_the_later_of_two_wins() {
-    let cluster = |name: &str, ms: u64| {
-        let c = Cluster {
-            name: name.to_string(),
-            connect_timeout: Some(envoy_types::pb::google::protobuf::Duration {
-                seconds: 0,
-                nanos: (ms * 1_000_000) as i32,
-            }),
-            ..Default::default()
-        };
-        Resource::encode(type_url::CLUSTER, name, &c)
-    };
     let (c1, b, a, c2) = (
         cluster("c", 1),
         cluster("b", 1),
@@ -400,13 +392,7 @@ fn views_of_types_no_snapshot_serves_are_left_out() {
 
 #[test]
 fn the_interner_holds_equal_resources_once_and_keeps_none_alive() {
-    let encode = |name: &str| {
-        let c = Cluster {
-            name: name.to_string(),
-            ..Default::default()
-        };
-        Resource::encode(type_url::CLUSTER, name, &c)
-    };
+    let encode = |name: &str| cluster(name, 100);
     let mut interner = weft_xds::ResourceInterner::default();
     let first = interner.intern(encode("x"));
     let again = interner.intern(encode("x"));

@@ -1,7 +1,26 @@
 //! Resources the state-machine tests share.
 
+use std::net::{Ipv4Addr, SocketAddr};
+
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use weft_xds::{Resource, type_url};
+use tokio_stream::wrappers::TcpListenerStream;
+use weft_xds::{AdsService, Resource, StreamSupervisor, type_url};
+
+/// Serves `ads` (and runs its stream supervisor) on a loopback port.
+#[allow(dead_code)] // each test binary compiles this module; not all of them use it
+pub async fn serve_ads(ads: AdsService, supervisor: StreamSupervisor) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ads)
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    tokio::spawn(supervisor.run());
+    addr
+}
 
 /// A cluster whose content (and so version) changes with `timeout_ms`.
 pub fn cluster(name: &str, timeout_ms: i64) -> Resource {
