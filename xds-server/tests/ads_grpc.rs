@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test setup fails loudly
 
 mod common;
-use common::cluster;
+use common::{cluster, open_delta_stream};
 
 use std::net::Ipv4Addr;
 use std::time::Duration;
@@ -49,13 +49,7 @@ async fn delta_responses_and_errors_travel_as_grpc() {
     let registry = ads.registry();
     let mut client = serve(ads, supervisor).await;
 
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(subscribe(Some("ns/pod"))).await.unwrap();
-    let mut responses = client
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let (tx, mut responses) = open_delta_stream(&mut client, subscribe(Some("ns/pod"))).await;
     let mut names = Vec::new();
     let mut parts = 0;
     while names.len() < 3000 {
@@ -80,13 +74,7 @@ async fn delta_responses_and_errors_travel_as_grpc() {
     );
 
     // A second stream whose first request lacks the node: a gRPC status, not a hang.
-    let (tx2, rx2) = tokio::sync::mpsc::channel(4);
-    tx2.send(subscribe(None)).await.unwrap();
-    let mut bad = client
-        .delta_aggregated_resources(ReceiverStream::new(rx2))
-        .await
-        .unwrap()
-        .into_inner();
+    let (_tx2, mut bad) = open_delta_stream(&mut client, subscribe(None)).await;
     let status = tokio::time::timeout(Duration::from_secs(5), bad.message())
         .await
         .unwrap()
@@ -193,19 +181,12 @@ async fn a_subscribed_name_is_resolved_on_demand_exactly_while_the_snapshot_lack
     let (ads, supervisor) = AdsService::new(cache.clone());
     let ads = ads.with_on_demand(resolver.clone());
     let mut client = serve(ads, supervisor).await;
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(DeltaDiscoveryRequest {
+    let first = DeltaDiscoveryRequest {
         type_url: type_url::ENDPOINT.into(),
         resource_names_subscribe: vec!["a".into(), "od-x".into()],
         ..subscribe(Some("ns/pod"))
-    })
-    .await
-    .unwrap();
-    let mut responses = client
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    };
+    let (tx, mut responses) = open_delta_stream(&mut client, first).await;
     // Each step: what the proxy is sent, as (name, weight) and removed names; then ACK.
     let mut next = async || {
         let r = tokio::time::timeout(Duration::from_secs(5), responses.message())

@@ -15,7 +15,6 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use stats_alloc::{INSTRUMENTED_SYSTEM, StatsAlloc};
-use tokio_stream::wrappers::ReceiverStream;
 use weft_xds::{AdsService, Snapshot, SnapshotCache, type_url};
 
 #[global_allocator]
@@ -41,22 +40,15 @@ async fn connect_and_sync(addr: std::net::SocketAddr, i: usize) -> Proxy {
     let mut client = AggregatedDiscoveryServiceClient::connect(format!("http://{addr}"))
         .await
         .unwrap();
-    let (tx, rx) = tokio::sync::mpsc::channel(4);
-    tx.send(DeltaDiscoveryRequest {
+    let first = DeltaDiscoveryRequest {
         node: Some(Node {
             id: format!("ns/pod-{i}"),
             ..Default::default()
         }),
         type_url: type_url::CLUSTER.into(),
         ..Default::default()
-    })
-    .await
-    .unwrap();
-    let mut responses = client
-        .delta_aggregated_resources(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    };
+    let (tx, mut responses) = common::open_delta_stream(&mut client, first).await;
     let mut received = 0;
     while received < CLUSTERS {
         let r = tokio::time::timeout(Duration::from_secs(10), responses.message())

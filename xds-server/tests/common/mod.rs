@@ -3,7 +3,12 @@
 use std::net::{Ipv4Addr, SocketAddr};
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
-use tokio_stream::wrappers::TcpListenerStream;
+use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use envoy_types::pb::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use weft_xds::{AdsService, Resource, StreamSupervisor, type_url};
 
 /// Serves `ads` (and runs its stream supervisor) on a loopback port.
@@ -20,6 +25,26 @@ pub async fn serve_ads(ads: AdsService, supervisor: StreamSupervisor) -> SocketA
     );
     tokio::spawn(supervisor.run());
     addr
+}
+
+/// Opens a delta ADS stream whose first request is `first`: the sender of the later
+/// requests, and the responses.
+#[allow(dead_code)] // each test binary compiles this module; not all of them use it
+pub async fn open_delta_stream(
+    client: &mut AggregatedDiscoveryServiceClient<tonic::transport::Channel>,
+    first: DeltaDiscoveryRequest,
+) -> (
+    mpsc::Sender<DeltaDiscoveryRequest>,
+    tonic::Streaming<DeltaDiscoveryResponse>,
+) {
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(first).await.unwrap();
+    let responses = client
+        .delta_aggregated_resources(ReceiverStream::new(rx))
+        .await
+        .unwrap()
+        .into_inner();
+    (tx, responses)
 }
 
 /// A cluster whose content (and so version) changes with `timeout_ms`.
