@@ -348,15 +348,10 @@ pub(crate) fn desired_resources<N: std::borrow::Borrow<str> + Ord>(
     if wildcard || (may_cover && available.iter().all(|r| names.contains(r.name()))) {
         return (available.clone(), available.shared_version());
     }
-    let subset: BTreeMap<String, Resource> = names
+    let subset = names
         .iter()
-        .filter_map(|n| {
-            available
-                .get(n.borrow())
-                .map(|r| (r.name().to_string(), r.clone()))
-        })
-        .collect();
-    let view = TypedResources::single(Arc::new(Layer::from_map(subset)));
+        .filter_map(|n| available.get(n.borrow()).cloned());
+    let view = TypedResources::single(Arc::new(Layer::new(subset)));
     let version = view.shared_version();
     (view, version)
 }

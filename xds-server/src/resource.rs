@@ -191,16 +191,6 @@ impl ResourceInterner {
         }
         resource
     }
-
-    /// Resources held, live or not yet swept.
-    pub fn len(&self) -> usize {
-        self.held.len()
-    }
-
-    /// Whether none is held.
-    pub fn is_empty(&self) -> bool {
-        self.held.is_empty()
-    }
 }
 
 /// 64-bit FNV-1a: stable across runs and Rust versions, unlike `DefaultHasher`.

@@ -296,8 +296,13 @@ impl Snapshot {
         let mut out = Snapshot::new();
         for (type_url, typed) in &self.types {
             for layer in &typed.layers {
+                // Equal resources: the same order, names and version.
                 let items = layer.items.values().map(|r| interner.intern(r.clone()));
-                out.add_layer(type_url, Arc::new(Layer::new(items)));
+                let interned = Layer {
+                    items: LayerItems(items.collect()),
+                    version: layer.version.clone(),
+                };
+                out.add_layer(type_url, Arc::new(interned));
             }
         }
         out

@@ -3,7 +3,6 @@
 
 mod access;
 mod few_set;
-
 mod gateway;
 mod model;
 mod pod;

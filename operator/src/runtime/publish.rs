@@ -372,22 +372,21 @@ impl LayerSet {
     /// Refilters the clusters held from the start by on-demand proxies; whether they
     /// changed. Walks every mTLS cluster.
     fn refresh_eager(&mut self, on_demand: &OnDemandClusters) -> bool {
-        let items: BTreeMap<String, Resource> = self
+        let kept: Vec<Resource> = self
             .layers
             .get(&Part::ClustersTls)
             .map(|l| {
                 l.items()
-                    .iter()
-                    .filter(|(name, _)| !on_demand.spared(name))
-                    .map(|(n, r)| (n.to_string(), r.clone()))
+                    .values()
+                    .filter(|r| !on_demand.spared(r.name()))
+                    .cloned()
                     .collect()
             })
             .unwrap_or_default();
-        if self.eager.items().len() == items.len() && self.eager.items().values().eq(items.values())
-        {
+        if self.eager.items().values().eq(kept.iter()) {
             return false;
         }
-        self.eager = Arc::new(Layer::from_map(items));
+        self.eager = Arc::new(Layer::new(kept));
         true
     }
 
